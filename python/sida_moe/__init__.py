@@ -1,0 +1,38 @@
+"""sida-moe: serve Mixture-of-Experts models whose experts do not fit in GPU memory.
+
+Expert weights live in exact-size pinned host pools; a GPU slot cache holds a budgeted subset;
+a data-aware predictor (SiDA's hash function) prefetches the experts each layer will need while
+the model runs. Exact by default: outputs equal the original model's.
+"""
+
+from sida_moe._native import (
+    Backend,
+    BudgetError,
+    ClosedError,
+    CudaError,
+    ExpertPool,
+    SidaMoeError,
+    SlotCache,
+    SlotStateError,
+    UnknownExpertError,
+    __version__,
+    simulate_policy,
+)
+from sida_moe.format import ExpertFormat, SlotWeights, slot_views
+
+__all__ = [
+    "Backend",
+    "BudgetError",
+    "ClosedError",
+    "CudaError",
+    "ExpertFormat",
+    "ExpertPool",
+    "SidaMoeError",
+    "SlotCache",
+    "SlotStateError",
+    "SlotWeights",
+    "UnknownExpertError",
+    "__version__",
+    "simulate_policy",
+    "slot_views",
+]

@@ -1,0 +1,213 @@
+"""Type stubs for ``sida_moe._native``, the Rust runtime (pinned pools, slot cache, prefetch queue).
+
+Keys: an expert is named by ``(layer, expert)``; ``layer`` is the index the caller gave when it
+declared the pool (any non-negative int, typically the MoE-layer ordinal), ``expert`` the expert id.
+All byte counts are Python ints. Every call that can block or copy releases the GIL.
+"""
+
+from collections.abc import Sequence
+from typing import Literal, final
+
+from typing_extensions import Buffer
+
+__version__: str
+
+# ----------------------------------------------------------------------------------- exceptions
+class SidaMoeError(Exception):
+    """Base class of every error raised by the runtime."""
+
+class BudgetError(SidaMoeError, ValueError):
+    """A budget / slot count is invalid (zero, negative, or too small for the request)."""
+
+class UnknownExpertError(SidaMoeError, KeyError):
+    """A (layer, expert) or tensor name that the pool does not hold."""
+
+class SlotStateError(SidaMoeError, RuntimeError):
+    """A slot operation that its state forbids (double release, release of a slot not acquired)."""
+
+class ClosedError(SidaMoeError, RuntimeError):
+    """The object was closed (or its pool / cache was); it cannot be used any more."""
+
+class CudaError(SidaMoeError, RuntimeError):
+    """A CUDA driver call failed, or CUDA was requested on a machine that has none."""
+
+# ------------------------------------------------------------------------------------- backend
+@final
+class Backend:
+    """Where slots live and how bytes reach them.
+
+    ``kind="cuda"``: CUDA driver API loaded at run time (``libcuda.so.1``); uses the device's primary
+    context, so it shares memory and streams with PyTorch. ``kind="host"``: slots are host memory and
+    copies are ``memcpy`` (CPU-only machines, CI). ``kind="auto"``: CUDA when a driver and a device are
+    present, else host.
+    """
+
+    def __init__(self, kind: Literal["auto", "cuda", "host"] = "auto", device: int = 0) -> None: ...
+    @property
+    def kind(self) -> Literal["cuda", "host"]: ...
+    @property
+    def device(self) -> int: ...
+    @staticmethod
+    def cuda_available() -> bool:
+        """True when libcuda loads and reports at least one device; never raises."""
+
+# ---------------------------------------------------------------------------------- expert pool
+@final
+class ExpertPool:
+    """Page-locked host storage for every expert of one shape class.
+
+    ``layout`` lists the named tensors of one expert with their byte sizes, e.g.
+    ``[("gate_up", 2*I*H*2), ("down", H*I*2)]``. Each tensor starts 256-byte aligned inside an
+    expert record; ``expert_nbytes`` is the padded record size. Records are packed into arenas of
+    exactly the size they need (at most ``arena_bytes`` each, no power-of-two rounding), so
+    ``allocated_bytes == len(keys) * expert_nbytes``. Memory is pinned (cuMemHostAlloc) on the CUDA
+    backend and 4 KiB-aligned heap memory on the host backend. Freshly allocated memory is zeroed.
+    """
+
+    def __init__(
+        self,
+        backend: Backend,
+        layout: Sequence[tuple[str, int]],
+        keys: Sequence[tuple[int, int]],
+        arena_bytes: int = 1 << 30,
+    ) -> None: ...
+    @property
+    def expert_nbytes(self) -> int: ...
+    @property
+    def tensor_offsets(self) -> dict[str, int]:
+        """Byte offset of each named tensor inside an expert record (same in a cache slot)."""
+    @property
+    def tensor_nbytes(self) -> dict[str, int]: ...
+    @property
+    def num_experts(self) -> int: ...
+    @property
+    def num_arenas(self) -> int: ...
+    @property
+    def allocated_bytes(self) -> int: ...
+    @property
+    def keys(self) -> list[tuple[int, int]]: ...
+    def contains(self, layer: int, expert: int) -> bool: ...
+    def write(self, layer: int, expert: int, tensor: str, data: Buffer) -> None:
+        """Copy ``data`` (any C-contiguous buffer: numpy array, bytes, memoryview of a CPU torch
+        tensor viewed as uint8) into the named tensor. Its byte size must equal the tensor's."""
+    def write_ptr(self, layer: int, expert: int, tensor: str, ptr: int, nbytes: int) -> None:
+        """Same as ``write`` from a raw host address (e.g. ``cpu_tensor.data_ptr()``); the caller
+        guarantees ``nbytes`` readable bytes at ``ptr``."""
+    def read(self, layer: int, expert: int, tensor: str | None = None) -> bytes:
+        """Copy of the named tensor's bytes (or of the whole record when ``tensor`` is None)."""
+    def host_ptr(self, layer: int, expert: int) -> int:
+        """Address of the expert's record in pinned memory (valid until ``close``)."""
+    def load_safetensors(
+        self,
+        path: str,
+        entries: Sequence[tuple[str, int, int, str, int, int, int]],
+    ) -> int:
+        """Stream bytes from a safetensors file straight into the pool (one read into pinned
+        memory, never a second copy in RAM). Each entry is ``(file_tensor_name, layer, expert,
+        tensor, src_offset, nbytes, dst_offset)``: copy ``nbytes`` bytes starting ``src_offset``
+        bytes into the file tensor's data to ``dst_offset`` bytes into the pool tensor. Returns the
+        number of bytes read. Errors name the file, tensor and entry that failed."""
+    def close(self) -> None:
+        """Free the arenas. Raises ClosedError-free no-op when already closed; raises
+        SlotStateError while a SlotCache still uses the pool."""
+    @property
+    def closed(self) -> bool: ...
+    def __enter__(self) -> ExpertPool: ...
+    def __exit__(self, *exc: object) -> None: ...
+
+# ----------------------------------------------------------------------------------- slot cache
+Policy = Literal["lru", "lfu", "fifo", "predictive"]
+Priority = Literal["demand", "prefetch"]
+
+@final
+class SlotCache:
+    """A budgeted set of device slots, each holding one expert record of ``pool``.
+
+    Slot states: free -> loading -> ready, with a refcount of readers; a slot being loaded or read
+    (refcount > 0) is never evicted. ``slots_ptr`` hands in caller-owned memory of at least
+    ``num_slots * slot_nbytes`` bytes (e.g. a torch uint8 tensor's ``data_ptr()``; device memory on
+    the CUDA backend, host memory on the host backend); when None the cache allocates it.
+
+    Copies: speculative and demand prefetches go through a lock-free bounded queue with two lanes
+    (demand first) served by ``copy_workers`` threads that issue async host-to-device copies on
+    their copy stream and record a per-slot ready event. ``acquire`` loads misses itself on a
+    high-priority demand stream. Before a slot is overwritten, the copy stream waits on the slot's
+    done-reading event recorded by ``release``.
+    """
+
+    def __init__(
+        self,
+        pool: ExpertPool,
+        num_slots: int,
+        policy: Policy = "lru",
+        slots_ptr: int | None = None,
+        copy_workers: int = 2,
+        queue_capacity: int = 4096,
+    ) -> None: ...
+    @property
+    def num_slots(self) -> int: ...
+    @property
+    def slot_nbytes(self) -> int:
+        """Equals ``pool.expert_nbytes``; slot ``i`` starts at ``slots_ptr + i * slot_nbytes``."""
+    @property
+    def slots_ptr(self) -> int: ...
+    @property
+    def policy(self) -> Policy: ...
+    @property
+    def backend_kind(self) -> Literal["cuda", "host"]: ...
+    def acquire(self, layer: int, experts: Sequence[int], stream: int = 0) -> list[int]:
+        """Pin the given experts of ``layer`` in slots and return their slot indices (same order,
+        duplicates allowed). Misses are loaded now. On CUDA, ``stream`` (a CUstream handle, e.g.
+        ``torch.cuda.current_stream().cuda_stream``) is made to wait on each slot's ready event: the
+        host does not block on copies in flight. Raises BudgetError when the distinct experts
+        exceed ``num_slots``. All-or-nothing: on error nothing stays pinned."""
+    def release(self, slots: Sequence[int], stream: int = 0) -> None:
+        """Unpin slots returned by ``acquire`` (one release per acquired entry). Records the
+        done-reading event on ``stream``. Raises SlotStateError on a slot that is not pinned."""
+    def prefetch(
+        self,
+        layer: int,
+        experts: Sequence[int],
+        priority: Priority = "prefetch",
+        generation: int = 0,
+    ) -> int:
+        """Queue loads of experts not yet resident; returns how many were queued (a full queue
+        drops the rest, counted in stats). Requests with ``generation`` below the last
+        ``cancel_before`` are discarded by the workers (counted as cancelled)."""
+    def cancel_before(self, generation: int) -> None:
+        """Cancel every queued prefetch whose generation is below ``generation``."""
+    def set_future(self, visits: Sequence[tuple[int, Sequence[int]]], offset: int = 0) -> None:
+        """Predictive policy feed. ``visits[i] = (layer, experts)`` is the expected content of the
+        acquire call number ``now + offset + i`` (``now`` = acquires so far). The predictive policy
+        evicts the resident expert whose next expected use is furthest (never-predicted first).
+        Given the true future it is Belady's optimal policy."""
+    def resident(self) -> dict[tuple[int, int], int]:
+        """Map of resident (loading or ready) experts to their slots."""
+    def lookup(self, layer: int, expert: int) -> int | None: ...
+    def slot_states(self) -> list[tuple[str, int, tuple[int, int] | None]]:
+        """Per slot: (state in "free" | "loading" | "ready", refcount, key)."""
+    def read_slot(self, slot: int) -> bytes:
+        """Copy of a slot's bytes back to the host (synchronizes; for tests and debugging)."""
+    def synchronize(self) -> None:
+        """Wait until every queued prefetch is issued and every copy has landed."""
+    def stats(self) -> dict[str, float]:
+        """Counters: hits, misses, prefetch_issued, prefetch_used, prefetch_wasted,
+        prefetch_cancelled, prefetch_dropped, evictions, bytes_copied, copy_seconds,
+        host_stall_seconds, achieved_gbps, acquires, releases."""
+    def reset_stats(self) -> None: ...
+    def close(self) -> None:
+        """Join the workers, wait for copies, free owned slot memory. Idempotent."""
+    @property
+    def closed(self) -> bool: ...
+    def __enter__(self) -> SlotCache: ...
+    def __exit__(self, *exc: object) -> None: ...
+
+def simulate_policy(
+    policy: Policy,
+    num_slots: int,
+    trace: Sequence[tuple[int, Sequence[int]]],
+    future: bool = True,
+) -> dict[str, int]:
+    """Run the eviction policy alone over a trace of acquire calls (no copies). For "predictive"
+    with ``future=True`` the policy is fed the trace itself (Belady's optimum). Returns hits,
+    misses, evictions. Same policy code as SlotCache."""
