@@ -1,0 +1,236 @@
+"""The SiDA hash function: a small network that predicts every MoE layer's experts from the
+token embeddings (the model's layer-0 input), before any layer runs.
+
+Architecture (SiDA-MoE, section 3): Linear(d -> 256) + ReLU compression, a 2-layer LSTM (hidden
+256), sparsemax self-attention over the sequence, a residual linear, and one Linear(256 -> E) head
+per MoE layer. Decoder LMs need predictions on a prefix during generation, so the LSTM runs left
+to right and the attention is causal; ``forward`` takes and returns a ``PredictorState`` so decode
+steps cost one token's work.
+
+Stronger variant (``conditioned=True``): each layer L >= 1 also gets a ``Linear(E -> E)`` term on
+the multi-hot of layer L-1's *true* routing. Before the model runs only the base prediction is
+available; once layer L-1's router has run, ``refine`` sharpens layer L's prediction with it (the
+run-ahead prefetcher uses this to correct the next layer's prefetches).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from dataclasses import asdict, dataclass, field
+
+import torch
+from torch import nn
+
+from sida_moe.predictor.sparsemax import sparsemax
+
+WEIGHTS_NAME = "predictor.safetensors"
+CONFIG_NAME = "predictor.json"
+_MASKED_SCORE = -1e9  # finite, so sparsemax gives masked keys exactly 0 without inf - inf = nan
+
+
+@dataclass
+class PredictorConfig:
+    """Sizes of a hash-function network, derived from the served model's config."""
+
+    input_dim: int  # the model's hidden size (embedding width)
+    num_moe_layers: int
+    num_experts: int
+    top_k: int  # experts per token of the served model
+    hidden: int = 256
+    lstm_layers: int = 2
+    conditioned: bool = False
+    moe_layer_ids: list[int] = field(default_factory=list)  # decoder-layer index of each MoE layer
+    model_type: str = ""
+
+    def __post_init__(self) -> None:
+        for name in ("input_dim", "num_moe_layers", "num_experts", "top_k", "hidden", "lstm_layers"):
+            if int(getattr(self, name)) <= 0:
+                raise ValueError(f"PredictorConfig.{name} must be a positive int, got {getattr(self, name)!r}")
+        if self.top_k > self.num_experts:
+            raise ValueError(f"top_k ({self.top_k}) cannot exceed num_experts ({self.num_experts})")
+        if self.moe_layer_ids and len(self.moe_layer_ids) != self.num_moe_layers:
+            raise ValueError(
+                f"moe_layer_ids has {len(self.moe_layer_ids)} entries but num_moe_layers is {self.num_moe_layers}"
+            )
+        if not self.moe_layer_ids:
+            self.moe_layer_ids = list(range(self.num_moe_layers))
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=2)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> PredictorConfig:
+        known = set(cls.__dataclass_fields__)
+        unknown = set(data) - known
+        if unknown:
+            raise ValueError(f"unknown predictor config keys {sorted(unknown)}; allowed: {sorted(known)}")
+        return cls(**data)
+
+
+@dataclass
+class PredictorState:
+    """Causal state carried between calls: LSTM (h, c) and the attention's past keys/values."""
+
+    lstm: tuple[torch.Tensor, torch.Tensor]  # each [lstm_layers, B, hidden]
+    keys: torch.Tensor  # [B, P, hidden]
+    values: torch.Tensor  # [B, P, hidden]
+    key_mask: torch.Tensor  # [B, P] bool, False for padding
+
+    @property
+    def length(self) -> int:
+        return self.keys.shape[1]
+
+
+class HashPredictor(nn.Module):
+    """Predicts router logits of every MoE layer from the layer-0 input embeddings."""
+
+    def __init__(self, config: PredictorConfig) -> None:
+        super().__init__()
+        self.config = config
+        h = config.hidden
+        self.compress = nn.Linear(config.input_dim, h)
+        self.lstm = nn.LSTM(h, h, num_layers=config.lstm_layers, batch_first=True)
+        self.query = nn.Linear(h, h)
+        self.key = nn.Linear(h, h)
+        self.value = nn.Linear(h, h)
+        self.residual = nn.Linear(h, h)
+        self.heads = nn.ModuleList(nn.Linear(h, config.num_experts) for _ in range(config.num_moe_layers))
+        if config.conditioned:
+            self.prev_routing = nn.ModuleList(
+                nn.Linear(config.num_experts, config.num_experts, bias=False) for _ in range(config.num_moe_layers)
+            )
+            for lin in self.prev_routing:
+                nn.init.zeros_(lin.weight)  # starts as the base predictor; training learns the correction
+        else:
+            self.prev_routing = None
+
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+    def empty_state(self, batch: int, device: torch.device | str | None = None) -> PredictorState:
+        dev = torch.device(device) if device is not None else self.compress.weight.device
+        dtype = self.compress.weight.dtype
+        c = self.config
+        zeros = torch.zeros(c.lstm_layers, batch, c.hidden, device=dev, dtype=dtype)
+        empty = torch.zeros(batch, 0, c.hidden, device=dev, dtype=dtype)
+        return PredictorState((zeros, zeros.clone()), empty, empty.clone(), torch.zeros(batch, 0, dtype=torch.bool, device=dev))
+
+    def features(
+        self,
+        embeds: torch.Tensor,
+        state: PredictorState | None = None,
+        attention_mask: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, PredictorState]:
+        """Shared 256-d features ``[B, S, hidden]`` for new tokens ``embeds`` ``[B, S, d]``.
+
+        ``state`` holds the tokens seen before (None: a fresh sequence). ``attention_mask``
+        ``[B, S]`` (1 = real token) masks padding out of the attention keys.
+        """
+        if embeds.dim() != 3 or embeds.shape[-1] != self.config.input_dim:
+            raise ValueError(
+                f"embeds must be [batch, seq, {self.config.input_dim}], got {tuple(embeds.shape)}"
+            )
+        bsz, seq, _ = embeds.shape
+        if state is None:
+            state = self.empty_state(bsz, embeds.device)
+        if state.keys.shape[0] != bsz:
+            raise ValueError(f"state is for batch {state.keys.shape[0]}, embeds have batch {bsz}")
+        x = embeds.to(self.compress.weight.dtype)
+        # Scale-free input: embedding tables differ in scale between models (std 0.02 .. 1).
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6)
+        x = torch.relu(self.compress(x))
+        h, lstm_state = self.lstm(x, state.lstm)
+
+        q, k, v = self.query(h), self.key(h), self.value(h)
+        keys = torch.cat([state.keys, k], dim=1)
+        values = torch.cat([state.values, v], dim=1)
+        new_mask = (
+            torch.ones(bsz, seq, dtype=torch.bool, device=embeds.device)
+            if attention_mask is None
+            else attention_mask.to(device=embeds.device).bool()
+        )
+        key_mask = torch.cat([state.key_mask, new_mask], dim=1)
+        past = state.length
+        scores = torch.matmul(q, keys.transpose(1, 2)).float() / math.sqrt(self.config.hidden)  # [B, S, P+S]
+        q_pos = torch.arange(seq, device=embeds.device)[:, None] + past
+        k_pos = torch.arange(past + seq, device=embeds.device)[None, :]
+        allowed = (k_pos <= q_pos)[None] & key_mask[:, None, :]
+        # A row with no allowed key (a padding query at position 0) attends to itself.
+        allowed = allowed | ((k_pos == q_pos)[None] & ~allowed.any(-1, keepdim=True))
+        attn = sparsemax(scores.masked_fill(~allowed, _MASKED_SCORE), dim=-1).to(values.dtype)
+        feats = h + self.residual(torch.matmul(attn, values))
+        return feats, PredictorState(lstm_state, keys, values, key_mask)
+
+    def forward(
+        self,
+        embeds: torch.Tensor,
+        state: PredictorState | None = None,
+        attention_mask: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, PredictorState]:
+        """Base logits ``[L, B, S, E]`` for every MoE layer, and the state after these tokens."""
+        feats, new_state = self.features(embeds, state, attention_mask)
+        logits = torch.stack([head(feats) for head in self.heads])
+        return logits, new_state
+
+    def refine(self, logits: torch.Tensor, layer: int, prev_topk_ids: torch.Tensor) -> torch.Tensor:
+        """Layer ``layer``'s logits corrected with layer ``layer - 1``'s true top-k ids.
+
+        ``logits``: ``[..., E]`` base logits of ``layer``; ``prev_topk_ids``: ``[..., k]`` integer ids.
+        Returns ``logits`` unchanged for a predictor without the conditioned variant or layer 0.
+        """
+        if self.prev_routing is None or layer == 0:
+            return logits
+        if not 0 < layer < self.config.num_moe_layers:
+            raise ValueError(f"layer must be in [0, {self.config.num_moe_layers}), got {layer}")
+        multi_hot = torch.zeros(*prev_topk_ids.shape[:-1], self.config.num_experts, device=logits.device, dtype=logits.dtype)
+        multi_hot.scatter_(-1, prev_topk_ids.long().to(logits.device), 1.0)
+        return logits + self.prev_routing[layer](multi_hot)
+
+    def predict_topk(
+        self, embeds: torch.Tensor, k: int | None = None, state: PredictorState | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor, PredictorState]:
+        """Top-k expert ids ``[L, B, S, k]`` and their logits, plus the new state (no grad)."""
+        k = self.config.top_k if k is None else k
+        if not 0 < k <= self.config.num_experts:
+            raise ValueError(f"k must be in [1, {self.config.num_experts}], got {k}")
+        with torch.no_grad():
+            logits, new_state = self(embeds, state)
+            vals, ids = logits.topk(k, dim=-1)
+        return ids, vals, new_state
+
+    # ------------------------------------------------------------------------------ persistence
+    def save(self, directory: str | os.PathLike) -> None:
+        """Write ``predictor.safetensors`` and ``predictor.json`` into ``directory``."""
+        from safetensors.torch import save_file
+
+        os.makedirs(directory, exist_ok=True)
+        tensors = {name: t.detach().to("cpu").contiguous() for name, t in self.state_dict().items()}
+        save_file(tensors, os.path.join(directory, WEIGHTS_NAME), metadata={"format": "sida-moe-predictor"})
+        with open(os.path.join(directory, CONFIG_NAME), "w") as f:
+            f.write(self.config.to_json())
+
+    @classmethod
+    def load(cls, directory: str | os.PathLike, device: torch.device | str = "cpu") -> HashPredictor:
+        """Load a predictor saved by ``save`` (e.g. next to a model's ``config.json``)."""
+        from safetensors.torch import load_file
+
+        cfg_path = os.path.join(directory, CONFIG_NAME)
+        weights_path = os.path.join(directory, WEIGHTS_NAME)
+        for p in (cfg_path, weights_path):
+            if not os.path.isfile(p):
+                raise FileNotFoundError(f"no predictor at {directory!r}: missing {os.path.basename(p)}")
+        with open(cfg_path) as f:
+            config = PredictorConfig.from_dict(json.load(f))
+        model = cls(config)
+        model.load_state_dict(load_file(weights_path, device="cpu"))
+        return model.to(device).eval()
+
+
+def has_predictor(directory: str | os.PathLike) -> bool:
+    """True when ``directory`` holds a saved predictor."""
+    return os.path.isfile(os.path.join(directory, CONFIG_NAME)) and os.path.isfile(os.path.join(directory, WEIGHTS_NAME))
+
+
+__all__ = ["CONFIG_NAME", "WEIGHTS_NAME", "HashPredictor", "PredictorConfig", "PredictorState", "has_predictor"]

@@ -1,0 +1,401 @@
+"""Routing traces: which experts each MoE layer chose for each token of a text corpus.
+
+A trace directory holds
+- ``manifest.json``: model facts (hidden size, MoE layers, experts, top-k), ``top_t``, sequence
+  length and the list of shards;
+- ``shard-XXXXX.safetensors``: ``input_ids [n, S] int32`` (the layer-0 input: token ids; the
+  embeddings are recomputed from them), ``topk_ids [L, n, S, k] int16`` (the experts the model
+  used), ``logit_ids [L, n, S, T] int16`` and ``logit_vals [L, n, S, T] float16`` (the router's T
+  largest logits, descending: enough for truncated distillation, far smaller than all E);
+- ``embeddings.safetensors``: ``weight [V, d]``, the model's input-embedding output for every
+  token id (includes any embedding scale), so training needs no model.
+
+Routing is captured with forward hooks: the router's output gives the logits, the experts
+module's input gives the top-k ids the model really used (transformers >= 5 calls
+``experts(hidden, top_k_index, top_k_weights)`` in every MoE family).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+MANIFEST_NAME = "manifest.json"
+EMBEDDINGS_NAME = "embeddings.safetensors"
+TRACE_FORMAT_VERSION = 1
+_LAYER_INDEX = re.compile(r"\.(\d+)\.")
+
+
+# ------------------------------------------------------------------------------ MoE discovery
+@dataclass
+class MoELayer:
+    """One MoE block of a model: its router and experts modules and their sizes."""
+
+    index: int  # ordinal among MoE layers (0..L-1)
+    decoder_layer: int  # index of the decoder layer that holds it
+    name: str  # module path of the MoE block
+    block: nn.Module
+    router: nn.Module
+    experts: nn.Module
+    num_experts: int
+    top_k: int
+
+
+def _config_value(config: object, *names: str) -> int | None:
+    for n in names:
+        v = getattr(config, n, None)
+        if isinstance(v, int) and v > 0:
+            return v
+    return None
+
+
+def find_moe_layers(model: nn.Module) -> list[MoELayer]:
+    """MoE blocks of a transformers model, in forward order.
+
+    A block is a module with an ``experts`` child and a ``gate`` or ``router`` child. Raises
+    ``ValueError`` when the model has none.
+    """
+    config = getattr(model, "config", None)
+    text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    layers: list[MoELayer] = []
+    for name, module in model.named_modules():
+        experts = getattr(module, "experts", None)
+        router = getattr(module, "gate", None)
+        if not isinstance(router, nn.Module):
+            router = getattr(module, "router", None)
+        if not isinstance(experts, nn.Module) or not isinstance(router, nn.Module):
+            continue
+        num_experts = (
+            getattr(experts, "num_experts", None)
+            or getattr(router, "num_experts", None)
+            or _config_value(text_config, "num_experts", "num_local_experts", "n_routed_experts")
+        )
+        if num_experts is None and getattr(router, "weight", None) is not None:
+            num_experts = router.weight.shape[0]
+        top_k = getattr(router, "top_k", None) or _config_value(
+            text_config, "num_experts_per_tok", "top_k", "moe_topk", "num_experts_per_token"
+        )
+        if not num_experts or not top_k:
+            raise ValueError(f"cannot tell the number of experts / top-k of MoE block {name!r}")
+        m = _LAYER_INDEX.search(f".{name}.")
+        decoder_layer = int(m.group(1)) if m else len(layers)
+        layers.append(MoELayer(len(layers), decoder_layer, name, module, router, experts, int(num_experts), int(top_k)))
+    if not layers:
+        raise ValueError(
+            f"{type(model).__name__} has no MoE blocks (modules with an 'experts' child and a 'gate' or 'router' child)"
+        )
+    return layers
+
+
+# ------------------------------------------------------------------------------ routing hooks
+class RoutingRecorder:
+    """Context manager recording each MoE layer's router logits ``[T, E]`` and top-k ids ``[T, k]``
+    for every forward while active. ``clear()`` drops what was recorded."""
+
+    def __init__(self, model: nn.Module, layers: Sequence[MoELayer] | None = None, keep_logits: bool = True) -> None:
+        self.layers = list(layers) if layers is not None else find_moe_layers(model)
+        self.keep_logits = keep_logits
+        self.logits: list[list[torch.Tensor]] = [[] for _ in self.layers]
+        self.topk_ids: list[list[torch.Tensor]] = [[] for _ in self.layers]
+        self._handles: list = []
+
+    def clear(self) -> None:
+        for lst in (*self.logits, *self.topk_ids):
+            lst.clear()
+
+    def __enter__(self) -> RoutingRecorder:
+        for layer in self.layers:
+            self._handles.append(layer.router.register_forward_hook(self._router_hook(layer.index)))
+            self._handles.append(
+                layer.experts.register_forward_pre_hook(self._experts_hook(layer.index), with_kwargs=True)
+            )
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()
+
+    def _router_hook(self, i: int):
+        def hook(module: nn.Module, args: tuple, output: object) -> None:
+            logits = output[0] if isinstance(output, (tuple, list)) else output
+            if not isinstance(logits, torch.Tensor):
+                raise TypeError(f"router of MoE layer {i} returned {type(output).__name__}; expected logits first")
+            if self.keep_logits:
+                self.logits[i].append(logits.detach().reshape(-1, logits.shape[-1]))
+
+        return hook
+
+    def _experts_hook(self, i: int):
+        def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
+            ids = args[1] if len(args) > 1 else kwargs.get("top_k_index", kwargs.get("router_indices"))
+            if isinstance(ids, torch.Tensor) and not ids.is_floating_point():
+                self.topk_ids[i].append(ids.detach().reshape(-1, ids.shape[-1]))
+
+        return hook
+
+    def layer_topk(self, i: int) -> torch.Tensor:
+        """All recorded top-k ids of MoE layer ``i`` concatenated: ``[T_total, k]``. Falls back to the
+        top-k of the recorded logits when the experts module did not receive ids."""
+        if self.topk_ids[i]:
+            return torch.cat(self.topk_ids[i])
+        if not self.logits[i]:
+            raise RuntimeError(f"nothing recorded for MoE layer {i}: was a forward run inside the recorder?")
+        return torch.cat(self.logits[i]).topk(self.layers[i].top_k, dim=-1).indices
+
+    def layer_logits(self, i: int) -> torch.Tensor:
+        if not self.logits[i]:
+            raise RuntimeError(f"no router logits recorded for MoE layer {i}")
+        return torch.cat(self.logits[i])
+
+
+# ------------------------------------------------------------------------------------ corpus
+def read_corpus(path: str | os.PathLike, suffixes: Sequence[str] = (".py", ".txt", ".md", ".rst")) -> list[tuple[str, str]]:
+    """``(relative path, text)`` of a text file, or of every file under a directory whose name ends
+    with one of ``suffixes``, sorted by path. Undecodable bytes are replaced."""
+    path = os.fspath(path)
+    if os.path.isfile(path):
+        with open(path, encoding="utf-8", errors="replace") as f:
+            return [(os.path.basename(path), f.read())]
+    if not os.path.isdir(path):
+        raise FileNotFoundError(f"corpus path {path!r} is neither a file nor a directory")
+    out = []
+    for root, dirs, files in os.walk(path):
+        dirs.sort()
+        for name in sorted(files):
+            if name.endswith(tuple(suffixes)):
+                full = os.path.join(root, name)
+                with open(full, encoding="utf-8", errors="replace") as f:
+                    out.append((os.path.relpath(full, path), f.read()))
+    if not out:
+        raise ValueError(f"no files ending in {tuple(suffixes)} under {path!r}")
+    return out
+
+
+def split_held_out(docs: Sequence[tuple[str, str]], held_out_fraction: float = 0.1) -> tuple[list, list]:
+    """Deterministic split by document path (a stable hash), so held-out text is whole unseen files."""
+    import zlib
+
+    if not 0.0 < held_out_fraction < 1.0:
+        raise ValueError(f"held_out_fraction must be in (0, 1), got {held_out_fraction}")
+    train, held = [], []
+    for doc in docs:
+        bucket = zlib.crc32(doc[0].encode()) % 1000
+        (held if bucket < held_out_fraction * 1000 else train).append(doc)
+    return train, held
+
+
+def chunk_token_ids(token_streams: Iterable[Sequence[int]], seq_len: int, separator: int | None = None) -> torch.Tensor:
+    """Concatenate token streams (``separator`` between them) and cut ``[N, seq_len]`` int64 rows;
+    the ragged tail is dropped."""
+    if seq_len <= 0:
+        raise ValueError(f"seq_len must be positive, got {seq_len}")
+    flat: list[int] = []
+    for ids in token_streams:
+        flat.extend(int(t) for t in ids)
+        if separator is not None:
+            flat.append(int(separator))
+    n = len(flat) // seq_len
+    if n == 0:
+        raise ValueError(f"corpus has {len(flat)} tokens, fewer than one sequence of {seq_len}")
+    return torch.tensor(flat[: n * seq_len], dtype=torch.int64).view(n, seq_len)
+
+
+# ------------------------------------------------------------------------------------ writing
+def _embedding_table(model: nn.Module, chunk: int = 8192) -> torch.Tensor:
+    emb = model.get_input_embeddings()
+    vocab = emb.weight.shape[0] if hasattr(emb, "weight") else getattr(emb, "num_embeddings")
+    dev = emb.weight.device if hasattr(emb, "weight") else torch.device("cpu")
+    with torch.no_grad():
+        parts = [emb(torch.arange(s, min(s + chunk, vocab), device=dev)).cpu() for s in range(0, vocab, chunk)]
+    return torch.cat(parts).contiguous()
+
+
+def record_traces(
+    model: nn.Module,
+    sequences: torch.Tensor,
+    out_dir: str | os.PathLike,
+    batch_size: int = 8,
+    top_t: int = 30,
+    shard_sequences: int = 1024,
+    model_name_or_path: str = "",
+    progress: bool = True,
+) -> dict:
+    """Run ``model`` over ``sequences`` (``[N, S]`` token ids) and write a trace directory.
+
+    ``top_t``: router logits kept per token and layer (capped at the number of experts). Returns
+    the manifest. The model is run in eval mode under ``torch.no_grad`` on its own device.
+    """
+    from safetensors.torch import save_file
+    from tqdm.auto import tqdm
+
+    if sequences.dim() != 2 or sequences.is_floating_point():
+        raise ValueError(f"sequences must be a 2-D integer tensor [N, S], got {sequences.dtype} {tuple(sequences.shape)}")
+    if batch_size <= 0 or shard_sequences <= 0 or top_t <= 0:
+        raise ValueError("batch_size, shard_sequences and top_t must be positive")
+    layers = find_moe_layers(model)
+    num_experts = layers[0].num_experts
+    top_k = layers[0].top_k
+    if any(l.num_experts != num_experts or l.top_k != top_k for l in layers):
+        raise ValueError("traces need the same number of experts and top-k in every MoE layer")
+    if num_experts > 32767:
+        raise ValueError(f"{num_experts} experts do not fit the int16 expert ids of the trace format")
+    top_t = min(top_t, num_experts)
+    os.makedirs(out_dir, exist_ok=True)
+    device = next(model.parameters()).device
+    config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+
+    save_file({"weight": _embedding_table(model)}, os.path.join(out_dir, EMBEDDINGS_NAME))
+    shards: list[dict] = []
+    buf: dict[str, list[torch.Tensor]] = {"input_ids": [], "topk_ids": [], "logit_ids": [], "logit_vals": []}
+
+    def flush() -> None:
+        if not buf["input_ids"]:
+            return
+        tensors = {
+            "input_ids": torch.cat(buf["input_ids"]).to(torch.int32),
+            "topk_ids": torch.cat(buf["topk_ids"], dim=1).to(torch.int16),
+            "logit_ids": torch.cat(buf["logit_ids"], dim=1).to(torch.int16),
+            "logit_vals": torch.cat(buf["logit_vals"], dim=1).to(torch.float16),
+        }
+        fname = f"shard-{len(shards):05d}.safetensors"
+        save_file({k: v.contiguous() for k, v in tensors.items()}, os.path.join(out_dir, fname))
+        shards.append({"file": fname, "num_sequences": int(tensors["input_ids"].shape[0])})
+        for v in buf.values():
+            v.clear()
+
+    was_training = model.training
+    model.eval()
+    n, seq_len = sequences.shape
+    pending = 0
+    try:
+        with RoutingRecorder(model, layers) as rec, torch.no_grad():
+            for start in tqdm(range(0, n, batch_size), desc="trace", unit="batch", disable=not progress):
+                batch = sequences[start : start + batch_size]
+                rec.clear()
+                model(input_ids=batch.to(device), use_cache=False)
+                b = batch.shape[0]
+                ids, lids, lvals = [], [], []
+                for i in range(len(layers)):
+                    ids.append(rec.layer_topk(i).view(b, seq_len, top_k).cpu())
+                    vals, idx = rec.layer_logits(i).float().topk(top_t, dim=-1)
+                    lids.append(idx.view(b, seq_len, top_t).cpu())
+                    lvals.append(vals.view(b, seq_len, top_t).cpu())
+                buf["input_ids"].append(batch.cpu())
+                buf["topk_ids"].append(torch.stack(ids))
+                buf["logit_ids"].append(torch.stack(lids))
+                buf["logit_vals"].append(torch.stack(lvals))
+                pending += b
+                if pending >= shard_sequences:
+                    flush()
+                    pending = 0
+            flush()
+    finally:
+        model.train(was_training)
+
+    manifest = {
+        "format_version": TRACE_FORMAT_VERSION,
+        "model_type": getattr(config, "model_type", ""),
+        "model_name_or_path": model_name_or_path,
+        "hidden_size": int(getattr(config, "hidden_size")),
+        "num_moe_layers": len(layers),
+        "moe_layer_ids": [l.decoder_layer for l in layers],
+        "num_experts": num_experts,
+        "top_k": top_k,
+        "top_t": top_t,
+        "seq_len": int(seq_len),
+        "num_sequences": int(n),
+        "shards": shards,
+    }
+    with open(os.path.join(out_dir, MANIFEST_NAME), "w") as f:
+        json.dump(manifest, f, indent=2)
+    return manifest
+
+
+# ------------------------------------------------------------------------------------ reading
+@dataclass
+class Traces:
+    """A loaded trace directory, all shards concatenated (CPU tensors)."""
+
+    manifest: dict
+    input_ids: torch.Tensor  # [N, S] int64
+    topk_ids: torch.Tensor  # [L, N, S, k] int64
+    logit_ids: torch.Tensor  # [L, N, S, T] int64
+    logit_vals: torch.Tensor  # [L, N, S, T] float32
+    embeddings: torch.Tensor  # [V, d]
+
+    @property
+    def num_sequences(self) -> int:
+        return self.input_ids.shape[0]
+
+    def subset(self, rows: torch.Tensor | slice) -> Traces:
+        return Traces(
+            self.manifest,
+            self.input_ids[rows],
+            self.topk_ids[:, rows],
+            self.logit_ids[:, rows],
+            self.logit_vals[:, rows],
+            self.embeddings,
+        )
+
+
+def iter_shards(trace_dir: str | os.PathLike) -> Iterator[dict[str, torch.Tensor]]:
+    """The raw tensors of each shard, in order."""
+    from safetensors.torch import load_file
+
+    manifest = read_manifest(trace_dir)
+    for shard in manifest["shards"]:
+        yield load_file(os.path.join(trace_dir, shard["file"]))
+
+
+def read_manifest(trace_dir: str | os.PathLike) -> dict:
+    path = os.path.join(trace_dir, MANIFEST_NAME)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{trace_dir!r} is not a trace directory: no {MANIFEST_NAME}")
+    with open(path) as f:
+        manifest = json.load(f)
+    if manifest.get("format_version") != TRACE_FORMAT_VERSION:
+        raise ValueError(
+            f"trace format version {manifest.get('format_version')!r} is not supported (expected {TRACE_FORMAT_VERSION})"
+        )
+    return manifest
+
+
+def load_traces(trace_dir: str | os.PathLike) -> Traces:
+    """Load every shard of a trace directory (plus its embedding table)."""
+    from safetensors.torch import load_file
+
+    manifest = read_manifest(trace_dir)
+    parts = list(iter_shards(trace_dir))
+    if not parts:
+        raise ValueError(f"trace directory {trace_dir!r} has no shards")
+    emb = load_file(os.path.join(trace_dir, EMBEDDINGS_NAME))["weight"]
+    return Traces(
+        manifest,
+        torch.cat([p["input_ids"] for p in parts]).long(),
+        torch.cat([p["topk_ids"] for p in parts], dim=1).long(),
+        torch.cat([p["logit_ids"] for p in parts], dim=1).long(),
+        torch.cat([p["logit_vals"] for p in parts], dim=1).float(),
+        emb,
+    )
+
+
+__all__ = [
+    "MoELayer",
+    "RoutingRecorder",
+    "Traces",
+    "chunk_token_ids",
+    "find_moe_layers",
+    "iter_shards",
+    "load_traces",
+    "read_corpus",
+    "read_manifest",
+    "record_traces",
+    "split_held_out",
+]

@@ -1,0 +1,270 @@
+"""Training the hash function by truncated knowledge distillation, and its evaluation report.
+
+Loss per MoE layer (SiDA-MoE eq. 2): cross-entropy of the predictor's logits against the router's
+top-1 expert, plus ``kd_weight`` times a distillation term restricted to the router's top-T experts:
+KL(softmax(router top-T logits) || softmax(predictor logits at those T experts)). The paper uses
+T=30, kd_weight=0.005, AdamW with lr 5e-5 and batch 64. ``target="topk"`` swaps the top-1 target
+for a uniform target over the router's top-k set, which matches what a prefetcher needs (every
+chosen expert, not just the first) -- measured in ``benches/predictor_eval.py``.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import asdict, dataclass
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+
+from sida_moe.predictor.model import HashPredictor, PredictorConfig
+from sida_moe.predictor.traces import Traces
+
+
+@dataclass
+class TrainConfig:
+    """Optimisation settings. Defaults: the paper's loss with a tuned learning rate."""
+
+    steps: int = 2000
+    batch_size: int = 64  # sequences per step
+    lr: float = 1e-3  # paper: 5e-5; 1e-3 with cosine decay converges in far fewer steps (see NOTES.md)
+    weight_decay: float = 0.01
+    warmup_steps: int = 100
+    kd_weight: float = 0.005
+    top_t: int = 30
+    target: Literal["top1", "topk"] = "top1"
+    conditioned: bool = False
+    grad_clip: float = 1.0
+    seed: int = 0
+    device: str = "cpu"
+
+    def __post_init__(self) -> None:
+        if self.steps <= 0 or self.batch_size <= 0 or self.top_t <= 0:
+            raise ValueError("steps, batch_size and top_t must be positive")
+        if not self.lr > 0:
+            raise ValueError(f"lr must be positive, got {self.lr}")
+        if self.kd_weight < 0:
+            raise ValueError(f"kd_weight must be >= 0, got {self.kd_weight}")
+        if self.target not in ("top1", "topk"):
+            raise ValueError(f"target must be 'top1' or 'topk', got {self.target!r}")
+
+
+def predictor_config_for(manifest: dict, conditioned: bool = False, hidden: int = 256) -> PredictorConfig:
+    """The hash-function sizes for the model a trace was recorded from."""
+    return PredictorConfig(
+        input_dim=manifest["hidden_size"],
+        num_moe_layers=manifest["num_moe_layers"],
+        num_experts=manifest["num_experts"],
+        top_k=manifest["top_k"],
+        hidden=hidden,
+        conditioned=conditioned,
+        moe_layer_ids=list(manifest["moe_layer_ids"]),
+        model_type=manifest.get("model_type", ""),
+    )
+
+
+def distillation_loss(
+    logits: torch.Tensor,
+    topk_ids: torch.Tensor,
+    logit_ids: torch.Tensor,
+    logit_vals: torch.Tensor,
+    kd_weight: float,
+    top_t: int,
+    target: Literal["top1", "topk"] = "top1",
+) -> torch.Tensor:
+    """Truncated-KD loss averaged over layers and tokens.
+
+    ``logits [L, B, S, E]`` (predictor), ``topk_ids [L, B, S, k]`` (experts used),
+    ``logit_ids / logit_vals [L, B, S, T']`` (router's largest logits, descending; the first
+    ``min(top_t, T')`` are used).
+    """
+    num_experts = logits.shape[-1]
+    flat = logits.float().reshape(-1, num_experts)
+    if target == "top1":
+        hard = F.cross_entropy(flat, logit_ids[..., 0].reshape(-1))
+    else:
+        k = topk_ids.shape[-1]
+        soft = torch.zeros_like(flat).scatter_(-1, topk_ids.reshape(-1, k), 1.0 / k)
+        hard = torch.sum(-soft * F.log_softmax(flat, dim=-1), dim=-1).mean()
+    if kd_weight == 0:
+        return hard
+    t = min(top_t, logit_ids.shape[-1])
+    ids = logit_ids[..., :t].reshape(-1, t)
+    teacher = F.softmax(logit_vals[..., :t].reshape(-1, t).float(), dim=-1)
+    student = F.log_softmax(flat.gather(-1, ids), dim=-1)
+    kd = F.kl_div(student, teacher, reduction="batchmean")
+    return hard + kd_weight * kd
+
+
+def _batch(traces: Traces, rows: torch.Tensor, device: torch.device) -> tuple[torch.Tensor, ...]:
+    embeds = traces.embeddings[traces.input_ids[rows]].to(device=device, dtype=torch.float32)
+    return (
+        embeds,
+        traces.topk_ids[:, rows].to(device),
+        traces.logit_ids[:, rows].to(device),
+        traces.logit_vals[:, rows].to(device),
+    )
+
+
+def _refined_logits(model: HashPredictor, logits: torch.Tensor, topk_ids: torch.Tensor) -> torch.Tensor:
+    """Layers 1..L-1 refined with the previous layer's true routing: ``[L-1, B, S, E]``."""
+    return torch.stack([model.refine(logits[l], l, topk_ids[l - 1]) for l in range(1, logits.shape[0])])
+
+
+def train_predictor(
+    traces: Traces,
+    config: TrainConfig | None = None,
+    held_out: Traces | None = None,
+    progress: bool = True,
+    predictor: HashPredictor | None = None,
+) -> tuple[HashPredictor, dict]:
+    """Train a hash function on ``traces``; returns it (eval mode) and a report with the loss curve,
+    timing and, when ``held_out`` is given, ``evaluate``'s metrics on it."""
+    from tqdm.auto import tqdm
+
+    config = config or TrainConfig()
+    torch.manual_seed(config.seed)
+    device = torch.device(config.device)
+    model = predictor or HashPredictor(predictor_config_for(traces.manifest, conditioned=config.conditioned))
+    if model.config.num_experts != traces.manifest["num_experts"] or model.config.num_moe_layers != traces.manifest["num_moe_layers"]:
+        raise ValueError("predictor sizes do not match the trace's model (num_experts / num_moe_layers)")
+    model.to(device).train()
+    opt = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+
+    def lr_at(step: int) -> float:
+        if step < config.warmup_steps:
+            return (step + 1) / config.warmup_steps
+        frac = (step - config.warmup_steps) / max(1, config.steps - config.warmup_steps)
+        return 0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * min(1.0, frac)))
+
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_at)
+    gen = torch.Generator().manual_seed(config.seed)
+    n = traces.num_sequences
+    losses: list[float] = []
+    t0 = time.perf_counter()
+    bar = tqdm(range(config.steps), desc="train-predictor", disable=not progress)
+    for step in bar:
+        rows = torch.randint(0, n, (min(config.batch_size, n),), generator=gen)
+        embeds, topk_ids, logit_ids, logit_vals = _batch(traces, rows, device)
+        logits, _ = model(embeds)
+        loss = distillation_loss(logits, topk_ids, logit_ids, logit_vals, config.kd_weight, config.top_t, config.target)
+        if model.prev_routing is not None and logits.shape[0] > 1:
+            refined = _refined_logits(model, logits, topk_ids)
+            loss = loss + distillation_loss(
+                refined, topk_ids[1:], logit_ids[1:], logit_vals[1:], config.kd_weight, config.top_t, config.target
+            )
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        if config.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
+        opt.step()
+        sched.step()
+        losses.append(float(loss.detach()))
+        if step % 50 == 0:
+            bar.set_postfix(loss=f"{losses[-1]:.4f}")
+    train_seconds = time.perf_counter() - t0
+    model.eval()
+    report: dict = {
+        "train_config": asdict(config),
+        "predictor_config": asdict(model.config),
+        "num_parameters": model.num_parameters(),
+        "train_sequences": n,
+        "train_seconds": train_seconds,
+        "loss_first": losses[0],
+        "loss_last_50": sum(losses[-50:]) / len(losses[-50:]),
+        "loss_curve": losses[:: max(1, len(losses) // 100)],
+    }
+    if held_out is not None:
+        report["held_out"] = evaluate(model, held_out, device=config.device)
+    return model, report
+
+
+def evaluate(
+    predictor: HashPredictor,
+    traces: Traces,
+    k: int | None = None,
+    batch_size: int = 64,
+    device: str = "cpu",
+) -> dict:
+    """Per-layer top-k recall and precision of the predictor on a trace (held-out text).
+
+    With ``k`` predicted experts per token and the router's ``top_k`` true ones, recall is
+    |pred ∩ true| / top_k and precision |pred ∩ true| / k. Also reported: recall and precision with
+    2k predictions, the paper's hit rate (router top-1 among the predicted top-3), and, for the
+    conditioned variant, recall once the previous layer's true routing is known.
+    """
+    top_k = traces.manifest["top_k"]
+    k = top_k if k is None else k
+    num_experts = traces.manifest["num_experts"]
+    if not 0 < k <= num_experts:
+        raise ValueError(f"k must be in [1, {num_experts}], got {k}")
+    k2 = min(2 * k, num_experts)
+    dev = torch.device(device)
+    predictor = predictor.to(dev).eval()
+    L = traces.manifest["num_moe_layers"]
+    sums = {name: torch.zeros(L, dtype=torch.float64) for name in ("hit_k", "hit_2k", "top1_in_top3", "hit_refined")}
+    tokens = 0
+    conditioned = predictor.prev_routing is not None
+    with torch.no_grad():
+        for start in range(0, traces.num_sequences, batch_size):
+            rows = torch.arange(start, min(start + batch_size, traces.num_sequences))
+            embeds, topk_ids, logit_ids, _ = _batch(traces, rows, dev)
+            logits, _ = predictor(embeds)
+            true_mask = torch.zeros_like(logits, dtype=torch.bool).scatter_(-1, topk_ids, True)
+            for name, kk, lg in (("hit_k", k, logits), ("hit_2k", k2, logits)):
+                pred = lg.topk(kk, dim=-1).indices
+                sums[name] += true_mask.gather(-1, pred).sum(dim=(1, 2, 3)).double().cpu()
+            top3 = logits.topk(min(3, num_experts), dim=-1).indices
+            sums["top1_in_top3"] += (top3 == logit_ids[..., :1]).any(-1).sum(dim=(1, 2)).double().cpu()
+            if conditioned and L > 1:
+                refined = torch.cat([logits[:1], _refined_logits(predictor, logits, topk_ids)])
+                pred = refined.topk(k, dim=-1).indices
+                sums["hit_refined"] += true_mask.gather(-1, pred).sum(dim=(1, 2, 3)).double().cpu()
+            tokens += rows.numel() * traces.input_ids.shape[1]
+    per_layer = []
+    for l in range(L):
+        row = {
+            "layer": l,
+            "decoder_layer": traces.manifest["moe_layer_ids"][l],
+            f"recall@{k}": float(sums["hit_k"][l] / (tokens * top_k)),
+            f"precision@{k}": float(sums["hit_k"][l] / (tokens * k)),
+            f"recall@{k2}": float(sums["hit_2k"][l] / (tokens * top_k)),
+            f"precision@{k2}": float(sums["hit_2k"][l] / (tokens * k2)),
+            "top1_in_top3": float(sums["top1_in_top3"][l] / tokens),
+        }
+        if conditioned:
+            row[f"refined_recall@{k}"] = float(sums["hit_refined"][l] / (tokens * top_k))
+        per_layer.append(row)
+
+    def mean(key: str) -> float:
+        return sum(r[key] for r in per_layer) / L
+
+    report = {
+        "tokens": tokens,
+        "k": k,
+        "top_k": top_k,
+        "num_experts": num_experts,
+        f"mean_recall@{k}": mean(f"recall@{k}"),
+        f"mean_precision@{k}": mean(f"precision@{k}"),
+        f"mean_recall@{k2}": mean(f"recall@{k2}"),
+        "mean_top1_in_top3": mean("top1_in_top3"),
+        "per_layer": per_layer,
+    }
+    if conditioned:
+        report[f"mean_refined_recall@{k}"] = mean(f"refined_recall@{k}")
+    return report
+
+
+def format_report(report: dict) -> str:
+    """A human-readable table of ``evaluate``'s output."""
+    k = report["k"]
+    keys = [key for key in report["per_layer"][0] if key not in ("layer", "decoder_layer")]
+    lines = ["layer " + " ".join(f"{key:>18}" for key in keys)]
+    for row in report["per_layer"]:
+        lines.append(f"{row['layer']:>5} " + " ".join(f"{row[key]:>18.4f}" for key in keys))
+    lines.append(f"mean recall@{k} = {report[f'mean_recall@{k}']:.4f} over {report['tokens']} tokens")
+    return "\n".join(lines)
+
+
+__all__ = ["TrainConfig", "distillation_loss", "evaluate", "format_report", "predictor_config_for", "train_predictor"]
