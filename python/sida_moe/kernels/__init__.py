@@ -2,14 +2,79 @@
 
 ``fused_experts`` is the one entry point the experts module calls. It dispatches to the CUDA
 gathered-GEMM kernels when they are available for the inputs, and to the PyTorch reference
-implementation (the CPU path and the test oracle) otherwise.
+implementation (the CPU path and the test oracle) otherwise: silently on the CPU and for fp32
+experts, with a one-time warning when CUDA inputs cannot use the kernels (no CuPy, misaligned slots).
 """
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 
 from sida_moe.format import ExpertFormat, SlotWeights
+
+_warned: set[str] = set()
+
+
+def _check_inputs(
+    hidden: torch.Tensor,
+    topk_ids: torch.Tensor,
+    topk_weights: torch.Tensor,
+    slot_of_expert: torch.Tensor,
+    weights: SlotWeights,
+    fmt: ExpertFormat,
+    out: torch.Tensor | None,
+) -> None:
+    """Host-side checks of shapes, dtypes and devices (no device synchronisation)."""
+    if hidden.dim() != 2 or hidden.shape[1] != fmt.hidden:
+        raise ValueError(f"hidden must be [T, {fmt.hidden}] (T tokens, H = fmt.hidden), got {tuple(hidden.shape)}")
+    if hidden.dtype != fmt.dtype:
+        raise TypeError(f"hidden must be {fmt.dtype} (fmt.dtype), got {hidden.dtype}")
+    num_tokens = hidden.shape[0]
+    if topk_ids.dim() != 2 or topk_ids.shape[0] != num_tokens or topk_ids.shape[1] < 1:
+        raise ValueError(f"topk_ids must be [T={num_tokens}, k>=1], got {tuple(topk_ids.shape)}")
+    if topk_ids.dtype not in (torch.int32, torch.int64):
+        raise TypeError(f"topk_ids must be int32 or int64, got {topk_ids.dtype}")
+    if tuple(topk_weights.shape) != tuple(topk_ids.shape):
+        raise ValueError(f"topk_weights must have topk_ids' shape {tuple(topk_ids.shape)}, got {tuple(topk_weights.shape)}")
+    if not topk_weights.dtype.is_floating_point:
+        raise TypeError(f"topk_weights must be a floating-point tensor, got {topk_weights.dtype}")
+    if slot_of_expert.dim() != 1 or slot_of_expert.shape[0] < 1:
+        raise ValueError(f"slot_of_expert must be a non-empty 1-D [E] tensor, got {tuple(slot_of_expert.shape)}")
+    if slot_of_expert.dtype != torch.int32:
+        raise TypeError(f"slot_of_expert must be int32, got {slot_of_expert.dtype}")
+    num_slots = weights.num_slots
+    expected = {
+        "gate_up": (num_slots, fmt.gate_up_rows, fmt.hidden),
+        "down": (num_slots, fmt.hidden, fmt.intermediate),
+    }
+    if fmt.has_bias:
+        expected["gate_up_bias"] = (num_slots, fmt.gate_up_rows)
+        expected["down_bias"] = (num_slots, fmt.hidden)
+    for name in ("gate_up", "down", "gate_up_bias", "down_bias"):
+        view = getattr(weights, name)
+        if name not in expected:
+            if view is not None:
+                raise ValueError(f"weights.{name} is set but fmt.has_bias is False")
+            continue
+        if view is None:
+            raise ValueError(f"weights.{name} is missing (fmt.has_bias is True)")
+        if tuple(view.shape) != expected[name]:
+            raise ValueError(f"weights.{name} must be {expected[name]}, got {tuple(view.shape)}")
+        if view.dtype != fmt.dtype:
+            raise TypeError(f"weights.{name} must be {fmt.dtype}, got {view.dtype}")
+        if view.device != hidden.device:
+            raise ValueError(f"weights.{name} is on {view.device}, hidden on {hidden.device}")
+    for name, t in (("topk_ids", topk_ids), ("topk_weights", topk_weights), ("slot_of_expert", slot_of_expert)):
+        if t.device != hidden.device:
+            raise ValueError(f"{name} is on {t.device}, hidden on {hidden.device}")
+    if out is not None:
+        if tuple(out.shape) != (num_tokens, fmt.hidden) or out.dtype != fmt.dtype or out.device != hidden.device:
+            raise ValueError(
+                f"out must be a [{num_tokens}, {fmt.hidden}] {fmt.dtype} tensor on {hidden.device}, "
+                f"got {tuple(out.shape)} {out.dtype} on {out.device}"
+            )
 
 
 def fused_experts(
@@ -31,7 +96,26 @@ def fused_experts(
     - ``weights``: views of the slot memory (``sida_moe.format.slot_views``).
     - ``out``: when given, results are accumulated into it (``[T, H]``, ``fmt.dtype``) and it is
       returned; otherwise a new zero-initialised tensor is.
+
+    On CUDA with CuPy installed this runs the gathered-GEMM kernels (no host synchronisation, CUDA-
+    graph capturable once warmed up; expert ids outside ``[0, E)`` are skipped like slot -1 there,
+    since checking them would need a sync). Raises ``ValueError`` / ``TypeError`` on inputs of the
+    wrong shape, dtype or device.
     """
+    _check_inputs(hidden, topk_ids, topk_weights, slot_of_expert, weights, fmt, out)
+    if hidden.device.type == "cuda" and fmt.dtype in (torch.bfloat16, torch.float16):
+        from sida_moe.kernels import cuda_moe
+
+        reason = cuda_moe.unsupported_reason(hidden, weights, fmt)
+        if reason is None:
+            return cuda_moe.fused_experts_cuda(hidden, topk_ids, topk_weights, slot_of_expert, weights, fmt, out)
+        if reason not in _warned:
+            _warned.add(reason)
+            warnings.warn(
+                f"sida_moe: CUDA expert kernels unavailable, using the PyTorch reference path: {reason}",
+                RuntimeWarning,
+                stacklevel=2,
+            )
     from sida_moe.kernels.reference import fused_experts_reference
 
     return fused_experts_reference(hidden, topk_ids, topk_weights, slot_of_expert, weights, fmt, out)
