@@ -34,10 +34,13 @@ def make_slots(fmt: ExpertFormat, num_slots: int, device: torch.device | str, ge
     buffer.view(fmt.dtype).fill_(float("nan"))  # padding must never be read into a result
     views = slot_views(buffer, fmt, offsets)
     scale = {"gate_up": 1 / math.sqrt(fmt.hidden), "down": 1 / math.sqrt(fmt.intermediate), "gate_up_bias": 0.5, "down_bias": 0.5}
+    # draw on the buffer's device (GiBs of experts would take long on the CPU), seeded from ``gen``
+    dev_gen = torch.Generator(device=buffer.device).manual_seed(int(torch.randint(0, 2**62, (1,), generator=gen)))
     for name, s in scale.items():
         view = getattr(views, name)
         if view is not None:
-            view.copy_((torch.randn(view.shape, generator=gen, device="cpu") * s).to(device=device, dtype=fmt.dtype))
+            for slot in range(num_slots):  # one slot at a time bounds the float32 temporary
+                view[slot].copy_(torch.randn(view.shape[1:], generator=dev_gen, device=buffer.device).mul_(s))
     return buffer, views
 
 
