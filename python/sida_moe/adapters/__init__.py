@@ -1,0 +1,51 @@
+"""Architecture adapters and their registry: ``adapter_for(model)`` picks the one serving a model."""
+
+from __future__ import annotations
+
+from torch import nn
+
+from sida_moe.adapters.base import Adapter, CheckpointPiece, MoELayer
+from sida_moe.adapters.deepseek_v3 import DeepseekV3Adapter
+from sida_moe.adapters.gpt_oss import GptOssAdapter
+from sida_moe.adapters.mixtral import MixtralAdapter
+from sida_moe.adapters.olmoe import OlmoeAdapter
+from sida_moe.adapters.qwen2_moe import Qwen2MoeAdapter
+from sida_moe.adapters.qwen3_moe import Qwen3MoeAdapter
+from sida_moe.adapters.switch import SwitchAdapter
+
+_REGISTRY: list[Adapter] = [
+    MixtralAdapter(),
+    Qwen2MoeAdapter(),
+    Qwen3MoeAdapter(),
+    OlmoeAdapter(),
+    DeepseekV3Adapter(),
+    GptOssAdapter(),
+    SwitchAdapter(),
+]
+
+
+def register_adapter(adapter: Adapter) -> None:
+    """Add an adapter (checked before the built-in ones)."""
+    if not isinstance(adapter, Adapter):
+        raise TypeError(f"expected an Adapter instance, got {type(adapter).__name__}")
+    _REGISTRY.insert(0, adapter)
+
+
+def supported_model_types() -> list[str]:
+    return sorted({t for a in _REGISTRY for t in a.model_types})
+
+
+def adapter_for(model: nn.Module) -> Adapter:
+    """The adapter serving ``model`` (by ``config.model_type``); ValueError naming the supported
+    architectures otherwise."""
+    for adapter in _REGISTRY:
+        if adapter.matches(model):
+            return adapter
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    raise ValueError(
+        f"unsupported architecture {model_type or type(model).__name__!r}; "
+        f"supported model types: {', '.join(supported_model_types())}"
+    )
+
+
+__all__ = ["Adapter", "CheckpointPiece", "MoELayer", "adapter_for", "register_adapter", "supported_model_types"]

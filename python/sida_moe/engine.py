@@ -1,0 +1,235 @@
+"""One offloaded model's runtime: pinned expert pool, GPU slot cache and slot memory, routing
+tables, the prefetcher, and statistics.
+
+``offload`` / ``from_pretrained`` build it; each :class:`~sida_moe.experts.OffloadedExperts` calls
+:meth:`OffloadEngine.run_layer`. Pool and cache keys are ``(MoE-layer ordinal, expert id)``.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from sida_moe import _native
+from sida_moe.adapters.base import MoELayer
+from sida_moe.budget import BudgetSpec, format_bytes, parse_budget, slots_for_budget
+from sida_moe.format import ExpertFormat, SlotWeights, slot_views
+from sida_moe.kernels import fused_experts
+from sida_moe.prefetchers import NoPrefetch, Prefetcher
+
+_POLICIES = ("lru", "lfu", "fifo", "predictive")
+
+
+class OffloadEngine:
+    """Pool + cache + compute glue of one offloaded model (see the module docstring).
+
+    Life cycle: construct (allocates the pool), :meth:`write_expert` every expert,
+    :meth:`open_cache` (slot memory + SlotCache), :meth:`set_prefetcher`; then the model runs;
+    :meth:`close` frees everything.
+    """
+
+    def __init__(self, layers: list[MoELayer], fmt: ExpertFormat, device: torch.device, backend: str = "auto") -> None:
+        if not layers:
+            raise ValueError("an OffloadEngine needs at least one MoE layer")
+        device = torch.device(device)
+        if backend not in ("auto", "cuda", "host"):
+            raise ValueError(f"backend must be 'auto', 'cuda' or 'host', got {backend!r}")
+        kind = ("cuda" if device.type == "cuda" else "host") if backend == "auto" else backend
+        if kind == "cuda" and device.type != "cuda":
+            raise ValueError(f"backend='cuda' needs the model on a CUDA device, but its experts are on {device}")
+        if kind == "host" and device.type != "cpu":
+            raise ValueError(f"backend='host' keeps slots in host memory: it needs the model on the CPU, not {device}")
+        if device.type == "cuda" and device.index is None:
+            device = torch.device("cuda", torch.cuda.current_device())
+        self.layers = layers
+        self.fmt = fmt
+        self.device = device
+        self.backend = _native.Backend(kind, device.index or 0) if kind == "cuda" else _native.Backend("host")
+        keys = [(layer.ordinal, e) for layer in layers for e in range(layer.num_experts)]
+        self.pool = _native.ExpertPool(self.backend, fmt.layout(), keys)
+        self.num_experts_total = len(keys)
+        self.max_experts = max(layer.num_experts for layer in layers)
+        self.min_slots = max(layer.top_k for layer in layers)
+        self.cache: _native.SlotCache | None = None
+        self.slot_memory: torch.Tensor | None = None
+        self.views: SlotWeights | None = None
+        self.prefetcher: Prefetcher = NoPrefetch()
+        self.generation = 0
+        self._counters = {"forwards": 0, "tokens": 0, "layer_calls": 0, "chunked_layer_calls": 0}
+        self._skip_zero_weight = any(layer.adapter.routing_kind == "onehot" for layer in layers)
+        self._hooks: list = []
+
+    # ------------------------------------------------------------------ what prefetchers use
+    @property
+    def moe_layers(self) -> list[MoELayer]:
+        return self.layers
+
+    @property
+    def num_slots(self) -> int:
+        return self._require_cache().num_slots
+
+    @property
+    def expert_nbytes(self) -> int:
+        return self.pool.expert_nbytes
+
+    def prefetch(self, moe_layer: int, experts: list[int], priority: str = "prefetch", generation: int | None = None) -> int:
+        """Queue loads of ``experts`` of ``moe_layer`` (returns how many were queued)."""
+        return self._require_cache().prefetch(moe_layer, experts, priority, self.generation if generation is None else generation)
+
+    def cancel_before(self, generation: int) -> None:
+        self._require_cache().cancel_before(generation)
+
+    def set_future(self, visits: list[tuple[int, list[int]]], offset: int = 0) -> None:
+        """Feed the predictive policy: expected experts of the next acquire calls (one per MoE layer
+        call, in call order)."""
+        self._require_cache().set_future(visits, offset)
+
+    # ------------------------------------------------------------------------------ building
+    def write_expert(self, moe_layer: int, expert: int, tensors: dict[str, torch.Tensor]) -> None:
+        """Copy one expert's canonical tensors into the pinned pool."""
+        shapes = self.fmt.tensor_shapes()
+        if set(tensors) != set(shapes):
+            raise ValueError(f"expert tensors must be exactly {sorted(shapes)}, got {sorted(tensors)}")
+        for name, shape in shapes.items():
+            t = tensors[name]
+            if tuple(t.shape) != shape or t.dtype != self.fmt.dtype:
+                raise ValueError(
+                    f"expert ({moe_layer}, {expert}) tensor {name!r}: expected {shape} {self.fmt.dtype}, got {tuple(t.shape)} {t.dtype}"
+                )
+            t = t.detach().to("cpu").contiguous()
+            self.pool.write_ptr(moe_layer, expert, name, t.data_ptr(), t.numel() * t.element_size())
+
+    def slots_for(self, gpu_budget: BudgetSpec) -> int:
+        """Slot count of ``gpu_budget`` (BudgetError below one layer's top-k)."""
+        total = self.num_experts_total * self.pool.expert_nbytes
+        return slots_for_budget(parse_budget(gpu_budget, total), self.pool.expert_nbytes, self.num_experts_total, self.min_slots)
+
+    def open_cache(self, num_slots: int, policy: str = "lru", copy_workers: int = 2) -> None:
+        """Allocate the slot memory on the model's device and start the slot cache."""
+        if policy not in _POLICIES:
+            raise ValueError(f"policy must be one of {_POLICIES}, got {policy!r}")
+        if self.cache is not None:
+            raise RuntimeError("the cache is already open")
+        nbytes = self.pool.expert_nbytes
+        self.slot_memory = torch.empty((num_slots, nbytes), dtype=torch.uint8, device=self.device)
+        self.cache = _native.SlotCache(self.pool, num_slots, policy, slots_ptr=self.slot_memory.data_ptr(), copy_workers=copy_workers)
+        self.views = slot_views(self.slot_memory, self.fmt, self.pool.tensor_offsets)
+        num_layers = len(self.layers)
+        pin = self.device.type == "cuda"
+        # routing tables: slot of each expert per MoE layer; host rows are filled by numpy, then copied
+        self._host_tables = torch.full((num_layers, self.max_experts), -1, dtype=torch.int32, pin_memory=pin)
+        self._host_tables_np = self._host_tables.numpy()
+        self._dev_tables = self._host_tables if not pin else torch.full_like(self._host_tables, -1, device=self.device)
+
+    def set_prefetcher(self, prefetcher: Prefetcher) -> None:
+        old, self.prefetcher = self.prefetcher, prefetcher
+        old.close()
+        prefetcher.attach(self)
+
+    # ----------------------------------------------------------------------------- running
+    def begin_forward(self, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor | None) -> None:
+        """Called by the model hooks once per stack forward, before any layer runs."""
+        self.generation += 1
+        self._counters["forwards"] += 1
+        self._counters["tokens"] += int(inputs_embeds.shape[0] * inputs_embeds.shape[1]) if inputs_embeds.dim() == 3 else int(inputs_embeds.shape[0])
+        if self.cache is not None:
+            self.cache.cancel_before(self.generation)
+        self.prefetcher.begin_forward(inputs_embeds, attention_mask)
+
+    def _stream(self) -> int:
+        return torch.cuda.current_stream(self.device).cuda_stream if self.device.type == "cuda" else 0
+
+    def _table(self, moe_layer: int, experts: list[int], slots: list[int], reuse: bool) -> torch.Tensor:
+        if reuse and self.device.type == "cuda":
+            # the previous chunk's copy of this row may still be pending on the stream
+            torch.cuda.current_stream(self.device).synchronize()
+        row = self._host_tables_np[moe_layer]
+        row.fill(-1)
+        row[experts] = slots
+        dev = self._dev_tables[moe_layer, : self.layers[moe_layer].num_experts]
+        if self._dev_tables is not self._host_tables:
+            # ordered: every layer syncs the stream on its routing ids before it rewrites a row
+            dev.copy_(self._host_tables[moe_layer, : dev.shape[0]], non_blocking=True)
+        return dev
+
+    def run_layer(self, moe_layer: int, hidden: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor) -> torch.Tensor:
+        """The experts of one MoE layer for ``hidden [T, H]``: acquire the routed experts' slots (in
+        chunks of at most ``num_slots`` distinct experts), compute, release."""
+        cache, views = self._require_cache(), self.views
+        topk_ids, topk_weights = self.prefetcher.route(moe_layer, hidden, topk_ids, topk_weights)
+        x = hidden if hidden.dtype == self.fmt.dtype else hidden.to(self.fmt.dtype)
+        self._counters["layer_calls"] += 1
+        used = topk_ids[topk_weights != 0] if self._skip_zero_weight else topk_ids
+        distinct = torch.unique(used).tolist()  # the one host sync per layer: the cache needs ids
+        out: torch.Tensor | None = None
+        stream = self._stream()
+        step = cache.num_slots
+        if len(distinct) > step:
+            self._counters["chunked_layer_calls"] += 1
+        for start in range(0, len(distinct), step):
+            chunk = distinct[start : start + step]
+            slots = cache.acquire(moe_layer, chunk, stream)
+            try:
+                table = self._table(moe_layer, chunk, slots, reuse=start > 0)
+                if start == 0:
+                    self.prefetcher.after_routing(moe_layer, x, topk_ids)
+                out = fused_experts(x, topk_ids, topk_weights, table, views, self.fmt, out)
+            finally:
+                cache.release(slots, stream)
+        if out is None:
+            out = torch.zeros_like(x)
+        return out if out.dtype == hidden.dtype else out.to(hidden.dtype)
+
+    # ------------------------------------------------------------------------------- stats
+    def stats(self) -> dict[str, float | str]:
+        """Cache counters (hits, misses, bytes_copied, ...), hit_rate, prefetcher metrics
+        (``prefetch_<name>``), engine counters and memory figures."""
+        cache = self._require_cache()
+        out: dict[str, float | str] = dict(cache.stats())
+        lookups = out.get("hits", 0) + out.get("misses", 0)
+        out["hit_rate"] = out.get("hits", 0) / lookups if lookups else 0.0
+        out.update({k: float(v) for k, v in self._counters.items()})
+        out["prefetcher"] = self.prefetcher.name
+        metrics = getattr(self.prefetcher, "metrics", None)
+        if callable(metrics):
+            out.update({f"prefetch_{k}": float(v) for k, v in metrics().items()})
+        out["num_slots"] = float(cache.num_slots)
+        out["slot_bytes"] = float(cache.num_slots * self.pool.expert_nbytes)
+        out["all_experts_bytes"] = float(self.num_experts_total * self.pool.expert_nbytes)
+        out["pool_bytes"] = float(self.pool.allocated_bytes)
+        return out
+
+    def reset_stats(self) -> None:
+        self._require_cache().reset_stats()
+        self._counters = dict.fromkeys(self._counters, 0)
+        reset = getattr(self.prefetcher, "reset_metrics", None)
+        if callable(reset):
+            reset()
+
+    def describe(self) -> str:
+        cache = self._require_cache()
+        return (
+            f"{len(self.layers)} MoE layers, {self.num_experts_total} experts of {format_bytes(self.pool.expert_nbytes)} "
+            f"in a {format_bytes(self.pool.allocated_bytes)} pinned pool; {cache.num_slots} slots "
+            f"({format_bytes(cache.num_slots * self.pool.expert_nbytes)}) on {self.device}, policy {cache.policy}, "
+            f"prefetch {self.prefetcher.name}"
+        )
+
+    # ----------------------------------------------------------------------------- closing
+    def close(self) -> None:
+        """Stop the prefetcher and copy workers and free slots and pool. Idempotent; the model
+        cannot run afterwards."""
+        for hook in self._hooks:
+            hook.remove()
+        self._hooks.clear()
+        self.prefetcher.close()
+        if self.cache is not None:
+            self.cache.close()
+        self.pool.close()
+        self.slot_memory = None
+        self.views = None
+
+    def _require_cache(self) -> _native.SlotCache:
+        if self.cache is None:
+            raise RuntimeError("the engine's cache is not open yet (call open_cache)")
+        return self.cache

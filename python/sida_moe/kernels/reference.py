@@ -1,0 +1,112 @@
+"""The PyTorch reference of ``sida_moe.kernels.fused_experts``: correct on CPU and GPU, the test oracle.
+
+It follows Hugging Face's eager experts loop operation by operation (experts in ascending id order,
+``linear -> act -> linear``, routing weight multiplied in float32 then rounded to the model dtype,
+``index_add_`` into the output), so an offloaded model reproduces the original's numbers. It loops
+over the resident experts in Python and syncs the host once per call: fine as an oracle and a CPU
+path, not a fast GPU path.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from sida_moe.format import ExpertFormat, SlotWeights
+
+
+def _activate(z: torch.Tensor, fmt: ExpertFormat) -> torch.Tensor:
+    """``act(gate_up @ x + b)`` of the canonical layout (gate rows first, then up rows)."""
+    if fmt.gated:
+        gate, up = z[..., : fmt.intermediate], z[..., fmt.intermediate :]
+        if fmt.activation == "gpt_oss":
+            # GPT-OSS clamped SwiGLU: (up + 1) * gate * sigmoid(alpha * gate), with clamps
+            gate = gate.clamp(min=None, max=fmt.limit)
+            up = up.clamp(min=-fmt.limit, max=fmt.limit)
+            return (up + 1) * (gate * torch.sigmoid(gate * fmt.alpha))
+        return _plain_activation(gate, fmt) * up
+    return _plain_activation(z, fmt)
+
+
+def _plain_activation(z: torch.Tensor, fmt: ExpertFormat) -> torch.Tensor:
+    if fmt.activation == "silu":
+        return F.silu(z)
+    if fmt.activation == "gelu":
+        return F.gelu(z)
+    if fmt.activation == "gelu_tanh":
+        return F.gelu(z, approximate="tanh")
+    if fmt.activation == "relu":
+        return F.relu(z)
+    raise ValueError(f"activation {fmt.activation!r} is not a plain activation")
+
+
+def _check_inputs(
+    hidden: torch.Tensor,
+    topk_ids: torch.Tensor,
+    topk_weights: torch.Tensor,
+    slot_of_expert: torch.Tensor,
+    weights: SlotWeights,
+    fmt: ExpertFormat,
+    out: torch.Tensor | None,
+) -> None:
+    if hidden.dim() != 2 or hidden.shape[1] != fmt.hidden:
+        raise ValueError(f"hidden must be [T, {fmt.hidden}], got {tuple(hidden.shape)}")
+    if hidden.dtype != fmt.dtype:
+        raise ValueError(f"hidden dtype {hidden.dtype} does not match the experts' dtype {fmt.dtype}")
+    if topk_ids.dim() != 2 or topk_ids.shape[0] != hidden.shape[0]:
+        raise ValueError(f"topk_ids must be [T={hidden.shape[0]}, k], got {tuple(topk_ids.shape)}")
+    if topk_ids.dtype.is_floating_point or topk_ids.dtype == torch.bool:
+        raise ValueError(f"topk_ids must be an integer tensor, got {topk_ids.dtype}")
+    if topk_weights.shape != topk_ids.shape or not topk_weights.dtype.is_floating_point:
+        raise ValueError(
+            f"topk_weights must be a float tensor shaped like topk_ids {tuple(topk_ids.shape)}, "
+            f"got {topk_weights.dtype} {tuple(topk_weights.shape)}"
+        )
+    if slot_of_expert.dim() != 1 or slot_of_expert.dtype.is_floating_point:
+        raise ValueError(f"slot_of_expert must be a 1-D integer tensor [E], got {slot_of_expert.dtype} {tuple(slot_of_expert.shape)}")
+    if weights.gate_up.shape[1:] != (fmt.gate_up_rows, fmt.hidden):
+        raise ValueError(f"slot views do not match the format: gate_up {tuple(weights.gate_up.shape[1:])}")
+    if out is not None and (out.shape != hidden.shape or out.dtype != fmt.dtype):
+        raise ValueError(f"out must be {tuple(hidden.shape)} {fmt.dtype}, got {tuple(out.shape)} {out.dtype}")
+
+
+def fused_experts_reference(
+    hidden: torch.Tensor,
+    topk_ids: torch.Tensor,
+    topk_weights: torch.Tensor,
+    slot_of_expert: torch.Tensor,
+    weights: SlotWeights,
+    fmt: ExpertFormat,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Same contract as :func:`sida_moe.kernels.fused_experts` (see there)."""
+    _check_inputs(hidden, topk_ids, topk_weights, slot_of_expert, weights, fmt, out)
+    if out is None:
+        out = torch.zeros_like(hidden)
+    if hidden.shape[0] == 0:
+        return out
+    ids = topk_ids.long()
+    table = slot_of_expert.to(device=ids.device, dtype=torch.long)
+    num_experts = table.shape[0]
+    if bool(((ids < 0) | (ids >= num_experts)).any()):
+        raise ValueError(f"topk_ids out of range [0, {num_experts})")
+    slots = table[ids]  # [T, k], -1 where the expert is not resident in this call
+    ids_by_k = ids.t()
+    resident = torch.unique(ids[slots >= 0]).tolist()  # ascending, like HF's loop over expert_hit
+    for expert in resident:
+        k_pos, token_idx = torch.where(ids_by_k == expert)  # HF's order: by k, then token
+        slot = int(table[expert])
+        x = hidden[token_idx]
+        # biases added after rounding the product, as Hugging Face's GPT-OSS does (x @ W + b)
+        z = F.linear(x, weights.gate_up[slot])
+        if weights.gate_up_bias is not None:
+            z = z + weights.gate_up_bias[slot]
+        y = F.linear(_activate(z, fmt), weights.down[slot])
+        if weights.down_bias is not None:
+            y = y + weights.down_bias[slot]
+        y = y.float() * topk_weights[token_idx, k_pos, None].float()
+        out.index_add_(0, token_idx, y.to(out.dtype))
+    return out
+
+
+__all__ = ["fused_experts_reference"]

@@ -1,0 +1,406 @@
+"""Public entry points: ``offload`` a loaded Hugging Face MoE model, or build one ``from_pretrained``
+with its experts streamed from safetensors straight into the pinned pool."""
+
+from __future__ import annotations
+
+import json
+import re
+import warnings
+from collections import defaultdict
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from sida_moe.adapters import Adapter, MoELayer, adapter_for
+from sida_moe.budget import BudgetSpec
+from sida_moe.engine import OffloadEngine
+from sida_moe.experts import OffloadedExperts
+from sida_moe.format import ExpertFormat
+from sida_moe.prefetchers import Prefetcher, make_prefetcher
+
+_FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+# ------------------------------------------------------------------------------------ checks
+def _check_not_quantized(model: nn.Module) -> None:
+    config = getattr(model, "config", None)
+    quant = getattr(config, "quantization_config", None) or getattr(model, "hf_quantizer", None)
+    if quant:
+        method = getattr(quant, "quant_method", None) or (quant.get("quant_method") if isinstance(quant, dict) else None)
+        raise NotImplementedError(
+            f"quantized models ({method or type(quant).__name__}) are not supported yet: load the model in bf16, fp16 or fp32"
+        )
+
+
+def _discover(model: nn.Module) -> tuple[Adapter, list[MoELayer], ExpertFormat]:
+    if not isinstance(model, nn.Module) or not hasattr(model, "config"):
+        raise TypeError(f"expected a transformers PreTrainedModel, got {type(model).__name__}")
+    _check_not_quantized(model)
+    adapter = adapter_for(model)
+    for _, module in model.named_modules():
+        if isinstance(module, OffloadedExperts):
+            raise ValueError("this model is already offloaded (it contains OffloadedExperts modules)")
+    layers = adapter.find_layers(model)
+    if not layers:
+        raise ValueError(f"no MoE layers found in this {adapter.name} model (are its experts a supported module type?)")
+    fmt = adapter.expert_format(model, layers[0])
+    if fmt.dtype not in _FLOAT_DTYPES:
+        raise NotImplementedError(f"expert weights of dtype {fmt.dtype} (quantized) are not supported yet: use bf16, fp16 or fp32")
+    for layer in layers[1:]:
+        other = adapter.expert_format(model, layer)
+        if other != fmt:
+            raise ValueError(f"MoE layers disagree on the expert shape/dtype: {layers[0].path} is {fmt}, {layer.path} is {other}")
+    return adapter, layers, fmt
+
+
+def _check_dtype(model: nn.Module, fmt: ExpertFormat) -> None:
+    embed = model.get_input_embeddings()
+    dense = getattr(embed, "weight", None)
+    if isinstance(dense, torch.Tensor) and dense.dtype != fmt.dtype:
+        raise ValueError(
+            f"mismatched dtype: the experts are {fmt.dtype} but the model computes in {dense.dtype}; "
+            f"cast the whole model first (model.to({dense.dtype}))"
+        )
+
+
+# ------------------------------------------------------------------------------------- hooks
+def _install_hooks(model: nn.Module, engine: OffloadEngine) -> None:
+    """Call ``engine.begin_forward`` once per stack forward with the layer-0 input."""
+    state: dict[str, object] = {"mask": None, "given": False}
+    if getattr(model.config, "is_encoder_decoder", False):
+        stacks = [model.get_encoder(), model.get_decoder()]
+    else:
+        stacks = [model.get_decoder() if hasattr(model, "get_decoder") else model.base_model]
+
+    def stack_pre_hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
+        state["mask"] = kwargs.get("attention_mask")
+        embeds = kwargs.get("inputs_embeds")
+        state["given"] = embeds is not None
+        if embeds is not None:
+            engine.begin_forward(embeds, state["mask"])
+
+    def embed_hook(module: nn.Module, args: tuple, output: torch.Tensor) -> None:
+        if not state["given"]:
+            engine.begin_forward(output, state["mask"])
+
+    for stack in dict.fromkeys(stacks):  # encoder and decoder may be one module
+        engine._hooks.append(stack.register_forward_pre_hook(stack_pre_hook, with_kwargs=True))
+    engine._hooks.append(model.get_input_embeddings().register_forward_hook(embed_hook))
+
+
+def _finish(model: nn.Module, engine: OffloadEngine, num_slots: int, policy: str, prefetch, copy_workers: int) -> nn.Module:
+    try:
+        engine.open_cache(num_slots, policy, copy_workers)
+        engine.set_prefetcher(make_prefetcher(prefetch))
+        _install_hooks(model, engine)
+    except BaseException:
+        engine.close()
+        raise
+    model.sida_engine = engine
+    return model
+
+
+def engine_of(model: nn.Module) -> OffloadEngine:
+    """The :class:`OffloadEngine` of a model returned by ``offload`` / ``from_pretrained``."""
+    engine = getattr(model, "sida_engine", None)
+    if not isinstance(engine, OffloadEngine):
+        raise ValueError("this model was not offloaded by sida_moe (no sida_engine attribute)")
+    return engine
+
+
+# ----------------------------------------------------------------------------------- offload
+def offload(
+    model: nn.Module,
+    gpu_budget: BudgetSpec = "12GiB",
+    policy: str = "lru",
+    prefetch: str | Prefetcher | None = "next_layer_gate",
+    backend: str = "auto",
+    copy_workers: int = 2,
+    progress: bool = False,
+) -> nn.Module:
+    """Move the experts of a loaded transformers (>= 5) MoE model into a pinned host pool and serve
+    them from a GPU slot cache of ``gpu_budget`` bytes. Returns the same model, modified in place.
+
+    - ``gpu_budget``: ``"12GiB"`` / ``"25%"`` / a fraction ``0.25`` of all experts / an int byte count.
+      BudgetError if fewer slots than one layer's top-k fit (the message gives the minimum).
+    - ``policy``: slot eviction, ``"lru" | "lfu" | "fifo" | "predictive"``.
+    - ``prefetch``: ``"next_layer_gate"`` (apply layer L+1's router after layer L), ``"none"``, or a
+      :class:`~sida_moe.prefetchers.Prefetcher` (e.g. the SiDA predictor).
+    - ``backend``: ``"auto"`` (CUDA slots when the model is on a GPU, host slots on the CPU),
+      ``"cuda"`` or ``"host"``.
+
+    Routers, attention, norms, embeddings and shared experts stay where they are; each experts module
+    is replaced by :class:`~sida_moe.experts.OffloadedExperts` and its weights are freed. Exact: the
+    outputs equal the original model's within the dtype's rounding.
+    """
+    adapter, layers, fmt = _discover(model)
+    params = [p for layer in layers for p in layer.experts.parameters()]
+    if any(p.is_meta for p in params):
+        raise ValueError(
+            "the model's experts are on the meta device (no weights): load real weights first, or build it with "
+            "sida_moe.from_pretrained(path, ...)"
+        )
+    _check_dtype(model, fmt)
+    devices = {p.device for p in params}
+    if len(devices) != 1:
+        raise ValueError(f"the experts are spread over several devices {sorted(map(str, devices))}; put the model on one device")
+    device = devices.pop()
+    engine = OffloadEngine(layers, fmt, device, backend)
+    try:
+        num_slots = engine.slots_for(gpu_budget)  # fail before moving anything
+        from tqdm.auto import tqdm
+
+        for layer in tqdm(layers, desc="offloading experts", unit="layer", disable=not progress):
+            for expert in range(layer.num_experts):
+                engine.write_expert(layer.ordinal, expert, adapter.expert_weights(layer, expert))
+            setattr(layer.block, layer.experts_attr, OffloadedExperts(engine, layer))  # frees the originals
+    except BaseException:
+        engine.close()
+        raise
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    return _finish(model, engine, num_slots, policy, prefetch, copy_workers)
+
+
+# --------------------------------------------------------------------------- from_pretrained
+@contextmanager
+def _parameters_on_meta() -> Iterator[None]:
+    """Create parameters on the meta device (buffers stay real: non-persistent ones such as rotary
+    frequencies are not in checkpoints)."""
+    original = nn.Module.register_parameter
+
+    def register(module: nn.Module, name: str, param: nn.Parameter | None) -> None:
+        original(module, name, param)
+        if param is not None and not param.is_meta:
+            module._parameters[name] = nn.Parameter(param.to("meta"), requires_grad=param.requires_grad)
+
+    nn.Module.register_parameter = register
+    try:
+        yield
+    finally:
+        nn.Module.register_parameter = original
+
+
+def _safetensors_files(path: Path) -> list[Path]:
+    index = path / "model.safetensors.index.json"
+    if index.exists():
+        shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        return [path / s for s in shards]
+    single = path / "model.safetensors"
+    if single.exists():
+        return [single]
+    files = sorted(path.glob("*.safetensors"))
+    if not files:
+        raise FileNotFoundError(f"no safetensors weights in {path} (expected model.safetensors or an index)")
+    return files
+
+
+def _resolve_dtype(dtype: torch.dtype | str | None, config) -> torch.dtype:
+    if dtype is None:
+        dtype = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None) or torch.float32
+    if isinstance(dtype, str):
+        resolved = getattr(torch, dtype.removeprefix("torch."), None)
+        if not isinstance(resolved, torch.dtype):
+            raise ValueError(f"unknown dtype {dtype!r}; use 'bfloat16', 'float16' or 'float32'")
+        dtype = resolved
+    if dtype not in _FLOAT_DTYPES:
+        raise ValueError(f"dtype must be bfloat16, float16 or float32, got {dtype}")
+    return dtype
+
+
+def _model_class(config):
+    import transformers
+
+    for arch in getattr(config, "architectures", None) or []:
+        cls = getattr(transformers, arch, None)
+        if cls is not None:
+            return cls
+    if getattr(config, "is_encoder_decoder", False):
+        return transformers.AutoModelForSeq2SeqLM
+    return transformers.AutoModelForCausalLM
+
+
+def _set_tensor(model: nn.Module, name: str, value: torch.Tensor) -> None:
+    module_name, _, attr = name.rpartition(".")
+    module = model.get_submodule(module_name) if module_name else model
+    if attr in module._parameters:
+        module._parameters[attr] = nn.Parameter(value, requires_grad=False)
+    else:
+        module._buffers[attr] = value
+
+
+def from_pretrained(
+    path: str | Path,
+    gpu_budget: BudgetSpec = "12GiB",
+    dtype: torch.dtype | str | None = None,
+    device: str | torch.device | None = None,
+    policy: str = "lru",
+    prefetch: str | Prefetcher | None = "next_layer_gate",
+    backend: str = "auto",
+    copy_workers: int = 2,
+    progress: bool = True,
+) -> nn.Module:
+    """Build a transformers MoE model from a local checkpoint directory without materialising its
+    experts: they stream from the safetensors files into the pinned pool (natively, or through one
+    reusable buffer where a family needs a transform or a dtype conversion); dense weights load to
+    ``device``. Peak host RAM is about the experts' size plus one dense tensor; peak GPU memory
+    about the dense weights plus the budget. Other arguments as in :func:`offload`.
+    """
+    import transformers
+    from safetensors import safe_open
+    from tqdm.auto import tqdm
+
+    path = Path(path)
+    if not path.is_dir():
+        raise FileNotFoundError(f"{path} is not a checkpoint directory (from_pretrained reads local save_pretrained output)")
+    config = transformers.AutoConfig.from_pretrained(path)
+    if getattr(config, "quantization_config", None):
+        raise NotImplementedError("quantized checkpoints are not supported yet: use a bf16, fp16 or fp32 checkpoint")
+    dtype = _resolve_dtype(dtype, config)
+    device = torch.device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    with _parameters_on_meta():
+        model = _model_class(config)._from_config(config, dtype=dtype)
+    model.eval()
+    adapter, layers, fmt = _discover(model)
+
+    files = _safetensors_files(path)
+    renames = [(re.compile(p), r) for p, r in adapter.checkpoint_renames]
+    location: dict[str, tuple[Path, str]] = {}  # module-side name -> (file, on-disk name)
+    for file in files:
+        with safe_open(str(file), "pt") as f:
+            for key in f.keys():
+                name = key
+                for pattern, repl in renames:
+                    name = pattern.sub(repl, name)
+                location[name] = (file, key)
+    names = set(location)
+
+    engine = OffloadEngine(layers, fmt, device, backend)
+    try:
+        num_slots = engine.slots_for(gpu_budget)
+        expert_prefixes = tuple(f"{layer.path}." for layer in layers)
+        _load_experts(engine, adapter, layers, fmt, location, names, progress)
+        for layer in layers:
+            setattr(layer.block, layer.experts_attr, OffloadedExperts(engine, layer))
+        _load_dense(model, location, expert_prefixes, dtype, device, progress)
+    except BaseException:
+        engine.close()
+        raise
+    return _finish(model, engine, num_slots, policy, prefetch, copy_workers)
+
+
+def _load_experts(engine: OffloadEngine, adapter: Adapter, layers: list[MoELayer], fmt: ExpertFormat,
+                  location: dict[str, tuple[Path, str]], names: set[str], progress: bool) -> None:
+    from safetensors import safe_open
+    from tqdm.auto import tqdm
+
+    pool = engine.pool
+    tensor_nbytes = pool.tensor_nbytes
+    item = fmt.itemsize
+    native: dict[tuple[Path, int], list[tuple]] = defaultdict(list)  # (file, layer) -> entries
+    python: dict[Path, list[tuple]] = defaultdict(list)
+    meta: dict[str, tuple[torch.dtype, list[int]]] = {}
+    handles = {}
+    try:
+        for file in {f for f, _ in location.values()}:
+            handles[file] = safe_open(str(file), "pt")
+        for layer in layers:
+            for expert in range(layer.num_experts):
+                for piece in adapter.checkpoint_pieces(layer, expert, fmt, names):
+                    file, key = location[piece.name]
+                    if key not in meta:
+                        sl = handles[file].get_slice(key)
+                        meta[key] = (getattr(torch, _SAFETENSORS_DTYPES.get(sl.get_dtype(), "uint8")), sl.get_shape())
+                    disk_dtype, shape = meta[key]
+                    per = 1
+                    for d in shape[1:] if piece.index is not None else shape:
+                        per *= d
+                    if piece.transform is None and disk_dtype == fmt.dtype:
+                        nbytes = per * item
+                        if piece.dst_offset + nbytes > tensor_nbytes[piece.tensor]:
+                            raise ValueError(f"checkpoint tensor {key} ({shape}) does not fit expert tensor {piece.tensor!r} of {fmt}")
+                        src = 0 if piece.index is None else piece.index * nbytes
+                        native[(file, layer.ordinal)].append((key, layer.ordinal, expert, piece.tensor, src, nbytes, piece.dst_offset))
+                    else:
+                        python[file].append((key, layer.ordinal, expert, piece))
+        total = sum(e[5] for entries in native.values() for e in entries) + sum(
+            tensor_nbytes[p.tensor] for jobs in python.values() for *_, p in jobs
+        )
+        bar = tqdm(total=total, unit="B", unit_scale=True, desc="loading experts", disable=not progress)
+        for (file, _), entries in native.items():
+            bar.update(pool.load_safetensors(str(file), entries))
+        # Python path: assemble each canonical tensor in one reusable buffer, then copy it into the pool
+        buffers = {name: torch.empty(n, dtype=torch.uint8) for name, n in tensor_nbytes.items()}
+        for file, jobs in python.items():
+            pending: dict[tuple[int, int, str], int] = {}
+            for key, moe_layer, expert, piece in jobs:
+                sl = handles[file].get_slice(key)
+                t = sl[piece.index] if piece.index is not None else sl[:]
+                if piece.transform is not None:
+                    t = piece.transform(t)
+                raw = t.to(fmt.dtype).contiguous().view(-1).view(torch.uint8)
+                buf = buffers[piece.tensor]
+                buf[piece.dst_offset : piece.dst_offset + raw.numel()].copy_(raw)
+                slot = (moe_layer, expert, piece.tensor)
+                pending[slot] = pending.get(slot, 0) + raw.numel()
+                if pending[slot] == tensor_nbytes[piece.tensor]:
+                    pool.write_ptr(moe_layer, expert, piece.tensor, buf.data_ptr(), buf.numel())
+                    bar.update(buf.numel())
+                    del pending[slot]
+            if pending:
+                raise ValueError(f"checkpoint pieces did not fill expert tensors {sorted(pending)[:4]} of {file.name}")
+        bar.close()
+    finally:
+        handles.clear()
+
+
+_SAFETENSORS_DTYPES = {"F32": "float32", "F16": "float16", "BF16": "bfloat16", "F64": "float64", "I64": "int64", "I32": "int32",
+                       "I8": "int8", "U8": "uint8", "BOOL": "bool", "F8_E4M3": "float8_e4m3fn", "F8_E5M2": "float8_e5m2"}
+
+
+def _load_dense(model: nn.Module, location: dict[str, tuple[Path, str]], expert_prefixes: tuple[str, ...],
+                dtype: torch.dtype, device: torch.device, progress: bool) -> None:
+    from safetensors import safe_open
+    from tqdm.auto import tqdm
+
+    state_names = {n for n, _ in model.named_parameters()} | {n for n, _ in model.named_buffers()}
+    prefix = getattr(model, "base_model_prefix", "")
+    keep_fp32 = list(getattr(model, "_keep_in_fp32_modules_strict", None) or []) + list(getattr(model, "_keep_in_fp32_modules", None) or [])
+    by_file: dict[Path, list[tuple[str, str]]] = defaultdict(list)
+    unexpected = []
+    for name, (file, key) in location.items():
+        if name.startswith(expert_prefixes):
+            continue
+        target = name if name in state_names else f"{prefix}.{name}" if f"{prefix}.{name}" in state_names else None
+        if target is None:
+            unexpected.append(key)
+            continue
+        by_file[file].append((target, key))
+    loaded: set[str] = set()
+    for file, items in tqdm(by_file.items(), desc="loading dense weights", unit="file", disable=not progress):
+        with safe_open(str(file), "pt") as f:
+            for target, key in items:
+                t = f.get_tensor(key)
+                if t.is_floating_point():
+                    fp32 = dtype != torch.float32 and any(k in target for k in keep_fp32)
+                    t = t.to(torch.float32 if fp32 else dtype)
+                _set_tensor(model, target, t.to(device))
+                loaded.add(target)
+    if unexpected:
+        warnings.warn(f"{len(unexpected)} checkpoint tensors were not used, e.g. {unexpected[:3]}", stacklevel=3)
+    # buffers not in the checkpoint (rotary frequencies, ...) were built for real on the CPU
+    for name, buf in list(model.named_buffers()):
+        if name not in loaded and not buf.is_meta and buf.device != device:
+            _set_tensor(model, name, buf.to(device))
+    model.tie_weights()
+    missing = [n for n, p in model.named_parameters() if p.is_meta] + [n for n, b in model.named_buffers() if b.is_meta]
+    if missing:
+        raise ValueError(f"checkpoint lacks {len(missing)} dense tensors, e.g. {missing[:5]}")
+
+
+__all__ = ["engine_of", "from_pretrained", "offload"]

@@ -1,0 +1,61 @@
+"""Tiny random models of every supported family, shared by the offload / adapter tests."""
+
+from __future__ import annotations
+
+import torch
+import transformers
+
+# family -> (config class, model class, config kwargs)
+_COMMON = dict(vocab_size=96, hidden_size=32, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2)
+
+FAMILIES: dict[str, tuple[str, str, dict]] = {
+    "mixtral": ("MixtralConfig", "MixtralForCausalLM", dict(_COMMON, intermediate_size=24, num_local_experts=6, num_experts_per_tok=2)),
+    "qwen2_moe": (
+        "Qwen2MoeConfig",
+        "Qwen2MoeForCausalLM",
+        dict(_COMMON, intermediate_size=48, moe_intermediate_size=16, shared_expert_intermediate_size=24, num_experts=8,
+             num_experts_per_tok=2, decoder_sparse_step=1, mlp_only_layers=[1]),
+    ),
+    "qwen3_moe": (
+        "Qwen3MoeConfig",
+        "Qwen3MoeForCausalLM",
+        dict(_COMMON, intermediate_size=48, moe_intermediate_size=16, num_experts=8, num_experts_per_tok=3, norm_topk_prob=True, head_dim=8),
+    ),
+    "olmoe": ("OlmoeConfig", "OlmoeForCausalLM", dict(_COMMON, intermediate_size=16, num_experts=8, num_experts_per_tok=2)),
+    "deepseek_v3": (
+        "DeepseekV3Config",
+        "DeepseekV3ForCausalLM",
+        dict(_COMMON | {"num_key_value_heads": 4}, intermediate_size=48, moe_intermediate_size=16, n_routed_experts=8, num_experts_per_tok=2, n_group=2,
+             topk_group=1, n_shared_experts=1, first_k_dense_replace=1, kv_lora_rank=16, q_lora_rank=None,
+             qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=8, routed_scaling_factor=2.5, norm_topk_prob=True),
+    ),
+    "gpt_oss": (
+        "GptOssConfig",
+        "GptOssForCausalLM",
+        dict(_COMMON, intermediate_size=16, num_local_experts=6, num_experts_per_tok=2, head_dim=8, sliding_window=8,
+             layer_types=["sliding_attention", "full_attention", "sliding_attention"]),
+    ),
+    "switch_transformers": (
+        "SwitchTransformersConfig",
+        "SwitchTransformersForConditionalGeneration",
+        dict(vocab_size=96, d_model=32, d_kv=8, d_ff=24, num_layers=3, num_decoder_layers=3, num_heads=4, num_experts=6,
+             encoder_sparse_step=2, decoder_sparse_step=2, expert_capacity=64, decoder_start_token_id=0, pad_token_id=0,
+             eos_token_id=1),
+    ),
+}
+
+
+def tiny_model(family: str, dtype: torch.dtype = torch.float32, seed: int = 0) -> torch.nn.Module:
+    """A tiny random model of ``family`` in eval mode; weights scaled up so that routing and logits
+    are not all ties."""
+    config_cls, model_cls, kwargs = FAMILIES[family]
+    config = getattr(transformers, config_cls)(**kwargs)
+    torch.manual_seed(seed)
+    model = getattr(transformers, model_cls)(config)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.dim() >= 2:
+                p.normal_(0.0, 0.2)
+            elif "bias" in name:
+                p.normal_(0.0, 0.05)
+    return model.to(dtype).eval()
