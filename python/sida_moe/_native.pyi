@@ -8,6 +8,7 @@ All byte counts are Python ints. Every call that can block or copy releases the 
 from collections.abc import Sequence
 from typing import Literal, final
 
+import torch
 from typing_extensions import Buffer
 
 __version__: str
@@ -30,6 +31,13 @@ class ClosedError(SidaMoeError, RuntimeError):
 
 class CudaError(SidaMoeError, RuntimeError):
     """A CUDA driver call failed, or CUDA was requested on a machine that has none."""
+
+class InvalidArgumentError(SidaMoeError, ValueError):
+    """A malformed argument: negative id/size/offset, a buffer of the wrong size, a slot index out
+    of range, an unknown policy / priority / backend name."""
+
+class LoadError(SidaMoeError, OSError):
+    """Reading a weights file failed, or the file is malformed (message names file and entry)."""
 
 # ------------------------------------------------------------------------------------- backend
 @final
@@ -87,9 +95,10 @@ class ExpertPool:
     @property
     def keys(self) -> list[tuple[int, int]]: ...
     def contains(self, layer: int, expert: int) -> bool: ...
-    def write(self, layer: int, expert: int, tensor: str, data: Buffer) -> None:
-        """Copy ``data`` (any C-contiguous buffer: numpy array, bytes, memoryview of a CPU torch
-        tensor viewed as uint8) into the named tensor. Its byte size must equal the tensor's."""
+    def write(self, layer: int, expert: int, tensor: str, data: Buffer | torch.Tensor) -> None:
+        """Copy ``data`` (bytes, a contiguous CPU torch tensor of any dtype, or any C-contiguous
+        buffer: numpy array, memoryview) into the named tensor. Its byte size must equal the
+        tensor's (else InvalidArgumentError); the dtype is not checked."""
     def write_ptr(self, layer: int, expert: int, tensor: str, ptr: int, nbytes: int) -> None:
         """Same as ``write`` from a raw host address (e.g. ``cpu_tensor.data_ptr()``); the caller
         guarantees ``nbytes`` readable bytes at ``ptr``."""
@@ -108,8 +117,9 @@ class ExpertPool:
         bytes into the file tensor's data to ``dst_offset`` bytes into the pool tensor. Returns the
         number of bytes read. Errors name the file, tensor and entry that failed."""
     def close(self) -> None:
-        """Free the arenas. Raises ClosedError-free no-op when already closed; raises
-        SlotStateError while a SlotCache still uses the pool."""
+        """Free the arenas. A no-op when already closed; raises SlotStateError while an open
+        SlotCache still uses the pool (the pool's memory is also freed when it is garbage
+        collected and no cache holds it)."""
     @property
     def closed(self) -> bool: ...
     def __enter__(self) -> ExpertPool: ...
@@ -143,7 +153,12 @@ class SlotCache:
         slots_ptr: int | None = None,
         copy_workers: int = 2,
         queue_capacity: int = 4096,
-    ) -> None: ...
+        acquire_timeout: float = 60.0,
+    ) -> None:
+        """``num_slots`` >= 1 (else BudgetError). ``copy_workers`` in 0..=64: with 0, queued
+        prefetches are served by ``synchronize`` in the calling thread (deterministic tests).
+        ``queue_capacity`` is per lane. ``acquire`` raises BudgetError when, for
+        ``acquire_timeout`` seconds, other pins leave too few evictable slots."""
     @property
     def num_slots(self) -> int: ...
     @property
@@ -160,10 +175,13 @@ class SlotCache:
         duplicates allowed). Misses are loaded now. On CUDA, ``stream`` (a CUstream handle, e.g.
         ``torch.cuda.current_stream().cuda_stream``) is made to wait on each slot's ready event: the
         host does not block on copies in flight. Raises BudgetError when the distinct experts
-        exceed ``num_slots``. All-or-nothing: on error nothing stays pinned."""
+        exceed ``num_slots``, UnknownExpertError for an expert the pool lacks. All-or-nothing: on
+        error nothing stays pinned. When other threads pin too many slots it waits for releases.
+        Hits/misses count distinct experts; an expert still being prefetched is a hit."""
     def release(self, slots: Sequence[int], stream: int = 0) -> None:
         """Unpin slots returned by ``acquire`` (one release per acquired entry). Records the
-        done-reading event on ``stream``. Raises SlotStateError on a slot that is not pinned."""
+        done-reading event on ``stream``. Raises SlotStateError on a slot that is not pinned (and
+        InvalidArgumentError on one out of range); all-or-nothing: then nothing is released."""
     def prefetch(
         self,
         layer: int,
@@ -193,7 +211,13 @@ class SlotCache:
     def stats(self) -> dict[str, float]:
         """Counters: hits, misses, prefetch_issued, prefetch_used, prefetch_wasted,
         prefetch_cancelled, prefetch_dropped, evictions, bytes_copied, copy_seconds,
-        host_stall_seconds, achieved_gbps, acquires, releases."""
+        host_stall_seconds, achieved_gbps, acquires, releases; also prefetch_queued,
+        prefetch_redundant (already resident when a worker got to it), prefetch_queue_full (the
+        part of prefetch_dropped refused by a full queue; the rest found no evictable slot), demand_loads, load_errors,
+        queue_len, num_slots. On CUDA ``copy_seconds`` sums per-copy times measured by timing
+        events on the copy streams (``achieved_gbps`` = timed bytes / that time); on the host it is
+        the memcpy wall time. ``host_stall_seconds``: time acquire spent in calls that had to load
+        or wait."""
     def reset_stats(self) -> None: ...
     def close(self) -> None:
         """Join the workers, wait for copies, free owned slot memory. Idempotent."""

@@ -1,0 +1,322 @@
+"""SlotCache behaviour: acquire/release, prefetch lanes, cancellation, stats, caller-owned slot
+memory, and every kind of bad input raising a clear exception with the state left intact."""
+
+import threading
+import time
+
+import pytest
+import torch
+
+import sida_moe as sm
+from sida_moe._native import InvalidArgumentError
+
+NBYTES = 1000  # deliberately not a multiple of 256
+
+
+def expert_bytes(layer: int, expert: int) -> bytes:
+    return bytes((layer * 7 + expert * 13 + i) % 256 for i in range(NBYTES))
+
+
+@pytest.fixture(params=["host", pytest.param("cuda", marks=pytest.mark.gpu)])
+def backend(request):
+    return sm.Backend(request.param)
+
+
+@pytest.fixture
+def pool(backend):
+    keys = [(l, e) for l in range(2) for e in range(8)]
+    p = sm.ExpertPool(backend, [("w", NBYTES)], keys)
+    for l, e in keys:
+        p.write(l, e, "w", expert_bytes(l, e))
+    yield p
+    p.close()
+
+
+def slot_payload(cache, slot):
+    return cache.read_slot(slot)[:NBYTES]
+
+
+def test_properties(pool, backend):
+    with sm.SlotCache(pool, 3, policy="fifo") as c:
+        assert c.num_slots == 3 and c.slot_nbytes == pool.expert_nbytes == 1024
+        assert c.policy == "fifo" and c.backend_kind == backend.kind
+        assert c.slots_ptr != 0 and not c.closed
+        assert c.slot_states() == [("free", 0, None)] * 3
+    assert c.closed
+
+
+def test_acquire_loads_bytes_and_duplicates_share_a_slot(pool):
+    with sm.SlotCache(pool, 4) as c:
+        slots = c.acquire(1, [3, 5, 3])
+        assert slots[0] == slots[2] and slots[0] != slots[1]
+        assert slot_payload(c, slots[0]) == expert_bytes(1, 3)
+        assert slot_payload(c, slots[1]) == expert_bytes(1, 5)
+        st = c.slot_states()
+        assert st[slots[0]] == ("ready", 2, (1, 3))  # pinned once per returned entry
+        assert c.lookup(1, 3) == slots[0] and c.lookup(1, 4) is None and c.lookup(-1, 0) is None
+        assert c.resident() == {(1, 3): slots[0], (1, 5): slots[1]}
+        c.release(slots)  # one release per acquired entry: slot of expert 3 twice
+        assert all(rc == 0 for _, rc, _ in c.slot_states())
+        s = c.stats()
+        assert (s["acquires"], s["misses"], s["hits"], s["releases"]) == (1, 2, 0, 1)
+        assert s["bytes_copied"] == 2 * c.slot_nbytes
+        c.release(c.acquire(1, [3]))
+        assert c.stats()["hits"] == 1
+
+
+def test_prefetch_then_acquire_counts_used_and_wasted(pool):
+    with sm.SlotCache(pool, 2, copy_workers=0) as c:
+        assert c.prefetch(0, [1, 2]) == 2
+        c.synchronize()
+        assert c.prefetch(0, [1, 2]) == 0  # already resident: nothing queued
+        s = c.stats()
+        assert s["prefetch_issued"] == 2 and s["prefetch_queued"] == 2
+        slots = c.acquire(0, [1])
+        assert slot_payload(c, slots[0]) == expert_bytes(0, 1)
+        # A demand load may evict the prefetched-but-unused expert 2.
+        slots2 = c.acquire(0, [3])
+        s = c.stats()
+        assert (s["hits"], s["misses"], s["prefetch_used"], s["prefetch_wasted"], s["evictions"]) == (1, 1, 1, 1, 1)
+        c.release(slots + slots2)
+
+
+def test_speculative_prefetch_never_evicts_unused_prefetches(pool):
+    with sm.SlotCache(pool, 2, copy_workers=0) as c:
+        c.prefetch(0, [1, 2])
+        c.synchronize()
+        c.prefetch(0, [3])
+        c.synchronize()
+        s = c.stats()
+        assert s["prefetch_dropped"] == 1 and s["prefetch_queue_full"] == 0
+        assert set(c.resident()) == {(0, 1), (0, 2)}
+        # The demand lane may evict them.
+        c.prefetch(0, [3], priority="demand")
+        c.synchronize()
+        assert (0, 3) in c.resident()
+        assert c.stats()["prefetch_wasted"] == 1
+
+
+def test_cancel_before_discards_stale_generations(pool):
+    with sm.SlotCache(pool, 8, copy_workers=0) as c:
+        assert c.prefetch(0, [0, 1, 2], generation=1) == 3
+        assert c.prefetch(1, [0, 1], generation=2) == 2
+        c.cancel_before(2)
+        c.synchronize()
+        s = c.stats()
+        assert s["prefetch_cancelled"] == 3 and s["prefetch_issued"] == 2
+        assert set(c.resident()) == {(1, 0), (1, 1)}
+
+
+def test_full_queue_drops_and_counts(pool):
+    with sm.SlotCache(pool, 8, copy_workers=0, queue_capacity=2) as c:
+        assert c.prefetch(0, [0, 1, 2, 3]) == 2
+        assert c.prefetch(0, [4], priority="demand") == 1  # the demand lane has its own room
+        s = c.stats()
+        assert s["prefetch_dropped"] == 2 and s["prefetch_queue_full"] == 2 and s["queue_len"] == 3
+        c.synchronize()
+        assert c.stats()["prefetch_issued"] == 3
+
+
+def test_demand_lane_is_served_first(pool):
+    with sm.SlotCache(pool, 1, copy_workers=0) as c:
+        c.prefetch(0, [1])
+        c.prefetch(0, [2], priority="demand")
+        c.synchronize()
+        # Demand (0, 2) was loaded first; the speculative (0, 1) then found no evictable slot.
+        assert set(c.resident()) == {(0, 2)}
+
+
+def test_workers_serve_the_queue(pool):
+    with sm.SlotCache(pool, 16, copy_workers=3) as c:
+        assert c.prefetch(0, list(range(8))) == 8
+        assert c.prefetch(1, list(range(8)), priority="demand") == 8
+        c.synchronize()
+        assert len(c.resident()) == 16 and c.stats()["prefetch_issued"] == 16
+        for (l, e), s in c.resident().items():
+            assert slot_payload(c, s) == expert_bytes(l, e)
+
+
+def test_predictive_set_future_offset(pool):
+    with sm.SlotCache(pool, 2, policy="predictive", copy_workers=0) as c:
+        c.release(c.acquire(0, [0, 1]))
+        # Call now+1 wants 0; call now+0 is unknown: loading 2 must evict 1.
+        c.set_future([(0, [0])], offset=1)
+        c.release(c.acquire(0, [2]))
+        assert set(c.resident()) == {(0, 0), (0, 2)}
+
+
+def test_reset_stats(pool):
+    with sm.SlotCache(pool, 2) as c:
+        c.release(c.acquire(0, [1]))
+        c.reset_stats()
+        assert all(v == 0 for k, v in c.stats().items() if k != "num_slots")
+
+
+def test_caller_owned_slot_memory_is_written(pool, backend):
+    dev = "cuda" if backend.kind == "cuda" else "cpu"
+    mem = torch.zeros(3 * pool.expert_nbytes, dtype=torch.uint8, device=dev)
+    with sm.SlotCache(pool, 3, slots_ptr=mem.data_ptr()) as c:
+        assert c.slots_ptr == mem.data_ptr()
+        slots = c.acquire(0, [6, 7], stream=torch.cuda.current_stream().cuda_stream if dev == "cuda" else 0)
+        for s, e in zip(slots, [6, 7]):
+            view = mem[s * c.slot_nbytes : s * c.slot_nbytes + NBYTES]
+            assert bytes(view.cpu().numpy()) == expert_bytes(0, e)
+        c.release(slots)
+
+
+# ------------------------------------------------------------------------------- bad input
+@pytest.mark.parametrize("n", [0, -3])
+def test_bad_budget(pool, n):
+    with pytest.raises(sm.BudgetError, match="num_slots"):
+        sm.SlotCache(pool, n)
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {"policy": "mru"},
+        {"copy_workers": -1},
+        {"copy_workers": 65},
+        {"queue_capacity": 0},
+        {"slots_ptr": 0},
+        {"slots_ptr": -8},
+        {"slots_ptr": 4097},
+        {"acquire_timeout": 0.0},
+    ],
+)
+def test_bad_constructor_arguments(pool, kwargs):
+    with pytest.raises(InvalidArgumentError):
+        sm.SlotCache(pool, 2, **kwargs)
+
+
+def test_budget_below_the_request_pins_nothing(pool):
+    with sm.SlotCache(pool, 3) as c:
+        held = c.acquire(0, [0])
+        with pytest.raises(sm.BudgetError, match="exceeds"):
+            c.acquire(0, [1, 2, 3, 4])
+        assert c.slot_states()[held[0]] == ("ready", 1, (0, 0))
+        assert sum(rc for _, rc, _ in c.slot_states()) == 1
+        c.release(held)
+
+
+def test_no_evictable_slot_times_out_with_budget_error(pool):
+    with sm.SlotCache(pool, 2, acquire_timeout=0.2) as c:
+        held = c.acquire(0, [0, 1])
+        with pytest.raises(sm.BudgetError, match="pinned"):
+            c.acquire(0, [2])
+        assert sum(rc for _, rc, _ in c.slot_states()) == 2
+        c.release(held)
+        c.release(c.acquire(0, [2]))
+
+
+def test_acquire_waits_for_a_release_by_another_thread(pool):
+    with sm.SlotCache(pool, 2) as c:
+        held = c.acquire(0, [0, 1])
+        t = threading.Timer(0.1, c.release, args=(held,))
+        t.start()
+        slots = c.acquire(0, [2])
+        t.join()
+        assert slot_payload(c, slots[0]) == expert_bytes(0, 2)
+        c.release(slots)
+
+
+@pytest.mark.parametrize("layer, experts", [(0, [8]), (2, [0]), (-1, [0]), (0, [-1]), (0, [0, 99])])
+def test_unknown_expert_pins_nothing(pool, layer, experts):
+    with sm.SlotCache(pool, 4) as c:
+        with pytest.raises(sm.UnknownExpertError):
+            c.acquire(layer, experts)
+        with pytest.raises(sm.UnknownExpertError):
+            c.prefetch(layer, experts)
+        with pytest.raises(sm.UnknownExpertError):
+            c.set_future([(layer, experts)])
+        assert c.slot_states() == [("free", 0, None)] * 4
+        assert c.stats()["acquires"] == 0
+
+
+def test_release_errors_leave_state_intact(pool):
+    with sm.SlotCache(pool, 3) as c:
+        slots = c.acquire(0, [1, 2])
+        c.release([slots[0]])
+        with pytest.raises(sm.SlotStateError, match="double release"):
+            c.release([slots[0]])
+        with pytest.raises(sm.SlotStateError):
+            c.release([slots[1], slots[1]])  # pinned once, released twice: nothing released
+        with pytest.raises(InvalidArgumentError, match="out of range"):
+            c.release([3])
+        with pytest.raises(InvalidArgumentError):
+            c.release([-1])
+        assert c.slot_states()[slots[1]][1] == 1
+        with pytest.raises(InvalidArgumentError):
+            c.release([slots[1]], stream=-1)
+        c.release([slots[1]])
+        with pytest.raises(InvalidArgumentError):
+            c.read_slot(3)
+
+
+def test_bad_prefetch_arguments(pool):
+    with sm.SlotCache(pool, 2) as c:
+        with pytest.raises(InvalidArgumentError, match="priority"):
+            c.prefetch(0, [1], priority="urgent")
+        with pytest.raises(InvalidArgumentError):
+            c.prefetch(0, [1], generation=-1)
+        with pytest.raises(InvalidArgumentError):
+            c.cancel_before(-1)
+        with pytest.raises(InvalidArgumentError):
+            c.set_future([(0, [1])], offset=-1)
+        assert c.stats()["prefetch_queued"] == 0
+
+
+def test_use_after_close(pool):
+    c = sm.SlotCache(pool, 2)
+    slots = c.acquire(0, [1])
+    with pytest.raises(sm.SlotStateError, match="SlotCache"):
+        pool.close()  # the cache still uses the pool
+    c.close()
+    c.close()  # idempotent
+    for call in (
+        lambda: c.acquire(0, [1]),
+        lambda: c.release(slots),
+        lambda: c.prefetch(0, [1]),
+        lambda: c.cancel_before(1),
+        lambda: c.set_future([]),
+        lambda: c.resident(),
+        lambda: c.lookup(0, 1),
+        lambda: c.slot_states(),
+        lambda: c.read_slot(0),
+        lambda: c.synchronize(),
+    ):
+        with pytest.raises(sm.ClosedError):
+            call()
+    assert isinstance(c.stats(), dict)
+    pool.close()
+    with pytest.raises(sm.ClosedError):
+        sm.SlotCache(pool, 2)
+
+
+def test_close_wakes_an_acquire_waiting_for_room(pool):
+    c = sm.SlotCache(pool, 1)
+    held = c.acquire(0, [0])
+    errors = []
+
+    def waiter():
+        try:
+            c.acquire(0, [1])
+        except sm.ClosedError as e:
+            errors.append(e)
+
+    t = threading.Thread(target=waiter)
+    t.start()
+    time.sleep(0.1)
+    c.close()
+    t.join(5)
+    assert not t.is_alive() and len(errors) == 1
+    del held
+
+
+def test_exception_hierarchy():
+    assert issubclass(sm.BudgetError, ValueError) and issubclass(sm.BudgetError, sm.SidaMoeError)
+    assert issubclass(sm.UnknownExpertError, KeyError)
+    assert issubclass(sm.SlotStateError, RuntimeError) and issubclass(sm.ClosedError, RuntimeError)
+    assert issubclass(sm.CudaError, RuntimeError)
+    assert issubclass(InvalidArgumentError, ValueError) and issubclass(InvalidArgumentError, sm.SidaMoeError)
+    assert sm.BudgetError.__module__ == "sida_moe._native"
