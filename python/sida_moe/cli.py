@@ -1,0 +1,213 @@
+"""``sida-moe`` command line. Subcommands register themselves with :func:`register_command`;
+``generate`` lives here, others (``trace``, ``train-predictor``, ``bench``) come from the modules
+listed in ``COMMAND_MODULES`` or from the ``sida_moe.commands`` entry-point group."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+#: modules imported by ``main`` so that their ``register_command`` calls run; missing ones are skipped
+COMMAND_MODULES: list[str] = ["sida_moe.predictor.cli", "sida_moe.bench_cli"]
+
+
+@dataclass(frozen=True)
+class Command:
+    name: str
+    help: str
+    configure: Callable[[argparse.ArgumentParser], None]
+    run: Callable[[argparse.Namespace], int]
+
+
+_COMMANDS: dict[str, Command] = {}
+
+
+def register_command(name: str, help: str, configure: Callable[[argparse.ArgumentParser], None],
+                     run: Callable[[argparse.Namespace], int]) -> None:
+    """Add a subcommand: ``configure`` adds its arguments, ``run`` executes it and returns the exit code."""
+    if name in _COMMANDS and _COMMANDS[name].run is not run:
+        raise ValueError(f"sida-moe subcommand {name!r} is already registered")
+    _COMMANDS[name] = Command(name, help, configure, run)
+
+
+# ------------------------------------------------------------------------------------ generate
+def _configure_generate(p: argparse.ArgumentParser) -> None:
+    from sida_moe.presets import DEFAULT_PRESET, PRESETS
+
+    p.add_argument("--model", default=DEFAULT_PRESET,
+                   help=f"checkpoint directory, or a built-in preset ({', '.join(PRESETS)}); default {DEFAULT_PRESET}")
+    p.add_argument("--gpu-budget", default="25%", help="GPU memory for experts: '12GiB', '25%%', 0.25 or bytes (default 25%%)")
+    p.add_argument("--prompt", action="append", help="prompt text (repeat for a batch); default one short prompt")
+    p.add_argument("--max-new-tokens", type=int, default=32)
+    p.add_argument("--policy", default="lru", choices=["lru", "lfu", "fifo", "predictive"])
+    p.add_argument("--prefetch", default="next_layer_gate", choices=["next_layer_gate", "none"])
+    p.add_argument("--dtype", default=None, choices=["bfloat16", "float16", "float32"],
+                   help="default: bfloat16 on a GPU, float32 on the CPU (checkpoints: their own dtype)")
+    p.add_argument("--device", default=None, help="'cuda', 'cuda:1' or 'cpu' (default: cuda when available)")
+    p.add_argument("--seed", type=int, default=0, help="seed of a preset's random weights")
+
+
+def _budget_arg(text: str):
+    try:
+        value = float(text)
+    except ValueError:
+        return text
+    return int(value) if value > 1 and value.is_integer() else value
+
+
+class _TokenClock:
+    """A generate() streamer recording when each step's tokens arrive."""
+
+    def __init__(self) -> None:
+        self.times: list[float] = []
+
+    def put(self, value) -> None:
+        self.times.append(time.perf_counter())
+
+    def end(self) -> None:
+        return None
+
+
+def _run_generate(args: argparse.Namespace) -> int:
+    import os
+
+    import torch
+
+    from sida_moe.budget import format_bytes
+    from sida_moe.presets import PRESETS, ByteTokenizer, build_offloaded
+
+    if args.max_new_tokens < 1:
+        raise SystemExit("--max-new-tokens must be at least 1")
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    budget = _budget_arg(args.gpu_budget)
+    prompts = args.prompt or ["The SiDA-MoE runtime keeps experts in pinned memory and"]
+    if args.model in PRESETS:
+        dtype = getattr(torch, args.dtype) if args.dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)
+        t0 = time.perf_counter()
+        model = build_offloaded(args.model, budget, device, dtype, args.policy, args.prefetch, seed=args.seed, progress=True)
+        tokenizer = ByteTokenizer()
+        source = f"preset {args.model} (random weights)"
+    elif os.path.isdir(args.model):
+        from sida_moe.offload import from_pretrained
+
+        t0 = time.perf_counter()
+        model = from_pretrained(args.model, budget, args.dtype, device, args.policy, args.prefetch)
+        tokenizer = _checkpoint_tokenizer(args.model)
+        source = f"checkpoint {args.model}"
+    else:
+        raise SystemExit(f"--model {args.model!r} is neither a directory nor a preset ({', '.join(PRESETS)})")
+    build_s = time.perf_counter() - t0
+    engine = model.sida_engine
+    print(f"{source}: built in {build_s:.1f} s; {engine.describe()}")
+
+    batch = tokenizer(prompts)
+    batch = {k: v.to(device) for k, v in batch.items()}
+    gen = dict(do_sample=False, pad_token_id=tokenizer.pad_token_id)
+    if getattr(model.config, "is_encoder_decoder", False):
+        gen["decoder_start_token_id"] = model.config.decoder_start_token_id
+    with torch.inference_mode():
+        model.generate(**batch, max_new_tokens=2, **gen)  # warm-up: kernels, allocator, caches
+        engine.reset_stats()
+        clock = _TokenClock()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+            torch.cuda.reset_peak_memory_stats(device)
+        start = time.perf_counter()
+        out = model.generate(**batch, max_new_tokens=args.max_new_tokens, streamer=clock, **gen)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        total_s = time.perf_counter() - start
+    prompt_len = 0 if getattr(model.config, "is_encoder_decoder", False) else batch["input_ids"].shape[1]
+    for row, prompt in zip(out, prompts):
+        ids = row[prompt_len:].tolist()
+        print(f"--- {prompt!r} ->\n{tokenizer.decode(ids)!r}  (token ids {ids[:16]}{' ...' if len(ids) > 16 else ''})")
+    new_tokens = out.shape[1] - prompt_len - (1 if getattr(model.config, "is_encoder_decoder", False) else 0)
+    steps = clock.times[1:]  # the first put() is the prompt
+    decode_s = steps[-1] - steps[0] if len(steps) > 1 else total_s
+    decode_tps = (len(steps) - 1) * len(prompts) / decode_s if len(steps) > 1 and decode_s > 0 else float("nan")
+    stats = engine.stats()
+    generated = max(new_tokens, 1) * len(prompts)
+    print(f"tokens/s: {generated / total_s:.2f} end-to-end ({generated} tokens in {total_s:.2f} s), decode {decode_tps:.2f}")
+    print(f"expert hit rate: {stats['hit_rate']:.3f} ({int(stats['hits'])} hits, {int(stats['misses'])} misses)"
+          + (f"; next-layer-gate prediction hit rate {stats['prefetch_hit_rate']:.3f}" if "prefetch_hit_rate" in stats else ""))
+    print(f"bytes moved per token: {format_bytes(stats['bytes_copied'] / generated)} "
+          f"({format_bytes(stats['bytes_copied'])} total, {stats.get('achieved_gbps', 0.0):.1f} GB/s)")
+    dense = sum(p.numel() * p.element_size() for p in model.parameters())
+    print(f"expert GPU memory: {format_bytes(stats['slot_bytes'])} of slots vs {format_bytes(stats['all_experts_bytes'])} "
+          f"all-resident; dense weights {format_bytes(dense)}; total {format_bytes(stats['slot_bytes'] + dense)} vs "
+          f"{format_bytes(stats['all_experts_bytes'] + dense)}")
+    if device.type == "cuda":
+        print(f"peak GPU memory allocated while generating: {format_bytes(torch.cuda.max_memory_allocated(device))}")
+    engine.close()
+    return 0
+
+
+def _checkpoint_tokenizer(path: str):
+    """The checkpoint's own tokenizer when it ships one (local files only), else bytes."""
+    from sida_moe.presets import ByteTokenizer
+
+    try:
+        from transformers import AutoTokenizer
+
+        tok = AutoTokenizer.from_pretrained(path, local_files_only=True, padding_side="left")
+    except (OSError, ValueError, KeyError):
+        return ByteTokenizer()
+    if tok.pad_token_id is None:
+        tok.pad_token = tok.eos_token
+
+    class _Wrapped:
+        pad_token_id = tok.pad_token_id
+
+        def __call__(self, texts):
+            return dict(tok(texts, return_tensors="pt", padding=True))
+
+        def decode(self, ids):
+            return tok.decode(ids, skip_special_tokens=True)
+
+    return _Wrapped()
+
+
+register_command("generate", "generate text with an offloaded MoE model (default: a built-in preset)",
+                 _configure_generate, _run_generate)
+
+
+# ---------------------------------------------------------------------------------------- main
+def _load_command_modules() -> None:
+    for module in COMMAND_MODULES:
+        try:
+            importlib.import_module(module)
+        except ModuleNotFoundError as e:
+            if e.name is None or not module.startswith(e.name):
+                raise
+    from importlib.metadata import entry_points
+
+    for ep in entry_points(group="sida_moe.commands"):
+        ep.load()
+
+
+def build_parser() -> argparse.ArgumentParser:
+    _load_command_modules()
+    parser = argparse.ArgumentParser(prog="sida-moe", description="Serve MoE models whose experts do not fit in GPU memory.")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for command in _COMMANDS.values():
+        command.configure(sub.add_parser(command.name, help=command.help, description=command.help))
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``sida-moe`` script; returns the exit code. With no subcommand it runs
+    ``generate`` with its defaults."""
+    parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0].startswith("-") and argv[0] not in ("-h", "--help"):
+        argv = ["generate", *argv]
+    args = parser.parse_args(argv)
+    return _COMMANDS[args.command].run(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
