@@ -1,0 +1,112 @@
+"""Benchmark output: JSON, a markdown table, and PNG plots."""
+
+from __future__ import annotations
+
+import json
+import math
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+# Columns of the markdown table, in order: (key in a result row, header, format)
+_COLUMNS = [
+    ("system", "system", "{}"),
+    ("policy", "policy", "{}"),
+    ("predictor", "predictor", "{}"),
+    ("budget_fraction", "budget", "{:.0%}"),
+    ("batch_size", "batch", "{}"),
+    ("decode_tokens_per_s", "decode tok/s", "{:.2f}"),
+    ("prefill_tokens_per_s", "prefill tok/s", "{:.1f}"),
+    ("ttft_ms", "TTFT ms", "{:.1f}"),
+    ("p50_token_ms", "p50 ms", "{:.2f}"),
+    ("p99_token_ms", "p99 ms", "{:.2f}"),
+    ("peak_gpu_gib", "peak GPU GiB", "{:.2f}"),
+    ("hit_rate", "hit rate", "{:.1%}"),
+    ("prefetch_precision", "prefetch prec.", "{:.1%}"),
+    ("pcie_mb_per_token", "PCIe MB/tok", "{:.1f}"),
+    ("achieved_gbps", "GB/s", "{:.1f}"),
+    ("stall_fraction", "stall", "{:.1%}"),
+]
+
+
+def _fmt(value: Any, spec: str) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "-"
+    try:
+        return spec.format(value)
+    except (ValueError, TypeError):
+        return str(value)
+
+
+def markdown_table(rows: list[dict[str, Any]]) -> str:
+    """One line per result row; columns absent from every row are left out."""
+    cols = [c for c in _COLUMNS if any(c[0] in r for r in rows)]
+    lines = ["| " + " | ".join(h for _, h, _ in cols) + " |", "|" + "---|" * len(cols)]
+    for r in rows:
+        lines.append("| " + " | ".join(_fmt(r.get(k), f) for k, _, f in cols) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def write_json(path: Path, meta: dict[str, Any], rows: list[dict[str, Any]]) -> None:
+    path.write_text(json.dumps({"meta": meta, "results": rows}, indent=2, default=str) + "\n")
+
+
+def plot_vs_budget(rows: list[dict[str, Any]], metric: str, ylabel: str, path: Path) -> bool:
+    """Line per (system, policy, predictor) of ``metric`` against the expert budget; reference
+    systems without a budget (all resident, CPU offload) as horizontal lines. False if nothing to plot."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    series: dict[str, list[tuple[float, float]]] = defaultdict(list)
+    flat: dict[str, float] = {}
+    for r in rows:
+        y = r.get(metric)
+        if y is None or (isinstance(y, float) and math.isnan(y)):
+            continue
+        label = r["system"] if r.get("policy") in (None, "-") else f"{r['system']} {r['policy']}/{r.get('predictor', '-')}"
+        if r.get("budget_fraction") is None:
+            flat[label] = y
+        else:
+            series[label].append((r["budget_fraction"], y))
+    if not series and not flat:
+        return False
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for label, pts in sorted(series.items()):
+        pts.sort()
+        ax.plot([100 * x for x, _ in pts], [y for _, y in pts], marker="o", label=label)
+    for i, (label, y) in enumerate(sorted(flat.items())):
+        ax.axhline(y, linestyle="--", color=f"C{(len(series) + i) % 10}", label=label)
+    ax.set_xlabel("expert budget (% of all experts on the GPU)")
+    ax.set_ylabel(ylabel)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return True
+
+
+def plot_timeline(events: list[dict[str, Any]], path: Path) -> bool:
+    """Copies against compute for a few decode steps: ``events`` holds dicts with ``lane`` ("copy" or
+    "compute"), ``start_ms`` and ``dur_ms`` (from a profiler trace). False if there is nothing to plot."""
+    if not events:
+        return False
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    lanes = sorted({e["lane"] for e in events})
+    fig, ax = plt.subplots(figsize=(10, 1.2 + 0.6 * len(lanes)))
+    for i, lane in enumerate(lanes):
+        spans = [(e["start_ms"], e["dur_ms"]) for e in events if e["lane"] == lane]
+        ax.broken_barh(spans, (i - 0.4, 0.8), color=f"C{i}")
+    ax.set_yticks(range(len(lanes)), lanes)
+    ax.set_xlabel("time (ms)")
+    ax.grid(axis="x", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return True
