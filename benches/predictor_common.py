@@ -1,0 +1,34 @@
+"""Import helper shared by the predictor benches.
+
+The predictor package is pure Python/PyTorch. When the native runtime is not installed (a GPU
+machine given only the source tree), ``import sida_moe`` fails on ``sida_moe._native``; the
+predictor benches then load ``sida_moe`` as a bare namespace over ``python/sida_moe`` so that
+``sida_moe.predictor`` imports without the runtime. With the wheel installed, nothing changes.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import sys
+import types
+
+PYTHON_DIR = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", "python"))
+
+
+def import_predictor_package() -> bool:
+    """Make ``sida_moe.predictor`` importable; returns True when the native runtime is present."""
+    if PYTHON_DIR not in sys.path:
+        sys.path.insert(0, PYTHON_DIR)
+    try:
+        importlib.import_module("sida_moe")
+        return True
+    except ImportError as exc:
+        if "_native" not in str(exc):
+            raise
+    for name in [m for m in sys.modules if m == "sida_moe" or m.startswith("sida_moe.")]:
+        del sys.modules[name]
+    pkg = types.ModuleType("sida_moe")
+    pkg.__path__ = [os.path.join(PYTHON_DIR, "sida_moe")]
+    sys.modules["sida_moe"] = pkg
+    return False

@@ -1,0 +1,254 @@
+"""End-to-end predictor measurement on a trained MoE LM (run on the H100; JSON under --out).
+
+1. trains the reference model (``train_reference_model.py``: Qwen3-MoE, 8 layers, 32 experts top-4,
+   on the Python standard library) unless ``--model`` points at one;
+2. records routing traces on training files and on held-out files (``record_traces``);
+3. trains hash-function variants (the paper's loss at a tuned lr and at the paper's lr 5e-5, and the
+   stronger variant: top-k target + conditioning on the previous layer's routing);
+4. reports per-layer top-k recall / precision on held-out text;
+5. hash routing: held-out loss vs exact mode, for predicted and router weights;
+6. cost: predictor time per decoded token (incremental, batch 1) vs the model's decode step;
+7. cache simulation at a 25% expert budget (``sida_moe.predictor.cachesim``): LRU vs prediction.
+
+    python benches/predictor_pipeline.py --out $OUT            # GPU, about 6 minutes
+    python benches/predictor_pipeline.py --out /tmp/x --smoke  # CPU smoke test, tiny random model
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from predictor_common import import_predictor_package  # noqa: E402
+
+HAS_NATIVE = import_predictor_package()
+
+from sida_moe.predictor.cachesim import simulate_all  # noqa: E402
+from sida_moe.predictor.hash_routing import HashRouting  # noqa: E402
+from sida_moe.predictor.model import HashPredictor  # noqa: E402
+from sida_moe.predictor.traces import load_traces, record_traces  # noqa: E402
+from sida_moe.predictor.train import TrainConfig, evaluate, train_predictor  # noqa: E402
+
+import train_reference_model as ref  # noqa: E402
+
+
+def log(msg: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+def held_out_loss(model, ids: torch.Tensor, batch: int = 16) -> float:
+    dev = next(model.parameters()).device
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for i in range(0, ids.shape[0], batch):
+            x = ids[i : i + batch].to(dev)
+            out = model(input_ids=x, labels=x)
+            n = x.numel() - x.shape[0]
+            total += float(out.loss) * n
+            count += n
+    return total / count
+
+
+def time_predictor_step(predictor: HashPredictor, embeds: torch.Tensor, steps: int) -> float:
+    """Seconds per token of incremental (decode) prediction, batch 1."""
+    dev = embeds.device
+    sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
+    with torch.no_grad():
+        state = None
+        for i in range(8):  # warm-up
+            _, state = predictor(embeds[:, i : i + 1], state)
+        sync()
+        t0 = time.perf_counter()
+        state = None
+        for i in range(steps):
+            logits, state = predictor(embeds[:, i : i + 1], state)
+            logits.topk(predictor.config.top_k, dim=-1)
+        sync()
+    return (time.perf_counter() - t0) / steps
+
+
+def time_decode_step(model, prompt: torch.Tensor, steps: int) -> float:
+    """Seconds per decode step (batch 1, KV cache) of the model, all on its device."""
+    dev = next(model.parameters()).device
+    sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
+    with torch.no_grad():
+        for rep in range(2):  # first repetition warms up
+            out = model(input_ids=prompt.to(dev), use_cache=True)
+            past, tok = out.past_key_values, out.logits[:, -1:].argmax(-1)
+            sync()
+            t0 = time.perf_counter()
+            for _ in range(steps):
+                out = model(input_ids=tok, past_key_values=past, use_cache=True)
+                past, tok = out.past_key_values, out.logits[:, -1:].argmax(-1)
+            sync()
+    return (time.perf_counter() - t0) / steps
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--model", default=None, help="a trained MoE model directory (default: train one)")
+    ap.add_argument("--work", default="/tmp/sida-predictor-work")
+    ap.add_argument("--train-seconds", type=float, default=150.0)
+    ap.add_argument("--trace-seq-len", type=int, default=256)
+    ap.add_argument("--train-sequences", type=int, default=2000)
+    ap.add_argument("--held-out-sequences", type=int, default=200)
+    ap.add_argument("--predictor-steps", type=int, default=1000)
+    ap.add_argument("--sim-sequences", type=int, default=24)
+    ap.add_argument("--budget", type=float, default=0.25, help="expert cache budget as a fraction of all experts")
+    ap.add_argument("--deadline-seconds", type=float, default=380.0, help="whole-run budget the steps adapt to")
+    ap.add_argument("--smoke", action="store_true", help="CPU smoke test: tiny random model, few steps")
+    args = ap.parse_args()
+    os.makedirs(args.out, exist_ok=True)
+
+    def dump(res: dict) -> None:
+        with open(os.path.join(args.out, "predictor_pipeline.json"), "w") as f:
+            json.dump(res, f, indent=2)
+    os.makedirs(args.work, exist_ok=True)
+    device = "cpu" if args.smoke else "cuda"
+    results: dict = {"device": torch.cuda.get_device_name() if device == "cuda" else "cpu",
+                     "torch": torch.__version__, "native_runtime": HAS_NATIVE, "args": vars(args)}
+    t_start = time.perf_counter()
+
+    # ---- 1. model
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if args.smoke:
+        train_docs, held_docs = ref.load_stdlib_split()
+        train_docs, held_docs = train_docs[:40], held_docs[:10]
+        tokenizer = ref.train_tokenizer([t for _, t in train_docs], vocab_size=512)
+        model = ref.build_model(len(tokenizer), tokenizer.eos_token_id, layers=3, experts=8, top_k=2)
+        model.config.output_router_logits = False
+        model_dir = os.path.join(args.work, "smoke-model")
+        model.save_pretrained(model_dir)
+        tokenizer.save_pretrained(model_dir)
+    else:
+        model_dir = args.model or os.path.join(args.work, "ref-moe")
+        if args.model is None:
+            log("training the reference model")
+            results["reference_model"] = ref.main(["--out", model_dir, "--seconds", str(args.train_seconds)])
+            results["reference_model"].pop("held_out_files", None)
+        train_docs, held_docs = ref.load_stdlib_split()
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    dtype = torch.float32 if args.smoke else torch.bfloat16
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype).to(device).eval()
+    if not args.smoke:
+        try:
+            model.set_experts_implementation("grouped_mm")
+        except Exception as exc:  # noqa: BLE001
+            log(f"grouped_mm unavailable ({exc}); eager experts")
+    results["t_model_ready_s"] = time.perf_counter() - t_start
+
+    # ---- 2. traces
+    seq = args.trace_seq_len
+    train_ids = ref.tokenize(tokenizer, train_docs, seq)
+    held_ids = ref.tokenize(tokenizer, held_docs, seq)
+    g = torch.Generator().manual_seed(0)
+    train_ids = train_ids[torch.randperm(train_ids.shape[0], generator=g)[: args.train_sequences]]
+    held_ids = held_ids[torch.randperm(held_ids.shape[0], generator=g)[: args.held_out_sequences]]
+    log(f"tracing {train_ids.shape[0]} train and {held_ids.shape[0]} held-out sequences of {seq} tokens")
+    t0 = time.perf_counter()
+    record_traces(model, train_ids, os.path.join(args.work, "trace-train"), batch_size=32, progress=False)
+    record_traces(model, held_ids, os.path.join(args.work, "trace-held"), batch_size=32, progress=False)
+    results["trace_seconds"] = time.perf_counter() - t0
+    tr, ho = load_traces(os.path.join(args.work, "trace-train")), load_traces(os.path.join(args.work, "trace-held"))
+    results["trace_manifest"] = {k: v for k, v in tr.manifest.items() if k != "shards"}
+    dump(results)
+
+    # ---- 3-4. predictor variants
+    steps = 5 if args.smoke else args.predictor_steps
+    variants = {
+        "paper_loss_lr1e-3": TrainConfig(steps=steps, lr=1e-3, target="top1", device=device),
+        "topk_conditioned": TrainConfig(steps=steps, lr=1e-3, target="topk", conditioned=True, device=device),
+        "paper_loss_lr5e-5": TrainConfig(steps=steps, lr=5e-5, target="top1", device=device),
+    }
+    predictors: dict[str, HashPredictor] = {}
+    results["variants"] = {}
+    deadline = t_start + args.deadline_seconds
+    for name, cfg in variants.items():
+        if results["variants"]:
+            # Keep the run inside its time limit: later variants get the steps the clock allows.
+            per_step = max(r["train_seconds"] / r["train_config"]["steps"] for r in results["variants"].values())
+            left = deadline - time.perf_counter() - 90.0
+            cfg.steps = max(50, min(cfg.steps, int(left / (len(variants) - len(results["variants"])) / (1.3 * per_step))))
+        log(f"training predictor {name} for {cfg.steps} steps")
+        pred, rep = train_predictor(tr, cfg, held_out=ho, progress=False)
+        predictors[name] = pred
+        rep.pop("loss_curve", None)
+        results["variants"][name] = rep
+        dump(results)
+        k = rep["held_out"]["k"]
+        log(f"  {name}: held-out mean recall@{k} {rep['held_out'][f'mean_recall@{k}']:.4f}"
+            + (f", refined {rep['held_out'][f'mean_refined_recall@{k}']:.4f}" if cfg.conditioned else "")
+            + f" ({rep['train_seconds']:.0f}s)")
+
+    # ---- 5. hash routing fidelity
+    log("hash routing fidelity")
+    eval_ids = held_ids[: min(64, held_ids.shape[0])]
+    fid = {"exact_loss": held_out_loss(model, eval_ids), "tokens": int(eval_ids.numel())}
+    for name in ("paper_loss_lr1e-3", "topk_conditioned"):
+        for weights in ("predicted", "router"):
+            with HashRouting(model, predictors[name].to(device), weights=weights):
+                loss = held_out_loss(model, eval_ids)
+            fid[f"{name}/{weights}"] = {"loss": loss, "relative_increase": loss / fid["exact_loss"] - 1.0}
+    results["hash_routing"] = fid
+    dump(results)
+
+    # ---- 6. cost per token
+    log("cost per token")
+    best = predictors["topk_conditioned"]
+    emb = model.get_input_embeddings()(held_ids[:1, :128].to(device)).float()
+    cost = {"predictor_params": best.num_parameters(),
+            "predictor_step_s_device": time_predictor_step(best.to(device), emb, 96)}
+    cost["predictor_step_s_cpu"] = time_predictor_step(best.to("cpu"), emb.cpu(), 96)
+    best.to(device)
+    cost["model_decode_step_s"] = time_decode_step(model, held_ids[:1, :32], 16 if args.smoke else 64)
+    cost["ratio_device"] = cost["predictor_step_s_device"] / cost["model_decode_step_s"]
+    results["cost_per_token"] = cost
+    dump(results)
+
+    # ---- 7. cache simulation at the budget
+    log("cache simulation")
+    sim = ho.subset(slice(0, min(args.sim_sequences, ho.num_sequences)))
+    num_experts, L = ho.manifest["num_experts"], ho.manifest["num_moe_layers"]
+    slots = max(ho.manifest["top_k"], int(round(args.budget * num_experts * L)))
+    with torch.no_grad():
+        embeds = sim.embeddings[sim.input_ids].to(device=device, dtype=torch.float32)
+        sims = {}
+        for name in ("paper_loss_lr1e-3", "topk_conditioned"):
+            p = predictors[name]
+            logits, _ = p(embeds)
+            pred = logits.topk(ho.manifest["top_k"], dim=-1).indices.cpu()
+            refined = None
+            if p.prev_routing is not None:
+                true_dev = sim.topk_ids.to(device)
+                refined = torch.stack([logits[0]] + [p.refine(logits[l], l, true_dev[l - 1]) for l in range(1, L)])
+                refined = refined.topk(ho.manifest["top_k"], dim=-1).indices.cpu()
+            sims[name] = simulate_all(sim.topk_ids, pred, slots, refined_ids=refined)
+    results["cache_simulation"] = {"num_slots": slots, "budget": args.budget, "sequences": sim.num_sequences, **sims}
+
+    # ---- artifacts
+    for name in ("paper_loss_lr1e-3", "topk_conditioned"):
+        d = os.path.join(args.work, f"predictor-{name}")
+        predictors[name].save(d)
+        for fname in ("predictor.safetensors", "predictor.json"):
+            os.replace(os.path.join(d, fname), os.path.join(args.out, f"{name}.{fname}"))
+    from safetensors.torch import save_file
+
+    save_file({"input_ids": sim.input_ids.to(torch.int32).contiguous(), "topk_ids": sim.topk_ids.to(torch.int16).contiguous(),
+               "embeddings": ho.embeddings.contiguous()}, os.path.join(args.out, "heldout_routing.safetensors"))
+    results["total_seconds"] = time.perf_counter() - t_start
+    with open(os.path.join(args.out, "predictor_pipeline.json"), "w") as f:
+        json.dump(results, f, indent=2)
+    log(f"done in {results['total_seconds']:.0f}s")
+    print(json.dumps({k: results[k] for k in ("hash_routing", "cost_per_token", "cache_simulation")}, indent=1)[:6000])
+
+
+if __name__ == "__main__":
+    main()
