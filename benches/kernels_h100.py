@@ -205,7 +205,8 @@ def check_shape(name: str, fmt: ExpertFormat, num_experts: int, top_k: int, view
         hidden = (torch.randn(t, fmt.hidden, generator=gen) * 1.0).to(DEV, fmt.dtype)
         ref = fused_experts_fp64(hidden, ids, w, table, views, fmt)
         row = {"shape": name, "T": t}
-        for label, plan in (("gemv", LaunchPlan("gemv", configs.gemv_block_m(t * top_k / num_experts))),
+        ppe = t * top_k / num_experts
+        for label, plan in (("gemv", configs.plan_for("gemv", ppe)), ("mma", configs.plan_for("mma", ppe)),
                             ("grouped_mm", LaunchPlan("grouped_mm", 1)), ("auto", None)):
             poison()
             if plan is None:
@@ -217,16 +218,16 @@ def check_shape(name: str, fmt: ExpertFormat, num_experts: int, top_k: int, view
         poison()
         acc = fused_experts(hidden, ids.int(), w.to(fmt.dtype), table, views, fmt, out=base.clone())
         row["accumulate"] = rel_error(acc, ref + base.double())
-        row["ok"] = all(row[k] <= TOL for k in ("gemv", "grouped_mm", "auto", "accumulate"))
+        row["ok"] = all(row[k] <= TOL for k in ("gemv", "mma", "grouped_mm", "auto", "accumulate"))
         results.append(row)
-        log(f"  check {name:16s} T={t:5d} gemv={row['gemv']:.2e} grouped={row['grouped_mm']:.2e} "
+        log(f"  check {name:16s} T={t:5d} gemv={row['gemv']:.2e} mma={row['mma']:.2e} grouped={row['grouped_mm']:.2e} "
             f"auto={row['auto']:.2e} acc={row['accumulate']:.2e} {'ok' if row['ok'] else 'FAIL'}")
         del ref, got, acc
 
 
 def check_graph(fmt: ExpertFormat, num_experts: int, top_k: int, views, gen) -> dict:
     out: dict[str, float] = {}
-    for t, plan in ((16, LaunchPlan("gemv", 4)), (1024, LaunchPlan("grouped_mm", 1))):
+    for t, plan in ((16, LaunchPlan("gemv", 4)), (64, LaunchPlan("mma", 16)), (1024, LaunchPlan("grouped_mm", 1))):
         ids, w = make_routing(t, num_experts, top_k, gen, DEV, dead_experts=4)
         table = make_slot_table(num_experts, views.num_slots, gen, DEV, missing=4)
         hidden = torch.randn(t, fmt.hidden, generator=gen).to(DEV, fmt.dtype)
@@ -276,11 +277,16 @@ def bench_shape(name: str, fmt: ExpertFormat, num_experts: int, top_k: int, view
         def ours(plan):
             return [lambda h=h, i=i, w=w: fused_experts_cuda(h, i, w, table, views, fmt, plan=plan) for h, i, w in inputs]
 
-        if ppe <= 64:
-            row["gemv_ms"] = time_graph(ours(LaunchPlan("gemv", configs.gemv_block_m(ppe))))
+        if ppe <= 8:
+            row["gemv_ms"] = time_graph(ours(configs.plan_for("gemv", ppe)))
+        if ppe <= 128:
+            for bm in configs.MMA_BLOCK_SIZES:
+                row[f"mma{bm}_ms"] = time_graph(ours(LaunchPlan("mma", bm)))
+            row["mma_ms"] = min(row[f"mma{bm}_ms"] for bm in configs.MMA_BLOCK_SIZES)
         row["grouped_mm_ms"] = time_graph(ours(LaunchPlan("grouped_mm", 1)))
         auto = [lambda h=h, i=i, w=w: fused_experts(h, i, w, table, views, fmt) for h, i, w in inputs]
         row["auto_regime"] = configs.choose_plan(t, top_k, num_experts, gmm.grouped_mm_usable(DEV)).regime
+        row["pairs_per_expert"] = ppe
         row["auto_ms"] = time_graph(auto)
         row["auto_eager_ms"] = time_eager(auto)
         tf = [lambda h=h, i=i, w=w: tf_grouped_mm_layer(h, i, w, experts, fmt, num_experts) for h, i, w in inputs]
@@ -298,18 +304,45 @@ def bench_shape(name: str, fmt: ExpertFormat, num_experts: int, top_k: int, view
         if t <= 1024:
             loop = [lambda h=h, i=i, w=w: per_expert_loop(h, i, w, experts, fmt, num_experts) for h, i, w in inputs[:2]]
             row["per_expert_loop_ms"] = time_eager(loop, reps=3)
-        best = min(v for k, v in row.items() if k in ("gemv_ms", "grouped_mm_ms") and v is not None)
+        best = min(v for k, v in row.items() if k in ("gemv_ms", "mma_ms", "grouped_mm_ms") and v is not None)
         row["best_ours_ms"] = best
         row["auto_over_floor"] = row["auto_ms"] / row["floor_ms"] if row["auto_ms"] else None
         row["auto_over_hbm_floor"] = row["auto_ms"] / floor_hbm if row["auto_ms"] else None
         row["tf_over_auto"] = row["tf_grouped_mm_ms"] / row["auto_ms"] if row["auto_ms"] and row["tf_grouped_mm_ms"] else None
         rows.append(row)
-        log(f"  time  {name:16s} T={t:5d} gemv={row.get('gemv_ms') or float('nan'):8.4f} grouped={row['grouped_mm_ms'] or float('nan'):8.4f} "
+        log(f"  time  {name:16s} T={t:5d} gemv={row.get('gemv_ms') or float('nan'):8.4f} "
+            f"mma8/16/32={row.get('mma8_ms') or float('nan'):.4f}/{row.get('mma16_ms') or float('nan'):.4f}/{row.get('mma32_ms') or float('nan'):.4f} "
+            f"grouped={row['grouped_mm_ms'] or float('nan'):8.4f} "
             f"auto[{row['auto_regime'][:4]}]={row['auto_ms'] or float('nan'):8.4f} eager={row['auto_eager_ms']:8.4f} "
             f"tf={row['tf_grouped_mm_ms'] or float('nan'):8.4f} gemms={row['grouped_mm_gemms_only_ms'] or float('nan'):8.4f} "
             f"loop={row.get('per_expert_loop_ms', float('nan')):8.3f} floor={row['floor_ms']:8.4f}")
     del experts
     torch.cuda.empty_cache()
+
+
+def profile_eager(fmt: ExpertFormat, num_experts: int, top_k: int, views, gen, num_tokens: int, calls: int = 300) -> str:
+    """Where the host time of an eager call goes (cProfile, top entries by own time)."""
+    import cProfile
+    import io
+    import pstats
+
+    table = make_slot_table(num_experts, views.num_slots, gen, DEV)
+    ids, w = make_routing(num_tokens, num_experts, top_k, gen, DEV)
+    hidden = torch.randn(num_tokens, fmt.hidden, generator=gen).to(DEV, fmt.dtype)
+    for _ in range(5):
+        fused_experts(hidden, ids, w, table, views, fmt)
+    torch.cuda.synchronize()
+    prof = cProfile.Profile()
+    t0 = time.perf_counter()
+    prof.enable()
+    for _ in range(calls):
+        fused_experts(hidden, ids, w, table, views, fmt)
+    prof.disable()
+    host_us = (time.perf_counter() - t0) / calls * 1e6
+    torch.cuda.synchronize()
+    buf = io.StringIO()
+    pstats.Stats(prof, stream=buf).sort_stats("tottime").print_stats(18)
+    return f"host time per eager call (T={num_tokens}, under cProfile): {host_us:.1f} us\n" + buf.getvalue()
 
 
 def main() -> int:
@@ -332,7 +365,8 @@ def main() -> int:
         "cupy": cupy.__version__,
         "nvrtc": ".".join(map(str, nvrtc.getVersion())),
         "python": platform.python_version(),
-        "grouped_mm_threshold_pairs_per_expert": configs.GEMV_MAX_PAIRS_PER_EXPERT,
+        "gemv_max_pairs_per_expert": configs.GEMV_MAX_PAIRS_PER_EXPERT,
+        "mma_max_pairs_per_expert": configs.MMA_MAX_PAIRS_PER_EXPERT,
         "timing": "per-call median of CUDA-graph replays (4 calls with distinct routing per graph); eager = events around Python calls",
     }
     ceil = measure_ceilings()
@@ -352,6 +386,9 @@ def main() -> int:
             if name == "gpt-oss-20b":
                 graph_checks = check_graph(fmt, num_experts, top_k, views, gen)
                 log(f"  graph capture+replay errors: {graph_checks}")
+        if name == "qwen3-30b-a3b" and not args.skip_bench:
+            report["eager_profile"] = profile_eager(fmt, num_experts, top_k, views, gen, 1)
+            log(report["eager_profile"][:3000])
         if not args.skip_bench:
             bench_shape(name, fmt, num_experts, top_k, views, gen, ceil, times, bench_tokens)
         del views, _
@@ -377,10 +414,11 @@ def main() -> int:
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(report, indent=1, default=lambda o: None if isinstance(o, float) and math.isnan(o) else str(o)))
     log(f"\nall checks ok: {report['all_checks_ok']}  ({len(checks)} cases, max error "
-        f"{max((max(v for k, v in c.items() if k in ('gemv', 'grouped_mm', 'auto', 'accumulate')) for c in checks), default=0):.2e})")
-    log(f"{'shape':16s} {'T':>5s} {'auto ms':>8s} {'regime':>10s} {'tf gmm':>8s} {'gemms':>8s} {'loop':>8s} {'floor':>8s} {'x floor':>7s}")
+        f"{max((max(v for k, v in c.items() if k in ('gemv', 'mma', 'grouped_mm', 'auto', 'accumulate')) for c in checks), default=0):.2e})")
+    log(f"{'shape':16s} {'T':>5s} {'gemv':>7s} {'mma':>7s} {'grouped':>7s} {'auto ms':>8s} {'regime':>10s} {'tf gmm':>8s} {'gemms':>8s} {'loop':>8s} {'floor':>8s} {'x floor':>7s}")
     for r in times:
-        log(f"{r['shape']:16s} {r['T']:5d} {r['auto_ms'] or float('nan'):8.4f} {r['auto_regime']:>10s} "
+        log(f"{r['shape']:16s} {r['T']:5d} {r.get('gemv_ms') or float('nan'):7.4f} {r.get('mma_ms') or float('nan'):7.4f} "
+            f"{r['grouped_mm_ms'] or float('nan'):7.4f} {r['auto_ms'] or float('nan'):8.4f} {r['auto_regime']:>10s} "
             f"{r['tf_grouped_mm_ms'] or float('nan'):8.4f} {r['grouped_mm_gemms_only_ms'] or float('nan'):8.4f} "
             f"{r.get('per_expert_loop_ms', float('nan')):8.3f} {r['floor_ms']:8.4f} {r['auto_over_floor'] or float('nan'):7.2f}")
     log(f"wall {report['wall_s']:.0f}s -> {args.out}")

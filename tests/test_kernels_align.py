@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from sida_moe.kernels.configs import choose_plan, gemv_block_m
+from sida_moe.kernels.configs import LaunchPlan, choose_plan, gemv_block_m, mma_block_m
 from sida_moe.kernels.moe_align import AlignedPairs, align_pairs_torch, max_padded_rows
 
 
@@ -81,12 +81,24 @@ def test_max_padded_rows_bounds_and_errors() -> None:
 
 def test_plan_choice_follows_pairs_per_expert(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("SIDA_MOE_KERNEL_REGIME", raising=False)
-    assert choose_plan(1, 8, 128, grouped_mm_ok=True).regime == "gemv"
-    assert choose_plan(4096, 8, 128, grouped_mm_ok=True).regime == "grouped_mm"
-    assert choose_plan(4096, 8, 128, grouped_mm_ok=False).regime == "gemv"
+    assert choose_plan(1, 8, 128, grouped_mm_ok=True) == LaunchPlan("gemv", 4)
+    assert choose_plan(64, 8, 128, grouped_mm_ok=True).regime == "mma"
+    assert choose_plan(4096, 8, 128, grouped_mm_ok=True) == LaunchPlan("grouped_mm", 1)
+    assert choose_plan(4096, 8, 128, grouped_mm_ok=False) == LaunchPlan("mma", 32)
+    assert choose_plan(4096, 8, 128, grouped_mm_ok=False, mma_ok=False).regime == "gemv"
     assert gemv_block_m(0.06) == 4 and gemv_block_m(6) == 8 and gemv_block_m(100) == 16
+    assert mma_block_m(3) == 8 and mma_block_m(9) == 16 and mma_block_m(500) == 32
     monkeypatch.setenv("SIDA_MOE_KERNEL_REGIME", "gemv")
     assert choose_plan(4096, 8, 128, grouped_mm_ok=True).regime == "gemv"
+    monkeypatch.setenv("SIDA_MOE_KERNEL_REGIME", "grouped_mm")
+    assert choose_plan(1, 8, 128, grouped_mm_ok=False).regime == "gemv"  # unavailable: automatic choice
     monkeypatch.setenv("SIDA_MOE_KERNEL_REGIME", "tensor")
     with pytest.raises(ValueError, match="SIDA_MOE_KERNEL_REGIME must be"):
         choose_plan(1, 8, 128, grouped_mm_ok=True)
+
+
+def test_launch_plan_rejects_unknown_regimes_and_block_sizes() -> None:
+    with pytest.raises(ValueError, match="regime must be one of"):
+        LaunchPlan("wgmma", 8)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="block_m for mma must be one of"):
+        LaunchPlan("mma", 4)

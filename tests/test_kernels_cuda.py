@@ -27,7 +27,8 @@ FORMATS = [
     ExpertFormat(hidden=64, intermediate=192, dtype=torch.bfloat16, gated=False, activation="relu"),
     ExpertFormat(hidden=64, intermediate=64, dtype=torch.float16, activation="gelu_tanh"),
 ]
-PLANS = [LaunchPlan("gemv", 4), LaunchPlan("gemv", 8), LaunchPlan("gemv", 16), LaunchPlan("grouped_mm", 1)]
+PLANS = [LaunchPlan("gemv", 4), LaunchPlan("gemv", 8), LaunchPlan("gemv", 16), LaunchPlan("mma", 8), LaunchPlan("mma", 16),
+         LaunchPlan("mma", 32), LaunchPlan("grouped_mm", 1)]
 
 
 def poison_allocator(device: torch.device) -> None:
@@ -88,7 +89,7 @@ def test_dispatcher_output_is_deterministic_and_fully_written() -> None:
     assert rel_error(first, fused_experts_fp64(hidden, ids, w, table, views, fmt)) <= 1e-2
 
 
-@pytest.mark.parametrize("plan", [LaunchPlan("gemv", 8), LaunchPlan("grouped_mm", 1)], ids=lambda p: p.regime)
+@pytest.mark.parametrize("plan", [LaunchPlan("gemv", 8), LaunchPlan("mma", 16), LaunchPlan("grouped_mm", 1)], ids=lambda p: p.regime)
 def test_cuda_graph_capture_and_replay(plan: LaunchPlan) -> None:
     from sida_moe.kernels.cuda_moe import fused_experts_cuda
 

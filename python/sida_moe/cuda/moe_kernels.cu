@@ -395,6 +395,212 @@ SIDA_GEMV_KERNELS(4)
 SIDA_GEMV_KERNELS(8)
 SIDA_GEMV_KERNELS(16)
 
+// ------------------------------------------------------------- tensor-core GEMV (few tokens)
+// Decode with a few tokens per expert: the weights are the M side of mma.sync.m16n8k16 (16 weight
+// rows per tile), up to 8 tokens per n-tile ("swap AB"), fp32 accumulators. Each thread loads its
+// A and B fragments straight from global memory with 16-byte loads: within a chunk of 32 columns,
+// the thread with q = lane % 4 owns columns [8q, 8q + 8) of its rows; the first mma uses the first
+// 4 of them as its k-slots {2q, 2q+1, 2q+8, 2q+9}, the second mma the last 4. The dot product does
+// not depend on the order of k, and A and B use the same mapping. Needs K % 32 == 0.
+#if SIDA_H % 32 == 0 && SIDA_I % 32 == 0
+#define SIDA_HAS_MMA 1
+
+__device__ __forceinline__ void mma16816(float (&c)[4], u32 a0, u32 a1, u32 a2, u32 a3, u32 b0, u32 b1) {
+#if SIDA_DTYPE == 0
+    asm("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, {%0, %1, %2, %3};"
+                 : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+                 : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+#else
+    asm("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, {%0, %1, %2, %3};"
+                 : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+                 : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+#endif
+}
+
+// 8 consecutive activations as 4 packed 16-bit pairs (the B fragment of two mmas).
+__device__ __forceinline__ uint4 load_b8(const u16* p) { return __ldg((const uint4*)p); }
+__device__ __forceinline__ uint4 load_b8(const float* p) {
+    float4 a = __ldg((const float4*)p);
+    float4 b = __ldg((const float4*)(p + 4));
+    return make_uint4(pack2(a.x, a.y), pack2(a.z, a.w), pack2(b.x, b.y), pack2(b.z, b.w));
+}
+
+// acc[mt][nt] += W[16 rows of tile mt] x B[8 tokens of tile nt], K-long rows.
+// wtile[mt]: row 0 of each 16-row tile (rows K apart); brow[nt]: this thread's token row
+// (token nt * 8 + lane / 4), or nullptr for a padding token (its B fragment is zero).
+template <int K, int MT, int NT, typename A>
+__device__ __forceinline__ void warp_mma_rows(const u16* const (&wtile)[MT], const A* const (&brow)[NT],
+                                              float (&acc)[MT][NT][4]) {
+    constexpr int CHUNKS = K / 32;
+    constexpr int U = CHUNKS % 4 == 0 ? 4 : (CHUNKS % 2 == 0 ? 2 : 1);  // chunks per step, loads first
+    const int lane = threadIdx.x & 31;
+    const int g = lane >> 2, q = lane & 3;
+#pragma unroll
+    for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+        for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+            for (int e = 0; e < 4; ++e) acc[mt][nt][e] = 0.0f;
+    const u16* wlo[MT];
+    const u16* whi[MT];
+#pragma unroll
+    for (int mt = 0; mt < MT; ++mt) {
+        wlo[mt] = wtile[mt] + (long long)g * K + q * 8;
+        whi[mt] = wtile[mt] + (long long)(g + 8) * K + q * 8;
+    }
+#pragma unroll 1
+    for (int c0 = 0; c0 < CHUNKS; c0 += U) {
+        uint4 alo[U][MT], ahi[U][MT], b[U][NT];
+#pragma unroll
+        for (int u = 0; u < U; ++u) {
+#pragma unroll
+            for (int mt = 0; mt < MT; ++mt) {
+                alo[u][mt] = ld_stream(wlo[mt] + (c0 + u) * 32);
+                ahi[u][mt] = ld_stream(whi[mt] + (c0 + u) * 32);
+            }
+#pragma unroll
+            for (int nt = 0; nt < NT; ++nt)
+                b[u][nt] = brow[nt] != nullptr ? load_b8(brow[nt] + (c0 + u) * 32 + q * 8) : make_uint4(0u, 0u, 0u, 0u);
+        }
+#pragma unroll
+        for (int u = 0; u < U; ++u)
+#pragma unroll
+            for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+                for (int nt = 0; nt < NT; ++nt) {
+                    mma16816(acc[mt][nt], alo[u][mt].x, ahi[u][mt].x, alo[u][mt].y, ahi[u][mt].y, b[u][nt].x, b[u][nt].y);
+                    mma16816(acc[mt][nt], alo[u][mt].z, ahi[u][mt].z, alo[u][mt].w, ahi[u][mt].w, b[u][nt].z, b[u][nt].w);
+                }
+    }
+}
+
+// gate_up on tensor cores + activation. grid = (max_blocks, ceil(I / (WARPS * 16)) gated or
+// ceil(I / (WARPS * 32)) plain). Gated: a warp owns gate rows [j0, j0+16) and the matching up rows;
+// plain: rows [j0, j0+32). act_out as in gemv_gate_up.
+template <int BM>
+__device__ __forceinline__ void mma_gate_up_impl(
+    const u16* __restrict__ hidden, const int* __restrict__ sorted_ids, const int* __restrict__ block_slot,
+    const int* __restrict__ total_padded, const u16* __restrict__ w, long long w_slot_stride,
+    const u16* __restrict__ bias, long long bias_slot_stride, float* __restrict__ act_out, int top_k,
+    int num_pairs) {
+    constexpr int NT = BM / 8;
+    constexpr int ROWS = SIDA_GATED ? 16 : 32;  // intermediate columns per warp
+    const int base = blockIdx.x * BM;
+    if (base >= __ldg(total_padded)) return;
+    const int slot = __ldg(block_slot + blockIdx.x);
+    const int j0 = (blockIdx.y * WARPS + (threadIdx.x >> 5)) * ROWS;
+    if (j0 >= SIDA_I) return;
+    const int lane = threadIdx.x & 31;
+    const int g = lane >> 2, q = lane & 3;
+
+    const u16* brow[NT];
+#pragma unroll
+    for (int nt = 0; nt < NT; ++nt) {
+        const int p = __ldg(sorted_ids + base + nt * 8 + g);
+        brow[nt] = p < num_pairs ? hidden + (long long)(p / top_k) * SIDA_H : nullptr;
+    }
+    const u16* ws = w + (long long)slot * w_slot_stride;
+    const u16* wtile[2];
+    wtile[0] = ws + (long long)j0 * SIDA_H;
+    wtile[1] = ws + (long long)(SIDA_GATED ? SIDA_I + j0 : j0 + 16) * SIDA_H;
+    float acc[2][NT][4];
+    warp_mma_rows<SIDA_H, 2, NT, u16>(wtile, brow, acc);
+
+    const u16* bs = bias != nullptr ? bias + (long long)slot * bias_slot_stride : nullptr;
+#pragma unroll
+    for (int half = 0; half < 2; ++half) {  // rows g and g + 8 of the tile
+        const int j = j0 + g + half * 8;
+        float b0 = 0.0f, b1 = 0.0f;
+        if (bs != nullptr) {
+            b0 = to_f32(bs[j]);
+            b1 = to_f32(bs[SIDA_GATED ? SIDA_I + j : j + 16]);
+        }
+#pragma unroll
+        for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+            for (int e = 0; e < 2; ++e) {
+                const int m = nt * 8 + 2 * q + e;
+                if (__ldg(sorted_ids + base + m) >= num_pairs) continue;
+                float* dst = act_out + (long long)(base + m) * SIDA_I;
+                const float z0 = acc[0][nt][half * 2 + e] + b0, z1 = acc[1][nt][half * 2 + e] + b1;
+#if SIDA_GATED
+                dst[j] = act_gated(z0, z1);
+#else
+                dst[j] = act_plain(z0);
+                dst[j + 16] = act_plain(z1);
+#endif
+            }
+    }
+}
+
+// down on tensor cores, + the expert's bias. grid = (max_blocks, ceil(H / (WARPS * 32))); a warp
+// owns output rows [h0, h0 + 32). y as in gemv_down.
+template <int BM>
+__device__ __forceinline__ void mma_down_impl(
+    const float* __restrict__ act_in, const int* __restrict__ sorted_ids, const int* __restrict__ block_slot,
+    const int* __restrict__ total_padded, const u16* __restrict__ w, long long w_slot_stride,
+    const u16* __restrict__ bias, long long bias_slot_stride, float* __restrict__ y, int num_pairs) {
+    constexpr int NT = BM / 8;
+    const int base = blockIdx.x * BM;
+    if (base >= __ldg(total_padded)) return;
+    const int slot = __ldg(block_slot + blockIdx.x);
+    const int h0 = (blockIdx.y * WARPS + (threadIdx.x >> 5)) * 32;
+    if (h0 >= SIDA_H) return;
+    const int lane = threadIdx.x & 31;
+    const int g = lane >> 2, q = lane & 3;
+
+    const float* brow[NT];
+#pragma unroll
+    for (int nt = 0; nt < NT; ++nt) {
+        const int m = nt * 8 + g;
+        brow[nt] = __ldg(sorted_ids + base + m) < num_pairs ? act_in + (long long)(base + m) * SIDA_I : nullptr;
+    }
+    const u16* ws = w + (long long)slot * w_slot_stride;
+    const u16* wtile[2];
+    wtile[0] = ws + (long long)h0 * SIDA_I;
+    wtile[1] = ws + (long long)(h0 + 16) * SIDA_I;
+    float acc[2][NT][4];
+    warp_mma_rows<SIDA_I, 2, NT, float>(wtile, brow, acc);
+
+    const u16* bs = bias != nullptr ? bias + (long long)slot * bias_slot_stride : nullptr;
+#pragma unroll
+    for (int mt = 0; mt < 2; ++mt)
+#pragma unroll
+        for (int half = 0; half < 2; ++half) {
+            const int h = h0 + mt * 16 + g + half * 8;
+            const float b = bs != nullptr ? to_f32(bs[h]) : 0.0f;
+#pragma unroll
+            for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+                for (int e = 0; e < 2; ++e) {
+                    const int m = nt * 8 + 2 * q + e;
+                    if (__ldg(sorted_ids + base + m) >= num_pairs) continue;
+                    y[(long long)(base + m) * SIDA_H + h] = acc[mt][nt][half * 2 + e] + b;
+                }
+        }
+}
+
+#define SIDA_MMA_KERNELS(BM)                                                                                   \
+    extern "C" __global__ void __launch_bounds__(WARPS * 32) mma_gate_up_bm##BM(                               \
+        const u16* hidden, const int* sorted_ids, const int* block_slot, const int* total_padded,             \
+        const u16* w, long long w_slot_stride, const u16* bias, long long bias_slot_stride, float* act_out,    \
+        int top_k, int num_pairs) {                                                                            \
+        mma_gate_up_impl<BM>(hidden, sorted_ids, block_slot, total_padded, w, w_slot_stride, bias,            \
+                             bias_slot_stride, act_out, top_k, num_pairs);                                      \
+    }                                                                                                          \
+    extern "C" __global__ void __launch_bounds__(WARPS * 32) mma_down_bm##BM(                                  \
+        const float* act_in, const int* sorted_ids, const int* block_slot, const int* total_padded,           \
+        const u16* w, long long w_slot_stride, const u16* bias, long long bias_slot_stride, float* y,          \
+        int num_pairs) {                                                                                       \
+        mma_down_impl<BM>(act_in, sorted_ids, block_slot, total_padded, w, w_slot_stride, bias,               \
+                          bias_slot_stride, y, num_pairs);                                                      \
+    }
+
+SIDA_MMA_KERNELS(8)
+SIDA_MMA_KERNELS(16)
+SIDA_MMA_KERNELS(32)
+#endif  // SIDA_H % 32 == 0 && SIDA_I % 32 == 0
+
 // --------------------------------------------------------------------- prefill (grouped_mm) glue
 // Rows sorted by slot (block_m = 1). gather_rows: xs[r] = hidden[sorted_ids[r] / top_k] for the
 // rows in use. grid = (rows), block = 128; rows past total_padded stay unwritten: grouped_mm

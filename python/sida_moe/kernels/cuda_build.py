@@ -128,7 +128,12 @@ def _compile(source: str, name: str, options: list[str], is_cubin: bool) -> byte
         except nvrtc.NVRTCError as exc:
             log = nvrtc.getProgramLog(prog)
             raise KernelCompileError(f"NVRTC failed on {name} with options {options}:\n{log}") from exc
-        return nvrtc.getCUBIN(prog) if is_cubin else nvrtc.getPTX(prog)
+        if not is_cubin:
+            return nvrtc.getPTX(prog)
+        # CuPy strips what it takes for a trailing NUL from the cubin; the ELF's last byte (the high
+        # byte of its last program header's alignment) is zero: restore it so the file is whole.
+        return nvrtc.getCUBIN(prog) + b"\0"
+
     finally:
         nvrtc.destroyProgram(prog)
 

@@ -3,11 +3,17 @@
 No host synchronisation anywhere (every buffer size follows from ``T``, ``k``, the slot count and the
 block size), all work on PyTorch's current stream: a call can be captured in a CUDA graph once the
 kernels are compiled (the first call compiles them). Callers go through ``sida_moe.kernels.fused_experts``.
+
+Per call: ``moe_align`` sorts the pairs by slot; then ``gemv`` (CUDA cores) or ``mma`` (tensor cores)
+kernels stream the touched experts' weights for blocks of sorted rows, or ``gather_rows`` +
+torch grouped_mm + ``act_rows`` + grouped_mm do it for many tokens; ``moe_reduce_*`` sums each
+token's pairs in k order (deterministic) into the output.
 """
 
 from __future__ import annotations
 
 import warnings
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -27,18 +33,18 @@ _ACT_CODES = {"silu": 0, "gelu": 1, "gelu_tanh": 2, "relu": 3, "gpt_oss": 4}
 _DTYPE_CODES = {torch.bfloat16: 0, torch.float16: 1}
 
 _NULL = np.uint64(0)
+_u64 = np.uint64
+_i32 = np.int32
+_i64 = np.int64
 
 
 def _ptr(t: torch.Tensor | None) -> np.uint64:
-    return _NULL if t is None else np.uint64(t.data_ptr())
+    return _NULL if t is None else _u64(t.data_ptr())
 
 
-def _aligned16(t: torch.Tensor | None, slot_stride: bool = True) -> bool:
-    if t is None:
-        return True
-    if t.data_ptr() % 16:
-        return False
-    return not slot_stride or (t.stride(0) * t.element_size()) % 16 == 0
+def _aligned16(t: torch.Tensor | None) -> bool:
+    """Address and slot (first-dimension) stride are multiples of 16 bytes."""
+    return t is None or (t.data_ptr() % 16 == 0 and (t.stride(0) * t.element_size()) % 16 == 0)
 
 
 def unsupported_reason(hidden: torch.Tensor, weights: SlotWeights, fmt: ExpertFormat) -> str | None:
@@ -62,8 +68,34 @@ def unsupported_reason(hidden: torch.Tensor, weights: SlotWeights, fmt: ExpertFo
     return None
 
 
+@dataclass
+class _ShapeKernels:
+    """Compiled kernels of one expert shape class on one device, with its launch geometry."""
+
+    mod: KernelModule
+    has_mma: bool
+    grid_y: dict[tuple[str, str], int]  # (regime, stage) -> row groups per sorted block
+    fns: dict[str, object]
+
+
+_shape_kernels: dict[tuple[ExpertFormat, int], _ShapeKernels] = {}
+
+
+def _down_rows_per_warp(intermediate: int) -> int:
+    vpl = (intermediate // 8 + 31) // 32  # RPW_DOWN in moe_kernels.cu
+    return 4 if vpl <= 2 else (2 if vpl <= 4 else 1)
+
+
 def kernel_module(fmt: ExpertFormat, device_index: int) -> KernelModule:
     """The compiled kernels for one expert shape class on one device."""
+    return _kernels(fmt, device_index).mod
+
+
+def _kernels(fmt: ExpertFormat, device_index: int) -> _ShapeKernels:
+    key = (fmt, device_index)
+    sk = _shape_kernels.get(key)
+    if sk is not None:
+        return sk
     defines: dict[str, int | float | str] = {
         "SIDA_DTYPE": _DTYPE_CODES[fmt.dtype],
         "SIDA_H": fmt.hidden,
@@ -74,12 +106,17 @@ def kernel_module(fmt: ExpertFormat, device_index: int) -> KernelModule:
     if fmt.activation == "gpt_oss":
         defines["SIDA_ALPHA"] = f"{float(fmt.alpha)!r}f"
         defines["SIDA_LIMIT"] = f"{float(fmt.limit)!r}f"
-    return load_module(SOURCE, defines, device_index)
-
-
-def _down_rows_per_warp(intermediate: int) -> int:
-    vpl = (intermediate // 8 + 31) // 32  # RPW_DOWN in moe_kernels.cu
-    return 4 if vpl <= 2 else (2 if vpl <= 4 else 1)
+    mod = load_module(SOURCE, defines, device_index)
+    h, i = fmt.hidden, fmt.intermediate
+    grid_y = {
+        ("gemv", "gate_up"): -(-i // (WARPS * (1 if fmt.gated else 2))),
+        ("gemv", "down"): -(-h // (WARPS * _down_rows_per_warp(i))),
+        ("mma", "gate_up"): -(-i // (WARPS * (16 if fmt.gated else 32))),
+        ("mma", "down"): -(-h // (WARPS * 32)),
+    }
+    sk = _ShapeKernels(mod=mod, has_mma=h % 32 == 0 and i % 32 == 0, grid_y=grid_y, fns={})
+    _shape_kernels[key] = sk
+    return sk
 
 
 def align_pairs_cuda(
@@ -94,33 +131,30 @@ def align_pairs_cuda(
     pairs within a slot. Falls back to the PyTorch version past ``ALIGN_MAX_SLOTS`` slots."""
     if num_slots > ALIGN_MAX_SLOTS:
         return align_pairs_torch(topk_ids, slot_of_expert, num_slots, block_m)
-    device = topk_ids.device
     num_pairs = topk_ids.numel()
     max_padded = max_padded_rows(num_pairs, num_slots, block_m)
-    i32 = torch.int32
-    sorted_ids = torch.empty(max_padded, dtype=i32, device=device)
-    block_slot = torch.empty(max_padded // block_m, dtype=i32, device=device)
-    pair_pos = torch.empty(num_pairs, dtype=i32, device=device)
-    group_end = torch.empty(max(num_slots, 1), dtype=i32, device=device)[:num_slots]
-    total = torch.empty(1, dtype=i32, device=device)
+    max_blocks = max_padded // block_m
+    # one allocation: group_end | sorted_ids | block_slot | pair_pos | total (group_end first: it is
+    # grouped_mm's offs tensor, kept at the allocation's alignment)
+    ws = torch.empty(num_slots + max_padded + max_blocks + num_pairs + 1, dtype=torch.int32, device=topk_ids.device)
+    group_end, sorted_ids, block_slot, pair_pos, total = torch.split(ws, [num_slots, max_padded, max_blocks, num_pairs, 1])
+    base = ws.data_ptr()
+    out_ptrs = [_u64(base + 4 * o) for o in (num_slots, num_slots + max_padded, num_slots + max_padded + max_blocks)]
+    out_ptrs += [_u64(base), _u64(base + 4 * (num_slots + max_padded + max_blocks + num_pairs))]
     mod.launch(
         "moe_align",
         (1,),
         (ALIGN_THREADS,),
         (
-            _ptr(topk_ids),
-            np.int32(topk_ids.dtype == torch.int64),
-            _ptr(slot_of_expert),
-            np.int32(slot_of_expert.shape[0]),
-            np.int32(num_pairs),
-            np.int32(num_slots),
-            np.int32(block_m),
-            np.int32(max_padded),
-            _ptr(sorted_ids),
-            _ptr(block_slot),
-            _ptr(pair_pos),
-            _ptr(group_end),
-            _ptr(total),
+            _u64(topk_ids.data_ptr()),
+            _i32(topk_ids.dtype == torch.int64),
+            _u64(slot_of_expert.data_ptr()),
+            _i32(slot_of_expert.shape[0]),
+            _i32(num_pairs),
+            _i32(num_slots),
+            _i32(block_m),
+            _i32(max_padded),
+            *out_ptrs,  # sorted_ids, block_slot, pair_pos, group_end, total_padded
         ),
         stream,
         shared_mem=2 * 4 * num_slots,
@@ -141,47 +175,60 @@ def fused_experts_cuda(
     """``fused_experts`` on the CUDA kernels (inputs already validated and supported, see
     ``unsupported_reason``). ``plan`` overrides the regime choice of ``configs.choose_plan``."""
     device = hidden.device
-    num_tokens, hidden_size = hidden.shape
+    num_tokens = hidden.shape[0]
     top_k = topk_ids.shape[1]
-    num_slots = weights.num_slots
-    inter = fmt.intermediate
 
     result = out
     accumulate = out is not None
-    if out is not None and (out.stride(1) != 1 or not _aligned16(out) or out.data_ptr() % 16):
+    if out is not None and (out.stride(1) != 1 or out.data_ptr() % 16 or (out.stride(0) * out.element_size()) % 16):
         result = None  # compute into a fresh buffer and add below
     if result is None:
-        result = torch.empty((num_tokens, hidden_size), dtype=fmt.dtype, device=device)
+        result = torch.empty((num_tokens, fmt.hidden), dtype=fmt.dtype, device=device)
     if num_tokens == 0:
         return out if out is not None else result
 
-    with torch.cuda.device(device):
+    index = device.index
+    switch = index != torch.cuda.current_device()
+    if switch:
+        prev = torch.cuda.current_device()
+        torch.cuda.set_device(index)
+    try:
         stream = torch.cuda.current_stream(device).cuda_stream
-        mod = kernel_module(fmt, device.index if device.index is not None else torch.cuda.current_device())
-        hidden = hidden.contiguous()
-        topk_ids = topk_ids.contiguous()
-        weights_f32 = topk_weights.to(torch.float32).contiguous()
-        slot_of_expert = slot_of_expert.to(torch.int32).contiguous()
+        sk = _kernels(fmt, index)
+        if not hidden.is_contiguous():
+            hidden = hidden.contiguous()
+        if not topk_ids.is_contiguous():
+            topk_ids = topk_ids.contiguous()
+        if topk_weights.dtype != torch.float32 or not topk_weights.is_contiguous():
+            topk_weights = topk_weights.to(torch.float32).contiguous()
+        if not slot_of_expert.is_contiguous():
+            slot_of_expert = slot_of_expert.contiguous()
         if plan is None:
-            plan = choose_plan(num_tokens, top_k, slot_of_expert.shape[0], gmm.grouped_mm_usable(device))
-        aligned = align_pairs_cuda(mod, topk_ids, slot_of_expert, num_slots, plan.block_m, stream)
-        num_pairs = topk_ids.numel()
+            plan = choose_plan(num_tokens, top_k, slot_of_expert.shape[0], gmm.grouped_mm_usable(device), sk.has_mma)
+        elif plan.regime == "mma" and not sk.has_mma:
+            raise ValueError(f"the mma regime needs hidden and intermediate sizes that are multiples of 32, got {fmt}")
         in_place = accumulate and result is out
+        num_pairs = topk_ids.numel()
+        aligned = align_pairs_cuda(sk.mod, topk_ids, slot_of_expert, weights.num_slots, plan.block_m, stream)
         if plan.regime == "grouped_mm":
             try:
-                _grouped_mm_layer(mod, hidden, aligned, weights_f32, weights, fmt, result, in_place, top_k, num_pairs, stream)
+                _grouped_mm_layer(sk, hidden, aligned, topk_weights, weights, fmt, result, in_place, top_k, stream)
             except _GroupedMMRejected as exc:
                 gmm.mark_failed(device, str(exc.__cause__))
                 warnings.warn(
-                    f"sida_moe: torch grouped_mm failed on {device} ({exc.__cause__}); using the GEMV kernels "
+                    f"sida_moe: torch grouped_mm failed on {device} ({exc.__cause__}); using the streaming kernels "
                     "for every token count there (slower for prefill)",
                     RuntimeWarning,
                     stacklevel=3,
                 )
-                plan = LaunchPlan("gemv", 16)
-                aligned = align_pairs_cuda(mod, topk_ids, slot_of_expert, num_slots, plan.block_m, stream)
-        if plan.regime == "gemv":
-            _gemv_layer(mod, hidden, aligned, weights_f32, weights, fmt, inter, result, in_place, top_k, num_pairs, stream)
+                plan = LaunchPlan("mma", 32) if sk.has_mma else LaunchPlan("gemv", 16)
+                aligned = align_pairs_cuda(sk.mod, topk_ids, slot_of_expert, weights.num_slots, plan.block_m, stream)
+        if plan.regime != "grouped_mm":
+            _streaming_layer(sk, plan.regime, hidden, aligned, topk_weights, weights, fmt, result, in_place, top_k,
+                             num_pairs, stream)
+    finally:
+        if switch:
+            torch.cuda.set_device(prev)
 
     if accumulate and result is not out:
         out.add_(result)
@@ -189,78 +236,80 @@ def fused_experts_cuda(
     return result
 
 
-def _gemv_layer(
-    mod: KernelModule,
+def _streaming_layer(
+    sk: _ShapeKernels,
+    regime: str,
     hidden: torch.Tensor,
     aligned: AlignedPairs,
     topk_weights: torch.Tensor,
     weights: SlotWeights,
     fmt: ExpertFormat,
-    inter: int,
     result: torch.Tensor,
     accumulate: bool,
     top_k: int,
     num_pairs: int,
     stream: int,
 ) -> None:
-    device = hidden.device
+    """gemv / mma regimes: gate_up + activation into fp32 rows, down + bias into fp32 rows, reduce."""
     bm = aligned.block_m
     max_padded = aligned.sorted_ids.shape[0]
     nblocks = aligned.max_blocks
-    hidden_size = fmt.hidden
-    act = torch.empty((max_padded, inter), dtype=torch.float32, device=device)
-    y = torch.empty((max_padded, hidden_size), dtype=torch.float32, device=device)
+    inter, hidden_size = fmt.intermediate, fmt.hidden
+    # one fp32 allocation: activations [max_padded, I] | expert outputs [max_padded, H]
+    ws = torch.empty(max_padded * (inter + hidden_size), dtype=torch.float32, device=hidden.device)
+    act_ptr = ws.data_ptr()
+    y_ptr = act_ptr + max_padded * inter * 4
     gu_bias, dn_bias = weights.gate_up_bias, weights.down_bias
-    cols_per_warp = 1 if fmt.gated else 2
-    mod.launch(
-        f"gemv_gate_up_bm{bm}",
-        (nblocks, -(-inter // (WARPS * cols_per_warp))),
+    sorted_ids, block_slot, total = _ptr(aligned.sorted_ids), _ptr(aligned.block_slot), _ptr(aligned.total_padded)
+    sk.mod.launch(
+        f"{regime}_gate_up_bm{bm}",
+        (nblocks, sk.grid_y[(regime, "gate_up")]),
         (WARPS * 32,),
         (
             _ptr(hidden),
-            _ptr(aligned.sorted_ids),
-            _ptr(aligned.block_slot),
-            _ptr(aligned.total_padded),
+            sorted_ids,
+            block_slot,
+            total,
             _ptr(weights.gate_up),
-            np.int64(weights.gate_up.stride(0)),
+            _i64(weights.gate_up.stride(0)),
             _ptr(gu_bias),
-            np.int64(gu_bias.stride(0) if gu_bias is not None else 0),
-            _ptr(act),
-            np.int32(top_k),
-            np.int32(num_pairs),
+            _i64(gu_bias.stride(0) if gu_bias is not None else 0),
+            _u64(act_ptr),
+            _i32(top_k),
+            _i32(num_pairs),
         ),
         stream,
     )
-    mod.launch(
-        f"gemv_down_bm{bm}",
-        (nblocks, -(-hidden_size // (WARPS * _down_rows_per_warp(inter)))),
+    sk.mod.launch(
+        f"{regime}_down_bm{bm}",
+        (nblocks, sk.grid_y[(regime, "down")]),
         (WARPS * 32,),
         (
-            _ptr(act),
-            _ptr(aligned.sorted_ids),
-            _ptr(aligned.block_slot),
-            _ptr(aligned.total_padded),
+            _u64(act_ptr),
+            sorted_ids,
+            block_slot,
+            total,
             _ptr(weights.down),
-            np.int64(weights.down.stride(0)),
+            _i64(weights.down.stride(0)),
             _ptr(dn_bias),
-            np.int64(dn_bias.stride(0) if dn_bias is not None else 0),
-            _ptr(y),
-            np.int32(num_pairs),
+            _i64(dn_bias.stride(0) if dn_bias is not None else 0),
+            _u64(y_ptr),
+            _i32(num_pairs),
         ),
         stream,
     )
-    mod.launch(
+    sk.mod.launch(
         "moe_reduce_f32",
         (result.shape[0], -(-hidden_size // (8 * 128))),
         (128,),
         (
-            _ptr(y),
+            _u64(y_ptr),
             _ptr(aligned.pair_pos),
             _ptr(topk_weights),
             _ptr(result),
-            np.int64(result.stride(0)),
-            np.int32(top_k),
-            np.int32(accumulate),
+            _i64(result.stride(0)),
+            _i32(top_k),
+            _i32(accumulate),
         ),
         stream,
     )
@@ -278,7 +327,7 @@ def _grouped_linear(x: torch.Tensor, w_slots: torch.Tensor, group_end: torch.Ten
 
 
 def _grouped_mm_layer(
-    mod: KernelModule,
+    sk: _ShapeKernels,
     hidden: torch.Tensor,
     aligned: AlignedPairs,
     topk_weights: torch.Tensor,
@@ -287,17 +336,18 @@ def _grouped_mm_layer(
     result: torch.Tensor,
     accumulate: bool,
     top_k: int,
-    num_pairs: int,
     stream: int,
 ) -> None:
+    """grouped_mm regime: gather sorted rows, grouped GEMM, activation, grouped GEMM, reduce."""
     device = hidden.device
+    mod = sk.mod
     rows = aligned.sorted_ids.shape[0]  # == num_pairs (block_m = 1)
     xs = torch.empty((rows, fmt.hidden), dtype=fmt.dtype, device=device)
     mod.launch(
         "gather_rows",
         (rows,),
         (128,),
-        (_ptr(hidden), _ptr(aligned.sorted_ids), _ptr(aligned.total_padded), _ptr(xs), np.int32(top_k)),
+        (_ptr(hidden), _ptr(aligned.sorted_ids), _ptr(aligned.total_padded), _ptr(xs), _i32(top_k)),
         stream,
     )
     h = _grouped_linear(xs, weights.gate_up, aligned.group_end)
@@ -312,7 +362,7 @@ def _grouped_mm_layer(
             _ptr(aligned.block_slot),
             _ptr(aligned.total_padded),
             _ptr(gu_bias),
-            np.int64(gu_bias.stride(0) if gu_bias is not None else 0),
+            _i64(gu_bias.stride(0) if gu_bias is not None else 0),
             _ptr(a),
         ),
         stream,
@@ -328,11 +378,11 @@ def _grouped_mm_layer(
             _ptr(topk_weights),
             _ptr(aligned.block_slot),
             _ptr(dn_bias),
-            np.int64(dn_bias.stride(0) if dn_bias is not None else 0),
+            _i64(dn_bias.stride(0) if dn_bias is not None else 0),
             _ptr(result),
-            np.int64(result.stride(0)),
-            np.int32(top_k),
-            np.int32(accumulate),
+            _i64(result.stride(0)),
+            _i32(top_k),
+            _i32(accumulate),
         ),
         stream,
     )
