@@ -59,3 +59,36 @@ def tiny_model(family: str, dtype: torch.dtype = torch.float32, seed: int = 0) -
             elif "bias" in name:
                 p.normal_(0.0, 0.05)
     return model.to(dtype).eval()
+
+
+def eager_experts(model: torch.nn.Module) -> torch.nn.Module:
+    """Use Hugging Face's eager experts loop (the op-by-op twin of the reference kernel), so CPU
+    comparisons can be exact; Switch has no experts-implementation switch."""
+    if hasattr(model, "set_experts_implementation") and getattr(model.config, "model_type", "") != "switch_transformers":
+        model.set_experts_implementation("eager")
+    return model
+
+
+def prompt_batch(vocab: int = 90, batch: int = 2, length: int = 6, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Random prompts, left-padded: row 1 has two padding positions."""
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(3, vocab, (batch, length), generator=g)
+    mask = torch.ones_like(ids)
+    if batch > 1:
+        mask[1, :2] = 0
+        ids[1, :2] = 0
+    return ids, mask
+
+
+def forward_logits(model: torch.nn.Module, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Logits of one full forward (encoder-decoder models decode the prompt itself)."""
+    extra = {"decoder_input_ids": ids} if model.config.is_encoder_decoder else {}
+    return model(input_ids=ids, attention_mask=mask, **extra).logits
+
+
+def greedy(model: torch.nn.Module, ids: torch.Tensor, mask: torch.Tensor, new_tokens: int = 6) -> torch.Tensor:
+    return model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=new_tokens, do_sample=False, pad_token_id=0)
+
+
+# documented logit tolerances, relative to the largest |logit|, offloaded vs eager original
+LOGIT_RTOL = {torch.float32: 1e-5, torch.bfloat16: 2e-2, torch.float16: 5e-3}

@@ -19,6 +19,9 @@ from sida_moe._native import (
     simulate_policy,
 )
 from sida_moe.format import ExpertFormat, SlotWeights, slot_views
+from sida_moe.engine import OffloadEngine
+from sida_moe.offload import engine_of, from_pretrained, offload
+from sida_moe.prefetchers import NextLayerGate, NoPrefetch, Prefetcher
 
 __all__ = [
     "Backend",
@@ -27,12 +30,19 @@ __all__ = [
     "CudaError",
     "ExpertFormat",
     "ExpertPool",
+    "NextLayerGate",
+    "NoPrefetch",
+    "OffloadEngine",
+    "Prefetcher",
     "SidaMoeError",
     "SlotCache",
     "SlotStateError",
     "SlotWeights",
     "UnknownExpertError",
     "__version__",
+    "engine_of",
+    "from_pretrained",
+    "offload",
     "simulate_policy",
     "slot_views",
 ]
