@@ -12,7 +12,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 #: modules imported by ``main`` so that their ``register_command`` calls run; missing ones are skipped
-COMMAND_MODULES: list[str] = ["sida_moe.predictor.cli", "sida_moe.bench_cli"]
+COMMAND_MODULES: list[str] = ["sida_moe.predictor.cli", "sida_moe.bench.cli"]
 
 
 @dataclass(frozen=True)

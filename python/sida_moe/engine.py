@@ -7,6 +7,9 @@ tables, the prefetcher, and statistics.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 import numpy as np
 import torch
 
@@ -58,6 +61,12 @@ class OffloadEngine:
         self._counters = {"forwards": 0, "tokens": 0, "layer_calls": 0, "chunked_layer_calls": 0}
         self._skip_zero_weight = any(layer.adapter.routing_kind == "onehot" for layer in layers)
         self._hooks: list = []
+        # measurement switches used by the benchmark (off: nothing extra on the hot path)
+        self.measure_stalls = False  # time the compute stream's waits on copies with CUDA events
+        self.sync_loads = False  # host waits for each layer's copies (the SiDA paper's loading)
+        self._stall_events: list[tuple[torch.cuda.Event, torch.cuda.Event]] = []
+        self._stall_seconds = 0.0
+        self._acquire_trace: list[tuple[int, list[int]]] | None = None
 
     # ------------------------------------------------------------------ what prefetchers use
     @property
@@ -121,6 +130,43 @@ class OffloadEngine:
         self._host_tables_np = self._host_tables.numpy()
         self._dev_tables = self._host_tables if not pin else torch.full_like(self._host_tables, -1, device=self.device)
 
+    def reopen_cache(self, num_slots: int, policy: str = "lru", copy_workers: int = 2) -> None:
+        """Replace the slot cache (new size / policy, empty slots); the pinned pool is kept."""
+        if self.cache is not None:
+            self.cache.close()
+        self.cache = None
+        self.slot_memory = None
+        self.views = None
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+        self.open_cache(num_slots, policy, copy_workers)
+        self.prefetcher.attach(self)
+
+    @contextmanager
+    def recording_acquires(self) -> Iterator[list[tuple[int, list[int]]]]:
+        """Record every acquire call made inside the block as ``(moe_layer, experts)``: in exact
+        mode the same input gives the same sequence, which fed to ``set_future`` makes the
+        predictive policy Belady's optimum."""
+        trace: list[tuple[int, list[int]]] = []
+        self._acquire_trace = trace
+        try:
+            yield trace
+        finally:
+            self._acquire_trace = None
+
+    def reopen_cache(self, gpu_budget: BudgetSpec, policy: str | None = None, copy_workers: int = 2) -> int:
+        """Replace the slot cache by one of another budget (and policy), keeping the pool; returns
+        the new slot count. The old slot memory is freed first."""
+        num_slots = self.slots_for(gpu_budget)
+        policy = policy or self._require_cache().policy
+        self._require_cache().close()
+        self.cache, self.views, self.slot_memory = None, None, None
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+        self.open_cache(num_slots, policy, copy_workers)
+        self.prefetcher.attach(self)
+        return num_slots
+
     def set_prefetcher(self, prefetcher: Prefetcher) -> None:
         old, self.prefetcher = self.prefetcher, prefetcher
         old.close()
@@ -168,7 +214,20 @@ class OffloadEngine:
             self._counters["chunked_layer_calls"] += 1
         for start in range(0, len(distinct), step):
             chunk = distinct[start : start + step]
-            slots = cache.acquire(moe_layer, chunk, stream)
+            if self._acquire_trace is not None:
+                self._acquire_trace.append((moe_layer, chunk))
+            if self.measure_stalls and stream:
+                # the compute stream passes `before`, waits on the slots' ready events, then passes
+                # `after`: the time between the two is time it spent waiting on copies
+                before, after = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                before.record()
+                slots = cache.acquire(moe_layer, chunk, stream)
+                after.record()
+                self._stall_events.append((before, after))
+            else:
+                slots = cache.acquire(moe_layer, chunk, stream)
+            if self.sync_loads:
+                self._wait_for_copies()
             try:
                 table = self._table(moe_layer, chunk, slots, reuse=start > 0)
                 if start == 0:
@@ -180,6 +239,18 @@ class OffloadEngine:
             out = torch.zeros_like(x)
         return out if out.dtype == hidden.dtype else out.to(hidden.dtype)
 
+    def _wait_for_copies(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.current_stream(self.device).synchronize()
+
+    def _stream_wait_seconds(self) -> float:
+        """Seconds the compute stream waited on copies (``measure_stalls``); syncs pending events."""
+        for before, after in self._stall_events:
+            after.synchronize()
+            self._stall_seconds += before.elapsed_time(after) / 1e3
+        self._stall_events.clear()
+        return self._stall_seconds
+
     # ------------------------------------------------------------------------------- stats
     def stats(self) -> dict[str, float | str]:
         """Cache counters (hits, misses, bytes_copied, ...), hit_rate, prefetcher metrics
@@ -189,6 +260,8 @@ class OffloadEngine:
         lookups = out.get("hits", 0) + out.get("misses", 0)
         out["hit_rate"] = out.get("hits", 0) / lookups if lookups else 0.0
         out.update({k: float(v) for k, v in self._counters.items()})
+        if self.measure_stalls:
+            out["stream_wait_seconds"] = self._stream_wait_seconds()
         out["prefetcher"] = self.prefetcher.name
         metrics = getattr(self.prefetcher, "metrics", None)
         if callable(metrics):
@@ -202,6 +275,8 @@ class OffloadEngine:
     def reset_stats(self) -> None:
         self._require_cache().reset_stats()
         self._counters = dict.fromkeys(self._counters, 0)
+        self._stall_events.clear()
+        self._stall_seconds = 0.0
         reset = getattr(self.prefetcher, "reset_metrics", None)
         if callable(reset):
             reset()

@@ -26,6 +26,7 @@ _COLUMNS = [
     ("pcie_mb_per_token", "PCIe MB/tok", "{:.1f}"),
     ("achieved_gbps", "GB/s", "{:.1f}"),
     ("stall_fraction", "stall", "{:.1%}"),
+    ("same_tokens_as_resident", "same tokens", "{}"),
 ]
 
 

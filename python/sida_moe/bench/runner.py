@@ -1,0 +1,283 @@
+"""The end-to-end serving benchmark: one model, the same prompts, every system and configuration.
+
+``run_bench(BenchConfig(...))`` returns the result rows (one per system / configuration and batch
+size) and writes JSON, a markdown table and PNG plots when an output directory is given.
+"""
+
+from __future__ import annotations
+
+import platform
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from sida_moe.bench.report import markdown_table, plot_timeline, plot_vs_budget, write_json
+from sida_moe.bench.systems import experts_on_cpu_with_accelerate, set_fastest_experts_implementation
+from sida_moe.bench.timing import TokenTimer
+
+POLICIES = ("lru", "lfu", "fifo", "predictive", "belady")
+PREDICTORS = ("none", "next_layer_gate", "sida")
+BASELINES = ("resident", "accelerate_cpu", "ondemand_lru", "sida_sync")
+
+
+@dataclass
+class BenchConfig:
+    """What to run. ``model`` is a preset name or a checkpoint directory."""
+
+    model: str = "qwen3-moe-tiny"
+    device: str | None = None
+    dtype: str | None = None
+    budgets: tuple[float, ...] = (0.1, 0.25, 0.5)
+    policies: tuple[str, ...] = ("lru", "predictive", "belady")
+    predictors: tuple[str, ...] = ("none", "next_layer_gate")
+    predictor_path: str | None = None
+    batch_sizes: tuple[int, ...] = (1,)
+    prompt_tokens: int = 32
+    new_tokens: int = 32
+    baselines: tuple[str, ...] = BASELINES
+    accelerate_new_tokens: int = 4
+    seed: int = 0
+    timeline: bool = True
+    out_dir: str | None = None
+    progress: bool = True
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def validate(self) -> None:
+        bad = [p for p in self.policies if p not in POLICIES]
+        if bad:
+            raise ValueError(f"unknown policies {bad}; choose from {POLICIES}")
+        bad = [p for p in self.predictors if p not in PREDICTORS]
+        if bad:
+            raise ValueError(f"unknown predictors {bad}; choose from {PREDICTORS}")
+        if "sida" in self.predictors and not self.predictor_path:
+            raise ValueError("the 'sida' predictor needs predictor_path (a trained predictor directory)")
+        bad = [b for b in self.baselines if b not in BASELINES]
+        if bad:
+            raise ValueError(f"unknown baselines {bad}; choose from {BASELINES}")
+        if not self.budgets or any(not (0 < b <= 1) for b in self.budgets):
+            raise ValueError(f"budgets must be fractions in (0, 1], got {self.budgets}")
+        if any(b < 1 for b in self.batch_sizes) or self.prompt_tokens < 1 or self.new_tokens < 2:
+            raise ValueError("batch sizes and prompt_tokens must be >= 1 and new_tokens >= 2")
+
+
+# ----------------------------------------------------------------------------- building blocks
+def _load_model(cfg: BenchConfig, device: torch.device, dtype: torch.dtype) -> nn.Module:
+    from sida_moe.presets import PRESETS, build_model
+
+    if cfg.model in PRESETS:
+        return build_model(cfg.model, device=device, dtype=dtype, seed=cfg.seed)
+    path = Path(cfg.model)
+    if not path.is_dir():
+        raise ValueError(f"--model must be a preset ({', '.join(PRESETS)}) or a checkpoint directory; {cfg.model!r} is neither")
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device).eval()
+
+
+def _prompts(model: nn.Module, batch: int, length: int, seed: int, device: torch.device) -> dict[str, torch.Tensor]:
+    """The same prompts for every system: seeded random token ids (left-padded rows of different
+    lengths when batch > 1, to exercise padding)."""
+    vocab = model.config.get_text_config().vocab_size if hasattr(model.config, "get_text_config") else model.config.vocab_size
+    g = torch.Generator().manual_seed(seed + batch)
+    ids = torch.randint(3, min(vocab, 50000), (batch, length), generator=g)
+    mask = torch.ones_like(ids)
+    for row in range(1, batch):  # ragged: row r drops r tokens on the left
+        cut = min(row, length - 1)
+        mask[row, :cut] = 0
+        ids[row, :cut] = 0
+    return {"input_ids": ids.to(device), "attention_mask": mask.to(device)}
+
+
+def _generate(model: nn.Module, prompts: dict[str, torch.Tensor], new_tokens: int, device: torch.device):
+    timer = TokenTimer(device)
+    with torch.inference_mode():
+        timer.begin()
+        out = model.generate(**prompts, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
+                             streamer=timer, pad_token_id=0)
+    timing = timer.result(prompts["input_ids"].shape[0], prompts["input_ids"].shape[1])
+    return out[:, prompts["input_ids"].shape[1]:].cpu(), timing
+
+
+def _peak_gib(device: torch.device) -> float | None:
+    return torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
+
+
+def _reset_peak(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def _engine_metrics(engine, timing) -> dict[str, Any]:
+    s = engine.stats()
+    issued = s.get("prefetch_issued", 0.0)
+    tokens = timing.batch_size * timing.new_tokens
+    decode_s = sum(timing.token_latencies_s) + timing.ttft_s
+    stall = s.get("stream_wait_seconds", s.get("host_stall_seconds", 0.0))
+    return {
+        "hit_rate": s.get("hit_rate"),
+        "hits": s.get("hits"),
+        "misses": s.get("misses"),
+        "prefetch_issued": issued,
+        "prefetch_used": s.get("prefetch_used"),
+        "prefetch_precision": s.get("prefetch_used", 0.0) / issued if issued else None,
+        "pcie_mb_per_token": s.get("bytes_copied", 0.0) / 1e6 / max(tokens, 1),
+        "achieved_gbps": s.get("achieved_gbps"),
+        "stall_seconds": stall,
+        "stall_fraction": stall / decode_s if decode_s > 0 else None,
+        "num_slots": s.get("num_slots"),
+        "slot_gib": s.get("slot_bytes", 0.0) / 2**30,
+    }
+
+
+def _make_prefetcher(name: str, cfg: BenchConfig):
+    from sida_moe.prefetchers import make_prefetcher
+
+    if name == "sida":
+        from sida_moe.predictor import load_prefetcher
+
+        return load_prefetcher(cfg.predictor_path)
+    return make_prefetcher(name)
+
+
+def _timeline(model: nn.Module, prompts, device: torch.device, steps: int = 4) -> list[dict[str, Any]]:
+    """Copies and compute kernels of a few decode steps, from a profiler trace (CUPTI sees the copies
+    the native runtime issues through the driver API as well as PyTorch's kernels)."""
+    if device.type != "cuda":
+        return []
+    import json
+    import tempfile
+
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CUDA]) as prof, torch.inference_mode():
+        model.generate(**prompts, max_new_tokens=steps, min_new_tokens=steps, do_sample=False, pad_token_id=0)
+    with tempfile.NamedTemporaryFile(suffix=".json") as f:
+        prof.export_chrome_trace(f.name)
+        trace = json.load(open(f.name))
+    events = []
+    for e in trace.get("traceEvents", []):
+        cat = e.get("cat", "")
+        if cat in ("kernel", "gpu_memcpy") and "ts" in e and "dur" in e:
+            lane = "copy H2D" if cat == "gpu_memcpy" and "HtoD" in e.get("name", "") else ("compute" if cat == "kernel" else None)
+            if lane:
+                events.append({"lane": lane, "start_ms": e["ts"] / 1e3, "dur_ms": e["dur"] / 1e3})
+    if events:
+        t0 = min(e["start_ms"] for e in events)
+        for e in events:
+            e["start_ms"] -= t0
+    return events
+
+
+# ------------------------------------------------------------------------------------- the run
+def run_bench(cfg: BenchConfig) -> list[dict[str, Any]]:
+    """Run every requested system and configuration; returns the result rows."""
+    from tqdm.auto import tqdm
+
+    from sida_moe.offload import engine_of, offload
+
+    cfg.validate()
+    device = torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    dtype = getattr(torch, cfg.dtype) if cfg.dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)
+    rows: list[dict[str, Any]] = []
+    model = _load_model(cfg, device, dtype)
+    prompts = {b: _prompts(model, b, cfg.prompt_tokens, cfg.seed, device) for b in cfg.batch_sizes}
+    reference: dict[int, torch.Tensor] = {}
+    total = len(cfg.batch_sizes) * (len(cfg.budgets) * len(cfg.policies) * len(cfg.predictors) + len(cfg.baselines))
+    bar = tqdm(total=total, desc="bench", unit="run", disable=not cfg.progress)
+
+    def record(system: str, batch: int, timing, extra: dict[str, Any], tokens: torch.Tensor | None = None) -> None:
+        row = {"system": system, "policy": "-", "predictor": "-", "budget_fraction": None, **timing.summary(), **extra}
+        row["batch_size"] = batch
+        if tokens is not None and batch in reference:
+            row["same_tokens_as_resident"] = bool(torch.equal(tokens, reference[batch]))
+        rows.append(row)
+        bar.set_postfix_str(f"{system} {extra.get('policy', '')} {row['decode_tokens_per_s']:.2f} tok/s")
+        bar.update(1)
+
+    # 1. all resident (also the reference tokens)
+    if "resident" in cfg.baselines:
+        impl = set_fastest_experts_implementation(model)
+        for b in cfg.batch_sizes:
+            _generate(model, prompts[b], 2, device)  # warm-up (kernel selection, allocator)
+            _reset_peak(device)
+            tokens, timing = _generate(model, prompts[b], cfg.new_tokens, device)
+            reference[b] = tokens
+            record("resident", b, timing, {"experts_implementation": impl, "peak_gpu_gib": _peak_gib(device)})
+    # 2. transformers + accelerate, experts on the CPU (slow: fewer tokens)
+    if "accelerate_cpu" in cfg.baselines:
+        with experts_on_cpu_with_accelerate(model, device):
+            for b in cfg.batch_sizes:
+                _reset_peak(device)
+                _, timing = _generate(model, prompts[b], max(2, cfg.accelerate_new_tokens), device)
+                record("accelerate_cpu", b, timing, {"peak_gpu_gib": _peak_gib(device)})
+    # 3. sida-moe
+    first_budget = min(cfg.budgets)
+    offload(model, gpu_budget=first_budget, policy="lru", prefetch="none", progress=cfg.progress)
+    engine = engine_of(model)
+    engine.measure_stalls = device.type == "cuda"
+    for b in cfg.batch_sizes:  # warm-up: kernels compiled and selected before anything is timed
+        _generate(model, prompts[b], 2, device)
+
+    def run_config(system: str, b: int, budget: float, policy: str, predictor: str, sync: bool = False,
+                   trace: list | None = None) -> None:
+        num_slots = engine.slots_for(budget)
+        engine.reopen_cache(num_slots, "predictive" if policy == "belady" else policy)
+        engine.set_prefetcher(_make_prefetcher(predictor, cfg))
+        engine.sync_loads = sync
+        if policy == "belady":
+            engine.set_future(trace or [])
+        engine.reset_stats()
+        _reset_peak(device)
+        tokens, timing = _generate(model, prompts[b], cfg.new_tokens, device)
+        extra = {"policy": policy, "predictor": predictor, "budget_fraction": budget, "peak_gpu_gib": _peak_gib(device),
+                 **_engine_metrics(engine, timing)}
+        record(system, b, timing, extra, tokens)
+        engine.sync_loads = False
+
+    for b in cfg.batch_sizes:
+        for budget in cfg.budgets:
+            # the acquire sequence of this (batch, budget) is the same under every policy and
+            # prefetcher (exact mode): record it once, then feed it to the oracle
+            with engine.recording_acquires() as trace:
+                run_config("sida", b, budget, "lru", "none")
+            rows[-1]["system"] = "sida" if ("lru" in cfg.policies and "none" in cfg.predictors) else "_trace"
+            for policy in cfg.policies:
+                for predictor in cfg.predictors:
+                    if policy == "lru" and predictor == "none":
+                        continue
+                    run_config("sida", b, budget, policy, predictor, trace=list(trace))
+            if "ondemand_lru" in cfg.baselines:
+                run_config("ondemand_lru", b, budget, "lru", "none")
+            if "sida_sync" in cfg.baselines:
+                run_config("sida_sync", b, budget, "fifo", "none", sync=True)
+    rows = [r for r in rows if r["system"] != "_trace"]
+    bar.close()
+
+    if cfg.out_dir:
+        out = Path(cfg.out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        meta = {
+            "config": {k: v for k, v in asdict(cfg).items()},
+            "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
+            "torch": torch.__version__,
+            "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "engine": engine.describe(),
+        }
+        write_json(out / "bench.json", meta, rows)
+        (out / "bench.md").write_text(markdown_table(rows))
+        b0 = cfg.batch_sizes[0]
+        first = [r for r in rows if r["batch_size"] == b0]
+        plot_vs_budget(first, "decode_tokens_per_s", "decode tokens/s", out / "tokens_per_s_vs_budget.png")
+        plot_vs_budget([r for r in first if r.get("hit_rate") is not None], "hit_rate", "cache hit rate", out / "hit_rate_vs_budget.png")
+        if cfg.timeline and device.type == "cuda":
+            mid = sorted(cfg.budgets)[len(cfg.budgets) // 2]
+            engine.reopen_cache(engine.slots_for(mid), "lru")
+            engine.set_prefetcher(_make_prefetcher("next_layer_gate" if "next_layer_gate" in cfg.predictors else cfg.predictors[0], cfg))
+            plot_timeline(_timeline(model, prompts[b0], device), out / "timeline.png")
+    engine.close()
+    return rows
