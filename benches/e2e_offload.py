@@ -125,7 +125,7 @@ def main(argv: list[str] | None = None) -> int:
         for prefetch in args.prefetch:
             t = time.perf_counter()
             if not first:
-                engine.reopen_cache(budget, args.policy)
+                engine.reopen_cache(engine.slots_for(budget), args.policy)
                 engine.set_prefetcher(sida_moe.prefetchers.make_prefetcher(prefetch))
             first = False
             _generate(model, batch, 2, device)  # warm-up (kernel builds, allocator)

@@ -130,8 +130,10 @@ class OffloadEngine:
         self._host_tables_np = self._host_tables.numpy()
         self._dev_tables = self._host_tables if not pin else torch.full_like(self._host_tables, -1, device=self.device)
 
-    def reopen_cache(self, num_slots: int, policy: str = "lru", copy_workers: int = 2) -> None:
-        """Replace the slot cache (new size / policy, empty slots); the pinned pool is kept."""
+    def reopen_cache(self, num_slots: int, policy: str | None = None, copy_workers: int = 2) -> None:
+        """Replace the slot cache (new size / policy, empty slots; ``slots_for(budget)`` gives the
+        size); the pinned pool is kept and the old slot memory is freed first."""
+        policy = policy or (self.cache.policy if self.cache is not None else "lru")
         if self.cache is not None:
             self.cache.close()
         self.cache = None
@@ -153,19 +155,6 @@ class OffloadEngine:
             yield trace
         finally:
             self._acquire_trace = None
-
-    def reopen_cache(self, gpu_budget: BudgetSpec, policy: str | None = None, copy_workers: int = 2) -> int:
-        """Replace the slot cache by one of another budget (and policy), keeping the pool; returns
-        the new slot count. The old slot memory is freed first."""
-        num_slots = self.slots_for(gpu_budget)
-        policy = policy or self._require_cache().policy
-        self._require_cache().close()
-        self.cache, self.views, self.slot_memory = None, None, None
-        if self.device.type == "cuda":
-            torch.cuda.empty_cache()
-        self.open_cache(num_slots, policy, copy_workers)
-        self.prefetcher.attach(self)
-        return num_slots
 
     def set_prefetcher(self, prefetcher: Prefetcher) -> None:
         old, self.prefetcher = self.prefetcher, prefetcher
