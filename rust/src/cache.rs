@@ -83,6 +83,8 @@ pub struct SlotTable {
     policy: PolicyState,
     /// Acquire calls committed so far (= index of the next one).
     acquires: u64,
+    /// Reused candidate buffer (victim selection allocates nothing per call).
+    scratch: Vec<usize>,
 }
 
 impl SlotTable {
@@ -94,7 +96,8 @@ impl SlotTable {
         Ok(Self {
             slots: vec![slot; num_slots],
             map: HashMap::new(),
-            policy: PolicyState::new(policy),
+            policy: PolicyState::new(policy, num_slots),
+            scratch: Vec::new(),
             acquires: 0,
         })
     }
@@ -135,33 +138,32 @@ impl SlotTable {
         self.policy.set_future(start, visits);
     }
 
-    fn evictable(&self, i: usize, spare_prefetched: bool) -> bool {
-        let s = &self.slots[i];
-        s.state != SlotState::Loading && s.refcount == 0 && !(spare_prefetched && s.prefetched_unused)
-    }
-
     /// Free slots first (lowest index), then policy victims among evictable resident slots.
-    fn pick_victims(&self, n: usize, exclude: &[Key], spare_prefetched: bool, from: u64) -> Vec<usize> {
-        let mut out: Vec<usize> = self
-            .slots
-            .iter()
-            .enumerate()
-            .filter(|(i, s)| s.key.is_none() && self.evictable(*i, spare_prefetched))
-            .map(|(i, _)| i)
-            .take(n)
-            .collect();
-        if out.len() < n {
-            let candidates: Vec<(usize, Key)> = self
-                .slots
-                .iter()
-                .enumerate()
-                .filter_map(|(i, s)| match s.key {
-                    Some(k) if self.evictable(i, spare_prefetched) && !exclude.contains(&k) => Some((i, k)),
-                    _ => None,
-                })
-                .collect();
-            out.extend(self.policy.choose_victims(&candidates, n - out.len(), from));
+    /// One pass over the slot array; ranks are computed only when free slots do not suffice.
+    fn pick_victims(&mut self, n: usize, spare_prefetched: bool, from: u64) -> Vec<usize> {
+        if n == 0 {
+            return Vec::new();
         }
+        let mut out = Vec::with_capacity(n);
+        let mut cands = std::mem::take(&mut self.scratch);
+        cands.clear();
+        for (i, s) in self.slots.iter().enumerate() {
+            if s.state == SlotState::Loading || s.refcount > 0 || (spare_prefetched && s.prefetched_unused) {
+                continue;
+            }
+            if s.key.is_none() {
+                out.push(i);
+                if out.len() == n {
+                    break;
+                }
+            } else {
+                cands.push(i);
+            }
+        }
+        if out.len() < n {
+            out.extend(self.policy.choose_victims(&cands, n - out.len(), from));
+        }
+        self.scratch = cands;
         out
     }
 
@@ -177,10 +179,10 @@ impl SlotTable {
         s.seq += 1;
         if let Some(old) = evicted {
             self.map.remove(&old);
-            self.policy.on_evict(old);
+            self.policy.on_evict(slot);
         }
         self.map.insert(key, slot);
-        self.policy.on_insert(key);
+        self.policy.on_insert(slot, key);
         (evicted, wasted)
     }
 
@@ -194,18 +196,28 @@ impl SlotTable {
                 self.slots.len()
             )));
         }
-        let missing: Vec<Key> = keys.iter().copied().filter(|k| !self.map.contains_key(k)).collect();
-        let victims = self.pick_victims(missing.len(), keys, false, self.acquires + 1);
-        if victims.len() < missing.len() {
-            return Ok(AcquireOutcome::NoRoom { needed: missing.len(), evictable: victims.len() });
-        }
+        // Pin the hits first so victim selection cannot pick them.
         let mut plan = AcquirePlan::default();
+        let mut missing = 0;
+        for &key in keys {
+            match self.map.get(&key) {
+                Some(&slot) => self.slots[slot].refcount += 1,
+                None => missing += 1,
+            }
+        }
+        let victims = self.pick_victims(missing, false, self.acquires + 1);
+        if victims.len() < missing {
+            for &key in keys {
+                if let Some(&slot) = self.map.get(&key) {
+                    self.slots[slot].refcount -= 1;
+                }
+            }
+            return Ok(AcquireOutcome::NoRoom { needed: missing, evictable: victims.len() });
+        }
         let mut victims = victims.into_iter();
         for &key in keys {
-            self.policy.on_access(key);
             if let Some(&slot) = self.map.get(&key) {
                 let s = &mut self.slots[slot];
-                s.refcount += 1;
                 if s.prefetched_unused {
                     s.prefetched_unused = false;
                     plan.prefetch_used += 1;
@@ -225,6 +237,7 @@ impl SlotTable {
                 plan.loads.push((slot, key));
                 plan.slots.push(slot);
             }
+            self.policy.on_access(key);
         }
         self.acquires += 1;
         self.policy.advance(self.acquires);
@@ -237,7 +250,7 @@ impl SlotTable {
         if self.map.contains_key(&key) {
             return PrefetchOutcome::AlreadyResident;
         }
-        let victims = self.pick_victims(1, &[], !demand, self.acquires);
+        let victims = self.pick_victims(1, !demand, self.acquires);
         let Some(&slot) = victims.first() else {
             return PrefetchOutcome::NoRoom;
         };
@@ -259,7 +272,7 @@ impl SlotTable {
             s.seq += 1;
             if let Some(k) = s.key.take() {
                 self.map.remove(&k);
-                self.policy.on_evict(k);
+                self.policy.on_evict(slot);
             }
             // Pins stay: their holders see the changed seq and unpin.
         }
