@@ -1,21 +1,26 @@
 """SiDA's data-aware predictor: routing traces, the hash-function network, truncated-KD training,
 the run-ahead prefetcher and hash routing."""
 
+from sida_moe.predictor.hash_routing import HashRouting
 from sida_moe.predictor.model import HashPredictor, PredictorConfig, PredictorState, has_predictor
+from sida_moe.predictor.runahead import RunAheadPrefetcher, load_prefetcher
 from sida_moe.predictor.sparsemax import sparsemax
 from sida_moe.predictor.traces import RoutingRecorder, Traces, find_moe_layers, load_traces, record_traces
 from sida_moe.predictor.train import TrainConfig, evaluate, train_predictor
 
 __all__ = [
     "HashPredictor",
+    "HashRouting",
     "PredictorConfig",
     "PredictorState",
     "RoutingRecorder",
+    "RunAheadPrefetcher",
     "TrainConfig",
     "Traces",
     "evaluate",
     "find_moe_layers",
     "has_predictor",
+    "load_prefetcher",
     "load_traces",
     "record_traces",
     "sparsemax",

@@ -49,6 +49,16 @@ def hash_route(
     return ids, probs.to(dtype or source.dtype)
 
 
+def router_normalizes(router: nn.Module, config: object = None) -> bool:
+    """Whether a router renormalises its top-k weights to sum to 1: the router's (or the config's)
+    ``norm_topk_prob``; routers without the switch (Mixtral) always do."""
+    for owner in (router, config):
+        value = getattr(owner, "norm_topk_prob", None)
+        if value is not None:
+            return bool(value)
+    return True
+
+
 class HashRouting:
     """Context manager: while active, ``model``'s MoE layers use the predictor's experts.
 
@@ -79,7 +89,7 @@ class HashRouting:
         if any(l.num_experts != predictor.config.num_experts for l in self.layers):
             raise ValueError("the predictor's number of experts differs from the model's")
         config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
-        self.normalize = bool(getattr(config, "norm_topk_prob", False))
+        self.normalize = [router_normalizes(layer.router, config) for layer in self.layers]
         self._logits: torch.Tensor | None = None  # [L, T, E] for the current forward
         self._router_logits: dict[int, torch.Tensor] = {}
         self._state: PredictorState | None = None
@@ -133,10 +143,10 @@ class HashRouting:
                 raise RuntimeError(
                     f"hash routing: predictor gave {pred.shape[0]} tokens, MoE layer {layer.index} has {ids.shape[0]}"
                 )
-            new_ids, new_w = hash_route(pred, ids.shape[-1], self.normalize, router_logits, dtype=weights.dtype)
+            new_ids, new_w = hash_route(pred, ids.shape[-1], self.normalize[layer.index], router_logits, dtype=weights.dtype)
             return (hidden, new_ids.to(ids.dtype), new_w, *args[3:]), kwargs
 
         return hook
 
 
-__all__ = ["HashRouting", "WeightSource", "hash_route"]
+__all__ = ["HashRouting", "WeightSource", "hash_route", "router_normalizes"]

@@ -1,0 +1,122 @@
+"""``sida-moe trace`` and ``sida-moe train-predictor`` (registered with ``sida_moe.cli``).
+
+    sida-moe trace --model ./my-moe --corpus /usr/lib/python3.12 --split train --out ./trace-train
+    sida-moe trace --model ./my-moe --corpus /usr/lib/python3.12 --split held-out --out ./trace-held
+    sida-moe train-predictor --trace ./trace-train --held-out ./trace-held --out ./my-moe
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+
+
+def _configure_trace(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", required=True, help="transformers (>= 5) MoE checkpoint directory or hub id")
+    p.add_argument("--corpus", required=True, help="a text file, or a directory of .py/.txt/.md/.rst files")
+    p.add_argument("--out", required=True, help="trace directory to write")
+    p.add_argument("--split", default="all", choices=["all", "train", "held-out"],
+                   help="which files of the corpus: a stable path hash puts --held-out-fraction of them in held-out")
+    p.add_argument("--held-out-fraction", type=float, default=0.05)
+    p.add_argument("--seq-len", type=int, default=256)
+    p.add_argument("--max-sequences", type=int, default=None, help="trace at most this many sequences (random subset)")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--top-t", type=int, default=30, help="router logits kept per token and layer")
+    p.add_argument("--device", default=None, help="default: cuda when available, else cpu")
+    p.add_argument("--dtype", default=None, choices=["bfloat16", "float16", "float32"])
+    p.add_argument("--seed", type=int, default=0)
+
+
+def run_trace(args: argparse.Namespace) -> int:
+    """Tokenize the corpus, run the model over it and write the routing trace."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from sida_moe.predictor.traces import chunk_token_ids, read_corpus, record_traces, split_held_out
+
+    if args.seq_len <= 0 or args.batch_size <= 0:
+        raise SystemExit("--seq-len and --batch-size must be positive")
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    dtype = getattr(torch, args.dtype) if args.dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)
+    docs = read_corpus(args.corpus)
+    if args.split != "all":
+        train, held = split_held_out(docs, args.held_out_fraction)
+        docs = train if args.split == "train" else held
+        if not docs:
+            raise SystemExit(f"the {args.split} split of {args.corpus!r} is empty; change --held-out-fraction")
+    tokenizer = AutoTokenizer.from_pretrained(args.model)
+    ids = tokenizer([text for _, text in docs], add_special_tokens=False)["input_ids"]
+    sequences = chunk_token_ids(ids, args.seq_len, separator=tokenizer.eos_token_id)
+    if args.max_sequences is not None and sequences.shape[0] > args.max_sequences:
+        g = torch.Generator().manual_seed(args.seed)
+        sequences = sequences[torch.randperm(sequences.shape[0], generator=g)[: args.max_sequences]]
+    model = AutoModelForCausalLM.from_pretrained(args.model, dtype=dtype).to(device).eval()
+    print(f"tracing {sequences.shape[0]} sequences of {args.seq_len} tokens from {len(docs)} files on {device}")
+    manifest = record_traces(model, sequences, args.out, batch_size=args.batch_size, top_t=args.top_t,
+                             model_name_or_path=args.model)
+    print(f"wrote {args.out}: {manifest['num_moe_layers']} MoE layers, {manifest['num_experts']} experts, "
+          f"top-{manifest['top_k']}, {manifest['num_sequences'] * manifest['seq_len']} tokens")
+    return 0
+
+
+def _configure_train(p: argparse.ArgumentParser) -> None:
+    from sida_moe.predictor.train import TrainConfig
+
+    d = TrainConfig()
+    p.add_argument("--trace", required=True, help="trace directory of training text (sida-moe trace)")
+    p.add_argument("--held-out", default=None, help="trace directory of held-out text for the evaluation report")
+    p.add_argument("--out", default=None, help="where to save predictor.json/.safetensors (default: the traced model's directory)")
+    p.add_argument("--steps", type=int, default=d.steps)
+    p.add_argument("--batch-size", type=int, default=d.batch_size)
+    p.add_argument("--lr", type=float, default=d.lr, help=f"AdamW learning rate (default {d.lr}; the paper's is 5e-5)")
+    p.add_argument("--kd-weight", type=float, default=d.kd_weight)
+    p.add_argument("--top-t", type=int, default=d.top_t)
+    p.add_argument("--target", default=d.target, choices=["top1", "topk"],
+                   help="top1: the paper's loss; topk: uniform target over the router's top-k set")
+    p.add_argument("--conditioned", action="store_true", help="also learn the correction from the previous layer's routing")
+    p.add_argument("--device", default=None, help="default: cuda when available, else cpu")
+    p.add_argument("--report", default=None, help="write the full report (JSON) here")
+    p.add_argument("--seed", type=int, default=d.seed)
+
+
+def run_train(args: argparse.Namespace) -> int:
+    """Train the hash function on a trace, print the held-out report and save the predictor."""
+    import torch
+
+    from sida_moe.predictor.traces import load_traces
+    from sida_moe.predictor.train import TrainConfig, format_report, train_predictor
+
+    traces = load_traces(args.trace)
+    held = load_traces(args.held_out) if args.held_out else None
+    out = args.out or traces.manifest.get("model_name_or_path")
+    if not out or not (os.path.isdir(out) or args.out):
+        raise SystemExit("--out is required: the trace does not name a local model directory to save next to")
+    config = TrainConfig(
+        steps=args.steps, batch_size=args.batch_size, lr=args.lr, kd_weight=args.kd_weight, top_t=args.top_t,
+        target=args.target, conditioned=args.conditioned, seed=args.seed,
+        device=args.device or ("cuda" if torch.cuda.is_available() else "cpu"),
+    )
+    predictor, report = train_predictor(traces, config, held_out=held)
+    predictor.save(out)
+    print(f"loss {report['loss_first']:.4f} -> {report['loss_last_50']:.4f} in {report['train_seconds']:.1f} s; "
+          f"{report['num_parameters']} parameters; saved to {out}")
+    if held is not None:
+        print(format_report(report["held_out"]))
+    if args.report:
+        with open(args.report, "w") as f:
+            json.dump(report, f, indent=2)
+    return 0
+
+
+def register(register_command=None) -> None:
+    """Add ``trace`` and ``train-predictor`` to the ``sida-moe`` command line."""
+    if register_command is None:
+        from sida_moe.cli import register_command
+    register_command("trace", "record MoE routing traces of a model over a text corpus", _configure_trace, run_trace)
+    register_command("train-predictor", "train the SiDA hash-function predictor on routing traces", _configure_train, run_train)
+
+
+register()
+
+__all__ = ["register", "run_trace", "run_train"]

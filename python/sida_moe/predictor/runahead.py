@@ -1,0 +1,290 @@
+"""The run-ahead prefetcher: SiDA's hash-building thread, as a ``sida_moe.prefetchers.Prefetcher``.
+
+Per model forward (``begin_forward``) the layer-0 input is handed to a background thread that runs
+the hash function on it (carrying the predictor's causal state across decode steps), then streams
+prefetches of every MoE layer's predicted experts in layer order, tagged with the forward's
+generation so that a newer forward cancels them, and feeds the predicted acquire sequence to the
+predictive eviction policy (``set_future``). The inference thread never waits for it in exact mode.
+
+As true routing appears (``after_routing`` of layer l), the next layer's prefetch is corrected:
+``correction="gate"`` applies layer l+1's router to layer l's hidden state (one small matmul on the
+compute stream) and queues what it picks that was not predicted on the demand lane;
+``"refine"`` uses the conditioned predictor's ``refine`` with layer l's true routing; ``"none"``
+keeps the embedding-only prediction.
+
+Hash routing (``hash_routing=True``, opt-in, lossy): ``route`` waits for the forward's prediction
+and returns the predicted experts and their predicted weights instead of the router's.
+"""
+
+from __future__ import annotations
+
+import os
+import queue
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Literal
+
+import torch
+
+from sida_moe.predictor.hash_routing import hash_route, router_normalizes
+from sida_moe.predictor.model import HashPredictor, PredictorState
+
+if TYPE_CHECKING:
+    from sida_moe.engine import OffloadEngine
+
+Correction = Literal["gate", "refine", "none"]
+
+
+@dataclass
+class _Job:
+    generation: int
+    embeds: torch.Tensor  # [B, S, H] on the predictor's device (or pinned host memory being filled)
+    copied: torch.cuda.Event | None  # recorded after the copy into ``embeds`` (None: ready now)
+    fresh: bool  # a new sequence: reset the predictor state
+    tokens: int
+    layers_done: int = 0  # MoE layers of this forward already routed (written by the inference thread)
+    ready: threading.Event = field(default_factory=threading.Event)
+    predicted: list[set[int]] = field(default_factory=list)  # per MoE layer: predicted experts
+    logits: torch.Tensor | None = None  # [L, T, E], kept for refine / hash routing
+    error: BaseException | None = None
+
+
+class RunAheadPrefetcher:
+    """SiDA's predictor as a prefetcher (see the module docstring).
+
+    - ``predictor``: a trained :class:`HashPredictor` matching the model's MoE layers and experts.
+    - ``device``: where the predictor runs; ``"cpu"`` (default) keeps the GPU free for the model,
+      the embeddings reach it by an asynchronous copy on a side stream.
+    - ``k``: experts prefetched per token and layer (default: the model's top-k).
+    - ``feed_future``: send the predicted acquire sequence to ``set_future`` (predictive policy).
+    """
+
+    name = "sida"
+
+    def __init__(
+        self,
+        predictor: HashPredictor,
+        device: str | torch.device = "cpu",
+        correction: Correction = "gate",
+        k: int | None = None,
+        feed_future: bool = True,
+        hash_routing: bool = False,
+    ) -> None:
+        if correction not in ("gate", "refine", "none"):
+            raise ValueError(f"correction must be 'gate', 'refine' or 'none', got {correction!r}")
+        if correction == "refine" and predictor.prev_routing is None:
+            raise ValueError("correction='refine' needs a predictor trained with conditioned=True")
+        if k is not None and not 0 < k <= predictor.config.num_experts:
+            raise ValueError(f"k must be in [1, {predictor.config.num_experts}], got {k}")
+        self.predictor = predictor.to(device).eval()
+        self.device = torch.device(device)
+        self.correction = correction
+        self.k = k or predictor.config.top_k
+        self.feed_future = feed_future
+        self.hash_routing = hash_routing
+        self._engine: OffloadEngine | None = None
+        self._queue: queue.Queue[_Job | None] = queue.Queue()
+        self._thread: threading.Thread | None = None
+        self._state: PredictorState | None = None  # owned by the worker thread
+        self._seen_tokens = 0  # tokens of the current sequence given to the predictor (inference thread)
+        self._current: _Job | None = None
+        self._copy_stream: torch.cuda.Stream | None = None
+        self._lock = threading.Lock()
+        self.reset_metrics()
+
+    # ------------------------------------------------------------------------------ protocol
+    def attach(self, engine: OffloadEngine) -> None:
+        layers = engine.moe_layers
+        cfg = self.predictor.config
+        if len(layers) != cfg.num_moe_layers:
+            raise ValueError(f"the predictor covers {cfg.num_moe_layers} MoE layers, the model has {len(layers)}")
+        if any(layer.num_experts != cfg.num_experts for layer in layers):
+            raise ValueError(f"the predictor predicts {cfg.num_experts} experts per layer, the model has "
+                             f"{sorted({layer.num_experts for layer in layers})}")
+        if len({layer.stack for layer in layers}) > 1:
+            raise ValueError("the run-ahead prefetcher serves decoder-only models (one stack of MoE layers)")
+        self._engine = engine
+        self._seen_tokens = 0
+        self._current = None
+        if self._thread is None or not self._thread.is_alive():
+            self._thread = threading.Thread(target=self._worker, name="sida-predictor", daemon=True)
+            self._thread.start()
+
+    def begin_forward(self, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor | None) -> None:
+        engine = self._require_engine()
+        x = inputs_embeds if inputs_embeds.dim() == 3 else inputs_embeds.unsqueeze(0)
+        seq = x.shape[1]
+        total = attention_mask.shape[-1] if attention_mask is not None else None
+        # A fresh sequence unless this forward continues the tokens already predicted (cached decode:
+        # one new token, and a mask -- when given -- one longer than the tokens seen so far).
+        fresh = seq > 1 or self._current is None or (total is not None and total != self._seen_tokens + seq)
+        if self._current is not None and self._current.embeds.shape[0] != x.shape[0]:
+            fresh = True
+        self._seen_tokens = (0 if fresh else self._seen_tokens) + seq
+        embeds, copied = self._to_predictor_device(x.detach())
+        job = _Job(engine.generation, embeds, copied, fresh, x.shape[0] * seq)
+        self._current = job
+        self._queue.put(job)
+
+    def after_routing(self, moe_layer: int, hidden: torch.Tensor, topk_ids: torch.Tensor) -> None:
+        engine = self._require_engine()
+        job = self._current
+        if job is None:
+            return
+        used = set(topk_ids.reshape(-1).tolist())  # the engine already synced on these ids
+        with self._lock:
+            job.layers_done = moe_layer + 1
+            self._m["layers_seen"] += 1
+            if job.ready.is_set() and job.predicted:
+                pred = job.predicted[moe_layer]
+                self._m["hits"] += len(used & pred)
+                self._m["needed"] += len(used)
+                self._m["predicted"] += len(pred)
+            else:
+                self._m["late_layers"] += 1
+        nxt = moe_layer + 1
+        if nxt >= len(engine.moe_layers) or self.correction == "none":
+            return
+        if self.correction == "gate":
+            extra = set(engine.moe_layers[nxt].predict(hidden).reshape(-1).tolist())
+        else:  # refine: needs this forward's prediction
+            if not job.ready.is_set() or job.logits is None:
+                return
+            logits = self.predictor.refine(job.logits[nxt], nxt, topk_ids.to(job.logits.device).reshape(job.logits.shape[1], -1))
+            extra = set(logits.topk(self.k, dim=-1).indices.reshape(-1).tolist())
+        if job.ready.is_set() and job.predicted:
+            extra -= job.predicted[nxt]
+        if extra:
+            engine.prefetch(nxt, sorted(extra), "demand", job.generation)
+            with self._lock:
+                self._m["corrections"] += len(extra)
+
+    def route(
+        self, moe_layer: int, hidden: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        if not self.hash_routing:
+            return topk_ids, topk_weights
+        job = self._current
+        if job is None:
+            raise RuntimeError("hash routing: route() called before begin_forward()")
+        job.ready.wait()
+        if job.error is not None:
+            raise RuntimeError("the predictor thread failed") from job.error
+        logits = job.logits[moe_layer].to(hidden.device)
+        if logits.shape[0] != topk_ids.shape[0]:
+            raise RuntimeError(f"hash routing: {logits.shape[0]} predicted tokens, layer {moe_layer} has {topk_ids.shape[0]}")
+        normalize = router_normalizes(self._require_engine().moe_layers[moe_layer].router)
+        ids, weights = hash_route(logits, topk_ids.shape[-1], normalize, dtype=topk_weights.dtype)
+        return ids.to(topk_ids.dtype), weights
+
+    def close(self) -> None:
+        if self._thread is not None and self._thread.is_alive():
+            self._queue.put(None)
+            self._thread.join()
+        self._thread = None
+        self._engine = None
+        self._current = None
+
+    # ------------------------------------------------------------------------------- metrics
+    def metrics(self) -> dict[str, float]:
+        """``hit_rate``: used experts that were predicted / used (layers whose prediction was ready);
+        ``precision``: predicted-and-used / predicted; ``late_fraction``: layers that ran before the
+        forward's prediction was ready; ``predictor_ms_per_token``: the thread's compute time;
+        ``corrections``: experts queued by the next-layer correction."""
+        with self._lock:
+            m = dict(self._m)
+        return {
+            "hit_rate": m["hits"] / m["needed"] if m["needed"] else 0.0,
+            "precision": m["hits"] / m["predicted"] if m["predicted"] else 0.0,
+            "late_fraction": m["late_layers"] / m["layers_seen"] if m["layers_seen"] else 0.0,
+            "predictor_ms_per_token": 1e3 * m["predict_seconds"] / m["tokens"] if m["tokens"] else 0.0,
+            "predictor_ms_per_forward": 1e3 * m["predict_seconds"] / m["forwards"] if m["forwards"] else 0.0,
+            "corrections": float(m["corrections"]),
+            "forwards": float(m["forwards"]),
+        }
+
+    def reset_metrics(self) -> None:
+        with getattr(self, "_lock", threading.Lock()):
+            self._m = dict.fromkeys(
+                ("hits", "needed", "predicted", "late_layers", "layers_seen", "predict_seconds", "tokens",
+                 "forwards", "corrections"), 0)
+
+    # ------------------------------------------------------------------------------ internals
+    def _require_engine(self) -> OffloadEngine:
+        if self._engine is None:
+            raise RuntimeError("RunAheadPrefetcher used before attach()")
+        return self._engine
+
+    def _to_predictor_device(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.cuda.Event | None]:
+        if x.device == self.device:
+            return x, None
+        if x.device.type == "cuda":
+            # Asynchronous: a side stream waits for the embeddings, copies them to pinned memory and
+            # records an event the worker waits on; the compute stream never blocks.
+            if self._copy_stream is None:
+                self._copy_stream = torch.cuda.Stream(device=x.device)
+            stream = self._copy_stream
+            stream.wait_stream(torch.cuda.current_stream(x.device))
+            with torch.cuda.stream(stream):
+                dst = torch.empty(x.shape, dtype=x.dtype, pin_memory=self.device.type == "cpu",
+                                  device="cpu" if self.device.type == "cpu" else self.device)
+                dst.copy_(x, non_blocking=True)
+                x.record_stream(stream)
+                event = torch.cuda.Event()
+                event.record(stream)
+            return dst, event
+        return x.to(self.device), None
+
+    def _worker(self) -> None:
+        with torch.inference_mode():
+            while True:
+                job = self._queue.get()
+                if job is None:
+                    return
+                try:
+                    self._predict(job)
+                except BaseException as exc:  # noqa: BLE001 -- reported through the job and metrics
+                    job.error = exc
+                finally:
+                    job.ready.set()
+
+    def _predict(self, job: _Job) -> None:
+        if job.copied is not None:
+            job.copied.synchronize()
+        t0 = time.perf_counter()
+        x = job.embeds.to(self.device, torch.float32)
+        logits, self._state = self.predictor(x, None if job.fresh else self._state)
+        # only the last token of each row decides what the next layers need in decode; in prefill
+        # every token's experts are needed
+        flat = logits.reshape(logits.shape[0], -1, logits.shape[-1])  # [L, T, E]
+        ids = flat.topk(self.k, dim=-1).indices
+        predicted = [set(row.reshape(-1).tolist()) for row in ids]
+        job.logits = flat
+        job.predicted = predicted
+        elapsed = time.perf_counter() - t0
+        with self._lock:
+            self._m["predict_seconds"] += elapsed
+            self._m["tokens"] += job.tokens
+            self._m["forwards"] += 1
+        engine = self._engine
+        if engine is None or engine.generation != job.generation:
+            return  # a newer forward started: these prefetches would be stale
+        with self._lock:
+            done = job.layers_done  # layers that ran before the prediction was ready get nothing
+        if self.feed_future:
+            # visit i of the future is the acquire call i from now: the first layer not yet routed
+            engine.set_future([(layer, sorted(predicted[layer])) for layer in range(done, len(predicted))])
+        for layer in range(done, len(predicted)):
+            if engine.generation != job.generation:
+                break
+            engine.prefetch(layer, sorted(predicted[layer]), "prefetch", job.generation)
+
+
+def load_prefetcher(path: str | os.PathLike, device: str = "cpu", **kwargs) -> RunAheadPrefetcher:
+    """A :class:`RunAheadPrefetcher` for the predictor saved in ``path`` (``predictor.json`` +
+    ``predictor.safetensors``, e.g. in the model's directory). ``kwargs`` go to the constructor."""
+    return RunAheadPrefetcher(HashPredictor.load(path, device=device), device=device, **kwargs)
+
+
+__all__ = ["RunAheadPrefetcher", "load_prefetcher"]
