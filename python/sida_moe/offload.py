@@ -145,6 +145,7 @@ def offload(
         )
     _check_dtype(model, fmt)
     devices = {p.device for p in params}
+    del params  # holding them would keep every original expert alive until offload returns
     if len(devices) != 1:
         raise ValueError(f"the experts are spread over several devices {sorted(map(str, devices))}; put the model on one device")
     device = devices.pop()
@@ -200,7 +201,7 @@ def _safetensors_files(path: Path) -> list[Path]:
 
 def _resolve_dtype(dtype: torch.dtype | str | None, config) -> torch.dtype:
     if dtype is None:
-        dtype = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None) or torch.float32
+        dtype = getattr(config, "dtype", None) or torch.float32
     if isinstance(dtype, str):
         resolved = getattr(torch, dtype.removeprefix("torch."), None)
         if not isinstance(resolved, torch.dtype):
@@ -263,12 +264,13 @@ def from_pretrained(
     device = torch.device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
     if device.type == "cuda" and device.index is None:
         device = torch.device("cuda", torch.cuda.current_device())
+    files = _safetensors_files(path)
+    cls = _model_class(config)
     with _parameters_on_meta():
-        model = _model_class(config)._from_config(config, dtype=dtype)
+        model = cls._from_config(config, dtype=dtype) if hasattr(cls, "_from_config") else cls.from_config(config, dtype=dtype)
     model.eval()
     adapter, layers, fmt = _discover(model)
 
-    files = _safetensors_files(path)
     renames = [(re.compile(p), r) for p, r in adapter.checkpoint_renames]
     location: dict[str, tuple[Path, str]] = {}  # module-side name -> (file, on-disk name)
     for file in files:
