@@ -38,6 +38,15 @@ from sida_moe.predictor.train import TrainConfig, evaluate, train_predictor  # n
 import train_reference_model as ref  # noqa: E402
 
 
+VARIANTS: dict[str, dict] = {
+    "paper_loss_lr1e-3": {"target": "top1", "lr": 1e-3},
+    "paper_loss_lr5e-5": {"target": "top1", "lr": 5e-5},
+    "topk": {"target": "topk", "lr": 1e-3},
+    "topk_conditioned": {"target": "topk", "lr": 1e-3, "conditioned": True},
+    "topk_kd0.5_conditioned": {"target": "topk", "lr": 1e-3, "kd_weight": 0.5, "conditioned": True},
+}
+
+
 def log(msg: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
 
@@ -97,12 +106,17 @@ def main() -> None:
     ap.add_argument("--work", default="/tmp/sida-predictor-work")
     ap.add_argument("--train-seconds", type=float, default=150.0)
     ap.add_argument("--trace-seq-len", type=int, default=256)
-    ap.add_argument("--train-sequences", type=int, default=2000)
+    ap.add_argument("--train-sequences", type=int, default=100000)
     ap.add_argument("--held-out-sequences", type=int, default=200)
-    ap.add_argument("--predictor-steps", type=int, default=1000)
+    ap.add_argument("--predictor-steps", type=int, default=4000)
+    ap.add_argument("--predictor-seconds", type=float, default=60.0, help="training time cap per variant")
+    ap.add_argument("--variants", default="topk,topk_kd0.5_conditioned", help=f"comma-separated, from {sorted(VARIANTS)}")
+    ap.add_argument("--decode", action="store_true", help="also decode held-out prompts through the offload engine")
+    ap.add_argument("--decode-prompts", type=int, default=4)
+    ap.add_argument("--prompt-tokens", type=int, default=64)
+    ap.add_argument("--new-tokens", type=int, default=64)
     ap.add_argument("--sim-sequences", type=int, default=24)
     ap.add_argument("--budget", type=float, default=0.25, help="expert cache budget as a fraction of all experts")
-    ap.add_argument("--deadline-seconds", type=float, default=380.0, help="whole-run budget the steps adapt to")
     ap.add_argument("--smoke", action="store_true", help="CPU smoke test: tiny random model, few steps")
     args = ap.parse_args()
     os.makedirs(args.out, exist_ok=True)
@@ -162,37 +176,36 @@ def main() -> None:
     dump(results)
 
     # ---- 3-4. predictor variants
-    steps = 5 if args.smoke else args.predictor_steps
-    variants = {
-        "paper_loss_lr1e-3": TrainConfig(steps=steps, lr=1e-3, target="top1", device=device),
-        "topk_conditioned": TrainConfig(steps=steps, lr=1e-3, target="topk", conditioned=True, device=device),
-        "paper_loss_lr5e-5": TrainConfig(steps=steps, lr=5e-5, target="top1", device=device),
-    }
     predictors: dict[str, HashPredictor] = {}
     results["variants"] = {}
-    deadline = t_start + args.deadline_seconds
-    for name, cfg in variants.items():
-        if results["variants"]:
-            # Keep the run inside its time limit: later variants get the steps the clock allows.
-            per_step = max(r["train_seconds"] / r["train_config"]["steps"] for r in results["variants"].values())
-            left = deadline - time.perf_counter() - 90.0
-            cfg.steps = max(50, min(cfg.steps, int(left / (len(variants) - len(results["variants"])) / (1.3 * per_step))))
-        log(f"training predictor {name} for {cfg.steps} steps")
+    names = args.variants.split(",")
+    for name in names:
+        if name not in VARIANTS:
+            raise SystemExit(f"unknown variant {name!r}; choose from {sorted(VARIANTS)}")
+    for name in names:
+        cfg = TrainConfig(device=device, steps=5 if args.smoke else args.predictor_steps,
+                          max_seconds=None if args.smoke else args.predictor_seconds, **VARIANTS[name])
+        log(f"training predictor {name} (at most {cfg.steps} steps / {cfg.max_seconds} s)")
         pred, rep = train_predictor(tr, cfg, held_out=ho, progress=False)
         predictors[name] = pred
         rep.pop("loss_curve", None)
         results["variants"][name] = rep
         dump(results)
         k = rep["held_out"]["k"]
-        log(f"  {name}: held-out mean recall@{k} {rep['held_out'][f'mean_recall@{k}']:.4f}"
+        log(f"  {name}: {rep['steps_run']} steps, held-out mean recall@{k} {rep['held_out'][f'mean_recall@{k}']:.4f}"
+            f", recall@{2 * k} {rep['held_out'][f'mean_recall@{2 * k}']:.4f}"
             + (f", refined {rep['held_out'][f'mean_refined_recall@{k}']:.4f}" if cfg.conditioned else "")
             + f" ({rep['train_seconds']:.0f}s)")
+    k = ho.manifest["top_k"]
+    best_name = max(predictors, key=lambda n: results["variants"][n]["held_out"][f"mean_recall@{k}"])
+    best = predictors[best_name]
+    results["best_variant"] = best_name
 
     # ---- 5. hash routing fidelity
     log("hash routing fidelity")
     eval_ids = held_ids[: min(64, held_ids.shape[0])]
     fid = {"exact_loss": held_out_loss(model, eval_ids), "tokens": int(eval_ids.numel())}
-    for name in ("paper_loss_lr1e-3", "topk_conditioned"):
+    for name in predictors:
         for weights in ("predicted", "router"):
             with HashRouting(model, predictors[name].to(device), weights=weights):
                 loss = held_out_loss(model, eval_ids)
@@ -202,14 +215,14 @@ def main() -> None:
 
     # ---- 6. cost per token
     log("cost per token")
-    best = predictors["topk_conditioned"]
     emb = model.get_input_embeddings()(held_ids[:1, :128].to(device)).float()
-    cost = {"predictor_params": best.num_parameters(),
+    cost = {"variant": best_name, "predictor_params": best.num_parameters(),
             "predictor_step_s_device": time_predictor_step(best.to(device), emb, 96)}
     cost["predictor_step_s_cpu"] = time_predictor_step(best.to("cpu"), emb.cpu(), 96)
     best.to(device)
     cost["model_decode_step_s"] = time_decode_step(model, held_ids[:1, :32], 16 if args.smoke else 64)
     cost["ratio_device"] = cost["predictor_step_s_device"] / cost["model_decode_step_s"]
+    cost["ratio_cpu"] = cost["predictor_step_s_cpu"] / cost["model_decode_step_s"]
     results["cost_per_token"] = cost
     dump(results)
 
@@ -217,24 +230,51 @@ def main() -> None:
     log("cache simulation")
     sim = ho.subset(slice(0, min(args.sim_sequences, ho.num_sequences)))
     num_experts, L = ho.manifest["num_experts"], ho.manifest["num_moe_layers"]
-    slots = max(ho.manifest["top_k"], int(round(args.budget * num_experts * L)))
+    slots = max(k, int(round(args.budget * num_experts * L)))
     with torch.no_grad():
         embeds = sim.embeddings[sim.input_ids].to(device=device, dtype=torch.float32)
         sims = {}
-        for name in ("paper_loss_lr1e-3", "topk_conditioned"):
-            p = predictors[name]
+        for name, p in predictors.items():
             logits, _ = p(embeds)
-            pred = logits.topk(ho.manifest["top_k"], dim=-1).indices.cpu()
+            pred = logits.topk(k, dim=-1).indices.cpu()
             refined = None
             if p.prev_routing is not None:
                 true_dev = sim.topk_ids.to(device)
                 refined = torch.stack([logits[0]] + [p.refine(logits[l], l, true_dev[l - 1]) for l in range(1, L)])
-                refined = refined.topk(ho.manifest["top_k"], dim=-1).indices.cpu()
+                refined = refined.topk(k, dim=-1).indices.cpu()
             sims[name] = simulate_all(sim.topk_ids, pred, slots, refined_ids=refined)
     results["cache_simulation"] = {"num_slots": slots, "budget": args.budget, "sequences": sim.num_sequences, **sims}
+    dump(results)
+
+    # ---- 8. real decode through the offload engine (needs the native runtime)
+    if args.decode and HAS_NATIVE:
+        log(f"decode through the offload engine with predictor {best_name}")
+        from predictor_decode import run_decode_bench
+
+        from sida_moe.prefetchers import make_prefetcher
+        from sida_moe.predictor.runahead import RunAheadPrefetcher
+
+        def make(spec):
+            if isinstance(spec, dict):
+                return RunAheadPrefetcher(best, **spec)
+            return make_prefetcher(spec)
+
+        best.to("cpu")
+        configs = [
+            {"name": "lru/none", "policy": "lru", "prefetch": "none"},
+            {"name": "lru/next_layer_gate", "policy": "lru", "prefetch": "next_layer_gate"},
+            {"name": "lru/sida", "policy": "lru", "prefetch": {"device": "cpu", "correction": "none", "feed_future": False}},
+            {"name": "lru/sida+gate", "policy": "lru", "prefetch": {"device": "cpu", "correction": "gate", "feed_future": False}},
+            {"name": "predictive/sida+gate", "policy": "predictive", "prefetch": {"device": "cpu", "correction": "gate"}},
+            {"name": "predictive/sida+gate(gpu predictor)", "policy": "predictive",
+             "prefetch": {"device": device, "correction": "gate"}},
+        ]
+        prompts = [held_ids[i : i + 1, : args.prompt_tokens] for i in range(args.decode_prompts)]
+        results["decode"] = run_decode_bench(model, prompts, args.new_tokens, args.budget, configs, make)
+        dump(results)
 
     # ---- artifacts
-    for name in ("paper_loss_lr1e-3", "topk_conditioned"):
+    for name in list(predictors)[:2]:
         d = os.path.join(args.work, f"predictor-{name}")
         predictors[name].save(d)
         for fname in ("predictor.safetensors", "predictor.json"):
@@ -247,7 +287,7 @@ def main() -> None:
     with open(os.path.join(args.out, "predictor_pipeline.json"), "w") as f:
         json.dump(results, f, indent=2)
     log(f"done in {results['total_seconds']:.0f}s")
-    print(json.dumps({k: results[k] for k in ("hash_routing", "cost_per_token", "cache_simulation")}, indent=1)[:6000])
+    print(json.dumps({k: results.get(k) for k in ("hash_routing", "cost_per_token", "decode")}, indent=1)[:8000])
 
 
 if __name__ == "__main__":

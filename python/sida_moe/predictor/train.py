@@ -38,12 +38,16 @@ class TrainConfig:
     grad_clip: float = 1.0
     seed: int = 0
     device: str = "cpu"
+    max_seconds: float | None = None  # wall-clock cap: the step count is cut to fit after 20 steps
+
 
     def __post_init__(self) -> None:
         if self.steps <= 0 or self.batch_size <= 0 or self.top_t <= 0:
             raise ValueError("steps, batch_size and top_t must be positive")
         if not self.lr > 0:
             raise ValueError(f"lr must be positive, got {self.lr}")
+        if self.max_seconds is not None and not self.max_seconds > 0:
+            raise ValueError(f"max_seconds must be positive or None, got {self.max_seconds}")
         if self.kd_weight < 0:
             raise ValueError(f"kd_weight must be >= 0, got {self.kd_weight}")
         if self.target not in ("top1", "topk"):
@@ -132,10 +136,12 @@ def train_predictor(
     model.to(device).train()
     opt = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
 
+    total_steps = config.steps
+
     def lr_at(step: int) -> float:
         if step < config.warmup_steps:
             return (step + 1) / config.warmup_steps
-        frac = (step - config.warmup_steps) / max(1, config.steps - config.warmup_steps)
+        frac = (step - config.warmup_steps) / max(1, total_steps - config.warmup_steps)
         return 0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * min(1.0, frac)))
 
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_at)
@@ -143,8 +149,13 @@ def train_predictor(
     n = traces.num_sequences
     losses: list[float] = []
     t0 = time.perf_counter()
-    bar = tqdm(range(config.steps), desc="train-predictor", disable=not progress)
-    for step in bar:
+    bar = tqdm(total=config.steps, desc="train-predictor", disable=not progress)
+    step = 0
+    while step < total_steps:
+        if step == 20 and config.max_seconds is not None:
+            per_step = (time.perf_counter() - t0) / 20
+            total_steps = max(21, min(config.steps, int(config.max_seconds / per_step)))
+            bar.total = total_steps
         rows = torch.randint(0, n, (min(config.batch_size, n),), generator=gen)
         embeds, topk_ids, logit_ids, logit_vals = _batch(traces, rows, device)
         logits, _ = model(embeds)
@@ -163,6 +174,9 @@ def train_predictor(
         losses.append(float(loss.detach()))
         if step % 50 == 0:
             bar.set_postfix(loss=f"{losses[-1]:.4f}")
+        bar.update(1)
+        step += 1
+    bar.close()
     train_seconds = time.perf_counter() - t0
     model.eval()
     report: dict = {
@@ -171,6 +185,7 @@ def train_predictor(
         "num_parameters": model.num_parameters(),
         "train_sequences": n,
         "train_seconds": train_seconds,
+        "steps_run": step,
         "loss_first": losses[0],
         "loss_last_50": sum(losses[-50:]) / len(losses[-50:]),
         "loss_curve": losses[:: max(1, len(losses) // 100)],
