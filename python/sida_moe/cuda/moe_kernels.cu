@@ -396,28 +396,31 @@ SIDA_GEMV_KERNELS(8)
 SIDA_GEMV_KERNELS(16)
 
 // ------------------------------------------------------------- tensor-core GEMV (few tokens)
-// Decode with a few tokens per expert: the weights are the M side of mma.sync.m16n8k16 (16 weight
-// rows per tile), up to 8 tokens per n-tile ("swap AB"), fp32 accumulators. Each thread loads its
-// A and B fragments straight from global memory with 16-byte loads: within a chunk of 32 columns,
-// the thread with q = lane % 4 owns columns [8q, 8q + 8) of its rows; the first mma uses the first
-// 4 of them as its k-slots {2q, 2q+1, 2q+8, 2q+9}, the second mma the last 4. The dot product does
-// not depend on the order of k, and A and B use the same mapping. Needs K % 32 == 0.
+// A few tokens per expert: the weights are the M side of mma.sync.m16n8k16 (16 weight rows per
+// tile), up to 8 tokens per n-tile ("swap AB"), fp32 accumulators. Each thread loads its A and B
+// fragments straight from global memory with 16-byte loads: within a chunk of 32 columns, the
+// thread with q = lane % 4 owns columns [8q, 8q + 8) of its rows; the first mma uses the first 4 of
+// them as its k-slots {2q, 2q+1, 2q+8, 2q+9}, the second mma the last 4 (a dot product does not
+// depend on the order of k, and A and B use the same mapping). A block's 4 warps split K (32 rows
+// per block, so 4x the warps of one warp per tile), double-buffer their loads, and add their partial
+// sums in shared memory. Needs K % 32 == 0.
 #if SIDA_H % 32 == 0 && SIDA_I % 32 == 0
 #define SIDA_HAS_MMA 1
+#define MMA_U 2  // 32-column chunks per pipeline stage
 
 __device__ __forceinline__ void mma16816(float (&c)[4], u32 a0, u32 a1, u32 a2, u32 a3, u32 b0, u32 b1) {
 #if SIDA_DTYPE == 0
     asm("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, {%0, %1, %2, %3};"
-                 : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-                 : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+        : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
 #else
     asm("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, {%0, %1, %2, %3};"
-                 : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-                 : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+        : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
 #endif
 }
 
-// 8 consecutive activations as 4 packed 16-bit pairs (the B fragment of two mmas).
+// 8 consecutive activations as 4 packed 16-bit pairs (the B fragments of two mmas).
 __device__ __forceinline__ uint4 load_b8(const u16* p) { return __ldg((const uint4*)p); }
 __device__ __forceinline__ uint4 load_b8(const float* p) {
     float4 a = __ldg((const float4*)p);
@@ -425,16 +428,59 @@ __device__ __forceinline__ uint4 load_b8(const float* p) {
     return make_uint4(pack2(a.x, a.y), pack2(a.z, a.w), pack2(b.x, b.y), pack2(b.z, b.w));
 }
 
-// acc[mt][nt] += W[16 rows of tile mt] x B[8 tokens of tile nt], K-long rows.
-// wtile[mt]: row 0 of each 16-row tile (rows K apart); brow[nt]: this thread's token row
-// (token nt * 8 + lane / 4), or nullptr for a padding token (its B fragment is zero).
+template <int MT, int NT>
+struct MmaStage {
+    uint4 alo[MMA_U][MT], ahi[MMA_U][MT], b[MMA_U][NT];
+};
+
 template <int K, int MT, int NT, typename A>
-__device__ __forceinline__ void warp_mma_rows(const u16* const (&wtile)[MT], const A* const (&brow)[NT],
-                                              float (&acc)[MT][NT][4]) {
+__device__ __forceinline__ void mma_load(MmaStage<MT, NT>& st, const u16* const (&wlo)[MT], const u16* const (&whi)[MT],
+                                         const A* const (&brow)[NT], int c, int c_end, int q) {
+#pragma unroll
+    for (int u = 0; u < MMA_U; ++u) {
+        if (c + u < c_end) {
+#pragma unroll
+            for (int mt = 0; mt < MT; ++mt) {
+                st.alo[u][mt] = ld_stream(wlo[mt] + (c + u) * 32);
+                st.ahi[u][mt] = ld_stream(whi[mt] + (c + u) * 32);
+            }
+#pragma unroll
+            for (int nt = 0; nt < NT; ++nt)
+                st.b[u][nt] = brow[nt] != nullptr ? load_b8(brow[nt] + (c + u) * 32 + q * 8) : make_uint4(0u, 0u, 0u, 0u);
+        }
+    }
+}
+
+template <int MT, int NT>
+__device__ __forceinline__ void mma_compute(const MmaStage<MT, NT>& st, float (&acc)[MT][NT][4], int c, int c_end) {
+#pragma unroll
+    for (int u = 0; u < MMA_U; ++u) {
+        if (c + u < c_end) {
+#pragma unroll
+            for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+                for (int nt = 0; nt < NT; ++nt) {
+                    mma16816(acc[mt][nt], st.alo[u][mt].x, st.ahi[u][mt].x, st.alo[u][mt].y, st.ahi[u][mt].y,
+                             st.b[u][nt].x, st.b[u][nt].y);
+                    mma16816(acc[mt][nt], st.alo[u][mt].z, st.ahi[u][mt].z, st.alo[u][mt].w, st.ahi[u][mt].w,
+                             st.b[u][nt].z, st.b[u][nt].w);
+                }
+        }
+    }
+}
+
+// This warp's share of K for 32 weight rows (MT = 2 tiles of 16) x 8*NT tokens, then the block's
+// sum over its warps: on return, warp 0 holds the full sums in acc. wtile[mt]: row 0 of each
+// 16-row tile (rows K apart); brow[nt]: this thread's token row (token nt * 8 + lane / 4), or
+// nullptr for a padding token. Every warp of the block must call it (it has a barrier).
+template <int K, int NT, typename A>
+__device__ __forceinline__ void block_mma_rows(const u16* const (&wtile)[2], const A* const (&brow)[NT],
+                                               float (&acc)[2][NT][4], float* red /* shared [WARPS-1][2*NT*4*32] */) {
+    constexpr int MT = 2;
     constexpr int CHUNKS = K / 32;
-    constexpr int U = CHUNKS % 4 == 0 ? 4 : (CHUNKS % 2 == 0 ? 2 : 1);  // chunks per step, loads first
-    const int lane = threadIdx.x & 31;
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
     const int g = lane >> 2, q = lane & 3;
+    const int c_begin = warp * CHUNKS / WARPS, c_end = (warp + 1) * CHUNKS / WARPS;
 #pragma unroll
     for (int mt = 0; mt < MT; ++mt)
 #pragma unroll
@@ -448,35 +494,41 @@ __device__ __forceinline__ void warp_mma_rows(const u16* const (&wtile)[MT], con
         wlo[mt] = wtile[mt] + (long long)g * K + q * 8;
         whi[mt] = wtile[mt] + (long long)(g + 8) * K + q * 8;
     }
+    MmaStage<MT, NT> s0, s1;  // double buffer: loads of the next stage fly during this one's mmas
+    mma_load<K, MT, NT, A>(s0, wlo, whi, brow, c_begin, c_end, q);
 #pragma unroll 1
-    for (int c0 = 0; c0 < CHUNKS; c0 += U) {
-        uint4 alo[U][MT], ahi[U][MT], b[U][NT];
+    for (int c = c_begin; c < c_end; c += 2 * MMA_U) {
+        mma_load<K, MT, NT, A>(s1, wlo, whi, brow, c + MMA_U, c_end, q);
+        mma_compute<MT, NT>(s0, acc, c, c_end);
+        mma_load<K, MT, NT, A>(s0, wlo, whi, brow, c + 2 * MMA_U, c_end, q);
+        mma_compute<MT, NT>(s1, acc, c + MMA_U, c_end);
+    }
+    constexpr int PER_WARP = MT * NT * 4 * 32;
+    if (warp > 0) {
+        float* dst = red + (warp - 1) * PER_WARP;
 #pragma unroll
-        for (int u = 0; u < U; ++u) {
-#pragma unroll
-            for (int mt = 0; mt < MT; ++mt) {
-                alo[u][mt] = ld_stream(wlo[mt] + (c0 + u) * 32);
-                ahi[u][mt] = ld_stream(whi[mt] + (c0 + u) * 32);
-            }
+        for (int mt = 0; mt < MT; ++mt)
 #pragma unroll
             for (int nt = 0; nt < NT; ++nt)
-                b[u][nt] = brow[nt] != nullptr ? load_b8(brow[nt] + (c0 + u) * 32 + q * 8) : make_uint4(0u, 0u, 0u, 0u);
-        }
 #pragma unroll
-        for (int u = 0; u < U; ++u)
+                for (int e = 0; e < 4; ++e) dst[((mt * NT + nt) * 4 + e) * 32 + lane] = acc[mt][nt][e];
+    }
+    __syncthreads();
+    if (warp == 0) {
+#pragma unroll
+        for (int w = 1; w < WARPS; ++w)
 #pragma unroll
             for (int mt = 0; mt < MT; ++mt)
 #pragma unroll
-                for (int nt = 0; nt < NT; ++nt) {
-                    mma16816(acc[mt][nt], alo[u][mt].x, ahi[u][mt].x, alo[u][mt].y, ahi[u][mt].y, b[u][nt].x, b[u][nt].y);
-                    mma16816(acc[mt][nt], alo[u][mt].z, ahi[u][mt].z, alo[u][mt].w, ahi[u][mt].w, b[u][nt].z, b[u][nt].w);
-                }
+                for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+                    for (int e = 0; e < 4; ++e) acc[mt][nt][e] += red[(w - 1) * PER_WARP + ((mt * NT + nt) * 4 + e) * 32 + lane];
     }
 }
 
-// gate_up on tensor cores + activation. grid = (max_blocks, ceil(I / (WARPS * 16)) gated or
-// ceil(I / (WARPS * 32)) plain). Gated: a warp owns gate rows [j0, j0+16) and the matching up rows;
-// plain: rows [j0, j0+32). act_out as in gemv_gate_up.
+// gate_up on tensor cores + activation. grid = (max_blocks, I / 16) gated or (max_blocks, I / 32)
+// plain: a block owns gate rows [j0, j0+16) and the matching up rows, or rows [j0, j0+32).
+// act_out as in gemv_gate_up.
 template <int BM>
 __device__ __forceinline__ void mma_gate_up_impl(
     const u16* __restrict__ hidden, const int* __restrict__ sorted_ids, const int* __restrict__ block_slot,
@@ -484,12 +536,11 @@ __device__ __forceinline__ void mma_gate_up_impl(
     const u16* __restrict__ bias, long long bias_slot_stride, float* __restrict__ act_out, int top_k,
     int num_pairs) {
     constexpr int NT = BM / 8;
-    constexpr int ROWS = SIDA_GATED ? 16 : 32;  // intermediate columns per warp
+    __shared__ float red[(WARPS - 1) * 2 * NT * 4 * 32];
     const int base = blockIdx.x * BM;
-    if (base >= __ldg(total_padded)) return;
+    if (base >= __ldg(total_padded)) return;  // whole block
     const int slot = __ldg(block_slot + blockIdx.x);
-    const int j0 = (blockIdx.y * WARPS + (threadIdx.x >> 5)) * ROWS;
-    if (j0 >= SIDA_I) return;
+    const int j0 = blockIdx.y * (SIDA_GATED ? 16 : 32);
     const int lane = threadIdx.x & 31;
     const int g = lane >> 2, q = lane & 3;
 
@@ -504,7 +555,8 @@ __device__ __forceinline__ void mma_gate_up_impl(
     wtile[0] = ws + (long long)j0 * SIDA_H;
     wtile[1] = ws + (long long)(SIDA_GATED ? SIDA_I + j0 : j0 + 16) * SIDA_H;
     float acc[2][NT][4];
-    warp_mma_rows<SIDA_H, 2, NT, u16>(wtile, brow, acc);
+    block_mma_rows<SIDA_H, NT, u16>(wtile, brow, acc, red);
+    if ((threadIdx.x >> 5) != 0) return;
 
     const u16* bs = bias != nullptr ? bias + (long long)slot * bias_slot_stride : nullptr;
 #pragma unroll
@@ -533,19 +585,19 @@ __device__ __forceinline__ void mma_gate_up_impl(
     }
 }
 
-// down on tensor cores, + the expert's bias. grid = (max_blocks, ceil(H / (WARPS * 32))); a warp
-// owns output rows [h0, h0 + 32). y as in gemv_down.
+// down on tensor cores, + the expert's bias. grid = (max_blocks, H / 32); a block owns output rows
+// [h0, h0 + 32). y as in gemv_down.
 template <int BM>
 __device__ __forceinline__ void mma_down_impl(
     const float* __restrict__ act_in, const int* __restrict__ sorted_ids, const int* __restrict__ block_slot,
     const int* __restrict__ total_padded, const u16* __restrict__ w, long long w_slot_stride,
     const u16* __restrict__ bias, long long bias_slot_stride, float* __restrict__ y, int num_pairs) {
     constexpr int NT = BM / 8;
+    __shared__ float red[(WARPS - 1) * 2 * NT * 4 * 32];
     const int base = blockIdx.x * BM;
     if (base >= __ldg(total_padded)) return;
     const int slot = __ldg(block_slot + blockIdx.x);
-    const int h0 = (blockIdx.y * WARPS + (threadIdx.x >> 5)) * 32;
-    if (h0 >= SIDA_H) return;
+    const int h0 = blockIdx.y * 32;
     const int lane = threadIdx.x & 31;
     const int g = lane >> 2, q = lane & 3;
 
@@ -560,7 +612,8 @@ __device__ __forceinline__ void mma_down_impl(
     wtile[0] = ws + (long long)h0 * SIDA_I;
     wtile[1] = ws + (long long)(h0 + 16) * SIDA_I;
     float acc[2][NT][4];
-    warp_mma_rows<SIDA_I, 2, NT, float>(wtile, brow, acc);
+    block_mma_rows<SIDA_I, NT, float>(wtile, brow, acc, red);
+    if ((threadIdx.x >> 5) != 0) return;
 
     const u16* bs = bias != nullptr ? bias + (long long)slot * bias_slot_stride : nullptr;
 #pragma unroll

@@ -15,7 +15,6 @@ from __future__ import annotations
 import warnings
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 
 from sida_moe.format import ExpertFormat, SlotWeights
@@ -32,14 +31,10 @@ ALIGN_MAX_SLOTS = 48 * 1024 // 8
 _ACT_CODES = {"silu": 0, "gelu": 1, "gelu_tanh": 2, "relu": 3, "gpt_oss": 4}
 _DTYPE_CODES = {torch.bfloat16: 0, torch.float16: 1}
 
-_NULL = np.uint64(0)
-_u64 = np.uint64
-_i32 = np.int32
-_i64 = np.int64
 
 
-def _ptr(t: torch.Tensor | None) -> np.uint64:
-    return _NULL if t is None else _u64(t.data_ptr())
+def _ptr(t: torch.Tensor | None) -> int:
+    return 0 if t is None else t.data_ptr()
 
 
 def _aligned16(t: torch.Tensor | None) -> bool:
@@ -111,8 +106,8 @@ def _kernels(fmt: ExpertFormat, device_index: int) -> _ShapeKernels:
     grid_y = {
         ("gemv", "gate_up"): -(-i // (WARPS * (1 if fmt.gated else 2))),
         ("gemv", "down"): -(-h // (WARPS * _down_rows_per_warp(i))),
-        ("mma", "gate_up"): -(-i // (WARPS * (16 if fmt.gated else 32))),
-        ("mma", "down"): -(-h // (WARPS * 32)),
+        ("mma", "gate_up"): i // (16 if fmt.gated else 32),  # one row tile per block, K split over warps
+        ("mma", "down"): h // 32,
     }
     sk = _ShapeKernels(mod=mod, has_mma=h % 32 == 0 and i % 32 == 0, grid_y=grid_y, fns={})
     _shape_kernels[key] = sk
@@ -139,21 +134,21 @@ def align_pairs_cuda(
     ws = torch.empty(num_slots + max_padded + max_blocks + num_pairs + 1, dtype=torch.int32, device=topk_ids.device)
     group_end, sorted_ids, block_slot, pair_pos, total = torch.split(ws, [num_slots, max_padded, max_blocks, num_pairs, 1])
     base = ws.data_ptr()
-    out_ptrs = [_u64(base + 4 * o) for o in (num_slots, num_slots + max_padded, num_slots + max_padded + max_blocks)]
-    out_ptrs += [_u64(base), _u64(base + 4 * (num_slots + max_padded + max_blocks + num_pairs))]
+    out_ptrs = [int(base + 4 * o) for o in (num_slots, num_slots + max_padded, num_slots + max_padded + max_blocks)]
+    out_ptrs += [int(base), int(base + 4 * (num_slots + max_padded + max_blocks + num_pairs))]
     mod.launch(
         "moe_align",
         (1,),
         (ALIGN_THREADS,),
         (
-            _u64(topk_ids.data_ptr()),
-            _i32(topk_ids.dtype == torch.int64),
-            _u64(slot_of_expert.data_ptr()),
-            _i32(slot_of_expert.shape[0]),
-            _i32(num_pairs),
-            _i32(num_slots),
-            _i32(block_m),
-            _i32(max_padded),
+            int(topk_ids.data_ptr()),
+            int(topk_ids.dtype == torch.int64),
+            int(slot_of_expert.data_ptr()),
+            int(slot_of_expert.shape[0]),
+            int(num_pairs),
+            int(num_slots),
+            int(block_m),
+            int(max_padded),
             *out_ptrs,  # sorted_ids, block_slot, pair_pos, group_end, total_padded
         ),
         stream,
@@ -271,12 +266,12 @@ def _streaming_layer(
             block_slot,
             total,
             _ptr(weights.gate_up),
-            _i64(weights.gate_up.stride(0)),
+            int(weights.gate_up.stride(0)),
             _ptr(gu_bias),
-            _i64(gu_bias.stride(0) if gu_bias is not None else 0),
-            _u64(act_ptr),
-            _i32(top_k),
-            _i32(num_pairs),
+            int(gu_bias.stride(0) if gu_bias is not None else 0),
+            int(act_ptr),
+            int(top_k),
+            int(num_pairs),
         ),
         stream,
     )
@@ -285,16 +280,16 @@ def _streaming_layer(
         (nblocks, sk.grid_y[(regime, "down")]),
         (WARPS * 32,),
         (
-            _u64(act_ptr),
+            int(act_ptr),
             sorted_ids,
             block_slot,
             total,
             _ptr(weights.down),
-            _i64(weights.down.stride(0)),
+            int(weights.down.stride(0)),
             _ptr(dn_bias),
-            _i64(dn_bias.stride(0) if dn_bias is not None else 0),
-            _u64(y_ptr),
-            _i32(num_pairs),
+            int(dn_bias.stride(0) if dn_bias is not None else 0),
+            int(y_ptr),
+            int(num_pairs),
         ),
         stream,
     )
@@ -303,13 +298,13 @@ def _streaming_layer(
         (result.shape[0], -(-hidden_size // (8 * 128))),
         (128,),
         (
-            _u64(y_ptr),
+            int(y_ptr),
             _ptr(aligned.pair_pos),
             _ptr(topk_weights),
             _ptr(result),
-            _i64(result.stride(0)),
-            _i32(top_k),
-            _i32(accumulate),
+            int(result.stride(0)),
+            int(top_k),
+            int(accumulate),
         ),
         stream,
     )
@@ -347,7 +342,7 @@ def _grouped_mm_layer(
         "gather_rows",
         (rows,),
         (128,),
-        (_ptr(hidden), _ptr(aligned.sorted_ids), _ptr(aligned.total_padded), _ptr(xs), _i32(top_k)),
+        (_ptr(hidden), _ptr(aligned.sorted_ids), _ptr(aligned.total_padded), _ptr(xs), int(top_k)),
         stream,
     )
     h = _grouped_linear(xs, weights.gate_up, aligned.group_end)
@@ -362,7 +357,7 @@ def _grouped_mm_layer(
             _ptr(aligned.block_slot),
             _ptr(aligned.total_padded),
             _ptr(gu_bias),
-            _i64(gu_bias.stride(0) if gu_bias is not None else 0),
+            int(gu_bias.stride(0) if gu_bias is not None else 0),
             _ptr(a),
         ),
         stream,
@@ -378,11 +373,11 @@ def _grouped_mm_layer(
             _ptr(topk_weights),
             _ptr(aligned.block_slot),
             _ptr(dn_bias),
-            _i64(dn_bias.stride(0) if dn_bias is not None else 0),
+            int(dn_bias.stride(0) if dn_bias is not None else 0),
             _ptr(result),
-            _i64(result.stride(0)),
-            _i32(top_k),
-            _i32(accumulate),
+            int(result.stride(0)),
+            int(top_k),
+            int(accumulate),
         ),
         stream,
     )
