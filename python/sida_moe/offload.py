@@ -305,7 +305,7 @@ def _load_experts(engine: OffloadEngine, adapter: Adapter, layers: list[MoELayer
     tensor_nbytes = pool.tensor_nbytes
     item = fmt.itemsize
     native: dict[tuple[Path, int], list[tuple]] = defaultdict(list)  # (file, layer) -> entries
-    python: dict[Path, list[tuple]] = defaultdict(list)
+    python: dict[tuple[int, int, str], list[tuple]] = defaultdict(list)  # (layer, expert, tensor) -> pieces
     meta: dict[str, tuple[torch.dtype, list[int]]] = {}
     handles = {}
     try:
@@ -329,33 +329,31 @@ def _load_experts(engine: OffloadEngine, adapter: Adapter, layers: list[MoELayer
                         src = 0 if piece.index is None else piece.index * nbytes
                         native[(file, layer.ordinal)].append((key, layer.ordinal, expert, piece.tensor, src, nbytes, piece.dst_offset))
                     else:
-                        python[file].append((key, layer.ordinal, expert, piece))
-        total = sum(e[5] for entries in native.values() for e in entries) + sum(
-            tensor_nbytes[p.tensor] for jobs in python.values() for *_, p in jobs
-        )
+                        python[(layer.ordinal, expert, piece.tensor)].append((file, key, piece))
+        total = sum(e[5] for entries in native.values() for e in entries) + sum(tensor_nbytes[t] for _, _, t in python)
         bar = tqdm(total=total, unit="B", unit_scale=True, desc="loading experts", disable=not progress)
         for (file, _), entries in native.items():
             bar.update(pool.load_safetensors(str(file), entries))
-        # Python path: assemble each canonical tensor in one reusable buffer, then copy it into the pool
+        # Python path: assemble each canonical tensor (its pieces may sit in different shards) in one
+        # reusable buffer, then copy it into the pool
         buffers = {name: torch.empty(n, dtype=torch.uint8) for name, n in tensor_nbytes.items()}
-        for file, jobs in python.items():
-            pending: dict[tuple[int, int, str], int] = {}
-            for key, moe_layer, expert, piece in jobs:
+        for (moe_layer, expert, tensor), pieces in python.items():
+            buf = buffers[tensor]
+            filled = 0
+            for file, key, piece in pieces:
                 sl = handles[file].get_slice(key)
                 t = sl[piece.index] if piece.index is not None else sl[:]
                 if piece.transform is not None:
                     t = piece.transform(t)
                 raw = t.to(fmt.dtype).contiguous().view(-1).view(torch.uint8)
-                buf = buffers[piece.tensor]
+                if piece.dst_offset + raw.numel() > buf.numel():
+                    raise ValueError(f"checkpoint tensor {key} does not fit expert tensor {tensor!r} of {fmt}")
                 buf[piece.dst_offset : piece.dst_offset + raw.numel()].copy_(raw)
-                slot = (moe_layer, expert, piece.tensor)
-                pending[slot] = pending.get(slot, 0) + raw.numel()
-                if pending[slot] == tensor_nbytes[piece.tensor]:
-                    pool.write_ptr(moe_layer, expert, piece.tensor, buf.data_ptr(), buf.numel())
-                    bar.update(buf.numel())
-                    del pending[slot]
-            if pending:
-                raise ValueError(f"checkpoint pieces did not fill expert tensors {sorted(pending)[:4]} of {file.name}")
+                filled += raw.numel()
+            if filled != buf.numel():
+                raise ValueError(f"checkpoint pieces fill {filled} of {buf.numel()} bytes of expert ({moe_layer}, {expert}) {tensor!r}")
+            pool.write_ptr(moe_layer, expert, tensor, buf.data_ptr(), buf.numel())
+            bar.update(buf.numel())
         bar.close()
     finally:
         handles.clear()
