@@ -176,3 +176,26 @@ def test_load_safetensors_errors_name_the_problem(tmp_path):
         pool.load_safetensors(str(bad), [])
     assert pool.read(0, 0) == bytes(pool.expert_nbytes)
     pool.close()
+
+
+@pytest.mark.gpu
+def test_cuda_backend_keeps_its_context_when_another_backend_is_dropped():
+    """Each Backend holds one retain of the primary context. Run in a fresh process where torch has
+    not initialised CUDA, so that no other retain hides a release too many."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sida_moe as sm\n"
+        "a = sm.Backend('cuda')\n"
+        "b = sm.Backend('cuda'); del b\n"
+        "p = sm.ExpertPool(a, [('w', 4096)], [(0, 0)])\n"
+        "p.write(0, 0, 'w', b'\\x09' * 4096)\n"
+        "c = sm.SlotCache(p, 1)\n"
+        "s = c.acquire(0, [0])\n"
+        "assert c.read_slot(s[0])[:4096] == b'\\x09' * 4096\n"
+        "c.release(s); c.close(); p.close()\n"
+        "print('ok')\n"
+    )
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and r.stdout.strip() == "ok", r.stderr

@@ -83,8 +83,8 @@ pub struct SlotTable {
     policy: PolicyState,
     /// Acquire calls committed so far (= index of the next one).
     acquires: u64,
-    /// Reused candidate buffer (victim selection allocates nothing per call).
-    scratch: Vec<usize>,
+    /// Slots holding nothing.
+    free: std::collections::BTreeSet<usize>,
 }
 
 impl SlotTable {
@@ -97,7 +97,7 @@ impl SlotTable {
             slots: vec![slot; num_slots],
             map: HashMap::new(),
             policy: PolicyState::new(policy, num_slots),
-            scratch: Vec::new(),
+            free: (0..num_slots).collect(),
             acquires: 0,
         })
     }
@@ -139,31 +139,20 @@ impl SlotTable {
     }
 
     /// Free slots first (lowest index), then policy victims among evictable resident slots.
-    /// One pass over the slot array; ranks are computed only when free slots do not suffice.
-    fn pick_victims(&mut self, n: usize, spare_prefetched: bool, from: u64) -> Vec<usize> {
+    fn pick_victims(&mut self, n: usize, spare_prefetched: bool) -> Vec<usize> {
         if n == 0 {
             return Vec::new();
         }
-        let mut out = Vec::with_capacity(n);
-        let mut cands = std::mem::take(&mut self.scratch);
-        cands.clear();
-        for (i, s) in self.slots.iter().enumerate() {
-            if s.state == SlotState::Loading || s.refcount > 0 || (spare_prefetched && s.prefetched_unused) {
-                continue;
-            }
-            if s.key.is_none() {
-                out.push(i);
-                if out.len() == n {
-                    break;
-                }
-            } else {
-                cands.push(i);
-            }
-        }
+        let slots = &self.slots;
+        let usable = |i: usize| {
+            let s = &slots[i];
+            s.state != SlotState::Loading && s.refcount == 0 && !(spare_prefetched && s.prefetched_unused)
+        };
+        // A freed slot can still be pinned for a moment by waiters of a failed load: skip it.
+        let mut out: Vec<usize> = self.free.iter().copied().filter(|&i| usable(i)).take(n).collect();
         if out.len() < n {
-            out.extend(self.policy.choose_victims(&cands, n - out.len(), from));
+            out.extend(self.policy.choose_victims(n - out.len(), |i| slots[i].key.is_some() && usable(i)));
         }
-        self.scratch = cands;
         out
     }
 
@@ -177,6 +166,7 @@ impl SlotTable {
         s.refcount = refcount;
         s.prefetched_unused = prefetched;
         s.seq += 1;
+        self.free.remove(&slot);
         if let Some(old) = evicted {
             self.map.remove(&old);
             self.policy.on_evict(slot);
@@ -205,7 +195,9 @@ impl SlotTable {
                 None => missing += 1,
             }
         }
-        let victims = self.pick_victims(missing, false, self.acquires + 1);
+        // This call is number `acquires`: its predictions are being consumed now.
+        self.policy.advance(self.acquires + 1);
+        let victims = self.pick_victims(missing, false);
         if victims.len() < missing {
             for &key in keys {
                 if let Some(&slot) = self.map.get(&key) {
@@ -240,7 +232,6 @@ impl SlotTable {
             self.policy.on_access(key);
         }
         self.acquires += 1;
-        self.policy.advance(self.acquires);
         Ok(AcquireOutcome::Planned(plan))
     }
 
@@ -250,7 +241,7 @@ impl SlotTable {
         if self.map.contains_key(&key) {
             return PrefetchOutcome::AlreadyResident;
         }
-        let victims = self.pick_victims(1, !demand, self.acquires);
+        let victims = self.pick_victims(1, !demand);
         let Some(&slot) = victims.first() else {
             return PrefetchOutcome::NoRoom;
         };
@@ -274,6 +265,7 @@ impl SlotTable {
                 self.map.remove(&k);
                 self.policy.on_evict(slot);
             }
+            self.free.insert(slot);
             // Pins stay: their holders see the changed seq and unpin.
         }
     }

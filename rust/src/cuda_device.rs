@@ -31,11 +31,16 @@ impl CudaDevice {
         d.check(unsafe { (d.cu_device_get)(&mut dev, ordinal) }, "cuDeviceGet")?;
         let mut ctx: CuContext = std::ptr::null_mut();
         d.check(unsafe { (d.cu_primary_ctx_retain)(&mut ctx, dev) }, "cuDevicePrimaryCtxRetain")?;
-        let me = Self { driver: d, device: dev, ordinal, ctx: ctx as usize, high_priority: 0, low_priority: 0 };
+        // From here on `me` owns the retain: its Drop releases it on every path, exactly once.
+        // (Do not rebuild it with `..me`: that copies the fields and drops `me`, releasing the
+        // context that the copy still uses.)
+        let mut me = Self { driver: d, device: dev, ordinal, ctx: ctx as usize, high_priority: 0, low_priority: 0 };
         me.bind_thread()?;
         let (mut least, mut greatest) = (0, 0);
         d.check(unsafe { (d.cu_ctx_stream_priority_range)(&mut least, &mut greatest) }, "cuCtxGetStreamPriorityRange")?;
-        Ok(Self { high_priority: greatest, low_priority: least, ..me })
+        me.high_priority = greatest;
+        me.low_priority = least;
+        Ok(me)
     }
 
     /// True when the driver loads and reports at least one device; never fails.

@@ -46,15 +46,17 @@ struct SlotMeta {
     last_use: u64,
     inserted: u64,
     freq: u64,
-    /// Cached next predicted use (u64::MAX = never), valid for `from` in `nu_from..=nu`.
-    nu: u64,
-    nu_from: u64,
-    nu_valid: bool,
+    /// The slot's entry in `order` (None when the slot holds nothing).
+    rank: Option<(u64, u64)>,
 }
 
-/// Bookkeeping of one cache's eviction policy. Metadata is kept per slot so that ranking the
-/// candidates is a scan over an array (no hashing per candidate); `index` below is an
-/// acquire-call number (0-based).
+/// Bookkeeping of one cache's eviction policy. Resident slots are kept in an ordered set by
+/// eviction rank, so a decision walks from the top and skips the few slots that may not be
+/// evicted (pinned, loading): O(log n) per change and per victim instead of a scan of all slots.
+///
+/// Time is counted in acquire calls: `now` is the index of the next acquire call that has not
+/// started; predictions for earlier calls are dropped by `advance`, so a key's next predicted
+/// use is simply the first entry of its prediction set.
 pub struct PolicyState {
     kind: PolicyKind,
     /// Event clock: every access/insert gets a unique tick, so recency never ties.
@@ -63,9 +65,11 @@ pub struct PolicyState {
     freq: HashMap<Key, u64>,
     meta: Vec<SlotMeta>,
     slot_of: HashMap<Key, usize>,
+    /// (rank, slot) of every resident slot; the largest rank is evicted first.
+    order: BTreeSet<((u64, u64), usize)>,
+    now: u64,
     future_by_index: BTreeMap<u64, Vec<Key>>,
     future_by_key: HashMap<Key, BTreeSet<u64>>,
-    ranked: Vec<((u64, u64), usize)>,
 }
 
 impl PolicyState {
@@ -76,9 +80,10 @@ impl PolicyState {
             freq: HashMap::new(),
             meta: vec![SlotMeta::default(); num_slots],
             slot_of: HashMap::new(),
+            order: BTreeSet::new(),
+            now: 0,
             future_by_index: BTreeMap::new(),
             future_by_key: HashMap::new(),
-            ranked: Vec::new(),
         }
     }
 
@@ -91,13 +96,45 @@ impl PolicyState {
         self.clock
     }
 
+    fn compute_rank(&self, m: &SlotMeta) -> (u64, u64) {
+        let age = u64::MAX - m.last_use;
+        match self.kind {
+            PolicyKind::Lru => (age, 0),
+            PolicyKind::Lfu => (u64::MAX - m.freq, age),
+            PolicyKind::Fifo => (u64::MAX - m.inserted, age),
+            PolicyKind::Predictive => {
+                let nu = m.key.and_then(|k| self.next_use(k)).unwrap_or(u64::MAX);
+                (nu, age)
+            }
+        }
+    }
+
+    /// Re-file `slot` in `order` after its metadata or predictions changed.
+    fn rerank(&mut self, slot: usize) {
+        if let Some(old) = self.meta[slot].rank.take() {
+            self.order.remove(&(old, slot));
+        }
+        if self.meta[slot].key.is_some() {
+            let r = self.compute_rank(&self.meta[slot]);
+            self.meta[slot].rank = Some(r);
+            self.order.insert((r, slot));
+        }
+    }
+
+    fn rerank_key(&mut self, key: Key) {
+        if let Some(&slot) = self.slot_of.get(&key) {
+            self.rerank(slot);
+        }
+    }
+
     /// `key` was just placed into `slot`.
     pub fn on_insert(&mut self, slot: usize, key: Key) {
+        self.on_evict(slot);
         let t = self.tick();
         let freq = self.freq.get(&key).copied().unwrap_or(0);
-        self.meta[slot] =
-            SlotMeta { key: Some(key), last_use: t, inserted: t, freq, nu: 0, nu_from: 0, nu_valid: false };
+        self.meta[slot] = SlotMeta { key: Some(key), last_use: t, inserted: t, freq, rank: None };
         self.slot_of.insert(key, slot);
+        self.rerank(slot);
     }
 
     /// `key` was requested by an acquire call (after `on_insert` when it was a miss).
@@ -110,11 +147,15 @@ impl PolicyState {
             let m = &mut self.meta[slot];
             m.last_use = t;
             m.freq = f;
+            self.rerank(slot);
         }
     }
 
     /// `slot`'s expert left the cache.
     pub fn on_evict(&mut self, slot: usize) {
+        if let Some(old) = self.meta[slot].rank.take() {
+            self.order.remove(&(old, slot));
+        }
         if let Some(k) = self.meta[slot].key.take() {
             if self.slot_of.get(&k) == Some(&slot) {
                 self.slot_of.remove(&k);
@@ -122,17 +163,28 @@ impl PolicyState {
         }
     }
 
-    /// Forget predictions for acquire calls before `index` (they are in the past). Cached next
-    /// uses stay valid: they are only ever asked for `from >= index`.
+    /// Acquire call `index - 1` has started: drop predictions for calls before `index` and
+    /// re-rank the experts they named (their next use moved on).
     pub fn advance(&mut self, index: u64) {
+        if index <= self.now {
+            return;
+        }
+        self.now = index;
         while let Some((&i, _)) = self.future_by_index.first_key_value() {
             if i >= index {
                 break;
             }
             if let Some((i, keys)) = self.future_by_index.pop_first() {
                 self.forget(i, &keys);
+                for k in keys {
+                    self.rerank_key(k);
+                }
             }
         }
+    }
+
+    pub fn now(&self) -> u64 {
+        self.now
     }
 
     fn forget(&mut self, index: u64, keys: &[Key]) {
@@ -146,31 +198,28 @@ impl PolicyState {
         }
     }
 
-    fn invalidate(&mut self, key: Key) {
-        if let Some(&slot) = self.slot_of.get(&key) {
-            self.meta[slot].nu_valid = false;
-        }
-    }
-
-    /// Replace the predictions for acquire calls `start, start+1, ...` with `visits`.
+    /// Replace the predictions for acquire calls `start, start+1, ...` with `visits` (calls
+    /// before `now` are in the past and ignored).
     pub fn set_future(&mut self, start: u64, visits: &[Vec<Key>]) {
         let stale = self.future_by_index.split_off(&start);
         for (i, keys) in stale {
             self.forget(i, &keys);
             for k in keys {
-                self.invalidate(k);
+                self.rerank_key(k);
             }
         }
         for (offset, keys) in visits.iter().enumerate() {
             let index = start + offset as u64;
-            if keys.is_empty() {
+            if keys.is_empty() || index < self.now {
                 continue;
             }
             for k in keys {
                 self.future_by_key.entry(*k).or_default().insert(index);
-                self.invalidate(*k);
             }
             self.future_by_index.insert(index, keys.clone());
+            for k in keys {
+                self.rerank_key(*k);
+            }
         }
     }
 
@@ -179,64 +228,22 @@ impl PolicyState {
         self.future_by_index.len()
     }
 
-    /// Next predicted use of `key` at or after acquire call `from`.
-    pub fn next_use(&self, key: Key, from: u64) -> Option<u64> {
-        self.future_by_key.get(&key).and_then(|s| s.range(from..).next().copied())
+    /// Next predicted use of `key` (an acquire-call index >= `now`).
+    pub fn next_use(&self, key: Key) -> Option<u64> {
+        self.future_by_key.get(&key).and_then(|s| s.first().copied())
     }
 
-    /// Eviction rank of `slot`'s expert: the largest rank is evicted first. `from` is the index
-    /// of the first acquire call that has not started yet.
-    pub fn rank(&mut self, slot: usize, from: u64) -> (u64, u64) {
-        let m = self.meta[slot];
-        let age = u64::MAX - m.last_use;
-        match self.kind {
-            PolicyKind::Lru => (age, 0),
-            PolicyKind::Lfu => (u64::MAX - m.freq, age),
-            PolicyKind::Fifo => (u64::MAX - m.inserted, age),
-            PolicyKind::Predictive => {
-                if m.nu_valid && m.nu_from <= from && from <= m.nu {
-                    return (m.nu, age);
-                }
-                let nu = m.key.and_then(|k| self.next_use(k, from)).unwrap_or(u64::MAX);
-                let mm = &mut self.meta[slot];
-                mm.nu = nu;
-                mm.nu_from = from;
-                mm.nu_valid = true;
-                (nu, age)
-            }
-        }
-    }
-
-    /// Pick up to `n` victims among `candidates` (slots that may be evicted), best first.
-    pub fn choose_victims(&mut self, candidates: &[usize], n: usize, from: u64) -> Vec<usize> {
-        if n == 0 || candidates.is_empty() {
+    /// Up to `n` victims, best first, among resident slots for which `evictable` holds.
+    pub fn choose_victims(&self, n: usize, evictable: impl Fn(usize) -> bool) -> Vec<usize> {
+        if n == 0 {
             return Vec::new();
         }
-        if n == 1 {
-            // The common case: one linear scan, no allocation beyond the result.
-            let mut best = (self.rank(candidates[0], from), candidates[0]);
-            for &c in &candidates[1..] {
-                let r = self.rank(c, from);
-                if r > best.0 {
-                    best = (r, c);
-                }
-            }
-            return vec![best.1];
-        }
-        let mut ranked = std::mem::take(&mut self.ranked);
-        ranked.clear();
-        for &c in candidates {
-            ranked.push((self.rank(c, from), c));
-        }
-        if n < ranked.len() {
-            // Only the top n matter: partial selection keeps the decision O(len).
-            ranked.select_nth_unstable_by(n - 1, |a, b| b.0.cmp(&a.0));
-            ranked.truncate(n);
-        }
-        ranked.sort_unstable_by(|a, b| b.0.cmp(&a.0));
-        let out = ranked.iter().map(|&(_, c)| c).collect();
-        self.ranked = ranked;
-        out
+        self.order.iter().rev().map(|&(_, slot)| slot).filter(|&s| evictable(s)).take(n).collect()
+    }
+
+    /// Eviction rank of `slot` (None when it holds nothing); larger is evicted first.
+    pub fn rank(&self, slot: usize) -> Option<(u64, u64)> {
+        self.meta[slot].rank
     }
 }
 
@@ -264,8 +271,9 @@ mod tests {
     fn lru_evicts_least_recent() {
         let mut p = filled(PolicyKind::Lru, 3);
         p.on_access((0, 0));
-        assert_eq!(p.choose_victims(&[0, 1, 2], 1, 0), vec![1]);
-        assert_eq!(p.choose_victims(&[0, 1, 2], 2, 0), vec![1, 2]);
+        assert_eq!(p.choose_victims(1, |_| true), vec![1]);
+        assert_eq!(p.choose_victims(2, |_| true), vec![1, 2]);
+        assert_eq!(p.choose_victims(2, |s| s != 1), vec![2, 0]);
     }
 
     #[test]
@@ -278,29 +286,37 @@ mod tests {
         p.on_insert(0, (0, 0));
         p.on_access((0, 1));
         p.on_access((0, 2));
-        assert_eq!(p.choose_victims(&[0, 1, 2], 1, 0), vec![1]);
+        assert_eq!(p.choose_victims(1, |_| true), vec![1]);
     }
 
     #[test]
     fn fifo_ignores_accesses() {
         let mut p = filled(PolicyKind::Fifo, 2);
         p.on_access((0, 0));
-        assert_eq!(p.choose_victims(&[0, 1], 1, 0), vec![0]);
+        assert_eq!(p.choose_victims(1, |_| true), vec![0]);
+    }
+
+    #[test]
+    fn evicted_slots_leave_the_order() {
+        let mut p = filled(PolicyKind::Lru, 3);
+        p.on_evict(1);
+        assert_eq!(p.rank(1), None);
+        assert_eq!(p.choose_victims(3, |_| true), vec![0, 2]);
     }
 
     #[test]
     fn predictive_evicts_furthest_and_never_predicted_first() {
         let mut p = filled(PolicyKind::Predictive, 3);
         p.set_future(0, &[vec![(0, 0)], vec![(0, 1)]]);
-        assert_eq!(p.choose_victims(&[0, 1, 2], 3, 0), vec![2, 1, 0]);
-        // Once call 0 is past, (0, 0) is never predicted again: the cached rank must not stick.
+        assert_eq!(p.choose_victims(3, |_| true), vec![2, 1, 0]);
+        // Once call 0 has started, (0, 0) is never predicted again.
         p.advance(1);
-        assert_eq!(p.next_use((0, 0), 1), None);
-        let v = p.choose_victims(&[0, 1, 2], 2, 1);
+        assert_eq!(p.next_use((0, 0)), None);
+        let v = p.choose_victims(2, |_| true);
         assert!(v.contains(&0) && v.contains(&2), "{v:?}");
         // A new prediction for (0, 2) re-ranks it.
         p.set_future(1, &[vec![(0, 2)]]);
-        assert_eq!(p.choose_victims(&[0, 1, 2], 1, 1), vec![0]);
+        assert_eq!(p.choose_victims(1, |_| true), vec![0]);
     }
 
     #[test]
@@ -308,10 +324,10 @@ mod tests {
         let mut p = PolicyState::new(PolicyKind::Predictive, 1);
         p.set_future(0, &[vec![(0, 0)], vec![(0, 1)], vec![(0, 2)]]);
         p.set_future(1, &[vec![(0, 3)]]);
-        assert_eq!(p.next_use((0, 0), 0), Some(0));
-        assert_eq!(p.next_use((0, 1), 0), None);
-        assert_eq!(p.next_use((0, 2), 0), None);
-        assert_eq!(p.next_use((0, 3), 0), Some(1));
+        assert_eq!(p.next_use((0, 0)), Some(0));
+        assert_eq!(p.next_use((0, 1)), None);
+        assert_eq!(p.next_use((0, 2)), None);
+        assert_eq!(p.next_use((0, 3)), Some(1));
         assert_eq!(p.future_len(), 2);
     }
 }
