@@ -86,9 +86,14 @@ def _install_hooks(model: nn.Module, engine: OffloadEngine) -> None:
         if not state["given"]:
             engine.begin_forward(output, state["mask"])
 
+    embeddings = []
     for stack in dict.fromkeys(stacks):  # encoder and decoder may be one module
         engine._hooks.append(stack.register_forward_pre_hook(stack_pre_hook, with_kwargs=True))
-    engine._hooks.append(model.get_input_embeddings().register_forward_hook(embed_hook))
+        # each stack's own embedding (Switch stacks hold embed_tokens apart from model.shared)
+        embed = getattr(stack, "embed_tokens", None)
+        embeddings.append(embed if isinstance(embed, nn.Module) else model.get_input_embeddings())
+    for embed in dict.fromkeys(embeddings):
+        engine._hooks.append(embed.register_forward_hook(embed_hook))
 
 
 def _finish(model: nn.Module, engine: OffloadEngine, num_slots: int, policy: str, prefetch, copy_workers: int) -> nn.Module:
