@@ -45,11 +45,11 @@ FAMILIES: dict[str, tuple[str, str, dict]] = {
 }
 
 
-def tiny_model(family: str, dtype: torch.dtype = torch.float32, seed: int = 0) -> torch.nn.Module:
-    """A tiny random model of ``family`` in eval mode; weights scaled up so that routing and logits
-    are not all ties."""
+def tiny_model(family: str, dtype: torch.dtype = torch.float32, seed: int = 0, **overrides) -> torch.nn.Module:
+    """A tiny random model of ``family`` in eval mode (config ``overrides`` applied); weights scaled
+    up so that routing and logits are not all ties."""
     config_cls, model_cls, kwargs = FAMILIES[family]
-    config = getattr(transformers, config_cls)(**kwargs)
+    config = getattr(transformers, config_cls)(**(kwargs | overrides))
     torch.manual_seed(seed)
     model = getattr(transformers, model_cls)(config)
     with torch.no_grad():

@@ -97,6 +97,11 @@ def _run_generate(args: argparse.Namespace) -> int:
         t0 = time.perf_counter()
         model = from_pretrained(args.model, budget, args.dtype, device, args.policy, args.prefetch)
         tokenizer = _checkpoint_tokenizer(args.model)
+        vocab = model.get_input_embeddings().num_embeddings
+        if isinstance(tokenizer, ByteTokenizer) and vocab < 256 + ByteTokenizer.offset:
+            model.sida_engine.close()
+            raise SystemExit(f"{args.model} ships no tokenizer and its vocabulary of {vocab} tokens is too small for "
+                             f"the built-in byte tokenizer (needs {256 + ByteTokenizer.offset})")
         source = f"checkpoint {args.model}"
     else:
         raise SystemExit(f"--model {args.model!r} is neither a directory nor a preset ({', '.join(PRESETS)})")
@@ -148,8 +153,12 @@ def _run_generate(args: argparse.Namespace) -> int:
 
 def _checkpoint_tokenizer(path: str):
     """The checkpoint's own tokenizer when it ships one (local files only), else bytes."""
+    from pathlib import Path
+
     from sida_moe.presets import ByteTokenizer
 
+    if not any((Path(path) / f).exists() for f in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")):
+        return ByteTokenizer()
     try:
         from transformers import AutoTokenizer
 
