@@ -186,12 +186,16 @@ register_command("generate", "generate text with an offloaded MoE model (default
 
 # ---------------------------------------------------------------------------------------- main
 def _load_command_modules() -> None:
-    for module in COMMAND_MODULES:
+    for name in COMMAND_MODULES:
         try:
-            importlib.import_module(module)
+            module = importlib.import_module(name)
         except ModuleNotFoundError as e:
-            if e.name is None or not module.startswith(e.name):
+            if e.name is None or not name.startswith(e.name):
                 raise
+            continue
+        register = getattr(module, "register", None)
+        if callable(register):
+            register()
     from importlib.metadata import entry_points
 
     for ep in entry_points(group="sida_moe.commands"):
