@@ -43,6 +43,7 @@ VARIANTS: dict[str, dict] = {
     "paper_loss_lr5e-5": {"target": "top1", "lr": 5e-5},
     "topk": {"target": "topk", "lr": 1e-3},
     "topk_conditioned": {"target": "topk", "lr": 1e-3, "conditioned": True},
+    "topk_kd0.5": {"target": "topk", "lr": 1e-3, "kd_weight": 0.5},
     "topk_kd0.5_conditioned": {"target": "topk", "lr": 1e-3, "kd_weight": 0.5, "conditioned": True},
 }
 

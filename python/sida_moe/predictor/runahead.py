@@ -18,6 +18,7 @@ and returns the predicted experts and their predicted weights instead of the rou
 
 from __future__ import annotations
 
+import contextlib
 import os
 import queue
 import threading
@@ -217,8 +218,13 @@ class RunAheadPrefetcher:
         return self._engine
 
     def _to_predictor_device(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.cuda.Event | None]:
-        if x.device == self.device:
-            return x, None
+        if x.device == self.device or (x.device.type == self.device.type == "cuda" and self.device.index is None):
+            if x.device.type != "cuda":
+                return x, None
+            # same GPU: the worker's stream must not read the embeddings before they are written
+            event = torch.cuda.Event()
+            event.record(torch.cuda.current_stream(x.device))
+            return x, event
         if x.device.type == "cuda":
             # Asynchronous: a side stream waits for the embeddings, copies them to pinned memory and
             # records an event the worker waits on; the compute stream never blocks.
@@ -237,7 +243,9 @@ class RunAheadPrefetcher:
         return x.to(self.device), None
 
     def _worker(self) -> None:
-        with torch.inference_mode():
+        # on a GPU the predictor runs on its own stream, beside the model's
+        stream_ctx = torch.cuda.stream(torch.cuda.Stream(self.device)) if self.device.type == "cuda" else contextlib.nullcontext()
+        with torch.inference_mode(), stream_ctx:
             while True:
                 job = self._queue.get()
                 if job is None:
