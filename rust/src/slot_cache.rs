@@ -62,7 +62,10 @@ struct Shared {
     slot_nbytes: usize,
     queue: Arc<PrefetchQueue>,
     demand_stream: StreamHandle,
-    worker_streams: Vec<StreamHandle>,
+    /// One normal-priority stream shared by all copy workers: copies share the PCIe link
+    /// anyway, and one FIFO of copies keeps the DMA engine streaming; several workers only
+    /// parallelise the host-side issuing. (NOTES.md: stream per worker vs shared, H100.)
+    prefetch_stream: StreamHandle,
     timer: Mutex<CopyTimer>,
     stats: Stats,
     closed: AtomicBool,
@@ -232,12 +235,8 @@ impl SlotCache {
             }
             let demand_stream = device.create_stream(true)?;
             created_streams.push(demand_stream);
-            let mut worker_streams = Vec::with_capacity(cfg.copy_workers);
-            for _ in 0..cfg.copy_workers {
-                let s = device.create_stream(false)?;
-                created_streams.push(s);
-                worker_streams.push(s);
-            }
+            let prefetch_stream = device.create_stream(false)?;
+            created_streams.push(prefetch_stream);
             Ok(Arc::new(Shared {
                 device: device.clone(),
                 pool: pool.clone(),
@@ -249,7 +248,7 @@ impl SlotCache {
                 slot_nbytes,
                 queue: Arc::new(PrefetchQueue::new(cfg.queue_capacity)),
                 demand_stream,
-                worker_streams,
+                prefetch_stream,
                 timer: Mutex::new(CopyTimer::default()),
                 stats: Stats::default(),
                 closed: AtomicBool::new(false),
@@ -286,9 +285,9 @@ impl SlotCache {
             let workers = Workers::spawn_indexed(
                 cfg.copy_workers,
                 shared.queue.clone(),
-                Arc::new(move |i| {
+                Arc::new(move |_worker| {
                     let sh = sh.clone();
-                    let stream = sh.worker_streams[i];
+                    let stream = sh.prefetch_stream;
                     Arc::new(move |r| sh.serve_request(r, stream)) as Handler
                 }),
                 Arc::new(move || {
@@ -617,16 +616,14 @@ impl SlotCache {
         let sh = &self.shared;
         let handler: Handler = {
             let sh = sh.clone();
-            Arc::new(move |r| sh.serve_request(r, sh.demand_stream))
+            Arc::new(move |r| sh.serve_request(r, sh.prefetch_stream))
         };
         while let Some(r) = sh.queue.pop() {
             serve(&sh.queue, &handler, r);
         }
         sh.queue.wait_idle();
         sh.device.stream_synchronize(sh.demand_stream)?;
-        for &s in &sh.worker_streams {
-            sh.device.stream_synchronize(s)?;
-        }
+        sh.device.stream_synchronize(sh.prefetch_stream)?;
         Ok(())
     }
 
@@ -682,9 +679,7 @@ impl SlotCache {
         }
         let dev = &sh.device;
         let _ = dev.stream_synchronize(sh.demand_stream);
-        for &s in &sh.worker_streams {
-            let _ = dev.stream_synchronize(s);
-        }
+        let _ = dev.stream_synchronize(sh.prefetch_stream);
         for ev in &sh.events {
             let ev = ev.lock();
             dev.destroy_event(ev.ready);
@@ -707,9 +702,7 @@ impl SlotCache {
             }
         }
         dev.destroy_stream(sh.demand_stream);
-        for &s in &sh.worker_streams {
-            dev.destroy_stream(s);
-        }
+        dev.destroy_stream(sh.prefetch_stream);
         if self.owns_slots {
             dev.free_slots(sh.slots_addr, self.num_slots * sh.slot_nbytes);
         }
