@@ -1,0 +1,381 @@
+"""CPU tests of the SiDA predictor: sparsemax, the hash-function network, traces, training,
+hash routing, the cache simulation and the CLI."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from sida_moe.predictor import (
+    HashPredictor,
+    HashRouting,
+    PredictorConfig,
+    RoutingRecorder,
+    TrainConfig,
+    evaluate,
+    find_moe_layers,
+    has_predictor,
+    load_traces,
+    record_traces,
+    sparsemax,
+    train_predictor,
+)
+from sida_moe.predictor.cachesim import simulate_decode
+from sida_moe.predictor.hash_routing import hash_route
+from sida_moe.predictor.traces import chunk_token_ids, split_held_out
+from sida_moe.predictor.train import distillation_loss, predictor_config_for
+
+
+def tiny_qwen3(seed: int = 0, layers: int = 3, experts: int = 8, top_k: int = 2):
+    from transformers import Qwen3MoeConfig, Qwen3MoeForCausalLM
+
+    cfg = Qwen3MoeConfig(vocab_size=64, hidden_size=32, intermediate_size=64, moe_intermediate_size=16,
+                         num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2, head_dim=8,
+                         num_experts=experts, num_experts_per_tok=top_k, norm_topk_prob=True,
+                         max_position_embeddings=128)
+    torch.manual_seed(seed)
+    model = Qwen3MoeForCausalLM(cfg).eval()
+    with torch.no_grad():  # larger weights: routing without ties
+        for p in model.parameters():
+            if p.dim() >= 2:
+                p.normal_(0.0, 0.2)
+    return model
+
+
+@pytest.fixture(scope="module")
+def model():
+    return tiny_qwen3()
+
+
+@pytest.fixture(scope="module")
+def trace_dir(model, tmp_path_factory):
+    out = tmp_path_factory.mktemp("trace")
+    g = torch.Generator().manual_seed(0)
+    seqs = torch.randint(0, 64, (10, 16), generator=g)
+    record_traces(model, seqs, out, batch_size=3, top_t=5, shard_sequences=4, progress=False)
+    return out
+
+
+# ------------------------------------------------------------------------------------ sparsemax
+def test_sparsemax_known_values():
+    out = sparsemax(torch.tensor([1.0, 0.5, -1.0]))
+    assert torch.allclose(out, torch.tensor([0.75, 0.25, 0.0]))
+    assert torch.allclose(sparsemax(torch.zeros(4)), torch.full((4,), 0.25))
+    assert torch.equal(sparsemax(torch.tensor([5.0, 0.0, 0.0])), torch.tensor([1.0, 0.0, 0.0]))
+
+
+def test_sparsemax_is_a_sparse_distribution():
+    torch.manual_seed(0)
+    z = torch.randn(64, 20) * 3
+    p = sparsemax(z, dim=-1)
+    assert torch.allclose(p.sum(-1), torch.ones(64), atol=1e-5)
+    assert (p >= 0).all()
+    assert (p == 0).any(dim=-1).all(), "every row of spread scores has zeros"
+    # along another dim, and order-preserving
+    q = sparsemax(z.t(), dim=0)
+    assert torch.allclose(q.t(), p)
+    assert (p.argmax(-1) == z.argmax(-1)).all()
+
+
+def test_sparsemax_is_the_simplex_projection():
+    # the Euclidean projection onto the simplex, by a bisection on the threshold
+    torch.manual_seed(1)
+    z = torch.randn(10, 7)
+    lo, hi = z.min(-1, keepdim=True).values - 1, z.max(-1, keepdim=True).values
+    for _ in range(100):
+        mid = (lo + hi) / 2
+        too_big = torch.clamp(z - mid, min=0).sum(-1, keepdim=True) > 1
+        lo, hi = torch.where(too_big, mid, lo), torch.where(too_big, hi, mid)
+    assert torch.allclose(sparsemax(z), torch.clamp(z - (lo + hi) / 2, min=0), atol=1e-5)
+
+
+def test_sparsemax_masked_scores_get_zero_and_gradients_flow():
+    z = torch.tensor([[0.3, -1e9, 0.1]], requires_grad=True)
+    p = sparsemax(z)
+    assert p[0, 1] == 0
+    p[0, 0].backward()
+    assert torch.isfinite(z.grad).all() and z.grad.abs().sum() > 0
+
+
+def test_sparsemax_rejects_integers():
+    with pytest.raises(TypeError, match="floating-point"):
+        sparsemax(torch.tensor([1, 2, 3]))
+
+
+# ------------------------------------------------------------------------------------ network
+def test_predictor_size_matches_the_paper():
+    # SiDA: ~1.3-1.7M parameters for Switch-base (d=768) with 12 sparse layers of 128 experts... with
+    # the paper's 256-wide network; here a model of hidden 768, 6 MoE layers, 128 experts
+    p = HashPredictor(PredictorConfig(input_dim=768, num_moe_layers=6, num_experts=128, top_k=1))
+    assert 1.2e6 < p.num_parameters() < 1.8e6
+
+
+def test_predictor_incremental_equals_full_and_is_causal():
+    torch.manual_seed(0)
+    p = HashPredictor(PredictorConfig(input_dim=16, num_moe_layers=2, num_experts=6, top_k=2, hidden=24)).eval()
+    x = torch.randn(2, 9, 16)
+    with torch.no_grad():
+        full, _ = p(x)
+        state, steps = None, []
+        for t in range(9):
+            out, state = p(x[:, t : t + 1], state)
+            steps.append(out)
+        # a prefix of 4 then 5 more tokens
+        a, st = p(x[:, :4])
+        b, _ = p(x[:, 4:], st)
+        changed = x.clone()
+        changed[:, 6:] = torch.randn(2, 3, 16)
+        full_changed, _ = p(changed)
+    assert full.shape == (2, 2, 9, 6)
+    assert torch.allclose(torch.cat(steps, dim=2), full, atol=1e-5)
+    assert torch.allclose(torch.cat([a, b], dim=2), full, atol=1e-5)
+    assert torch.allclose(full_changed[:, :, :6], full[:, :, :6], atol=1e-6), "later tokens changed earlier predictions"
+    assert not torch.allclose(full_changed[:, :, 6:], full[:, :, 6:])
+
+
+def test_predictor_is_scale_free_in_its_input():
+    torch.manual_seed(0)
+    p = HashPredictor(PredictorConfig(input_dim=16, num_moe_layers=2, num_experts=6, top_k=2, hidden=24)).eval()
+    x = torch.randn(1, 5, 16)
+    with torch.no_grad():
+        assert torch.allclose(p(x)[0], p(x * 0.02)[0], atol=1e-4)
+
+
+def test_predictor_save_load_round_trip(tmp_path):
+    torch.manual_seed(0)
+    cfg = PredictorConfig(input_dim=16, num_moe_layers=3, num_experts=6, top_k=2, hidden=24, conditioned=True,
+                          moe_layer_ids=[1, 2, 4], model_type="qwen3_moe")
+    p = HashPredictor(cfg).eval()
+    with torch.no_grad():
+        for lin in p.prev_routing:
+            lin.weight.normal_()
+    assert not has_predictor(tmp_path)
+    p.save(tmp_path)
+    assert has_predictor(tmp_path)
+    q = HashPredictor.load(tmp_path)
+    assert q.config == cfg
+    x = torch.randn(2, 5, 16)
+    ids = torch.randint(0, 6, (2, 5, 2))
+    with torch.no_grad():
+        assert torch.equal(p(x)[0], q(x)[0])
+        assert torch.equal(p.refine(p(x)[0][1], 1, ids), q.refine(q(x)[0][1], 1, ids))
+
+
+def test_predictor_errors(tmp_path):
+    with pytest.raises(ValueError, match="top_k"):
+        PredictorConfig(input_dim=8, num_moe_layers=1, num_experts=4, top_k=5)
+    with pytest.raises(ValueError, match="num_experts"):
+        PredictorConfig(input_dim=8, num_moe_layers=1, num_experts=0, top_k=1)
+    with pytest.raises(ValueError, match="moe_layer_ids"):
+        PredictorConfig(input_dim=8, num_moe_layers=2, num_experts=4, top_k=1, moe_layer_ids=[0])
+    with pytest.raises(ValueError, match="unknown predictor config keys"):
+        PredictorConfig.from_dict({"input_dim": 8, "num_moe_layers": 1, "num_experts": 4, "top_k": 1, "bogus": 1})
+    p = HashPredictor(PredictorConfig(input_dim=8, num_moe_layers=1, num_experts=4, top_k=1))
+    with pytest.raises(ValueError, match=r"embeds must be \[batch, seq, 8\]"):
+        p(torch.randn(1, 3, 9))
+    with pytest.raises(FileNotFoundError, match="missing predictor.json"):
+        HashPredictor.load(tmp_path)
+
+
+# ------------------------------------------------------------------------------------- traces
+def test_find_moe_layers(model):
+    layers = find_moe_layers(model)
+    assert [(l.index, l.decoder_layer, l.num_experts, l.top_k) for l in layers] == [(0, 0, 8, 2), (1, 1, 8, 2), (2, 2, 8, 2)]
+    with pytest.raises(ValueError, match="no MoE blocks"):
+        find_moe_layers(torch.nn.Linear(2, 2))
+
+
+def test_trace_round_trip(model, trace_dir):
+    traces = load_traces(trace_dir)
+    m = traces.manifest
+    assert (m["num_moe_layers"], m["num_experts"], m["top_k"], m["top_t"], m["seq_len"]) == (3, 8, 2, 5, 16)
+    assert [s["num_sequences"] for s in m["shards"]] == [6, 4]  # flushed once 4+ sequences are buffered
+    assert traces.topk_ids.shape == (3, 10, 16, 2) and traces.logit_ids.shape == (3, 10, 16, 5)
+    assert torch.equal(traces.embeddings, model.get_input_embeddings().weight.detach())
+    # the recorded routing is the model's: recompute it for two sequences
+    with RoutingRecorder(model) as rec, torch.no_grad():
+        model(input_ids=traces.input_ids[3:5])
+    for layer in range(3):
+        assert torch.equal(rec.layer_topk(layer).view(2, 16, 2), traces.topk_ids[layer, 3:5])
+        logits = rec.layer_logits(layer).view(2, 16, 8)
+        vals, ids = logits.topk(5, dim=-1)
+        assert torch.equal(ids, traces.logit_ids[layer, 3:5])
+        assert torch.allclose(vals, traces.logit_vals[layer, 3:5], atol=1e-2)
+    # softmax routing: the router's top-1 logit is one of the chosen experts
+    assert (traces.logit_ids[..., :1] == traces.topk_ids).any(-1).all()
+
+
+def test_trace_input_errors(model, tmp_path):
+    with pytest.raises(ValueError, match="2-D integer tensor"):
+        record_traces(model, torch.rand(2, 4), tmp_path, progress=False)
+    with pytest.raises(FileNotFoundError, match="not a trace directory"):
+        load_traces(tmp_path)
+    with pytest.raises(ValueError, match="fewer than one sequence"):
+        chunk_token_ids([[1, 2]], 8)
+
+
+def test_chunks_and_held_out_split():
+    rows = chunk_token_ids([[1, 2, 3], [4, 5]], 3, separator=0)
+    assert rows.tolist() == [[1, 2, 3], [0, 4, 5]]
+    docs = [(f"f{i}.py", "x") for i in range(200)]
+    train, held = split_held_out(docs, 0.1)
+    assert len(train) + len(held) == 200 and 5 < len(held) < 40
+    assert split_held_out(docs, 0.1) == (train, held), "the split must be deterministic"
+    with pytest.raises(ValueError, match="held_out_fraction"):
+        split_held_out(docs, 1.5)
+
+
+# ------------------------------------------------------------------------------------ training
+def test_distillation_loss_terms():
+    torch.manual_seed(0)
+    logits = torch.randn(2, 3, 4, 6)
+    topk = torch.randint(0, 6, (2, 3, 4, 2))
+    vals, ids = logits.topk(4, dim=-1)
+    ce = torch.nn.functional.cross_entropy(logits.reshape(-1, 6), ids[..., 0].reshape(-1))
+    assert torch.allclose(distillation_loss(logits, topk, ids, vals, 0.0, 4), ce)
+    # the student equals the teacher on the top-T experts: the distillation term is zero
+    assert torch.allclose(distillation_loss(logits, topk, ids, vals, 10.0, 4), ce, atol=1e-5)
+    # a teacher that disagrees adds a positive term
+    assert distillation_loss(logits, topk, ids, vals.flip(-1), 10.0, 4) > ce + 1e-3
+
+
+def test_training_lowers_the_loss_and_reports(trace_dir):
+    traces = load_traces(trace_dir)
+    cfg = TrainConfig(steps=80, batch_size=8, warmup_steps=5, lr=3e-3, target="topk", conditioned=True)
+    pred, report = train_predictor(traces, cfg, held_out=traces, progress=False)
+    assert report["loss_last_50"] < 0.8 * report["loss_first"]
+    held = report["held_out"]
+    assert held["tokens"] == 160 and len(held["per_layer"]) == 3
+    for row in held["per_layer"]:
+        assert 0.0 <= row["recall@2"] <= 1.0 and row["recall@2"] == pytest.approx(row["precision@2"])
+        assert row["recall@4"] >= row["recall@2"]
+        assert 0.0 <= row["refined_recall@2"] <= 1.0
+    # fitted on these very sequences, it must beat chance (2 of 8 experts: 0.25) clearly
+    assert held["mean_recall@2"] > 0.4
+    again = evaluate(pred, traces)
+    assert again["mean_recall@2"] == pytest.approx(held["mean_recall@2"])
+
+
+def test_training_rejects_bad_settings(trace_dir):
+    with pytest.raises(ValueError, match="target"):
+        TrainConfig(target="top3")
+    with pytest.raises(ValueError, match="lr"):
+        TrainConfig(lr=0)
+    traces = load_traces(trace_dir)
+    wrong = HashPredictor(PredictorConfig(input_dim=32, num_moe_layers=2, num_experts=8, top_k=2))
+    with pytest.raises(ValueError, match="do not match"):
+        train_predictor(traces, TrainConfig(steps=1), predictor=wrong, progress=False)
+    with pytest.raises(ValueError, match="k must be"):
+        evaluate(HashPredictor(predictor_config_for(traces.manifest)), traces, k=9)
+
+
+# --------------------------------------------------------------------------------- hash routing
+def _rigged_predictor(model, favourite: list[int], second: int) -> HashPredictor:
+    """A predictor whose logits are constant: ``favourite[l]`` first, ``second`` next, per layer."""
+    layers = find_moe_layers(model)
+    p = HashPredictor(PredictorConfig(input_dim=32, num_moe_layers=len(layers), num_experts=8, top_k=2, hidden=16))
+    with torch.no_grad():
+        for l, head in enumerate(p.heads):
+            head.weight.zero_()
+            head.bias.fill_(-5.0)
+            head.bias[favourite[l]] = 3.0
+            head.bias[second] = 2.0
+    return p.eval()
+
+
+def test_hash_routing_replaces_the_router(model):
+    pred = _rigged_predictor(model, [5, 6, 7], second=0)
+    x = torch.randint(0, 64, (2, 7))
+    with torch.no_grad():
+        exact = model(input_ids=x).logits
+        with HashRouting(model, pred, "predicted"), RoutingRecorder(model) as rec:
+            hashed = model(input_ids=x).logits
+        after = model(input_ids=x).logits
+    for l, fav in enumerate([5, 6, 7]):
+        assert rec.layer_topk(l).tolist() == [[fav, 0]] * 14
+    assert not torch.allclose(hashed, exact)
+    assert torch.equal(after, exact), "leaving the context must restore the router"
+
+
+def test_hash_routing_with_oracle_weights_is_exact(model):
+    """Experts and weights taken from the router itself (an oracle predictor) reproduce the model."""
+    x = torch.randint(0, 64, (1, 9))
+    with torch.no_grad(), RoutingRecorder(model) as rec:
+        exact = model(input_ids=x).logits
+    oracle = torch.stack([rec.layer_logits(l) for l in range(3)])  # [L, T, E]
+
+    class Oracle(HashPredictor):
+        def forward(self, embeds, state=None, attention_mask=None):
+            return oracle.view(3, 1, 9, 8), state
+
+    pred = Oracle(PredictorConfig(input_dim=32, num_moe_layers=3, num_experts=8, top_k=2, hidden=8))
+    with torch.no_grad():
+        for weights in ("predicted", "router"):
+            with HashRouting(model, pred, weights):
+                assert torch.allclose(model(input_ids=x).logits, exact, atol=1e-5)
+
+
+def test_hash_route_weights():
+    logits = torch.tensor([[0.0, 2.0, 1.0, -1.0]])
+    ids, w = hash_route(logits, 2, normalize=True)
+    assert ids.tolist() == [[1, 2]] and torch.allclose(w.sum(-1), torch.ones(1))
+    router = torch.tensor([[3.0, 0.0, 0.0, 0.0]])
+    _, w_router = hash_route(logits, 2, normalize=False, router_logits=router)
+    assert torch.allclose(w_router, torch.softmax(router, -1)[:, [1, 2]])
+    with pytest.raises(ValueError, match="top_k"):
+        hash_route(logits, 5, True)
+
+
+def test_hash_routing_checks_sizes(model):
+    wrong = HashPredictor(PredictorConfig(input_dim=32, num_moe_layers=2, num_experts=8, top_k=2))
+    with pytest.raises(ValueError, match="covers 2 MoE layers"):
+        HashRouting(model, wrong)
+    with pytest.raises(ValueError, match="weights"):
+        HashRouting(model, _rigged_predictor(model, [0, 1, 2], 3), weights="mean")
+
+
+# ------------------------------------------------------------------------------ cache simulation
+def test_cache_simulation():
+    # 2 layers, top-1, one sequence of 3 tokens; two slots
+    true = torch.tensor([[[[0], [0], [1]]], [[[2], [2], [2]]]])  # [L=2, N=1, S=3, k=1]
+    lru = simulate_decode(true, None, 2, "lru")
+    assert (lru["acquires"], lru["hit_rate"]) == (6, pytest.approx(3 / 6))
+    oracle = simulate_decode(true, true, 2, "predict_lru")
+    assert oracle["hit_rate"] == 1.0 and oracle["prefetch_precision"] == 1.0
+    wrong = torch.full_like(true, 3)
+    assert simulate_decode(true, wrong, 2, "predict_future")["prefetch_precision"] == 0.0
+    with pytest.raises(ValueError, match="needs predicted_ids"):
+        simulate_decode(true, None, 2, "predict_lru")
+    with pytest.raises(ValueError, match="strategy"):
+        simulate_decode(true, None, 2, "mru")
+
+
+# ------------------------------------------------------------------------------------------ CLI
+def test_cli_trace_and_train(tmp_path):
+    from transformers import PreTrainedTokenizerFast
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    from sida_moe.cli import main
+
+    model = tiny_qwen3(seed=3)
+    vocab = {chr(ord("a") + i): i for i in range(26)} | {"<eos>": 26}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<eos>"))
+    tok.pre_tokenizer = pre_tokenizers.Split("", "isolated")
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>", unk_token="<eos>")
+    model_dir = tmp_path / "model"
+    model.save_pretrained(model_dir)
+    tokenizer.save_pretrained(model_dir)
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    for i in range(6):
+        (corpus / f"doc{i}.txt").write_text("the quick brown fox jumps over the lazy dog " * (3 + i))
+    assert main(["trace", "--model", str(model_dir), "--corpus", str(corpus), "--out", str(tmp_path / "tr"),
+                 "--seq-len", "16", "--device", "cpu", "--top-t", "4"]) == 0
+    assert main(["train-predictor", "--trace", str(tmp_path / "tr"), "--held-out", str(tmp_path / "tr"),
+                 "--steps", "3", "--batch-size", "2", "--device", "cpu", "--report", str(tmp_path / "r.json")]) == 0
+    assert has_predictor(model_dir), "saved next to the traced model by default"
+    report = json.loads((tmp_path / "r.json").read_text())
+    assert report["train_config"]["steps"] == 3 and "held_out" in report
+    assert HashPredictor.load(model_dir).config.num_moe_layers == 3

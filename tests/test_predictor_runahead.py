@@ -1,0 +1,121 @@
+"""The run-ahead prefetcher against a real offloaded tiny model (host backend on the CPU)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from sida_moe.offload import engine_of, offload
+from sida_moe.predictor import HashPredictor, HashRouting, PredictorConfig, RoutingRecorder, RunAheadPrefetcher, load_prefetcher
+from sida_moe.prefetchers import Prefetcher
+
+from test_predictor import tiny_qwen3
+
+
+def _predictor(conditioned: bool = False, seed: int = 1) -> HashPredictor:
+    torch.manual_seed(seed)
+    return HashPredictor(PredictorConfig(input_dim=32, num_moe_layers=3, num_experts=8, top_k=2, hidden=16,
+                                         conditioned=conditioned)).eval()
+
+
+def _generate(model, x, n=5):
+    with torch.no_grad():
+        return model.generate(input_ids=x, attention_mask=torch.ones_like(x), max_new_tokens=n, min_new_tokens=n,
+                              do_sample=False, pad_token_id=0)
+
+
+def test_is_a_prefetcher():
+    assert isinstance(RunAheadPrefetcher(_predictor()), Prefetcher)
+
+
+@pytest.mark.parametrize("policy,correction", [("lru", "gate"), ("predictive", "refine"), ("predictive", "none")])
+def test_exact_mode_keeps_outputs_and_prefetches(policy, correction):
+    model = tiny_qwen3(seed=2)
+    x = torch.randint(0, 64, (1, 10))
+    with torch.no_grad():
+        ref_logits = model(input_ids=x).logits
+    ref_tokens = _generate(model, x)
+    prefetcher = RunAheadPrefetcher(_predictor(conditioned=correction == "refine"), correction=correction)
+    offload(model, gpu_budget=0.5, policy=policy, prefetch=prefetcher)
+    engine = engine_of(model)
+    try:
+        with torch.no_grad():
+            logits = model(input_ids=x).logits
+        assert torch.allclose(logits, ref_logits, atol=1e-4)
+        assert torch.equal(_generate(model, x), ref_tokens)
+        stats = engine.stats()
+        m = prefetcher.metrics()
+        assert m["forwards"] == 1 + 5  # one full forward, then prefill + 4 decode steps
+        assert stats["prefetch_queued"] + stats["prefetch_redundant"] > 0, "the thread queued predicted experts"
+        assert 0.0 <= m["hit_rate"] <= 1.0 and m["predictor_ms_per_token"] > 0
+        if correction == "none":
+            assert m["corrections"] == 0
+    finally:
+        engine.close()
+
+
+def test_oracle_predictions_are_all_hits():
+    """A predictor that knows the routing predicts exactly the used experts. With hash routing on,
+    ``route`` waits for the thread, so every layer is scored, and the oracle's experts and weights
+    reproduce the exact model."""
+    model = tiny_qwen3(seed=4)
+    x = torch.randint(0, 64, (1, 8))
+    with torch.no_grad(), RoutingRecorder(model) as rec:
+        exact = model(input_ids=x).logits
+    oracle = torch.stack([rec.layer_logits(l) for l in range(3)]).view(3, 1, 8, 8)
+
+    class Oracle(HashPredictor):
+        def forward(self, embeds, state=None, attention_mask=None):
+            return oracle.clone(), state
+
+    prefetcher = RunAheadPrefetcher(Oracle(_predictor().config), correction="none", hash_routing=True)
+    offload(model, gpu_budget=1.0, policy="lru", prefetch=prefetcher)
+    engine = engine_of(model)
+    try:
+        with torch.no_grad():
+            assert torch.allclose(model(input_ids=x).logits, exact, atol=1e-4)
+        m = prefetcher.metrics()
+        assert (m["hit_rate"], m["precision"], m["late_fraction"]) == (1.0, 1.0, 0.0)
+    finally:
+        engine.close()
+
+
+def test_hash_routing_matches_the_hook_version_in_generation():
+    """The engine path (route hook, predictor state carried across decode steps in the thread) and the
+    plain-model hooks give the same tokens."""
+    pred = _predictor(seed=5)
+    model = tiny_qwen3(seed=6)
+    x = torch.randint(0, 64, (1, 9))
+    with HashRouting(model, pred, "predicted", stateful=True):
+        expected = _generate(model, x, 6)
+    with torch.no_grad():
+        with HashRouting(model, pred, "predicted"):
+            expected_logits = model(input_ids=x).logits
+        exact_logits = model(input_ids=x).logits
+    prefetcher = RunAheadPrefetcher(pred, hash_routing=True)
+    offload(model, gpu_budget=0.5, policy="lru", prefetch=prefetcher)
+    engine = engine_of(model)
+    try:
+        with torch.no_grad():
+            logits = model(input_ids=x).logits
+        assert torch.allclose(logits, expected_logits, atol=1e-4)
+        assert not torch.allclose(logits, exact_logits, atol=1e-3), "hash routing must change this model's output"
+        assert torch.equal(_generate(model, x, 6), expected)
+    finally:
+        engine.close()
+
+
+def test_load_prefetcher_and_size_checks(tmp_path):
+    pred = _predictor()
+    pred.save(tmp_path)
+    prefetcher = load_prefetcher(tmp_path, correction="none")
+    assert prefetcher.predictor.config == pred.config
+    with pytest.raises(ValueError, match="conditioned=True"):
+        RunAheadPrefetcher(pred, correction="refine")
+    with pytest.raises(ValueError, match="correction"):
+        RunAheadPrefetcher(pred, correction="always")
+    with pytest.raises(ValueError, match="k must be"):
+        RunAheadPrefetcher(pred, k=9)
+    model = tiny_qwen3(layers=2)
+    with pytest.raises(ValueError, match="covers 3 MoE layers"):
+        offload(model, gpu_budget=0.5, prefetch=RunAheadPrefetcher(pred))
