@@ -87,7 +87,8 @@ def test_plan_choice_follows_pairs_per_expert(monkeypatch: pytest.MonkeyPatch) -
     assert choose_plan(4096, 8, 128, grouped_mm_ok=False) == LaunchPlan("mma", 32)
     assert choose_plan(4096, 8, 128, grouped_mm_ok=False, mma_ok=False).regime == "gemv"
     assert gemv_block_m(0.06) == 4 and gemv_block_m(6) == 8 and gemv_block_m(100) == 16
-    assert mma_block_m(3) == 8 and mma_block_m(9) == 16 and mma_block_m(500) == 32
+    assert mma_block_m(0.5) == 16 and mma_block_m(9) == 16 and mma_block_m(500) == 32
+    assert choose_plan(7, 8, 128, grouped_mm_ok=True) == LaunchPlan("mma", 16)  # 0.44 pairs per expert
     monkeypatch.setenv("SIDA_MOE_KERNEL_REGIME", "gemv")
     assert choose_plan(4096, 8, 128, grouped_mm_ok=True).regime == "gemv"
     monkeypatch.setenv("SIDA_MOE_KERNEL_REGIME", "grouped_mm")

@@ -24,9 +24,11 @@ REGIMES: tuple[Regime, ...] = ("gemv", "mma", "grouped_mm")
 GEMV_BLOCK_SIZES = (4, 8, 16)
 MMA_BLOCK_SIZES = (8, 16, 32)
 
-# Mean pairs per expert up to which each regime is the fastest (H100, measured; see NOTES.md).
-GEMV_MAX_PAIRS_PER_EXPERT = 0.5
-MMA_MAX_PAIRS_PER_EXPERT = 16.0
+# Mean pairs per expert up to which each regime is the fastest (H100 run of 2026-11-22, NOTES.md):
+# gemv wins at T=1 (0.06-0.25 pairs per expert), mma from about 0.5 (Switch T=64) to 4-8 (Qwen3
+# T=64, gpt-oss T=64 by 2%), grouped_mm from 8 on (Switch T=1024: 0.16 ms against mma's 0.21).
+GEMV_MAX_PAIRS_PER_EXPERT = 0.25
+MMA_MAX_PAIRS_PER_EXPERT = 6.0
 
 
 @dataclass(frozen=True)
@@ -56,8 +58,10 @@ def gemv_block_m(pairs_per_expert: float) -> int:
 
 
 def mma_block_m(pairs_per_expert: float) -> int:
-    """Rows per tensor-core GEMV block (8 tokens per n-tile)."""
-    return _smallest_at_least(MMA_BLOCK_SIZES, pairs_per_expert)
+    """Rows per tensor-core GEMV block (8 tokens per n-tile). 16 measured at least as fast as 8
+    even at one pair per expert (the popular experts of a ragged routing get several), and faster
+    than 32 up to 16 pairs per expert."""
+    return 16 if pairs_per_expert <= 16 else 32
 
 
 def plan_for(regime: Regime, pairs_per_expert: float) -> LaunchPlan:
