@@ -78,6 +78,19 @@ def test_align_kernel_meets_definition() -> None:
         check_alignment(a, ids, table, num_slots, ordered_within_slot=False)
 
 
+@pytest.mark.parametrize("regime", ["gemv", "mma", "grouped_mm"])
+def test_more_slots_than_the_align_kernel_holds(regime: str) -> None:
+    """Past ALIGN_MAX_SLOTS slots the pairs are sorted by the PyTorch version, on the GPU."""
+    from sida_moe.kernels.configs import plan_for
+    from sida_moe.kernels.cuda_moe import ALIGN_MAX_SLOTS, fused_experts_cuda
+
+    fmt = ExpertFormat(hidden=64, intermediate=32, dtype=torch.bfloat16)
+    hidden, ids, w, table, views = _case(fmt, 33, seed=21, num_experts=16, top_k=2, num_slots=ALIGN_MAX_SLOTS + 100)
+    poison_allocator(hidden.device)
+    got = fused_experts_cuda(hidden, ids, w, table, views, fmt, plan=plan_for(regime, 33 * 2 / 16))
+    assert rel_error(got, fused_experts_fp64(hidden, ids, w, table, views, fmt)) <= 1e-2
+
+
 def test_dispatcher_output_is_deterministic_and_fully_written() -> None:
     fmt = FORMATS[0]
     hidden, ids, w, table, views = _case(fmt, 64, seed=7, num_experts=8, top_k=2, num_slots=8)
