@@ -140,9 +140,11 @@ class SlotCache:
 
     Copies: speculative and demand prefetches go through a lock-free bounded queue with two lanes
     (demand first) served by ``copy_workers`` threads that issue async host-to-device copies on
-    their copy stream and record a per-slot ready event. ``acquire`` loads misses itself on a
-    high-priority demand stream. Before a slot is overwritten, the copy stream waits on the slot's
-    done-reading event recorded by ``release``.
+    one shared normal-priority copy stream and record a per-slot ready event. ``acquire`` loads
+    misses itself on a high-priority demand stream. Before a slot is overwritten, the copy stream
+    waits on the slot's done-reading events recorded by ``release`` (one per releasing stream)
+    and on the slot's previous ready event. Copy streams are non-blocking: they never serialize
+    with the legacy default stream. Closing (or garbage-collecting) the cache joins the workers.
     """
 
     def __init__(
