@@ -632,6 +632,8 @@ impl SlotCache {
         let timed = if sh.device.copies_are_synchronous() {
             None
         } else {
+            // Event queries need the context current in this thread, as every driver call here.
+            let _ = sh.device.bind_thread();
             let mut t = sh.timer.lock();
             sh.resolve_timings(&mut t);
             Some((t.seconds, t.bytes as f64))
@@ -644,6 +646,7 @@ impl SlotCache {
 
     pub fn reset_stats(&self) {
         let sh = &self.shared;
+        let _ = sh.device.bind_thread();
         sh.stats.reset();
         let mut t = sh.timer.lock();
         sh.resolve_timings(&mut t);
