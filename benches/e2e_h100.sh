@@ -7,7 +7,7 @@
 set -euo pipefail
 out=${1:?output directory}
 mkdir -p "$out"
-python3 -m pip install -q --no-deps --no-index --force-reinstall dist/*.whl
+python3 -m pip install -q --no-deps --no-index --force-reinstall ${WHEEL_DIR:-dist}/*.whl
 cd /tmp
 export PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$out/gpu.txt"
