@@ -114,6 +114,7 @@ def main() -> None:
     ap.add_argument("--variants", default="topk,topk_kd0.5_conditioned", help=f"comma-separated, from {sorted(VARIANTS)}")
     ap.add_argument("--decode", action="store_true", help="also decode held-out prompts through the offload engine")
     ap.add_argument("--decode-prompts", type=int, default=4)
+    ap.add_argument("--prefetch-k", type=int, default=0, help="also decode with this many predicted experts per layer")
     ap.add_argument("--prompt-tokens", type=int, default=64)
     ap.add_argument("--new-tokens", type=int, default=64)
     ap.add_argument("--sim-sequences", type=int, default=24)
@@ -270,6 +271,11 @@ def main() -> None:
             {"name": "predictive/sida+gate(gpu predictor)", "policy": "predictive",
              "prefetch": {"device": device, "correction": "gate"}},
         ]
+        if args.prefetch_k:
+            # more experts per layer than the router picks: the cache simulation says recall (and the
+            # hit rate) climbs faster than the wasted copies cost at this budget
+            configs.append({"name": f"predictive/sida+gate(gpu predictor, k={args.prefetch_k})", "policy": "predictive",
+                            "prefetch": {"device": device, "correction": "gate", "k": args.prefetch_k}})
         prompts = [held_ids[i : i + 1, : args.prompt_tokens] for i in range(args.decode_prompts)]
         results["decode"] = run_decode_bench(model, prompts, args.new_tokens, args.budget, configs, make)
         dump(results)
