@@ -78,17 +78,26 @@ def test_align_kernel_meets_definition() -> None:
         check_alignment(a, ids, table, num_slots, ordered_within_slot=False)
 
 
-@pytest.mark.parametrize("regime", ["gemv", "mma", "grouped_mm"])
-def test_more_slots_than_the_align_kernel_holds(regime: str) -> None:
-    """Past ALIGN_MAX_SLOTS slots the pairs are sorted by the PyTorch version, on the GPU."""
+@pytest.mark.parametrize("regime", ["gemv", "mma", None])
+def test_more_slots_than_the_align_kernel_and_grouped_mm_take(regime: str | None) -> None:
+    """Past ALIGN_MAX_SLOTS slots the pairs are sorted by the PyTorch version, on the GPU; past
+    grouped_mm's 1024 groups the dispatcher keeps to the streaming kernels, even for many tokens."""
     from sida_moe.kernels.configs import plan_for
     from sida_moe.kernels.cuda_moe import ALIGN_MAX_SLOTS, fused_experts_cuda
 
     fmt = ExpertFormat(hidden=64, intermediate=32, dtype=torch.bfloat16)
-    hidden, ids, w, table, views = _case(fmt, 33, seed=21, num_experts=16, top_k=2, num_slots=ALIGN_MAX_SLOTS + 100)
+    num_tokens = 33 if regime else 600  # 600 tokens x 2 / 16 experts: grouped_mm territory
+    hidden, ids, w, table, views = _case(fmt, num_tokens, seed=21, num_experts=16, top_k=2, num_slots=ALIGN_MAX_SLOTS + 100)
     poison_allocator(hidden.device)
-    got = fused_experts_cuda(hidden, ids, w, table, views, fmt, plan=plan_for(regime, 33 * 2 / 16))
+    if regime is None:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # no grouped_mm failure, no fallback warning
+            got = fused_experts(hidden, ids, w, table, views, fmt)
+    else:
+        got = fused_experts_cuda(hidden, ids, w, table, views, fmt, plan=plan_for(regime, num_tokens * 2 / 16))
     assert rel_error(got, fused_experts_fp64(hidden, ids, w, table, views, fmt)) <= 1e-2
+    with pytest.raises(ValueError, match="at most 1024 slots"):
+        fused_experts_cuda(hidden, ids, w, table, views, fmt, plan=plan_for("grouped_mm", 1.0))
 
 
 def test_dispatcher_output_is_deterministic_and_fully_written() -> None:

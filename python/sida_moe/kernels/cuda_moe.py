@@ -199,9 +199,12 @@ def fused_experts_cuda(
         if not slot_of_expert.is_contiguous():
             slot_of_expert = slot_of_expert.contiguous()
         if plan is None:
-            plan = choose_plan(num_tokens, top_k, slot_of_expert.shape[0], gmm.grouped_mm_usable(device), sk.has_mma)
+            grouped_ok = gmm.grouped_mm_usable(device, weights.num_slots)
+            plan = choose_plan(num_tokens, top_k, slot_of_expert.shape[0], grouped_ok, sk.has_mma)
         elif plan.regime == "mma" and not sk.has_mma:
             raise ValueError(f"the mma regime needs hidden and intermediate sizes that are multiples of 32, got {fmt}")
+        elif plan.regime == "grouped_mm" and weights.num_slots > gmm.MAX_GROUPS:
+            raise ValueError(f"the grouped_mm regime takes at most {gmm.MAX_GROUPS} slots (one group each), got {weights.num_slots}")
         in_place = accumulate and result is out
         num_pairs = topk_ids.numel()
         aligned = align_pairs_cuda(sk.mod, topk_ids, slot_of_expert, weights.num_slots, plan.block_m, stream)

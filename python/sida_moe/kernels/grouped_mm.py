@@ -12,6 +12,10 @@ from collections.abc import Callable
 
 import torch
 
+# torch's grouped GEMM refuses more groups than this ("Can't process more than 1024 groups", torch
+# 2.11 on the H100): layers whose slot memory has more slots use the streaming kernels.
+MAX_GROUPS = 1024
+
 _fn_cache: dict[str, Callable[..., torch.Tensor] | None] = {}
 _failed: dict[int, str] = {}  # device index -> why grouped_mm was given up there
 
@@ -24,9 +28,10 @@ def grouped_mm_function() -> Callable[..., torch.Tensor] | None:
     return _fn_cache["fn"]
 
 
-def grouped_mm_usable(device: torch.device) -> bool:
-    """True when a grouped GEMM exists for this CUDA device (sm80+) and has not failed on it."""
-    if device.type != "cuda" or grouped_mm_function() is None:
+def grouped_mm_usable(device: torch.device, num_groups: int = 1) -> bool:
+    """True when a grouped GEMM exists for this CUDA device (sm80+), takes ``num_groups`` groups
+    (one per slot) and has not failed on the device."""
+    if device.type != "cuda" or grouped_mm_function() is None or num_groups > MAX_GROUPS:
         return False
     index = device.index if device.index is not None else torch.cuda.current_device()
     if torch.cuda.get_device_capability(index) < (8, 0):
@@ -55,4 +60,4 @@ def grouped_linear(x: torch.Tensor, w_slots: torch.Tensor, group_end: torch.Tens
     return fn(x, w_slots.transpose(-2, -1), offs=group_end)
 
 
-__all__ = ["failure_reason", "grouped_linear", "grouped_mm_function", "grouped_mm_usable", "mark_failed"]
+__all__ = ["MAX_GROUPS", "failure_reason", "grouped_linear", "grouped_mm_function", "grouped_mm_usable", "mark_failed"]
