@@ -130,9 +130,30 @@ def test_predictor_incremental_equals_full_and_is_causal():
         full_changed, _ = p(changed)
     assert full.shape == (2, 2, 9, 6)
     assert torch.allclose(torch.cat(steps, dim=2), full, atol=1e-5)
+    with torch.no_grad():  # an all-ones mask is the same as none, in one call or token by token
+        masked, _ = p(x, attention_mask=torch.ones(2, 9))
+        s1 = p(x[:, :5], attention_mask=torch.ones(2, 5))[1]
+        tail, _ = p(x[:, 5:], s1)
+    assert torch.allclose(masked, full, atol=1e-6)
+    assert torch.allclose(tail, full[:, :, 5:], atol=1e-5)
     assert torch.allclose(torch.cat([a, b], dim=2), full, atol=1e-5)
     assert torch.allclose(full_changed[:, :, :6], full[:, :, :6], atol=1e-6), "later tokens changed earlier predictions"
     assert not torch.allclose(full_changed[:, :, 6:], full[:, :, 6:])
+
+
+def test_predictor_masks_padding_out_of_the_attention():
+    """A left-padded row: changing the padding's embeddings changes no real token's attention keys,
+    only what the LSTM saw; with identical LSTM input the real tokens' logits are unchanged."""
+    torch.manual_seed(0)
+    p = HashPredictor(PredictorConfig(input_dim=16, num_moe_layers=1, num_experts=6, top_k=2, hidden=24)).eval()
+    x = torch.randn(1, 6, 16)
+    mask = torch.tensor([[0, 0, 1, 1, 1, 1]])
+    with torch.no_grad():
+        feats, state = p.features(x, attention_mask=mask)
+        unmasked, _ = p.features(x)
+    assert state.key_mask.tolist() == [[False, False, True, True, True, True]]
+    assert not torch.allclose(feats[:, 2:], unmasked[:, 2:]), "the mask must change what real tokens attend to"
+    assert torch.isfinite(feats).all()
 
 
 def test_predictor_is_scale_free_in_its_input():
@@ -277,11 +298,12 @@ def _rigged_predictor(model, favourite: list[int], second: int) -> HashPredictor
     layers = find_moe_layers(model)
     p = HashPredictor(PredictorConfig(input_dim=32, num_moe_layers=len(layers), num_experts=8, top_k=2, hidden=16))
     with torch.no_grad():
-        for l, head in enumerate(p.heads):
-            head.weight.zero_()
-            head.bias.fill_(-5.0)
-            head.bias[favourite[l]] = 3.0
-            head.bias[second] = 2.0
+        p.heads.weight.zero_()
+        bias = p.heads.bias.view(len(layers), 8)  # one row of head biases per MoE layer
+        bias.fill_(-5.0)
+        for l in range(len(layers)):
+            bias[l, favourite[l]] = 3.0
+            bias[l, second] = 2.0
     return p.eval()
 
 

@@ -76,7 +76,7 @@ class PredictorState:
     lstm: tuple[torch.Tensor, torch.Tensor]  # each [lstm_layers, B, hidden]
     keys: torch.Tensor  # [B, P, hidden]
     values: torch.Tensor  # [B, P, hidden]
-    key_mask: torch.Tensor  # [B, P] bool, False for padding
+    key_mask: torch.Tensor | None  # [B, P] bool, False for padding; None: every key is a real token
 
     @property
     def length(self) -> int:
@@ -92,11 +92,10 @@ class HashPredictor(nn.Module):
         h = config.hidden
         self.compress = nn.Linear(config.input_dim, h)
         self.lstm = nn.LSTM(h, h, num_layers=config.lstm_layers, batch_first=True)
-        self.query = nn.Linear(h, h)
-        self.key = nn.Linear(h, h)
-        self.value = nn.Linear(h, h)
+        self.qkv = nn.Linear(h, 3 * h)  # query, key and value in one matmul
         self.residual = nn.Linear(h, h)
-        self.heads = nn.ModuleList(nn.Linear(h, config.num_experts) for _ in range(config.num_moe_layers))
+        # the per-layer Linear(256 -> E) heads, stored as one matrix: rows l*E .. (l+1)*E-1 are layer l's
+        self.heads = nn.Linear(h, config.num_moe_layers * config.num_experts)
         if config.conditioned:
             self.prev_routing = nn.ModuleList(
                 nn.Linear(config.num_experts, config.num_experts, bias=False) for _ in range(config.num_moe_layers)
@@ -115,7 +114,7 @@ class HashPredictor(nn.Module):
         c = self.config
         zeros = torch.zeros(c.lstm_layers, batch, c.hidden, device=dev, dtype=dtype)
         empty = torch.zeros(batch, 0, c.hidden, device=dev, dtype=dtype)
-        return PredictorState((zeros, zeros.clone()), empty, empty.clone(), torch.zeros(batch, 0, dtype=torch.bool, device=dev))
+        return PredictorState((zeros, zeros.clone()), empty, empty.clone(), None)
 
     def features(
         self,
@@ -143,23 +142,34 @@ class HashPredictor(nn.Module):
         x = torch.relu(self.compress(x))
         h, lstm_state = self.lstm(x, state.lstm)
 
-        q, k, v = self.query(h), self.key(h), self.value(h)
+        q, k, v = self.qkv(h).chunk(3, dim=-1)
         keys = torch.cat([state.keys, k], dim=1)
         values = torch.cat([state.values, v], dim=1)
-        new_mask = (
-            torch.ones(bsz, seq, dtype=torch.bool, device=embeds.device)
-            if attention_mask is None
-            else attention_mask.to(device=embeds.device).bool()
-        )
-        key_mask = torch.cat([state.key_mask, new_mask], dim=1)
         past = state.length
+        key_mask = state.key_mask
+        if attention_mask is not None or key_mask is not None:
+            new_mask = (
+                torch.ones(bsz, seq, dtype=torch.bool, device=embeds.device)
+                if attention_mask is None
+                else attention_mask.to(device=embeds.device).bool()
+            )
+            if key_mask is None:
+                key_mask = torch.ones(bsz, past, dtype=torch.bool, device=embeds.device)
+            key_mask = torch.cat([key_mask, new_mask], dim=1)
         scores = torch.matmul(q, keys.transpose(1, 2)).float() / math.sqrt(self.config.hidden)  # [B, S, P+S]
-        q_pos = torch.arange(seq, device=embeds.device)[:, None] + past
-        k_pos = torch.arange(past + seq, device=embeds.device)[None, :]
-        allowed = (k_pos <= q_pos)[None] & key_mask[:, None, :]
-        # A row with no allowed key (a padding query at position 0) attends to itself.
-        allowed = allowed | ((k_pos == q_pos)[None] & ~allowed.any(-1, keepdim=True))
-        attn = sparsemax(scores.masked_fill(~allowed, _MASKED_SCORE), dim=-1).to(values.dtype)
+        if key_mask is None and seq == 1:
+            allowed = None  # one new token, every key a real earlier token: nothing to mask (decode)
+        else:
+            q_pos = torch.arange(seq, device=embeds.device)[:, None] + past
+            k_pos = torch.arange(past + seq, device=embeds.device)[None, :]
+            allowed = (k_pos <= q_pos)[None]
+            if key_mask is not None:
+                allowed = allowed & key_mask[:, None, :]
+                # A row with no allowed key (a padding query at position 0) attends to itself.
+                allowed = allowed | ((k_pos == q_pos)[None] & ~allowed.any(-1, keepdim=True))
+        if allowed is not None:
+            scores = scores.masked_fill(~allowed, _MASKED_SCORE)
+        attn = sparsemax(scores, dim=-1).to(values.dtype)
         feats = h + self.residual(torch.matmul(attn, values))
         return feats, PredictorState(lstm_state, keys, values, key_mask)
 
@@ -171,7 +181,8 @@ class HashPredictor(nn.Module):
     ) -> tuple[torch.Tensor, PredictorState]:
         """Base logits ``[L, B, S, E]`` for every MoE layer, and the state after these tokens."""
         feats, new_state = self.features(embeds, state, attention_mask)
-        logits = torch.stack([head(feats) for head in self.heads])
+        c = self.config
+        logits = self.heads(feats).view(*feats.shape[:2], c.num_moe_layers, c.num_experts).permute(2, 0, 1, 3)
         return logits, new_state
 
     def refine(self, logits: torch.Tensor, layer: int, prev_topk_ids: torch.Tensor) -> torch.Tensor:

@@ -22,7 +22,8 @@ def sparsemax(scores: torch.Tensor, dim: int = -1) -> torch.Tensor:
     if scores.numel() == 0:
         return scores.clone()
     in_dtype = scores.dtype
-    z = scores.float().transpose(dim, -1)
+    last = dim in (-1, scores.dim() - 1)
+    z = scores.float() if last else scores.float().transpose(dim, -1)
     # Subtracting the max changes nothing mathematically and keeps the cumulative sums small.
     z = z - z.max(dim=-1, keepdim=True).values
     z_sorted, _ = torch.sort(z, dim=-1, descending=True)
@@ -34,7 +35,7 @@ def sparsemax(scores: torch.Tensor, dim: int = -1) -> torch.Tensor:
     support_size = in_support.sum(dim=-1, keepdim=True).clamp(min=1)
     tau = (cumsum.gather(-1, support_size - 1) - 1) / support_size.to(z.dtype)
     out = torch.clamp(z - tau, min=0.0)
-    return out.transpose(dim, -1).to(in_dtype)
+    return (out if last else out.transpose(dim, -1)).to(in_dtype)
 
 
 __all__ = ["sparsemax"]

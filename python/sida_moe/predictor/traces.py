@@ -59,9 +59,13 @@ def find_moe_layers(model: nn.Module) -> list[MoELayer]:
     """MoE blocks of a transformers model, in forward order.
 
     A block is a module with an ``experts`` child and a ``gate`` or ``router`` child. Raises
-    ``ValueError`` when the model has none.
+    ``ValueError`` when the model has none and ``NotImplementedError`` for encoder-decoder models.
     """
     config = getattr(model, "config", None)
+    if getattr(config, "is_encoder_decoder", False):
+        raise NotImplementedError(
+            f"the predictor serves decoder-only MoE LMs; {type(model).__name__} is an encoder-decoder model"
+        )
     text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
     layers: list[MoELayer] = []
     for name, module in model.named_modules():
