@@ -718,3 +718,117 @@ impl Drop for SlotCache {
         self.close();
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::device::HostDevice;
+    use std::sync::atomic::AtomicU64;
+
+    const NBYTES: usize = 4096;
+
+    fn pattern(key: Key) -> u8 {
+        (key.0 * 31 + key.1 * 7 + 1) as u8
+    }
+
+    fn filled_pool(layers: i64, experts: i64) -> Arc<ExpertPool> {
+        let keys: Vec<(i64, i64)> = (0..layers).flat_map(|l| (0..experts).map(move |e| (l, e))).collect();
+        let pool = ExpertPool::new(Arc::new(HostDevice::new()), &[("w".into(), NBYTES as i64)], &keys, 1 << 20).unwrap();
+        for &(l, e) in &keys {
+            let data = vec![pattern((l as u64, e as u64)); NBYTES];
+            unsafe { pool.write((l as u64, e as u64), "w", data.as_ptr() as usize, NBYTES).unwrap() };
+        }
+        Arc::new(pool)
+    }
+
+    fn cache(pool: &Arc<ExpertPool>, slots: usize, workers: usize) -> SlotCache {
+        let cfg = CacheConfig {
+            num_slots: slots,
+            policy: PolicyKind::Lru,
+            slots_addr: None,
+            copy_workers: workers,
+            queue_capacity: 64,
+            acquire_timeout: Duration::from_secs(30),
+        };
+        SlotCache::new(pool.clone(), cfg).unwrap()
+    }
+
+    fn stat(c: &SlotCache, name: &str) -> f64 {
+        c.stats().into_iter().find(|(k, _)| *k == name).map(|(_, v)| v).unwrap()
+    }
+
+    #[test]
+    fn concurrent_acquire_release_prefetch_keeps_bytes_and_accounting() {
+        let pool = filled_pool(2, 12);
+        let c = Arc::new(cache(&pool, 8, 2));
+        let stop = Arc::new(AtomicBool::new(false));
+        let acquired = Arc::new(AtomicU64::new(0));
+        let queued = Arc::new(AtomicU64::new(0));
+        let mut threads = Vec::new();
+        for t in 0..4u64 {
+            let (c, stop, acquired) = (c.clone(), stop.clone(), acquired.clone());
+            threads.push(std::thread::spawn(move || {
+                let mut x = t + 1;
+                while !stop.load(Ordering::Relaxed) {
+                    x = x.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+                    let layer = ((x >> 33) % 2) as i64;
+                    let experts: Vec<i64> = (0..3).map(|i| ((x >> (20 + 4 * i)) % 12) as i64).collect();
+                    let slots = c.acquire(layer, &experts, 0).unwrap();
+                    for (&e, &s) in experts.iter().zip(&slots) {
+                        let addr = c.slots_addr() as usize + s * c.slot_nbytes();
+                        let bytes = unsafe { std::slice::from_raw_parts(addr as *const u8, NBYTES) };
+                        let want = pattern((layer as u64, e as u64));
+                        assert!(bytes.iter().all(|&b| b == want), "slot {s} does not hold ({layer}, {e})");
+                    }
+                    let rel: Vec<i64> = slots.iter().map(|&s| s as i64).collect();
+                    c.release(&rel, 0).unwrap();
+                    acquired.fetch_add(1, Ordering::Relaxed);
+                }
+            }));
+        }
+        {
+            let (c, stop, queued) = (c.clone(), stop.clone(), queued.clone());
+            threads.push(std::thread::spawn(move || {
+                let mut generation = 0;
+                while !stop.load(Ordering::Relaxed) {
+                    generation += 1;
+                    let experts: Vec<i64> = (0..4).map(|i| (generation * 5 + i) % 12).collect();
+                    let n = c.prefetch(generation % 2, &experts, generation % 3 == 0, generation).unwrap();
+                    queued.fetch_add(n as u64, Ordering::Relaxed);
+                    if generation % 5 == 0 {
+                        c.cancel_before(generation - 1).unwrap();
+                    }
+                }
+            }));
+        }
+        std::thread::sleep(Duration::from_millis(400));
+        stop.store(true, Ordering::Relaxed);
+        for t in threads {
+            t.join().unwrap();
+        }
+        c.synchronize().unwrap();
+        assert_eq!(stat(&c, "acquires") as u64, acquired.load(Ordering::Relaxed));
+        assert_eq!(stat(&c, "releases") as u64, acquired.load(Ordering::Relaxed));
+        let handled = stat(&c, "prefetch_issued")
+            + stat(&c, "prefetch_cancelled")
+            + stat(&c, "prefetch_redundant")
+            + stat(&c, "prefetch_dropped")
+            - stat(&c, "prefetch_queue_full")
+            + stat(&c, "load_errors");
+        assert_eq!(handled as u64, queued.load(Ordering::Relaxed));
+        assert!(c.slot_states().unwrap().iter().all(|&(_, rc, _)| rc == 0));
+        c.close();
+        assert!(matches!(c.acquire(0, &[0], 0), Err(Error::Closed(_))));
+    }
+
+    #[test]
+    fn drop_joins_workers_and_releases_the_pool() {
+        let pool = filled_pool(1, 4);
+        {
+            let c = cache(&pool, 2, 3);
+            c.prefetch(0, &[0, 1, 2, 3], false, 0).unwrap();
+            assert!(matches!(pool.close(), Err(Error::SlotState(_))));
+        }
+        pool.close().unwrap();
+    }
+}
