@@ -26,8 +26,9 @@ from sida_moe.kernels.moe_align import AlignedPairs, align_pairs_torch, max_padd
 SOURCE = "moe_kernels.cu"
 WARPS = 4  # warps per GEMV block (WARPS in moe_kernels.cu)
 ALIGN_THREADS = 1024
-# moe_align keeps two ints per slot in shared memory (48 KiB without opting in to more).
-ALIGN_MAX_SLOTS = 48 * 1024 // 8
+# moe_align keeps two ints per slot in shared memory (48 KiB without opting in to more), next to
+# its static shared memory (warp sums, ~260 B): 6144 slots failed with CUDA_ERROR_INVALID_VALUE.
+ALIGN_MAX_SLOTS = (48 * 1024 - 512) // 8
 _ACT_CODES = {"silu": 0, "gelu": 1, "gelu_tanh": 2, "relu": 3, "gpt_oss": 4}
 _DTYPE_CODES = {torch.bfloat16: 0, torch.float16: 1}
 
