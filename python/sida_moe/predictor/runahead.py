@@ -247,37 +247,65 @@ class RunAheadPrefetcher:
         stream_ctx = torch.cuda.stream(torch.cuda.Stream(self.device)) if self.device.type == "cuda" else contextlib.nullcontext()
         with torch.inference_mode(), stream_ctx:
             while True:
-                job = self._queue.get()
-                if job is None:
+                jobs = [self._queue.get()]
+                # Coalesce what queued up meanwhile: when the model outpaces the predictor, one call
+                # catches up on every pending decode token instead of falling further behind.
+                while jobs[-1] is not None:
+                    try:
+                        jobs.append(self._queue.get_nowait())
+                    except queue.Empty:
+                        break
+                stop = jobs[-1] is None
+                pending = [j for j in jobs if j is not None]
+                for run in self._runs(pending):
+                    try:
+                        self._predict(run)
+                    except BaseException as exc:  # noqa: BLE001 -- reported through the jobs
+                        for job in run:
+                            job.error = exc
+                    finally:
+                        for job in run:
+                            job.ready.set()
+                if stop:
                     return
-                try:
-                    self._predict(job)
-                except BaseException as exc:  # noqa: BLE001 -- reported through the job and metrics
-                    job.error = exc
-                finally:
-                    job.ready.set()
 
-    def _predict(self, job: _Job) -> None:
-        if job.copied is not None:
-            job.copied.synchronize()
+    @staticmethod
+    def _runs(jobs: list[_Job]) -> list[list[_Job]]:
+        """Consecutive jobs that continue one sequence (not fresh, same batch), to predict together."""
+        runs: list[list[_Job]] = []
+        for job in jobs:
+            if runs and not job.fresh and job.embeds.shape[0] == runs[-1][-1].embeds.shape[0]:
+                runs[-1].append(job)
+            else:
+                runs.append([job])
+        return runs
+
+    def _predict(self, run: list[_Job]) -> None:
+        for job in run:
+            if job.copied is not None:
+                job.copied.synchronize()
         t0 = time.perf_counter()
-        x = job.embeds.to(self.device, torch.float32)
-        logits, self._state = self.predictor(x, None if job.fresh else self._state)
-        # only the last token of each row decides what the next layers need in decode; in prefill
-        # every token's experts are needed
-        flat = logits.reshape(logits.shape[0], -1, logits.shape[-1])  # [L, T, E]
-        ids = flat.topk(self.k, dim=-1).indices
-        predicted = [set(row.reshape(-1).tolist()) for row in ids]
-        job.logits = flat
-        job.predicted = predicted
+        x = torch.cat([job.embeds for job in run], dim=1) if len(run) > 1 else run[0].embeds
+        x = x.to(self.device, torch.float32)
+        logits, self._state = self.predictor(x, None if run[0].fresh else self._state)  # [L, B, S, E]
+        ids = logits.topk(self.k, dim=-1).indices
+        start = 0
+        for job in run:
+            seq = job.embeds.shape[1]
+            part = logits[:, :, start : start + seq]
+            job.logits = part.reshape(part.shape[0], -1, part.shape[-1])  # [L, T, E]
+            job.predicted = [set(row.reshape(-1).tolist()) for row in ids[:, :, start : start + seq]]
+            start += seq
         elapsed = time.perf_counter() - t0
         with self._lock:
             self._m["predict_seconds"] += elapsed
-            self._m["tokens"] += job.tokens
-            self._m["forwards"] += 1
+            self._m["tokens"] += sum(job.tokens for job in run)
+            self._m["forwards"] += len(run)
+        job = run[-1]  # only the newest forward can still use prefetches
         engine = self._engine
         if engine is None or engine.generation != job.generation:
             return  # a newer forward started: these prefetches would be stale
+        predicted = job.predicted
         with self._lock:
             done = job.layers_done  # layers that ran before the prediction was ready get nothing
         if self.feed_future:
