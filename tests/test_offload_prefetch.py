@@ -95,11 +95,20 @@ def test_next_layer_gate_predicts_with_the_next_router():
     for r in routers[1:]:
         r.weight.data.copy_(routers[0].weight.data)
     gate = NextLayerGate()
-    model = sida_moe.offload(model, gpu_budget=1.0, prefetch=gate)
+    model = sida_moe.offload(model, gpu_budget=0.5, prefetch=gate)
     with torch.inference_mode():
         model(input_ids=torch.tensor([[7, 8, 9, 10]]))
     m = gate.metrics()
     assert m["scored_experts"] > 0 and m["hit_rate"] > 0.3
+
+
+def test_next_layer_gate_idle_when_everything_fits():
+    model = sida_moe.offload(tiny_model("qwen3_moe"), gpu_budget=1.0, prefetch="next_layer_gate")
+    ids, mask = prompt_batch()
+    with torch.inference_mode():
+        greedy(model, ids, mask, 3)
+    stats = model.sida_engine.stats()
+    assert stats["prefetch_issued"] == 0 and stats["prefetch_scored_experts"] == 0
 
 
 def test_hash_routing_changes_outputs_exact_does_not():

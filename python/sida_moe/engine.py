@@ -61,6 +61,7 @@ class OffloadEngine:
         self._counters = {"forwards": 0, "tokens": 0, "layer_calls": 0, "chunked_layer_calls": 0}
         self._skip_zero_weight = any(layer.adapter.routing_kind == "onehot" for layer in layers)
         self._hooks: list = []
+        self.routed_experts: list[int] = []  # distinct experts of the layer being run (for prefetchers)
         # measurement switches used by the benchmark (off: nothing extra on the hot path)
         self.measure_stalls = False  # time the compute stream's waits on copies with CUDA events
         self.sync_loads = False  # host waits for each layer's copies (the SiDA paper's loading)
@@ -196,6 +197,7 @@ class OffloadEngine:
         self._counters["layer_calls"] += 1
         used = topk_ids[topk_weights != 0] if self._skip_zero_weight else topk_ids
         distinct = torch.unique(used).tolist()  # the one host sync per layer: the cache needs ids
+        self.routed_experts = distinct
         out: torch.Tensor | None = None
         stream = self._stream()
         step = cache.num_slots

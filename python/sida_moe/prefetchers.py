@@ -11,10 +11,11 @@ points of every model forward:
 3. ``after_routing(moe_layer, hidden, topk_ids)`` right after the layer's experts were pinned, with
    the true routing (used to prefetch the next layers and to score predictions).
 
-What a prefetcher may call on the engine: ``engine.moe_layers`` (ordinal, num_experts, top_k,
+What a prefetcher may use on the engine: ``engine.moe_layers`` (ordinal, num_experts, top_k,
 router module, ``predict(hidden)``), ``engine.prefetch(moe_layer, experts, priority, generation)``,
 ``engine.cancel_before(generation)``, ``engine.set_future(visits, offset)``, ``engine.generation``
-(incremented once per model forward) and ``engine.num_slots``.
+(incremented once per model forward), ``engine.num_slots``, ``engine.num_experts_total`` and, during
+``after_routing``, ``engine.routed_experts`` (host list of the distinct experts the layer uses).
 """
 
 from __future__ import annotations
@@ -90,8 +91,10 @@ class NextLayerGate:
     """After layer L's router, apply layer L+1's router to the current hidden state and prefetch
     the experts it picks.
 
-    Needs no training. Its hit rate (fraction of the experts layer L+1 really used that were
-    predicted) is measured on the device without host syncs and read back by ``metrics()``.
+    Needs no training. Costs one router call and one host sync per layer; it is skipped when the
+    cache holds every expert (nothing left to prefetch). Its hit rate (fraction of the experts layer
+    L+1 really used that were predicted) and precision are counted on the host from the expert
+    lists the engine already has (``engine.routed_experts``) and read by ``metrics()``.
     """
 
     name = "next_layer_gate"
@@ -101,50 +104,39 @@ class NextLayerGate:
             raise ValueError(f"lookahead must be an int >= 1, got {lookahead!r}")
         self.lookahead = lookahead
         self._engine: OffloadEngine | None = None
-        self._pending: dict[int, torch.Tensor] = {}  # moe_layer -> [E] bool mask of predicted experts
-        self._hits: torch.Tensor | None = None
-        self._needed: torch.Tensor | None = None
-        self._predicted: torch.Tensor | None = None
+        self._pending: dict[int, set[int]] = {}  # moe_layer -> experts predicted for it
+        self.reset_metrics()
 
     def attach(self, engine: OffloadEngine) -> None:
         self._engine = engine
         self._pending.clear()
-        self._hits = self._needed = self._predicted = None
+        self._active = engine.num_slots < engine.num_experts_total
 
     def begin_forward(self, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor | None) -> None:
         # predictions made for the previous forward's layers are not scored against this one
         self._pending.clear()
 
-    def _counters(self, device: torch.device) -> None:
-        if self._hits is None or self._hits.device != device:
-            self._hits = torch.zeros((), dtype=torch.int64, device=device)
-            self._needed = torch.zeros((), dtype=torch.int64, device=device)
-            self._predicted = torch.zeros((), dtype=torch.int64, device=device)
-
     def after_routing(self, moe_layer: int, hidden: torch.Tensor, topk_ids: torch.Tensor) -> None:
         engine = self._engine
         if engine is None:
             raise RuntimeError("NextLayerGate.after_routing called before attach()")
-        layers = engine.moe_layers
-        self._counters(topk_ids.device)
+        if not self._active:
+            return
         predicted = self._pending.pop(moe_layer, None)
         if predicted is not None:
-            used = torch.zeros(layers[moe_layer].num_experts, dtype=torch.bool, device=topk_ids.device)
-            used[topk_ids.reshape(-1)] = True
-            self._hits += (used & predicted).sum()
-            self._needed += used.sum()
+            used = set(engine.routed_experts)
+            self._hits += len(used & predicted)
+            self._needed += len(used)
+        layers = engine.moe_layers
         for ahead in range(1, self.lookahead + 1):
             nxt = moe_layer + ahead
             # only layers of the same stack (encoder vs decoder) see this hidden state next
             if nxt >= len(layers) or layers[nxt].stack != layers[moe_layer].stack:
                 break
-            ids = layers[nxt].predict(hidden)
-            mask = torch.zeros(layers[nxt].num_experts, dtype=torch.bool, device=ids.device)
-            mask[ids.reshape(-1)] = True
+            experts = torch.unique(layers[nxt].predict(hidden)).tolist()  # one sync: the queue takes host ids
             if ahead == 1:
-                self._pending[nxt] = mask
-                self._predicted += mask.sum()
-            experts = mask.nonzero().flatten().tolist()  # one sync: the queue needs host ids
+                self._pending[nxt] = set(experts)
+                self._predicted += len(experts)
             engine.prefetch(nxt, experts, priority="prefetch", generation=engine.generation)
 
     def route(
@@ -154,18 +146,15 @@ class NextLayerGate:
 
     def metrics(self) -> dict[str, float]:
         """``hit_rate``: predicted-and-used / used experts of the scored layers; ``precision``:
-        predicted-and-used / predicted."""
-        if self._hits is None:
-            return {"hit_rate": 0.0, "precision": 0.0, "scored_experts": 0.0}
-        hits, needed, predicted = int(self._hits), int(self._needed), int(self._predicted)
+        predicted-and-used / predicted; ``scored_experts``: used experts scored."""
         return {
-            "hit_rate": hits / needed if needed else 0.0,
-            "precision": hits / predicted if predicted else 0.0,
-            "scored_experts": float(needed),
+            "hit_rate": self._hits / self._needed if self._needed else 0.0,
+            "precision": self._hits / self._predicted if self._predicted else 0.0,
+            "scored_experts": float(self._needed),
         }
 
     def reset_metrics(self) -> None:
-        self._hits = self._needed = self._predicted = None
+        self._hits = self._needed = self._predicted = 0
 
     def close(self) -> None:
         self._pending.clear()
