@@ -62,26 +62,40 @@ __device__ __forceinline__ uint4 ld_stream(const u16* p) {
 }
 
 // ------------------------------------------------------------------------------- activations
-__device__ __forceinline__ float act_plain(float z) {
+// Rounded to the storage dtype where the model's own (PyTorch) expert code rounds: the outputs of
+// gate_up and down, and each elementwise op of the activation. Accumulation stays fp32; the point
+// is an offloaded model that computes the function its original computes, op for op.
+__device__ __forceinline__ float rnd(float x) {
+    u16 h;
+#if SIDA_DTYPE == 0
+    asm("cvt.rn.bf16.f32 %0, %1;" : "=h"(h) : "f"(x));
+#else
+    asm("cvt.rn.f16.f32 %0, %1;" : "=h"(h) : "f"(x));
+#endif
+    return to_f32(h);
+}
+
+__device__ __forceinline__ float act_plain(float z) {  // z already rounded; result rounded
 #if SIDA_ACT == 0
-    return z / (1.0f + expf(-z));
+    return rnd(z / (1.0f + expf(-z)));
 #elif SIDA_ACT == 1
-    return 0.5f * z * (1.0f + erff(z * 0.70710678118654752f));
+    return rnd(0.5f * z * (1.0f + erff(z * 0.70710678118654752f)));
 #elif SIDA_ACT == 2
-    return 0.5f * z * (1.0f + tanhf(0.79788456080286536f * (z + 0.044715f * z * z * z)));
+    return rnd(0.5f * z * (1.0f + tanhf(0.79788456080286536f * (z + 0.044715f * z * z * z))));
 #else
     return fmaxf(z, 0.0f);
 #endif
 }
 
-// Gated: act_fn(gate) * up; GPT-OSS: clamp, gate * sigmoid(alpha * gate) * (up + 1).
+// Gated: act_fn(gate) * up; GPT-OSS: clamp, gate * sigmoid(alpha * gate) * (up + 1). g, u rounded.
 __device__ __forceinline__ float act_gated(float g, float u) {
 #if SIDA_ACT == 4
     g = fminf(g, SIDA_LIMIT);
     u = fminf(fmaxf(u, -SIDA_LIMIT), SIDA_LIMIT);
-    return g / (1.0f + expf(-SIDA_ALPHA * g)) * (u + 1.0f);
+    const float sig = rnd(1.0f / (1.0f + expf(-rnd(SIDA_ALPHA * g))));
+    return rnd(rnd(u + 1.0f) * rnd(g * sig));
 #else
-    return act_plain(g) * u;
+    return rnd(act_plain(g) * u);
 #endif
 }
 
@@ -325,10 +339,10 @@ __device__ __forceinline__ void gemv_gate_up_impl(
         if (m < nvalid && lane == (m & 31)) {
             float* dst = act_out + (long long)(base + m) * SIDA_I + j0;
 #if SIDA_GATED
-            dst[0] = act_gated(acc[0][m] + b0, acc[1][m] + b1);
+            dst[0] = act_gated(rnd(acc[0][m] + b0), rnd(acc[1][m] + b1));
 #else
-            dst[0] = act_plain(acc[0][m] + b0);
-            dst[1] = act_plain(acc[1][m] + b1);
+            dst[0] = act_plain(rnd(acc[0][m] + b0));
+            dst[1] = act_plain(rnd(acc[1][m] + b1));
 #endif
         }
     }
@@ -371,7 +385,7 @@ __device__ __forceinline__ void gemv_down_impl(
         const float b = bias != nullptr ? to_f32(bias[(long long)slot * bias_slot_stride + h]) : 0.0f;
 #pragma unroll
         for (int m = 0; m < BM; ++m)
-            if (m < nvalid && lane == ((m + r * BM) & 31)) y[(long long)(base + m) * SIDA_H + h] = acc[r][m] + b;
+            if (m < nvalid && lane == ((m + r * BM) & 31)) y[(long long)(base + m) * SIDA_H + h] = rnd(acc[r][m] + b);
     }
 }
 
@@ -574,7 +588,7 @@ __device__ __forceinline__ void mma_gate_up_impl(
                 const int m = nt * 8 + 2 * q + e;
                 if (__ldg(sorted_ids + base + m) >= num_pairs) continue;
                 float* dst = act_out + (long long)(base + m) * SIDA_I;
-                const float z0 = acc[0][nt][half * 2 + e] + b0, z1 = acc[1][nt][half * 2 + e] + b1;
+                const float z0 = rnd(acc[0][nt][half * 2 + e] + b0), z1 = rnd(acc[1][nt][half * 2 + e] + b1);
 #if SIDA_GATED
                 dst[j] = act_gated(z0, z1);
 #else
@@ -628,7 +642,7 @@ __device__ __forceinline__ void mma_down_impl(
                 for (int e = 0; e < 2; ++e) {
                     const int m = nt * 8 + 2 * q + e;
                     if (__ldg(sorted_ids + base + m) >= num_pairs) continue;
-                    y[(long long)(base + m) * SIDA_H + h] = acc[mt][nt][half * 2 + e] + b;
+                    y[(long long)(base + m) * SIDA_H + h] = rnd(acc[mt][nt][half * 2 + e] + b);
                 }
         }
 }
@@ -688,9 +702,9 @@ extern "C" __global__ void __launch_bounds__(128) act_rows(
         if (br != nullptr) {
 #pragma unroll
             for (int e = 0; e < 8; ++e) {
-                z[e] += to_f32(br[v * 8 + e]);
+                z[e] = rnd(z[e] + to_f32(br[v * 8 + e]));
 #if SIDA_GATED
-                u[e] += to_f32(br[SIDA_I + v * 8 + e]);
+                u[e] = rnd(u[e] + to_f32(br[SIDA_I + v * 8 + e]));
 #endif
             }
         }
@@ -745,7 +759,7 @@ __device__ __forceinline__ void moe_reduce_impl(
             float b[8];
             load_act8(bias + (long long)__ldg(row_slot + pos) * bias_slot_stride + h, b);
 #pragma unroll
-            for (int e = 0; e < 8; ++e) v[e] += b[e];
+            for (int e = 0; e < 8; ++e) v[e] = rnd(v[e] + b[e]);
         }
 #pragma unroll
         for (int e = 0; e < 8; ++e) acc[e] = fmaf(wt, v[e], acc[e]);
