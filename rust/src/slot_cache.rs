@@ -62,6 +62,10 @@ struct Shared {
     slot_nbytes: usize,
     queue: Arc<PrefetchQueue>,
     demand_stream: StreamHandle,
+    /// Held while one copy and its timing events are enqueued, so that threads sharing a stream
+    /// never interleave inside another copy's timing window (which would overstate its time).
+    demand_issue: Mutex<()>,
+    prefetch_issue: Mutex<()>,
     /// One normal-priority stream shared by all copy workers: copies share the PCIe link
     /// anyway, and one FIFO of copies keeps the DMA engine streaming; several workers only
     /// parallelise the host-side issuing. (NOTES.md: stream per worker vs shared, H100.)
@@ -105,6 +109,7 @@ impl Shared {
             }
             dev.stream_wait_event(stream, ev.ready)?;
             let timing = self.timing_pair()?;
+            let _issue = if stream == self.demand_stream { self.demand_issue.lock() } else { self.prefetch_issue.lock() };
             if let Some((a, _)) = timing {
                 dev.record_event(a, stream)?;
             }
@@ -248,7 +253,9 @@ impl SlotCache {
                 slot_nbytes,
                 queue: Arc::new(PrefetchQueue::new(cfg.queue_capacity)),
                 demand_stream,
+                demand_issue: Mutex::new(()),
                 prefetch_stream,
+                prefetch_issue: Mutex::new(()),
                 timer: Mutex::new(CopyTimer::default()),
                 stats: Stats::default(),
                 closed: AtomicBool::new(false),
