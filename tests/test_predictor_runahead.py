@@ -18,10 +18,10 @@ def _predictor(conditioned: bool = False, seed: int = 1) -> HashPredictor:
                                          conditioned=conditioned)).eval()
 
 
-def _generate(model, x, n=5):
+def _generate(model, x, n=5, mask=None):
     with torch.no_grad():
-        return model.generate(input_ids=x, attention_mask=torch.ones_like(x), max_new_tokens=n, min_new_tokens=n,
-                              do_sample=False, pad_token_id=0)
+        return model.generate(input_ids=x, attention_mask=torch.ones_like(x) if mask is None else mask,
+                              max_new_tokens=n, min_new_tokens=n, do_sample=False, pad_token_id=0)
 
 
 def test_is_a_prefetcher():
@@ -86,8 +86,13 @@ def test_hash_routing_matches_the_hook_version_in_generation():
     pred = _predictor(seed=5)
     model = tiny_qwen3(seed=6)
     x = torch.randint(0, 64, (1, 9))
-    with HashRouting(model, pred, "predicted", stateful=True):
+    batch = torch.randint(1, 64, (2, 9))
+    batch_mask = torch.ones_like(batch)
+    batch_mask[0, :4] = 0  # a left-padded row
+    with HashRouting(model, pred, "predicted", stateful=True) as hooks:
         expected = _generate(model, x, 6)
+        hooks.reset()
+        expected_batch = _generate(model, batch, 6, batch_mask)
     with torch.no_grad():
         with HashRouting(model, pred, "predicted"):
             expected_logits = model(input_ids=x).logits
@@ -101,6 +106,7 @@ def test_hash_routing_matches_the_hook_version_in_generation():
         assert torch.allclose(logits, expected_logits, atol=1e-4)
         assert not torch.allclose(logits, exact_logits, atol=1e-3), "hash routing must change this model's output"
         assert torch.equal(_generate(model, x, 6), expected)
+        assert torch.equal(_generate(model, batch, 6, batch_mask), expected_batch)
     finally:
         engine.close()
 
@@ -162,5 +168,31 @@ def test_a_slow_predictor_catches_up_by_coalescing_decode_steps():
         got = torch.cat([job.logits for job in jobs], dim=1)  # [L, T, E] in token order
         assert torch.allclose(got, full[:, 0], atol=1e-5)
         assert prefetcher.metrics()["forwards"] == 8
+    finally:
+        engine.close()
+
+
+def test_padded_prompts_are_masked_for_the_predictor():
+    """A left-padded batch: the thread passes the prompt's mask to the predictor, so each row's
+    predictions equal those of the row alone with its padding masked."""
+    pred = _predictor(seed=9)
+    model = tiny_qwen3(seed=10)
+    x = torch.randint(1, 64, (2, 7))
+    mask = torch.ones_like(x)
+    mask[1, :3] = 0
+    prefetcher = RunAheadPrefetcher(pred, correction="none")
+    offload(model, gpu_budget=0.5, prefetch=prefetcher)
+    engine = engine_of(model)
+    try:
+        with torch.no_grad():
+            model(input_ids=x, attention_mask=mask)
+        job = prefetcher._current
+        assert job.ready.wait(10) and job.error is None
+        embeds = model.get_input_embeddings().weight[x].float()
+        with torch.no_grad():
+            expected, _ = pred(embeds, attention_mask=mask)
+            unmasked, _ = pred(embeds)
+        assert torch.allclose(job.logits, expected.reshape(3, 14, 8), atol=1e-5)
+        assert not torch.allclose(job.logits, unmasked.reshape(3, 14, 8), atol=1e-3)
     finally:
         engine.close()

@@ -93,6 +93,7 @@ class HashRouting:
         self._logits: torch.Tensor | None = None  # [L, T, E] for the current forward
         self._router_logits: dict[int, torch.Tensor] = {}
         self._state: PredictorState | None = None
+        self._attention_mask: torch.Tensor | None = None
         self._handles: list = []
 
     def reset(self) -> None:
@@ -100,6 +101,7 @@ class HashRouting:
 
     def __enter__(self) -> HashRouting:
         emb = self.model.get_input_embeddings()
+        self._handles.append(self.model.register_forward_pre_hook(self._on_model_call, with_kwargs=True))
         self._handles.append(emb.register_forward_hook(self._on_embeddings))
         for layer in self.layers:
             if self.weights == "router":
@@ -114,13 +116,19 @@ class HashRouting:
         self._logits = None
         self._router_logits.clear()
 
+    def _on_model_call(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        self._attention_mask = kwargs.get("attention_mask")
+
     def _on_embeddings(self, module: nn.Module, args: tuple, embeds: torch.Tensor) -> None:
         p = self.predictor
         with torch.no_grad():
             x = embeds.to(p.compress.weight.device)
             if x.dim() == 2:
                 x = x.unsqueeze(0)
-            logits, state = p(x, self._state if self.stateful else None)
+            mask = self._attention_mask
+            # the prompt's padding is masked out of the predictor's attention (as in the run-ahead thread)
+            mask = mask[..., -x.shape[1]:].to(x.device) if mask is not None and mask.dim() == 2 and x.shape[1] > 1 else None
+            logits, state = p(x, self._state if self.stateful else None, mask)
         if self.stateful:
             self._state = state
         self._logits = logits.reshape(logits.shape[0], -1, logits.shape[-1])

@@ -41,6 +41,7 @@ Correction = Literal["gate", "refine", "none"]
 class _Job:
     generation: int
     embeds: torch.Tensor  # [B, S, H] on the predictor's device (or pinned host memory being filled)
+    mask: torch.Tensor | None  # [B, S] attention mask of these tokens (prefill with padding), or None
     copied: torch.cuda.Event | None  # recorded after the copy into ``embeds`` (None: ready now)
     fresh: bool  # a new sequence: reset the predictor state
     tokens: int
@@ -123,8 +124,10 @@ class RunAheadPrefetcher:
         if self._current is not None and self._current.embeds.shape[0] != x.shape[0]:
             fresh = True
         self._seen_tokens = (0 if fresh else self._seen_tokens) + seq
-        embeds, copied = self._to_predictor_device(x.detach())
-        job = _Job(engine.generation, embeds, copied, fresh, x.shape[0] * seq)
+        # the prompt's padding must not be attended to; decode tokens are real tokens
+        mask = attention_mask[..., -seq:] if attention_mask is not None and seq > 1 else None
+        (embeds, mask), copied = self._to_predictor_device(x.detach(), mask)
+        job = _Job(engine.generation, embeds, mask, copied, fresh, x.shape[0] * seq)
         self._current = job
         self._queue.put(job)
 
@@ -217,14 +220,16 @@ class RunAheadPrefetcher:
             raise RuntimeError("RunAheadPrefetcher used before attach()")
         return self._engine
 
-    def _to_predictor_device(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.cuda.Event | None]:
+    def _to_predictor_device(
+        self, x: torch.Tensor, mask: torch.Tensor | None
+    ) -> tuple[tuple[torch.Tensor, torch.Tensor | None], torch.cuda.Event | None]:
         if x.device == self.device or (x.device.type == self.device.type == "cuda" and self.device.index is None):
             if x.device.type != "cuda":
-                return x, None
+                return (x, mask), None
             # same GPU: the worker's stream must not read the embeddings before they are written
             event = torch.cuda.Event()
             event.record(torch.cuda.current_stream(x.device))
-            return x, event
+            return (x, mask), event
         if x.device.type == "cuda":
             # Asynchronous: a side stream waits for the embeddings, copies them to pinned memory and
             # records an event the worker waits on; the compute stream never blocks.
@@ -233,14 +238,20 @@ class RunAheadPrefetcher:
             stream = self._copy_stream
             stream.wait_stream(torch.cuda.current_stream(x.device))
             with torch.cuda.stream(stream):
-                dst = torch.empty(x.shape, dtype=x.dtype, pin_memory=self.device.type == "cpu",
-                                  device="cpu" if self.device.type == "cpu" else self.device)
-                dst.copy_(x, non_blocking=True)
-                x.record_stream(stream)
+                copies = []
+                for src in (x, mask):
+                    if src is None:
+                        copies.append(None)
+                        continue
+                    dst = torch.empty(src.shape, dtype=src.dtype, pin_memory=self.device.type == "cpu",
+                                      device="cpu" if self.device.type == "cpu" else self.device)
+                    dst.copy_(src, non_blocking=True)
+                    src.record_stream(stream)
+                    copies.append(dst)
                 event = torch.cuda.Event()
                 event.record(stream)
-            return dst, event
-        return x.to(self.device), None
+            return (copies[0], copies[1]), event
+        return (x.to(self.device), None if mask is None else mask.to(self.device)), None
 
     def _worker(self) -> None:
         # on a GPU the predictor runs on its own stream, beside the model's
@@ -287,7 +298,14 @@ class RunAheadPrefetcher:
         t0 = time.perf_counter()
         x = torch.cat([job.embeds for job in run], dim=1) if len(run) > 1 else run[0].embeds
         x = x.to(self.device, torch.float32)
-        logits, self._state = self.predictor(x, None if run[0].fresh else self._state)  # [L, B, S, E]
+        mask = None
+        if any(job.mask is not None for job in run):
+            mask = torch.cat([job.mask.to(self.device) if job.mask is not None
+                              else torch.ones(job.embeds.shape[:2], dtype=torch.long, device=self.device)
+                              for job in run], dim=1)
+            if bool(mask.all()):  # no padding: the cheaper unmasked path (syncs this thread only)
+                mask = None
+        logits, self._state = self.predictor(x, None if run[0].fresh else self._state, mask)  # [L, B, S, E]
         ids = logits.topk(self.k, dim=-1).indices
         start = 0
         for job in run:
