@@ -96,6 +96,8 @@ def test_hash_routing_matches_the_hook_version_in_generation():
     with torch.no_grad():
         with HashRouting(model, pred, "predicted"):
             expected_logits = model(input_ids=x).logits
+        with HashRouting(model, pred, "router"):
+            expected_router_weighted = model(input_ids=x).logits
         exact_logits = model(input_ids=x).logits
     prefetcher = RunAheadPrefetcher(pred, hash_routing=True)
     offload(model, gpu_budget=0.5, policy="lru", prefetch=prefetcher)
@@ -107,6 +109,10 @@ def test_hash_routing_matches_the_hook_version_in_generation():
         assert not torch.allclose(logits, exact_logits, atol=1e-3), "hash routing must change this model's output"
         assert torch.equal(_generate(model, x, 6), expected)
         assert torch.equal(_generate(model, batch, 6, batch_mask), expected_batch)
+        assert not torch.allclose(expected_router_weighted, expected_logits, atol=1e-3)
+        engine.set_prefetcher(RunAheadPrefetcher(pred, hash_routing=True, hash_weights="router"))
+        with torch.no_grad():
+            assert torch.allclose(model(input_ids=x).logits, expected_router_weighted, atol=1e-4)
     finally:
         engine.close()
 
@@ -122,6 +128,8 @@ def test_load_prefetcher_and_size_checks(tmp_path):
         RunAheadPrefetcher(pred, correction="always")
     with pytest.raises(ValueError, match="k must be"):
         RunAheadPrefetcher(pred, k=9)
+    with pytest.raises(ValueError, match="hash_weights"):
+        RunAheadPrefetcher(pred, hash_routing=True, hash_weights="mean")
     model = tiny_qwen3(layers=2)
     with pytest.raises(ValueError, match="covers 3 MoE layers"):
         offload(model, gpu_budget=0.5, prefetch=RunAheadPrefetcher(pred))

@@ -13,7 +13,9 @@ compute stream) and queues what it picks that was not predicted on the demand la
 keeps the embedding-only prediction.
 
 Hash routing (``hash_routing=True``, opt-in, lossy): ``route`` waits for the forward's prediction
-and returns the predicted experts and their predicted weights instead of the router's.
+and returns the predicted experts instead of the router's, weighted by the predictor's softmax
+(``hash_weights="predicted"``, the paper's mode) or by the router's softmax at those experts
+(``"router"``: one extra router matmul, far closer to exact -- see NOTES.md).
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ from typing import TYPE_CHECKING, Literal
 
 import torch
 
-from sida_moe.predictor.hash_routing import hash_route, router_normalizes
+from sida_moe.predictor.hash_routing import WeightSource, hash_route, router_normalizes
 from sida_moe.predictor.model import HashPredictor, PredictorState
 
 if TYPE_CHECKING:
@@ -60,6 +62,7 @@ class RunAheadPrefetcher:
       the embeddings reach it by an asynchronous copy on a side stream.
     - ``k``: experts prefetched per token and layer (default: the model's top-k).
     - ``feed_future``: send the predicted acquire sequence to ``set_future`` (predictive policy).
+    - ``hash_routing`` / ``hash_weights``: the opt-in lossy mode (module docstring).
     """
 
     name = "sida"
@@ -72,7 +75,10 @@ class RunAheadPrefetcher:
         k: int | None = None,
         feed_future: bool = True,
         hash_routing: bool = False,
+        hash_weights: WeightSource = "predicted",
     ) -> None:
+        if hash_weights not in ("predicted", "router"):
+            raise ValueError(f"hash_weights must be 'predicted' or 'router', got {hash_weights!r}")
         if correction not in ("gate", "refine", "none"):
             raise ValueError(f"correction must be 'gate', 'refine' or 'none', got {correction!r}")
         if correction == "refine" and predictor.prev_routing is None:
@@ -85,6 +91,7 @@ class RunAheadPrefetcher:
         self.k = k or predictor.config.top_k
         self.feed_future = feed_future
         self.hash_routing = hash_routing
+        self.hash_weights = hash_weights
         self._engine: OffloadEngine | None = None
         self._queue: queue.Queue[_Job | None] = queue.Queue()
         self._thread: threading.Thread | None = None
@@ -178,8 +185,13 @@ class RunAheadPrefetcher:
         logits = job.logits[moe_layer].to(hidden.device)
         if logits.shape[0] != topk_ids.shape[0]:
             raise RuntimeError(f"hash routing: {logits.shape[0]} predicted tokens, layer {moe_layer} has {topk_ids.shape[0]}")
-        normalize = router_normalizes(self._require_engine().moe_layers[moe_layer].router)
-        ids, weights = hash_route(logits, topk_ids.shape[-1], normalize, dtype=topk_weights.dtype)
+        router = self._require_engine().moe_layers[moe_layer].router
+        router_logits = None
+        if self.hash_weights == "router":
+            out = router(hidden)
+            router_logits = (out[0] if isinstance(out, (tuple, list)) else out).reshape(logits.shape)
+        ids, weights = hash_route(logits, topk_ids.shape[-1], router_normalizes(router), router_logits,
+                                  dtype=topk_weights.dtype)
         return ids.to(topk_ids.dtype), weights
 
     def close(self) -> None:
