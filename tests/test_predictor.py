@@ -106,8 +106,8 @@ def test_sparsemax_rejects_integers():
 
 # ------------------------------------------------------------------------------------ network
 def test_predictor_size_matches_the_paper():
-    # SiDA: ~1.3-1.7M parameters for Switch-base (d=768) with 12 sparse layers of 128 experts... with
-    # the paper's 256-wide network; here a model of hidden 768, 6 MoE layers, 128 experts
+    # SiDA's 256-wide network has ~1.3-1.7M parameters for Switch-base (hidden 768, 6 sparse layers
+    # per stack, 8-256 experts); same shape here with 128 experts
     p = HashPredictor(PredictorConfig(input_dim=768, num_moe_layers=6, num_experts=128, top_k=1))
     assert 1.2e6 < p.num_parameters() < 1.8e6
 
