@@ -162,13 +162,25 @@ def offload(
         for layer in tqdm(layers, desc="offloading experts", unit="layer", disable=not progress):
             for expert in range(layer.num_experts):
                 engine.write_expert(layer.ordinal, expert, adapter.expert_weights(layer, expert))
-            setattr(layer.block, layer.experts_attr, OffloadedExperts(engine, layer))  # frees the originals
+            original = layer.experts
+            setattr(layer.block, layer.experts_attr, OffloadedExperts(engine, layer))
+            _release_storage(original)
     except BaseException:
         engine.close()
         raise
     if device.type == "cuda":
         torch.cuda.empty_cache()
     return _finish(model, engine, num_slots, policy, prefetch, copy_workers)
+
+
+def _release_storage(module: nn.Module) -> None:
+    """Free the weights of a replaced experts module now, even if something outside the model still
+    holds its Parameter objects (hooks of other libraries, user references): their storage is what
+    the budget is about."""
+    with torch.no_grad():
+        for param in module.parameters():
+            param.data = torch.empty(0, dtype=param.dtype, device=param.device)
+            param.grad = None
 
 
 # --------------------------------------------------------------------------- from_pretrained
