@@ -58,8 +58,9 @@ class RunAheadPrefetcher:
     """SiDA's predictor as a prefetcher (see the module docstring).
 
     - ``predictor``: a trained :class:`HashPredictor` matching the model's MoE layers and experts.
-    - ``device``: where the predictor runs; ``"cpu"`` (default) keeps the GPU free for the model,
-      the embeddings reach it by an asynchronous copy on a side stream.
+    - ``device``: where the predictor runs; None (default): the model's device, on its own stream
+      (measured best on the H100: higher hit rate and fewer late predictions than on the CPU).
+      ``"cpu"`` keeps the GPU free; the embeddings then reach it by an asynchronous copy.
     - ``k``: experts prefetched per token and layer (default: the model's top-k).
     - ``feed_future``: send the predicted acquire sequence to ``set_future`` (predictive policy).
     - ``hash_routing`` / ``hash_weights``: the opt-in lossy mode (module docstring).
@@ -70,7 +71,7 @@ class RunAheadPrefetcher:
     def __init__(
         self,
         predictor: HashPredictor,
-        device: str | torch.device = "cpu",
+        device: str | torch.device | None = None,
         correction: Correction = "gate",
         k: int | None = None,
         feed_future: bool = True,
@@ -85,8 +86,9 @@ class RunAheadPrefetcher:
             raise ValueError("correction='refine' needs a predictor trained with conditioned=True")
         if k is not None and not 0 < k <= predictor.config.num_experts:
             raise ValueError(f"k must be in [1, {predictor.config.num_experts}], got {k}")
-        self.predictor = predictor.to(device).eval()
-        self.device = torch.device(device)
+        self.predictor = predictor.eval()
+        self.device: torch.device | None = None
+        self._requested_device = device
         self.correction = correction
         self.k = k or predictor.config.top_k
         self.feed_future = feed_future
@@ -101,6 +103,8 @@ class RunAheadPrefetcher:
         self._copy_stream: torch.cuda.Stream | None = None
         self._lock = threading.Lock()
         self.reset_metrics()
+        if device is not None:
+            self._set_device(torch.device(device))
 
     # ------------------------------------------------------------------------------ protocol
     def attach(self, engine: OffloadEngine) -> None:
@@ -113,6 +117,8 @@ class RunAheadPrefetcher:
                              f"{sorted({layer.num_experts for layer in layers})}")
         if len({layer.stack for layer in layers}) > 1:
             raise ValueError("the run-ahead prefetcher serves decoder-only models (one stack of MoE layers)")
+        if self._requested_device is None:
+            self._set_device(torch.device(engine.device))
         self._engine = engine
         self._seen_tokens = 0
         self._current = None
@@ -227,6 +233,12 @@ class RunAheadPrefetcher:
                  "forwards", "corrections"), 0)
 
     # ------------------------------------------------------------------------------ internals
+    def _set_device(self, device: torch.device) -> None:
+        if self._thread is not None and self._thread.is_alive() and device != self.device:
+            raise RuntimeError("the predictor's device cannot change while its thread runs")
+        self.device = device
+        self.predictor.to(device)
+
     def _require_engine(self) -> OffloadEngine:
         if self._engine is None:
             raise RuntimeError("RunAheadPrefetcher used before attach()")
@@ -347,10 +359,11 @@ class RunAheadPrefetcher:
             engine.prefetch(layer, sorted(predicted[layer]), "prefetch", job.generation)
 
 
-def load_prefetcher(path: str | os.PathLike, device: str = "cpu", **kwargs) -> RunAheadPrefetcher:
+def load_prefetcher(path: str | os.PathLike, device: str | None = None, **kwargs) -> RunAheadPrefetcher:
     """A :class:`RunAheadPrefetcher` for the predictor saved in ``path`` (``predictor.json`` +
-    ``predictor.safetensors``, e.g. in the model's directory). ``kwargs`` go to the constructor."""
-    return RunAheadPrefetcher(HashPredictor.load(path, device=device), device=device, **kwargs)
+    ``predictor.safetensors``, e.g. in the model's directory); ``device`` None: the model's.
+    ``kwargs`` go to the constructor."""
+    return RunAheadPrefetcher(HashPredictor.load(path), device=device, **kwargs)
 
 
 __all__ = ["RunAheadPrefetcher", "load_prefetcher"]
