@@ -145,7 +145,7 @@ def train(model, train_ids: torch.Tensor, seconds: float, batch_size: int = 32, 
         opt.step()
         opt.zero_grad(set_to_none=True)
         if step % 50 == 0:
-            losses.append((step, float(out.loss)))
+            losses.append((step, float(out.loss.detach())))
             print(f"step {step} loss {losses[-1][1]:.3f} ({time.perf_counter() - t0:.0f}s)", flush=True)
         step += 1
     torch.cuda.synchronize()
