@@ -207,7 +207,7 @@ class OffloadEngine:
             chunk = distinct[start : start + step]
             if self._acquire_trace is not None:
                 self._acquire_trace.append((moe_layer, chunk))
-            if self.measure_stalls and stream:
+            if self.measure_stalls and self.device.type == "cuda":
                 # the compute stream passes `before`, waits on the slots' ready events, then passes
                 # `after`: the time between the two is time it spent waiting on copies
                 before, after = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)

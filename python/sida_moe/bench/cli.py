@@ -41,6 +41,10 @@ def _configure(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default=None)
     p.add_argument("--dtype", default=None, choices=["bfloat16", "float16", "float32"])
     p.add_argument("--seed", type=int, default=0)
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--sample", dest="sample", action="store_true", default=None,
+                   help="seeded sampling, the same for every system (default for presets: random weights decode greedily into one repeated token)")
+    g.add_argument("--greedy", dest="sample", action="store_false", help="greedy decoding (default for checkpoints)")
     p.add_argument("--no-timeline", action="store_true", help="skip the profiler timeline plot")
     p.add_argument("--out", default="bench-results", help="output directory for bench.json, bench.md and plots")
 
@@ -54,7 +58,7 @@ def _run(args: argparse.Namespace) -> int:
         predictors=args.predictors, predictor_path=args.predictor_path,
         baselines=() if args.baselines == ("none",) else args.baselines, batch_sizes=args.batch_sizes,
         prompt_tokens=args.prompt_tokens, new_tokens=args.new_tokens, accelerate_new_tokens=args.accelerate_new_tokens,
-        seed=args.seed, timeline=not args.no_timeline, out_dir=args.out,
+        seed=args.seed, timeline=not args.no_timeline, sample=args.sample, out_dir=args.out,
     )
     rows = run_bench(cfg)
     print(markdown_table(rows))

@@ -42,6 +42,9 @@ class BenchConfig:
     accelerate_new_tokens: int = 4
     seed: int = 0
     timeline: bool = True
+    # Random-weight presets decode greedily into one repeated token, whose routing never changes
+    # (a cache's best case). Sampling (seeded, identical for every system) gives varied tokens.
+    sample: bool | None = None  # None: sample for presets, greedy for checkpoints
     out_dir: str | None = None
     progress: bool = True
     extra: dict[str, Any] = field(default_factory=dict)
@@ -92,12 +95,15 @@ def _prompts(model: nn.Module, batch: int, length: int, seed: int, device: torch
     return {"input_ids": ids.to(device), "attention_mask": mask.to(device)}
 
 
-def _generate(model: nn.Module, prompts: dict[str, torch.Tensor], new_tokens: int, device: torch.device):
+def _generate(model: nn.Module, prompts: dict[str, torch.Tensor], new_tokens: int, device: torch.device,
+              sample: bool = False, seed: int = 0):
     timer = TokenTimer(device)
+    sampling = {"do_sample": True, "top_k": 0, "top_p": 1.0, "temperature": 1.0} if sample else {"do_sample": False}
+    torch.manual_seed(seed)  # the same sampled sequence for every system (given the same logits)
     with torch.inference_mode():
         timer.begin()
-        out = model.generate(**prompts, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
-                             streamer=timer, pad_token_id=0)
+        out = model.generate(**prompts, max_new_tokens=new_tokens, min_new_tokens=new_tokens, streamer=timer,
+                             pad_token_id=0, **sampling)
     timing = timer.result(prompts["input_ids"].shape[0], prompts["input_ids"].shape[1])
     return out[:, prompts["input_ids"].shape[1]:].cpu(), timing
 
@@ -184,7 +190,24 @@ def run_bench(cfg: BenchConfig) -> list[dict[str, Any]]:
     device = torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = getattr(torch, cfg.dtype) if cfg.dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)
     rows: list[dict[str, Any]] = []
+    from sida_moe.presets import PRESETS
+
+    sample = cfg.model in PRESETS if cfg.sample is None else cfg.sample
     model = _load_model(cfg, device, dtype)
+    out_dir = Path(cfg.out_dir) if cfg.out_dir else None
+    if out_dir:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    meta: dict[str, Any] = {
+        "config": dict(asdict(cfg)),
+        "decoding": f"sampled (seed {cfg.seed})" if sample else "greedy",
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
+        "torch": torch.__version__,
+        "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
+
+    def gen(b: int, n: int):
+        return _generate(model, prompts[b], n, device, sample, cfg.seed)
+
     prompts = {b: _prompts(model, b, cfg.prompt_tokens, cfg.seed, device) for b in cfg.batch_sizes}
     reference: dict[int, torch.Tensor] = {}
     total = len(cfg.batch_sizes) * (len(cfg.budgets) * len(cfg.policies) * len(cfg.predictors) + len(cfg.baselines))
@@ -195,7 +218,11 @@ def run_bench(cfg: BenchConfig) -> list[dict[str, Any]]:
         row["batch_size"] = batch
         if tokens is not None and batch in reference:
             row["same_tokens_as_resident"] = bool(torch.equal(tokens, reference[batch]))
+        if device.type == "cuda":
+            row["gpu_allocated_gib"] = torch.cuda.memory_allocated(device) / 2**30
         rows.append(row)
+        if out_dir:  # partial results survive a later failure
+            write_json(out_dir / "bench.json", meta, [r for r in rows if r["system"] != "_trace"])
         bar.set_postfix_str(f"{system} {extra.get('policy', '')} {row['decode_tokens_per_s']:.2f} tok/s")
         bar.update(1)
 
@@ -203,9 +230,9 @@ def run_bench(cfg: BenchConfig) -> list[dict[str, Any]]:
     if "resident" in cfg.baselines:
         impl = set_fastest_experts_implementation(model)
         for b in cfg.batch_sizes:
-            _generate(model, prompts[b], 2, device)  # warm-up (kernel selection, allocator)
+            gen(b, 2)  # warm-up (kernel selection, allocator)
             _reset_peak(device)
-            tokens, timing = _generate(model, prompts[b], cfg.new_tokens, device)
+            tokens, timing = gen(b, cfg.new_tokens)
             reference[b] = tokens
             record("resident", b, timing, {"experts_implementation": impl, "peak_gpu_gib": _peak_gib(device)})
     # 2. transformers + accelerate, experts on the CPU (slow: fewer tokens)
@@ -213,15 +240,20 @@ def run_bench(cfg: BenchConfig) -> list[dict[str, Any]]:
         with experts_on_cpu_with_accelerate(model, device):
             for b in cfg.batch_sizes:
                 _reset_peak(device)
-                _, timing = _generate(model, prompts[b], max(2, cfg.accelerate_new_tokens), device)
+                _, timing = gen(b, max(2, cfg.accelerate_new_tokens))
                 record("accelerate_cpu", b, timing, {"peak_gpu_gib": _peak_gib(device)})
     # 3. sida-moe
-    first_budget = min(cfg.budgets)
-    offload(model, gpu_budget=first_budget, policy="lru", prefetch="none", progress=cfg.progress)
+    budgets = sorted(cfg.budgets, reverse=True)  # largest slot memory first, while the GPU is emptiest
+    t0 = time.perf_counter()
+    offload(model, gpu_budget=min(budgets), policy="lru", prefetch="none", progress=cfg.progress)
     engine = engine_of(model)
+    meta["offload_seconds"] = time.perf_counter() - t0
+    meta["engine"] = engine.describe()
+    if device.type == "cuda":
+        meta["gpu_allocated_after_offload_gib"] = torch.cuda.memory_allocated(device) / 2**30
     engine.measure_stalls = device.type == "cuda"
     for b in cfg.batch_sizes:  # warm-up: kernels compiled and selected before anything is timed
-        _generate(model, prompts[b], 2, device)
+        gen(b, 2)
 
     def run_config(system: str, b: int, budget: float, policy: str, predictor: str, sync: bool = False,
                    trace: list | None = None) -> None:
@@ -233,14 +265,14 @@ def run_bench(cfg: BenchConfig) -> list[dict[str, Any]]:
             engine.set_future(trace or [])
         engine.reset_stats()
         _reset_peak(device)
-        tokens, timing = _generate(model, prompts[b], cfg.new_tokens, device)
+        tokens, timing = gen(b, cfg.new_tokens)
         extra = {"policy": policy, "predictor": predictor, "budget_fraction": budget, "peak_gpu_gib": _peak_gib(device),
                  **_engine_metrics(engine, timing)}
         record(system, b, timing, extra, tokens)
         engine.sync_loads = False
 
     for b in cfg.batch_sizes:
-        for budget in cfg.budgets:
+        for budget in budgets:
             # the acquire sequence of this (batch, budget) is the same under every policy and
             # prefetcher (exact mode): record it once, then feed it to the oracle
             with engine.recording_acquires() as trace:
@@ -258,16 +290,8 @@ def run_bench(cfg: BenchConfig) -> list[dict[str, Any]]:
     rows = [r for r in rows if r["system"] != "_trace"]
     bar.close()
 
-    if cfg.out_dir:
-        out = Path(cfg.out_dir)
-        out.mkdir(parents=True, exist_ok=True)
-        meta = {
-            "config": {k: v for k, v in asdict(cfg).items()},
-            "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
-            "torch": torch.__version__,
-            "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-            "engine": engine.describe(),
-        }
+    if out_dir:
+        out = out_dir
         write_json(out / "bench.json", meta, rows)
         (out / "bench.md").write_text(markdown_table(rows))
         b0 = cfg.batch_sizes[0]
