@@ -320,3 +320,22 @@ def test_exception_hierarchy():
     assert issubclass(sm.CudaError, RuntimeError)
     assert issubclass(InvalidArgumentError, ValueError) and issubclass(InvalidArgumentError, sm.SidaMoeError)
     assert sm.BudgetError.__module__ == "sida_moe._native"
+
+
+def test_int_sequences_may_be_arrays_or_tensors(pool):
+    import numpy as np
+
+    with sm.SlotCache(pool, 4) as c:
+        for experts in (np.array([1, 2]), torch.tensor([1, 3]), (1, 2), range(2), [np.int64(5)]):
+            slots = c.acquire(0, experts)
+            assert len(slots) == len(list(experts))
+            c.release(torch.tensor(slots))
+        assert c.prefetch(1, np.array([6, 7])) == 2
+        c.set_future([(0, torch.tensor([1, 2])), (1, np.array([3]))])
+        for bad in ("ab", [1.5], 3, None, torch.tensor(3)):
+            with pytest.raises(TypeError, match="experts"):
+                c.acquire(0, bad)
+        with pytest.raises(TypeError, match="visits"):
+            c.set_future([1, 2])
+        assert all(rc == 0 for _, rc, _ in c.slot_states())
+    assert sm.simulate_policy("lru", 2, [(0, np.array([1, 2]))])["misses"] == 2

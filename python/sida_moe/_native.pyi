@@ -3,6 +3,9 @@
 Keys: an expert is named by ``(layer, expert)``; ``layer`` is the index the caller gave when it
 declared the pool (any non-negative int, typically the MoE-layer ordinal), ``expert`` the expert id.
 All byte counts are Python ints. Every call that can block or copy releases the GIL.
+Arguments typed ``Sequence[int]`` (experts, slots) also accept numpy arrays and torch tensors
+(anything with ``tolist()``; a CUDA tensor's ``tolist()`` synchronizes its stream); a str, a
+single int or non-integer items raise TypeError.
 """
 
 from collections.abc import Sequence

@@ -3,7 +3,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use pyo3::exceptions::{PyKeyError, PyOSError, PyRuntimeError, PyValueError};
+use pyo3::exceptions::{PyKeyError, PyOSError, PyRuntimeError, PyTypeError, PyValueError};
 use pyo3::prelude::*;
 use pyo3::sync::PyOnceLock;
 use pyo3::types::{PyBytes, PyDict, PyTuple, PyType};
@@ -141,6 +141,44 @@ fn non_negative(v: i64, what: &str) -> PyResult<u64> {
         return Err(to_py(Error::InvalidArgument(format!("{what} must be >= 0, got {v}"))));
     }
     Ok(v as u64)
+}
+
+/// A sequence of ints from a list, tuple, range, numpy array or torch tensor (via `tolist()`).
+fn int_list(obj: &Bound<'_, PyAny>, what: &str) -> PyResult<Vec<i64>> {
+    if obj.is_instance_of::<pyo3::types::PyString>() || obj.is_instance_of::<PyBytes>() {
+        return Err(PyTypeError::new_err(format!("{what} must be a sequence of ints, got a string")));
+    }
+    let items = if obj.hasattr("tolist")? { obj.call_method0("tolist")? } else { obj.clone() };
+    if items.is_instance_of::<pyo3::types::PyInt>() {
+        return Err(PyTypeError::new_err(format!("{what} must be a sequence of ints, got a single int")));
+    }
+    let iter = items
+        .try_iter()
+        .map_err(|_| PyTypeError::new_err(format!("{what} must be a sequence of ints, got {}", type_name(obj))))?;
+    iter.map(|x| {
+        x?.extract::<i64>()
+            .map_err(|_| PyTypeError::new_err(format!("{what} must contain only ints")))
+    })
+    .collect()
+}
+
+fn type_name(obj: &Bound<'_, PyAny>) -> String {
+    obj.get_type().name().map(|n| n.to_string()).unwrap_or_default()
+}
+
+/// `[(layer, experts), ...]` with experts in any form `int_list` accepts.
+fn visit_list(obj: &Bound<'_, PyAny>, what: &str) -> PyResult<Vec<(i64, Vec<i64>)>> {
+    let iter = obj
+        .try_iter()
+        .map_err(|_| PyTypeError::new_err(format!("{what} must be a sequence of (layer, experts) pairs")))?;
+    iter.map(|item| {
+        let item = item?;
+        let (layer, experts): (i64, Bound<'_, PyAny>) = item
+            .extract()
+            .map_err(|_| PyTypeError::new_err(format!("{what} must be a sequence of (layer, experts) pairs")))?;
+        Ok((layer, int_list(&experts, "experts")?))
+    })
+    .collect()
 }
 
 fn key_tuple(k: Key) -> (u64, u64) {
@@ -461,23 +499,33 @@ impl PySlotCache {
         &self,
         py: Python<'_>,
         layer: i64,
-        experts: Vec<i64>,
+        experts: &Bound<'_, PyAny>,
         stream: Option<&Bound<'_, PyAny>>,
     ) -> PyResult<Vec<usize>> {
+        let experts = int_list(experts, "experts")?;
         let s = stream.map(stream_arg).transpose()?.unwrap_or(0);
         let c = &self.cache;
         py.detach(|| c.acquire(layer, &experts, s)).py_err()
     }
 
     #[pyo3(signature = (slots, stream = None))]
-    fn release(&self, py: Python<'_>, slots: Vec<i64>, stream: Option<&Bound<'_, PyAny>>) -> PyResult<()> {
+    fn release(&self, py: Python<'_>, slots: &Bound<'_, PyAny>, stream: Option<&Bound<'_, PyAny>>) -> PyResult<()> {
+        let slots = int_list(slots, "slots")?;
         let s = stream.map(stream_arg).transpose()?.unwrap_or(0);
         let c = &self.cache;
         py.detach(|| c.release(&slots, s)).py_err()
     }
 
     #[pyo3(signature = (layer, experts, priority = "prefetch", generation = 0))]
-    fn prefetch(&self, py: Python<'_>, layer: i64, experts: Vec<i64>, priority: &str, generation: i64) -> PyResult<usize> {
+    fn prefetch(
+        &self,
+        py: Python<'_>,
+        layer: i64,
+        experts: &Bound<'_, PyAny>,
+        priority: &str,
+        generation: i64,
+    ) -> PyResult<usize> {
+        let experts = int_list(experts, "experts")?;
         let demand = match priority {
             "demand" => true,
             "prefetch" => false,
@@ -496,7 +544,8 @@ impl PySlotCache {
     }
 
     #[pyo3(signature = (visits, offset = 0))]
-    fn set_future(&self, py: Python<'_>, visits: Vec<(i64, Vec<i64>)>, offset: i64) -> PyResult<()> {
+    fn set_future(&self, py: Python<'_>, visits: &Bound<'_, PyAny>, offset: i64) -> PyResult<()> {
+        let visits = visit_list(visits, "visits")?;
         let c = &self.cache;
         py.detach(|| c.set_future(&visits, offset)).py_err()
     }
@@ -580,9 +629,10 @@ fn simulate_policy<'py>(
     py: Python<'py>,
     policy: &str,
     num_slots: i64,
-    trace: Vec<(i64, Vec<i64>)>,
+    trace: &Bound<'py, PyAny>,
     future: bool,
 ) -> PyResult<Bound<'py, PyDict>> {
+    let trace = visit_list(trace, "trace")?;
     let kind = PolicyKind::parse(policy).py_err()?;
     if num_slots <= 0 {
         return Err(to_py(Error::Budget(format!("num_slots must be >= 1, got {num_slots}"))));
