@@ -66,10 +66,11 @@ def test_thousand_create_destroy_cycles(kind):
 @pytest.mark.parametrize("kind", ["host", pytest.param("cuda", marks=pytest.mark.gpu)])
 def test_gc_of_an_open_cache_joins_workers_and_frees_the_pool(kind):
     backend = sm.Backend(kind)
+    gc.collect()
     threads0 = thread_count()
-    pool = sm.ExpertPool(backend, [("w", 1 << 20)], [(0, e) for e in range(32)])  # 32 MiB
+    pool = sm.ExpertPool(backend, [("w", 1 << 20)], [(0, e) for e in range(32)])  # 32 MiB, touched
     cache = sm.SlotCache(pool, 4, copy_workers=3)
-    assert thread_count() == threads0 + 3
+    assert settled_thread_count(threads0 + 3) == threads0 + 3
     cache.prefetch(0, list(range(8)))
     rss_open = rss_bytes()
     del cache
