@@ -182,6 +182,8 @@ def test_bad_budget(pool, n):
         {"slots_ptr": -8},
         {"slots_ptr": 4097},
         {"acquire_timeout": 0.0},
+        {"acquire_timeout": float("nan")},
+        {"acquire_timeout": 1e300},
     ],
 )
 def test_bad_constructor_arguments(pool, kwargs):

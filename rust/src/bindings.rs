@@ -462,7 +462,9 @@ impl PySlotCache {
             slots_addr,
             copy_workers: copy_workers as usize,
             queue_capacity: queue_capacity as usize,
-            acquire_timeout: Duration::from_secs_f64(acquire_timeout),
+            acquire_timeout: Duration::try_from_secs_f64(acquire_timeout).map_err(|_| {
+                to_py(Error::InvalidArgument(format!("acquire_timeout {acquire_timeout} s is too large")))
+            })?,
         };
         let p = pool.pool.clone();
         let cache = py.detach(move || slot_cache::SlotCache::new(p, cfg)).py_err()?;

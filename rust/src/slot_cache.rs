@@ -355,7 +355,10 @@ impl SlotCache {
         dedup_in_order(&mut distinct);
         let sh = &*self.shared;
         let t_start = Instant::now();
-        let deadline = t_start + sh.acquire_timeout;
+        // A huge timeout means "wait as long as it takes": clamp instead of overflowing Instant.
+        let deadline = t_start
+            .checked_add(sh.acquire_timeout)
+            .unwrap_or_else(|| t_start + Duration::from_secs(100 * 365 * 86_400));
         loop {
             let plan = {
                 let mut t = sh.table.lock();
