@@ -8,6 +8,7 @@ experts, with a one-time warning when CUDA inputs cannot use the kernels (no CuP
 
 from __future__ import annotations
 
+import os
 import warnings
 
 import torch
@@ -15,6 +16,12 @@ import torch
 from sida_moe.format import ExpertFormat, SlotWeights
 
 _warned: set[str] = set()
+
+# ``SIDA_MOE_KERNELS=reference`` forces the PyTorch reference path everywhere (debugging, and the
+# "before" side of kernel benchmarks); read once at import, not per layer call.
+_KERNELS = os.environ.get("SIDA_MOE_KERNELS", "auto")
+if _KERNELS not in ("auto", "reference"):
+    raise ValueError(f"SIDA_MOE_KERNELS must be 'auto' or 'reference', got {_KERNELS!r}")
 
 
 def _check_inputs(
@@ -103,7 +110,7 @@ def fused_experts(
     wrong shape, dtype or device.
     """
     _check_inputs(hidden, topk_ids, topk_weights, slot_of_expert, weights, fmt, out)
-    if hidden.device.type == "cuda" and fmt.dtype in (torch.bfloat16, torch.float16):
+    if _KERNELS == "auto" and hidden.device.type == "cuda" and fmt.dtype in (torch.bfloat16, torch.float16):
         from sida_moe.kernels import cuda_moe
 
         reason = cuda_moe.unsupported_reason(hidden, weights, fmt)
