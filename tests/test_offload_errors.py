@@ -1,7 +1,5 @@
 """Bad input to offload / from_pretrained gives a clear exception of the right class."""
 
-import copy
-
 import pytest
 import torch
 

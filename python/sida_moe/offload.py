@@ -269,7 +269,6 @@ def from_pretrained(
     """
     import transformers
     from safetensors import safe_open
-    from tqdm.auto import tqdm
 
     path = Path(path)
     if not path.is_dir():
