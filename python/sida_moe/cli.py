@@ -142,7 +142,7 @@ def _run_generate(args: argparse.Namespace) -> int:
     print(f"bytes moved per token: {format_bytes(stats['bytes_copied'] / generated)} "
           f"({format_bytes(stats['bytes_copied'])} total, {stats.get('achieved_gbps', 0.0):.1f} GB/s)")
     dense = sum(p.numel() * p.element_size() for p in model.parameters())
-    print(f"expert GPU memory: {format_bytes(stats['slot_bytes'])} of slots vs {format_bytes(stats['all_experts_bytes'])} "
+    print(f"expert memory on {engine.device}: {format_bytes(stats['slot_bytes'])} of slots vs {format_bytes(stats['all_experts_bytes'])} "
           f"all-resident; dense weights {format_bytes(dense)}; total {format_bytes(stats['slot_bytes'] + dense)} vs "
           f"{format_bytes(stats['all_experts_bytes'] + dense)}")
     if device.type == "cuda":

@@ -29,6 +29,8 @@ class Preset:
     description: str = ""
 
 
+BYTE_VOCAB = 259  # ByteTokenizer's ids: 3 specials + 256 bytes (tiny presets decode every token)
+
 _QWEN3_30B = dict(
     vocab_size=151936, hidden_size=2048, intermediate_size=6144, moe_intermediate_size=768, num_hidden_layers=48,
     num_attention_heads=32, num_key_value_heads=4, head_dim=128, num_experts=128, num_experts_per_tok=8,
@@ -42,7 +44,7 @@ PRESETS: dict[str, Preset] = {
             "qwen3-moe-tiny",
             "Qwen3MoeConfig",
             "Qwen3MoeForCausalLM",
-            dict(_QWEN3_30B, vocab_size=512, hidden_size=128, intermediate_size=256, moe_intermediate_size=64,
+            dict(_QWEN3_30B, vocab_size=BYTE_VOCAB, hidden_size=128, intermediate_size=256, moe_intermediate_size=64,
                  num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2, head_dim=32, num_experts=64,
                  num_experts_per_tok=8, max_position_embeddings=1024),
             "Qwen3-MoE scaled for a CPU: 4 layers, H=128, 64 experts top-8 (the default preset)",
@@ -61,7 +63,7 @@ PRESETS: dict[str, Preset] = {
             "switch-base-8-tiny",
             "SwitchTransformersConfig",
             "SwitchTransformersForConditionalGeneration",
-            dict(vocab_size=512, d_model=128, d_kv=32, d_ff=512, num_layers=4, num_decoder_layers=4, num_heads=4, num_experts=8,
+            dict(vocab_size=BYTE_VOCAB, d_model=128, d_kv=32, d_ff=512, num_layers=4, num_decoder_layers=4, num_heads=4, num_experts=8,
                  encoder_sparse_step=2, decoder_sparse_step=2, expert_capacity=64, decoder_start_token_id=0, pad_token_id=0,
                  eos_token_id=1),
             "Switch-base-8 scaled for a CPU (the SiDA paper's model family): encoder-decoder, top-1, ReLU experts",
