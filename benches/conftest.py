@@ -1,7 +1,7 @@
 """Shared setup of the native-runtime microbenchmarks (pytest-benchmark).
 
-Run: ``python -m pytest benches/bench_native_*.py --benchmark-json=out.json`` (name the files:
-they are not ``test_*.py``, so a bare ``pytest benches`` does not collect them). On a machine with
+Run: ``python -m pytest benches/bench_native_*.py --benchmark-json=out.json`` (these files,
+or the whole folder: ``pytest benches/ --benchmark-json=out.json``). On a machine with
 CUDA the runtime's CUDA backend is measured against torch; elsewhere the host backend (memcpy).
 Throughputs and slowdowns are put in each benchmark's ``extra_info``.
 """
