@@ -44,7 +44,8 @@ def _configure_generate(p: argparse.ArgumentParser) -> None:
     p.add_argument("--prompt", action="append", help="prompt text (repeat for a batch); default one short prompt")
     p.add_argument("--max-new-tokens", type=int, default=32)
     p.add_argument("--policy", default="lru", choices=["lru", "lfu", "fifo", "predictive"])
-    p.add_argument("--prefetch", default="next_layer_gate", choices=["next_layer_gate", "none"])
+    p.add_argument("--prefetch", default="next_layer_gate", choices=["next_layer_gate", "none", "sida"],
+                   help="'sida': the trained SiDA predictor saved in the checkpoint directory (sida-moe train-predictor)")
     p.add_argument("--dtype", default=None, choices=["bfloat16", "float16", "float32"],
                    help="default: bfloat16 on a GPU, float32 on the CPU (checkpoints: their own dtype)")
     p.add_argument("--device", default=None, help="'cuda', 'cuda:1' or 'cpu' (default: cuda when available)")
@@ -85,6 +86,15 @@ def _run_generate(args: argparse.Namespace) -> int:
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     budget = _budget_arg(args.gpu_budget)
     prompts = args.prompt or ["The SiDA-MoE runtime keeps experts in pinned memory and"]
+    if args.prefetch == "sida":
+        from sida_moe.predictor.model import has_predictor
+
+        if args.model in PRESETS or not has_predictor(args.model):
+            raise SystemExit(f"--prefetch sida needs a checkpoint directory holding a trained predictor "
+                             f"(predictor.json + predictor.safetensors from sida-moe train-predictor); {args.model!r} has none")
+        from sida_moe.predictor import load_prefetcher
+
+        args.prefetch = load_prefetcher(args.model, device=str(device))
     if args.model in PRESETS:
         dtype = getattr(torch, args.dtype) if args.dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)
         t0 = time.perf_counter()
