@@ -39,3 +39,25 @@ def test_bench_config_rejects_unknown_names():
                 dict(predictors=("sida",))):
         with pytest.raises(ValueError):
             run_bench(BenchConfig(**bad))
+
+
+def test_bench_prompts_from_a_text_file(tmp_path):
+    import inspect
+
+    import sida_moe.bench.runner as runner
+
+    text = tmp_path / "prompt.txt"
+    text.write_text(inspect.getsource(runner))
+    cfg = BenchConfig(model="qwen3-moe-tiny", device="cpu", budgets=(0.5,), policies=("lru",), predictors=("none",),
+                      baselines=("resident",), prompt_tokens=12, new_tokens=3, batch_sizes=(2,), timeline=False,
+                      prompt_file=str(text), progress=False)
+    rows = run_bench(cfg)
+    assert [r["system"] for r in rows] == ["resident", "sida"]
+    assert rows[1]["same_tokens_as_resident"]
+    short = tmp_path / "short.txt"
+    short.write_text("ab")
+    import pytest
+
+    with pytest.raises(ValueError, match="fewer than prompt_tokens"):
+        run_bench(BenchConfig(model="qwen3-moe-tiny", device="cpu", budgets=(0.5,), policies=("lru",),
+                              predictors=("none",), baselines=(), prompt_file=str(short), progress=False))

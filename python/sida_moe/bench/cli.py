@@ -34,6 +34,7 @@ def _configure(p: argparse.ArgumentParser) -> None:
     p.add_argument("--predictors", type=_words, default=("none", "next_layer_gate"), help=f"comma list of {','.join(PREDICTORS)}")
     p.add_argument("--predictor-path", default=None, help="trained SiDA predictor directory (enables the 'sida' predictor)")
     p.add_argument("--baselines", type=_words, default=BASELINES, help=f"comma list of {','.join(BASELINES)} (or 'none')")
+    p.add_argument("--prompt-file", default=None, help="text file the prompts are cut from (default: seeded random token ids)")
     p.add_argument("--batch-sizes", type=_ints, default=(1,))
     p.add_argument("--prompt-tokens", type=int, default=32)
     p.add_argument("--new-tokens", type=int, default=32)
@@ -55,7 +56,7 @@ def _run(args: argparse.Namespace) -> int:
 
     cfg = BenchConfig(
         model=args.model, device=args.device, dtype=args.dtype, budgets=args.budgets, policies=args.policies,
-        predictors=args.predictors, predictor_path=args.predictor_path,
+        predictors=args.predictors, predictor_path=args.predictor_path, prompt_file=args.prompt_file,
         baselines=() if args.baselines == ("none",) else args.baselines, batch_sizes=args.batch_sizes,
         prompt_tokens=args.prompt_tokens, new_tokens=args.new_tokens, accelerate_new_tokens=args.accelerate_new_tokens,
         seed=args.seed, timeline=not args.no_timeline, sample=args.sample, out_dir=args.out,

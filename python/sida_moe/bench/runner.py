@@ -35,6 +35,7 @@ class BenchConfig:
     policies: tuple[str, ...] = ("lru", "predictive", "belady")
     predictors: tuple[str, ...] = ("none", "next_layer_gate")
     predictor_path: str | None = None
+    prompt_file: str | None = None  # real text for the prompts (trained models); default random ids
     batch_sizes: tuple[int, ...] = (1,)
     prompt_tokens: int = 32
     new_tokens: int = 32
@@ -81,12 +82,36 @@ def _load_model(cfg: BenchConfig, device: torch.device, dtype: torch.dtype) -> n
     return AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device).eval()
 
 
-def _prompts(model: nn.Module, batch: int, length: int, seed: int, device: torch.device) -> dict[str, torch.Tensor]:
-    """The same prompts for every system: seeded random token ids (left-padded rows of different
-    lengths when batch > 1, to exercise padding)."""
+def _text_ids(cfg: BenchConfig, vocab: int) -> torch.Tensor:
+    """Token ids of ``cfg.prompt_file`` with the checkpoint's tokenizer (byte-level for presets)."""
+    from sida_moe.presets import PRESETS, ByteTokenizer
+
+    text = Path(cfg.prompt_file).read_text(encoding="utf-8", errors="replace")
+    if cfg.model in PRESETS:
+        ids = ByteTokenizer().encode(text)
+    else:
+        from transformers import AutoTokenizer
+
+        ids = AutoTokenizer.from_pretrained(cfg.model)(text)["input_ids"]
+    ids = torch.tensor([i for i in ids if i < vocab], dtype=torch.long)
+    if ids.numel() == 0:
+        raise ValueError(f"prompt file {cfg.prompt_file} gave no tokens")
+    return ids
+
+
+def _prompts(model: nn.Module, batch: int, length: int, seed: int, device: torch.device,
+             text_ids: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+    """The same prompts for every system: windows of ``text_ids`` at seeded offsets, or seeded
+    random token ids (left-padded rows of different lengths when batch > 1, to exercise padding)."""
     vocab = model.config.get_text_config().vocab_size if hasattr(model.config, "get_text_config") else model.config.vocab_size
     g = torch.Generator().manual_seed(seed + batch)
-    ids = torch.randint(3, min(vocab, 50000), (batch, length), generator=g)
+    if text_ids is not None:
+        if text_ids.numel() < length:
+            raise ValueError(f"the prompt file has {text_ids.numel()} tokens, fewer than prompt_tokens={length}")
+        starts = torch.randint(0, text_ids.numel() - length + 1, (batch,), generator=g)
+        ids = torch.stack([text_ids[s : s + length] for s in starts.tolist()])
+    else:
+        ids = torch.randint(3, min(vocab, 50000), (batch, length), generator=g)
     mask = torch.ones_like(ids)
     for row in range(1, batch):  # ragged: row r drops r tokens on the left
         cut = min(row, length - 1)
@@ -208,7 +233,9 @@ def run_bench(cfg: BenchConfig) -> list[dict[str, Any]]:
     def gen(b: int, n: int):
         return _generate(model, prompts[b], n, device, sample, cfg.seed)
 
-    prompts = {b: _prompts(model, b, cfg.prompt_tokens, cfg.seed, device) for b in cfg.batch_sizes}
+    vocab = model.get_input_embeddings().num_embeddings
+    text_ids = _text_ids(cfg, vocab) if cfg.prompt_file else None
+    prompts = {b: _prompts(model, b, cfg.prompt_tokens, cfg.seed, device, text_ids) for b in cfg.batch_sizes}
     reference: dict[int, torch.Tensor] = {}
     total = len(cfg.batch_sizes) * (len(cfg.budgets) * len(cfg.policies) * len(cfg.predictors) + len(cfg.baselines))
     bar = tqdm(total=total, desc="bench", unit="run", disable=not cfg.progress)
