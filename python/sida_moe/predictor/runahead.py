@@ -213,7 +213,11 @@ class RunAheadPrefetcher:
         """``hit_rate``: used experts that were predicted / used (layers whose prediction was ready);
         ``precision``: predicted-and-used / predicted; ``late_fraction``: layers that ran before the
         forward's prediction was ready; ``predictor_ms_per_token``: the thread's compute time;
-        ``corrections``: experts queued by the next-layer correction."""
+        ``corrections``: experts queued by the next-layer correction. Covers every forward begun so
+        far: waits (bounded) for the thread to finish predicting the newest one."""
+        job = self._current
+        if job is not None and self._thread is not None and self._thread.is_alive():
+            job.ready.wait(timeout=30.0)
         with self._lock:
             m = dict(self._m)
         return {
