@@ -16,7 +16,16 @@ def rss_bytes() -> int:
 
 
 def thread_count() -> int:
-    return len(os.listdir("/proc/self/task"))
+    """Live copy-worker threads of this process (named ``sida-copy-N`` by the runtime); other
+    threads (torch's pools, predictor threads of other tests) come and go on their own."""
+    n = 0
+    for tid in os.listdir("/proc/self/task"):
+        try:
+            with open(f"/proc/self/task/{tid}/comm") as f:
+                n += f.read().startswith("sida-copy-")
+        except FileNotFoundError:  # exited between listdir and open
+            pass
+    return n
 
 
 def settled_thread_count(expected: int) -> int:
