@@ -77,7 +77,9 @@ def test_gc_of_an_open_cache_joins_workers_and_frees_the_pool(kind):
     backend = sm.Backend(kind)
     gc.collect()
     threads0 = thread_count()
-    pool = sm.ExpertPool(backend, [("w", 1 << 20)], [(0, e) for e in range(32)])  # 32 MiB, touched
+    pool = sm.ExpertPool(backend, [("w", 1 << 20)], [(0, e) for e in range(32)])  # 32 MiB
+    for e in range(32):  # touch every page (fresh pool memory is untouched zero pages)
+        pool.write(0, e, "w", bytes([e + 1]) * (1 << 20))
     cache = sm.SlotCache(pool, 4, copy_workers=3)
     assert settled_thread_count(threads0 + 3) == threads0 + 3
     cache.prefetch(0, list(range(8)))

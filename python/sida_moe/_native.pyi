@@ -72,7 +72,7 @@ class ExpertPool:
     expert record; ``expert_nbytes`` is the padded record size. Records are packed into arenas of
     exactly the size they need (at most ``arena_bytes`` each, no power-of-two rounding), so
     ``allocated_bytes == len(keys) * expert_nbytes``. Memory is pinned (cuMemHostAlloc) on the CUDA
-    backend and 4 KiB-aligned heap memory on the host backend. Freshly allocated memory is zeroed.
+    backend and page-aligned anonymous mappings (returned to the OS on close) on the host backend. Freshly allocated memory is zeroed.
     """
 
     def __init__(

@@ -2,7 +2,6 @@
 //! `Host` keeps slots in host memory and copies with memcpy (CPU-only machines, CI): events and
 //! streams are no-ops there, so the very same cache and queue code runs everywhere.
 
-use std::alloc::{alloc_zeroed, dealloc, Layout};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
@@ -34,7 +33,7 @@ pub trait Device: Send + Sync {
     fn ordinal(&self) -> i32;
     /// Make the device usable from the calling thread (CUDA: set the primary context current).
     fn bind_thread(&self) -> Result<()>;
-    /// Zeroed host memory for pools: page-locked on CUDA, 4 KiB-aligned heap on the host.
+    /// Zeroed host memory for pools: page-locked on CUDA, page-aligned anonymous mmap on the host.
     fn alloc_pool(&self, bytes: usize) -> Result<usize>;
     fn free_pool(&self, addr: usize, bytes: usize);
     /// Slot memory owned by a cache.
@@ -80,16 +79,29 @@ impl HostDevice {
         Self { next_handle: AtomicU64::new(1) }
     }
 
+    /// Anonymous private mapping: zeroed, page-aligned, exactly `bytes` long (rounded to pages by
+    /// the kernel only), and returned to the OS on `free` -- the global allocator would keep large
+    /// freed blocks in its heap once glibc's dynamic mmap threshold has grown.
     fn alloc(bytes: usize) -> Result<usize> {
         if bytes == 0 {
             return Ok(HOST_ALIGN); // dangling but aligned; never dereferenced
         }
-        let layout = Layout::from_size_align(bytes, HOST_ALIGN)
-            .map_err(|_| Error::InvalidArgument(format!("allocation of {bytes} bytes is too large")))?;
-        // SAFETY: layout has non-zero size.
-        let p = unsafe { alloc_zeroed(layout) };
-        if p.is_null() {
-            return Err(Error::Budget(format!("out of host memory allocating {bytes} bytes")));
+        // SAFETY: a fresh anonymous mapping; no existing memory is touched.
+        let p = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                bytes,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+                -1,
+                0,
+            )
+        };
+        if p == libc::MAP_FAILED {
+            return Err(Error::Budget(format!(
+                "out of host memory allocating {bytes} bytes ({})",
+                std::io::Error::last_os_error()
+            )));
         }
         Ok(p as usize)
     }
@@ -98,10 +110,8 @@ impl HostDevice {
         if bytes == 0 {
             return;
         }
-        if let Ok(layout) = Layout::from_size_align(bytes, HOST_ALIGN) {
-            // SAFETY: allocated by `alloc` with this exact layout.
-            unsafe { dealloc(addr as *mut u8, layout) };
-        }
+        // SAFETY: `addr`/`bytes` describe a mapping made by `alloc` and not yet unmapped.
+        unsafe { libc::munmap(addr as *mut libc::c_void, bytes) };
     }
 }
 
