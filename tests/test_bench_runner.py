@@ -61,3 +61,20 @@ def test_bench_prompts_from_a_text_file(tmp_path):
     with pytest.raises(ValueError, match="fewer than prompt_tokens"):
         run_bench(BenchConfig(model="qwen3-moe-tiny", device="cpu", budgets=(0.5,), policies=("lru",),
                               predictors=("none",), baselines=(), prompt_file=str(short), progress=False))
+
+
+def test_accelerate_device_map_sends_exactly_the_experts_to_the_cpu():
+    import torch
+
+    from sida_moe.bench.systems import _device_map, expert_module_names
+    from sida_moe.presets import build_model
+
+    model = build_model("qwen3-moe-tiny", device="cpu")
+    experts = set(expert_module_names(model))
+    dmap = _device_map(model, experts, torch.device("cuda", 0))
+    for name, _ in list(model.named_parameters()) + list(model.named_buffers()):
+        owners = [k for k in dmap if k == "" or name == k or name.startswith(k + ".")]
+        assert len(owners) == 1, (name, owners)  # every tensor placed exactly once
+        inside_experts = any(name.startswith(e + ".") for e in experts)
+        assert dmap[owners[0]] == ("cpu" if inside_experts else "cuda:0"), name
+    assert {k for k, v in dmap.items() if v == "cpu"} == experts

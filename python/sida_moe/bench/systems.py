@@ -53,12 +53,11 @@ def _device_map(model: nn.Module, cpu_modules: set[str], device: torch.device) -
     out: dict[str, str] = {}
 
     def visit(prefix: str, module: nn.Module) -> None:
-        inside = [c for c in cpu_modules if c == prefix or c.startswith(prefix + ".") or prefix == ""]
         if prefix in cpu_modules:
             out[prefix] = "cpu"
             return
-        if not inside:
-            out[prefix] = dev
+        if prefix and not any(c.startswith(prefix + ".") for c in cpu_modules):
+            out[prefix] = dev  # no experts inside: the whole subtree on the device
             return
         for pname, _ in module.named_parameters(recurse=False):
             out[f"{prefix}.{pname}" if prefix else pname] = dev
