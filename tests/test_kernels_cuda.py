@@ -71,7 +71,8 @@ def test_align_kernel_meets_definition() -> None:
     stream = torch.cuda.current_stream().cuda_stream
     gen = torch.Generator().manual_seed(3)
     for num_tokens, num_experts, top_k, num_slots, bm in [(1, 128, 8, 128, 4), (300, 64, 8, 70, 16), (4096, 8, 2, 8, 1),
-                                                          (50, 32, 4, 3000, 8)]:
+                                                          (50, 32, 4, 3000, 8), (1, 6144, 8, 6144, 16),
+                                                          (64, 20000, 8, 20000, 16)]:  # past 48 KiB of shared memory
         ids, _ = make_routing(num_tokens, num_experts, top_k, gen, "cuda", dead_experts=num_experts // 8)
         table = make_slot_table(num_experts, num_slots, gen, "cuda", missing=num_experts // 8)
         a = align_pairs_cuda(mod, ids, table, num_slots, bm, stream)
@@ -80,14 +81,15 @@ def test_align_kernel_meets_definition() -> None:
 
 @pytest.mark.parametrize("regime", ["gemv", "mma", None])
 def test_more_slots_than_the_align_kernel_and_grouped_mm_take(regime: str | None) -> None:
-    """Past ALIGN_MAX_SLOTS slots the pairs are sorted by the PyTorch version, on the GPU; past
+    """Past align_max_slots slots the pairs are sorted by the PyTorch version, on the GPU; past
     grouped_mm's 1024 groups the dispatcher keeps to the streaming kernels, even for many tokens."""
     from sida_moe.kernels.configs import plan_for
-    from sida_moe.kernels.cuda_moe import ALIGN_MAX_SLOTS, fused_experts_cuda
+    from sida_moe.kernels.cuda_moe import align_max_slots, fused_experts_cuda
 
     fmt = ExpertFormat(hidden=64, intermediate=32, dtype=torch.bfloat16)
     num_tokens = 33 if regime else 600  # 600 tokens x 2 / 16 experts: grouped_mm territory
-    hidden, ids, w, table, views = _case(fmt, num_tokens, seed=21, num_experts=16, top_k=2, num_slots=ALIGN_MAX_SLOTS + 100)
+    num_slots = align_max_slots(torch.cuda.current_device()) + 100
+    hidden, ids, w, table, views = _case(fmt, num_tokens, seed=21, num_experts=16, top_k=2, num_slots=num_slots)
     poison_allocator(hidden.device)
     if regime is None:
         with warnings.catch_warnings():

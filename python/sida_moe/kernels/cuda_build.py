@@ -53,17 +53,35 @@ def cache_dir() -> Path:
     return Path(base) / "sida_moe" / "kernels"
 
 
+# Dynamic shared memory a launch gets without opting in (48 KiB less the kernel's static shared
+# memory; 32 KiB keeps clear of any kernel here). Past it the launcher raises the function's limit.
+_DEFAULT_DYNAMIC_SMEM = 32 * 1024
+_CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES = 8
+
+
+def _opt_in_dynamic_smem(fn_ptr: int, nbytes: int) -> None:
+    """``cuFuncSetAttribute(MAX_DYNAMIC_SHARED_SIZE_BYTES)``: without it a launch asking for more
+    than 48 KiB fails with CUDA_ERROR_INVALID_VALUE."""
+    libcuda = ctypes.CDLL("libcuda.so.1")
+    rc = libcuda.cuFuncSetAttribute(
+        ctypes.c_void_p(fn_ptr), ctypes.c_int(_CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES), ctypes.c_int(nbytes)
+    )
+    if rc != 0:
+        raise RuntimeError(f"cuFuncSetAttribute(MAX_DYNAMIC_SHARED_SIZE_BYTES, {nbytes}) failed with CUresult {rc}")
+
+
 class _Launcher:
     """One kernel's ``cuLaunchKernel`` argument block, built once: every argument has an 8-byte
     slot (a 32-bit argument uses the low 4 bytes, little-endian) and the ``void*`` array points at
     the slots. A launch packs the values and calls the driver: a few microseconds of host time,
     against over ten through CuPy's generic argument conversion."""
 
-    __slots__ = ("fn", "fn_ptr", "values", "params", "params_ptr", "pack", "lock")
+    __slots__ = ("fn", "fn_ptr", "values", "params", "params_ptr", "pack", "lock", "dynamic_smem_limit")
 
     def __init__(self, fn: Any, nargs: int) -> None:
         self.fn = fn  # keeps the CuPy function (and its module) alive
         self.fn_ptr = fn.ptr
+        self.dynamic_smem_limit = _DEFAULT_DYNAMIC_SMEM
         self.values = (ctypes.c_int64 * nargs)()
         base = ctypes.addressof(self.values)
         self.params = (ctypes.c_void_p * nargs)(*[base + 8 * i for i in range(nargs)])
@@ -78,6 +96,9 @@ class _Launcher:
         gx, gy, gz = (tuple(grid) + (1, 1))[:3]
         bx, by, bz = (tuple(block) + (1, 1))[:3]
         with self.lock:
+            if shared_mem > self.dynamic_smem_limit:
+                _opt_in_dynamic_smem(self.fn_ptr, shared_mem)
+                self.dynamic_smem_limit = shared_mem
             self.pack(self.values, 0, *args)
             driver.launchKernel(self.fn_ptr, gx, gy, gz, bx, by, bz, shared_mem, stream_ptr, self.params_ptr, 0)
 

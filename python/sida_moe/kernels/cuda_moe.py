@@ -12,6 +12,7 @@ token's pairs in k order (deterministic) into the output.
 
 from __future__ import annotations
 
+import functools
 import warnings
 from dataclasses import dataclass
 
@@ -26,9 +27,19 @@ from sida_moe.kernels.moe_align import AlignedPairs, align_pairs_torch, max_padd
 SOURCE = "moe_kernels.cu"
 WARPS = 4  # warps per GEMV block (WARPS in moe_kernels.cu)
 ALIGN_THREADS = 1024
-# moe_align keeps two ints per slot in shared memory (48 KiB without opting in to more), next to
-# its static shared memory (warp sums, ~260 B): 6144 slots failed with CUDA_ERROR_INVALID_VALUE.
-ALIGN_MAX_SLOTS = (48 * 1024 - 512) // 8
+# moe_align keeps two ints per slot in dynamic shared memory, next to ~260 B of static shared memory
+# (warp sums); past 48 KiB the launcher opts in to the device's per-block maximum (227 KiB on Hopper).
+_ALIGN_STATIC_SMEM = 1024
+
+
+def align_max_slots(device: torch.device | int) -> int:
+    """Most slots the ``moe_align`` kernel takes on ``device`` (28,928 on an H100); past it the
+    PyTorch version sorts the pairs."""
+    props = torch.cuda.get_device_properties(device)
+    optin = getattr(props, "shared_memory_per_block_optin", 0) or 48 * 1024
+    return (optin - _ALIGN_STATIC_SMEM) // 8
+
+
 _ACT_CODES = {"silu": 0, "gelu": 1, "gelu_tanh": 2, "relu": 3, "gpt_oss": 4}
 _DTYPE_CODES = {torch.bfloat16: 0, torch.float16: 1}
 
@@ -115,6 +126,11 @@ def _kernels(fmt: ExpertFormat, device_index: int) -> _ShapeKernels:
     return sk
 
 
+@functools.lru_cache(maxsize=None)
+def _align_max_slots_cached(device_index: int) -> int:
+    return align_max_slots(device_index)
+
+
 def align_pairs_cuda(
     mod: KernelModule,
     topk_ids: torch.Tensor,
@@ -124,8 +140,8 @@ def align_pairs_cuda(
     stream: int,
 ) -> AlignedPairs:
     """``moe_align`` kernel (one block); same result as ``align_pairs_torch`` up to the order of
-    pairs within a slot. Falls back to the PyTorch version past ``ALIGN_MAX_SLOTS`` slots."""
-    if num_slots > ALIGN_MAX_SLOTS:
+    pairs within a slot. Falls back to the PyTorch version past ``align_max_slots`` slots."""
+    if num_slots > _align_max_slots_cached(mod.device_index):
         return align_pairs_torch(topk_ids, slot_of_expert, num_slots, block_m)
     num_pairs = topk_ids.numel()
     max_padded = max_padded_rows(num_pairs, num_slots, block_m)
@@ -388,7 +404,7 @@ def _grouped_mm_layer(
 
 
 __all__ = [
-    "ALIGN_MAX_SLOTS",
+    "align_max_slots",
     "align_pairs_cuda",
     "fused_experts_cuda",
     "kernel_module",
