@@ -45,6 +45,10 @@ VARIANTS: dict[str, dict] = {
     "topk_conditioned": {"target": "topk", "lr": 1e-3, "conditioned": True},
     "topk_kd0.5": {"target": "topk", "lr": 1e-3, "kd_weight": 0.5},
     "topk_kd0.5_conditioned": {"target": "topk", "lr": 1e-3, "kd_weight": 0.5, "conditioned": True},
+    # wider networks (session 2): the paper's width is 256 with linear heads
+    "topk_kd0.5_h512": {"target": "topk", "lr": 1e-3, "kd_weight": 0.5, "hidden": 512},
+    "topk_kd0.5_mlp": {"target": "topk", "lr": 1e-3, "kd_weight": 0.5, "head_hidden": 256},
+    "topk_kd0.5_h512_mlp": {"target": "topk", "lr": 1e-3, "kd_weight": 0.5, "hidden": 512, "head_hidden": 256},
 }
 
 
@@ -191,6 +195,9 @@ def main() -> None:
         pred, rep = train_predictor(tr, cfg, held_out=ho, progress=False)
         predictors[name] = pred
         rep.pop("loss_curve", None)
+        # recall on training sequences too: a gap to held-out says overfitting, none says capacity
+        fit = evaluate(pred, tr.subset(slice(0, min(200, tr.num_sequences))), device=device)
+        rep["train_subset"] = {key: val for key, val in fit.items() if key != "per_layer"}
         results["variants"][name] = rep
         dump(results)
         k = rep["held_out"]["k"]

@@ -36,7 +36,8 @@ def test_bench_config_rejects_unknown_names():
     import pytest
 
     for bad in (dict(policies=("mru",)), dict(predictors=("magic",)), dict(baselines=("vllm",)), dict(budgets=(1.5,)),
-                dict(predictors=("sida",))):
+                dict(predictors=("sida",)), dict(predictors=("sida@0",), predictor_path="p"),
+                dict(predictors=("sida@x",), predictor_path="p"), dict(predictors=("gate@2",), predictor_path="p")):
         with pytest.raises(ValueError):
             run_bench(BenchConfig(**bad))
 
@@ -78,3 +79,29 @@ def test_accelerate_device_map_sends_exactly_the_experts_to_the_cpu():
         inside_experts = any(name.startswith(e + ".") for e in experts)
         assert dmap[owners[0]] == ("cpu" if inside_experts else "cuda:0"), name
     assert {k for k, v in dmap.items() if v == "cpu"} == experts
+
+
+def test_bench_with_a_sida_predictor_and_more_predicted_experts(tmp_path):
+    """'sida' and 'sida@K' run the run-ahead prefetcher from a saved predictor (untrained here: the
+    bench's plumbing, not its accuracy); exact mode keeps the resident model's tokens."""
+    import torch
+
+    from sida_moe.predictor.model import HashPredictor, PredictorConfig
+    from sida_moe.presets import build_model
+
+    c = build_model("qwen3-moe-tiny", device="cpu").config
+    torch.manual_seed(0)
+    HashPredictor(PredictorConfig(input_dim=c.hidden_size, num_moe_layers=c.num_hidden_layers, num_experts=c.num_experts,
+                                  top_k=c.num_experts_per_tok, hidden=16)).save(tmp_path / "pred")
+    cfg = BenchConfig(model="qwen3-moe-tiny", device="cpu", budgets=(0.25,), policies=("lru", "predictive"),
+                      predictors=("none", "sida", "sida@12"), predictor_path=str(tmp_path / "pred"),
+                      baselines=("resident",), prompt_tokens=6, new_tokens=4, timeline=False, progress=False)
+    rows = [r for r in run_bench(cfg) if r["system"] == "sida"]
+    got = {(r["policy"], r["predictor"]): r for r in rows}
+    assert set(got) == {(p, q) for p in ("lru", "predictive") for q in ("none", "sida", "sida@12")}
+    assert all(r["same_tokens_as_resident"] for r in rows)
+    for policy in ("lru", "predictive"):
+        assert got[(policy, "none")]["prefetch_issued"] == 0
+        assert got[(policy, "sida")]["prefetch_issued"] > 0
+        # 12 predicted experts per layer instead of the router's 8: more prefetches
+        assert got[(policy, "sida@12")]["prefetch_issued"] > got[(policy, "sida")]["prefetch_issued"]

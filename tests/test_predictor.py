@@ -112,9 +112,11 @@ def test_predictor_size_matches_the_paper():
     assert 1.2e6 < p.num_parameters() < 1.8e6
 
 
-def test_predictor_incremental_equals_full_and_is_causal():
+@pytest.mark.parametrize("head_hidden", [0, 12])
+def test_predictor_incremental_equals_full_and_is_causal(head_hidden):
     torch.manual_seed(0)
-    p = HashPredictor(PredictorConfig(input_dim=16, num_moe_layers=2, num_experts=6, top_k=2, hidden=24)).eval()
+    p = HashPredictor(PredictorConfig(input_dim=16, num_moe_layers=2, num_experts=6, top_k=2, hidden=24,
+                                      head_hidden=head_hidden)).eval()
     x = torch.randn(2, 9, 16)
     with torch.no_grad():
         full, _ = p(x)
@@ -164,10 +166,11 @@ def test_predictor_is_scale_free_in_its_input():
         assert torch.allclose(p(x)[0], p(x * 0.02)[0], atol=1e-4)
 
 
-def test_predictor_save_load_round_trip(tmp_path):
+@pytest.mark.parametrize("head_hidden", [0, 10])
+def test_predictor_save_load_round_trip(tmp_path, head_hidden):
     torch.manual_seed(0)
     cfg = PredictorConfig(input_dim=16, num_moe_layers=3, num_experts=6, top_k=2, hidden=24, conditioned=True,
-                          moe_layer_ids=[1, 2, 4], model_type="qwen3_moe")
+                          moe_layer_ids=[1, 2, 4], model_type="qwen3_moe", head_hidden=head_hidden)
     p = HashPredictor(cfg).eval()
     with torch.no_grad():
         for lin in p.prev_routing:
@@ -191,6 +194,8 @@ def test_predictor_errors(tmp_path):
         PredictorConfig(input_dim=8, num_moe_layers=1, num_experts=0, top_k=1)
     with pytest.raises(ValueError, match="moe_layer_ids"):
         PredictorConfig(input_dim=8, num_moe_layers=2, num_experts=4, top_k=1, moe_layer_ids=[0])
+    with pytest.raises(ValueError, match="head_hidden must be >= 0"):
+        PredictorConfig(input_dim=8, num_moe_layers=1, num_experts=4, top_k=1, head_hidden=-1)
     with pytest.raises(ValueError, match="unknown predictor config keys"):
         PredictorConfig.from_dict({"input_dim": 8, "num_moe_layers": 1, "num_experts": 4, "top_k": 1, "bogus": 1})
     p = HashPredictor(PredictorConfig(input_dim=8, num_moe_layers=1, num_experts=4, top_k=1))
@@ -262,10 +267,13 @@ def test_distillation_loss_terms():
     assert distillation_loss(logits, topk, ids, vals.flip(-1), 10.0, 4) > ce + 1e-3
 
 
-def test_training_lowers_the_loss_and_reports(trace_dir):
+@pytest.mark.parametrize("head_hidden", [0, 32])
+def test_training_lowers_the_loss_and_reports(trace_dir, head_hidden):
     traces = load_traces(trace_dir)
-    cfg = TrainConfig(steps=80, batch_size=8, warmup_steps=5, lr=3e-3, target="topk", conditioned=True)
+    cfg = TrainConfig(steps=80, batch_size=8, warmup_steps=5, lr=3e-3, target="topk", conditioned=True,
+                      head_hidden=head_hidden)
     pred, report = train_predictor(traces, cfg, held_out=traces, progress=False)
+    assert pred.config.head_hidden == head_hidden
     assert report["loss_last_50"] < 0.8 * report["loss_first"]
     held = report["held_out"]
     assert held["tokens"] == 160 and len(held["per_layer"]) == 3
@@ -284,6 +292,8 @@ def test_training_rejects_bad_settings(trace_dir):
         TrainConfig(target="top3")
     with pytest.raises(ValueError, match="lr"):
         TrainConfig(lr=0)
+    with pytest.raises(ValueError, match="head_hidden"):
+        TrainConfig(head_hidden=-2)
     traces = load_traces(trace_dir)
     wrong = HashPredictor(PredictorConfig(input_dim=32, num_moe_layers=2, num_experts=8, top_k=2))
     with pytest.raises(ValueError, match="do not match"):

@@ -31,7 +31,7 @@ def _configure(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=DEFAULT_PRESET, help=f"preset name or checkpoint directory (default {DEFAULT_PRESET})")
     p.add_argument("--budgets", type=_floats, default=(0.1, 0.25, 0.5), help="expert budgets: '10%%,25%%,50%%' or '0.1,0.25'")
     p.add_argument("--policies", type=_words, default=("lru", "predictive", "belady"), help=f"comma list of {','.join(POLICIES)}")
-    p.add_argument("--predictors", type=_words, default=("none", "next_layer_gate"), help=f"comma list of {','.join(PREDICTORS)}")
+    p.add_argument("--predictors", type=_words, default=("none", "next_layer_gate"), help=f"comma list of {','.join(PREDICTORS)}; sida@K prefetches K predicted experts per layer")
     p.add_argument("--predictor-path", default=None, help="trained SiDA predictor directory (enables the 'sida' predictor)")
     p.add_argument("--baselines", type=_words, default=BASELINES, help=f"comma list of {','.join(BASELINES)} (or 'none')")
     p.add_argument("--prompt-file", default=None, help="text file the prompts are cut from (default: seeded random token ids)")

@@ -54,10 +54,10 @@ class BenchConfig:
         bad = [p for p in self.policies if p not in POLICIES]
         if bad:
             raise ValueError(f"unknown policies {bad}; choose from {POLICIES}")
-        bad = [p for p in self.predictors if p not in PREDICTORS]
+        bad = [p for p in self.predictors if p not in PREDICTORS and _sida_k(p) is None]
         if bad:
-            raise ValueError(f"unknown predictors {bad}; choose from {PREDICTORS}")
-        if "sida" in self.predictors and not self.predictor_path:
+            raise ValueError(f"unknown predictors {bad}; choose from {PREDICTORS}, or sida@K (K experts per layer)")
+        if any(p.startswith("sida") for p in self.predictors) and not self.predictor_path:
             raise ValueError("the 'sida' predictor needs predictor_path (a trained predictor directory)")
         bad = [b for b in self.baselines if b not in BASELINES]
         if bad:
@@ -165,13 +165,21 @@ def _engine_metrics(engine, timing) -> dict[str, Any]:
     }
 
 
+def _sida_k(name: str) -> int | None:
+    """K of a ``sida@K`` predictor name (prefetch K predicted experts per token and layer), else None."""
+    head, sep, tail = name.partition("@")
+    if head != "sida" or not sep or not tail.isdigit() or int(tail) < 1:
+        return None
+    return int(tail)
+
+
 def _make_prefetcher(name: str, cfg: BenchConfig):
     from sida_moe.prefetchers import make_prefetcher
 
-    if name == "sida":
+    if name.startswith("sida"):
         from sida_moe.predictor import load_prefetcher
 
-        return load_prefetcher(cfg.predictor_path)
+        return load_prefetcher(cfg.predictor_path, k=_sida_k(name))
     return make_prefetcher(name)
 
 

@@ -75,6 +75,10 @@ def _configure_train(p: argparse.ArgumentParser) -> None:
     p.add_argument("--target", default=d.target, choices=["top1", "topk"],
                    help="top1: the paper's loss; topk: uniform target over the router's top-k set")
     p.add_argument("--conditioned", action="store_true", help="also learn the correction from the previous layer's routing")
+    p.add_argument("--hidden", type=int, default=d.hidden, help=f"predictor width (default {d.hidden}, the paper's)")
+    p.add_argument("--head-hidden", type=int, default=d.head_hidden,
+                   help="> 0: per-layer MLP heads of this width instead of the paper's linear heads")
+    p.add_argument("--max-seconds", type=float, default=None, help="cap training time (the step count is cut to fit)")
     p.add_argument("--device", default=None, help="default: cuda when available, else cpu")
     p.add_argument("--report", default=None, help="write the full report (JSON) here")
     p.add_argument("--seed", type=int, default=d.seed)
@@ -94,7 +98,8 @@ def run_train(args: argparse.Namespace) -> int:
         raise SystemExit("--out is required: the trace does not name a local model directory to save next to")
     config = TrainConfig(
         steps=args.steps, batch_size=args.batch_size, lr=args.lr, kd_weight=args.kd_weight, top_t=args.top_t,
-        target=args.target, conditioned=args.conditioned, seed=args.seed,
+        target=args.target, conditioned=args.conditioned, hidden=args.hidden, head_hidden=args.head_hidden,
+        max_seconds=args.max_seconds, seed=args.seed,
         device=args.device or ("cuda" if torch.cuda.is_available() else "cpu"),
     )
     predictor, report = train_predictor(traces, config, held_out=held)

@@ -7,6 +7,10 @@ per MoE layer. Decoder LMs need predictions on a prefix during generation, so th
 to right and the attention is causal; ``forward`` takes and returns a ``PredictorState`` so decode
 steps cost one token's work.
 
+Wider variant (``head_hidden > 0``): each layer's head is a small MLP,
+``Linear(hidden -> head_hidden) + GELU + Linear(head_hidden -> E)``, instead of one linear map from
+the features every layer shares.
+
 Stronger variant (``conditioned=True``): each layer L >= 1 also gets a ``Linear(E -> E)`` term on
 the multi-hot of layer L-1's *true* routing. Before the model runs only the base prediction is
 available; once layer L-1's router has run, ``refine`` sharpens layer L's prediction with it (the
@@ -40,6 +44,7 @@ class PredictorConfig:
     top_k: int  # experts per token of the served model
     hidden: int = 256
     lstm_layers: int = 2
+    head_hidden: int = 0  # 0: the paper's linear heads; > 0: a per-layer MLP head of this width
     conditioned: bool = False
     moe_layer_ids: list[int] = field(default_factory=list)  # decoder-layer index of each MoE layer
     model_type: str = ""
@@ -48,6 +53,8 @@ class PredictorConfig:
         for name in ("input_dim", "num_moe_layers", "num_experts", "top_k", "hidden", "lstm_layers"):
             if int(getattr(self, name)) <= 0:
                 raise ValueError(f"PredictorConfig.{name} must be a positive int, got {getattr(self, name)!r}")
+        if int(self.head_hidden) < 0:
+            raise ValueError(f"PredictorConfig.head_hidden must be >= 0 (0: linear heads), got {self.head_hidden!r}")
         if self.top_k > self.num_experts:
             raise ValueError(f"top_k ({self.top_k}) cannot exceed num_experts ({self.num_experts})")
         if self.moe_layer_ids and len(self.moe_layer_ids) != self.num_moe_layers:
@@ -94,8 +101,16 @@ class HashPredictor(nn.Module):
         self.lstm = nn.LSTM(h, h, num_layers=config.lstm_layers, batch_first=True)
         self.qkv = nn.Linear(h, 3 * h)  # query, key and value in one matmul
         self.residual = nn.Linear(h, h)
-        # the per-layer Linear(256 -> E) heads, stored as one matrix: rows l*E .. (l+1)*E-1 are layer l's
-        self.heads = nn.Linear(h, config.num_moe_layers * config.num_experts)
+        L, E, hh = config.num_moe_layers, config.num_experts, config.head_hidden
+        if hh == 0:
+            # the per-layer Linear(256 -> E) heads, stored as one matrix: rows l*E .. (l+1)*E-1 are layer l's
+            self.heads = nn.Linear(h, L * E)
+        else:
+            # per-layer MLP heads: the first linears as one matrix, the second as a batched [L, hh, E]
+            self.heads = nn.Linear(h, L * hh)
+            self.heads_out = nn.Parameter(torch.empty(L, hh, E))
+            self.heads_out_bias = nn.Parameter(torch.zeros(L, E))
+            nn.init.normal_(self.heads_out, std=hh**-0.5)
         if config.conditioned:
             self.prev_routing = nn.ModuleList(
                 nn.Linear(config.num_experts, config.num_experts, bias=False) for _ in range(config.num_moe_layers)
@@ -182,7 +197,12 @@ class HashPredictor(nn.Module):
         """Base logits ``[L, B, S, E]`` for every MoE layer, and the state after these tokens."""
         feats, new_state = self.features(embeds, state, attention_mask)
         c = self.config
-        logits = self.heads(feats).view(*feats.shape[:2], c.num_moe_layers, c.num_experts).permute(2, 0, 1, 3)
+        L = c.num_moe_layers
+        if c.head_hidden == 0:
+            logits = self.heads(feats).view(*feats.shape[:2], L, c.num_experts).permute(2, 0, 1, 3)
+        else:
+            mid = torch.nn.functional.gelu(self.heads(feats)).view(*feats.shape[:2], L, c.head_hidden)
+            logits = torch.einsum("bslh,lhe->lbse", mid, self.heads_out) + self.heads_out_bias[:, None, None, :]
         return logits, new_state
 
     def refine(self, logits: torch.Tensor, layer: int, prev_topk_ids: torch.Tensor) -> torch.Tensor:

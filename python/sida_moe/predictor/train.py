@@ -35,6 +35,8 @@ class TrainConfig:
     top_t: int = 30
     target: Literal["top1", "topk"] = "top1"
     conditioned: bool = False
+    hidden: int = 256  # predictor width (the paper's 256)
+    head_hidden: int = 0  # > 0: per-layer MLP heads of this width (the wider variant)
     grad_clip: float = 1.0
     seed: int = 0
     device: str = "cpu"
@@ -42,8 +44,10 @@ class TrainConfig:
 
 
     def __post_init__(self) -> None:
-        if self.steps <= 0 or self.batch_size <= 0 or self.top_t <= 0:
-            raise ValueError("steps, batch_size and top_t must be positive")
+        if self.steps <= 0 or self.batch_size <= 0 or self.top_t <= 0 or self.hidden <= 0:
+            raise ValueError("steps, batch_size, top_t and hidden must be positive")
+        if self.head_hidden < 0:
+            raise ValueError(f"head_hidden must be >= 0 (0: linear heads), got {self.head_hidden}")
         if not self.lr > 0:
             raise ValueError(f"lr must be positive, got {self.lr}")
         if self.max_seconds is not None and not self.max_seconds > 0:
@@ -54,7 +58,9 @@ class TrainConfig:
             raise ValueError(f"target must be 'top1' or 'topk', got {self.target!r}")
 
 
-def predictor_config_for(manifest: dict, conditioned: bool = False, hidden: int = 256) -> PredictorConfig:
+def predictor_config_for(
+    manifest: dict, conditioned: bool = False, hidden: int = 256, head_hidden: int = 0
+) -> PredictorConfig:
     """The hash-function sizes for the model a trace was recorded from."""
     return PredictorConfig(
         input_dim=manifest["hidden_size"],
@@ -62,6 +68,7 @@ def predictor_config_for(manifest: dict, conditioned: bool = False, hidden: int 
         num_experts=manifest["num_experts"],
         top_k=manifest["top_k"],
         hidden=hidden,
+        head_hidden=head_hidden,
         conditioned=conditioned,
         moe_layer_ids=list(manifest["moe_layer_ids"]),
         model_type=manifest.get("model_type", ""),
@@ -130,7 +137,9 @@ def train_predictor(
     config = config or TrainConfig()
     torch.manual_seed(config.seed)
     device = torch.device(config.device)
-    model = predictor or HashPredictor(predictor_config_for(traces.manifest, conditioned=config.conditioned))
+    model = predictor or HashPredictor(
+        predictor_config_for(traces.manifest, conditioned=config.conditioned, hidden=config.hidden, head_hidden=config.head_hidden)
+    )
     if model.config.num_experts != traces.manifest["num_experts"] or model.config.num_moe_layers != traces.manifest["num_moe_layers"]:
         raise ValueError("predictor sizes do not match the trace's model (num_experts / num_moe_layers)")
     model.to(device).train()
