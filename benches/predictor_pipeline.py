@@ -124,6 +124,8 @@ def main() -> None:
     ap.add_argument("--sim-sequences", type=int, default=24)
     ap.add_argument("--budget", type=float, default=0.25, help="expert cache budget as a fraction of all experts")
     ap.add_argument("--smoke", action="store_true", help="CPU smoke test: tiny random model, few steps")
+    ap.add_argument("--held-out-text", default=None, help="also write the held-out files here, as one text file "
+                    "(prompts for `sida-moe bench --prompt-file`)")
     args = ap.parse_args()
     os.makedirs(args.out, exist_ok=True)
 
@@ -155,6 +157,9 @@ def main() -> None:
             results["reference_model"] = ref.main(["--out", model_dir, "--seconds", str(args.train_seconds)])
             results["reference_model"].pop("held_out_files", None)
         train_docs, held_docs = ref.load_stdlib_split()
+    if args.held_out_text:
+        with open(args.held_out_text, "w") as f:
+            f.write("\n\n".join(text for _, text in held_docs))
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     dtype = torch.float32 if args.smoke else torch.bfloat16
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype).to(device).eval()

@@ -105,3 +105,8 @@ def test_bench_with_a_sida_predictor_and_more_predicted_experts(tmp_path):
         assert got[(policy, "sida")]["prefetch_issued"] > 0
         # 12 predicted experts per layer instead of the router's 8: more prefetches
         assert got[(policy, "sida@12")]["prefetch_issued"] > got[(policy, "sida")]["prefetch_issued"]
+    # under the Belady oracle the prefetcher must not overwrite the true future with its prediction
+    from sida_moe.bench.runner import _make_prefetcher
+
+    assert _make_prefetcher("sida", cfg, oracle=True).feed_future is False
+    assert _make_prefetcher("sida@12", cfg).feed_future is True and _make_prefetcher("sida@12", cfg).k == 12

@@ -173,13 +173,15 @@ def _sida_k(name: str) -> int | None:
     return int(tail)
 
 
-def _make_prefetcher(name: str, cfg: BenchConfig):
+def _make_prefetcher(name: str, cfg: BenchConfig, oracle: bool = False):
+    """``oracle``: the policy is Belady, fed the true future; the SiDA prefetcher then must not
+    replace that future with its predicted one."""
     from sida_moe.prefetchers import make_prefetcher
 
     if name.startswith("sida"):
         from sida_moe.predictor import load_prefetcher
 
-        return load_prefetcher(cfg.predictor_path, k=_sida_k(name))
+        return load_prefetcher(cfg.predictor_path, k=_sida_k(name), feed_future=not oracle)
     return make_prefetcher(name)
 
 
@@ -294,7 +296,7 @@ def run_bench(cfg: BenchConfig) -> list[dict[str, Any]]:
                    trace: list | None = None) -> None:
         num_slots = engine.slots_for(budget)
         engine.reopen_cache(num_slots, "predictive" if policy == "belady" else policy)
-        engine.set_prefetcher(_make_prefetcher(predictor, cfg))
+        engine.set_prefetcher(_make_prefetcher(predictor, cfg, oracle=policy == "belady"))
         engine.sync_loads = sync
         if policy == "belady":
             engine.set_future(trace or [])
