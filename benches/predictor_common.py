@@ -18,6 +18,12 @@ PYTHON_DIR = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", "pyth
 
 def import_predictor_package() -> bool:
     """Make ``sida_moe.predictor`` importable; returns True when the native runtime is present."""
+    try:  # the installed wheel (with the native runtime) first
+        importlib.import_module("sida_moe")
+        return True
+    except ImportError:
+        for name in [m for m in sys.modules if m == "sida_moe" or m.startswith("sida_moe.")]:
+            del sys.modules[name]
     if PYTHON_DIR not in sys.path:
         sys.path.insert(0, PYTHON_DIR)
     try:

@@ -26,7 +26,7 @@ import time
 
 import torch
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "python"))
+sys.path.append(os.path.join(os.path.dirname(__file__), "..", "python"))  # after an installed sida-moe
 
 
 def stdlib_corpus_dir() -> str:

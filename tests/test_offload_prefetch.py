@@ -135,3 +135,20 @@ def test_make_prefetcher():
     assert isinstance(make_prefetcher("next_layer_gate"), NextLayerGate)
     with pytest.raises(ValueError, match="lookahead"):
         NextLayerGate(lookahead=0)
+
+
+@pytest.mark.parametrize("family", ["qwen3_moe", "mixtral", "olmoe", "gpt_oss", "qwen2_moe"])
+def test_next_layer_gate_predictions_are_not_router_outputs(family):
+    """With ``output_router_logits`` the model returns every router's logits (and an aux loss from
+    them); the next-layer gate runs routers too, and those calls must not be recorded."""
+    original = eager_experts(tiny_model(family, torch.float32, output_router_logits=True))
+    offloaded = sida_moe.offload(copy.deepcopy(original), gpu_budget=0.5, prefetch="next_layer_gate")
+    ids, mask = prompt_batch()
+    with torch.inference_mode():
+        want, got = original(input_ids=ids, attention_mask=mask), offloaded(input_ids=ids, attention_mask=mask)
+    assert len(got.router_logits) == len(want.router_logits)
+    for a, b in zip(want.router_logits, got.router_logits):  # fp32: within the exact-mode tolerance
+        assert torch.allclose(a, b, rtol=0, atol=1e-5 * a.abs().max())
+    assert torch.allclose(want.aux_loss, got.aux_loss, rtol=1e-5)
+    assert offloaded.sida_engine.prefetcher.metrics()["scored_experts"] > 0  # the gate did run
+    offloaded.sida_engine.close()

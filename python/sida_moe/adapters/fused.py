@@ -91,4 +91,6 @@ class FusedExpertsAdapter(Adapter):
         ]
 
     def predict(self, layer: MoELayer, hidden: torch.Tensor) -> torch.Tensor:
-        return layer.router(hidden)[2]
+        # forward(), not __call__: the output recorders of transformers hook the router modules, and a
+        # prediction must not show up as a router output (router_logits, aux_loss)
+        return layer.router.forward(hidden)[2]
