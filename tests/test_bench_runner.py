@@ -110,3 +110,32 @@ def test_bench_with_a_sida_predictor_and_more_predicted_experts(tmp_path):
 
     assert _make_prefetcher("sida", cfg, oracle=True).feed_future is False
     assert _make_prefetcher("sida@12", cfg).feed_future is True and _make_prefetcher("sida@12", cfg).k == 12
+
+
+def test_fastest_experts_implementation_is_measured():
+    """Each candidate that can be set is timed with the probe; the fastest stays set; one that
+    raises is skipped."""
+    import time
+
+    import torch
+
+    from sida_moe.bench.systems import set_fastest_experts_implementation
+
+    class Fake(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.zeros(1))
+            self.impl = None
+
+        def set_experts_implementation(self, impl):
+            if impl == "broken":
+                raise ValueError("not available")
+            self.impl = impl
+
+    delay = {"slow": 0.05, "fast": 0.0, "eager": 0.02}
+    model = Fake()
+    best, seconds = set_fastest_experts_implementation(model, lambda: time.sleep(delay[model.impl]),
+                                                       candidates=["slow", "broken", "fast", "eager"])
+    assert best == "fast" and model.impl == "fast"
+    assert set(seconds) == {"slow", "fast", "eager"} and seconds["slow"] > seconds["fast"]
+    assert set_fastest_experts_implementation(Fake(), None, candidates=["broken", "eager"]) == ("eager", {})

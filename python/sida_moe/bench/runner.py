@@ -265,7 +265,9 @@ def run_bench(cfg: BenchConfig) -> list[dict[str, Any]]:
 
     # 1. all resident (also the reference tokens)
     if "resident" in cfg.baselines:
-        impl = set_fastest_experts_implementation(model)
+        b0 = cfg.batch_sizes[0]
+        impl, impl_seconds = set_fastest_experts_implementation(model, lambda: gen(b0, min(cfg.new_tokens, 8)))
+        meta["experts_implementation_probe_s"] = impl_seconds
         for b in cfg.batch_sizes:
             gen(b, 2)  # warm-up (kernel selection, allocator)
             _reset_peak(device)
