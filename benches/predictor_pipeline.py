@@ -31,7 +31,7 @@ HAS_NATIVE = import_predictor_package()
 
 from sida_moe.predictor.cachesim import simulate_all  # noqa: E402
 from sida_moe.predictor.hash_routing import HashRouting  # noqa: E402
-from sida_moe.predictor.model import HashPredictor  # noqa: E402
+from sida_moe.predictor.model import HashPredictor, previous_token_routing  # noqa: E402
 from sida_moe.predictor.traces import load_traces, record_traces  # noqa: E402
 from sida_moe.predictor.train import TrainConfig, evaluate, train_predictor  # noqa: E402
 
@@ -49,6 +49,9 @@ VARIANTS: dict[str, dict] = {
     "topk_kd0.5_h512": {"target": "topk", "lr": 1e-3, "kd_weight": 0.5, "hidden": 512},
     "topk_kd0.5_mlp": {"target": "topk", "lr": 1e-3, "kd_weight": 0.5, "head_hidden": 256},
     "topk_kd0.5_h512_mlp": {"target": "topk", "lr": 1e-3, "kd_weight": 0.5, "hidden": 512, "head_hidden": 256},
+    # decode variant: also the previous token's true routing (known before a decode step starts)
+    "topk_kd0.5_h512_mlp_prev": {"target": "topk", "lr": 1e-3, "kd_weight": 0.5, "hidden": 512, "head_hidden": 256,
+                                 "prev_token_routing": True},
 }
 
 
@@ -206,6 +209,9 @@ def main() -> None:
         results["variants"][name] = rep
         dump(results)
         k = rep["held_out"]["k"]
+        if cfg.prev_token_routing:
+            log(f"  {name}: without the previous token's routing (prompts): recall@{k} "
+                f"{rep['held_out'][f'mean_recall@{k}_no_routing']:.4f}")
         log(f"  {name}: {rep['steps_run']} steps, held-out mean recall@{k} {rep['held_out'][f'mean_recall@{k}']:.4f}"
             f", recall@{2 * k} {rep['held_out'][f'mean_recall@{2 * k}']:.4f}"
             + (f", refined {rep['held_out'][f'mean_refined_recall@{k}']:.4f}" if cfg.conditioned else "")
@@ -249,7 +255,9 @@ def main() -> None:
         embeds = sim.embeddings[sim.input_ids].to(device=device, dtype=torch.float32)
         sims = {}
         for name, p in predictors.items():
-            logits, _ = p(embeds)
+            # decode: the decode variant knows the previous token's routing (teacher forcing here)
+            prev = previous_token_routing(sim.topk_ids.to(device), num_experts) if p.config.prev_token_routing else None
+            logits, _ = p(embeds, prev_token_routing=prev)
             pred = logits.topk(k, dim=-1).indices.cpu()
             refined = None
             if p.prev_routing is not None:

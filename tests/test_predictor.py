@@ -112,6 +112,34 @@ def test_predictor_size_matches_the_paper():
     assert 1.2e6 < p.num_parameters() < 1.8e6
 
 
+def test_decode_variant_input_and_teacher_forcing():
+    from sida_moe.predictor.model import previous_token_routing, routing_multi_hot
+
+    ids = torch.tensor([[[[0, 1], [2, 3]]], [[[1, 2], [0, 3]]]])  # [L=2, B=1, S=2, k=2], 4 experts
+    hot = routing_multi_hot(ids, 4)
+    assert hot.shape == (1, 2, 8)
+    assert hot[0, 0].tolist() == [1, 1, 0, 0, 0, 1, 1, 0] and hot[0, 1].tolist() == [0, 0, 1, 1, 1, 0, 0, 1]
+    prev = previous_token_routing(ids, 4)
+    assert not prev[0, 0].any() and torch.equal(prev[0, 1], hot[0, 0])
+    torch.manual_seed(0)
+    p = HashPredictor(PredictorConfig(input_dim=16, num_moe_layers=2, num_experts=4, top_k=2, hidden=12,
+                                      prev_token_routing=True)).eval()
+    with torch.no_grad():
+        torch.nn.init.normal_(p.token_routing_in.weight)
+        x = torch.randn(1, 2, 16)
+        full, _ = p(x, prev_token_routing=prev)
+        a, st = p(x[:, :1], prev_token_routing=prev[:, :1])
+        b, _ = p(x[:, 1:], st, prev_token_routing=prev[:, 1:])
+        assert torch.allclose(torch.cat([a, b], dim=2), full, atol=1e-5)
+        assert torch.allclose(p(x)[0][:, :, :1], full[:, :, :1], atol=1e-6)  # zeros == none
+        assert not torch.allclose(p(x)[0][:, :, 1:], full[:, :, 1:])  # the routing input is used
+    with pytest.raises(ValueError, match=r"prev_token_routing must be \[1, 2, 8\]"):
+        p(x, prev_token_routing=torch.zeros(1, 2, 7))
+    plain = HashPredictor(PredictorConfig(input_dim=16, num_moe_layers=2, num_experts=4, top_k=2, hidden=12))
+    with pytest.raises(ValueError, match="built without prev_token_routing"):
+        plain(x, prev_token_routing=prev)
+
+
 @pytest.mark.parametrize("head_hidden", [0, 12])
 def test_predictor_incremental_equals_full_and_is_causal(head_hidden):
     torch.manual_seed(0)
@@ -267,13 +295,14 @@ def test_distillation_loss_terms():
     assert distillation_loss(logits, topk, ids, vals.flip(-1), 10.0, 4) > ce + 1e-3
 
 
-@pytest.mark.parametrize("head_hidden", [0, 32])
-def test_training_lowers_the_loss_and_reports(trace_dir, head_hidden):
+@pytest.mark.parametrize("head_hidden,prev_token_routing", [(0, False), (32, False), (0, True)])
+def test_training_lowers_the_loss_and_reports(trace_dir, head_hidden, prev_token_routing):
     traces = load_traces(trace_dir)
     cfg = TrainConfig(steps=80, batch_size=8, warmup_steps=5, lr=3e-3, target="topk", conditioned=True,
-                      head_hidden=head_hidden)
+                      head_hidden=head_hidden, prev_token_routing=prev_token_routing)
     pred, report = train_predictor(traces, cfg, held_out=traces, progress=False)
-    assert pred.config.head_hidden == head_hidden
+    assert pred.config.head_hidden == head_hidden and pred.config.prev_token_routing == prev_token_routing
+    assert ("mean_recall@2_no_routing" in report["held_out"]) == prev_token_routing
     assert report["loss_last_50"] < 0.8 * report["loss_first"]
     held = report["held_out"]
     assert held["tokens"] == 160 and len(held["per_layer"]) == 3
@@ -294,6 +323,8 @@ def test_training_rejects_bad_settings(trace_dir):
         TrainConfig(lr=0)
     with pytest.raises(ValueError, match="head_hidden"):
         TrainConfig(head_hidden=-2)
+    with pytest.raises(ValueError, match="routing_dropout"):
+        TrainConfig(routing_dropout=1.5)
     traces = load_traces(trace_dir)
     wrong = HashPredictor(PredictorConfig(input_dim=32, num_moe_layers=2, num_experts=8, top_k=2))
     with pytest.raises(ValueError, match="do not match"):

@@ -204,3 +204,43 @@ def test_padded_prompts_are_masked_for_the_predictor():
         assert not torch.allclose(job.logits, unmasked.reshape(3, 14, 8), atol=1e-3)
     finally:
         engine.close()
+
+
+def test_decode_variant_gets_the_previous_tokens_routing():
+    """A predictor built with ``prev_token_routing`` gets, for every decode token, the multi-hot of
+    the experts each MoE layer really used for the token before it; prompt tokens get zeros."""
+    model = tiny_qwen3(seed=5)
+    x = torch.randint(0, 64, (1, 6))
+    calls: list[tuple[int, torch.Tensor | None]] = []
+
+    class Recording(HashPredictor):
+        def forward(self, embeds, state=None, attention_mask=None, prev_token_routing=None):
+            calls.append((embeds.shape[1], None if prev_token_routing is None else prev_token_routing.clone()))
+            return super().forward(embeds, state, attention_mask, prev_token_routing)
+
+    torch.manual_seed(0)
+    cfg = PredictorConfig(input_dim=32, num_moe_layers=3, num_experts=8, top_k=2, hidden=16, prev_token_routing=True)
+    prefetcher = RunAheadPrefetcher(Recording(cfg).eval(), correction="none")
+    offload(model, gpu_budget=0.5, policy="lru", prefetch=prefetcher)
+    engine = engine_of(model)
+    routed: list[list[int]] = []  # per (forward, layer): the last token's experts
+    after = prefetcher.after_routing
+
+    def spy(moe_layer, hidden, topk_ids):
+        routed.append(sorted(topk_ids[-1].tolist()))
+        after(moe_layer, hidden, topk_ids)
+
+    prefetcher.after_routing = spy
+    try:
+        _generate(model, x, n=4)  # prefill + 3 decode forwards
+        prefetcher.metrics()  # waits for the newest prediction
+    finally:
+        engine.close()
+    rows = torch.cat([p[0] if p is not None else torch.zeros(n, 3 * 8) for n, p in calls])  # one row per token
+    assert rows.shape[0] == 6 + 3
+    assert not rows[:6].any(), "prompt tokens: routing not known yet"
+    for step in range(3):  # decode token `step` sees the routing of forward `step`'s last token
+        want = torch.zeros(3, 8)
+        for layer in range(3):
+            want[layer, routed[3 * step + layer]] = 1.0
+        assert torch.equal(rows[6 + step].view(3, 8), want), step

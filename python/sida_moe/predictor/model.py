@@ -11,6 +11,12 @@ Wider variant (``head_hidden > 0``): each layer's head is a small MLP,
 ``Linear(hidden -> head_hidden) + GELU + Linear(head_hidden -> E)``, instead of one linear map from
 the features every layer shares.
 
+Decode variant (``prev_token_routing=True``): the input of token t also carries the multi-hot of
+the experts every MoE layer really used for token t-1 (``Linear(L*E -> hidden)`` added before the
+compression's ReLU). During decode that routing is known before the step starts; where it is not
+(a prompt, predicted before any layer ran) the input is zeros, and training drops it for a share of
+the sequences so that both cases are learned.
+
 Stronger variant (``conditioned=True``): each layer L >= 1 also gets a ``Linear(E -> E)`` term on
 the multi-hot of layer L-1's *true* routing. Before the model runs only the base prediction is
 available; once layer L-1's router has run, ``refine`` sharpens layer L's prediction with it (the
@@ -45,6 +51,7 @@ class PredictorConfig:
     hidden: int = 256
     lstm_layers: int = 2
     head_hidden: int = 0  # 0: the paper's linear heads; > 0: a per-layer MLP head of this width
+    prev_token_routing: bool = False  # also input the previous token's true routing (decode variant)
     conditioned: bool = False
     moe_layer_ids: list[int] = field(default_factory=list)  # decoder-layer index of each MoE layer
     model_type: str = ""
@@ -102,6 +109,7 @@ class HashPredictor(nn.Module):
         self.qkv = nn.Linear(h, 3 * h)  # query, key and value in one matmul
         self.residual = nn.Linear(h, h)
         L, E, hh = config.num_moe_layers, config.num_experts, config.head_hidden
+        self.token_routing_in = nn.Linear(L * E, h, bias=False) if config.prev_token_routing else None
         if hh == 0:
             # the per-layer Linear(256 -> E) heads, stored as one matrix: rows l*E .. (l+1)*E-1 are layer l's
             self.heads = nn.Linear(h, L * E)
@@ -136,11 +144,15 @@ class HashPredictor(nn.Module):
         embeds: torch.Tensor,
         state: PredictorState | None = None,
         attention_mask: torch.Tensor | None = None,
+        prev_token_routing: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, PredictorState]:
         """Shared 256-d features ``[B, S, hidden]`` for new tokens ``embeds`` ``[B, S, d]``.
 
         ``state`` holds the tokens seen before (None: a fresh sequence). ``attention_mask``
         ``[B, S]`` (1 = real token) masks padding out of the attention keys.
+        ``prev_token_routing`` ``[B, S, L*E]``: for each token, the multi-hot of the previous token's
+        experts in every MoE layer (``routing_multi_hot``); None: unknown (zeros). Only for a
+        predictor built with ``prev_token_routing=True``.
         """
         if embeds.dim() != 3 or embeds.shape[-1] != self.config.input_dim:
             raise ValueError(
@@ -154,7 +166,15 @@ class HashPredictor(nn.Module):
         x = embeds.to(self.compress.weight.dtype)
         # Scale-free input: embedding tables differ in scale between models (std 0.02 .. 1).
         x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6)
-        x = torch.relu(self.compress(x))
+        x = self.compress(x)
+        if prev_token_routing is not None:
+            if self.token_routing_in is None:
+                raise ValueError("prev_token_routing given to a predictor built without prev_token_routing=True")
+            want = (bsz, seq, self.token_routing_in.in_features)
+            if tuple(prev_token_routing.shape) != want:
+                raise ValueError(f"prev_token_routing must be {list(want)}, got {list(prev_token_routing.shape)}")
+            x = x + self.token_routing_in(prev_token_routing.to(x.dtype))
+        x = torch.relu(x)
         h, lstm_state = self.lstm(x, state.lstm)
 
         q, k, v = self.qkv(h).chunk(3, dim=-1)
@@ -193,9 +213,10 @@ class HashPredictor(nn.Module):
         embeds: torch.Tensor,
         state: PredictorState | None = None,
         attention_mask: torch.Tensor | None = None,
+        prev_token_routing: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, PredictorState]:
         """Base logits ``[L, B, S, E]`` for every MoE layer, and the state after these tokens."""
-        feats, new_state = self.features(embeds, state, attention_mask)
+        feats, new_state = self.features(embeds, state, attention_mask, prev_token_routing)
         c = self.config
         L = c.num_moe_layers
         if c.head_hidden == 0:
@@ -259,9 +280,35 @@ class HashPredictor(nn.Module):
         return model.to(device).eval()
 
 
+def routing_multi_hot(topk_ids: torch.Tensor, num_experts: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """``[L, ..., k]`` expert ids of every MoE layer -> ``[..., L*E]`` multi-hot (layer-major)."""
+    L = topk_ids.shape[0]
+    hot = torch.zeros(*topk_ids.shape[:-1], num_experts, dtype=dtype, device=topk_ids.device)
+    hot.scatter_(-1, topk_ids.long(), 1.0)  # [L, ..., E]
+    return hot.movedim(0, -2).reshape(*topk_ids.shape[1:-1], L * num_experts)
+
+
+def previous_token_routing(topk_ids: torch.Tensor, num_experts: int) -> torch.Tensor:
+    """Teacher forcing: ``[L, B, S, k]`` routing -> ``[B, S, L*E]``, position t holding token t-1's
+    multi-hot (zeros at t = 0)."""
+    hot = routing_multi_hot(topk_ids, num_experts)
+    prev = torch.zeros_like(hot)
+    prev[:, 1:] = hot[:, :-1]
+    return prev
+
+
 def has_predictor(directory: str | os.PathLike) -> bool:
     """True when ``directory`` holds a saved predictor."""
     return os.path.isfile(os.path.join(directory, CONFIG_NAME)) and os.path.isfile(os.path.join(directory, WEIGHTS_NAME))
 
 
-__all__ = ["CONFIG_NAME", "WEIGHTS_NAME", "HashPredictor", "PredictorConfig", "PredictorState", "has_predictor"]
+__all__ = [
+    "CONFIG_NAME",
+    "WEIGHTS_NAME",
+    "HashPredictor",
+    "PredictorConfig",
+    "PredictorState",
+    "has_predictor",
+    "previous_token_routing",
+    "routing_multi_hot",
+]

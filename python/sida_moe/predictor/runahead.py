@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING, Literal
 import torch
 
 from sida_moe.predictor.hash_routing import WeightSource, hash_route, router_normalizes
-from sida_moe.predictor.model import HashPredictor, PredictorState
+from sida_moe.predictor.model import HashPredictor, PredictorState, routing_multi_hot
 
 if TYPE_CHECKING:
     from sida_moe.engine import OffloadEngine
@@ -52,6 +52,8 @@ class _Job:
     predicted: list[set[int]] = field(default_factory=list)  # per MoE layer: predicted experts
     logits: torch.Tensor | None = None  # [L, T, E], kept for refine / hash routing
     error: BaseException | None = None
+    # [B, S, L*E] previous token's true routing (decode variant, on the predictor's device), or None
+    prev_routing: torch.Tensor | None = None
 
 
 class RunAheadPrefetcher:
@@ -100,6 +102,8 @@ class RunAheadPrefetcher:
         self._state: PredictorState | None = None  # owned by the worker thread
         self._seen_tokens = 0  # tokens of the current sequence given to the predictor (inference thread)
         self._current: _Job | None = None
+        # decode variant: per MoE layer, [B, k] experts of each row's last routed token (inference thread)
+        self._last_routing: list[torch.Tensor | None] = [None] * predictor.config.num_moe_layers
         self._copy_stream: torch.cuda.Stream | None = None
         self._lock = threading.Lock()
         self.reset_metrics()
@@ -122,6 +126,7 @@ class RunAheadPrefetcher:
         self._engine = engine
         self._seen_tokens = 0
         self._current = None
+        self._last_routing = [None] * cfg.num_moe_layers
         if self._thread is None or not self._thread.is_alive():
             self._thread = threading.Thread(target=self._worker, name="sida-predictor", daemon=True)
             self._thread.start()
@@ -139,8 +144,10 @@ class RunAheadPrefetcher:
         self._seen_tokens = (0 if fresh else self._seen_tokens) + seq
         # the prompt's padding must not be attended to; decode tokens are real tokens
         mask = attention_mask[..., -seq:] if attention_mask is not None and seq > 1 else None
-        (embeds, mask), copied = self._to_predictor_device(x.detach(), mask)
-        job = _Job(engine.generation, embeds, mask, copied, fresh, x.shape[0] * seq)
+        # decode variant: the previous token's routing, complete since the previous forward ended
+        prev = self._previous_token_routing(x.shape[0]) if not fresh and seq == 1 else None
+        (embeds, mask, prev), copied = self._to_predictor_device(x.detach(), mask, prev)
+        job = _Job(engine.generation, embeds, mask, copied, fresh, x.shape[0] * seq, prev_routing=prev)
         self._current = job
         self._queue.put(job)
 
@@ -150,6 +157,10 @@ class RunAheadPrefetcher:
         if job is None:
             return
         used = set(topk_ids.reshape(-1).tolist())  # the engine already synced on these ids
+        if self.predictor.config.prev_token_routing:
+            batch, seq = job.embeds.shape[:2]
+            # each row's last token: the previous token of the next decode step
+            self._last_routing[moe_layer] = topk_ids.reshape(batch, seq, -1)[:, -1].detach()
         with self._lock:
             job.layers_done = moe_layer + 1
             self._m["layers_seen"] += 1
@@ -248,16 +259,28 @@ class RunAheadPrefetcher:
             raise RuntimeError("RunAheadPrefetcher used before attach()")
         return self._engine
 
+    def _previous_token_routing(self, batch: int) -> torch.Tensor | None:
+        """``[B, 1, L*E]`` multi-hot of the last token's experts in every MoE layer (decode variant),
+        on the compute device; None when the predictor does not take it or a layer is missing."""
+        cfg = self.predictor.config
+        last = self._last_routing
+        if not cfg.prev_token_routing or any(ids is None or ids.shape[0] != batch for ids in last):
+            return None
+        return routing_multi_hot(torch.stack(last), cfg.num_experts).unsqueeze(1)
+
     def _to_predictor_device(
-        self, x: torch.Tensor, mask: torch.Tensor | None
-    ) -> tuple[tuple[torch.Tensor, torch.Tensor | None], torch.cuda.Event | None]:
+        self, x: torch.Tensor, *extra: torch.Tensor | None
+    ) -> tuple[tuple[torch.Tensor | None, ...], torch.cuda.Event | None]:
+        """``x`` and ``extra`` (optional tensors on ``x``'s device) on the predictor's device, and an
+        event the worker waits on before reading them (None: ready now)."""
+        tensors = (x, *extra)
         if x.device == self.device or (x.device.type == self.device.type == "cuda" and self.device.index is None):
             if x.device.type != "cuda":
-                return (x, mask), None
+                return tensors, None
             # same GPU: the worker's stream must not read the embeddings before they are written
             event = torch.cuda.Event()
             event.record(torch.cuda.current_stream(x.device))
-            return (x, mask), event
+            return tensors, event
         if x.device.type == "cuda":
             # Asynchronous: a side stream waits for the embeddings, copies them to pinned memory and
             # records an event the worker waits on; the compute stream never blocks.
@@ -267,7 +290,7 @@ class RunAheadPrefetcher:
             stream.wait_stream(torch.cuda.current_stream(x.device))
             with torch.cuda.stream(stream):
                 copies = []
-                for src in (x, mask):
+                for src in tensors:
                     if src is None:
                         copies.append(None)
                         continue
@@ -278,8 +301,8 @@ class RunAheadPrefetcher:
                     copies.append(dst)
                 event = torch.cuda.Event()
                 event.record(stream)
-            return (copies[0], copies[1]), event
-        return (x.to(self.device), None if mask is None else mask.to(self.device)), None
+            return tuple(copies), event
+        return tuple(None if t is None else t.to(self.device) for t in tensors), None
 
     def _worker(self) -> None:
         # on a GPU the predictor runs on its own stream, beside the model's
@@ -333,7 +356,17 @@ class RunAheadPrefetcher:
                               for job in run], dim=1)
             if bool(mask.all()):  # no padding: the cheaper unmasked path (syncs this thread only)
                 mask = None
-        logits, self._state = self.predictor(x, None if run[0].fresh else self._state, mask)  # [L, B, S, E]
+        prev = None
+        if any(job.prev_routing is not None for job in run):
+            width = self.predictor.config.num_moe_layers * self.predictor.config.num_experts
+            prev = torch.cat([job.prev_routing.to(self.device, torch.float32) if job.prev_routing is not None
+                              else torch.zeros(*job.embeds.shape[:2], width, device=self.device)
+                              for job in run], dim=1)
+        state = None if run[0].fresh else self._state
+        if prev is None:
+            logits, self._state = self.predictor(x, state, mask)  # [L, B, S, E]
+        else:
+            logits, self._state = self.predictor(x, state, mask, prev_token_routing=prev)
         ids = logits.topk(self.k, dim=-1).indices
         start = 0
         for job in run:

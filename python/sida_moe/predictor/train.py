@@ -18,7 +18,7 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 
-from sida_moe.predictor.model import HashPredictor, PredictorConfig
+from sida_moe.predictor.model import HashPredictor, PredictorConfig, previous_token_routing
 from sida_moe.predictor.traces import Traces
 
 
@@ -37,6 +37,8 @@ class TrainConfig:
     conditioned: bool = False
     hidden: int = 256  # predictor width (the paper's 256)
     head_hidden: int = 0  # > 0: per-layer MLP heads of this width (the wider variant)
+    prev_token_routing: bool = False  # also input the previous token's true routing (decode variant)
+    routing_dropout: float = 0.25  # share of sequences trained without it (prompts: not yet known)
     grad_clip: float = 1.0
     seed: int = 0
     device: str = "cpu"
@@ -46,6 +48,8 @@ class TrainConfig:
     def __post_init__(self) -> None:
         if self.steps <= 0 or self.batch_size <= 0 or self.top_t <= 0 or self.hidden <= 0:
             raise ValueError("steps, batch_size, top_t and hidden must be positive")
+        if not 0.0 <= self.routing_dropout <= 1.0:
+            raise ValueError(f"routing_dropout must be in [0, 1], got {self.routing_dropout}")
         if self.head_hidden < 0:
             raise ValueError(f"head_hidden must be >= 0 (0: linear heads), got {self.head_hidden}")
         if not self.lr > 0:
@@ -59,7 +63,7 @@ class TrainConfig:
 
 
 def predictor_config_for(
-    manifest: dict, conditioned: bool = False, hidden: int = 256, head_hidden: int = 0
+    manifest: dict, conditioned: bool = False, hidden: int = 256, head_hidden: int = 0, prev_token_routing: bool = False
 ) -> PredictorConfig:
     """The hash-function sizes for the model a trace was recorded from."""
     return PredictorConfig(
@@ -69,6 +73,7 @@ def predictor_config_for(
         top_k=manifest["top_k"],
         hidden=hidden,
         head_hidden=head_hidden,
+        prev_token_routing=prev_token_routing,
         conditioned=conditioned,
         moe_layer_ids=list(manifest["moe_layer_ids"]),
         model_type=manifest.get("model_type", ""),
@@ -138,7 +143,8 @@ def train_predictor(
     torch.manual_seed(config.seed)
     device = torch.device(config.device)
     model = predictor or HashPredictor(
-        predictor_config_for(traces.manifest, conditioned=config.conditioned, hidden=config.hidden, head_hidden=config.head_hidden)
+        predictor_config_for(traces.manifest, conditioned=config.conditioned, hidden=config.hidden,
+                             head_hidden=config.head_hidden, prev_token_routing=config.prev_token_routing)
     )
     if model.config.num_experts != traces.manifest["num_experts"] or model.config.num_moe_layers != traces.manifest["num_moe_layers"]:
         raise ValueError("predictor sizes do not match the trace's model (num_experts / num_moe_layers)")
@@ -167,7 +173,12 @@ def train_predictor(
             bar.total = total_steps
         rows = torch.randint(0, n, (min(config.batch_size, n),), generator=gen)
         embeds, topk_ids, logit_ids, logit_vals = _batch(traces, rows, device)
-        logits, _ = model(embeds)
+        prev = None
+        if model.config.prev_token_routing:
+            prev = previous_token_routing(topk_ids, model.config.num_experts)
+            dropped = torch.rand(prev.shape[0], generator=gen) < config.routing_dropout
+            prev[dropped.to(device)] = 0.0
+        logits, _ = model(embeds, prev_token_routing=prev)
         loss = distillation_loss(logits, topk_ids, logit_ids, logit_vals, config.kd_weight, config.top_t, config.target)
         if model.prev_routing is not None and logits.shape[0] > 1:
             refined = _refined_logits(model, logits, topk_ids)
@@ -216,7 +227,9 @@ def evaluate(
     With ``k`` predicted experts per token and the router's ``top_k`` true ones, recall is
     |pred ∩ true| / top_k and precision |pred ∩ true| / k. Also reported: recall and precision with
     2k predictions, the paper's hit rate (router top-1 among the predicted top-3), and, for the
-    conditioned variant, recall once the previous layer's true routing is known.
+    conditioned variant, recall once the previous layer's true routing is known. For the decode
+    variant (``prev_token_routing``) the metrics give it the previous token's true routing, as
+    decode does; ``recall@k_no_routing`` is the same predictor without it (a prompt's tokens).
     """
     top_k = traces.manifest["top_k"]
     k = top_k if k is None else k
@@ -227,15 +240,24 @@ def evaluate(
     dev = torch.device(device)
     predictor = predictor.to(dev).eval()
     L = traces.manifest["num_moe_layers"]
-    sums = {name: torch.zeros(L, dtype=torch.float64) for name in ("hit_k", "hit_2k", "top1_in_top3", "hit_refined")}
+    sums = {name: torch.zeros(L, dtype=torch.float64)
+            for name in ("hit_k", "hit_2k", "top1_in_top3", "hit_refined", "hit_k_no_routing")}
+    with_routing = predictor.config.prev_token_routing
     tokens = 0
     conditioned = predictor.prev_routing is not None
     with torch.no_grad():
         for start in range(0, traces.num_sequences, batch_size):
             rows = torch.arange(start, min(start + batch_size, traces.num_sequences))
             embeds, topk_ids, logit_ids, _ = _batch(traces, rows, dev)
-            logits, _ = predictor(embeds)
+            if with_routing:  # decode: the previous token's routing is known; a prompt: it is not
+                logits, _ = predictor(embeds, prev_token_routing=previous_token_routing(topk_ids, num_experts))
+                blind, _ = predictor(embeds)
+            else:
+                logits, _ = predictor(embeds)
             true_mask = torch.zeros_like(logits, dtype=torch.bool).scatter_(-1, topk_ids, True)
+            if with_routing:
+                pred = blind.topk(k, dim=-1).indices
+                sums["hit_k_no_routing"] += true_mask.gather(-1, pred).sum(dim=(1, 2, 3)).double().cpu()
             for name, kk, lg in (("hit_k", k, logits), ("hit_2k", k2, logits)):
                 pred = lg.topk(kk, dim=-1).indices
                 sums[name] += true_mask.gather(-1, pred).sum(dim=(1, 2, 3)).double().cpu()
@@ -259,6 +281,8 @@ def evaluate(
         }
         if conditioned:
             row[f"refined_recall@{k}"] = float(sums["hit_refined"][l] / (tokens * top_k))
+        if with_routing:
+            row[f"recall@{k}_no_routing"] = float(sums["hit_k_no_routing"][l] / (tokens * top_k))
         per_layer.append(row)
 
     def mean(key: str) -> float:
@@ -277,6 +301,8 @@ def evaluate(
     }
     if conditioned:
         report[f"mean_refined_recall@{k}"] = mean(f"refined_recall@{k}")
+    if with_routing:  # the headline numbers assume decode (previous token's routing known)
+        report[f"mean_recall@{k}_no_routing"] = mean(f"recall@{k}_no_routing")
     return report
 
 
