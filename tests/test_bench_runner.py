@@ -139,3 +139,8 @@ def test_fastest_experts_implementation_is_measured():
     assert best == "fast" and model.impl == "fast"
     assert set(seconds) == {"slow", "fast", "eager"} and seconds["slow"] > seconds["fast"]
     assert set_fastest_experts_implementation(Fake(), None, candidates=["broken", "eager"]) == ("eager", {})
+    # a probe that returns its own cost (seconds per decoded token) is ranked by that, not wall time
+    cost = {"slow": 3.0, "fast": 1.0, "eager": 2.0}
+    model = Fake()
+    best, got = set_fastest_experts_implementation(model, lambda: cost[model.impl], candidates=["slow", "fast", "eager"])
+    assert (best, got) == ("fast", cost) and model.impl == "fast"

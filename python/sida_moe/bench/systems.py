@@ -33,15 +33,16 @@ def expert_module_names(model: nn.Module) -> list[str]:
 
 
 def set_fastest_experts_implementation(
-    model: nn.Module, probe: Callable[[], object] | None = None, candidates: list[str] | None = None
+    model: nn.Module, probe: Callable[[], float | None] | None = None, candidates: list[str] | None = None
 ) -> tuple[str, dict[str, float]]:
     """Select transformers' fastest experts implementation for this model and machine; returns the
-    one in use and the seconds ``probe`` took with each candidate.
+    one in use and each candidate's cost.
 
     Candidates: grouped_mm and batched_mm on a GPU, then eager. With ``probe`` (a short generation)
-    each candidate that runs is timed (after one warm-up call) and the fastest kept: which one wins
-    depends on the shapes (on an H100, batched_mm decoded the 8-layer reference model 4.7x faster than
-    grouped_mm). Without it, the first candidate that can be set is kept."""
+    each candidate that runs is measured after one warm-up call: the cost is what ``probe`` returns
+    (e.g. seconds per decoded token), or its wall time when it returns None. The cheapest is kept:
+    which one wins depends on the shapes (on an H100, batched_mm decoded the 8-layer reference model
+    4.7x faster than grouped_mm). Without ``probe``, the first candidate that can be set is kept."""
     setter = getattr(model, "set_experts_implementation", None)
     if setter is None:
         return "eager", {}
@@ -58,10 +59,10 @@ def set_fastest_experts_implementation(
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
             t0 = time.perf_counter()
-            probe()
+            cost = probe()
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
-            timings[impl] = time.perf_counter() - t0
+            timings[impl] = float(cost) if cost is not None else time.perf_counter() - t0
         except (ValueError, ImportError, RuntimeError, NotImplementedError):
             continue
     best = min(timings, key=timings.get) if timings else "eager"
