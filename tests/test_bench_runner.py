@@ -21,6 +21,9 @@ def test_bench_runs_all_systems_and_oracle_bounds_lru(tmp_path):
             assert ("sida", pol, pred) in systems
     offloaded = [r for r in rows if r["system"] != "resident"]
     assert all(r["same_tokens_as_resident"] for r in offloaded), [(r["system"], r["policy"]) for r in offloaded]
+    resident = next(r for r in rows if r["system"] == "resident")
+    assert {r["tokens_digest"] for r in offloaded} == {resident["tokens_digest"]}
+    assert not any("first_token_differing_from_resident" in r for r in rows)
     hit = {(r["policy"], r["predictor"]): r["hit_rate"] for r in rows if r["system"] == "sida"}
     assert hit[("belady", "none")] >= hit[("lru", "none")]
     assert hit[("belady", "none")] >= hit[("fifo", "none")]
@@ -144,3 +147,19 @@ def test_fastest_experts_implementation_is_measured():
     model = Fake()
     best, got = set_fastest_experts_implementation(model, lambda: cost[model.impl], candidates=["slow", "fast", "eager"])
     assert (best, got) == ("fast", cost) and model.impl == "fast"
+
+
+def test_token_agreement_says_where_tokens_differ():
+    import torch
+
+    from sida_moe.bench.runner import token_agreement
+
+    ref = torch.tensor([[5, 6, 7, 8], [1, 2, 3, 4]])
+    same = token_agreement(ref.clone(), ref)
+    assert same["same_tokens_as_resident"] and "first_token_differing_from_resident" not in same
+    other = ref.clone()
+    other[1, 2:] = 9
+    got = token_agreement(other, ref)
+    assert got["same_tokens_as_resident"] is False and got["first_token_differing_from_resident"] == 2
+    assert got["tokens_digest"] != same["tokens_digest"] and len(got["tokens_digest"]) == 12
+    assert set(token_agreement(ref, None)) == {"tokens_digest"}

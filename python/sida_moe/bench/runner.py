@@ -6,6 +6,8 @@ size) and writes JSON, a markdown table and PNG plots when an output directory i
 
 from __future__ import annotations
 
+import hashlib
+
 import platform
 import time
 from dataclasses import asdict, dataclass, field
@@ -118,6 +120,19 @@ def _prompts(model: nn.Module, batch: int, length: int, seed: int, device: torch
         mask[row, :cut] = 0
         ids[row, :cut] = 0
     return {"input_ids": ids.to(device), "attention_mask": mask.to(device)}
+
+
+def token_agreement(tokens: torch.Tensor, reference: torch.Tensor | None) -> dict[str, Any]:
+    """``tokens_digest`` (which systems generated the same tokens as each other) and, against the
+    resident model's ``reference`` tokens, ``same_tokens_as_resident`` and where they first differ
+    (a bf16 near-tie can flip under another GEMM's summation order)."""
+    out: dict[str, Any] = {"tokens_digest": hashlib.sha1(tokens.to(torch.int64).numpy().tobytes()).hexdigest()[:12]}
+    if reference is not None:
+        out["same_tokens_as_resident"] = bool(torch.equal(tokens, reference))
+        if not out["same_tokens_as_resident"]:
+            differs = (tokens != reference).any(dim=0).nonzero() if tokens.shape == reference.shape else None
+            out["first_token_differing_from_resident"] = int(differs[0]) if differs is not None and differs.numel() else 0
+    return out
 
 
 def _generate(model: nn.Module, prompts: dict[str, torch.Tensor], new_tokens: int, device: torch.device,
@@ -253,8 +268,8 @@ def run_bench(cfg: BenchConfig) -> list[dict[str, Any]]:
     def record(system: str, batch: int, timing, extra: dict[str, Any], tokens: torch.Tensor | None = None) -> None:
         row = {"system": system, "policy": "-", "predictor": "-", "budget_fraction": None, **timing.summary(), **extra}
         row["batch_size"] = batch
-        if tokens is not None and batch in reference:
-            row["same_tokens_as_resident"] = bool(torch.equal(tokens, reference[batch]))
+        if tokens is not None:
+            row.update(token_agreement(tokens, reference.get(batch) if system != "resident" else None))
         if device.type == "cuda":
             row["gpu_allocated_gib"] = torch.cuda.memory_allocated(device) / 2**30
         rows.append(row)
@@ -277,7 +292,7 @@ def run_bench(cfg: BenchConfig) -> list[dict[str, Any]]:
             _reset_peak(device)
             tokens, timing = gen(b, cfg.new_tokens)
             reference[b] = tokens
-            record("resident", b, timing, {"experts_implementation": impl, "peak_gpu_gib": _peak_gib(device)})
+            record("resident", b, timing, {"experts_implementation": impl, "peak_gpu_gib": _peak_gib(device)}, tokens)
     # 2. transformers + accelerate, experts on the CPU (slow: fewer tokens)
     if "accelerate_cpu" in cfg.baselines:
         with experts_on_cpu_with_accelerate(model, device):
