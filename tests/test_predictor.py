@@ -441,4 +441,10 @@ def test_cli_trace_and_train(tmp_path):
     assert has_predictor(model_dir), "saved next to the traced model by default"
     report = json.loads((tmp_path / "r.json").read_text())
     assert report["train_config"]["steps"] == 3 and "held_out" in report
+    # the wider and decode variants from the command line, saved elsewhere
+    assert main(["train-predictor", "--trace", str(tmp_path / "tr"), "--held-out", str(tmp_path / "tr"), "--steps", "2",
+                 "--batch-size", "2", "--device", "cpu", "--hidden", "16", "--head-hidden", "8", "--prev-token-routing",
+                 "--out", str(tmp_path / "wide")]) == 0
+    wide = HashPredictor.load(tmp_path / "wide")
+    assert (wide.config.hidden, wide.config.head_hidden, wide.config.prev_token_routing) == (16, 8, True)
     assert HashPredictor.load(model_dir).config.num_moe_layers == 3
