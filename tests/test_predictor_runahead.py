@@ -24,6 +24,19 @@ def _generate(model, x, n=5, mask=None):
                               max_new_tokens=n, min_new_tokens=n, do_sample=False, pad_token_id=0)
 
 
+def _predictions_on_time(model, prefetcher):
+    """Hold each forward at its first decoder layer until the run-ahead prediction is ready, so that
+    what the tests count does not depend on thread timing (a prediction that arrives after a layer
+    ran is, by design, not used for it). Returns the hook handle."""
+
+    def wait(module, args):
+        job = prefetcher._current
+        if job is not None:
+            assert job.ready.wait(10), "the predictor thread never answered"
+
+    return model.model.layers[0].register_forward_pre_hook(wait)
+
+
 def test_is_a_prefetcher():
     assert isinstance(RunAheadPrefetcher(_predictor()), Prefetcher)
 
@@ -38,6 +51,7 @@ def test_exact_mode_keeps_outputs_and_prefetches(policy, correction):
     prefetcher = RunAheadPrefetcher(_predictor(conditioned=correction == "refine"), correction=correction)
     offload(model, gpu_budget=0.5, policy=policy, prefetch=prefetcher)
     engine = engine_of(model)
+    _predictions_on_time(model, prefetcher)
     try:
         with torch.no_grad():
             logits = model(input_ids=x).logits
