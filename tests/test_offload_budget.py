@@ -36,3 +36,17 @@ def test_slots():
 def test_format_bytes():
     assert format_bytes(512) == "512 B"
     assert format_bytes(3 * 2**30) == "3.00 GiB"
+
+
+def test_describe_names_the_pool_kind_and_the_budget():
+    """On the host backend the pool is plain host memory, not pinned: the summary says which."""
+    import torch
+
+    from _moe_models import tiny_model
+
+    model = sida_moe.offload(tiny_model("qwen3_moe", torch.float32), gpu_budget=0.5, prefetch="none")
+    engine = model.sida_engine
+    text = engine.describe()
+    kind = "pinned pool" if engine.cache.backend_kind == "cuda" else "host pool"
+    assert kind in text and f"{engine.num_slots} slots" in text and "policy lru" in text
+    engine.close()

@@ -273,9 +273,10 @@ class OffloadEngine:
 
     def describe(self) -> str:
         cache = self._require_cache()
+        pool = "pinned pool" if cache.backend_kind == "cuda" else "host pool"  # pinned only for CUDA
         return (
             f"{len(self.layers)} MoE layers, {self.num_experts_total} experts of {format_bytes(self.pool.expert_nbytes)} "
-            f"in a {format_bytes(self.pool.allocated_bytes)} pinned pool; {cache.num_slots} slots "
+            f"in a {format_bytes(self.pool.allocated_bytes)} {pool}; {cache.num_slots} slots "
             f"({format_bytes(cache.num_slots * self.pool.expert_nbytes)}) on {self.device}, policy {cache.policy}, "
             f"prefetch {self.prefetcher.name}"
         )
