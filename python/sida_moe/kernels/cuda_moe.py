@@ -32,6 +32,7 @@ ALIGN_THREADS = 1024
 _ALIGN_STATIC_SMEM = 1024
 
 
+@functools.lru_cache(maxsize=None)
 def align_max_slots(device: torch.device | int) -> int:
     """Most slots the ``moe_align`` kernel takes on ``device`` (28,928 on an H100); past it the
     PyTorch version sorts the pairs."""
@@ -126,11 +127,6 @@ def _kernels(fmt: ExpertFormat, device_index: int) -> _ShapeKernels:
     return sk
 
 
-@functools.lru_cache(maxsize=None)
-def _align_max_slots_cached(device_index: int) -> int:
-    return align_max_slots(device_index)
-
-
 def align_pairs_cuda(
     mod: KernelModule,
     topk_ids: torch.Tensor,
@@ -141,7 +137,7 @@ def align_pairs_cuda(
 ) -> AlignedPairs:
     """``moe_align`` kernel (one block); same result as ``align_pairs_torch`` up to the order of
     pairs within a slot. Falls back to the PyTorch version past ``align_max_slots`` slots."""
-    if num_slots > _align_max_slots_cached(mod.device_index):
+    if num_slots > align_max_slots(mod.device_index):
         return align_pairs_torch(topk_ids, slot_of_expert, num_slots, block_m)
     num_pairs = topk_ids.numel()
     max_padded = max_padded_rows(num_pairs, num_slots, block_m)
