@@ -49,6 +49,13 @@ VARIANTS: dict[str, dict] = {
     "topk_kd0.5_h512": {"target": "topk", "lr": 1e-3, "kd_weight": 0.5, "hidden": 512},
     "topk_kd0.5_mlp": {"target": "topk", "lr": 1e-3, "kd_weight": 0.5, "head_hidden": 256},
     "topk_kd0.5_h512_mlp": {"target": "topk", "lr": 1e-3, "kd_weight": 0.5, "hidden": 512, "head_hidden": 256},
+    # deep variant (session 3): causal transformer blocks on top of the paper's features
+    "topk_kd0.5_h512_mlp_b2": {"target": "topk", "lr": 1e-3, "kd_weight": 0.5, "hidden": 512, "head_hidden": 256,
+                               "attn_blocks": 2},
+    "topk_kd0.5_h512_mlp_b4": {"target": "topk", "lr": 1e-3, "kd_weight": 0.5, "hidden": 512, "head_hidden": 256,
+                               "attn_blocks": 4},
+    "topk_kd0.5_h256_mlp_b4": {"target": "topk", "lr": 1e-3, "kd_weight": 0.5, "hidden": 256, "head_hidden": 256,
+                               "attn_blocks": 4},
     # decode variant: also the previous token's true routing (known before a decode step starts)
     "topk_kd0.5_h512_mlp_prev": {"target": "topk", "lr": 1e-3, "kd_weight": 0.5, "hidden": 512, "head_hidden": 256,
                                  "prev_token_routing": True},

@@ -140,11 +140,11 @@ def test_decode_variant_input_and_teacher_forcing():
         plain(x, prev_token_routing=prev)
 
 
-@pytest.mark.parametrize("head_hidden", [0, 12])
-def test_predictor_incremental_equals_full_and_is_causal(head_hidden):
+@pytest.mark.parametrize("head_hidden,attn_blocks", [(0, 0), (12, 0), (0, 2)])
+def test_predictor_incremental_equals_full_and_is_causal(head_hidden, attn_blocks):
     torch.manual_seed(0)
     p = HashPredictor(PredictorConfig(input_dim=16, num_moe_layers=2, num_experts=6, top_k=2, hidden=24,
-                                      head_hidden=head_hidden)).eval()
+                                      head_hidden=head_hidden, attn_blocks=attn_blocks, attn_heads=4)).eval()
     x = torch.randn(2, 9, 16)
     with torch.no_grad():
         full, _ = p(x)
@@ -171,19 +171,25 @@ def test_predictor_incremental_equals_full_and_is_causal(head_hidden):
     assert not torch.allclose(full_changed[:, :, 6:], full[:, :, 6:])
 
 
-def test_predictor_masks_padding_out_of_the_attention():
-    """A left-padded row: changing the padding's embeddings changes no real token's attention keys,
-    only what the LSTM saw; with identical LSTM input the real tokens' logits are unchanged."""
+@pytest.mark.parametrize("attn_blocks", [0, 2])
+def test_predictor_masks_padding_out_of_the_attention(attn_blocks):
+    """A left-padded row: the mask changes what real tokens attend to, padding keys get no weight,
+    and decoding on from the masked state is the same as predicting the whole row at once."""
     torch.manual_seed(0)
-    p = HashPredictor(PredictorConfig(input_dim=16, num_moe_layers=1, num_experts=6, top_k=2, hidden=24)).eval()
-    x = torch.randn(1, 6, 16)
+    p = HashPredictor(PredictorConfig(input_dim=16, num_moe_layers=1, num_experts=6, top_k=2, hidden=24,
+                                      attn_blocks=attn_blocks, attn_heads=4)).eval()
+    x = torch.randn(1, 8, 16)
     mask = torch.tensor([[0, 0, 1, 1, 1, 1]])
     with torch.no_grad():
-        feats, state = p.features(x, attention_mask=mask)
-        unmasked, _ = p.features(x)
+        feats, state = p.features(x[:, :6], attention_mask=mask)
+        unmasked, _ = p.features(x[:, :6])
+        whole, _ = p.features(x, attention_mask=torch.tensor([[0, 0, 1, 1, 1, 1, 1, 1]]))
+        step1, s1 = p.features(x[:, 6:7], state)
+        step2, _ = p.features(x[:, 7:8], s1)
     assert state.key_mask.tolist() == [[False, False, True, True, True, True]]
     assert not torch.allclose(feats[:, 2:], unmasked[:, 2:]), "the mask must change what real tokens attend to"
     assert torch.isfinite(feats).all()
+    assert torch.allclose(torch.cat([feats, step1, step2], dim=1)[:, 2:], whole[:, 2:], atol=1e-5)
 
 
 def test_predictor_is_scale_free_in_its_input():
@@ -194,11 +200,12 @@ def test_predictor_is_scale_free_in_its_input():
         assert torch.allclose(p(x)[0], p(x * 0.02)[0], atol=1e-4)
 
 
-@pytest.mark.parametrize("head_hidden", [0, 10])
-def test_predictor_save_load_round_trip(tmp_path, head_hidden):
+@pytest.mark.parametrize("head_hidden,attn_blocks", [(0, 0), (10, 0), (10, 1)])
+def test_predictor_save_load_round_trip(tmp_path, head_hidden, attn_blocks):
     torch.manual_seed(0)
     cfg = PredictorConfig(input_dim=16, num_moe_layers=3, num_experts=6, top_k=2, hidden=24, conditioned=True,
-                          moe_layer_ids=[1, 2, 4], model_type="qwen3_moe", head_hidden=head_hidden)
+                          moe_layer_ids=[1, 2, 4], model_type="qwen3_moe", head_hidden=head_hidden,
+                          attn_blocks=attn_blocks, attn_heads=3)
     p = HashPredictor(cfg).eval()
     with torch.no_grad():
         for lin in p.prev_routing:
@@ -224,6 +231,10 @@ def test_predictor_errors(tmp_path):
         PredictorConfig(input_dim=8, num_moe_layers=2, num_experts=4, top_k=1, moe_layer_ids=[0])
     with pytest.raises(ValueError, match="head_hidden must be >= 0"):
         PredictorConfig(input_dim=8, num_moe_layers=1, num_experts=4, top_k=1, head_hidden=-1)
+    with pytest.raises(ValueError, match="attn_blocks must be >= 0"):
+        PredictorConfig(input_dim=8, num_moe_layers=1, num_experts=4, top_k=1, attn_blocks=-1)
+    with pytest.raises(ValueError, match=r"attn_heads must be a positive divisor of hidden \(24\)"):
+        PredictorConfig(input_dim=8, num_moe_layers=1, num_experts=4, top_k=1, hidden=24, attn_blocks=1, attn_heads=5)
     with pytest.raises(ValueError, match="unknown predictor config keys"):
         PredictorConfig.from_dict({"input_dim": 8, "num_moe_layers": 1, "num_experts": 4, "top_k": 1, "bogus": 1})
     p = HashPredictor(PredictorConfig(input_dim=8, num_moe_layers=1, num_experts=4, top_k=1))
@@ -295,13 +306,15 @@ def test_distillation_loss_terms():
     assert distillation_loss(logits, topk, ids, vals.flip(-1), 10.0, 4) > ce + 1e-3
 
 
-@pytest.mark.parametrize("head_hidden,prev_token_routing", [(0, False), (32, False), (0, True)])
-def test_training_lowers_the_loss_and_reports(trace_dir, head_hidden, prev_token_routing):
+@pytest.mark.parametrize("head_hidden,prev_token_routing,attn_blocks", [(0, False, 0), (32, False, 0), (0, True, 0),
+                                                                       (32, False, 1)])
+def test_training_lowers_the_loss_and_reports(trace_dir, head_hidden, prev_token_routing, attn_blocks):
     traces = load_traces(trace_dir)
     cfg = TrainConfig(steps=80, batch_size=8, warmup_steps=5, lr=3e-3, target="topk", conditioned=True,
-                      head_hidden=head_hidden, prev_token_routing=prev_token_routing)
+                      head_hidden=head_hidden, prev_token_routing=prev_token_routing, attn_blocks=attn_blocks)
     pred, report = train_predictor(traces, cfg, held_out=traces, progress=False)
     assert pred.config.head_hidden == head_hidden and pred.config.prev_token_routing == prev_token_routing
+    assert len(pred.blocks) == attn_blocks
     assert ("mean_recall@2_no_routing" in report["held_out"]) == prev_token_routing
     assert report["loss_last_50"] < 0.8 * report["loss_first"]
     held = report["held_out"]
@@ -323,6 +336,8 @@ def test_training_rejects_bad_settings(trace_dir):
         TrainConfig(lr=0)
     with pytest.raises(ValueError, match="head_hidden"):
         TrainConfig(head_hidden=-2)
+    with pytest.raises(ValueError, match="attn_blocks"):
+        TrainConfig(attn_blocks=-1)
     with pytest.raises(ValueError, match="routing_dropout"):
         TrainConfig(routing_dropout=1.5)
     traces = load_traces(trace_dir)

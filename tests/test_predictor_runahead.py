@@ -12,10 +12,10 @@ from sida_moe.prefetchers import Prefetcher
 from test_predictor import tiny_qwen3
 
 
-def _predictor(conditioned: bool = False, seed: int = 1) -> HashPredictor:
+def _predictor(conditioned: bool = False, seed: int = 1, attn_blocks: int = 0) -> HashPredictor:
     torch.manual_seed(seed)
     return HashPredictor(PredictorConfig(input_dim=32, num_moe_layers=3, num_experts=8, top_k=2, hidden=16,
-                                         conditioned=conditioned)).eval()
+                                         conditioned=conditioned, attn_blocks=attn_blocks, attn_heads=4)).eval()
 
 
 def _generate(model, x, n=5, mask=None):
@@ -149,7 +149,8 @@ def test_load_prefetcher_and_size_checks(tmp_path):
         offload(model, gpu_budget=0.5, prefetch=RunAheadPrefetcher(pred))
 
 
-def test_a_slow_predictor_catches_up_by_coalescing_decode_steps():
+@pytest.mark.parametrize("attn_blocks", [0, 2])
+def test_a_slow_predictor_catches_up_by_coalescing_decode_steps(attn_blocks):
     """When the model outpaces the thread, queued decode tokens are predicted in one call, and the
     predictions are still those of the whole sequence."""
     import time
@@ -162,7 +163,7 @@ def test_a_slow_predictor_catches_up_by_coalescing_decode_steps():
             time.sleep(0.2)
             return super().forward(embeds, state, attention_mask)
 
-    base = _predictor(seed=7)
+    base = _predictor(seed=7, attn_blocks=attn_blocks)
     slow = Slow(base.config)
     slow.load_state_dict(base.state_dict())
     slow.eval()
@@ -194,10 +195,11 @@ def test_a_slow_predictor_catches_up_by_coalescing_decode_steps():
         engine.close()
 
 
-def test_padded_prompts_are_masked_for_the_predictor():
+@pytest.mark.parametrize("attn_blocks", [0, 2])
+def test_padded_prompts_are_masked_for_the_predictor(attn_blocks):
     """A left-padded batch: the thread passes the prompt's mask to the predictor, so each row's
     predictions equal those of the row alone with its padding masked."""
-    pred = _predictor(seed=9)
+    pred = _predictor(seed=9, attn_blocks=attn_blocks)
     model = tiny_qwen3(seed=10)
     x = torch.randint(1, 64, (2, 7))
     mask = torch.ones_like(x)

@@ -78,6 +78,9 @@ def _configure_train(p: argparse.ArgumentParser) -> None:
     p.add_argument("--hidden", type=int, default=d.hidden, help=f"predictor width (default {d.hidden}, the paper's)")
     p.add_argument("--head-hidden", type=int, default=d.head_hidden,
                    help="> 0: per-layer MLP heads of this width instead of the paper's linear heads")
+    p.add_argument("--attn-blocks", type=int, default=d.attn_blocks,
+                   help="> 0: deep variant, this many causal transformer blocks on top of the paper's network")
+    p.add_argument("--attn-heads", type=int, default=d.attn_heads, help="heads of those blocks (must divide --hidden)")
     p.add_argument("--prev-token-routing", action="store_true",
                    help="decode variant: also input the previous token's true routing (known during decode)")
     p.add_argument("--max-seconds", type=float, default=None, help="cap training time (the step count is cut to fit)")
@@ -101,7 +104,7 @@ def run_train(args: argparse.Namespace) -> int:
     config = TrainConfig(
         steps=args.steps, batch_size=args.batch_size, lr=args.lr, kd_weight=args.kd_weight, top_t=args.top_t,
         target=args.target, conditioned=args.conditioned, hidden=args.hidden, head_hidden=args.head_hidden,
-        prev_token_routing=args.prev_token_routing,
+        prev_token_routing=args.prev_token_routing, attn_blocks=args.attn_blocks, attn_heads=args.attn_heads,
         max_seconds=args.max_seconds, seed=args.seed,
         device=args.device or ("cuda" if torch.cuda.is_available() else "cpu"),
     )

@@ -10,6 +10,7 @@ chosen expert, not just the first) -- measured in ``benches/predictor_eval.py``.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 from dataclasses import asdict, dataclass
@@ -37,6 +38,8 @@ class TrainConfig:
     conditioned: bool = False
     hidden: int = 256  # predictor width (the paper's 256)
     head_hidden: int = 0  # > 0: per-layer MLP heads of this width (the wider variant)
+    attn_blocks: int = 0  # > 0: causal transformer blocks on top of the paper's features (deep variant)
+    attn_heads: int = 8
     prev_token_routing: bool = False  # also input the previous token's true routing (decode variant)
     routing_dropout: float = 0.25  # share of sequences trained without it (prompts: not yet known)
     grad_clip: float = 1.0
@@ -52,6 +55,8 @@ class TrainConfig:
             raise ValueError(f"routing_dropout must be in [0, 1], got {self.routing_dropout}")
         if self.head_hidden < 0:
             raise ValueError(f"head_hidden must be >= 0 (0: linear heads), got {self.head_hidden}")
+        if self.attn_blocks < 0:
+            raise ValueError(f"attn_blocks must be >= 0 (0: the paper's network), got {self.attn_blocks}")
         if not self.lr > 0:
             raise ValueError(f"lr must be positive, got {self.lr}")
         if self.max_seconds is not None and not self.max_seconds > 0:
@@ -63,7 +68,13 @@ class TrainConfig:
 
 
 def predictor_config_for(
-    manifest: dict, conditioned: bool = False, hidden: int = 256, head_hidden: int = 0, prev_token_routing: bool = False
+    manifest: dict,
+    conditioned: bool = False,
+    hidden: int = 256,
+    head_hidden: int = 0,
+    prev_token_routing: bool = False,
+    attn_blocks: int = 0,
+    attn_heads: int = 8,
 ) -> PredictorConfig:
     """The hash-function sizes for the model a trace was recorded from."""
     return PredictorConfig(
@@ -75,6 +86,8 @@ def predictor_config_for(
         head_hidden=head_hidden,
         prev_token_routing=prev_token_routing,
         conditioned=conditioned,
+        attn_blocks=attn_blocks,
+        attn_heads=attn_heads,
         moe_layer_ids=list(manifest["moe_layer_ids"]),
         model_type=manifest.get("model_type", ""),
     )
@@ -128,6 +141,21 @@ def _refined_logits(model: HashPredictor, logits: torch.Tensor, topk_ids: torch.
     return torch.stack([model.refine(logits[l], l, topk_ids[l - 1]) for l in range(1, logits.shape[0])])
 
 
+@contextlib.contextmanager
+def _tf32_matmuls(device: torch.device):
+    """TF32 matmuls while training on a GPU (cuDNN's LSTM already uses TF32 by default); the
+    process-wide setting is restored afterwards."""
+    if device.type != "cuda":
+        yield
+        return
+    before = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("high")
+    try:
+        yield
+    finally:
+        torch.set_float32_matmul_precision(before)
+
+
 def train_predictor(
     traces: Traces,
     config: TrainConfig | None = None,
@@ -137,14 +165,22 @@ def train_predictor(
 ) -> tuple[HashPredictor, dict]:
     """Train a hash function on ``traces``; returns it (eval mode) and a report with the loss curve,
     timing and, when ``held_out`` is given, ``evaluate``'s metrics on it."""
+    config = config or TrainConfig()
+    with _tf32_matmuls(torch.device(config.device)):
+        return _train(traces, config, held_out, progress, predictor)
+
+
+def _train(
+    traces: Traces, config: TrainConfig, held_out: Traces | None, progress: bool, predictor: HashPredictor | None
+) -> tuple[HashPredictor, dict]:
     from tqdm.auto import tqdm
 
-    config = config or TrainConfig()
     torch.manual_seed(config.seed)
     device = torch.device(config.device)
     model = predictor or HashPredictor(
         predictor_config_for(traces.manifest, conditioned=config.conditioned, hidden=config.hidden,
-                             head_hidden=config.head_hidden, prev_token_routing=config.prev_token_routing)
+                             head_hidden=config.head_hidden, prev_token_routing=config.prev_token_routing,
+                             attn_blocks=config.attn_blocks, attn_heads=config.attn_heads)
     )
     if model.config.num_experts != traces.manifest["num_experts"] or model.config.num_moe_layers != traces.manifest["num_moe_layers"]:
         raise ValueError("predictor sizes do not match the trace's model (num_experts / num_moe_layers)")
