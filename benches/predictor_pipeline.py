@@ -54,6 +54,8 @@ VARIANTS: dict[str, dict] = {
                                "attn_blocks": 2},
     "topk_kd0.5_h512_mlp_b4": {"target": "topk", "lr": 1e-3, "kd_weight": 0.5, "hidden": 512, "head_hidden": 256,
                                "attn_blocks": 4},
+    "topk_kd0.5_h512_mlp_b4_bs128": {"target": "topk", "lr": 1.5e-3, "kd_weight": 0.5, "hidden": 512,
+                                    "head_hidden": 256, "attn_blocks": 4, "batch_size": 128},
     "topk_kd0.5_h256_mlp_b4": {"target": "topk", "lr": 1e-3, "kd_weight": 0.5, "hidden": 256, "head_hidden": 256,
                                "attn_blocks": 4},
     # decode variant: also the previous token's true routing (known before a decode step starts)

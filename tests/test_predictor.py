@@ -329,6 +329,22 @@ def test_training_lowers_the_loss_and_reports(trace_dir, head_hidden, prev_token
     assert again["mean_recall@2"] == pytest.approx(held["mean_recall@2"])
 
 
+def test_device_resident_batches_match_the_host_path(trace_dir):
+    """The compact copy a GPU trains from (int16 ids, fp16 logits, top-T columns only) gives the same
+    batches as gathering on the host, up to fp16 rounding of the logits."""
+    from sida_moe.predictor.train import _Batches
+
+    traces = load_traces(trace_dir)
+    cpu = torch.device("cpu")
+    host, compact = _Batches(traces, cpu, top_t=3, resident=False), _Batches(traces, cpu, top_t=3, resident=True)
+    assert compact.logit_ids.dtype == torch.int16 and compact.logit_vals.dtype == torch.float16
+    rows = torch.tensor([3, 0, 3, 1])
+    for a, b in zip(host(rows), compact(rows)):
+        assert a.dtype == b.dtype and a.shape == b.shape
+        assert torch.allclose(a, b, rtol=1e-3, atol=1e-3)
+    assert host(rows)[2].shape[-1] == 3 and torch.equal(host(rows)[1], traces.topk_ids[:, rows])
+
+
 def test_training_rejects_bad_settings(trace_dir):
     with pytest.raises(ValueError, match="target"):
         TrainConfig(target="top3")

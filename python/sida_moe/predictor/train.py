@@ -126,14 +126,52 @@ def distillation_loss(
     return hard + kd_weight * kd
 
 
-def _batch(traces: Traces, rows: torch.Tensor, device: torch.device) -> tuple[torch.Tensor, ...]:
-    embeds = traces.embeddings[traces.input_ids[rows]].to(device=device, dtype=torch.float32)
-    return (
-        embeds,
-        traces.topk_ids[:, rows].to(device),
-        traces.logit_ids[:, rows].to(device),
-        traces.logit_vals[:, rows].to(device),
-    )
+class _Batches:
+    """Batches of a trace on the training device. On a GPU the trace is moved there once, in compact
+    dtypes (int16 ids, fp16 logits; only the ``top_t`` logits the loss reads), when it takes at most
+    half the free memory: each step then gathers on the GPU instead of gathering ~90 MB on the host
+    and copying it through pageable memory, which took most of a step on the H100 (NOTES.md)."""
+
+    def __init__(self, traces: Traces, device: torch.device, top_t: int, resident: bool | None = None) -> None:
+        self.device = device
+        t = min(top_t, traces.logit_ids.shape[-1])
+        self.traces = traces
+        self.t = t
+        if resident is None:
+            resident = device.type == "cuda" and self._device_bytes(traces, t) <= 0.5 * torch.cuda.mem_get_info(device)[0]
+        self.resident = resident
+        if resident:
+            compact = torch.int16 if traces.manifest["num_experts"] <= torch.iinfo(torch.int16).max else torch.int32
+            self.input_ids = traces.input_ids.to(device)
+            self.embeddings = traces.embeddings.to(device)
+            self.topk_ids = traces.topk_ids.to(device, compact)
+            self.logit_ids = traces.logit_ids[..., :t].to(device, compact)
+            self.logit_vals = traces.logit_vals[..., :t].to(device, torch.float16)
+
+    @staticmethod
+    def _device_bytes(traces: Traces, t: int) -> int:
+        per_token_layer = traces.topk_ids.shape[-1] * 2 + t * 2 + t * 2
+        return (traces.topk_ids.shape[0] * traces.input_ids.numel() * per_token_layer
+                + traces.input_ids.numel() * 8 + traces.embeddings.numel() * traces.embeddings.element_size())
+
+    def __call__(self, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``embeds [B, S, d]`` float32, ``topk_ids [L, B, S, k]`` and ``logit_ids [L, B, S, t]`` int64,
+        ``logit_vals [L, B, S, t]`` float32, for trace sequences ``rows``."""
+        if not self.resident:
+            tr, dev = self.traces, self.device
+            return (
+                tr.embeddings[tr.input_ids[rows]].to(device=dev, dtype=torch.float32),
+                tr.topk_ids[:, rows].to(dev),
+                tr.logit_ids[:, rows, :, : self.t].to(dev),
+                tr.logit_vals[:, rows, :, : self.t].to(dev),
+            )
+        rows = rows.to(self.device)
+        return (
+            self.embeddings[self.input_ids[rows]].float(),
+            self.topk_ids[:, rows].long(),
+            self.logit_ids[:, rows].long(),
+            self.logit_vals[:, rows].float(),
+        )
 
 
 def _refined_logits(model: HashPredictor, logits: torch.Tensor, topk_ids: torch.Tensor) -> torch.Tensor:
@@ -197,6 +235,7 @@ def _train(
 
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_at)
     gen = torch.Generator().manual_seed(config.seed)
+    batches = _Batches(traces, device, config.top_t)
     n = traces.num_sequences
     losses: list[float] = []
     t0 = time.perf_counter()
@@ -208,7 +247,7 @@ def _train(
             total_steps = max(21, min(config.steps, int(config.max_seconds / per_step)))
             bar.total = total_steps
         rows = torch.randint(0, n, (min(config.batch_size, n),), generator=gen)
-        embeds, topk_ids, logit_ids, logit_vals = _batch(traces, rows, device)
+        embeds, topk_ids, logit_ids, logit_vals = batches(rows)
         prev = None
         if model.config.prev_token_routing:
             prev = previous_token_routing(topk_ids, model.config.num_experts)
@@ -242,6 +281,7 @@ def _train(
         "train_sequences": n,
         "train_seconds": train_seconds,
         "steps_run": step,
+        "trace_on_device": batches.resident,
         "loss_first": losses[0],
         "loss_last_50": sum(losses[-50:]) / len(losses[-50:]),
         "loss_curve": losses[:: max(1, len(losses) // 100)],
@@ -275,6 +315,7 @@ def evaluate(
     k2 = min(2 * k, num_experts)
     dev = torch.device(device)
     predictor = predictor.to(dev).eval()
+    batches = _Batches(traces, dev, top_t=1)  # the report reads the router's top-1 logit id only
     L = traces.manifest["num_moe_layers"]
     sums = {name: torch.zeros(L, dtype=torch.float64)
             for name in ("hit_k", "hit_2k", "top1_in_top3", "hit_refined", "hit_k_no_routing")}
@@ -284,7 +325,7 @@ def evaluate(
     with torch.no_grad():
         for start in range(0, traces.num_sequences, batch_size):
             rows = torch.arange(start, min(start + batch_size, traces.num_sequences))
-            embeds, topk_ids, logit_ids, _ = _batch(traces, rows, dev)
+            embeds, topk_ids, logit_ids, _ = batches(rows)
             if with_routing:  # decode: the previous token's routing is known; a prompt: it is not
                 logits, _ = predictor(embeds, prev_token_routing=previous_token_routing(topk_ids, num_experts))
                 blind, _ = predictor(embeds)
