@@ -224,6 +224,9 @@ def main() -> None:
         log(f"  {name}: {rep['steps_run']} steps, held-out mean recall@{k} {rep['held_out'][f'mean_recall@{k}']:.4f}"
             f", recall@{2 * k} {rep['held_out'][f'mean_recall@{2 * k}']:.4f}"
             + (f", refined {rep['held_out'][f'mean_refined_recall@{k}']:.4f}" if cfg.conditioned else "")
+            + (f", next-layer gate alone {rep['held_out'][f'mean_gate_recall@{k}']:.4f}, fused "
+               f"{rep['held_out'][f'mean_fused_recall@{k}']:.4f} (weights {rep['gate_fit']['gate_weights']})"
+               if f"mean_fused_recall@{k}" in rep["held_out"] else "")
             + f" ({rep['train_seconds']:.0f}s)")
     k = ho.manifest["top_k"]
     best_name = max(predictors, key=lambda n: results["variants"][n]["held_out"][f"mean_recall@{k}"])

@@ -272,6 +272,65 @@ def test_trace_round_trip(model, trace_dir):
     assert (traces.logit_ids[..., :1] == traces.topk_ids).any(-1).all()
 
 
+def test_trace_records_the_next_layer_gate(model, trace_dir, tmp_path):
+    """gate_ids/vals of layer l: layer l's router applied to what layer l-1's router saw; recording
+    it changes nothing else, and a trace recorded without it loads with no gate."""
+    traces = load_traces(trace_dir)
+    assert traces.manifest["next_layer_gate"] and traces.gate_ids.shape == (2, 10, 16, 5)
+    layers = find_moe_layers(model)
+    seen = {}
+    hooks = [l.router.register_forward_pre_hook(lambda m, a, i=l.index: seen.__setitem__(i, a[0])) for l in layers]
+    try:
+        with torch.no_grad():
+            model(input_ids=traces.input_ids[3:5])
+    finally:
+        for h in hooks:
+            h.remove()
+    for l in (1, 2):
+        with torch.no_grad():
+            expect = layers[l].router.forward(seen[l - 1])[0].reshape(2, 16, 8)
+        vals, ids = expect.topk(5, dim=-1)
+        assert torch.equal(ids, traces.gate_ids[l - 1, 3:5])
+        assert torch.allclose(vals, traces.gate_vals[l - 1, 3:5], atol=1e-2)
+        # not the layer's own router input: a different hidden state, different logits
+        assert not torch.allclose(expect.reshape(-1, 8), layers[l].router.forward(seen[l])[0].reshape(-1, 8))
+    plain = record_traces(model, traces.input_ids[:2], tmp_path, top_t=5, progress=False, next_layer_gate=False)
+    assert plain["next_layer_gate"] is False and load_traces(tmp_path).gate_ids is None
+    again = load_traces(tmp_path)
+    assert torch.equal(again.topk_ids, traces.topk_ids[:, :2]) and torch.equal(again.logit_ids, traces.logit_ids[:, :2])
+
+
+def test_fused_correction_weights_are_fitted_and_saved(trace_dir, tmp_path):
+    """fit_gate_weights picks, per layer >= 1, the grid weight with the best recall on the trace; the
+    held-out report's fused recall is that recall; the weights survive save/load."""
+    from sida_moe.predictor.train import fit_gate_weights
+
+    traces = load_traces(trace_dir)
+    cfg = TrainConfig(steps=40, batch_size=8, warmup_steps=5, lr=3e-3, target="topk", fit_gate=False)
+    pred, report = train_predictor(traces, cfg, progress=False)
+    assert "gate_fit" not in report and pred.config.gate_weights == []
+    with pytest.raises(ValueError, match="no fitted gate_weights"):
+        pred.fuse(torch.zeros(8), 1, torch.zeros(8))
+    fit = fit_gate_weights(pred, traces, grid=(0.0, 1.0, 1e6))
+    weights = pred.config.gate_weights
+    assert len(weights) == 3 and weights[0] == 0.0
+    by_weight = {float(w): r for w, r in fit["recall_by_weight"].items()}
+    for l in (1, 2):
+        assert by_weight[weights[l]][l] == max(r[l] for r in by_weight.values())
+    held = evaluate(pred, traces)
+    for l in (1, 2):
+        assert held["per_layer"][l]["fused_recall@2"] == pytest.approx(by_weight[weights[l]][l])
+        # a huge weight is the gate alone
+        assert by_weight[1e6][l] == pytest.approx(held["per_layer"][l]["gate_recall@2"])
+    assert held["per_layer"][0]["fused_recall@2"] == held["per_layer"][0]["recall@2"]
+    pred.save(tmp_path)
+    assert HashPredictor.load(tmp_path).config.gate_weights == weights
+    with pytest.raises(ValueError, match="gate_weights has 2 entries"):
+        PredictorConfig(input_dim=8, num_moe_layers=3, num_experts=4, top_k=1, gate_weights=[0.0, 1.0])
+    _, trained = train_predictor(traces, TrainConfig(steps=5, batch_size=4), held_out=traces, progress=False)
+    assert trained["gate_fit"]["gate_weights"][0] == 0.0 and "mean_fused_recall@2" in trained["held_out"]
+
+
 def test_trace_input_errors(model, tmp_path):
     with pytest.raises(ValueError, match="2-D integer tensor"):
         record_traces(model, torch.rand(2, 4), tmp_path, progress=False)

@@ -12,10 +12,12 @@ from sida_moe.prefetchers import Prefetcher
 from test_predictor import tiny_qwen3
 
 
-def _predictor(conditioned: bool = False, seed: int = 1, attn_blocks: int = 0) -> HashPredictor:
+def _predictor(conditioned: bool = False, seed: int = 1, attn_blocks: int = 0,
+               gate_weights: list[float] | None = None) -> HashPredictor:
     torch.manual_seed(seed)
     return HashPredictor(PredictorConfig(input_dim=32, num_moe_layers=3, num_experts=8, top_k=2, hidden=16,
-                                         conditioned=conditioned, attn_blocks=attn_blocks, attn_heads=4)).eval()
+                                         conditioned=conditioned, attn_blocks=attn_blocks, attn_heads=4,
+                                         gate_weights=gate_weights or [])).eval()
 
 
 def _generate(model, x, n=5, mask=None):
@@ -41,14 +43,17 @@ def test_is_a_prefetcher():
     assert isinstance(RunAheadPrefetcher(_predictor()), Prefetcher)
 
 
-@pytest.mark.parametrize("policy,correction", [("lru", "gate"), ("predictive", "refine"), ("predictive", "none")])
+@pytest.mark.parametrize("policy,correction", [("lru", "gate"), ("predictive", "refine"), ("predictive", "none"),
+                                               ("lru", "fused")])
 def test_exact_mode_keeps_outputs_and_prefetches(policy, correction):
     model = tiny_qwen3(seed=2)
     x = torch.randint(0, 64, (1, 10))
     with torch.no_grad():
         ref_logits = model(input_ids=x).logits
     ref_tokens = _generate(model, x)
-    prefetcher = RunAheadPrefetcher(_predictor(conditioned=correction == "refine"), correction=correction)
+    weights = [0.0, 1.0, 2.0] if correction == "fused" else None
+    prefetcher = RunAheadPrefetcher(_predictor(conditioned=correction == "refine", gate_weights=weights),
+                                    correction=correction)
     offload(model, gpu_budget=0.5, policy=policy, prefetch=prefetcher)
     engine = engine_of(model)
     _predictions_on_time(model, prefetcher)
@@ -66,6 +71,42 @@ def test_exact_mode_keeps_outputs_and_prefetches(policy, correction):
             assert m["corrections"] == 0
     finally:
         engine.close()
+
+
+def _demand_prefetches(correction: str, weights: list[float] | None) -> tuple[list, RunAheadPrefetcher]:
+    """The demand-lane prefetches of a 4-token greedy generation, and the prefetcher."""
+    model = tiny_qwen3(seed=12)
+    prefetcher = RunAheadPrefetcher(_predictor(seed=13, gate_weights=weights), correction=correction)
+    offload(model, gpu_budget=0.5, prefetch=prefetcher)
+    engine = engine_of(model)
+    calls = []
+    prefetch = engine.prefetch
+
+    def spy(layer, experts, priority="prefetch", generation=None):
+        if priority == "demand":
+            calls.append((layer, tuple(experts)))
+        return prefetch(layer, experts, priority, generation)
+
+    engine.prefetch = spy
+    _predictions_on_time(model, prefetcher)
+    try:
+        _generate(model, torch.randint(0, 64, (1, 6), generator=torch.Generator().manual_seed(5)), 4)
+    finally:
+        engine.close()
+    return calls, prefetcher
+
+
+def test_fused_correction_between_prediction_and_gate():
+    """Weight 0: the fused prediction is the predictor's, nothing to correct; a huge weight: it is
+    the next-layer gate's top-k, the same corrections as correction='gate'."""
+    none, p0 = _demand_prefetches("fused", [0.0, 0.0, 0.0])
+    assert none == [] and p0.correction == "fused"
+    gate, _ = _demand_prefetches("gate", None)
+    huge, _ = _demand_prefetches("fused", [0.0, 1e6, 1e6])
+    assert gate and huge == gate
+    with pytest.raises(ValueError, match="fitted gate_weights"):
+        RunAheadPrefetcher(_predictor(), correction="fused")
+    assert RunAheadPrefetcher(_predictor()).correction == "gate"  # the default without weights
 
 
 def test_oracle_predictions_are_all_hits():

@@ -72,6 +72,10 @@ class MoELayer:
         """Apply this layer's router to ``hidden`` [T, H]; returns the [T, top_k] expert ids."""
         return self.adapter.predict(self, hidden)
 
+    def gate_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """This layer's router logits [T, E] for ``hidden`` [T, H] (no hook sees the call)."""
+        return self.adapter.gate_logits(self, hidden)
+
     @property
     def experts(self) -> nn.Module:
         return getattr(self.block, self.experts_attr)
@@ -113,6 +117,12 @@ class Adapter:
 
     def predict(self, layer: MoELayer, hidden: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
+
+    def gate_logits(self, layer: MoELayer, hidden: torch.Tensor) -> torch.Tensor:
+        # forward(), not __call__: a prediction must not show up among the router outputs that
+        # transformers' output recorders collect; logits are the output or its first element
+        out = layer.router.forward(hidden)
+        return out[0] if isinstance(out, (tuple, list)) else out
 
     def read_routing(self, first: torch.Tensor, second: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Turn the experts module's routing arguments into ([T, k] ids, [T, k] weights)."""

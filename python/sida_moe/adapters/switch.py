@@ -67,8 +67,11 @@ class SwitchAdapter(Adapter):
         return [CheckpointPiece(wi, "gate_up"), CheckpointPiece(wo, "down")]
 
     def predict(self, layer: MoELayer, hidden: torch.Tensor) -> torch.Tensor:
+        return self.gate_logits(layer, hidden).argmax(dim=-1, keepdim=True)
+
+    def gate_logits(self, layer: MoELayer, hidden: torch.Tensor) -> torch.Tensor:
         classifier = layer.router.classifier
-        return classifier(hidden.to(classifier.weight.dtype)).argmax(dim=-1, keepdim=True)
+        return classifier(hidden.to(classifier.weight.dtype))
 
     def read_routing(self, first: torch.Tensor, second: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         # one-hot [T, K, E] (zero rows = dropped by capacity) -> ids [T, K]; dropped pairs get weight 0

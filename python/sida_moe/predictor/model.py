@@ -25,6 +25,12 @@ model, the same on training text: too little capacity, not too little data). The
 carries token order, so the blocks need no position encoding. Decode keeps each block's keys and
 values in the state, so a step still costs one token's work.
 
+Fused correction (``gate_weights``, fitted after training on traces that hold the next-layer
+gate, see ``train.fit_gate_weights``): once MoE layer l-1 has run, layer l's router applied to
+layer l-1's input (the "next-layer gate") is known; layer l's prediction becomes
+``logits + gate_weights[l] * gate_logits``. Ranking per token only, so neither needs normalising.
+Layer 0 has nothing before it and keeps the run-ahead prediction.
+
 Conditioned variant (``conditioned=True``): each layer L >= 1 also gets a ``Linear(E -> E)`` term on
 the multi-hot of layer L-1's *true* routing. Before the model runs only the base prediction is
 available; once layer L-1's router has run, ``refine`` sharpens layer L's prediction with it (the
@@ -64,6 +70,8 @@ class PredictorConfig:
     conditioned: bool = False
     attn_blocks: int = 0  # > 0: causal transformer blocks on top of the paper's features (deep variant)
     attn_heads: int = 8  # heads of those blocks (hidden must divide by it)
+    # per MoE layer: weight of the next-layer gate's logits in the fused correction ([]: not fitted)
+    gate_weights: list[float] = field(default_factory=list)
     moe_layer_ids: list[int] = field(default_factory=list)  # decoder-layer index of each MoE layer
     model_type: str = ""
 
@@ -87,6 +95,10 @@ class PredictorConfig:
             )
         if not self.moe_layer_ids:
             self.moe_layer_ids = list(range(self.num_moe_layers))
+        if self.gate_weights and len(self.gate_weights) != self.num_moe_layers:
+            raise ValueError(
+                f"gate_weights has {len(self.gate_weights)} entries but num_moe_layers is {self.num_moe_layers}"
+            )
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2)
@@ -305,6 +317,18 @@ class HashPredictor(nn.Module):
         multi_hot = torch.zeros(*prev_topk_ids.shape[:-1], self.config.num_experts, device=logits.device, dtype=logits.dtype)
         multi_hot.scatter_(-1, prev_topk_ids.long().to(logits.device), 1.0)
         return logits + self.prev_routing[layer](multi_hot)
+
+    def fuse(self, logits: torch.Tensor, layer: int, gate_logits: torch.Tensor) -> torch.Tensor:
+        """Layer ``layer``'s logits ``[..., E]`` corrected with its router applied to the previous
+        layer's input (``gate_logits [..., E]``), by the fitted ``gate_weights`` (module docstring)."""
+        if not self.config.gate_weights:
+            raise ValueError("this predictor has no fitted gate_weights (train it on a trace with the next-layer gate)")
+        if not 0 <= layer < self.config.num_moe_layers:
+            raise ValueError(f"layer must be in [0, {self.config.num_moe_layers}), got {layer}")
+        weight = self.config.gate_weights[layer]
+        if weight == 0.0:
+            return logits
+        return logits.float() + weight * gate_logits.to(logits.device).float()
 
     def predict_topk(
         self, embeds: torch.Tensor, k: int | None = None, state: PredictorState | None = None

@@ -7,8 +7,10 @@ generation so that a newer forward cancels them, and feeds the predicted acquire
 predictive eviction policy (``set_future``). The inference thread never waits for it in exact mode.
 
 As true routing appears (``after_routing`` of layer l), the next layer's prefetch is corrected:
-``correction="gate"`` applies layer l+1's router to layer l's hidden state (one small matmul on the
-compute stream) and queues what it picks that was not predicted on the demand lane;
+``correction="fused"`` (the default for a predictor with fitted ``gate_weights``) applies layer
+l+1's router to layer l's hidden state (one small matmul on the compute stream), adds its logits to
+the predictor's by the fitted weight, and queues the fused top-k that was not predicted on the
+demand lane; ``"gate"`` (the default otherwise) queues the router's own top-k instead;
 ``"refine"`` uses the conditioned predictor's ``refine`` with layer l's true routing; ``"none"``
 keeps the embedding-only prediction.
 
@@ -36,7 +38,7 @@ from sida_moe.predictor.model import HashPredictor, PredictorState, routing_mult
 if TYPE_CHECKING:
     from sida_moe.engine import OffloadEngine
 
-Correction = Literal["gate", "refine", "none"]
+Correction = Literal["fused", "gate", "refine", "none"]
 
 
 @dataclass
@@ -74,7 +76,7 @@ class RunAheadPrefetcher:
         self,
         predictor: HashPredictor,
         device: str | torch.device | None = None,
-        correction: Correction = "gate",
+        correction: Correction | None = None,
         k: int | None = None,
         feed_future: bool = True,
         hash_routing: bool = False,
@@ -82,10 +84,15 @@ class RunAheadPrefetcher:
     ) -> None:
         if hash_weights not in ("predicted", "router"):
             raise ValueError(f"hash_weights must be 'predicted' or 'router', got {hash_weights!r}")
-        if correction not in ("gate", "refine", "none"):
-            raise ValueError(f"correction must be 'gate', 'refine' or 'none', got {correction!r}")
+        if correction is None:
+            correction = "fused" if predictor.config.gate_weights else "gate"
+        if correction not in ("fused", "gate", "refine", "none"):
+            raise ValueError(f"correction must be 'fused', 'gate', 'refine' or 'none', got {correction!r}")
         if correction == "refine" and predictor.prev_routing is None:
             raise ValueError("correction='refine' needs a predictor trained with conditioned=True")
+        if correction == "fused" and not predictor.config.gate_weights:
+            raise ValueError("correction='fused' needs a predictor with fitted gate_weights "
+                             "(train it on a trace recorded with the next-layer gate)")
         if k is not None and not 0 < k <= predictor.config.num_experts:
             raise ValueError(f"k must be in [1, {predictor.config.num_experts}], got {k}")
         self.predictor = predictor.eval()
@@ -174,8 +181,12 @@ class RunAheadPrefetcher:
         nxt = moe_layer + 1
         if nxt >= len(engine.moe_layers) or self.correction == "none":
             return
-        if self.correction == "gate":
+        if self.correction == "gate" or (self.correction == "fused" and not (job.ready.is_set() and job.logits is not None)):
             extra = set(engine.moe_layers[nxt].predict(hidden).reshape(-1).tolist())
+        elif self.correction == "fused":
+            gate = engine.moe_layers[nxt].gate_logits(hidden)
+            fused = self.predictor.fuse(job.logits[nxt], nxt, gate.reshape(job.logits.shape[1], -1))
+            extra = set(fused.topk(self.k, dim=-1).indices.reshape(-1).tolist())
         else:  # refine: needs this forward's prediction
             if not job.ready.is_set() or job.logits is None:
                 return

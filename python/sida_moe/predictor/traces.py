@@ -7,6 +7,10 @@ A trace directory holds
   embeddings are recomputed from them), ``topk_ids [L, n, S, k] int16`` (the experts the model
   used), ``logit_ids [L, n, S, T] int16`` and ``logit_vals [L, n, S, T] float16`` (the router's T
   largest logits, descending: enough for truncated distillation, far smaller than all E);
+- optionally (``next_layer_gate`` in the manifest) ``gate_ids / gate_vals [L-1, n, S, T]``: for MoE
+  layer l >= 1, the T largest logits of layer l's router applied to layer l-1's MoE input -- what
+  the run-ahead prefetcher's correction sees once layer l-1 has run (the fused variant learns how
+  much to trust it next to the predictor);
 - ``embeddings.safetensors``: ``weight [V, d]``, the model's input-embedding output for every
   token id (includes any embedding scale), so training needs no model.
 
@@ -98,19 +102,38 @@ def find_moe_layers(model: nn.Module) -> list[MoELayer]:
 
 
 # ------------------------------------------------------------------------------ routing hooks
+def router_logits(output: object, layer: int) -> torch.Tensor:
+    """The logits in a router module's output (the output itself, or its first element)."""
+    logits = output[0] if isinstance(output, (tuple, list)) else output
+    if not isinstance(logits, torch.Tensor):
+        raise TypeError(f"router of MoE layer {layer} returned {type(output).__name__}; expected logits first")
+    return logits
+
+
 class RoutingRecorder:
     """Context manager recording each MoE layer's router logits ``[T, E]`` and top-k ids ``[T, k]``
-    for every forward while active. ``clear()`` drops what was recorded."""
+    for every forward while active. ``clear()`` drops what was recorded.
 
-    def __init__(self, model: nn.Module, layers: Sequence[MoELayer] | None = None, keep_logits: bool = True) -> None:
+    ``next_layer_gate``: also record, for each layer l >= 1, layer l's router applied to layer l-1's
+    router input (``gate_logits[l]``; called through ``forward`` so no hook sees it)."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        layers: Sequence[MoELayer] | None = None,
+        keep_logits: bool = True,
+        next_layer_gate: bool = False,
+    ) -> None:
         self.layers = list(layers) if layers is not None else find_moe_layers(model)
         self.keep_logits = keep_logits
+        self.next_layer_gate = next_layer_gate
         self.logits: list[list[torch.Tensor]] = [[] for _ in self.layers]
         self.topk_ids: list[list[torch.Tensor]] = [[] for _ in self.layers]
+        self.gate_logits: list[list[torch.Tensor]] = [[] for _ in self.layers]  # layer 0 stays empty
         self._handles: list = []
 
     def clear(self) -> None:
-        for lst in (*self.logits, *self.topk_ids):
+        for lst in (*self.logits, *self.topk_ids, *self.gate_logits):
             lst.clear()
 
     def __enter__(self) -> RoutingRecorder:
@@ -128,11 +151,12 @@ class RoutingRecorder:
 
     def _router_hook(self, i: int):
         def hook(module: nn.Module, args: tuple, output: object) -> None:
-            logits = output[0] if isinstance(output, (tuple, list)) else output
-            if not isinstance(logits, torch.Tensor):
-                raise TypeError(f"router of MoE layer {i} returned {type(output).__name__}; expected logits first")
+            logits = router_logits(output, i)
             if self.keep_logits:
                 self.logits[i].append(logits.detach().reshape(-1, logits.shape[-1]))
+            if self.next_layer_gate and i + 1 < len(self.layers) and args:
+                nxt = router_logits(self.layers[i + 1].router.forward(args[0]), i + 1)
+                self.gate_logits[i + 1].append(nxt.detach().reshape(-1, nxt.shape[-1]))
 
         return hook
 
@@ -157,6 +181,12 @@ class RoutingRecorder:
         if not self.logits[i]:
             raise RuntimeError(f"no router logits recorded for MoE layer {i}")
         return torch.cat(self.logits[i])
+
+    def layer_gate_logits(self, i: int) -> torch.Tensor:
+        """Layer ``i``'s router on layer ``i-1``'s router input, ``[T_total, E]`` (``next_layer_gate``)."""
+        if not self.gate_logits[i]:
+            raise RuntimeError(f"no next-layer gate logits recorded for MoE layer {i} (layer >= 1, next_layer_gate=True)")
+        return torch.cat(self.gate_logits[i])
 
 
 # ------------------------------------------------------------------------------------ corpus
@@ -230,11 +260,13 @@ def record_traces(
     shard_sequences: int = 1024,
     model_name_or_path: str = "",
     progress: bool = True,
+    next_layer_gate: bool = True,
 ) -> dict:
     """Run ``model`` over ``sequences`` (``[N, S]`` token ids) and write a trace directory.
 
-    ``top_t``: router logits kept per token and layer (capped at the number of experts). Returns
-    the manifest. The model is run in eval mode under ``torch.no_grad`` on its own device.
+    ``top_t``: router logits kept per token and layer (capped at the number of experts).
+    ``next_layer_gate``: also record each layer's router on the previous layer's input (module
+    docstring; one small matmul per layer). Returns the manifest. The model is run in eval mode under ``torch.no_grad`` on its own device.
     """
     from safetensors.torch import save_file
     from tqdm.auto import tqdm
@@ -257,7 +289,9 @@ def record_traces(
 
     save_file({"weight": _embedding_table(model)}, os.path.join(out_dir, EMBEDDINGS_NAME))
     shards: list[dict] = []
-    buf: dict[str, list[torch.Tensor]] = {"input_ids": [], "topk_ids": [], "logit_ids": [], "logit_vals": []}
+    gate = next_layer_gate and len(layers) > 1
+    buf: dict[str, list[torch.Tensor]] = {"input_ids": [], "topk_ids": [], "logit_ids": [], "logit_vals": [],
+                                          "gate_ids": [], "gate_vals": []}
 
     def flush() -> None:
         if not buf["input_ids"]:
@@ -268,6 +302,9 @@ def record_traces(
             "logit_ids": torch.cat(buf["logit_ids"], dim=1).to(torch.int16),
             "logit_vals": torch.cat(buf["logit_vals"], dim=1).to(torch.float16),
         }
+        if gate:
+            tensors["gate_ids"] = torch.cat(buf["gate_ids"], dim=1).to(torch.int16)
+            tensors["gate_vals"] = torch.cat(buf["gate_vals"], dim=1).to(torch.float16)
         fname = f"shard-{len(shards):05d}.safetensors"
         save_file({k: v.contiguous() for k, v in tensors.items()}, os.path.join(out_dir, fname))
         shards.append({"file": fname, "num_sequences": int(tensors["input_ids"].shape[0])})
@@ -279,7 +316,7 @@ def record_traces(
     n, seq_len = sequences.shape
     pending = 0
     try:
-        with RoutingRecorder(model, layers) as rec, torch.no_grad():
+        with RoutingRecorder(model, layers, next_layer_gate=gate) as rec, torch.no_grad():
             for start in tqdm(range(0, n, batch_size), desc="trace", unit="batch", disable=not progress):
                 batch = sequences[start : start + batch_size]
                 rec.clear()
@@ -295,6 +332,10 @@ def record_traces(
                 buf["topk_ids"].append(torch.stack(ids))
                 buf["logit_ids"].append(torch.stack(lids))
                 buf["logit_vals"].append(torch.stack(lvals))
+                if gate:
+                    top = [rec.layer_gate_logits(i).float().topk(top_t, dim=-1) for i in range(1, len(layers))]
+                    buf["gate_ids"].append(torch.stack([t.indices.view(b, seq_len, top_t).cpu() for t in top]))
+                    buf["gate_vals"].append(torch.stack([t.values.view(b, seq_len, top_t).cpu() for t in top]))
                 pending += b
                 if pending >= shard_sequences:
                     flush()
@@ -313,6 +354,7 @@ def record_traces(
         "num_experts": num_experts,
         "top_k": top_k,
         "top_t": top_t,
+        "next_layer_gate": gate,
         "seq_len": int(seq_len),
         "num_sequences": int(n),
         "shards": shards,
@@ -333,6 +375,8 @@ class Traces:
     logit_ids: torch.Tensor  # [L, N, S, T] int64
     logit_vals: torch.Tensor  # [L, N, S, T] float32
     embeddings: torch.Tensor  # [V, d]
+    gate_ids: torch.Tensor | None = None  # [L-1, N, S, T] int64: layer l's router on layer l-1's input
+    gate_vals: torch.Tensor | None = None  # [L-1, N, S, T] float32
 
     @property
     def num_sequences(self) -> int:
@@ -346,6 +390,8 @@ class Traces:
             self.logit_ids[:, rows],
             self.logit_vals[:, rows],
             self.embeddings,
+            None if self.gate_ids is None else self.gate_ids[:, rows],
+            None if self.gate_vals is None else self.gate_vals[:, rows],
         )
 
 
@@ -380,6 +426,7 @@ def load_traces(trace_dir: str | os.PathLike) -> Traces:
     if not parts:
         raise ValueError(f"trace directory {trace_dir!r} has no shards")
     emb = load_file(os.path.join(trace_dir, EMBEDDINGS_NAME))["weight"]
+    gate = bool(manifest.get("next_layer_gate")) and all("gate_ids" in p for p in parts)
     return Traces(
         manifest,
         torch.cat([p["input_ids"] for p in parts]).long(),
@@ -387,6 +434,8 @@ def load_traces(trace_dir: str | os.PathLike) -> Traces:
         torch.cat([p["logit_ids"] for p in parts], dim=1).long(),
         torch.cat([p["logit_vals"] for p in parts], dim=1).float(),
         emb,
+        torch.cat([p["gate_ids"] for p in parts], dim=1).long() if gate else None,
+        torch.cat([p["gate_vals"] for p in parts], dim=1).float() if gate else None,
     )
 
 
@@ -401,5 +450,6 @@ __all__ = [
     "read_corpus",
     "read_manifest",
     "record_traces",
+    "router_logits",
     "split_held_out",
 ]

@@ -42,6 +42,7 @@ class TrainConfig:
     attn_heads: int = 8
     prev_token_routing: bool = False  # also input the previous token's true routing (decode variant)
     routing_dropout: float = 0.25  # share of sequences trained without it (prompts: not yet known)
+    fit_gate: bool = True  # the trace holds the next-layer gate: fit the fused correction's weights
     grad_clip: float = 1.0
     seed: int = 0
     device: str = "cpu"
@@ -147,10 +148,30 @@ class _Batches:
             self.topk_ids = traces.topk_ids.to(device, compact)
             self.logit_ids = traces.logit_ids[..., :t].to(device, compact)
             self.logit_vals = traces.logit_vals[..., :t].to(device, torch.float16)
+            if traces.gate_ids is not None:
+                self.gate_ids = traces.gate_ids.to(device, compact)
+                self.gate_vals = traces.gate_vals.to(device, torch.float16)
+
+    def gate(self, rows: torch.Tensor) -> torch.Tensor:
+        """``[L-1, B, S, E]`` next-layer gate logits of layers 1.. for ``rows`` (the trace keeps the
+        top T; the rest get the token's smallest kept logit minus 30: ranked last)."""
+        tr = self.traces
+        if tr.gate_ids is None:
+            raise ValueError("the trace has no next-layer gate (record it with next_layer_gate=True)")
+        if self.resident:
+            rows = rows.to(self.device)
+            ids, vals = self.gate_ids[:, rows].long(), self.gate_vals[:, rows].float()
+        else:
+            ids, vals = tr.gate_ids[:, rows].to(self.device), tr.gate_vals[:, rows].to(self.device)
+        fill = vals.min(dim=-1, keepdim=True).values - 30.0
+        dense = fill.expand(*vals.shape[:-1], tr.manifest["num_experts"]).clone()
+        return dense.scatter_(-1, ids, vals)
 
     @staticmethod
     def _device_bytes(traces: Traces, t: int) -> int:
         per_token_layer = traces.topk_ids.shape[-1] * 2 + t * 2 + t * 2
+        if traces.gate_ids is not None:
+            per_token_layer += traces.gate_ids.shape[-1] * 4
         return (traces.topk_ids.shape[0] * traces.input_ids.numel() * per_token_layer
                 + traces.input_ids.numel() * 8 + traces.embeddings.numel() * traces.embeddings.element_size())
 
@@ -286,9 +307,57 @@ def _train(
         "loss_last_50": sum(losses[-50:]) / len(losses[-50:]),
         "loss_curve": losses[:: max(1, len(losses) // 100)],
     }
+    if config.fit_gate and traces.gate_ids is not None and traces.manifest["num_moe_layers"] > 1:
+        # fitted on training sequences; the held-out report then measures it on unseen text
+        fit_rows = slice(0, min(512, traces.num_sequences))
+        report["gate_fit"] = fit_gate_weights(model, traces.subset(fit_rows), device=config.device)
+        report["predictor_config"] = asdict(model.config)
     if held_out is not None:
         report["held_out"] = evaluate(model, held_out, device=config.device)
     return model, report
+
+
+GATE_WEIGHT_GRID = (0.0, 0.125, 0.25, 0.5, 1.0, 2.0, 4.0, 8.0, 16.0, 64.0)
+
+
+def fit_gate_weights(
+    predictor: HashPredictor,
+    traces: Traces,
+    device: str = "cpu",
+    grid: tuple[float, ...] = GATE_WEIGHT_GRID,
+    batch_size: int = 64,
+) -> dict:
+    """Choose, per MoE layer l >= 1, the weight of the next-layer gate in the fused correction
+    (``HashPredictor.fuse``) that maximises top-k recall on ``traces`` (training text), store them in
+    ``predictor.config.gate_weights`` and return ``{"gate_weights", "recall_by_weight"}``."""
+    if traces.gate_ids is None:
+        raise ValueError("the trace has no next-layer gate (record it with next_layer_gate=True)")
+    if not grid or any(not w >= 0 for w in grid):
+        raise ValueError(f"grid must be non-empty non-negative weights, got {grid}")
+    dev = torch.device(device)
+    predictor = predictor.to(dev).eval()
+    batches = _Batches(traces, dev, top_t=1)
+    L, k = traces.manifest["num_moe_layers"], traces.manifest["top_k"]
+    hits = torch.zeros(len(grid), L, dtype=torch.float64)
+    tokens = 0
+    with torch.no_grad():
+        for start in range(0, traces.num_sequences, batch_size):
+            rows = torch.arange(start, min(start + batch_size, traces.num_sequences))
+            embeds, topk_ids, _, _ = batches(rows)
+            logits, _ = predictor(embeds)
+            gate = batches.gate(rows)
+            true_mask = torch.zeros_like(logits, dtype=torch.bool).scatter_(-1, topk_ids, True)
+            for i, w in enumerate(grid):
+                fused = torch.cat([logits[:1].float(), logits[1:].float() + w * gate])
+                pred = fused.topk(k, dim=-1).indices
+                hits[i] += true_mask.gather(-1, pred).sum(dim=(1, 2, 3)).double().cpu()
+            tokens += embeds.shape[0] * embeds.shape[1]
+    recall = hits / (tokens * k)  # [grid, L]
+    best = recall.argmax(dim=0)
+    weights = [0.0] + [float(grid[int(best[l])]) for l in range(1, L)]
+    predictor.config.gate_weights = weights
+    return {"gate_weights": weights,
+            "recall_by_weight": {str(w): [float(r) for r in recall[i]] for i, w in enumerate(grid)}}
 
 
 def evaluate(
@@ -303,7 +372,10 @@ def evaluate(
     With ``k`` predicted experts per token and the router's ``top_k`` true ones, recall is
     |pred ∩ true| / top_k and precision |pred ∩ true| / k. Also reported: recall and precision with
     2k predictions, the paper's hit rate (router top-1 among the predicted top-3), and, for the
-    conditioned variant, recall once the previous layer's true routing is known. For the decode
+    conditioned variant, recall once the previous layer's true routing is known. On a trace with the
+    next-layer gate: ``gate_recall@k`` (that gate alone) and, when the predictor has fitted
+    ``gate_weights``, ``fused_recall@k`` (the prediction each layer has once the layer before it
+    ran; layer 0 keeps the run-ahead one). For the decode
     variant (``prev_token_routing``) the metrics give it the previous token's true routing, as
     decode does; ``recall@k_no_routing`` is the same predictor without it (a prompt's tokens).
     """
@@ -318,10 +390,12 @@ def evaluate(
     batches = _Batches(traces, dev, top_t=1)  # the report reads the router's top-1 logit id only
     L = traces.manifest["num_moe_layers"]
     sums = {name: torch.zeros(L, dtype=torch.float64)
-            for name in ("hit_k", "hit_2k", "top1_in_top3", "hit_refined", "hit_k_no_routing")}
+            for name in ("hit_k", "hit_2k", "top1_in_top3", "hit_refined", "hit_k_no_routing", "hit_gate", "hit_fused")}
     with_routing = predictor.config.prev_token_routing
     tokens = 0
     conditioned = predictor.prev_routing is not None
+    has_gate = traces.gate_ids is not None and L > 1
+    fused = has_gate and bool(predictor.config.gate_weights)
     with torch.no_grad():
         for start in range(0, traces.num_sequences, batch_size):
             rows = torch.arange(start, min(start + batch_size, traces.num_sequences))
@@ -344,6 +418,14 @@ def evaluate(
                 refined = torch.cat([logits[:1], _refined_logits(predictor, logits, topk_ids)])
                 pred = refined.topk(k, dim=-1).indices
                 sums["hit_refined"] += true_mask.gather(-1, pred).sum(dim=(1, 2, 3)).double().cpu()
+            if has_gate:
+                gate = batches.gate(rows)
+                pred = torch.cat([logits[:1].topk(k, dim=-1).indices, gate.topk(k, dim=-1).indices])
+                sums["hit_gate"] += true_mask.gather(-1, pred).sum(dim=(1, 2, 3)).double().cpu()
+            if fused:
+                lg = torch.cat([logits[:1].float()] + [predictor.fuse(logits[l], l, gate[l - 1])[None] for l in range(1, L)])
+                pred = lg.topk(k, dim=-1).indices
+                sums["hit_fused"] += true_mask.gather(-1, pred).sum(dim=(1, 2, 3)).double().cpu()
             tokens += rows.numel() * traces.input_ids.shape[1]
     per_layer = []
     for l in range(L):
@@ -360,6 +442,10 @@ def evaluate(
             row[f"refined_recall@{k}"] = float(sums["hit_refined"][l] / (tokens * top_k))
         if with_routing:
             row[f"recall@{k}_no_routing"] = float(sums["hit_k_no_routing"][l] / (tokens * top_k))
+        if has_gate:  # layer 0 has no gate before it: its entry is the run-ahead prediction's
+            row[f"gate_recall@{k}"] = float(sums["hit_gate"][l] / (tokens * top_k))
+        if fused:
+            row[f"fused_recall@{k}"] = float(sums["hit_fused"][l] / (tokens * top_k))
         per_layer.append(row)
 
     def mean(key: str) -> float:
@@ -380,6 +466,10 @@ def evaluate(
         report[f"mean_refined_recall@{k}"] = mean(f"refined_recall@{k}")
     if with_routing:  # the headline numbers assume decode (previous token's routing known)
         report[f"mean_recall@{k}_no_routing"] = mean(f"recall@{k}_no_routing")
+    if has_gate:
+        report[f"mean_gate_recall@{k}"] = mean(f"gate_recall@{k}")
+    if fused:
+        report[f"mean_fused_recall@{k}"] = mean(f"fused_recall@{k}")
     return report
 
 
@@ -391,7 +481,11 @@ def format_report(report: dict) -> str:
     for row in report["per_layer"]:
         lines.append(f"{row['layer']:>5} " + " ".join(f"{row[key]:>18.4f}" for key in keys))
     lines.append(f"mean recall@{k} = {report[f'mean_recall@{k}']:.4f} over {report['tokens']} tokens")
+    for key, what in ((f"mean_gate_recall@{k}", "next-layer gate alone"),
+                      (f"mean_fused_recall@{k}", "fused: once the layer before has run")):
+        if key in report:
+            lines.append(f"{key} = {report[key]:.4f} ({what})")
     return "\n".join(lines)
 
 
-__all__ = ["TrainConfig", "distillation_loss", "evaluate", "format_report", "predictor_config_for", "train_predictor"]
+__all__ = ["TrainConfig", "distillation_loss", "evaluate", "fit_gate_weights", "format_report", "predictor_config_for", "train_predictor"]
