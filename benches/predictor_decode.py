@@ -4,7 +4,8 @@ For an offloaded model at a fixed expert budget, every configuration decodes the
 prompts greedily (batch 1, KV cache); the engine's counters are reset after each prompt's prefill so
 the numbers are decode-only:
 - cache ``hit_rate`` (acquired experts already resident or arriving),
-- ``stall_fraction``: time the compute stream waited on expert copies / decode wall time,
+- ``stall_fraction``: GPU time the compute stream waited on slot-ready events of expert copies still
+  in flight (the slot cache's ``stream_wait_seconds``) / decode wall time,
 - decode tokens/s, the prefetcher's own metrics (prediction hit rate, predictor ms per token),
 - whether the tokens equal the all-resident model's (exact mode must not change them).
 

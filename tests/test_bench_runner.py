@@ -108,6 +108,11 @@ def test_bench_with_a_sida_predictor_and_more_predicted_experts(tmp_path):
         # how many prefetches the run-ahead thread issues depends on its timing (a prediction that
         # arrives after a layer ran is not used for it); none without a predictor is deterministic
         assert got[(policy, "none")]["prefetch_issued"] == 0
+        # the predictor's own figures are reported for it (under their own names) and only for it
+        sida = got[(policy, "sida")]
+        assert 0.0 <= sida["predictor_late_fraction"] <= 1.0 and sida["predictor_ms_per_token"] > 0
+        assert "predictor_recall" in sida and 0.0 <= sida["hit_rate"] <= 1.0
+        assert "predictor_late_fraction" not in got[(policy, "none")]
     # under the Belady oracle the prefetcher must not overwrite the true future with its prediction
     from sida_moe.bench.runner import _make_prefetcher
 
@@ -159,3 +164,48 @@ def test_token_agreement_says_where_tokens_differ():
     assert got["same_tokens_as_resident"] is False and got["first_token_differing_from_resident"] == 2
     assert got["tokens_digest"] != same["tokens_digest"] and len(got["tokens_digest"]) == 12
     assert set(token_agreement(ref, None)) == {"tokens_digest"}
+
+
+def test_engine_metrics_stall_is_the_gpu_wait_and_acquire_is_reported_beside_it():
+    import pytest
+
+    from sida_moe.bench.runner import _engine_metrics
+    from sida_moe.bench.timing import GenerationTiming
+
+    class Engine:
+        def __init__(self, stats):
+            self._stats = stats
+
+        def stats(self):
+            return self._stats
+
+    timing = GenerationTiming(batch_size=1, prompt_tokens=4, new_tokens=3, ttft_s=0.5, token_latencies_s=[0.25, 0.25])
+    cuda = _engine_metrics(Engine({"stream_wait_seconds": 0.1, "acquire_stream_seconds": 0.3,
+                                   "host_stall_seconds": 0.7, "stream_waits": 5.0}), timing)
+    assert cuda["stall_seconds"] == 0.1 and cuda["stall_fraction"] == pytest.approx(0.1)
+    assert cuda["acquire_stream_seconds"] == 0.3 and cuda["acquire_stream_fraction"] == pytest.approx(0.3)
+    assert cuda["stream_waits"] == 5.0
+    host = _engine_metrics(Engine({"host_stall_seconds": 0.2, "stream_waits": 0.0}), timing)
+    assert host["stall_seconds"] == 0.2 and host["stall_fraction"] == pytest.approx(0.2)
+    assert host["acquire_stream_seconds"] is None and host["acquire_stream_fraction"] is None
+
+
+def test_measure_stalls_on_the_host_backend_times_nothing():
+    """Copies are synchronous memcpy on the host backend: the cache's stream-wait timing stays off
+    and the engine reports neither stream_wait_seconds nor acquire_stream_seconds."""
+    import torch
+
+    from _moe_models import greedy, prompt_batch, tiny_model
+    import sida_moe
+
+    model = sida_moe.offload(tiny_model("qwen3_moe", torch.float32), gpu_budget=0.5, prefetch="none")
+    engine = model.sida_engine
+    engine.measure_stalls = True
+    assert engine.measure_stalls and engine.cache.measure_stream_waits is False
+    ids, mask = prompt_batch()
+    with torch.inference_mode():
+        greedy(model, ids, mask, 3)
+    stats = engine.stats()
+    assert stats["stream_waits"] == 0 and stats["misses"] > 0
+    assert "stream_wait_seconds" not in stats and "acquire_stream_seconds" not in stats
+    engine.close()

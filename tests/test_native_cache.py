@@ -341,3 +341,77 @@ def test_int_sequences_may_be_arrays_or_tensors(pool):
             c.set_future([1, 2])
         assert all(rc == 0 for _, rc, _ in c.slot_states())
     assert sm.simulate_policy("lru", 2, [(0, np.array([1, 2]))])["misses"] == 2
+
+
+# ----------------------------------------------------------------------------- stream waits
+def _stream(backend):
+    return torch.cuda.current_stream().cuda_stream if backend.kind == "cuda" else 0
+
+
+def test_measure_stream_waits_switch_and_reset(pool, backend):
+    with sm.SlotCache(pool, 4, copy_workers=0) as c:
+        assert c.measure_stream_waits is False
+        assert c.stream_wait_seconds() == 0.0 and c.stats()["stream_waits"] == 0
+        c.measure_stream_waits = True
+        assert c.measure_stream_waits is True
+        for _ in range(2):  # misses, then hits
+            c.release(c.acquire(0, [1, 2, 3], _stream(backend)), _stream(backend))
+        waited = c.stream_wait_seconds()
+        assert isinstance(waited, float) and waited >= 0.0
+        if backend.kind == "host":  # copies land before acquire returns: never a wait
+            assert waited == 0.0 and c.stats()["stream_waits"] == 0
+        c.measure_stream_waits = False
+        assert c.measure_stream_waits is False
+        assert c.stream_wait_seconds() == waited  # turning it off keeps what was measured
+        c.reset_stats()
+        assert c.stream_wait_seconds() == 0.0 and c.stats()["stream_waits"] == 0
+
+
+def test_bad_measure_stream_waits_values(pool):
+    c = sm.SlotCache(pool, 2)
+    for bad in (1, 0, None, "yes", 1.0):
+        with pytest.raises(TypeError, match="measure_stream_waits must be a bool, got"):
+            c.measure_stream_waits = bad
+    assert c.measure_stream_waits is False
+    with pytest.raises(AttributeError):
+        del c.measure_stream_waits
+    with pytest.raises(TypeError):
+        c.stream_wait_seconds(True)
+    c.close()
+    with pytest.raises(sm.ClosedError):
+        c.measure_stream_waits = True
+    assert c.stream_wait_seconds() == 0.0  # the total as of close
+    c.reset_stats()
+    assert c.stats()["stream_waits"] == 0
+
+
+@pytest.mark.gpu
+def test_cuda_stream_wait_is_timed_only_for_copies_in_flight():
+    """A slot whose copy landed long ago costs the compute stream no wait (nothing is recorded); a
+    demand load or a prefetch still in flight makes it wait, and that wait is measured."""
+    big = 64 << 20  # ~1 ms per copy over PCIe
+    backend = sm.Backend("cuda")
+    pool = sm.ExpertPool(backend, [("w", big)], [(0, e) for e in range(8)])
+    stream = torch.cuda.Stream()
+    s = stream.cuda_stream
+    with sm.SlotCache(pool, 4, copy_workers=0) as c:
+        c.measure_stream_waits = True
+        c.prefetch(0, [0])
+        c.synchronize()  # the copy has landed
+        c.release(c.acquire(0, [0], s), s)
+        assert c.stats()["stream_waits"] == 0 and c.stream_wait_seconds() == 0.0
+        c.release(c.acquire(0, [1], s), s)  # a demand load: the stream waits for its copy
+        assert c.stats()["stream_waits"] == 1 and c.stream_wait_seconds() > 0.0
+        c.reset_stats()
+        assert c.stream_wait_seconds() == 0.0 and c.stats()["stream_waits"] == 0
+    with sm.SlotCache(pool, 4, copy_workers=1) as c:
+        c.measure_stream_waits = True
+        c.prefetch(0, [2, 3, 4, 5])  # four copies queued on the copy stream
+        c.release(c.acquire(0, [5], s), s)  # the last one is still in flight (or a miss: loaded now)
+        assert c.stats()["stream_waits"] == 1 and c.stream_wait_seconds() > 0.0
+        c.synchronize()
+        before = c.stream_wait_seconds()
+        c.release(c.acquire(0, [2, 3, 4], s), s)  # landed: no wait
+        assert c.stats()["stream_waits"] == 1 and c.stream_wait_seconds() == before
+    stream.synchronize()
+    pool.close()

@@ -98,3 +98,29 @@ def test_cuda_layer_matches_eager_experts(family, tokens, chunked):
     assert not chunked or distinct <= engine.num_slots or engine.stats()["chunked_layer_calls"] == 1
     assert (want - got).abs().max() <= 2e-2 * want.abs().max(), f"{distinct} experts, {engine.num_slots} slots"
     engine.close()
+
+
+def test_cuda_measure_stalls_reports_the_gpu_wait_and_the_acquire_window():
+    """``measure_stalls`` turns on the cache's stream-wait timing (also after ``reopen_cache``); the
+    GPU-side wait of each acquire lies inside the engine's events around that acquire call, so the
+    stall never exceeds the acquire window."""
+    model = tiny_model("qwen3_moe", torch.float16).cuda()
+    offloaded, engine = _offload_cuda(model, 0.3)
+    assert engine.cache.measure_stream_waits is False
+    engine.measure_stalls = True
+    assert engine.cache.measure_stream_waits is True
+    engine.reopen_cache(engine.num_slots)
+    assert engine.cache.measure_stream_waits is True
+    engine.reset_stats()
+    ids, mask = (t.cuda() for t in prompt_batch())
+    with torch.inference_mode():
+        greedy(offloaded, ids, mask)
+    stats = engine.stats()
+    assert stats["misses"] > 0 and stats["stream_waits"] >= 0
+    assert 0.0 <= stats["stream_wait_seconds"] <= stats["acquire_stream_seconds"] + 1e-4
+    engine.reset_stats()
+    stats = engine.stats()
+    assert stats["stream_waits"] == 0 and stats["stream_wait_seconds"] == 0.0 and stats["acquire_stream_seconds"] == 0.0
+    engine.measure_stalls = False
+    assert engine.cache.measure_stream_waits is False and "stream_wait_seconds" not in engine.stats()
+    engine.close()

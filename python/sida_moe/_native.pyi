@@ -222,8 +222,29 @@ class SlotCache:
         queue_len, num_slots. On CUDA ``copy_seconds`` sums per-copy times measured by timing
         events on the copy streams (``achieved_gbps`` = timed bytes / that time); on the host it is
         the memcpy wall time. ``host_stall_seconds``: time acquire spent in calls that had to load
-        or wait."""
-    def reset_stats(self) -> None: ...
+        or wait. ``stream_waits``: acquires timed by ``measure_stream_waits`` (see there)."""
+    def reset_stats(self) -> None:
+        """Zero every counter, including ``stream_waits`` and ``stream_wait_seconds()``; stream-wait
+        timings not yet resolved are dropped."""
+    @property
+    def measure_stream_waits(self) -> bool:
+        """Time the caller's stream's waits on slot-ready events (default False; CUDA only).
+
+        While on, an ``acquire`` that finds a slot's copy still in flight (its ready event not
+        complete, ``cuEventQuery``) records a timing event on ``stream`` just before it makes the
+        stream wait on the slots' ready events and another just after; the device time between
+        the two (``stream_wait_seconds()``) is the time the stream was blocked on copies. An
+        acquire whose copies have all landed records nothing (its wait is zero), so the host's own
+        time inside ``acquire`` is never counted. Copies are synchronous on the host backend:
+        nothing is ever recorded there. Setting it to anything but a bool raises TypeError; on a
+        closed cache, ClosedError. Turning it off keeps what was measured."""
+    @measure_stream_waits.setter
+    def measure_stream_waits(self, value: bool) -> None: ...
+    def stream_wait_seconds(self) -> float:
+        """Seconds the caller streams waited on slot-ready events of copies still in flight,
+        summed over the acquires timed by ``measure_stream_waits`` since the last ``reset_stats``
+        (0.0 on the host backend). Blocks until the stream work of those acquires has reached its
+        end timing event (an event synchronize). After ``close`` it returns the total as of close."""
     def close(self) -> None:
         """Join the workers, wait for copies, free owned slot memory. Idempotent."""
     @property

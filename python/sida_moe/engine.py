@@ -62,11 +62,34 @@ class OffloadEngine:
         self._hooks: list = []
         self.routed_experts: list[int] = []  # distinct experts of the layer being run (for prefetchers)
         # measurement switches used by the benchmark (off: nothing extra on the hot path)
-        self.measure_stalls = False  # time the compute stream's waits on copies with CUDA events
+        self._measure_stalls = False  # see the measure_stalls property
         self.sync_loads = False  # host waits for each layer's copies (the SiDA paper's loading)
-        self._stall_events: list[tuple[torch.cuda.Event, torch.cuda.Event]] = []
-        self._stall_seconds = 0.0
+        self._acquire_events: list[tuple[torch.cuda.Event, torch.cuda.Event]] = []
+        self._acquire_seconds = 0.0
         self._acquire_trace: list[tuple[int, list[int]]] | None = None
+
+    @property
+    def measure_stalls(self) -> bool:
+        """Benchmark switch (default off: nothing extra on the hot path); on the CUDA backend only.
+        While on, :meth:`stats` reports
+
+        - ``stream_wait_seconds`` (the stall): GPU time the compute stream waited on slot-ready
+          events of copies still in flight, timed by the slot cache itself
+          (``SlotCache.measure_stream_waits``); acquires whose copies had all landed add nothing;
+        - ``acquire_stream_seconds``: GPU time between CUDA events recorded on the compute stream
+          just before and just after each ``acquire`` call. When the stream is idle (host-bound
+          decode) this also counts the host's own bookkeeping inside ``acquire``.
+        """
+        return self._measure_stalls
+
+    @measure_stalls.setter
+    def measure_stalls(self, on: bool) -> None:
+        self._measure_stalls = bool(on)
+        self._apply_measure_stalls()
+
+    def _apply_measure_stalls(self) -> None:
+        if self.cache is not None and self.cache.backend_kind == "cuda":
+            self.cache.measure_stream_waits = self._measure_stalls
 
     # ------------------------------------------------------------------ what prefetchers use
     @property
@@ -122,6 +145,7 @@ class OffloadEngine:
         nbytes = self.pool.expert_nbytes
         self.slot_memory = torch.empty((num_slots, nbytes), dtype=torch.uint8, device=self.device)
         self.cache = _native.SlotCache(self.pool, num_slots, policy, slots_ptr=self.slot_memory.data_ptr(), copy_workers=copy_workers)
+        self._apply_measure_stalls()
         self.views = slot_views(self.slot_memory, self.fmt, self.pool.tensor_offsets)
         num_layers = len(self.layers)
         pin = self.device.type == "cuda"
@@ -206,14 +230,16 @@ class OffloadEngine:
             chunk = distinct[start : start + step]
             if self._acquire_trace is not None:
                 self._acquire_trace.append((moe_layer, chunk))
-            if self.measure_stalls and self.device.type == "cuda":
-                # the compute stream passes `before`, waits on the slots' ready events, then passes
-                # `after`: the time between the two is time it spent waiting on copies
+            if self._measure_stalls and self.device.type == "cuda":
+                # acquire_stream_seconds: the stream passes `before`, then the slots' ready-event
+                # waits, then `after`; while the stream is idle `after` is only enqueued once the
+                # host returns from acquire, so its bookkeeping counts too (the GPU-side wait
+                # alone is the cache's stream_wait_seconds)
                 before, after = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
                 before.record()
                 slots = cache.acquire(moe_layer, chunk, stream)
                 after.record()
-                self._stall_events.append((before, after))
+                self._acquire_events.append((before, after))
             else:
                 slots = cache.acquire(moe_layer, chunk, stream)
             if self.sync_loads:
@@ -233,25 +259,28 @@ class OffloadEngine:
         if self.device.type == "cuda":
             torch.cuda.current_stream(self.device).synchronize()
 
-    def _stream_wait_seconds(self) -> float:
-        """Seconds the compute stream waited on copies (``measure_stalls``); syncs pending events."""
-        for before, after in self._stall_events:
+    def _acquire_stream_seconds(self) -> float:
+        """Seconds of compute-stream time across the acquire calls (``measure_stalls``), host
+        bookkeeping included; syncs pending events."""
+        for before, after in self._acquire_events:
             after.synchronize()
-            self._stall_seconds += before.elapsed_time(after) / 1e3
-        self._stall_events.clear()
-        return self._stall_seconds
+            self._acquire_seconds += before.elapsed_time(after) / 1e3
+        self._acquire_events.clear()
+        return self._acquire_seconds
 
     # ------------------------------------------------------------------------------- stats
     def stats(self) -> dict[str, float | str]:
-        """Cache counters (hits, misses, bytes_copied, ...), hit_rate, prefetcher metrics
-        (``prefetch_<name>``), engine counters and memory figures."""
+        """Cache counters (hits, misses, bytes_copied, stream_waits, ...), hit_rate, prefetcher
+        metrics (``prefetch_<name>``), engine counters and memory figures; with
+        :attr:`measure_stalls` on (CUDA) also ``stream_wait_seconds`` and ``acquire_stream_seconds``."""
         cache = self._require_cache()
         out: dict[str, float | str] = dict(cache.stats())
         lookups = out.get("hits", 0) + out.get("misses", 0)
         out["hit_rate"] = out.get("hits", 0) / lookups if lookups else 0.0
         out.update({k: float(v) for k, v in self._counters.items()})
-        if self.measure_stalls:
-            out["stream_wait_seconds"] = self._stream_wait_seconds()
+        if self._measure_stalls and cache.backend_kind == "cuda":
+            out["stream_wait_seconds"] = cache.stream_wait_seconds()
+            out["acquire_stream_seconds"] = self._acquire_stream_seconds()
         out["prefetcher"] = self.prefetcher.name
         metrics = getattr(self.prefetcher, "metrics", None)
         if callable(metrics):
@@ -265,8 +294,8 @@ class OffloadEngine:
     def reset_stats(self) -> None:
         self._require_cache().reset_stats()
         self._counters = dict.fromkeys(self._counters, 0)
-        self._stall_events.clear()
-        self._stall_seconds = 0.0
+        self._acquire_events.clear()
+        self._acquire_seconds = 0.0
         reset = getattr(self.prefetcher, "reset_metrics", None)
         if callable(reset):
             reset()

@@ -6,7 +6,7 @@ use std::time::Duration;
 use pyo3::exceptions::{PyKeyError, PyOSError, PyRuntimeError, PyTypeError, PyValueError};
 use pyo3::prelude::*;
 use pyo3::sync::PyOnceLock;
-use pyo3::types::{PyBytes, PyDict, PyTuple, PyType};
+use pyo3::types::{PyBool, PyBytes, PyDict, PyTuple, PyType};
 
 use crate::cache;
 use crate::device::{self, SharedDevice};
@@ -591,6 +591,24 @@ impl PySlotCache {
 
     fn reset_stats(&self) {
         self.cache.reset_stats()
+    }
+
+    #[getter]
+    fn measure_stream_waits(&self) -> bool {
+        self.cache.measure_stream_waits()
+    }
+
+    #[setter]
+    fn set_measure_stream_waits(&self, value: &Bound<'_, PyAny>) -> PyResult<()> {
+        let on = value.cast::<PyBool>().map_err(|_| {
+            PyTypeError::new_err(format!("measure_stream_waits must be a bool, got {}", type_name(value)))
+        })?;
+        self.cache.set_measure_stream_waits(on.is_true()).py_err()
+    }
+
+    fn stream_wait_seconds(&self, py: Python<'_>) -> PyResult<f64> {
+        let c = &self.cache;
+        py.detach(|| c.stream_wait_seconds()).py_err()
     }
 
     fn close(&self, py: Python<'_>) {

@@ -155,6 +155,14 @@ impl Device for CudaDevice {
     fn event_synchronize(&self, event: EventHandle) -> Result<()> {
         self.driver.check(unsafe { (self.driver.cu_event_synchronize)(event as usize as CuEvent) }, "cuEventSynchronize")
     }
+    fn event_done(&self, event: EventHandle) -> Result<bool> {
+        let st = unsafe { (self.driver.cu_event_query)(event as usize as CuEvent) };
+        if st == CUDA_ERROR_NOT_READY {
+            return Ok(false);
+        }
+        self.driver.check(st, "cuEventQuery")?;
+        Ok(true)
+    }
     fn elapsed_ms(&self, start: EventHandle, end: EventHandle) -> Result<Option<f32>> {
         for e in [start, end] {
             let st = unsafe { (self.driver.cu_event_query)(e as usize as CuEvent) };

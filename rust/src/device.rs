@@ -58,6 +58,9 @@ pub trait Device: Send + Sync {
     fn record_event(&self, event: EventHandle, stream: StreamHandle) -> Result<()>;
     fn stream_wait_event(&self, stream: StreamHandle, event: EventHandle) -> Result<()>;
     fn event_synchronize(&self, event: EventHandle) -> Result<()>;
+    /// True when all work captured by the event's last record has completed (or it was never
+    /// recorded); false while it is still pending. Never blocks.
+    fn event_done(&self, event: EventHandle) -> Result<bool>;
     /// Some(ms) between two completed timing events; None while either is still pending.
     fn elapsed_ms(&self, start: EventHandle, end: EventHandle) -> Result<Option<f32>>;
     fn stream_synchronize(&self, stream: StreamHandle) -> Result<()>;
@@ -168,6 +171,9 @@ impl Device for HostDevice {
     }
     fn event_synchronize(&self, _event: EventHandle) -> Result<()> {
         Ok(())
+    }
+    fn event_done(&self, _event: EventHandle) -> Result<bool> {
+        Ok(true) // copies complete before `copy_to_slot` returns
     }
     fn elapsed_ms(&self, _start: EventHandle, _end: EventHandle) -> Result<Option<f32>> {
         Ok(None)

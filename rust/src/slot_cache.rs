@@ -5,6 +5,12 @@
 //! demand stream, wait on the host only for slots another thread is still issuing, then make the
 //! caller's stream wait on each slot's ready event. release: record a done-reading event on the
 //! caller's stream, which the next copy into that slot waits for.
+//!
+//! Stream waits (opt-in, `set_measure_stream_waits`): when an acquire finds a slot whose ready
+//! event has not completed yet (its copy is still in flight), it brackets its waits with two
+//! timing events on the caller's stream; `stream_wait_seconds` sums the device time between them,
+//! i.e. the time the caller's stream spent blocked on copies. Acquires whose copies have all
+//! landed record nothing: their wait is zero.
 
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -50,6 +56,24 @@ struct CopyTimer {
 
 const MAX_PENDING_TIMINGS: usize = 4096;
 
+/// Device-side timing of the caller streams' waits on slot-ready events (`measure_waits`).
+#[derive(Default)]
+struct WaitTimer {
+    /// (start, end) timing events recorded around one acquire's waits, not yet resolved.
+    pending: VecDeque<(EventHandle, EventHandle)>,
+    /// Resolved (or discarded) pairs, reused before new events are created.
+    spare: Vec<(EventHandle, EventHandle)>,
+    /// Resolved wait time since the last `reset_stats`.
+    seconds: f64,
+    /// Acquires since the last `reset_stats` that found a copy still in flight and were timed.
+    waits: u64,
+}
+
+/// Completed pairs are folded in (without blocking) once this many are pending ...
+const RESOLVE_WAITS_AT: usize = 64;
+/// ... and an acquire blocks on the oldest pair when this many are still pending.
+const MAX_PENDING_WAITS: usize = 4096;
+
 struct Shared {
     device: SharedDevice,
     pool: Arc<ExpertPool>,
@@ -71,6 +95,9 @@ struct Shared {
     /// parallelise the host-side issuing. (NOTES.md: stream per worker vs shared, H100.)
     prefetch_stream: StreamHandle,
     timer: Mutex<CopyTimer>,
+    /// Time the caller streams' waits on slot-ready events (off by default).
+    measure_waits: AtomicBool,
+    wait_timer: Mutex<WaitTimer>,
     stats: Stats,
     closed: AtomicBool,
     acquire_timeout: Duration,
@@ -193,6 +220,100 @@ impl Shared {
         }
     }
 
+    /// Make `stream` wait on each slot's ready event. With `measure_waits` on and at least one
+    /// of those events still pending, the waits are bracketed by a pair of timing events recorded
+    /// on `stream` (resolved by `resolve_waits`); otherwise nothing extra is recorded.
+    fn wait_for_slots(&self, slots: &[usize], stream: StreamHandle) -> Result<()> {
+        let dev = &self.device;
+        let readies: Vec<EventHandle> = slots.iter().map(|&s| self.events[s].lock().ready).collect();
+        let mut pair = None;
+        if self.measure_waits.load(Ordering::Relaxed) {
+            let mut in_flight = false;
+            for &e in &readies {
+                if !dev.event_done(e)? {
+                    in_flight = true;
+                    break;
+                }
+            }
+            if in_flight {
+                pair = Some(self.take_wait_pair()?);
+            }
+        }
+        let issued = (|| -> Result<()> {
+            if let Some((start, _)) = pair {
+                dev.record_event(start, stream)?;
+            }
+            for &e in &readies {
+                dev.stream_wait_event(stream, e)?;
+            }
+            if let Some((_, end)) = pair {
+                dev.record_event(end, stream)?;
+            }
+            Ok(())
+        })();
+        if let Some(p) = pair {
+            let mut w = self.wait_timer.lock();
+            if issued.is_ok() {
+                w.pending.push_back(p);
+                w.waits += 1;
+            } else {
+                w.spare.push(p);
+            }
+        }
+        issued
+    }
+
+    /// A pair of timing events for one acquire's waits: a spare one, or two new ones.
+    fn take_wait_pair(&self) -> Result<(EventHandle, EventHandle)> {
+        let mut w = self.wait_timer.lock();
+        if w.pending.len() >= RESOLVE_WAITS_AT {
+            self.resolve_waits(&mut w, 0)?;
+            if w.pending.len() >= MAX_PENDING_WAITS {
+                self.resolve_waits(&mut w, 1)?;
+            }
+        }
+        if let Some(p) = w.spare.pop() {
+            return Ok(p);
+        }
+        drop(w);
+        let start = self.device.create_event(true)?;
+        match self.device.create_event(true) {
+            Ok(end) => Ok((start, end)),
+            Err(e) => {
+                self.device.destroy_event(start);
+                Err(e)
+            }
+        }
+    }
+
+    /// Fold completed wait timings into `w.seconds`, oldest first, moving their events to the
+    /// spare list. The first `block` pairs are waited for (event synchronize); after those it
+    /// stops at the first pair still pending. A pair whose query fails is discarded (its events
+    /// go to the spare list) and the error returned.
+    fn resolve_waits(&self, w: &mut WaitTimer, block: usize) -> Result<()> {
+        let mut waited = 0;
+        while let Some(&(start, end)) = w.pending.front() {
+            let r = if waited < block {
+                waited += 1;
+                self.device.event_synchronize(end).and_then(|()| self.device.elapsed_ms(start, end))
+            } else {
+                self.device.elapsed_ms(start, end)
+            };
+            match r {
+                Ok(Some(ms)) => w.seconds += ms as f64 * 1e-3,
+                Ok(None) => break,
+                Err(e) => {
+                    w.pending.pop_front();
+                    w.spare.push((start, end));
+                    return Err(e);
+                }
+            }
+            w.pending.pop_front();
+            w.spare.push((start, end));
+        }
+        Ok(())
+    }
+
     fn take_event(&self) -> Result<EventHandle> {
         match self.spare_events.lock().pop() {
             Some(e) => Ok(e),
@@ -257,6 +378,8 @@ impl SlotCache {
                 prefetch_stream,
                 prefetch_issue: Mutex::new(()),
                 timer: Mutex::new(CopyTimer::default()),
+                measure_waits: AtomicBool::new(false),
+                wait_timer: Mutex::new(WaitTimer::default()),
                 stats: Stats::default(),
                 closed: AtomicBool::new(false),
                 acquire_timeout: cfg.acquire_timeout,
@@ -441,12 +564,9 @@ impl SlotCache {
                 unpin_all(sh);
                 continue;
             }
-            for &slot in &plan.slots {
-                let ready = sh.events[slot].lock().ready;
-                if let Err(e) = sh.device.stream_wait_event(stream, ready) {
-                    unpin_all(sh);
-                    return Err(e);
-                }
+            if let Err(e) = sh.wait_for_slots(&plan.slots, stream) {
+                unpin_all(sh);
+                return Err(e);
             }
             let s = &sh.stats;
             Stats::add(&s.acquires, 1);
@@ -637,6 +757,35 @@ impl SlotCache {
         Ok(())
     }
 
+    /// Turn the timing of the caller streams' waits on slot-ready events on or off (see the
+    /// module docs). Turning it off keeps what was measured.
+    pub fn set_measure_stream_waits(&self, on: bool) -> Result<()> {
+        let _g = self.gate.read();
+        if self.is_closed() {
+            return Err(closed_err());
+        }
+        self.shared.measure_waits.store(on, Ordering::Relaxed);
+        Ok(())
+    }
+
+    pub fn measure_stream_waits(&self) -> bool {
+        self.shared.measure_waits.load(Ordering::Relaxed)
+    }
+
+    /// Seconds the caller streams spent waiting on slot-ready events since the last
+    /// `reset_stats` (device time between the timing events of each timed acquire). Waits for
+    /// the pending timing events to complete. After `close`: the total resolved at close.
+    pub fn stream_wait_seconds(&self) -> Result<f64> {
+        let _g = self.gate.read();
+        let sh = &*self.shared;
+        let mut w = sh.wait_timer.lock();
+        if !w.pending.is_empty() && !self.is_closed() {
+            sh.device.bind_thread()?;
+            sh.resolve_waits(&mut w, usize::MAX)?;
+        }
+        Ok(w.seconds)
+    }
+
     pub fn stats(&self) -> Vec<(&'static str, f64)> {
         let sh = &self.shared;
         let timed = if sh.device.copies_are_synchronous() {
@@ -649,6 +798,7 @@ impl SlotCache {
             Some((t.seconds, t.bytes as f64))
         };
         let mut v = sh.stats.snapshot(timed);
+        v.push(("stream_waits", sh.wait_timer.lock().waits as f64));
         v.push(("queue_len", sh.queue.len() as f64));
         v.push(("num_slots", self.num_slots as f64));
         v
@@ -662,6 +812,14 @@ impl SlotCache {
         sh.resolve_timings(&mut t);
         t.seconds = 0.0;
         t.bytes = 0;
+        drop(t);
+        // Pending wait timings are dropped unresolved: re-recording a pending event is allowed
+        // (a query then sees only the latest record), so their events are reused as they are.
+        let mut w = sh.wait_timer.lock();
+        let WaitTimer { pending, spare, seconds, waits } = &mut *w;
+        spare.extend(pending.drain(..));
+        *seconds = 0.0;
+        *waits = 0;
     }
 
     /// Join the workers, wait for copies, free owned slot memory. Idempotent.
@@ -710,6 +868,16 @@ impl SlotCache {
                 dev.destroy_event(b);
             }
             for (a, b) in t.spare.drain(..) {
+                dev.destroy_event(a);
+                dev.destroy_event(b);
+            }
+        }
+        {
+            // Resolve what is pending first, so that `stream_wait_seconds` after close is complete.
+            let mut w = sh.wait_timer.lock();
+            let _ = sh.resolve_waits(&mut w, usize::MAX);
+            let WaitTimer { pending, spare, .. } = &mut *w;
+            for (a, b) in pending.drain(..).chain(spare.drain(..)) {
                 dev.destroy_event(a);
                 dev.destroy_event(b);
             }
@@ -829,6 +997,213 @@ mod tests {
         assert!(c.slot_states().unwrap().iter().all(|&(_, rc, _)| rc == 0));
         c.close();
         assert!(matches!(c.acquire(0, &[0], 0), Err(Error::Closed(_))));
+    }
+
+    /// The host backend (memcpy, synchronous) with switchable event completion and fixed timing
+    /// results, counting the timing events it creates, records and destroys.
+    #[derive(Default)]
+    struct InFlightDevice {
+        host: HostDevice,
+        in_flight: AtomicBool,
+        fail_query: AtomicBool,
+        /// Timings complete only once their end event was synchronized (a stream far behind).
+        lagging: AtomicBool,
+        synced: Mutex<Vec<EventHandle>>,
+        timing_events: Mutex<Vec<EventHandle>>,
+        destroyed: Mutex<Vec<EventHandle>>,
+        timing_records: AtomicU64,
+    }
+
+    const WAIT_MS: f32 = 2.0;
+
+    impl crate::device::Device for InFlightDevice {
+        fn kind(&self) -> DeviceKind {
+            DeviceKind::Host
+        }
+        fn ordinal(&self) -> i32 {
+            0
+        }
+        fn bind_thread(&self) -> Result<()> {
+            Ok(())
+        }
+        fn alloc_pool(&self, bytes: usize) -> Result<usize> {
+            self.host.alloc_pool(bytes)
+        }
+        fn free_pool(&self, addr: usize, bytes: usize) {
+            self.host.free_pool(addr, bytes)
+        }
+        fn alloc_slots(&self, bytes: usize) -> Result<u64> {
+            self.host.alloc_slots(bytes)
+        }
+        fn free_slots(&self, addr: u64, bytes: usize) {
+            self.host.free_slots(addr, bytes)
+        }
+        fn create_stream(&self, high_priority: bool) -> Result<StreamHandle> {
+            self.host.create_stream(high_priority)
+        }
+        fn destroy_stream(&self, _stream: StreamHandle) {}
+        fn create_event(&self, timing: bool) -> Result<EventHandle> {
+            let e = self.host.create_event(timing)?;
+            if timing {
+                self.timing_events.lock().push(e);
+            }
+            Ok(e)
+        }
+        fn destroy_event(&self, event: EventHandle) {
+            self.destroyed.lock().push(event);
+        }
+        unsafe fn copy_to_slot(&self, dst: u64, src: usize, n: usize, stream: StreamHandle) -> Result<()> {
+            unsafe { self.host.copy_to_slot(dst, src, n, stream) }
+        }
+        unsafe fn copy_from_slot(&self, dst: usize, src: u64, n: usize) -> Result<()> {
+            unsafe { self.host.copy_from_slot(dst, src, n) }
+        }
+        fn record_event(&self, event: EventHandle, _stream: StreamHandle) -> Result<()> {
+            if self.timing_events.lock().contains(&event) {
+                self.timing_records.fetch_add(1, Ordering::Relaxed);
+            }
+            Ok(())
+        }
+        fn stream_wait_event(&self, _stream: StreamHandle, _event: EventHandle) -> Result<()> {
+            Ok(())
+        }
+        fn event_synchronize(&self, event: EventHandle) -> Result<()> {
+            self.synced.lock().push(event);
+            Ok(())
+        }
+        fn event_done(&self, _event: EventHandle) -> Result<bool> {
+            if self.fail_query.load(Ordering::Relaxed) {
+                return Err(Error::Cuda("cuEventQuery failed: injected".into()));
+            }
+            Ok(!self.in_flight.load(Ordering::Relaxed))
+        }
+        fn elapsed_ms(&self, _start: EventHandle, end: EventHandle) -> Result<Option<f32>> {
+            if self.lagging.load(Ordering::Relaxed) && !self.synced.lock().contains(&end) {
+                return Ok(None);
+            }
+            Ok(Some(WAIT_MS))
+        }
+        fn stream_synchronize(&self, _stream: StreamHandle) -> Result<()> {
+            Ok(())
+        }
+        fn copies_are_synchronous(&self) -> bool {
+            true
+        }
+    }
+
+    fn in_flight_cache() -> (Arc<InFlightDevice>, Arc<ExpertPool>, SlotCache) {
+        let dev = Arc::new(InFlightDevice::default());
+        let keys: Vec<(i64, i64)> = (0..4).map(|e| (0, e)).collect();
+        let pool = Arc::new(ExpertPool::new(dev.clone(), &[("w".into(), NBYTES as i64)], &keys, 1 << 20).unwrap());
+        let c = cache(&pool, 4, 0);
+        (dev, pool, c)
+    }
+
+    fn acquire_release(c: &SlotCache, experts: &[i64]) {
+        let slots = c.acquire(0, experts, 7).unwrap();
+        c.release(&slots.iter().map(|&s| s as i64).collect::<Vec<_>>(), 7).unwrap();
+    }
+
+    #[test]
+    fn host_backend_never_times_a_stream_wait() {
+        let pool = filled_pool(1, 4);
+        let c = cache(&pool, 2, 0);
+        assert!(!c.measure_stream_waits());
+        c.set_measure_stream_waits(true).unwrap();
+        assert!(c.measure_stream_waits());
+        for e in 0..4 {
+            acquire_release(&c, &[e]); // misses: copies land before acquire returns
+            acquire_release(&c, &[e]); // hits
+        }
+        assert_eq!(c.stream_wait_seconds().unwrap(), 0.0);
+        assert_eq!(stat(&c, "stream_waits"), 0.0);
+        c.reset_stats();
+        assert_eq!(c.stream_wait_seconds().unwrap(), 0.0);
+        c.close();
+        assert!(matches!(c.set_measure_stream_waits(false), Err(Error::Closed(_))));
+        assert_eq!(c.stream_wait_seconds().unwrap(), 0.0);
+    }
+
+    #[test]
+    fn waits_on_copies_in_flight_are_timed_and_reset_recycles_the_events() {
+        let (dev, _pool, c) = in_flight_cache();
+        dev.in_flight.store(true, Ordering::Relaxed);
+        // Off (the default): nothing is recorded even with copies in flight.
+        acquire_release(&c, &[0, 1]);
+        assert_eq!(dev.timing_events.lock().len(), 0);
+        assert_eq!((c.stream_wait_seconds().unwrap(), stat(&c, "stream_waits")), (0.0, 0.0));
+
+        c.set_measure_stream_waits(true).unwrap();
+        acquire_release(&c, &[0, 1]); // two slots in flight: one pair around both waits
+        acquire_release(&c, &[2]);
+        assert_eq!(dev.timing_events.lock().len(), 4);
+        assert_eq!(dev.timing_records.load(Ordering::Relaxed), 4);
+        assert_eq!(stat(&c, "stream_waits"), 2.0);
+        let want = 2.0 * WAIT_MS as f64 * 1e-3;
+        assert!((c.stream_wait_seconds().unwrap() - want).abs() < 1e-12);
+        assert!((c.stream_wait_seconds().unwrap() - want).abs() < 1e-12, "resolved once, counted once");
+
+        // Every copy landed: no wait, nothing recorded.
+        dev.in_flight.store(false, Ordering::Relaxed);
+        acquire_release(&c, &[0, 1, 2, 3]);
+        assert_eq!(dev.timing_records.load(Ordering::Relaxed), 4);
+        assert_eq!(stat(&c, "stream_waits"), 2.0);
+
+        // Resolved pairs are reused; reset drops pending ones unresolved and reuses them too.
+        dev.in_flight.store(true, Ordering::Relaxed);
+        acquire_release(&c, &[3]);
+        acquire_release(&c, &[1]);
+        c.reset_stats();
+        assert_eq!((c.stream_wait_seconds().unwrap(), stat(&c, "stream_waits")), (0.0, 0.0));
+        acquire_release(&c, &[0]);
+        assert_eq!(dev.timing_events.lock().len(), 4, "no new events while spare pairs exist");
+        assert_eq!(stat(&c, "stream_waits"), 1.0);
+
+        // Turning the switch off keeps what was measured.
+        c.set_measure_stream_waits(false).unwrap();
+        acquire_release(&c, &[2]);
+        assert_eq!(stat(&c, "stream_waits"), 1.0);
+
+        // Close resolves the pending pair and destroys every timing event.
+        c.close();
+        assert!((c.stream_wait_seconds().unwrap() - WAIT_MS as f64 * 1e-3).abs() < 1e-12);
+        let destroyed = dev.destroyed.lock();
+        assert!(dev.timing_events.lock().iter().all(|e| destroyed.iter().filter(|&d| d == e).count() == 1));
+    }
+
+    #[test]
+    fn a_failed_event_query_fails_the_acquire_and_pins_nothing() {
+        let (dev, _pool, c) = in_flight_cache();
+        c.set_measure_stream_waits(true).unwrap();
+        dev.fail_query.store(true, Ordering::Relaxed);
+        assert!(matches!(c.acquire(0, &[0, 1], 7), Err(Error::Cuda(_))));
+        assert!(c.slot_states().unwrap().iter().all(|&(_, rc, _)| rc == 0));
+        dev.fail_query.store(false, Ordering::Relaxed);
+        acquire_release(&c, &[0, 1]);
+        assert_eq!(stat(&c, "acquires"), 1.0);
+    }
+
+    #[test]
+    fn unresolved_wait_timings_stay_bounded() {
+        for lagging in [false, true] {
+            let (dev, _pool, c) = in_flight_cache();
+            c.set_measure_stream_waits(true).unwrap();
+            dev.in_flight.store(true, Ordering::Relaxed);
+            dev.lagging.store(lagging, Ordering::Relaxed);
+            let n = MAX_PENDING_WAITS + 10;
+            for i in 0..n {
+                acquire_release(&c, &[i as i64 % 4]);
+            }
+            // Completed pairs are folded in as acquires go; when the stream lags far behind, an
+            // acquire waits for the oldest pair instead of piling up events.
+            let created = dev.timing_events.lock().len();
+            let bound = if lagging { 2 * (MAX_PENDING_WAITS + 1) } else { 2 * (RESOLVE_WAITS_AT + 1) };
+            assert!(created <= bound, "{created} timing events for lagging={lagging}");
+            assert_eq!(stat(&c, "stream_waits"), n as f64);
+            assert!((c.stream_wait_seconds().unwrap() - n as f64 * WAIT_MS as f64 * 1e-3).abs() < 1e-9);
+            c.close();
+            assert_eq!(dev.destroyed.lock().iter().filter(|e| dev.timing_events.lock().contains(e)).count(), created);
+        }
     }
 
     #[test]

@@ -25,7 +25,8 @@ _COLUMNS = [
     ("prefetch_precision", "prefetch prec.", "{:.1%}"),
     ("pcie_mb_per_token", "PCIe MB/tok", "{:.1f}"),
     ("achieved_gbps", "GB/s", "{:.1f}"),
-    ("stall_fraction", "stall", "{:.1%}"),
+    ("stall_fraction", "stall", "{:.1%}"),  # GPU wait on copies in flight (CUDA); see runner._engine_metrics
+    ("acquire_stream_fraction", "acquire", "{:.1%}"),  # stream time across acquire, host bookkeeping included
     ("same_tokens_as_resident", "same tokens", "{}"),
 ]
 

@@ -159,11 +159,19 @@ def _reset_peak(device: torch.device) -> None:
 
 
 def _engine_metrics(engine, timing) -> dict[str, Any]:
+    """Cache and copy metrics of one run. The stall is, on CUDA (``engine.measure_stalls``), the GPU
+    time the compute stream waited on slot-ready events of copies still in flight
+    (``stream_wait_seconds``); on the host backend, where copies are synchronous memcpy, the host
+    time of the acquire calls that had to load or wait (``host_stall_seconds``). The acquire
+    fraction (CUDA only) is the older, wider measurement: compute-stream time between CUDA events
+    recorded just before and after each acquire call, which in a host-bound decode also counts the
+    host's bookkeeping inside acquire. Both fractions are over prefill + decode time."""
     s = engine.stats()
     issued = s.get("prefetch_issued", 0.0)
     tokens = timing.batch_size * timing.new_tokens
     decode_s = sum(timing.token_latencies_s) + timing.ttft_s
     stall = s.get("stream_wait_seconds", s.get("host_stall_seconds", 0.0))
+    acquire = s.get("acquire_stream_seconds")
     return {
         "hit_rate": s.get("hit_rate"),
         "hits": s.get("hits"),
@@ -175,8 +183,17 @@ def _engine_metrics(engine, timing) -> dict[str, Any]:
         "achieved_gbps": s.get("achieved_gbps"),
         "stall_seconds": stall,
         "stall_fraction": stall / decode_s if decode_s > 0 else None,
+        "stream_waits": s.get("stream_waits"),
+        "acquire_stream_seconds": acquire,
+        "acquire_stream_fraction": acquire / decode_s if acquire is not None and decode_s > 0 else None,
         "num_slots": s.get("num_slots"),
         "slot_gib": s.get("slot_bytes", 0.0) / 2**30,
+        # the run-ahead predictor's own figures (absent for other prefetchers): share of layers that
+        # ran before its prediction was ready, its hit rate on the rest, its time per token
+        **{name: s[f"prefetch_{key}"] for key, name in (
+            ("late_fraction", "predictor_late_fraction"), ("hit_rate", "predictor_recall"),
+            ("precision", "predictor_precision"), ("predictor_ms_per_token", "predictor_ms_per_token"),
+            ("corrections", "predictor_corrections")) if f"prefetch_{key}" in s},
     }
 
 
