@@ -537,4 +537,14 @@ def test_cli_trace_and_train(tmp_path):
                  "--out", str(tmp_path / "wide")]) == 0
     wide = HashPredictor.load(tmp_path / "wide")
     assert (wide.config.hidden, wide.config.head_hidden, wide.config.prev_token_routing) == (16, 8, True)
+    # the trace holds the next-layer gate: the fused correction's weights are fitted and saved
+    assert len(wide.config.gate_weights) == 3 and wide.config.gate_weights[0] == 0.0
+    # the deep variant; a trace without the gate gives a predictor without fused weights
+    assert main(["trace", "--model", str(model_dir), "--corpus", str(corpus), "--out", str(tmp_path / "plain"),
+                 "--seq-len", "16", "--device", "cpu", "--top-t", "4", "--no-next-layer-gate"]) == 0
+    assert main(["train-predictor", "--trace", str(tmp_path / "plain"), "--steps", "2", "--batch-size", "2",
+                 "--device", "cpu", "--hidden", "16", "--attn-blocks", "2", "--attn-heads", "4",
+                 "--out", str(tmp_path / "deep")]) == 0
+    deep = HashPredictor.load(tmp_path / "deep")
+    assert (deep.config.attn_blocks, deep.config.attn_heads, deep.config.gate_weights) == (2, 4, [])
     assert HashPredictor.load(model_dir).config.num_moe_layers == 3

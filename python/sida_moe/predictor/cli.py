@@ -23,6 +23,9 @@ def _configure_trace(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-sequences", type=int, default=None, help="trace at most this many sequences (random subset)")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--top-t", type=int, default=30, help="router logits kept per token and layer")
+    p.add_argument("--no-next-layer-gate", action="store_true",
+                   help="do not record each layer's router on the previous layer's input (the fused "
+                        "correction of train-predictor needs it; it costs one router matmul per layer)")
     p.add_argument("--device", default=None, help="default: cuda when available, else cpu")
     p.add_argument("--dtype", default=None, choices=["bfloat16", "float16", "float32"])
     p.add_argument("--seed", type=int, default=0)
@@ -54,7 +57,7 @@ def run_trace(args: argparse.Namespace) -> int:
     model = AutoModelForCausalLM.from_pretrained(args.model, dtype=dtype).to(device).eval()
     print(f"tracing {sequences.shape[0]} sequences of {args.seq_len} tokens from {len(docs)} files on {device}")
     manifest = record_traces(model, sequences, args.out, batch_size=args.batch_size, top_t=args.top_t,
-                             model_name_or_path=args.model)
+                             model_name_or_path=args.model, next_layer_gate=not args.no_next_layer_gate)
     print(f"wrote {args.out}: {manifest['num_moe_layers']} MoE layers, {manifest['num_experts']} experts, "
           f"top-{manifest['top_k']}, {manifest['num_sequences'] * manifest['seq_len']} tokens")
     return 0
