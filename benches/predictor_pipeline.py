@@ -4,7 +4,9 @@
    on the Python standard library) unless ``--model`` points at one;
 2. records routing traces on training files and on held-out files (``record_traces``);
 3. trains hash-function variants (the paper's loss at a tuned lr and at the paper's lr 5e-5, and the
-   stronger variant: top-k target + conditioning on the previous layer's routing);
+   stronger variants); a variant named ``NAME+ext`` trains on a larger trace: the training files
+   plus ``--extra-corpus`` (default: this interpreter's site-packages, files copying held-out text
+   skipped), which the model never saw -- the predictor learns the model's routing, not the text;
 4. reports per-layer top-k recall / precision on held-out text;
 5. hash routing: held-out loss vs exact mode, for predicted and router weights;
 6. cost: predictor time per decoded token (incremental, batch 1) vs the model's decode step;
@@ -127,7 +129,11 @@ def main() -> None:
     ap.add_argument("--held-out-sequences", type=int, default=200)
     ap.add_argument("--predictor-steps", type=int, default=4000)
     ap.add_argument("--predictor-seconds", type=float, default=60.0, help="training time cap per variant")
-    ap.add_argument("--variants", default="topk,topk_kd0.5_conditioned", help=f"comma-separated, from {sorted(VARIANTS)}")
+    ap.add_argument("--variants", default="topk,topk_kd0.5_conditioned",
+                    help=f"comma-separated, from {sorted(VARIANTS)}; NAME+ext trains on the extended trace")
+    ap.add_argument("--extra-corpus", default="site-packages",
+                    help="'site-packages' or comma-separated directories of .py files for the +ext variants' trace")
+    ap.add_argument("--extra-tokens", type=int, default=8_000_000, help="tokens of the extra corpus to trace")
     ap.add_argument("--decode", action="store_true", help="also decode held-out prompts through the offload engine")
     ap.add_argument("--decode-prompts", type=int, default=4)
     ap.add_argument("--prefetch-k", type=int, default=0, help="also decode with this many predicted experts per layer")
@@ -194,22 +200,39 @@ def main() -> None:
     record_traces(model, train_ids, os.path.join(args.work, "trace-train"), batch_size=32, progress=False)
     record_traces(model, held_ids, os.path.join(args.work, "trace-held"), batch_size=32, progress=False)
     results["trace_seconds"] = time.perf_counter() - t0
-    tr, ho = load_traces(os.path.join(args.work, "trace-train")), load_traces(os.path.join(args.work, "trace-held"))
+    names = args.variants.split(",")
+    for name in names:
+        if name.removesuffix("+ext") not in VARIANTS:
+            raise SystemExit(f"unknown variant {name!r}; choose from {sorted(VARIANTS)} (optionally with +ext)")
+    extended = None
+    if any(name.endswith("+ext") for name in names):
+        t0 = time.perf_counter()
+        roots = ref.site_packages_dirs() if args.extra_corpus == "site-packages" else args.extra_corpus.split(",")
+        # about 3.5 characters per token on Python source with this tokenizer: read a little more
+        extra_docs, extra_info = ref.load_extra_corpus(roots, held_docs, int(args.extra_tokens * 4.5))
+        extra_ids = ref.tokenize(tokenizer, extra_docs, seq)[: max(1, args.extra_tokens // seq)]
+        log(f"tracing {extra_ids.shape[0]} extra sequences from {extra_info['files']} files under {roots}")
+        record_traces(model, extra_ids, os.path.join(args.work, "trace-extra"), batch_size=32, progress=False)
+        extended = load_traces(os.path.join(args.work, "trace-train"), os.path.join(args.work, "trace-extra"), compact=True)
+        results["extra_corpus"] = {**extra_info, "sequences": int(extra_ids.shape[0]), "tokens": int(extra_ids.numel()),
+                                   "extended_trace_sequences": extended.num_sequences,
+                                   "seconds": time.perf_counter() - t0}
+        del extra_docs, extra_ids
+    tr = load_traces(os.path.join(args.work, "trace-train"), compact=True)
+    ho = load_traces(os.path.join(args.work, "trace-held"))
     results["trace_manifest"] = {k: v for k, v in tr.manifest.items() if k != "shards"}
     dump(results)
 
     # ---- 3-4. predictor variants
     predictors: dict[str, HashPredictor] = {}
     results["variants"] = {}
-    names = args.variants.split(",")
-    for name in names:
-        if name not in VARIANTS:
-            raise SystemExit(f"unknown variant {name!r}; choose from {sorted(VARIANTS)}")
     for name in names:
         cfg = TrainConfig(device=device, steps=5 if args.smoke else args.predictor_steps,
-                          max_seconds=None if args.smoke else args.predictor_seconds, **VARIANTS[name])
-        log(f"training predictor {name} (at most {cfg.steps} steps / {cfg.max_seconds} s)")
-        pred, rep = train_predictor(tr, cfg, held_out=ho, progress=False)
+                          max_seconds=None if args.smoke else args.predictor_seconds, **VARIANTS[name.removesuffix("+ext")])
+        train_trace = extended if name.endswith("+ext") else tr
+        log(f"training predictor {name} on {train_trace.num_sequences} sequences "
+            f"(at most {cfg.steps} steps / {cfg.max_seconds} s)")
+        pred, rep = train_predictor(train_trace, cfg, held_out=ho, progress=False)
         predictors[name] = pred
         rep.pop("loss_curve", None)
         # recall on training sequences too: a gap to held-out says overfitting, none says capacity

@@ -8,7 +8,8 @@
 #      plus the baselines.
 # Run from the repository root with the wheel installed:  bash benches/reference_bench_h100.sh OUTDIR
 # Environment: VARIANT (predictor variant of predictor_pipeline.py), PSEC (its training seconds),
-# TRAIN_SECONDS (reference model), NEW_TOKENS, BUDGETS, POLICIES, PREDICTORS, DEADLINE (seconds after
+# TRAIN_SECONDS (reference model), EXTRA_TOKENS (tokens of extra corpus traced for a VARIANT named
+# NAME+ext: predictor_pipeline.py --extra-tokens), NEW_TOKENS, BUDGETS, POLICIES, PREDICTORS, DEADLINE (seconds after
 # which the bench is stopped; bench.json keeps the rows done).
 set -uo pipefail
 out=${1:?output directory}
@@ -19,7 +20,7 @@ export PYTHONUNBUFFERED=1
 log="$out/log.txt"
 python3 benches/predictor_pipeline.py --out "$out/pipe" --work "$work" --train-seconds "${TRAIN_SECONDS:-110}" \
   --variants "$variant" --predictor-seconds "${PSEC:-190}" --predictor-steps 20000 \
-  --held-out-text "$work/heldout.txt" 2>&1 | grep -v -i "warn" >> "$log"
+  --extra-tokens "${EXTRA_TOKENS:-8000000}" --held-out-text "$work/heldout.txt" 2>&1 | grep -v -i "warn" >> "$log"
 mkdir -p "$work/predictor"
 for f in predictor.json predictor.safetensors; do mv "$out/pipe/$variant.$f" "$work/predictor/$f"; done
 rm -f "$out/pipe/heldout_routing.safetensors"

@@ -49,6 +49,55 @@ def load_stdlib_split(held_out_fraction: float = 0.05) -> tuple[list[tuple[str, 
     return split_held_out(docs, held_out_fraction)
 
 
+def site_packages_dirs() -> list[str]:
+    """This interpreter's installed-package directories (torch, transformers, numpy, ...): Python
+    text that the reference model never trained on, for larger predictor traces."""
+    import site
+
+    dirs = [*site.getsitepackages(), site.getusersitepackages(), sysconfig.get_paths()["purelib"]]
+    return sorted({os.path.realpath(d) for d in dirs if os.path.isdir(d)})
+
+
+def load_extra_corpus(roots: list[str], held_out: list[tuple[str, str]], max_chars: int) -> tuple[list[tuple[str, str]], dict]:
+    """More ``.py`` files for predictor traces (not for the model): files under ``roots``, in an
+    order fixed by a hash of their paths, up to ``max_chars`` characters. Held-out text must stay
+    unseen, so a file is skipped when its name is a held-out file's name (stdlib copies and
+    backports: ``tarfile.py`` vendored by setuptools) or when most of its long lines appear in the
+    held-out files. Returns the documents and counts of what was skipped."""
+    import zlib
+
+    held_names = {os.path.basename(p) for p, _ in held_out} - {"__init__.py", "__main__.py"}
+    held_lines = {line.strip() for _, text in held_out for line in text.splitlines() if len(line.strip()) >= 24}
+    paths = []
+    for root in roots:
+        for dirpath, dirs, files in os.walk(root):
+            dirs[:] = sorted(d for d in dirs if d != "__pycache__")
+            paths.extend(os.path.join(dirpath, f) for f in files if f.endswith(".py"))
+    paths.sort(key=lambda p: zlib.crc32(p.encode()))
+    docs, chars, skipped = [], 0, {"same_name_as_held_out": 0, "copies_held_out_lines": 0, "empty": 0}
+    for path in paths:
+        if chars >= max_chars:
+            break
+        if os.path.basename(path) in held_names:
+            skipped["same_name_as_held_out"] += 1
+            continue
+        try:
+            with open(path, encoding="utf-8", errors="replace") as f:
+                text = f.read()
+        except OSError:
+            continue
+        long_lines = [line.strip() for line in text.splitlines() if len(line.strip()) >= 24]
+        if not long_lines:
+            skipped["empty"] += 1
+            continue
+        if sum(line in held_lines for line in long_lines) > 0.5 * len(long_lines):
+            skipped["copies_held_out_lines"] += 1
+            continue
+        docs.append((path, text))
+        chars += len(text)
+    return docs, {"roots": roots, "files": len(docs), "chars": chars, "candidates": len(paths), "skipped": skipped}
+
+
 def train_tokenizer(texts: list[str], vocab_size: int = 8192):
     """Byte-level BPE (GPT-2 style pre-tokenisation) wrapped as a transformers fast tokenizer."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers

@@ -300,6 +300,37 @@ def test_trace_records_the_next_layer_gate(model, trace_dir, tmp_path):
     assert torch.equal(again.topk_ids, traces.topk_ids[:, :2]) and torch.equal(again.logit_ids, traces.logit_ids[:, :2])
 
 
+def test_traces_of_several_corpora_load_together_and_compact(model, trace_dir, tmp_path):
+    """A second corpus' trace of the same model is appended in order; compact loading keeps the
+    on-disk dtypes and trains and evaluates like the widened copy; a trace of another recording
+    (or another model) is refused with the key that differs."""
+    from sida_moe.predictor.train import _Batches
+
+    g = torch.Generator().manual_seed(1)
+    extra = tmp_path / "extra"
+    record_traces(model, torch.randint(0, 64, (3, 16), generator=g), extra, batch_size=3, top_t=5, progress=False)
+    one, two = load_traces(trace_dir), load_traces(extra)
+    both = load_traces(trace_dir, extra)
+    assert both.num_sequences == 13 and both.manifest["num_sequences"] == 13
+    assert both.manifest["sources"] == [str(trace_dir), str(extra)]
+    for name in ("input_ids", "topk_ids", "logit_ids", "logit_vals", "gate_ids", "gate_vals"):
+        dim = 0 if name == "input_ids" else 1
+        assert torch.equal(getattr(both, name), torch.cat([getattr(one, name), getattr(two, name)], dim=dim)), name
+    small = load_traces(trace_dir, extra, compact=True)
+    assert (small.input_ids.dtype, small.topk_ids.dtype, small.logit_vals.dtype, small.gate_ids.dtype) == (
+        torch.int32, torch.int16, torch.float16, torch.int16)
+    rows = torch.tensor([12, 0, 5])
+    for a, b in zip(_Batches(both, torch.device("cpu"), 3, resident=False)(rows),
+                    _Batches(small, torch.device("cpu"), 3, resident=False)(rows)):
+        assert a.dtype == b.dtype and torch.equal(a, b)
+    pred, _ = train_predictor(small, TrainConfig(steps=3, batch_size=4, fit_gate=False), progress=False)
+    assert evaluate(pred, small)["mean_recall@2"] == pytest.approx(evaluate(pred, both)["mean_recall@2"])
+    other = tmp_path / "other"
+    record_traces(model, torch.randint(0, 64, (3, 16), generator=g), other, top_t=4, progress=False)
+    with pytest.raises(ValueError, match=r"does not match .* in \['top_t'\]"):
+        load_traces(trace_dir, other)
+
+
 def test_fused_correction_weights_are_fitted_and_saved(trace_dir, tmp_path):
     """fit_gate_weights picks, per layer >= 1, the grid weight with the best recall on the trace; the
     held-out report's fused recall is that recall; the weights survive save/load."""

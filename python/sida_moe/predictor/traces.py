@@ -370,6 +370,7 @@ class Traces:
     """A loaded trace directory, all shards concatenated (CPU tensors)."""
 
     manifest: dict
+    # int64 ids and float32 logits, or the on-disk int32 / int16 / float16 with load_traces(compact=True)
     input_ids: torch.Tensor  # [N, S] int64
     topk_ids: torch.Tensor  # [L, N, S, k] int64
     logit_ids: torch.Tensor  # [L, N, S, T] int64
@@ -417,25 +418,54 @@ def read_manifest(trace_dir: str | os.PathLike) -> dict:
     return manifest
 
 
-def load_traces(trace_dir: str | os.PathLike) -> Traces:
-    """Load every shard of a trace directory (plus its embedding table)."""
+# manifest entries that must agree for traces to be concatenated (the same model and recording)
+_SAME_MODEL_KEYS = ("hidden_size", "num_moe_layers", "moe_layer_ids", "num_experts", "top_k", "top_t", "seq_len")
+
+
+def load_traces(trace_dir: str | os.PathLike, *more_dirs: str | os.PathLike, compact: bool = False) -> Traces:
+    """Load every shard of a trace directory (plus its embedding table).
+
+    ``more_dirs``: further trace directories of the same model (e.g. a second corpus), appended in
+    order; their model facts, recording settings and embedding tables must match the first's.
+    ``compact``: keep the on-disk dtypes (int32 / int16 ids, float16 logits) instead of widening to
+    int64 / float32 -- about a third of the memory, for traces of tens of millions of tokens
+    (training and evaluation widen each batch as they gather it).
+    """
     from safetensors.torch import load_file
 
-    manifest = read_manifest(trace_dir)
-    parts = list(iter_shards(trace_dir))
-    if not parts:
-        raise ValueError(f"trace directory {trace_dir!r} has no shards")
+    dirs = [trace_dir, *more_dirs]
+    manifests = [read_manifest(d) for d in dirs]
+    manifest = dict(manifests[0])
     emb = load_file(os.path.join(trace_dir, EMBEDDINGS_NAME))["weight"]
-    gate = bool(manifest.get("next_layer_gate")) and all("gate_ids" in p for p in parts)
+    for d, m in zip(dirs[1:], manifests[1:]):
+        diff = [key for key in _SAME_MODEL_KEYS if m.get(key) != manifest.get(key)]
+        if diff:
+            raise ValueError(f"trace {os.fspath(d)!r} does not match {os.fspath(trace_dir)!r} in {diff}: "
+                             "only traces of the same model and recording settings can be loaded together")
+        if not torch.equal(load_file(os.path.join(d, EMBEDDINGS_NAME))["weight"], emb):
+            raise ValueError(f"trace {os.fspath(d)!r} holds other embeddings than {os.fspath(trace_dir)!r}: not the same model")
+    parts = [part for d in dirs for part in iter_shards(d)]
+    if not parts:
+        raise ValueError(f"trace directory {os.fspath(trace_dir)!r} has no shards")
+    gate = all(bool(m.get("next_layer_gate")) for m in manifests) and all("gate_ids" in p for p in parts)
+    if more_dirs:
+        manifest["num_sequences"] = sum(int(m["num_sequences"]) for m in manifests)
+        manifest["next_layer_gate"] = gate
+        manifest["sources"] = [os.fspath(d) for d in dirs]
+
+    def cat(name: str, dim: int, wide: torch.dtype) -> torch.Tensor:
+        out = torch.cat([p.pop(name) for p in parts], dim=dim)  # pop: one copy alive at a time
+        return out if compact else out.to(wide)
+
     return Traces(
         manifest,
-        torch.cat([p["input_ids"] for p in parts]).long(),
-        torch.cat([p["topk_ids"] for p in parts], dim=1).long(),
-        torch.cat([p["logit_ids"] for p in parts], dim=1).long(),
-        torch.cat([p["logit_vals"] for p in parts], dim=1).float(),
+        cat("input_ids", 0, torch.int64),
+        cat("topk_ids", 1, torch.int64),
+        cat("logit_ids", 1, torch.int64),
+        cat("logit_vals", 1, torch.float32),
         emb,
-        torch.cat([p["gate_ids"] for p in parts], dim=1).long() if gate else None,
-        torch.cat([p["gate_vals"] for p in parts], dim=1).float() if gate else None,
+        cat("gate_ids", 1, torch.int64) if gate else None,
+        cat("gate_vals", 1, torch.float32) if gate else None,
     )
 
 

@@ -143,7 +143,7 @@ class _Batches:
         self.resident = resident
         if resident:
             compact = torch.int16 if traces.manifest["num_experts"] <= torch.iinfo(torch.int16).max else torch.int32
-            self.input_ids = traces.input_ids.to(device)
+            self.input_ids = traces.input_ids.to(device, torch.int64)
             self.embeddings = traces.embeddings.to(device)
             self.topk_ids = traces.topk_ids.to(device, compact)
             self.logit_ids = traces.logit_ids[..., :t].to(device, compact)
@@ -162,7 +162,7 @@ class _Batches:
             rows = rows.to(self.device)
             ids, vals = self.gate_ids[:, rows].long(), self.gate_vals[:, rows].float()
         else:
-            ids, vals = tr.gate_ids[:, rows].to(self.device), tr.gate_vals[:, rows].to(self.device)
+            ids, vals = tr.gate_ids[:, rows].to(self.device).long(), tr.gate_vals[:, rows].to(self.device).float()
         fill = vals.min(dim=-1, keepdim=True).values - 30.0
         dense = fill.expand(*vals.shape[:-1], tr.manifest["num_experts"]).clone()
         return dense.scatter_(-1, ids, vals)
@@ -181,10 +181,10 @@ class _Batches:
         if not self.resident:
             tr, dev = self.traces, self.device
             return (
-                tr.embeddings[tr.input_ids[rows]].to(device=dev, dtype=torch.float32),
-                tr.topk_ids[:, rows].to(dev),
-                tr.logit_ids[:, rows, :, : self.t].to(dev),
-                tr.logit_vals[:, rows, :, : self.t].to(dev),
+                tr.embeddings[tr.input_ids[rows].long()].to(device=dev, dtype=torch.float32),
+                tr.topk_ids[:, rows].to(dev).long(),  # widened here: the trace may be compact
+                tr.logit_ids[:, rows, :, : self.t].to(dev).long(),
+                tr.logit_vals[:, rows, :, : self.t].to(dev).float(),
             )
         rows = rows.to(self.device)
         return (
