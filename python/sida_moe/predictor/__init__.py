@@ -1,6 +1,7 @@
 """SiDA's data-aware predictor: routing traces, the hash-function network, truncated-KD training,
 the run-ahead prefetcher and hash routing."""
 
+from sida_moe.predictor.graphed import GraphedDecoder
 from sida_moe.predictor.hash_routing import HashRouting
 from sida_moe.predictor.model import HashPredictor, PredictorConfig, PredictorState, has_predictor
 from sida_moe.predictor.runahead import RunAheadPrefetcher, load_prefetcher
@@ -9,6 +10,7 @@ from sida_moe.predictor.traces import RoutingRecorder, Traces, find_moe_layers, 
 from sida_moe.predictor.train import TrainConfig, evaluate, fit_gate_weights, train_predictor
 
 __all__ = [
+    "GraphedDecoder",
     "HashPredictor",
     "HashRouting",
     "PredictorConfig",

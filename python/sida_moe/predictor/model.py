@@ -295,14 +295,16 @@ class HashPredictor(nn.Module):
     ) -> tuple[torch.Tensor, PredictorState]:
         """Base logits ``[L, B, S, E]`` for every MoE layer, and the state after these tokens."""
         feats, new_state = self.features(embeds, state, attention_mask, prev_token_routing)
+        return self.head_logits(feats), new_state
+
+    def head_logits(self, feats: torch.Tensor) -> torch.Tensor:
+        """Every MoE layer's logits ``[L, B, S, E]`` from the shared features ``[B, S, hidden]``."""
         c = self.config
         L = c.num_moe_layers
         if c.head_hidden == 0:
-            logits = self.heads(feats).view(*feats.shape[:2], L, c.num_experts).permute(2, 0, 1, 3)
-        else:
-            mid = torch.nn.functional.gelu(self.heads(feats)).view(*feats.shape[:2], L, c.head_hidden)
-            logits = torch.einsum("bslh,lhe->lbse", mid, self.heads_out) + self.heads_out_bias[:, None, None, :]
-        return logits, new_state
+            return self.heads(feats).view(*feats.shape[:2], L, c.num_experts).permute(2, 0, 1, 3)
+        mid = torch.nn.functional.gelu(self.heads(feats)).view(*feats.shape[:2], L, c.head_hidden)
+        return torch.einsum("bslh,lhe->lbse", mid, self.heads_out) + self.heads_out_bias[:, None, None, :]
 
     def refine(self, logits: torch.Tensor, layer: int, prev_topk_ids: torch.Tensor) -> torch.Tensor:
         """Layer ``layer``'s logits corrected with layer ``layer - 1``'s true top-k ids.

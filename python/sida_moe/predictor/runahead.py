@@ -18,6 +18,16 @@ Hash routing (``hash_routing=True``, opt-in, lossy): ``route`` waits for the for
 and returns the predicted experts instead of the router's, weighted by the predictor's softmax
 (``hash_weights="predicted"``, the paper's mode) or by the router's softmax at those experts
 (``"router"``: one extra router matmul, far closer to exact -- see NOTES.md).
+
+CUDA graphs (``cuda_graph``, on by default when the predictor runs on a GPU): a decode token's
+predictor step is dozens of small kernel launches (about 3.2 ms of host time per token for the
+reference predictor on the H100), and that host time, spent under the GIL, slowed the model's own
+decode by ~15%. The prompt still runs through the eager ``HashPredictor.forward``; its state is then
+loaded into a :class:`~sida_moe.predictor.graphed.GraphedDecoder` (static buffers of
+``graph_max_len`` tokens, one per batch size, captured on the inference thread at the first prompt of
+that batch size) and every decode token is one ``graph.replay()``; the top-k ids reach the host
+through pinned memory and an event wait that releases the GIL. A sequence longer than
+``graph_max_len`` continues on the eager path from the decoder's state.
 """
 
 from __future__ import annotations
@@ -27,11 +37,13 @@ import os
 import queue
 import threading
 import time
+import warnings
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Literal
 
 import torch
 
+from sida_moe.predictor.graphed import GraphedDecoder
 from sida_moe.predictor.hash_routing import WeightSource, hash_route, router_normalizes
 from sida_moe.predictor.model import HashPredictor, PredictorState, routing_multi_hot
 
@@ -39,6 +51,7 @@ if TYPE_CHECKING:
     from sida_moe.engine import OffloadEngine
 
 Correction = Literal["fused", "gate", "refine", "none"]
+_MAX_GRAPHED_BATCHES = 4  # batch sizes with their own captured decoder; others decode eagerly
 
 
 @dataclass
@@ -68,6 +81,9 @@ class RunAheadPrefetcher:
     - ``k``: experts prefetched per token and layer (default: the model's top-k).
     - ``feed_future``: send the predicted acquire sequence to ``set_future`` (predictive policy).
     - ``hash_routing`` / ``hash_weights``: the opt-in lossy mode (module docstring).
+    - ``cuda_graph``: decode tokens through a captured :class:`GraphedDecoder` (module docstring);
+      None (default): when the predictor runs on a GPU and is a plain :class:`HashPredictor`. True on
+      the CPU runs the same fixed-shape step eagerly. ``graph_max_len``: its capacity in tokens.
     """
 
     name = "sida"
@@ -81,7 +97,15 @@ class RunAheadPrefetcher:
         feed_future: bool = True,
         hash_routing: bool = False,
         hash_weights: WeightSource = "predicted",
+        cuda_graph: bool | None = None,
+        graph_max_len: int = 2048,
     ) -> None:
+        if cuda_graph:
+            reason = GraphedDecoder.unsupported(predictor)
+            if reason is not None:
+                raise ValueError(f"cuda_graph=True: {reason}")
+        if int(graph_max_len) < 1:
+            raise ValueError(f"graph_max_len must be a positive int (tokens), got {graph_max_len!r}")
         if hash_weights not in ("predicted", "router"):
             raise ValueError(f"hash_weights must be 'predicted' or 'router', got {hash_weights!r}")
         if correction is None:
@@ -103,6 +127,11 @@ class RunAheadPrefetcher:
         self.feed_future = feed_future
         self.hash_routing = hash_routing
         self.hash_weights = hash_weights
+        self.cuda_graph = cuda_graph
+        self.graph_max_len = int(graph_max_len)
+        self._use_graphs = False  # resolved with the device (_set_device)
+        self._decoders: dict[int, GraphedDecoder] = {}  # per batch size; created on the inference thread
+        self._live: GraphedDecoder | None = None  # holds the current sequence's state (worker thread)
         self._engine: OffloadEngine | None = None
         self._queue: queue.Queue[_Job | None] = queue.Queue()
         self._thread: threading.Thread | None = None
@@ -149,6 +178,8 @@ class RunAheadPrefetcher:
         if self._current is not None and self._current.embeds.shape[0] != x.shape[0]:
             fresh = True
         self._seen_tokens = (0 if fresh else self._seen_tokens) + seq
+        if fresh and self._use_graphs and seq < self.graph_max_len:
+            self._decoder_for(x.shape[0])  # captured here, before the worker needs it
         # the prompt's padding must not be attended to; decode tokens are real tokens
         mask = attention_mask[..., -seq:] if attention_mask is not None and seq > 1 else None
         # decode variant: the previous token's routing, complete since the previous forward ended
@@ -229,14 +260,17 @@ class RunAheadPrefetcher:
         self._thread = None
         self._engine = None
         self._current = None
+        self._decoders = {}  # frees the graphs' memory; the next attach captures again
+        self._live = None
 
     # ------------------------------------------------------------------------------- metrics
     def metrics(self) -> dict[str, float]:
         """``hit_rate``: used experts that were predicted / used (layers whose prediction was ready);
         ``precision``: predicted-and-used / predicted; ``late_fraction``: layers that ran before the
         forward's prediction was ready; ``predictor_ms_per_token``: the thread's compute time;
-        ``corrections``: experts queued by the next-layer correction. Covers every forward begun so
-        far: waits (bounded) for the thread to finish predicting the newest one."""
+        ``corrections``: experts queued by the next-layer correction; ``graph_steps``: decode tokens
+        predicted by a graph replay (or, on the CPU, the graphed step run eagerly). Covers every
+        forward begun so far: waits (bounded) for the thread to finish predicting the newest one."""
         job = self._current
         if job is not None and self._thread is not None and self._thread.is_alive():
             job.ready.wait(timeout=30.0)
@@ -250,20 +284,28 @@ class RunAheadPrefetcher:
             "predictor_ms_per_forward": 1e3 * m["predict_seconds"] / m["forwards"] if m["forwards"] else 0.0,
             "corrections": float(m["corrections"]),
             "forwards": float(m["forwards"]),
+            "graph_steps": float(m["graph_steps"]),
         }
 
     def reset_metrics(self) -> None:
         with getattr(self, "_lock", threading.Lock()):
             self._m = dict.fromkeys(
                 ("hits", "needed", "predicted", "late_layers", "layers_seen", "predict_seconds", "tokens",
-                 "forwards", "corrections"), 0)
+                 "forwards", "corrections", "graph_steps"), 0)
 
     # ------------------------------------------------------------------------------ internals
     def _set_device(self, device: torch.device) -> None:
         if self._thread is not None and self._thread.is_alive() and device != self.device:
             raise RuntimeError("the predictor's device cannot change while its thread runs")
+        if device != self.device:
+            self._decoders = {}  # captured with the parameters' old addresses
+            self._live = None
         self.device = device
         self.predictor.to(device)
+        if self.cuda_graph is None:
+            self._use_graphs = device.type == "cuda" and GraphedDecoder.unsupported(self.predictor) is None
+        else:
+            self._use_graphs = self.cuda_graph
 
     def _require_engine(self) -> OffloadEngine:
         if self._engine is None:
@@ -353,11 +395,86 @@ class RunAheadPrefetcher:
                 runs.append([job])
         return runs
 
+    def _decoder_for(self, batch: int) -> GraphedDecoder | None:
+        """The graphed decoder for ``batch`` (inference thread), built and captured on first use.
+        Captured here, not on the worker: a capture fails if another thread synchronizes the whole
+        device meanwhile (``torch.cuda.synchronize`` between prefill and decode, say), and this is
+        the thread that would."""
+        decoder = self._decoders.get(batch)
+        if decoder is not None or len(self._decoders) >= _MAX_GRAPHED_BATCHES:
+            return decoder
+        try:
+            decoder = GraphedDecoder(self.predictor, batch, self.graph_max_len, k=self.k)
+            decoder.capture()
+        except Exception as exc:  # noqa: BLE001 -- an optimisation: fall back to the eager path
+            warnings.warn(f"RunAheadPrefetcher: CUDA graph of the predictor failed ({exc!r}); predicting eagerly",
+                          RuntimeWarning, stacklevel=3)
+            self._use_graphs = False
+            return None
+        self._decoders[batch] = decoder
+        return decoder
+
     def _predict(self, run: list[_Job]) -> None:
         for job in run:
             if job.copied is not None:
                 job.copied.synchronize()
         t0 = time.perf_counter()
+        outputs: list[tuple[torch.Tensor, torch.Tensor]] = []  # per job: logits [L, B, S, E], ids [L, B, S, k]
+        done = 0  # jobs of the run predicted so far
+        graph_steps = 0
+        if run[0].fresh:
+            self._live = None
+            if self._use_graphs:
+                # the prompt: eager forward, then its state into the static buffers
+                outputs += self._predict_eager(run[:1])
+                done = 1
+                decoder = self._decoders.get(run[0].embeds.shape[0])
+                if decoder is not None and decoder.load(self._state):
+                    self._live = decoder  # from now on it holds the sequence's state, not self._state
+        while done < len(run) and self._live is not None:
+            decoder = self._live
+            if decoder.full or decoder.batch != run[done].embeds.shape[0]:
+                self._state = decoder.to_state()  # continue eagerly (capacity reached)
+                self._live = None
+                break
+            job = run[done]
+            logits, ids = decoder.step(job.embeds, job.prev_routing)
+            outputs.append((logits.clone(), ids.clone()))  # the next replay overwrites them
+            done += 1
+            graph_steps += 1
+        if done < len(run):
+            outputs += self._predict_eager(run[done:])
+        host_ids = self._to_host(torch.cat([ids.reshape(-1) for _, ids in outputs]))
+        start = 0
+        for job, (logits, ids) in zip(run, outputs):
+            job.logits = logits.reshape(logits.shape[0], -1, logits.shape[-1])  # [L, T, E]
+            rows = host_ids[start : start + ids.numel()].view(ids.shape)
+            job.predicted = [set(row.reshape(-1).tolist()) for row in rows]
+            start += ids.numel()
+        elapsed = time.perf_counter() - t0
+        with self._lock:
+            self._m["predict_seconds"] += elapsed
+            self._m["tokens"] += sum(job.tokens for job in run)
+            self._m["forwards"] += len(run)
+            self._m["graph_steps"] += graph_steps
+        job = run[-1]  # only the newest forward can still use prefetches
+        engine = self._engine
+        if engine is None or engine.generation != job.generation:
+            return  # a newer forward started: these prefetches would be stale
+        predicted = job.predicted
+        with self._lock:
+            done = job.layers_done  # layers that ran before the prediction was ready get nothing
+        if self.feed_future:
+            # visit i of the future is the acquire call i from now: the first layer not yet routed
+            engine.set_future([(layer, sorted(predicted[layer])) for layer in range(done, len(predicted))])
+        for layer in range(done, len(predicted)):
+            if engine.generation != job.generation:
+                break
+            engine.prefetch(layer, sorted(predicted[layer]), "prefetch", job.generation)
+
+    def _predict_eager(self, run: list[_Job]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """``HashPredictor.forward`` on the run's tokens together (state: ``self._state``, reset for
+        a fresh sequence); per job its logits ``[L, B, S, E]`` and top-k ids (on the device)."""
         x = torch.cat([job.embeds for job in run], dim=1) if len(run) > 1 else run[0].embeds
         x = x.to(self.device, torch.float32)
         mask = None
@@ -379,32 +496,25 @@ class RunAheadPrefetcher:
         else:
             logits, self._state = self.predictor(x, state, mask, prev_token_routing=prev)
         ids = logits.topk(self.k, dim=-1).indices
-        start = 0
+        out, start = [], 0
         for job in run:
             seq = job.embeds.shape[1]
-            part = logits[:, :, start : start + seq]
-            job.logits = part.reshape(part.shape[0], -1, part.shape[-1])  # [L, T, E]
-            job.predicted = [set(row.reshape(-1).tolist()) for row in ids[:, :, start : start + seq]]
+            out.append((logits[:, :, start : start + seq], ids[:, :, start : start + seq]))
             start += seq
-        elapsed = time.perf_counter() - t0
-        with self._lock:
-            self._m["predict_seconds"] += elapsed
-            self._m["tokens"] += sum(job.tokens for job in run)
-            self._m["forwards"] += len(run)
-        job = run[-1]  # only the newest forward can still use prefetches
-        engine = self._engine
-        if engine is None or engine.generation != job.generation:
-            return  # a newer forward started: these prefetches would be stale
-        predicted = job.predicted
-        with self._lock:
-            done = job.layers_done  # layers that ran before the prediction was ready get nothing
-        if self.feed_future:
-            # visit i of the future is the acquire call i from now: the first layer not yet routed
-            engine.set_future([(layer, sorted(predicted[layer])) for layer in range(done, len(predicted))])
-        for layer in range(done, len(predicted)):
-            if engine.generation != job.generation:
-                break
-            engine.prefetch(layer, sorted(predicted[layer]), "prefetch", job.generation)
+        return out
+
+    @staticmethod
+    def _to_host(ids: torch.Tensor) -> torch.Tensor:
+        """``ids`` on the host. From a GPU: into pinned memory without blocking, then a wait on an
+        event, which (unlike ``tolist()`` on the device tensor) releases the GIL while it waits."""
+        if ids.device.type != "cuda":
+            return ids
+        host = torch.empty(ids.shape, dtype=ids.dtype, pin_memory=True)
+        host.copy_(ids, non_blocking=True)
+        copied = torch.cuda.Event()
+        copied.record(torch.cuda.current_stream(ids.device))
+        copied.synchronize()
+        return host
 
 
 def load_prefetcher(path: str | os.PathLike, device: str | None = None, **kwargs) -> RunAheadPrefetcher:
