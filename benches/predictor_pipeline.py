@@ -60,6 +60,12 @@ VARIANTS: dict[str, dict] = {
                                     "head_hidden": 256, "attn_blocks": 4, "batch_size": 128},
     "topk_kd0.5_h256_mlp_b4": {"target": "topk", "lr": 1e-3, "kd_weight": 0.5, "hidden": 256, "head_hidden": 256,
                                "attn_blocks": 4},
+    # session 4: bf16 autocast makes a batch of 128 cost what 64 did (predictor_train_speed.py), so a
+    # training budget buys twice the tokens per step at the same step count
+    "topk_kd0.5_h512_mlp_b2_bs128_bf16": {"target": "topk", "lr": 1.5e-3, "kd_weight": 0.5, "hidden": 512,
+                                          "head_hidden": 256, "attn_blocks": 2, "batch_size": 128, "bf16": True},
+    "topk_kd0.5_h512_mlp_b2_bs256_bf16": {"target": "topk", "lr": 2e-3, "kd_weight": 0.5, "hidden": 512,
+                                          "head_hidden": 256, "attn_blocks": 2, "batch_size": 256, "bf16": True},
     # decode variant: also the previous token's true routing (known before a decode step starts)
     "topk_kd0.5_h512_mlp_prev": {"target": "topk", "lr": 1e-3, "kd_weight": 0.5, "hidden": 512, "head_hidden": 256,
                                  "prev_token_routing": True},
@@ -227,8 +233,11 @@ def main() -> None:
     predictors: dict[str, HashPredictor] = {}
     results["variants"] = {}
     for name in names:
+        spec = dict(VARIANTS[name.removesuffix("+ext")])
+        if device == "cpu":
+            spec.pop("bf16", None)  # autocast is a GPU speed-up; the CPU smoke run trains in float32
         cfg = TrainConfig(device=device, steps=5 if args.smoke else args.predictor_steps,
-                          max_seconds=None if args.smoke else args.predictor_seconds, **VARIANTS[name.removesuffix("+ext")])
+                          max_seconds=None if args.smoke else args.predictor_seconds, **spec)
         train_trace = extended if name.endswith("+ext") else tr
         log(f"training predictor {name} on {train_trace.num_sequences} sequences "
             f"(at most {cfg.steps} steps / {cfg.max_seconds} s)")

@@ -446,6 +446,8 @@ def test_training_rejects_bad_settings(trace_dir):
         TrainConfig(attn_blocks=-1)
     with pytest.raises(ValueError, match="routing_dropout"):
         TrainConfig(routing_dropout=1.5)
+    with pytest.raises(ValueError, match="bf16=True needs a CUDA training device"):
+        TrainConfig(bf16=True, device="cpu")
     traces = load_traces(trace_dir)
     wrong = HashPredictor(PredictorConfig(input_dim=32, num_moe_layers=2, num_experts=8, top_k=2))
     with pytest.raises(ValueError, match="do not match"):
@@ -579,3 +581,16 @@ def test_cli_trace_and_train(tmp_path):
     deep = HashPredictor.load(tmp_path / "deep")
     assert (deep.config.attn_blocks, deep.config.attn_heads, deep.config.gate_weights) == (2, 4, [])
     assert HashPredictor.load(model_dir).config.num_moe_layers == 3
+
+
+@pytest.mark.gpu
+def test_bf16_training_on_the_gpu_learns_and_reports_float32(trace_dir):
+    """bf16 autocast (the forward only) trains the conditioned variant too, and the trained
+    predictor's float32 evaluation beats chance on the sequences it saw."""
+    traces = load_traces(trace_dir)
+    cfg = TrainConfig(steps=120, batch_size=8, warmup_steps=10, lr=3e-3, target="topk", conditioned=True,
+                      device="cuda", bf16=True)
+    pred, report = train_predictor(traces, cfg, held_out=traces, progress=False)
+    assert report["train_config"]["bf16"] and report["loss_last_50"] < report["loss_first"]
+    assert next(pred.parameters()).dtype == torch.float32
+    assert report["held_out"]["mean_recall@2"] > 0.4

@@ -193,7 +193,8 @@ def _engine_metrics(engine, timing) -> dict[str, Any]:
         **{name: s[f"prefetch_{key}"] for key, name in (
             ("late_fraction", "predictor_late_fraction"), ("hit_rate", "predictor_recall"),
             ("precision", "predictor_precision"), ("predictor_ms_per_token", "predictor_ms_per_token"),
-            ("corrections", "predictor_corrections")) if f"prefetch_{key}" in s},
+            ("corrections", "predictor_corrections"), ("graph_steps", "predictor_graph_steps"))
+            if f"prefetch_{key}" in s},
     }
 
 

@@ -47,6 +47,9 @@ class TrainConfig:
     seed: int = 0
     device: str = "cpu"
     max_seconds: float | None = None  # wall-clock cap: the step count is cut to fit after 20 steps
+    # bf16 autocast for the forward (GPU only; the loss and AdamW's master weights stay float32). The
+    # LSTM is most of a step; in bf16 a batch of 128 costs what 64 costs in fp32 (NOTES.md, session 4)
+    bf16: bool = False
 
 
     def __post_init__(self) -> None:
@@ -58,6 +61,8 @@ class TrainConfig:
             raise ValueError(f"head_hidden must be >= 0 (0: linear heads), got {self.head_hidden}")
         if self.attn_blocks < 0:
             raise ValueError(f"attn_blocks must be >= 0 (0: the paper's network), got {self.attn_blocks}")
+        if self.bf16 and torch.device(self.device).type != "cuda":
+            raise ValueError(f"bf16=True needs a CUDA training device, got device={self.device!r}")
         if not self.lr > 0:
             raise ValueError(f"lr must be positive, got {self.lr}")
         if self.max_seconds is not None and not self.max_seconds > 0:
@@ -258,6 +263,10 @@ def _train(
     gen = torch.Generator().manual_seed(config.seed)
     batches = _Batches(traces, device, config.top_t)
     n = traces.num_sequences
+
+    def amp():
+        return torch.autocast("cuda", dtype=torch.bfloat16) if config.bf16 else contextlib.nullcontext()
+
     losses: list[float] = []
     t0 = time.perf_counter()
     bar = tqdm(total=config.steps, desc="train-predictor", disable=not progress)
@@ -274,7 +283,9 @@ def _train(
             prev = previous_token_routing(topk_ids, model.config.num_experts)
             dropped = torch.rand(prev.shape[0], generator=gen) < config.routing_dropout
             prev[dropped.to(device)] = 0.0
-        logits, _ = model(embeds, prev_token_routing=prev)
+        with amp():
+            logits, _ = model(embeds, prev_token_routing=prev)
+        logits = logits.float()  # the loss and the conditioned refine work in float32
         loss = distillation_loss(logits, topk_ids, logit_ids, logit_vals, config.kd_weight, config.top_t, config.target)
         if model.prev_routing is not None and logits.shape[0] > 1:
             refined = _refined_logits(model, logits, topk_ids)
