@@ -3,6 +3,8 @@ the offloaded systems reproduce the resident model's tokens, and the oracle is a
 
 import json
 
+import torch
+
 from sida_moe.bench.runner import BenchConfig, run_bench
 
 
@@ -24,6 +26,9 @@ def test_bench_runs_all_systems_and_oracle_bounds_lru(tmp_path):
     resident = next(r for r in rows if r["system"] == "resident")
     assert {r["tokens_digest"] for r in offloaded} == {resident["tokens_digest"]}
     assert not any("first_token_differing_from_resident" in r for r in rows)
+    # exact mode on the CPU (float32): the teacher-forced logits match the resident model's closely
+    assert all(r["logits_max_abs_diff"] < 1e-3 for r in offloaded), [r["logits_max_abs_diff"] for r in offloaded]
+    assert not any("resident_margin_at_first_difference" in r for r in rows)
     hit = {(r["policy"], r["predictor"]): r["hit_rate"] for r in rows if r["system"] == "sida"}
     assert hit[("belady", "none")] >= hit[("lru", "none")]
     assert hit[("belady", "none")] >= hit[("fifo", "none")]
@@ -164,6 +169,21 @@ def test_token_agreement_says_where_tokens_differ():
     assert got["same_tokens_as_resident"] is False and got["first_token_differing_from_resident"] == 2
     assert got["tokens_digest"] != same["tokens_digest"] and len(got["tokens_digest"]) == 12
     assert set(token_agreement(ref, None)) == {"tokens_digest"}
+
+
+def test_logit_agreement_reports_the_difference_and_the_resident_margin_where_tokens_split():
+    from sida_moe.bench.runner import logit_agreement
+
+    ref = torch.zeros(2, 3, 5)
+    ref[0, 1, :2] = torch.tensor([2.0, 1.5])  # row 0, step 1: a 0.5 margin between the top two
+    ref[1, 1, :2] = torch.tensor([4.0, 1.0])
+    got = ref.clone()
+    got[1, 2, 4] += 0.25
+    same = logit_agreement(got, ref, None)
+    assert same == {"logits_max_abs_diff": 0.25}
+    split = logit_agreement(got, ref, 1)
+    assert split["resident_margin_at_first_difference"] == 0.5  # the smaller margin of the two rows
+    assert "resident_margin_at_first_difference" not in logit_agreement(got, ref, 3)
 
 
 def test_engine_metrics_stall_is_the_gpu_wait_and_acquire_is_reported_beside_it():

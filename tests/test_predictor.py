@@ -594,3 +594,31 @@ def test_bf16_training_on_the_gpu_learns_and_reports_float32(trace_dir):
     assert report["train_config"]["bf16"] and report["loss_last_50"] < report["loss_first"]
     assert next(pred.parameters()).dtype == torch.float32
     assert report["held_out"]["mean_recall@2"] > 0.4
+
+
+def test_time_budget_is_re_estimated_after_slow_first_steps(trace_dir, monkeypatch):
+    """A wall-clock budget is spent on the steady step rate, not on the first 20 (slow) steps' rate:
+    with a fake clock of 1 s per step for 20 steps then 0.1 s, a 50 s budget runs 20 + 300 steps
+    (the first estimate alone would have stopped at 50)."""
+    import sida_moe.predictor.train as train_mod
+
+    traces = load_traces(trace_dir)
+    clock = {"t": 0.0, "calls": 0}
+
+    class FakeTime:
+        @staticmethod
+        def perf_counter() -> float:
+            return clock["t"]
+
+    real_step = torch.optim.AdamW.step
+
+    def step(self, *args, **kwargs):  # each optimizer step advances the fake clock
+        clock["calls"] += 1
+        clock["t"] += 1.0 if clock["calls"] <= 20 else 0.1
+        return real_step(self, *args, **kwargs)
+
+    monkeypatch.setattr(train_mod, "time", FakeTime)
+    monkeypatch.setattr(torch.optim.AdamW, "step", step)
+    cfg = TrainConfig(steps=10_000, batch_size=2, hidden=8, fit_gate=False, max_seconds=50.0)
+    _, report = train_predictor(traces, cfg, progress=False)
+    assert 310 <= report["steps_run"] <= 322

@@ -28,6 +28,9 @@ _COLUMNS = [
     ("stall_fraction", "stall", "{:.1%}"),  # GPU wait on copies in flight (CUDA); see runner._engine_metrics
     ("acquire_stream_fraction", "acquire", "{:.1%}"),  # stream time across acquire, host bookkeeping included
     ("same_tokens_as_resident", "same tokens", "{}"),
+    # teacher-forced on the resident's tokens; see runner.logit_agreement
+    ("logits_max_abs_diff", "max abs dlogit", "{:.3f}"),
+    ("resident_margin_at_first_difference", "resident top-2 margin there", "{:.3f}"),
 ]
 
 

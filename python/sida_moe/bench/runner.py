@@ -135,6 +135,31 @@ def token_agreement(tokens: torch.Tensor, reference: torch.Tensor | None) -> dic
     return out
 
 
+def teacher_forced_logits(model: nn.Module, prompts: dict[str, torch.Tensor], tokens: torch.Tensor) -> torch.Tensor:
+    """``[B, n, V]`` float32 logits (host) the model gives each of the ``n`` generated positions when
+    fed the prompt and ``tokens [B, n]`` in one forward: every system is scored on the same input."""
+    ids = prompts["input_ids"]
+    tokens = tokens.to(ids.device)
+    full = torch.cat([ids, tokens], dim=1)
+    mask = torch.cat([prompts["attention_mask"], torch.ones_like(tokens)], dim=1)
+    with torch.inference_mode():
+        logits = model(input_ids=full, attention_mask=mask).logits
+    p = ids.shape[1]
+    return logits[:, p - 1 : p - 1 + tokens.shape[1]].float().cpu()
+
+
+def logit_agreement(logits: torch.Tensor, reference_logits: torch.Tensor, first_difference: int | None) -> dict[str, Any]:
+    """How far a system's teacher-forced logits are from the resident model's (the same input), and,
+    where its greedy tokens first differed, the resident's own top-1 / top-2 logit margin there: a
+    margin below the logit difference is a near-tie that rounding (another kernel's summation order)
+    may flip, not a wrong expert."""
+    out: dict[str, Any] = {"logits_max_abs_diff": float((logits - reference_logits).abs().max())}
+    if first_difference is not None and first_difference < reference_logits.shape[1]:
+        top2 = reference_logits[:, first_difference].topk(2, dim=-1).values
+        out["resident_margin_at_first_difference"] = float((top2[:, 0] - top2[:, 1]).min())
+    return out
+
+
 def _generate(model: nn.Module, prompts: dict[str, torch.Tensor], new_tokens: int, device: torch.device,
               sample: bool = False, seed: int = 0):
     timer = TokenTimer(device)
@@ -280,6 +305,7 @@ def run_bench(cfg: BenchConfig) -> list[dict[str, Any]]:
     text_ids = _text_ids(cfg, vocab) if cfg.prompt_file else None
     prompts = {b: _prompts(model, b, cfg.prompt_tokens, cfg.seed, device, text_ids) for b in cfg.batch_sizes}
     reference: dict[int, torch.Tensor] = {}
+    reference_logits: dict[int, torch.Tensor] = {}  # the resident model's, teacher-forced on its tokens
     total = len(cfg.batch_sizes) * (len(cfg.budgets) * len(cfg.policies) * len(cfg.predictors) + len(cfg.baselines))
     bar = tqdm(total=total, desc="bench", unit="run", disable=not cfg.progress)
 
@@ -310,6 +336,7 @@ def run_bench(cfg: BenchConfig) -> list[dict[str, Any]]:
             _reset_peak(device)
             tokens, timing = gen(b, cfg.new_tokens)
             reference[b] = tokens
+            reference_logits[b] = teacher_forced_logits(model, prompts[b], tokens)
             record("resident", b, timing, {"experts_implementation": impl, "peak_gpu_gib": _peak_gib(device)}, tokens)
     # 2. transformers + accelerate, experts on the CPU (slow: fewer tokens)
     if "accelerate_cpu" in cfg.baselines:
@@ -344,6 +371,10 @@ def run_bench(cfg: BenchConfig) -> list[dict[str, Any]]:
         tokens, timing = gen(b, cfg.new_tokens)
         extra = {"policy": policy, "predictor": predictor, "budget_fraction": budget, "peak_gpu_gib": _peak_gib(device),
                  **_engine_metrics(engine, timing)}
+        if b in reference_logits:  # after the metrics: this extra forward must not count in them
+            agree = token_agreement(tokens, reference[b])
+            extra.update(logit_agreement(teacher_forced_logits(model, prompts[b], reference[b]), reference_logits[b],
+                                         agree.get("first_token_differing_from_resident")))
         record(system, b, timing, extra, tokens)
         engine.sync_loads = False
 
