@@ -7,7 +7,9 @@
    stronger variants); a variant named ``NAME+ext`` trains on a larger trace: the training files
    plus ``--extra-corpus`` (default: this interpreter's site-packages, files copying held-out text
    skipped), which the model never saw -- the predictor learns the model's routing, not the text;
-4. reports per-layer top-k recall / precision on held-out text;
+4. reports per-layer top-k recall / precision on held-out text; trains each variant's lookahead
+   heads (``--lookahead-hidden``; router inputs of every ``--moe-inputs-every``-th training sequence
+   are traced) and reports the recall once the layer before has run;
 5. hash routing: held-out loss vs exact mode, for predicted and router weights;
 6. cost: predictor time per decoded token (incremental, batch 1) vs the model's decode step;
 7. cache simulation at a 25% expert budget (``sida_moe.predictor.cachesim``): LRU vs prediction.
@@ -33,6 +35,7 @@ HAS_NATIVE = import_predictor_package()
 
 from sida_moe.predictor.cachesim import simulate_all  # noqa: E402
 from sida_moe.predictor.hash_routing import HashRouting  # noqa: E402
+from sida_moe.predictor.lookahead import LookaheadConfig, train_lookahead  # noqa: E402
 from sida_moe.predictor.model import HashPredictor, previous_token_routing  # noqa: E402
 from sida_moe.predictor.traces import load_traces, record_traces  # noqa: E402
 from sida_moe.predictor.train import TrainConfig, evaluate, train_predictor  # noqa: E402
@@ -140,6 +143,10 @@ def main() -> None:
     ap.add_argument("--extra-corpus", default="site-packages",
                     help="'site-packages' or comma-separated directories of .py files for the +ext variants' trace")
     ap.add_argument("--extra-tokens", type=int, default=8_000_000, help="tokens of the extra corpus to trace")
+    ap.add_argument("--lookahead-hidden", type=int, default=512, help="lookahead heads' width (0: none)")
+    ap.add_argument("--lookahead-seconds", type=float, default=45.0, help="training time cap of the heads per variant")
+    ap.add_argument("--moe-inputs-every", type=int, default=6,
+                    help="trace the router inputs of every N-th training sequence (the heads' data; held-out: all)")
     ap.add_argument("--decode", action="store_true", help="also decode held-out prompts through the offload engine")
     ap.add_argument("--decode-prompts", type=int, default=4)
     ap.add_argument("--prefetch-k", type=int, default=0, help="also decode with this many predicted experts per layer")
@@ -203,8 +210,11 @@ def main() -> None:
     held_ids = held_ids[torch.randperm(held_ids.shape[0], generator=g)[: args.held_out_sequences]]
     log(f"tracing {train_ids.shape[0]} train and {held_ids.shape[0]} held-out sequences of {seq} tokens")
     t0 = time.perf_counter()
-    record_traces(model, train_ids, os.path.join(args.work, "trace-train"), batch_size=32, progress=False)
-    record_traces(model, held_ids, os.path.join(args.work, "trace-held"), batch_size=32, progress=False)
+    every = args.moe_inputs_every if args.lookahead_hidden else 0
+    record_traces(model, train_ids, os.path.join(args.work, "trace-train"), batch_size=32, progress=False,
+                  moe_inputs_every=every)
+    record_traces(model, held_ids, os.path.join(args.work, "trace-held"), batch_size=32, progress=False,
+                  moe_inputs_every=1 if every else 0)
     results["trace_seconds"] = time.perf_counter() - t0
     names = args.variants.split(",")
     for name in names:
@@ -250,6 +260,16 @@ def main() -> None:
         results["variants"][name] = rep
         dump(results)
         k = rep["held_out"]["k"]
+        if args.lookahead_hidden and tr.moe_inputs is not None:
+            look = LookaheadConfig(hidden=args.lookahead_hidden, steps=5 if args.smoke else 50000, batch_tokens=8192,
+                                   max_seconds=None if args.smoke else args.lookahead_seconds, device=device)
+            rep["lookahead"] = train_lookahead(pred, tr, look, held_out=ho, progress=False)
+            dump(results)
+            lh = rep["lookahead"]["held_out"]
+            log(f"  {name}: lookahead heads ({rep['lookahead']['steps_run']} steps on "
+                f"{rep['lookahead']['train_tokens']} tokens, {rep['lookahead']['train_seconds']:.0f}s): held-out recall@{k} "
+                f"{lh[f'mean_recall@{k}']:.4f} -> {lh[f'mean_lookahead_recall@{k}']:.4f} once the layer before has run; "
+                "per layer " + " ".join(f"{r[f'lookahead_recall@{k}']:.3f}" for r in lh["per_layer"]))
         if cfg.prev_token_routing:
             log(f"  {name}: without the previous token's routing (prompts): recall@{k} "
                 f"{rep['held_out'][f'mean_recall@{k}_no_routing']:.4f}")

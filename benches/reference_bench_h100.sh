@@ -3,13 +3,17 @@
 #   1. benches/predictor_pipeline.py: train the reference MoE LM on the Python standard library
 #      (Qwen3-MoE, 8 layers, 32 experts top-4), trace its routing, train the hash function, report
 #      held-out recall, hash-routing loss, predictor cost and a cache simulation;
-#   2. `sida-moe bench` on that model with the trained predictor, prompts cut from the held-out
+#   2. benches/predictor_overhead.py (when OVERHEAD_ROUNDS > 0): tokens/s with and without the
+#      predictor, alternated for several rounds in one process, split into the predictor's own cost
+#      and its copies;
+#   3. `sida-moe bench` on that model with the trained predictor, prompts cut from the held-out
 #      files: every policy (oracle Belady as the ceiling) x predictor at 10/25/50% expert budgets,
 #      plus the baselines.
 # Run from the repository root with the wheel installed:  bash benches/reference_bench_h100.sh OUTDIR
 # Environment: VARIANT (predictor variant of predictor_pipeline.py), PSEC (its training seconds),
 # TRAIN_SECONDS (reference model), EXTRA_TOKENS (tokens of extra corpus traced for a VARIANT named
-# NAME+ext: predictor_pipeline.py --extra-tokens), NEW_TOKENS, BUDGETS, POLICIES, PREDICTORS, DEADLINE (seconds after
+# NAME+ext: predictor_pipeline.py --extra-tokens), LOOK_SEC (lookahead heads' training seconds; 0: none),
+# OVERHEAD_ROUNDS (default 0), BASELINES, NEW_TOKENS, BUDGETS, POLICIES, PREDICTORS, DEADLINE (seconds after
 # which the bench is stopped; bench.json keeps the rows done).
 set -uo pipefail
 out=${1:?output directory}
@@ -20,14 +24,20 @@ export PYTHONUNBUFFERED=1
 log="$out/log.txt"
 python3 benches/predictor_pipeline.py --out "$out/pipe" --work "$work" --train-seconds "${TRAIN_SECONDS:-110}" \
   --variants "$variant" --predictor-seconds "${PSEC:-190}" --predictor-steps 20000 \
-  --extra-tokens "${EXTRA_TOKENS:-8000000}" --held-out-text "$work/heldout.txt" 2>&1 | grep -v -i "warn" >> "$log"
+  --extra-tokens "${EXTRA_TOKENS:-8000000}" --lookahead-seconds "${LOOK_SEC:-45}" \
+  $( [ "${LOOK_SEC:-45}" = 0 ] && echo --lookahead-hidden 0 ) --held-out-text "$work/heldout.txt" 2>&1 | grep -v -i "warn" >> "$log"
 mkdir -p "$work/predictor"
 for f in predictor.json predictor.safetensors; do mv "$out/pipe/$variant.$f" "$work/predictor/$f"; done
 rm -f "$out/pipe/heldout_routing.safetensors"
+if [ "${OVERHEAD_ROUNDS:-0}" -gt 0 ]; then
+  python3 benches/predictor_overhead.py --model "$work/ref-moe" --predictor-path "$work/predictor" \
+    --prompt-file "$work/heldout.txt" --rounds "$OVERHEAD_ROUNDS" --out "$out/predictor_overhead.json" 2>&1 \
+    | grep -v -i "warn" >> "$log"
+fi
 cd /tmp
 timeout $(( ${DEADLINE:-585} - SECONDS )) sida-moe bench --model "$work/ref-moe" --predictor-path "$work/predictor" --prompt-file "$work/heldout.txt" \
   --budgets "${BUDGETS:-10%,25%,50%}" --policies "${POLICIES:-lru,lfu,fifo,predictive,belady}" \
   --predictors "${PREDICTORS:-none,next_layer_gate,sida,sida@6}" \
-  --baselines resident,accelerate_cpu,ondemand_lru,sida_sync --accelerate-new-tokens 8 \
+  --baselines "${BASELINES:-resident,accelerate_cpu,ondemand_lru,sida_sync}" --accelerate-new-tokens 8 \
   --prompt-tokens 64 --new-tokens "${NEW_TOKENS:-48}" --out "$out/bench" 2>&1 | grep -v "bench:" >> "$log"
 tail -60 "$log"

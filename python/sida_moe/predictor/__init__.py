@@ -3,6 +3,7 @@ the run-ahead prefetcher and hash routing."""
 
 from sida_moe.predictor.graphed import GraphedDecoder
 from sida_moe.predictor.hash_routing import HashRouting
+from sida_moe.predictor.lookahead import LookaheadConfig, evaluate_lookahead, train_lookahead
 from sida_moe.predictor.model import HashPredictor, PredictorConfig, PredictorState, has_predictor
 from sida_moe.predictor.runahead import RunAheadPrefetcher, load_prefetcher
 from sida_moe.predictor.sparsemax import sparsemax
@@ -13,6 +14,7 @@ __all__ = [
     "GraphedDecoder",
     "HashPredictor",
     "HashRouting",
+    "LookaheadConfig",
     "PredictorConfig",
     "PredictorState",
     "RoutingRecorder",
@@ -20,6 +22,7 @@ __all__ = [
     "TrainConfig",
     "Traces",
     "evaluate",
+    "evaluate_lookahead",
     "find_moe_layers",
     "fit_gate_weights",
     "has_predictor",
@@ -27,5 +30,6 @@ __all__ = [
     "load_traces",
     "record_traces",
     "sparsemax",
+    "train_lookahead",
     "train_predictor",
 ]

@@ -3,6 +3,10 @@
     sida-moe trace --model ./my-moe --corpus /usr/lib/python3.12 --split train --out ./trace-train
     sida-moe trace --model ./my-moe --corpus /usr/lib/python3.12 --split held-out --out ./trace-held
     sida-moe train-predictor --trace ./trace-train --held-out ./trace-held --out ./my-moe
+
+With ``trace --moe-inputs-every N`` (router inputs of every N-th sequence kept), ``train-predictor``
+also trains the lookahead heads (``--lookahead-hidden``, 0 to skip), which correct each layer's
+prediction once the layer before it has run.
 """
 
 from __future__ import annotations
@@ -26,6 +30,9 @@ def _configure_trace(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-next-layer-gate", action="store_true",
                    help="do not record each layer's router on the previous layer's input (the fused "
                         "correction of train-predictor needs it; it costs one router matmul per layer)")
+    p.add_argument("--moe-inputs-every", type=int, default=0, metavar="N",
+                   help="also keep the router inputs of every N-th sequence (2 x hidden x (MoE layers - 1) bytes "
+                        "per token), so train-predictor can train the lookahead heads; 0 (default): none")
     p.add_argument("--device", default=None, help="default: cuda when available, else cpu")
     p.add_argument("--dtype", default=None, choices=["bfloat16", "float16", "float32"])
     p.add_argument("--seed", type=int, default=0)
@@ -40,6 +47,8 @@ def run_trace(args: argparse.Namespace) -> int:
 
     if args.seq_len <= 0 or args.batch_size <= 0:
         raise SystemExit("--seq-len and --batch-size must be positive")
+    if args.moe_inputs_every < 0:
+        raise SystemExit("--moe-inputs-every must be >= 0 (0: off)")
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = getattr(torch, args.dtype) if args.dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)
     docs = read_corpus(args.corpus)
@@ -57,7 +66,8 @@ def run_trace(args: argparse.Namespace) -> int:
     model = AutoModelForCausalLM.from_pretrained(args.model, dtype=dtype).to(device).eval()
     print(f"tracing {sequences.shape[0]} sequences of {args.seq_len} tokens from {len(docs)} files on {device}")
     manifest = record_traces(model, sequences, args.out, batch_size=args.batch_size, top_t=args.top_t,
-                             model_name_or_path=args.model, next_layer_gate=not args.no_next_layer_gate)
+                             model_name_or_path=args.model, next_layer_gate=not args.no_next_layer_gate,
+                             moe_inputs_every=args.moe_inputs_every)
     print(f"wrote {args.out}: {manifest['num_moe_layers']} MoE layers, {manifest['num_experts']} experts, "
           f"top-{manifest['top_k']}, {manifest['num_sequences'] * manifest['seq_len']} tokens")
     return 0
@@ -89,6 +99,10 @@ def _configure_train(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-seconds", type=float, default=None, help="cap training time (the step count is cut to fit)")
     p.add_argument("--bf16", action="store_true",
                    help="bf16 autocast for the forward on a GPU (1.5x the tokens per second at batch 128 on the H100)")
+    p.add_argument("--lookahead-hidden", type=int, default=512,
+                   help="width of the lookahead heads, trained when the trace holds router inputs "
+                        "(trace --moe-inputs-every); 0: do not train them")
+    p.add_argument("--lookahead-steps", type=int, default=4000)
     p.add_argument("--device", default=None, help="default: cuda when available, else cpu")
     p.add_argument("--report", default=None, help="write the full report (JSON) here")
     p.add_argument("--seed", type=int, default=d.seed)
@@ -113,12 +127,32 @@ def run_train(args: argparse.Namespace) -> int:
         max_seconds=args.max_seconds, seed=args.seed, bf16=args.bf16,
         device=args.device or ("cuda" if torch.cuda.is_available() else "cpu"),
     )
+    if args.lookahead_hidden < 0 or args.lookahead_steps <= 0:
+        raise SystemExit("--lookahead-hidden must be >= 0 and --lookahead-steps positive")
     predictor, report = train_predictor(traces, config, held_out=held)
-    predictor.save(out)
     print(f"loss {report['loss_first']:.4f} -> {report['loss_last_50']:.4f} in {report['train_seconds']:.1f} s; "
-          f"{report['num_parameters']} parameters; saved to {out}")
+          f"{report['num_parameters']} parameters")
     if held is not None:
         print(format_report(report["held_out"]))
+    if args.lookahead_hidden and traces.moe_inputs is not None and traces.manifest["num_moe_layers"] > 1:
+        from sida_moe.predictor.lookahead import LookaheadConfig, train_lookahead
+
+        look_held = held if held is not None and held.moe_inputs is not None else None
+        report["lookahead"] = train_lookahead(
+            predictor, traces, LookaheadConfig(hidden=args.lookahead_hidden, steps=args.lookahead_steps,
+                                               seed=args.seed, device=config.device), held_out=look_held)
+        k = traces.manifest["top_k"]
+        if look_held is not None:
+            rep = report["lookahead"]["held_out"]
+            print(f"lookahead heads: recall@{k} {rep[f'mean_recall@{k}']:.4f} -> {rep[f'mean_lookahead_recall@{k}']:.4f} "
+                  f"once the layer before has run ({rep['tokens']} held-out tokens)")
+        else:
+            print("lookahead heads trained (no held-out router inputs to evaluate them: trace the held-out "
+                  "text with --moe-inputs-every 1)")
+    elif args.lookahead_hidden and traces.moe_inputs is None:
+        print("no lookahead heads: the trace holds no router inputs (trace with --moe-inputs-every N to train them)")
+    predictor.save(out)
+    print(f"saved to {out}")
     if args.report:
         with open(args.report, "w") as f:
             json.dump(report, f, indent=2)

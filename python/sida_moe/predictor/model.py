@@ -35,6 +35,14 @@ Conditioned variant (``conditioned=True``): each layer L >= 1 also gets a ``Line
 the multi-hot of layer L-1's *true* routing. Before the model runs only the base prediction is
 available; once layer L-1's router has run, ``refine`` sharpens layer L's prediction with it (the
 run-ahead prefetcher uses this to correct the next layer's prefetches).
+
+Lookahead heads (``lookahead_hidden > 0``, trained after the network on traces that hold router
+inputs, see ``sida_moe.predictor.lookahead``): once MoE layer l-1 has run, its router input ``x``
+(the token's real hidden state one layer behind) is known; layer l's prediction becomes
+``logits + MLP_l([rms(x), logits - mean])`` (``Linear(d + E -> lookahead_hidden) + GELU +
+Linear(-> E)``, the last layer zero-initialised so untrained heads change nothing). A learned map
+of ``x``, unlike the fixed next-layer gate (layer l's router on ``x``), can model what layer l-1's
+experts and layer l's attention do to the state; the run-ahead logits carry the context.
 """
 
 from __future__ import annotations
@@ -72,6 +80,7 @@ class PredictorConfig:
     attn_heads: int = 8  # heads of those blocks (hidden must divide by it)
     # per MoE layer: weight of the next-layer gate's logits in the fused correction ([]: not fitted)
     gate_weights: list[float] = field(default_factory=list)
+    lookahead_hidden: int = 0  # > 0: the lookahead heads' width (module docstring); 0: none
     moe_layer_ids: list[int] = field(default_factory=list)  # decoder-layer index of each MoE layer
     model_type: str = ""
 
@@ -81,6 +90,8 @@ class PredictorConfig:
                 raise ValueError(f"PredictorConfig.{name} must be a positive int, got {getattr(self, name)!r}")
         if int(self.head_hidden) < 0:
             raise ValueError(f"PredictorConfig.head_hidden must be >= 0 (0: linear heads), got {self.head_hidden!r}")
+        if int(self.lookahead_hidden) < 0:
+            raise ValueError(f"PredictorConfig.lookahead_hidden must be >= 0 (0: none), got {self.lookahead_hidden!r}")
         if int(self.attn_blocks) < 0:
             raise ValueError(f"PredictorConfig.attn_blocks must be >= 0 (0: the paper's network), got {self.attn_blocks!r}")
         if self.attn_blocks and (int(self.attn_heads) <= 0 or self.hidden % self.attn_heads):
@@ -165,6 +176,42 @@ class CausalBlock(nn.Module):
         return x, (keys, values)
 
 
+class LookaheadHeads(nn.Module):
+    """Per MoE layer l >= 1, a correction of the run-ahead logits from layer l-1's router input
+    (module docstring). Weights of all layers are stacked (``[L-1, ...]``) so training runs every
+    layer in one batched matmul; decode corrects one layer at a time (``layer``)."""
+
+    def __init__(self, input_dim: int, num_moe_layers: int, num_experts: int, hidden: int) -> None:
+        super().__init__()
+        n, fan_in = num_moe_layers - 1, input_dim + num_experts
+        self.w_in = nn.Parameter(torch.randn(n, fan_in, hidden) * fan_in**-0.5)
+        self.b_in = nn.Parameter(torch.zeros(n, hidden))
+        self.w_out = nn.Parameter(torch.zeros(n, hidden, num_experts))  # zero: starts as the run-ahead logits
+        self.b_out = nn.Parameter(torch.zeros(n, num_experts))
+
+    @staticmethod
+    def _inputs(moe_input: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+        x = moe_input.float()
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6)
+        base = logits.float()
+        return torch.cat([x, base - base.mean(-1, keepdim=True)], dim=-1)
+
+    def forward(self, moe_inputs: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+        """Every layer at once: ``moe_inputs [L-1, N, d]`` (layers 0..L-2's router inputs) and the
+        run-ahead ``logits [L-1, N, E]`` of layers 1..L-1 -> corrected logits ``[L-1, N, E]``."""
+        z = self._inputs(moe_inputs, logits)
+        mid = F.gelu(torch.baddbmm(self.b_in[:, None], z, self.w_in))
+        return logits.float() + torch.baddbmm(self.b_out[:, None], mid, self.w_out)
+
+    def layer(self, layer: int, moe_input: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+        """MoE layer ``layer`` (>= 1): ``moe_input [..., d]`` of layer ``layer - 1``, ``logits [..., E]``."""
+        i = layer - 1
+        z = self._inputs(moe_input, logits)
+        mid = F.gelu(torch.addmm(self.b_in[i], z.reshape(-1, z.shape[-1]), self.w_in[i]))
+        out = torch.addmm(self.b_out[i], mid, self.w_out[i])
+        return logits.float() + out.view(*logits.shape[:-1], -1)
+
+
 class HashPredictor(nn.Module):
     """Predicts router logits of every MoE layer from the layer-0 input embeddings."""
 
@@ -196,6 +243,22 @@ class HashPredictor(nn.Module):
                 nn.init.zeros_(lin.weight)  # starts as the base predictor; training learns the correction
         else:
             self.prev_routing = None
+        self.lookahead = (
+            LookaheadHeads(config.input_dim, L, E, config.lookahead_hidden)
+            if config.lookahead_hidden and L > 1 else None
+        )
+
+    def add_lookahead(self, hidden: int) -> LookaheadHeads:
+        """Give the network (fresh, zero-output) lookahead heads of width ``hidden``, on its device;
+        ``sida_moe.predictor.lookahead.train_lookahead`` trains them."""
+        c = self.config
+        if c.num_moe_layers < 2:
+            raise ValueError("lookahead heads need at least 2 MoE layers (layer 0 has no layer before it)")
+        if isinstance(hidden, bool) or not isinstance(hidden, int) or hidden <= 0:
+            raise ValueError(f"lookahead hidden width must be a positive int, got {hidden!r}")
+        self.lookahead = LookaheadHeads(c.input_dim, c.num_moe_layers, c.num_experts, hidden).to(self.compress.weight.device)
+        c.lookahead_hidden = hidden
+        return self.lookahead
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())
@@ -332,6 +395,21 @@ class HashPredictor(nn.Module):
             return logits
         return logits.float() + weight * gate_logits.to(logits.device).float()
 
+    def look_ahead(self, logits: torch.Tensor, layer: int, moe_input: torch.Tensor) -> torch.Tensor:
+        """Layer ``layer``'s logits ``[..., E]`` corrected by the lookahead heads with layer
+        ``layer - 1``'s router input ``moe_input [..., d]`` (module docstring). Layer 0 has none."""
+        if self.lookahead is None:
+            raise ValueError("this predictor has no lookahead heads (train them: sida_moe.predictor.lookahead)")
+        if not 0 <= layer < self.config.num_moe_layers:
+            raise ValueError(f"layer must be in [0, {self.config.num_moe_layers}), got {layer}")
+        if layer == 0:
+            return logits
+        if moe_input.shape[-1] != self.config.input_dim or moe_input.shape[:-1] != logits.shape[:-1]:
+            raise ValueError(f"moe_input must be [..., {self.config.input_dim}] with the tokens of logits "
+                             f"{list(logits.shape[:-1])}, got {list(moe_input.shape)}")
+        dev = self.lookahead.w_in.device
+        return self.lookahead.layer(layer, moe_input.to(dev), logits.to(dev))
+
     def predict_topk(
         self, embeds: torch.Tensor, k: int | None = None, state: PredictorState | None = None
     ) -> tuple[torch.Tensor, torch.Tensor, PredictorState]:
@@ -399,6 +477,7 @@ __all__ = [
     "CausalBlock",
     "WEIGHTS_NAME",
     "HashPredictor",
+    "LookaheadHeads",
     "PredictorConfig",
     "PredictorState",
     "has_predictor",

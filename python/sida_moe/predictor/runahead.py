@@ -7,7 +7,9 @@ generation so that a newer forward cancels them, and feeds the predicted acquire
 predictive eviction policy (``set_future``). The inference thread never waits for it in exact mode.
 
 As true routing appears (``after_routing`` of layer l), the next layer's prefetch is corrected:
-``correction="fused"`` (the default for a predictor with fitted ``gate_weights``) applies layer
+``correction="lookahead"`` (the default for a predictor with trained lookahead heads) runs layer
+l+1's head on layer l's hidden state and the forward's prediction (two small matmuls on the compute
+stream) and queues its top-k that was not predicted on the demand lane; ``"fused"`` (the default for a predictor with fitted ``gate_weights``) applies layer
 l+1's router to layer l's hidden state (one small matmul on the compute stream), adds its logits to
 the predictor's by the fitted weight, and queues the fused top-k that was not predicted on the
 demand lane; ``"gate"`` (the default otherwise) queues the router's own top-k instead;
@@ -50,7 +52,7 @@ from sida_moe.predictor.model import HashPredictor, PredictorState, routing_mult
 if TYPE_CHECKING:
     from sida_moe.engine import OffloadEngine
 
-Correction = Literal["fused", "gate", "refine", "none"]
+Correction = Literal["lookahead", "fused", "gate", "refine", "none"]
 _MAX_GRAPHED_BATCHES = 4  # batch sizes with their own captured decoder; others decode eagerly
 
 
@@ -109,9 +111,13 @@ class RunAheadPrefetcher:
         if hash_weights not in ("predicted", "router"):
             raise ValueError(f"hash_weights must be 'predicted' or 'router', got {hash_weights!r}")
         if correction is None:
-            correction = "fused" if predictor.config.gate_weights else "gate"
-        if correction not in ("fused", "gate", "refine", "none"):
-            raise ValueError(f"correction must be 'fused', 'gate', 'refine' or 'none', got {correction!r}")
+            correction = ("lookahead" if predictor.lookahead is not None
+                          else "fused" if predictor.config.gate_weights else "gate")
+        if correction not in ("lookahead", "fused", "gate", "refine", "none"):
+            raise ValueError(f"correction must be 'lookahead', 'fused', 'gate', 'refine' or 'none', got {correction!r}")
+        if correction == "lookahead" and predictor.lookahead is None:
+            raise ValueError("correction='lookahead' needs a predictor with trained lookahead heads "
+                             "(sida_moe.predictor.lookahead.train_lookahead)")
         if correction == "refine" and predictor.prev_routing is None:
             raise ValueError("correction='refine' needs a predictor trained with conditioned=True")
         if correction == "fused" and not predictor.config.gate_weights:
@@ -212,8 +218,13 @@ class RunAheadPrefetcher:
         nxt = moe_layer + 1
         if nxt >= len(engine.moe_layers) or self.correction == "none":
             return
-        if self.correction == "gate" or (self.correction == "fused" and not (job.ready.is_set() and job.logits is not None)):
+        ready = job.ready.is_set() and job.logits is not None
+        if self.correction == "gate" or (self.correction in ("fused", "lookahead") and not ready):
             extra = set(engine.moe_layers[nxt].predict(hidden).reshape(-1).tolist())
+        elif self.correction == "lookahead":
+            logits = job.logits[nxt]  # [T, E]
+            looked = self.predictor.look_ahead(logits, nxt, hidden.reshape(logits.shape[0], -1))
+            extra = set(looked.topk(self.k, dim=-1).indices.reshape(-1).tolist())
         elif self.correction == "fused":
             gate = engine.moe_layers[nxt].gate_logits(hidden)
             fused = self.predictor.fuse(job.logits[nxt], nxt, gate.reshape(job.logits.shape[1], -1))

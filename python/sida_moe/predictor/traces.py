@@ -11,6 +11,11 @@ A trace directory holds
   layer l >= 1, the T largest logits of layer l's router applied to layer l-1's MoE input -- what
   the run-ahead prefetcher's correction sees once layer l-1 has run (the fused variant learns how
   much to trust it next to the predictor);
+- optionally (``moe_inputs_every`` in the manifest) ``moe_inputs [L-1, r, S, d] float16`` and
+  ``moe_input_rows [r] int32``: for every ``moe_inputs_every``-th sequence (``moe_input_rows``: its
+  row in the shard), MoE layers 0..L-2's router inputs -- the hidden state the lookahead heads read
+  to correct layer l+1's prediction once layer l has run (``sida_moe.predictor.lookahead``). About
+  ``2 d (L-1)`` bytes per token: a share of the corpus is enough to train those small heads;
 - ``embeddings.safetensors``: ``weight [V, d]``, the model's input-embedding output for every
   token id (includes any embedding scale), so training needs no model.
 
@@ -115,7 +120,8 @@ class RoutingRecorder:
     for every forward while active. ``clear()`` drops what was recorded.
 
     ``next_layer_gate``: also record, for each layer l >= 1, layer l's router applied to layer l-1's
-    router input (``gate_logits[l]``; called through ``forward`` so no hook sees it)."""
+    router input (``gate_logits[l]``; called through ``forward`` so no hook sees it).
+    ``router_inputs``: also keep MoE layers 0..L-2's router inputs (``inputs[l]``, ``[T, d]``)."""
 
     def __init__(
         self,
@@ -123,17 +129,20 @@ class RoutingRecorder:
         layers: Sequence[MoELayer] | None = None,
         keep_logits: bool = True,
         next_layer_gate: bool = False,
+        router_inputs: bool = False,
     ) -> None:
         self.layers = list(layers) if layers is not None else find_moe_layers(model)
         self.keep_logits = keep_logits
         self.next_layer_gate = next_layer_gate
+        self.router_inputs = router_inputs
+        self.inputs: list[list[torch.Tensor]] = [[] for _ in self.layers]  # the last layer stays empty
         self.logits: list[list[torch.Tensor]] = [[] for _ in self.layers]
         self.topk_ids: list[list[torch.Tensor]] = [[] for _ in self.layers]
         self.gate_logits: list[list[torch.Tensor]] = [[] for _ in self.layers]  # layer 0 stays empty
         self._handles: list = []
 
     def clear(self) -> None:
-        for lst in (*self.logits, *self.topk_ids, *self.gate_logits):
+        for lst in (*self.logits, *self.topk_ids, *self.gate_logits, *self.inputs):
             lst.clear()
 
     def __enter__(self) -> RoutingRecorder:
@@ -157,6 +166,8 @@ class RoutingRecorder:
             if self.next_layer_gate and i + 1 < len(self.layers) and args:
                 nxt = router_logits(self.layers[i + 1].router.forward(args[0]), i + 1)
                 self.gate_logits[i + 1].append(nxt.detach().reshape(-1, nxt.shape[-1]))
+            if self.router_inputs and i + 1 < len(self.layers) and args:
+                self.inputs[i].append(args[0].detach().reshape(-1, args[0].shape[-1]))
 
         return hook
 
@@ -187,6 +198,12 @@ class RoutingRecorder:
         if not self.gate_logits[i]:
             raise RuntimeError(f"no next-layer gate logits recorded for MoE layer {i} (layer >= 1, next_layer_gate=True)")
         return torch.cat(self.gate_logits[i])
+
+    def layer_inputs(self, i: int) -> torch.Tensor:
+        """MoE layer ``i``'s router inputs ``[T_total, d]`` (``router_inputs``; layers 0..L-2)."""
+        if not self.inputs[i]:
+            raise RuntimeError(f"no router inputs recorded for MoE layer {i} (layer < L-1, router_inputs=True)")
+        return torch.cat(self.inputs[i])
 
 
 # ------------------------------------------------------------------------------------ corpus
@@ -261,12 +278,14 @@ def record_traces(
     model_name_or_path: str = "",
     progress: bool = True,
     next_layer_gate: bool = True,
+    moe_inputs_every: int = 0,
 ) -> dict:
     """Run ``model`` over ``sequences`` (``[N, S]`` token ids) and write a trace directory.
 
     ``top_t``: router logits kept per token and layer (capped at the number of experts).
     ``next_layer_gate``: also record each layer's router on the previous layer's input (module
-    docstring; one small matmul per layer). Returns the manifest. The model is run in eval mode under ``torch.no_grad`` on its own device.
+    docstring; one small matmul per layer). ``moe_inputs_every``: also keep the router inputs of
+    every that many-th sequence (0: none; 1: all), for the lookahead heads. Returns the manifest. The model is run in eval mode under ``torch.no_grad`` on its own device.
     """
     from safetensors.torch import save_file
     from tqdm.auto import tqdm
@@ -275,6 +294,8 @@ def record_traces(
         raise ValueError(f"sequences must be a 2-D integer tensor [N, S], got {sequences.dtype} {tuple(sequences.shape)}")
     if batch_size <= 0 or shard_sequences <= 0 or top_t <= 0:
         raise ValueError("batch_size, shard_sequences and top_t must be positive")
+    if isinstance(moe_inputs_every, bool) or not isinstance(moe_inputs_every, int) or moe_inputs_every < 0:
+        raise ValueError(f"moe_inputs_every must be an int >= 0 (0: off, 1: every sequence), got {moe_inputs_every!r}")
     layers = find_moe_layers(model)
     num_experts = layers[0].num_experts
     top_k = layers[0].top_k
@@ -290,8 +311,9 @@ def record_traces(
     save_file({"weight": _embedding_table(model)}, os.path.join(out_dir, EMBEDDINGS_NAME))
     shards: list[dict] = []
     gate = next_layer_gate and len(layers) > 1
+    inputs_every = moe_inputs_every if len(layers) > 1 else 0
     buf: dict[str, list[torch.Tensor]] = {"input_ids": [], "topk_ids": [], "logit_ids": [], "logit_vals": [],
-                                          "gate_ids": [], "gate_vals": []}
+                                          "gate_ids": [], "gate_vals": [], "moe_inputs": [], "moe_input_rows": []}
 
     def flush() -> None:
         if not buf["input_ids"]:
@@ -305,6 +327,13 @@ def record_traces(
         if gate:
             tensors["gate_ids"] = torch.cat(buf["gate_ids"], dim=1).to(torch.int16)
             tensors["gate_vals"] = torch.cat(buf["gate_vals"], dim=1).to(torch.float16)
+        if inputs_every:
+            hidden = int(getattr(config, "hidden_size"))
+            rows = torch.cat(buf["moe_input_rows"]) if buf["moe_input_rows"] else torch.zeros(0, dtype=torch.int64)
+            tensors["moe_input_rows"] = (rows - shard_start[0]).to(torch.int32)  # row within this shard
+            tensors["moe_inputs"] = (torch.cat(buf["moe_inputs"], dim=1) if buf["moe_inputs"]
+                                     else torch.zeros(len(layers) - 1, 0, seq_len, hidden)).to(torch.float16)
+        shard_start[0] += int(tensors["input_ids"].shape[0])
         fname = f"shard-{len(shards):05d}.safetensors"
         save_file({k: v.contiguous() for k, v in tensors.items()}, os.path.join(out_dir, fname))
         shards.append({"file": fname, "num_sequences": int(tensors["input_ids"].shape[0])})
@@ -315,8 +344,10 @@ def record_traces(
     model.eval()
     n, seq_len = sequences.shape
     pending = 0
+    shard_start = [0]  # first sequence of the shard being filled
     try:
-        with RoutingRecorder(model, layers, next_layer_gate=gate) as rec, torch.no_grad():
+        with RoutingRecorder(model, layers, next_layer_gate=gate, router_inputs=bool(inputs_every)) as rec, \
+                torch.no_grad():
             for start in tqdm(range(0, n, batch_size), desc="trace", unit="batch", disable=not progress):
                 batch = sequences[start : start + batch_size]
                 rec.clear()
@@ -336,6 +367,14 @@ def record_traces(
                     top = [rec.layer_gate_logits(i).float().topk(top_t, dim=-1) for i in range(1, len(layers))]
                     buf["gate_ids"].append(torch.stack([t.indices.view(b, seq_len, top_t).cpu() for t in top]))
                     buf["gate_vals"].append(torch.stack([t.values.view(b, seq_len, top_t).cpu() for t in top]))
+                if inputs_every:
+                    keep = [j for j in range(b) if (start + j) % inputs_every == 0]
+                    if keep:
+                        sel = torch.tensor(keep, device=device)
+                        buf["moe_inputs"].append(torch.stack([
+                            rec.layer_inputs(i).view(b, seq_len, -1).index_select(0, sel).to(torch.float16).cpu()
+                            for i in range(len(layers) - 1)]))
+                        buf["moe_input_rows"].append(torch.tensor(keep, dtype=torch.int64) + start)
                 pending += b
                 if pending >= shard_sequences:
                     flush()
@@ -355,6 +394,7 @@ def record_traces(
         "top_k": top_k,
         "top_t": top_t,
         "next_layer_gate": gate,
+        "moe_inputs_every": inputs_every,
         "seq_len": int(seq_len),
         "num_sequences": int(n),
         "shards": shards,
@@ -378,12 +418,23 @@ class Traces:
     embeddings: torch.Tensor  # [V, d]
     gate_ids: torch.Tensor | None = None  # [L-1, N, S, T] int64: layer l's router on layer l-1's input
     gate_vals: torch.Tensor | None = None  # [L-1, N, S, T] float32
+    moe_inputs: torch.Tensor | None = None  # [L-1, R, S, d] float16: router inputs of R of the sequences
+    moe_input_rows: torch.Tensor | None = None  # [R] int64: the sequence (row of input_ids) of each
 
     @property
     def num_sequences(self) -> int:
         return self.input_ids.shape[0]
 
     def subset(self, rows: torch.Tensor | slice) -> Traces:
+        """The sequences ``rows`` (a slice or index tensor), with the router inputs of those that have them."""
+        moe_inputs = moe_input_rows = None
+        if self.moe_inputs is not None:
+            picked = torch.arange(self.num_sequences)[rows]
+            where = torch.full((self.num_sequences,), -1, dtype=torch.int64)  # trace row -> subset row
+            where[picked] = torch.arange(picked.numel())
+            new_rows = where[self.moe_input_rows]
+            kept = new_rows >= 0
+            moe_inputs, moe_input_rows = self.moe_inputs[:, kept], new_rows[kept]
         return Traces(
             self.manifest,
             self.input_ids[rows],
@@ -393,7 +444,19 @@ class Traces:
             self.embeddings,
             None if self.gate_ids is None else self.gate_ids[:, rows],
             None if self.gate_vals is None else self.gate_vals[:, rows],
+            moe_inputs,
+            moe_input_rows,
         )
+
+    def with_moe_inputs(self) -> Traces:
+        """Only the sequences recorded with their router inputs, in the order of ``moe_inputs`` (so
+        sequence i's inputs are ``moe_inputs[:, i]``). Raises ``ValueError`` when there are none."""
+        if self.moe_inputs is None or self.moe_input_rows.numel() == 0:
+            raise ValueError("the trace holds no router inputs (record it with moe_inputs_every > 0, "
+                             "`sida-moe trace --moe-inputs-every N`)")
+        out = self.subset(self.moe_input_rows)
+        out.moe_inputs, out.moe_input_rows = self.moe_inputs, torch.arange(self.moe_input_rows.numel())
+        return out
 
 
 def iter_shards(trace_dir: str | os.PathLike) -> Iterator[dict[str, torch.Tensor]]:
@@ -448,6 +511,13 @@ def load_traces(trace_dir: str | os.PathLike, *more_dirs: str | os.PathLike, com
     if not parts:
         raise ValueError(f"trace directory {os.fspath(trace_dir)!r} has no shards")
     gate = all(bool(m.get("next_layer_gate")) for m in manifests) and all("gate_ids" in p for p in parts)
+    moe_inputs = moe_input_rows = None
+    if any("moe_inputs" in p for p in parts):
+        # shard-local rows -> rows of the concatenated trace
+        offsets = torch.tensor([0] + [p["input_ids"].shape[0] for p in parts]).cumsum(0)
+        moe_input_rows = torch.cat([p.pop("moe_input_rows").long() + int(offsets[i])
+                                    for i, p in enumerate(parts) if "moe_inputs" in p])
+        moe_inputs = torch.cat([p.pop("moe_inputs") for p in parts if "moe_inputs" in p], dim=1)
     if more_dirs:
         manifest["num_sequences"] = sum(int(m["num_sequences"]) for m in manifests)
         manifest["next_layer_gate"] = gate
@@ -466,6 +536,8 @@ def load_traces(trace_dir: str | os.PathLike, *more_dirs: str | os.PathLike, com
         emb,
         cat("gate_ids", 1, torch.int64) if gate else None,
         cat("gate_vals", 1, torch.float32) if gate else None,
+        moe_inputs,  # float16 either way: the heads' training reads them batch by batch
+        moe_input_rows,
     )
 
 

@@ -1,0 +1,176 @@
+"""Where the run-ahead predictor's decode slowdown comes from (run on the H100; JSON to --out).
+
+The bench's sida rows decode 15-20% fewer tokens/s than the rows without prediction on the small
+reference model, although the predictor step costs under 1 ms against a 14-20 ms decode step.
+Tokens/s of single rows vary by up to ~25% run to run, so this script decodes the same held-out
+prompts under each configuration in turn, for several rounds in one process (one cache, reopened per
+configuration), and reports every round and the median:
+
+- ``none``: no prefetching (the baseline);
+- ``sida_dry``: the predictor thread runs (prompt, graphed decode steps, top-k to the host) but
+  queues no copies and feeds no future: its own cost to the decode loop (GIL, GPU);
+- ``sida_dry_corrected``: the same plus the default next-layer correction on the inference thread;
+- ``sida_no_correction``: real prefetches of the run-ahead prediction only;
+- ``sida``: the full prefetcher as the bench runs it (default correction).
+
+    python benches/predictor_overhead.py --model REF --predictor-path P --prompt-file held.txt --out o.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from predictor_common import import_predictor_package  # noqa: E402
+
+import_predictor_package()
+
+from predictor_decode import greedy_decode  # noqa: E402
+
+from sida_moe.predictor import HashPredictor, RunAheadPrefetcher  # noqa: E402
+
+
+class _NoCopies:
+    """The engine as a prefetcher sees it, minus the copies and the future: ``prefetch`` and
+    ``set_future`` do nothing, everything else is the engine's."""
+
+    def __init__(self, engine) -> None:
+        self._engine = engine
+
+    def prefetch(self, *args, **kwargs) -> None:
+        return None
+
+    def set_future(self, *args, **kwargs) -> None:
+        return None
+
+    def __getattr__(self, name: str):
+        return getattr(self._engine, name)
+
+
+class DryRunAhead(RunAheadPrefetcher):
+    """A run-ahead prefetcher whose predictions are computed and thrown away (measurement only)."""
+
+    name = "sida_dry"
+
+    def attach(self, engine) -> None:
+        super().attach(_NoCopies(engine))
+
+
+def make(name: str, predictor: HashPredictor):
+    if name == "none":
+        return None
+    if name == "sida_dry":
+        return DryRunAhead(predictor, correction="none", feed_future=False)
+    if name == "sida_dry_corrected":
+        return DryRunAhead(predictor, feed_future=False)
+    if name == "sida_no_correction":
+        return RunAheadPrefetcher(predictor, correction="none")
+    if name == "sida":
+        return RunAheadPrefetcher(predictor)
+    raise SystemExit(f"unknown configuration {name!r}")
+
+
+CONFIGS = ("none", "sida_dry", "sida_dry_corrected", "sida_no_correction", "sida")
+
+
+def run(model, predictor: HashPredictor, prompts: list[torch.Tensor], new_tokens: int, budget: float,
+        policy: str, rounds: int, configs=CONFIGS) -> dict:
+    from sida_moe.offload import engine_of, offload
+    from sida_moe.prefetchers import NoPrefetch
+
+    offload(model, gpu_budget=budget, policy=policy, prefetch="none")
+    engine = engine_of(model)
+    engine.measure_stalls = engine.device.type == "cuda"
+    greedy_decode(model, prompts[0][:, :16], 4)  # warm-up
+    out: dict = {"budget": budget, "policy": policy, "rounds": rounds, "prompts": len(prompts),
+                 "new_tokens": new_tokens, "prompt_tokens": int(prompts[0].shape[1]), "engine": engine.describe(),
+                 "correction_default": RunAheadPrefetcher(predictor).correction,
+                 "configs": {name: {"tokens_per_s": [], "hit_rate": [], "stall_fraction": []} for name in configs}}
+    first_tokens: list[torch.Tensor] | None = None
+    same = True
+    try:
+        for r in range(rounds):
+            for name in configs:
+                engine.reopen_cache(engine.slots_for(budget), policy)
+                pf = make(name, predictor)
+                engine.set_prefetcher(pf if pf is not None else NoPrefetch())
+                decode_s = stall = hits = lookups = 0.0
+                tokens = []
+                for prompt in prompts:
+                    toks, seconds = greedy_decode(model, prompt, new_tokens, on_prefilled=engine.reset_stats)
+                    s = engine.stats()
+                    decode_s += seconds
+                    stall += float(s.get("stream_wait_seconds", 0.0))
+                    hits += s["hits"]
+                    lookups += s["hits"] + s["misses"]
+                    tokens.append(toks)
+                if first_tokens is None:
+                    first_tokens = tokens
+                same = same and all(torch.equal(a, b) for a, b in zip(tokens, first_tokens))
+                row = out["configs"][name]
+                row["tokens_per_s"].append(len(prompts) * (new_tokens - 1) / decode_s)
+                row["hit_rate"].append(hits / lookups if lookups else 0.0)
+                row["stall_fraction"].append(stall / decode_s)
+                if pf is not None:
+                    row.setdefault("predictor_ms_per_token", []).append(pf.metrics()["predictor_ms_per_token"])
+                print(f"round {r} {name}: {row['tokens_per_s'][-1]:.1f} tok/s, hit {row['hit_rate'][-1]:.3f}, "
+                      f"stall {row['stall_fraction'][-1]:.4f}", flush=True)
+    finally:
+        engine.close()
+    base = statistics.median(out["configs"]["none"]["tokens_per_s"]) if "none" in out["configs"] else None
+    for row in out["configs"].values():
+        row["median_tokens_per_s"] = statistics.median(row["tokens_per_s"])
+        row["median_hit_rate"] = statistics.median(row["hit_rate"])
+        if base:
+            row["relative_to_none"] = row["median_tokens_per_s"] / base
+    out["all_configs_same_tokens"] = same
+    return out
+
+
+def main(argv: list[str] | None = None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", required=True)
+    ap.add_argument("--predictor-path", required=True)
+    ap.add_argument("--prompt-file", required=True, help="held-out text the prompts are cut from")
+    ap.add_argument("--out", required=True, help="JSON file to write")
+    ap.add_argument("--budget", type=float, default=0.25)
+    ap.add_argument("--policy", default="lru")
+    ap.add_argument("--prompts", type=int, default=3)
+    ap.add_argument("--prompt-tokens", type=int, default=64)
+    ap.add_argument("--new-tokens", type=int, default=48)
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--configs", default=",".join(CONFIGS))
+    args = ap.parse_args(argv)
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    t0 = time.perf_counter()
+    tokenizer = AutoTokenizer.from_pretrained(args.model)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    model = AutoModelForCausalLM.from_pretrained(args.model, dtype=dtype).to(device).eval()
+    with open(args.prompt_file) as f:
+        ids = tokenizer(f.read(), add_special_tokens=False)["input_ids"]
+    step = max(args.prompt_tokens, len(ids) // max(1, args.prompts))
+    prompts = [torch.tensor([ids[i * step : i * step + args.prompt_tokens]]) for i in range(args.prompts)]
+    predictor = HashPredictor.load(args.predictor_path)
+    out = run(model, predictor, prompts, args.new_tokens, args.budget, args.policy, args.rounds,
+              tuple(args.configs.split(",")))
+    out["device"] = torch.cuda.get_device_name() if device == "cuda" else "cpu"
+    out["seconds"] = time.perf_counter() - t0
+    out["command"] = "python benches/predictor_overhead.py " + " ".join(sys.argv[1:] if argv is None else argv)
+    with open(args.out, "w") as f:
+        json.dump(out, f, indent=2)
+    print(json.dumps({n: {k: v for k, v in r.items() if k.startswith(("median", "relative"))}
+                      for n, r in out["configs"].items()}, indent=1))
+    return out
+
+
+if __name__ == "__main__":
+    main()

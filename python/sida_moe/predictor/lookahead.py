@@ -1,0 +1,216 @@
+"""Training and evaluating the lookahead heads (``HashPredictor.look_ahead``, see ``model.py``).
+
+The run-ahead network sees only token embeddings. Once MoE layer l-1 has run, its router input --
+the token's real hidden state -- is known on the inference thread, and layer l's experts can still
+be prefetched behind layer l-1's experts and layer l's attention. The heads learn, per layer, a
+correction of the frozen network's logits from that state, with the network's own loss (top-k
+target plus truncated distillation). They need a trace recorded with ``moe_inputs_every > 0``;
+the network itself is not retrained.
+
+    traces = load_traces("trace-train")              # recorded with moe_inputs_every=8
+    report = train_lookahead(predictor, traces, LookaheadConfig(device="cuda"), held_out=held)
+    predictor.save("predictor/")                     # the heads are saved with the network
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import asdict, dataclass
+from typing import Literal
+
+import torch
+
+from sida_moe.predictor.model import HashPredictor
+from sida_moe.predictor.traces import Traces
+from sida_moe.predictor.train import _tf32_matmuls, distillation_loss
+
+
+@dataclass
+class LookaheadConfig:
+    """Settings of ``train_lookahead``. The heads are small (about ``(d + E) * hidden`` weights per
+    layer) and a step is one batched matmul over all layers, so thousands of steps take seconds."""
+
+    hidden: int = 512  # width of each layer's head
+    steps: int = 4000
+    batch_tokens: int = 4096  # tokens per step (every layer 1..L-1 of each)
+    lr: float = 1e-3
+    weight_decay: float = 0.01
+    warmup_steps: int = 100
+    kd_weight: float = 0.5
+    top_t: int = 30
+    target: Literal["top1", "topk"] = "topk"
+    seed: int = 0
+    device: str = "cpu"
+    max_seconds: float | None = None  # wall-clock cap on the steps
+
+    def __post_init__(self) -> None:
+        for name in ("hidden", "steps", "batch_tokens", "top_t"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+                raise ValueError(f"LookaheadConfig.{name} must be a positive int, got {value!r}")
+        if not self.lr > 0:
+            raise ValueError(f"lr must be positive, got {self.lr}")
+        if self.kd_weight < 0 or self.weight_decay < 0 or self.warmup_steps < 0:
+            raise ValueError("kd_weight, weight_decay and warmup_steps must be >= 0")
+        if self.target not in ("top1", "topk"):
+            raise ValueError(f"target must be 'top1' or 'topk', got {self.target!r}")
+        if self.max_seconds is not None and not self.max_seconds > 0:
+            raise ValueError(f"max_seconds must be positive or None, got {self.max_seconds}")
+
+
+class _TokenTable:
+    """The sequences with router inputs, flattened to tokens, on the training device: layers 1..L-1's
+    run-ahead logits (computed once by the frozen network), targets, and layers 0..L-2's router inputs."""
+
+    def __init__(self, predictor: HashPredictor, traces: Traces, device: torch.device, top_t: int,
+                 batch_size: int = 64) -> None:
+        data = traces.with_moe_inputs()
+        self.num_sequences = data.num_sequences
+        t = min(top_t, data.logit_ids.shape[-1])
+        logits = []
+        predictor.eval()
+        with torch.no_grad():
+            for start in range(0, data.num_sequences, batch_size):
+                ids = data.input_ids[start : start + batch_size].long()
+                embeds = data.embeddings[ids].to(device=device, dtype=torch.float32)
+                out, _ = predictor(embeds)  # [L, B, S, E]
+                logits.append(out[1:].float().flatten(1, 2))
+        self.logits = torch.cat(logits, dim=1)  # [L-1, N, E]
+        self.inputs = data.moe_inputs.flatten(1, 2).to(device, torch.float16)  # [L-1, N, d]
+        self.topk_ids = data.topk_ids[1:].flatten(1, 2).to(device, torch.int64)
+        self.logit_ids = data.logit_ids[1:, ..., :t].flatten(1, 2).to(device, torch.int64)
+        self.logit_vals = data.logit_vals[1:, ..., :t].flatten(1, 2).to(device, torch.float32)
+        self.num_tokens = self.logits.shape[1]
+
+
+def train_lookahead(
+    predictor: HashPredictor,
+    traces: Traces,
+    config: LookaheadConfig | None = None,
+    held_out: Traces | None = None,
+    progress: bool = True,
+) -> dict:
+    """Add lookahead heads to ``predictor`` (replacing any it has) and train them on the sequences of
+    ``traces`` that hold router inputs; the network's own weights stay as they are. Returns a report
+    (steps, loss, timing and, with ``held_out``, ``evaluate_lookahead`` on it)."""
+    config = config or LookaheadConfig()
+    num_layers = traces.manifest["num_moe_layers"]
+    if num_layers < 2:
+        raise ValueError("lookahead heads need at least 2 MoE layers (layer 0 has no layer before it)")
+    if (predictor.config.num_moe_layers, predictor.config.num_experts, predictor.config.input_dim) != (
+            num_layers, traces.manifest["num_experts"], traces.manifest["hidden_size"]):
+        raise ValueError("predictor sizes do not match the trace's model (MoE layers / experts / hidden size)")
+    device = torch.device(config.device)
+    with _tf32_matmuls(device):
+        return _train(predictor, traces, config, held_out, progress, device)
+
+
+def _train(predictor: HashPredictor, traces: Traces, config: LookaheadConfig, held_out: Traces | None,
+           progress: bool, device: torch.device) -> dict:
+    from tqdm.auto import tqdm
+
+    torch.manual_seed(config.seed)
+    t_start = time.perf_counter()
+    predictor.to(device)
+    table = _TokenTable(predictor, traces, device, config.top_t)
+    heads = predictor.add_lookahead(config.hidden)
+    heads.train()
+    opt = torch.optim.AdamW(heads.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    total = config.steps
+
+    def lr_at(step: int) -> float:
+        if step < config.warmup_steps:
+            return (step + 1) / config.warmup_steps
+        frac = (step - config.warmup_steps) / max(1, total - config.warmup_steps)
+        return 0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * min(1.0, frac)))
+
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_at)
+    gen = torch.Generator().manual_seed(config.seed)
+    batch = min(config.batch_tokens, table.num_tokens)
+    losses: list[float] = []
+    t0 = time.perf_counter()
+    bar = tqdm(total=total, desc="train-lookahead", disable=not progress)
+    step = 0
+    while step < total:
+        if config.max_seconds is not None and step >= 20 and step % 10 == 0:
+            per_step = (time.perf_counter() - t0) / step
+            left = config.max_seconds - (time.perf_counter() - t0)
+            total = max(step + 1, min(config.steps, step + int(max(0.0, left) / per_step)))
+            bar.total = total
+        idx = torch.randint(0, table.num_tokens, (batch,), generator=gen).to(device)
+        logits = heads(table.inputs[:, idx], table.logits[:, idx])
+        loss = distillation_loss(logits, table.topk_ids[:, idx], table.logit_ids[:, idx], table.logit_vals[:, idx],
+                                 config.kd_weight, config.top_t, config.target)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(heads.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        losses.append(float(loss.detach()))
+        if step % 100 == 0:
+            bar.set_postfix(loss=f"{losses[-1]:.4f}")
+        bar.update(1)
+        step += 1
+    bar.close()
+    heads.eval()
+    report = {
+        "config": asdict(config),
+        "parameters": sum(p.numel() for p in heads.parameters()),
+        "train_sequences": table.num_sequences,
+        "train_tokens": table.num_tokens,
+        "steps_run": step,
+        "train_seconds": time.perf_counter() - t0,
+        "total_seconds": time.perf_counter() - t_start,
+        "loss_first": losses[0],
+        "loss_last_50": sum(losses[-50:]) / len(losses[-50:]),
+    }
+    del table
+    if held_out is not None:
+        report["held_out"] = evaluate_lookahead(predictor, held_out, device=config.device)
+    return report
+
+
+def evaluate_lookahead(predictor: HashPredictor, traces: Traces, k: int | None = None, device: str = "cpu",
+                       batch_size: int = 64) -> dict:
+    """Top-k recall per MoE layer on the sequences of ``traces`` that hold router inputs: the run-ahead
+    prediction (``recall@k``) and, for layers >= 1, the prediction once the layer before has run
+    (``lookahead_recall@k``; layer 0 keeps the run-ahead one, as at decode time)."""
+    if predictor.lookahead is None:
+        raise ValueError("this predictor has no lookahead heads (train them with train_lookahead)")
+    data = traces.with_moe_inputs()
+    top_k, num_experts = data.manifest["top_k"], data.manifest["num_experts"]
+    k = top_k if k is None else k
+    if not 0 < k <= num_experts:
+        raise ValueError(f"k must be in [1, {num_experts}], got {k}")
+    dev = torch.device(device)
+    predictor.to(dev).eval()
+    num_layers = data.manifest["num_moe_layers"]
+    hits_base = torch.zeros(num_layers, dtype=torch.float64)
+    hits_look = torch.zeros(num_layers, dtype=torch.float64)
+    tokens = 0
+    with torch.no_grad():
+        for start in range(0, data.num_sequences, batch_size):
+            ids = data.input_ids[start : start + batch_size].long()
+            embeds = data.embeddings[ids].to(device=dev, dtype=torch.float32)
+            logits, _ = predictor(embeds)  # [L, B, S, E]
+            true = data.topk_ids[:, start : start + batch_size].to(dev).long()
+            mask = torch.zeros_like(logits, dtype=torch.bool).scatter_(-1, true, True)
+            inputs = data.moe_inputs[:, start : start + batch_size].to(dev)
+            looked = predictor.lookahead(inputs.flatten(1, 2), logits[1:].flatten(1, 2)).view_as(logits[1:])
+            looked = torch.cat([logits[:1].float(), looked])
+            for sums, lg in ((hits_base, logits), (hits_look, looked)):
+                sums += mask.gather(-1, lg.topk(k, dim=-1).indices).sum(dim=(1, 2, 3)).double().cpu()
+            tokens += ids.numel()
+    per_layer = [{"layer": l, f"recall@{k}": float(hits_base[l] / (tokens * top_k)),
+                  f"lookahead_recall@{k}": float(hits_look[l] / (tokens * top_k))} for l in range(num_layers)]
+    return {
+        "tokens": tokens,
+        "k": k,
+        f"mean_recall@{k}": sum(r[f"recall@{k}"] for r in per_layer) / num_layers,
+        f"mean_lookahead_recall@{k}": sum(r[f"lookahead_recall@{k}"] for r in per_layer) / num_layers,
+        "per_layer": per_layer,
+    }
+
+
+__all__ = ["LookaheadConfig", "evaluate_lookahead", "train_lookahead"]

@@ -1,0 +1,272 @@
+"""The lookahead heads: router inputs in traces, training, evaluation, persistence, the run-ahead
+prefetcher's ``correction="lookahead"`` and the command line (CPU, tiny Qwen3-MoE)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from sida_moe.offload import engine_of, offload
+from sida_moe.predictor import (
+    HashPredictor,
+    LookaheadConfig,
+    PredictorConfig,
+    RunAheadPrefetcher,
+    TrainConfig,
+    evaluate_lookahead,
+    find_moe_layers,
+    load_traces,
+    record_traces,
+    train_lookahead,
+    train_predictor,
+)
+
+from test_predictor import tiny_qwen3
+
+
+@pytest.fixture(scope="module")
+def model():
+    return tiny_qwen3(seed=4)
+
+
+@pytest.fixture(scope="module")
+def trace_dir(model, tmp_path_factory):
+    """10 sequences in shards of 6 + 4, router inputs of every 3rd: rows 0, 3, 6, 9."""
+    out = tmp_path_factory.mktemp("look-trace")
+    seqs = torch.randint(0, 64, (10, 16), generator=torch.Generator().manual_seed(0))
+    record_traces(model, seqs, out, batch_size=3, top_t=5, shard_sequences=4, progress=False, moe_inputs_every=3)
+    return out
+
+
+@pytest.fixture(scope="module")
+def full_trace_dir(model, tmp_path_factory):
+    """Router inputs of every sequence: training data for the heads."""
+    out = tmp_path_factory.mktemp("look-full")
+    seqs = torch.randint(0, 64, (48, 16), generator=torch.Generator().manual_seed(1))
+    record_traces(model, seqs, out, batch_size=16, top_t=5, progress=False, moe_inputs_every=1)
+    return out
+
+
+def _router_inputs(model, input_ids: torch.Tensor) -> dict[int, torch.Tensor]:
+    seen = {}
+    hooks = [l.router.register_forward_pre_hook(lambda m, a, i=l.index: seen.__setitem__(i, a[0].detach()))
+             for l in find_moe_layers(model)]
+    try:
+        with torch.no_grad():
+            model(input_ids=input_ids)
+    finally:
+        for h in hooks:
+            h.remove()
+    return seen
+
+
+def _trained_predictor(trace, steps: int = 30) -> HashPredictor:
+    pred, _ = train_predictor(trace, TrainConfig(steps=steps, batch_size=8, hidden=16, fit_gate=False), progress=False)
+    return pred
+
+
+def test_trace_keeps_router_inputs_of_every_nth_sequence(model, trace_dir):
+    traces = load_traces(trace_dir)
+    assert traces.manifest["moe_inputs_every"] == 3
+    assert traces.moe_input_rows.tolist() == [0, 3, 6, 9]  # across both shards
+    assert traces.moe_inputs.shape == (2, 4, 16, 32) and traces.moe_inputs.dtype == torch.float16
+    seen = _router_inputs(model, traces.input_ids[[3, 9]])
+    for layer in (0, 1):  # layers 0..L-2: the last layer's input predicts nothing
+        expect = seen[layer].reshape(2, 16, 32)
+        assert torch.allclose(traces.moe_inputs[layer, [1, 3]].float(), expect, atol=2e-3, rtol=2e-3)
+    # subsets keep the inputs of the rows they keep, renumbered
+    sub = traces.subset(slice(2, 8))
+    assert sub.moe_input_rows.tolist() == [1, 4] and torch.equal(sub.moe_inputs, traces.moe_inputs[:, 1:3])
+    picked = traces.subset(torch.tensor([9, 1, 0]))
+    # kept in the trace's order, each pointing at its row of the subset
+    assert picked.moe_input_rows.tolist() == [2, 0] and torch.equal(picked.moe_inputs, traces.moe_inputs[:, [0, 3]])
+    only = traces.with_moe_inputs()
+    assert torch.equal(only.input_ids, traces.input_ids[[0, 3, 6, 9]])
+    assert torch.equal(only.topk_ids, traces.topk_ids[:, [0, 3, 6, 9]])
+    assert only.moe_input_rows.tolist() == [0, 1, 2, 3]
+
+
+def test_traces_without_router_inputs(model, trace_dir, tmp_path):
+    seqs = load_traces(trace_dir).input_ids[:2]
+    record_traces(model, seqs, tmp_path / "plain", top_t=5, progress=False)
+    plain = load_traces(tmp_path / "plain")
+    assert plain.moe_inputs is None and plain.manifest["moe_inputs_every"] == 0
+    with pytest.raises(ValueError, match="moe-inputs-every"):
+        plain.with_moe_inputs()
+    with pytest.raises(ValueError, match="no router inputs"):
+        train_lookahead(HashPredictor(PredictorConfig(32, 3, 8, 2, hidden=16)), plain, LookaheadConfig(steps=2))
+    for bad in (-1, 1.5, True):
+        with pytest.raises(ValueError, match="moe_inputs_every"):
+            record_traces(model, seqs, tmp_path / "bad", progress=False, moe_inputs_every=bad)
+    # appended to a trace with inputs, the rows of the second trace are offset
+    both = load_traces(trace_dir, tmp_path / "plain")
+    assert both.moe_input_rows.tolist() == [0, 3, 6, 9] and both.num_sequences == 12
+
+
+def test_untrained_heads_change_nothing_and_layer_path_matches_batched(full_trace_dir):
+    traces = load_traces(full_trace_dir)
+    pred = _trained_predictor(traces, steps=3)
+    heads = pred.add_lookahead(24)
+    assert pred.config.lookahead_hidden == 24
+    embeds = traces.embeddings[traces.input_ids[:2]].float()
+    with torch.no_grad():
+        logits, _ = pred(embeds)
+        x = traces.moe_inputs[:, :2]
+        assert torch.equal(pred.look_ahead(logits[1], 1, x[0]), logits[1])  # zero output layer
+        assert torch.equal(pred.look_ahead(logits[0], 0, x[0]), logits[0])  # layer 0: nothing before it
+        for p in heads.parameters():
+            p.normal_(0.0, 0.3)
+        batched = heads(x.flatten(1, 2), logits[1:].flatten(1, 2)).view_as(logits[1:])
+        for layer in (1, 2):
+            one = pred.look_ahead(logits[layer], layer, x[layer - 1])
+            assert not torch.allclose(one, logits[layer])
+            assert torch.allclose(one, batched[layer - 1], atol=1e-5)
+
+
+def test_heads_learn_from_the_layer_before(full_trace_dir):
+    """On text with router inputs the heads beat the run-ahead prediction they start from (the hidden
+    state of the layer before carries most of the next router's input)."""
+    traces = load_traces(full_trace_dir)
+    pred = _trained_predictor(traces)
+    report = train_lookahead(pred, traces, LookaheadConfig(hidden=64, steps=300, batch_tokens=512, lr=3e-3),
+                             held_out=traces, progress=False)
+    assert report["steps_run"] == 300 and report["train_tokens"] == 48 * 16
+    assert report["loss_last_50"] < report["loss_first"]
+    held = report["held_out"]
+    assert held["tokens"] == 48 * 16 and held["per_layer"][0]["lookahead_recall@2"] == held["per_layer"][0]["recall@2"]
+    assert held["mean_lookahead_recall@2"] > held["mean_recall@2"] + 0.05, held
+    # the network itself was not retrained
+    again = evaluate_lookahead(pred, traces)
+    assert again["mean_recall@2"] == pytest.approx(held["mean_recall@2"])
+
+
+def test_heads_are_saved_with_the_predictor(full_trace_dir, tmp_path):
+    traces = load_traces(full_trace_dir)
+    pred = _trained_predictor(traces, steps=3)
+    train_lookahead(pred, traces, LookaheadConfig(hidden=16, steps=20, batch_tokens=128), progress=False)
+    pred.save(tmp_path)
+    back = HashPredictor.load(tmp_path)
+    assert back.config.lookahead_hidden == 16 and back.lookahead is not None
+    assert evaluate_lookahead(back, traces) == evaluate_lookahead(pred, traces)
+
+
+def test_lookahead_errors(full_trace_dir):
+    traces = load_traces(full_trace_dir)
+    pred = HashPredictor(PredictorConfig(32, 3, 8, 2, hidden=16))
+    logits = torch.zeros(4, 8)
+    with pytest.raises(ValueError, match="no lookahead heads"):
+        pred.look_ahead(logits, 1, torch.zeros(4, 32))
+    with pytest.raises(ValueError, match="no lookahead heads"):
+        evaluate_lookahead(pred, traces)
+    pred.add_lookahead(8)
+    with pytest.raises(ValueError, match="moe_input must be"):
+        pred.look_ahead(logits, 1, torch.zeros(4, 31))
+    with pytest.raises(ValueError, match="layer must be in"):
+        pred.look_ahead(logits, 3, torch.zeros(4, 32))
+    for bad in (0, -2, True, 2.0):
+        with pytest.raises(ValueError, match="positive int"):
+            pred.add_lookahead(bad)
+    with pytest.raises(ValueError, match="at least 2 MoE layers"):
+        HashPredictor(PredictorConfig(32, 1, 8, 2, hidden=16)).add_lookahead(8)
+    with pytest.raises(ValueError, match="lookahead_hidden"):
+        PredictorConfig(32, 3, 8, 2, lookahead_hidden=-1)
+    for kwargs in ({"hidden": 0}, {"steps": -1}, {"batch_tokens": 1.5}, {"lr": 0.0}, {"target": "all"},
+                   {"max_seconds": 0.0}, {"kd_weight": -1.0}):
+        with pytest.raises(ValueError):
+            LookaheadConfig(**kwargs)
+    other = HashPredictor(PredictorConfig(32, 3, 6, 2, hidden=16))
+    with pytest.raises(ValueError, match="do not match"):
+        train_lookahead(other, traces, LookaheadConfig(steps=2))
+
+
+def _demand_prefetches(prefetcher: RunAheadPrefetcher) -> tuple[list, torch.Tensor, torch.Tensor]:
+    """Greedy generation through an offloaded tiny model: the demand-lane prefetches, the tokens and
+    the tokens of the same model without offloading."""
+    model = tiny_qwen3(seed=4)
+    x = torch.randint(0, 64, (1, 8), generator=torch.Generator().manual_seed(5))
+
+    def generate():
+        with torch.no_grad():
+            return model.generate(input_ids=x, attention_mask=torch.ones_like(x), max_new_tokens=4,
+                                  min_new_tokens=4, do_sample=False, pad_token_id=0)
+
+    reference = generate()
+    offload(model, gpu_budget=0.5, prefetch=prefetcher)
+    engine = engine_of(model)
+    calls = []
+    prefetch = engine.prefetch
+
+    def spy(layer, experts, priority="prefetch", generation=None):
+        if priority == "demand":
+            calls.append((layer, tuple(experts)))
+        return prefetch(layer, experts, priority, generation)
+
+    engine.prefetch = spy
+
+    def wait(module, args):  # each forward waits for its prediction: counts independent of timing
+        job = prefetcher._current
+        if job is not None:
+            assert job.ready.wait(10)
+
+    model.model.layers[0].register_forward_pre_hook(wait)
+    try:
+        tokens = generate()
+    finally:
+        engine.close()
+    return calls, tokens, reference
+
+
+def test_runahead_lookahead_correction(full_trace_dir):
+    """With heads the correction defaults to 'lookahead'; zero heads correct nothing (the prediction is
+    the run-ahead one); trained heads queue corrections; outputs stay exact either way."""
+    traces = load_traces(full_trace_dir)
+    pred = _trained_predictor(traces, steps=3)
+    with pytest.raises(ValueError, match="lookahead heads"):
+        RunAheadPrefetcher(pred, correction="lookahead")
+    pred.add_lookahead(16)
+    zero = RunAheadPrefetcher(pred)
+    assert zero.correction == "lookahead"
+    calls, tokens, reference = _demand_prefetches(zero)
+    assert calls == [] and torch.equal(tokens, reference)
+    train_lookahead(pred, traces, LookaheadConfig(hidden=32, steps=150, batch_tokens=256, lr=3e-3), progress=False)
+    trained = RunAheadPrefetcher(pred)
+    calls, tokens, reference = _demand_prefetches(trained)
+    assert torch.equal(tokens, reference)
+    assert calls and all(layer >= 1 for layer, _ in calls)
+    assert trained.metrics()["corrections"] == sum(len(e) for _, e in calls)
+
+
+def test_cli_trains_the_heads_when_the_trace_has_router_inputs(tmp_path, capsys):
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    from sida_moe.cli import main
+
+    model = tiny_qwen3(seed=3)
+    vocab = {chr(ord("a") + i): i for i in range(26)} | {"<eos>": 26}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<eos>"))
+    tok.pre_tokenizer = pre_tokenizers.Split("", "isolated")
+    model_dir = tmp_path / "model"
+    model.save_pretrained(model_dir)
+    PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>", unk_token="<eos>").save_pretrained(model_dir)
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    for i in range(6):
+        (corpus / f"doc{i}.txt").write_text("pack my box with five dozen liquor jugs " * (3 + i))
+    common = ["--model", str(model_dir), "--corpus", str(corpus), "--seq-len", "16", "--device", "cpu", "--top-t", "4"]
+    assert main(["trace", *common, "--out", str(tmp_path / "tr"), "--moe-inputs-every", "2"]) == 0
+    assert json.loads((tmp_path / "tr" / "manifest.json").read_text())["moe_inputs_every"] == 2
+    train = ["train-predictor", "--trace", str(tmp_path / "tr"), "--steps", "2", "--batch-size", "2", "--device", "cpu",
+             "--hidden", "16"]
+    assert main([*train, "--held-out", str(tmp_path / "tr"), "--lookahead-hidden", "8", "--lookahead-steps", "5",
+                 "--out", str(tmp_path / "p"), "--report", str(tmp_path / "r.json")]) == 0
+    assert "lookahead heads: recall@2" in capsys.readouterr().out
+    assert HashPredictor.load(tmp_path / "p").config.lookahead_hidden == 8
+    report = json.loads((tmp_path / "r.json").read_text())
+    assert report["lookahead"]["steps_run"] == 5 and "mean_lookahead_recall@2" in report["lookahead"]["held_out"]
+    assert main([*train, "--lookahead-hidden", "0", "--out", str(tmp_path / "none")]) == 0
+    assert HashPredictor.load(tmp_path / "none").lookahead is None
+    with pytest.raises(SystemExit, match="moe-inputs-every"):
+        main(["trace", *common, "--out", str(tmp_path / "bad"), "--moe-inputs-every", "-1"])
