@@ -35,7 +35,7 @@ HAS_NATIVE = import_predictor_package()
 
 from sida_moe.predictor.cachesim import simulate_all  # noqa: E402
 from sida_moe.predictor.hash_routing import HashRouting  # noqa: E402
-from sida_moe.predictor.lookahead import LookaheadConfig, train_lookahead  # noqa: E402
+from sida_moe.predictor.lookahead import LookaheadConfig, evaluate_lookahead, train_lookahead  # noqa: E402
 from sida_moe.predictor.model import HashPredictor, previous_token_routing  # noqa: E402
 from sida_moe.predictor.traces import load_traces, record_traces  # noqa: E402
 from sida_moe.predictor.train import TrainConfig, evaluate, train_predictor  # noqa: E402
@@ -264,11 +264,16 @@ def main() -> None:
             look = LookaheadConfig(hidden=args.lookahead_hidden, steps=5 if args.smoke else 50000, batch_tokens=8192,
                                    max_seconds=None if args.smoke else args.lookahead_seconds, device=device)
             rep["lookahead"] = train_lookahead(pred, tr, look, held_out=ho, progress=False)
+            # on training sequences too: a gap to held-out says the heads overfit their data
+            seen = tr.with_moe_inputs()
+            fit = evaluate_lookahead(pred, seen.subset(slice(0, min(200, seen.num_sequences))), device=device)
+            rep["lookahead"]["train_subset"] = {key: val for key, val in fit.items() if key != "per_layer"}
             dump(results)
             lh = rep["lookahead"]["held_out"]
             log(f"  {name}: lookahead heads ({rep['lookahead']['steps_run']} steps on "
                 f"{rep['lookahead']['train_tokens']} tokens, {rep['lookahead']['train_seconds']:.0f}s): held-out recall@{k} "
-                f"{lh[f'mean_recall@{k}']:.4f} -> {lh[f'mean_lookahead_recall@{k}']:.4f} once the layer before has run; "
+                f"{lh[f'mean_recall@{k}']:.4f} -> {lh[f'mean_lookahead_recall@{k}']:.4f} once the layer before has run "
+                f"(training text: {fit[f'mean_lookahead_recall@{k}']:.4f}); "
                 "per layer " + " ".join(f"{r[f'lookahead_recall@{k}']:.3f}" for r in lh["per_layer"]))
         if cfg.prev_token_routing:
             log(f"  {name}: without the previous token's routing (prompts): recall@{k} "

@@ -4,6 +4,7 @@ prefetcher's ``correction="lookahead"`` and the command line (CPU, tiny Qwen3-Mo
 from __future__ import annotations
 
 import json
+import threading
 
 import pytest
 import torch
@@ -200,6 +201,8 @@ def _demand_prefetches(prefetcher: RunAheadPrefetcher) -> tuple[list, torch.Tens
 
     def spy(layer, experts, priority="prefetch", generation=None):
         if priority == "demand":
+            # corrections are computed and queued by the predictor thread, not the inference thread
+            assert threading.current_thread().name == "sida-predictor"
             calls.append((layer, tuple(experts)))
         return prefetch(layer, experts, priority, generation)
 
@@ -211,6 +214,8 @@ def _demand_prefetches(prefetcher: RunAheadPrefetcher) -> tuple[list, torch.Tens
             assert job.ready.wait(10)
 
     model.model.layers[0].register_forward_pre_hook(wait)
+    # corrections run on the predictor thread: let them land before the next forward makes them stale
+    model.register_forward_hook(lambda module, args, out: None if prefetcher.wait_idle(10) else None)
     try:
         tokens = generate()
     finally:
@@ -236,6 +241,39 @@ def test_runahead_lookahead_correction(full_trace_dir):
     assert torch.equal(tokens, reference)
     assert calls and all(layer >= 1 for layer, _ in calls)
     assert trained.metrics()["corrections"] == sum(len(e) for _, e in calls)
+
+
+def test_a_correction_of_a_finished_forward_is_dropped(full_trace_dir):
+    from sida_moe.predictor.runahead import _Correction
+
+    traces = load_traces(full_trace_dir)
+    pred = _trained_predictor(traces, steps=3)
+    pred.add_lookahead(16)
+    for p in pred.lookahead.parameters():
+        torch.nn.init.normal_(p, std=1.0)  # corrects plenty
+    model = tiny_qwen3(seed=4)
+    prefetcher = RunAheadPrefetcher(pred)
+    offload(model, gpu_budget=0.5, prefetch=prefetcher)
+    engine = engine_of(model)
+    calls = []
+    engine.prefetch = lambda layer, experts, priority="prefetch", generation=None: calls.append(layer) or 0
+    try:
+        with torch.no_grad():
+            model(input_ids=traces.input_ids[:1].long())
+        assert prefetcher.wait_idle(10)
+        job = prefetcher._current
+        hidden = traces.moe_inputs[0, 0].float()
+        fix = _Correction(job, 0, hidden, traces.topk_ids[0, 0], None)
+        calls.clear()
+        prefetcher._correct(fix)
+        assert calls == [1], "the current forward's correction is queued"
+        calls.clear()
+        engine.generation += 1  # a newer forward began
+        prefetcher._correct(fix)
+        assert calls == []
+    finally:
+        engine.generation -= 1
+        engine.close()
 
 
 def test_cli_trains_the_heads_when_the_trace_has_router_inputs(tmp_path, capsys):

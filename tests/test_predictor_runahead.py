@@ -36,6 +36,8 @@ def _predictions_on_time(model, prefetcher):
         if job is not None:
             assert job.ready.wait(10), "the predictor thread never answered"
 
+    # corrections run on the predictor thread: let them land before the next forward makes them stale
+    model.register_forward_hook(lambda module, args, out: None if prefetcher.wait_idle(10) else None)
     return model.model.layers[0].register_forward_pre_hook(wait)
 
 
