@@ -14,7 +14,6 @@ the network itself is not retrained.
 
 from __future__ import annotations
 
-import math
 import time
 from dataclasses import asdict, dataclass
 from typing import Literal
@@ -23,7 +22,7 @@ import torch
 
 from sida_moe.predictor.model import HashPredictor
 from sida_moe.predictor.traces import Traces
-from sida_moe.predictor.train import _tf32_matmuls, distillation_loss
+from sida_moe.predictor.train import _tf32_matmuls, distillation_loss, warmup_cosine
 
 
 @dataclass
@@ -119,13 +118,7 @@ def _train(predictor: HashPredictor, traces: Traces, config: LookaheadConfig, he
     opt = torch.optim.AdamW(heads.parameters(), lr=config.lr, weight_decay=config.weight_decay)
     total = config.steps
 
-    def lr_at(step: int) -> float:
-        if step < config.warmup_steps:
-            return (step + 1) / config.warmup_steps
-        frac = (step - config.warmup_steps) / max(1, total - config.warmup_steps)
-        return 0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * min(1.0, frac)))
-
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_at)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: warmup_cosine(step, config.warmup_steps, total))
     gen = torch.Generator().manual_seed(config.seed)
     batch = min(config.batch_tokens, table.num_tokens)
     losses: list[float] = []

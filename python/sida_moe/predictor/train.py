@@ -73,6 +73,15 @@ class TrainConfig:
             raise ValueError(f"target must be 'top1' or 'topk', got {self.target!r}")
 
 
+def warmup_cosine(step: int, warmup: int, total: int) -> float:
+    """Learning-rate factor: linear warm-up over ``warmup`` steps, then cosine decay to 5% at ``total``
+    (read at every step, so a ``total`` cut short by a time budget shortens the decay)."""
+    if step < warmup:
+        return (step + 1) / warmup
+    frac = (step - warmup) / max(1, total - warmup)
+    return 0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * min(1.0, frac)))
+
+
 def predictor_config_for(
     manifest: dict,
     conditioned: bool = False,
@@ -253,13 +262,7 @@ def _train(
 
     total_steps = config.steps
 
-    def lr_at(step: int) -> float:
-        if step < config.warmup_steps:
-            return (step + 1) / config.warmup_steps
-        frac = (step - config.warmup_steps) / max(1, total_steps - config.warmup_steps)
-        return 0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * min(1.0, frac)))
-
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_at)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: warmup_cosine(step, config.warmup_steps, total_steps))
     gen = torch.Generator().manual_seed(config.seed)
     batches = _Batches(traces, device, config.top_t)
     n = traces.num_sequences
