@@ -21,6 +21,7 @@
 from __future__ import annotations
 
 import argparse
+from dataclasses import replace
 import json
 import os
 import sys
@@ -77,6 +78,20 @@ VARIANTS: dict[str, dict] = {
 
 def log(msg: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+def log_lookahead(name: str, what: str, report: dict, trace, pred: HashPredictor, k: int) -> None:
+    """Log (and add to ``report``) the heads' held-out recall and their recall on training text: a gap
+    between the two says the heads overfit their data."""
+    seen = trace.with_moe_inputs()
+    fit = evaluate_lookahead(pred, seen.subset(slice(0, min(200, seen.num_sequences))), device=report["config"]["device"])
+    report["train_subset"] = {key: val for key, val in fit.items() if key != "per_layer"}
+    lh = report["held_out"]
+    log(f"  {name}: {what} ({report['steps_run']} steps on {report['train_tokens']} tokens, "
+        f"{report['train_seconds']:.0f}s): held-out recall@{k} {lh[f'mean_recall@{k}']:.4f} -> "
+        f"{lh[f'mean_lookahead_recall@{k}']:.4f} once the layer before has run (training text: "
+        f"{fit[f'mean_lookahead_recall@{k}']:.4f}); per layer "
+        + " ".join(f"{r[f'lookahead_recall@{k}']:.3f}" for r in lh["per_layer"]))
 
 
 def held_out_loss(model, ids: torch.Tensor, batch: int = 16) -> float:
@@ -145,6 +160,14 @@ def main() -> None:
     ap.add_argument("--extra-tokens", type=int, default=8_000_000, help="tokens of the extra corpus to trace")
     ap.add_argument("--lookahead-hidden", type=int, default=512, help="lookahead heads' width (0: none)")
     ap.add_argument("--lookahead-seconds", type=float, default=45.0, help="training time cap of the heads per variant")
+    ap.add_argument("--lookahead-crossfit", type=float, default=0.0,
+                    help="seconds to train each cross-fit network: the sequences with router inputs are split in "
+                         "--lookahead-folds folds, a network of the variant is trained without each, and the heads "
+                         "train on every fold with that network's logits; those heads are kept (0: off, the heads "
+                         "see the predictor's own logits)")
+    ap.add_argument("--lookahead-folds", type=int, default=2, help="folds of --lookahead-crossfit (>= 2)")
+    ap.add_argument("--lookahead-compare", action="store_true",
+                    help="with --lookahead-crossfit, also train (and report) heads the plain way first")
     ap.add_argument("--moe-inputs-every", type=int, default=6,
                     help="trace the router inputs of every N-th training sequence (the heads' data; held-out: all)")
     ap.add_argument("--decode", action="store_true", help="also decode held-out prompts through the offload engine")
@@ -158,6 +181,8 @@ def main() -> None:
     ap.add_argument("--held-out-text", default=None, help="also write the held-out files here, as one text file "
                     "(prompts for `sida-moe bench --prompt-file`)")
     args = ap.parse_args()
+    if args.lookahead_crossfit and args.lookahead_folds < 2:
+        ap.error(f"--lookahead-folds must be >= 2, got {args.lookahead_folds}")
     os.makedirs(args.out, exist_ok=True)
 
     def dump(res: dict) -> None:
@@ -263,18 +288,34 @@ def main() -> None:
         if args.lookahead_hidden and tr.moe_inputs is not None:
             look = LookaheadConfig(hidden=args.lookahead_hidden, steps=5 if args.smoke else 50000, batch_tokens=8192,
                                    max_seconds=None if args.smoke else args.lookahead_seconds, device=device)
-            rep["lookahead"] = train_lookahead(pred, tr, look, held_out=ho, progress=False)
-            # on training sequences too: a gap to held-out says the heads overfit their data
-            seen = tr.with_moe_inputs()
-            fit = evaluate_lookahead(pred, seen.subset(slice(0, min(200, seen.num_sequences))), device=device)
-            rep["lookahead"]["train_subset"] = {key: val for key, val in fit.items() if key != "per_layer"}
+            if not args.lookahead_crossfit or args.lookahead_compare:
+                rep["lookahead"] = train_lookahead(pred, tr, look, held_out=ho, progress=False)
+                log_lookahead(name, "lookahead heads", rep["lookahead"], tr, pred, k)
+            if args.lookahead_crossfit:
+                # cross-fitting: the sequences with router inputs are split into folds; each fold's run-ahead
+                # logits come from a network trained on every other sequence, as poor as on unseen text
+                rows, folds = tr.moe_input_rows.long(), args.lookahead_folds
+                bare = replace(tr, moe_inputs=None, moe_input_rows=None)
+                fold_cfg = replace(cfg, max_seconds=None if args.smoke else args.lookahead_crossfit)
+                parts, nets, fold_reports = [], [], []
+                for j in range(folds):
+                    others = torch.ones(tr.num_sequences, dtype=torch.bool)
+                    others[rows[j::folds]] = False
+                    log(f"  {name}: cross-fit network {j + 1}/{folds} on {int(others.sum())} sequences "
+                        f"({fold_cfg.max_seconds} s)")
+                    net, fold_rep = train_predictor(bare.subset(others.nonzero().flatten()), fold_cfg, held_out=ho,
+                                                    progress=False)
+                    parts.append(tr.subset(rows[j::folds]))
+                    nets.append(net)
+                    fold_reports.append({"sequences": int(others.sum()), "steps_run": fold_rep["steps_run"],
+                                         "train_seconds": fold_rep["train_seconds"],
+                                         f"held_out_mean_recall@{k}": fold_rep["held_out"][f"mean_recall@{k}"]})
+                crossfit = train_lookahead(pred, parts, look, held_out=ho, progress=False, base=nets)
+                crossfit["fold_networks"] = fold_reports
+                rep["lookahead_crossfit"] = crossfit
+                log_lookahead(name, f"cross-fitted lookahead heads ({folds} folds)", crossfit, parts[0], pred, k)
+                del parts, nets, bare
             dump(results)
-            lh = rep["lookahead"]["held_out"]
-            log(f"  {name}: lookahead heads ({rep['lookahead']['steps_run']} steps on "
-                f"{rep['lookahead']['train_tokens']} tokens, {rep['lookahead']['train_seconds']:.0f}s): held-out recall@{k} "
-                f"{lh[f'mean_recall@{k}']:.4f} -> {lh[f'mean_lookahead_recall@{k}']:.4f} once the layer before has run "
-                f"(training text: {fit[f'mean_lookahead_recall@{k}']:.4f}); "
-                "per layer " + " ".join(f"{r[f'lookahead_recall@{k}']:.3f}" for r in lh["per_layer"]))
         if cfg.prev_token_routing:
             log(f"  {name}: without the previous token's routing (prompts): recall@{k} "
                 f"{rep['held_out'][f'mean_recall@{k}_no_routing']:.4f}")

@@ -13,7 +13,9 @@
 # Environment: VARIANT (predictor variant of predictor_pipeline.py), PSEC (its training seconds),
 # TRAIN_SECONDS (reference model), EXTRA_TOKENS (tokens of extra corpus traced for a VARIANT named
 # NAME+ext: predictor_pipeline.py --extra-tokens), LOOK_SEC (lookahead heads' training seconds; 0: none),
-# MOE_EVERY (router inputs of every N-th training sequence traced for the heads),
+# MOE_EVERY (router inputs of every N-th training sequence traced for the heads), CROSSFIT (seconds of the
+# heads' cross-fit network: predictor_pipeline.py --lookahead-crossfit; LOOK_COMPARE=1 adds --lookahead-compare),
+# FOLDS (cross-fit folds, default 2), BENCH (0: stop after the pipeline),
 # OVERHEAD_ROUNDS (default 0), BASELINES, NEW_TOKENS, BUDGETS, POLICIES, PREDICTORS, DEADLINE (seconds after
 # which the bench is stopped; bench.json keeps the rows done).
 set -uo pipefail
@@ -26,11 +28,13 @@ log="$out/log.txt"
 python3 benches/predictor_pipeline.py --out "$out/pipe" --work "$work" --train-seconds "${TRAIN_SECONDS:-110}" \
   --variants "$variant" --predictor-seconds "${PSEC:-190}" --predictor-steps 20000 \
   --extra-tokens "${EXTRA_TOKENS:-8000000}" --lookahead-seconds "${LOOK_SEC:-45}" \
-  --moe-inputs-every "${MOE_EVERY:-6}" \
+  --moe-inputs-every "${MOE_EVERY:-6}" --lookahead-crossfit "${CROSSFIT:-0}" --lookahead-folds "${FOLDS:-2}" \
+  $( [ "${LOOK_COMPARE:-0}" = 1 ] && echo --lookahead-compare ) \
   $( [ "${LOOK_SEC:-45}" = 0 ] && echo --lookahead-hidden 0 ) --held-out-text "$work/heldout.txt" 2>&1 | grep -v -i "warn" >> "$log"
 mkdir -p "$work/predictor"
 for f in predictor.json predictor.safetensors; do mv "$out/pipe/$variant.$f" "$work/predictor/$f"; done
 rm -f "$out/pipe/heldout_routing.safetensors"
+if [ "${BENCH:-1}" = 0 ]; then tail -30 "$log"; exit 0; fi
 if [ "${OVERHEAD_ROUNDS:-0}" -gt 0 ]; then
   python3 benches/predictor_overhead.py --model "$work/ref-moe" --predictor-path "$work/predictor" \
     --prompt-file "$work/heldout.txt" --rounds "$OVERHEAD_ROUNDS" --out "$out/predictor_overhead.json" 2>&1 \

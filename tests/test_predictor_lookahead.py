@@ -143,6 +143,38 @@ def test_heads_learn_from_the_layer_before(full_trace_dir):
     assert again["mean_recall@2"] == pytest.approx(held["mean_recall@2"])
 
 
+def test_cross_fitted_heads_see_each_parts_own_network(full_trace_dir):
+    """Cross-fitting: each part's run-ahead logits in the heads' training table come from the network
+    given for that part (trained without it), not from the predictor being corrected."""
+    from sida_moe.predictor.lookahead import _TokenTable
+
+    traces = load_traces(full_trace_dir)
+    halves = [traces.subset(torch.arange(j, 48, 2)) for j in (0, 1)]
+    nets = [_trained_predictor(halves[1 - j], steps=5) for j in (0, 1)]
+    pred = _trained_predictor(traces, steps=5)
+    table = _TokenTable(list(zip(halves, nets)), torch.device("cpu"), top_t=5)
+    for j, (half, net) in enumerate(zip(halves, nets)):
+        with torch.no_grad():
+            want, _ = net(half.embeddings[half.input_ids.long()].float())
+        got = table.logits[:, j * 24 * 16 : (j + 1) * 24 * 16]
+        assert torch.allclose(got, want[1:].flatten(1, 2), atol=1e-5)
+        assert torch.equal(table.topk_ids[:, j * 24 * 16 : (j + 1) * 24 * 16], half.topk_ids[1:].flatten(1, 2))
+    with torch.no_grad():
+        own, _ = pred(halves[0].embeddings[halves[0].input_ids.long()].float())
+    assert not torch.allclose(table.logits[:, : 24 * 16], own[1:].flatten(1, 2), atol=1e-3)
+    report = train_lookahead(pred, halves, LookaheadConfig(hidden=16, steps=20, batch_tokens=128),
+                             held_out=traces, progress=False, base=nets)
+    assert report["train_tokens"] == 48 * 16 and report["logits_from"] == "2 base networks"
+    assert pred.lookahead is not None and report["held_out"]["tokens"] == 48 * 16
+    with pytest.raises(ValueError, match="one base network per trace part"):
+        train_lookahead(pred, halves, LookaheadConfig(steps=2), base=nets[:1], progress=False)
+    with pytest.raises(ValueError, match="one base network per trace part"):
+        train_lookahead(pred, [], LookaheadConfig(steps=2), progress=False)
+    other = HashPredictor(PredictorConfig(32, 3, 6, 2, hidden=16))
+    with pytest.raises(ValueError, match=r"base\[1\] sizes do not match"):
+        train_lookahead(pred, halves, LookaheadConfig(steps=2), base=[nets[0], other], progress=False)
+
+
 def test_heads_are_saved_with_the_predictor(full_trace_dir, tmp_path):
     traces = load_traces(full_trace_dir)
     pred = _trained_predictor(traces, steps=3)

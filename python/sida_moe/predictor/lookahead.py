@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import asdict, dataclass
-from typing import Literal
+from typing import Literal, Sequence
 
 import torch
 
@@ -60,59 +60,81 @@ class LookaheadConfig:
 
 class _TokenTable:
     """The sequences with router inputs, flattened to tokens, on the training device: layers 1..L-1's
-    run-ahead logits (computed once by the frozen network), targets, and layers 0..L-2's router inputs."""
+    run-ahead logits (computed once by each part's frozen network), targets, and layers 0..L-2's
+    router inputs. ``parts``: (traces, the network whose logits the heads see on them)."""
 
-    def __init__(self, predictor: HashPredictor, traces: Traces, device: torch.device, top_t: int,
+    def __init__(self, parts: list[tuple[Traces, HashPredictor]], device: torch.device, top_t: int,
                  batch_size: int = 64) -> None:
-        data = traces.with_moe_inputs()
-        self.num_sequences = data.num_sequences
-        t = min(top_t, data.logit_ids.shape[-1])
-        logits = []
-        predictor.eval()
-        with torch.no_grad():
-            for start in range(0, data.num_sequences, batch_size):
-                ids = data.input_ids[start : start + batch_size].long()
-                embeds = data.embeddings[ids].to(device=device, dtype=torch.float32)
-                out, _ = predictor(embeds)  # [L, B, S, E]
-                logits.append(out[1:].float().flatten(1, 2))
-        self.logits = torch.cat(logits, dim=1)  # [L-1, N, E]
-        self.inputs = data.moe_inputs.flatten(1, 2).to(device, torch.float16)  # [L-1, N, d]
-        self.topk_ids = data.topk_ids[1:].flatten(1, 2).to(device, torch.int64)
-        self.logit_ids = data.logit_ids[1:, ..., :t].flatten(1, 2).to(device, torch.int64)
-        self.logit_vals = data.logit_vals[1:, ..., :t].flatten(1, 2).to(device, torch.float32)
+        cols: dict[str, list[torch.Tensor]] = {name: [] for name in ("logits", "inputs", "topk", "ids", "vals")}
+        self.num_sequences = 0
+        for traces, base in parts:
+            data = traces.with_moe_inputs()
+            self.num_sequences += data.num_sequences
+            t = min(top_t, data.logit_ids.shape[-1])
+            base.to(device).eval()
+            with torch.no_grad():
+                for start in range(0, data.num_sequences, batch_size):
+                    ids = data.input_ids[start : start + batch_size].long()
+                    embeds = data.embeddings[ids].to(device=device, dtype=torch.float32)
+                    out, _ = base(embeds)  # [L, B, S, E]
+                    cols["logits"].append(out[1:].float().flatten(1, 2))
+            cols["inputs"].append(data.moe_inputs.flatten(1, 2).to(device, torch.float16))
+            cols["topk"].append(data.topk_ids[1:].flatten(1, 2).to(device, torch.int64))
+            cols["ids"].append(data.logit_ids[1:, ..., :t].flatten(1, 2).to(device, torch.int64))
+            cols["vals"].append(data.logit_vals[1:, ..., :t].flatten(1, 2).to(device, torch.float32))
+        cat = {name: col[0] if len(col) == 1 else torch.cat(col, dim=1) for name, col in cols.items()}
+        del cols
+        self.logits, self.inputs = cat["logits"], cat["inputs"]  # [L-1, N, E], [L-1, N, d]
+        self.topk_ids, self.logit_ids, self.logit_vals = cat["topk"], cat["ids"], cat["vals"]
         self.num_tokens = self.logits.shape[1]
 
 
 def train_lookahead(
     predictor: HashPredictor,
-    traces: Traces,
+    traces: Traces | Sequence[Traces],
     config: LookaheadConfig | None = None,
     held_out: Traces | None = None,
     progress: bool = True,
+    base: HashPredictor | Sequence[HashPredictor] | None = None,
 ) -> dict:
     """Add lookahead heads to ``predictor`` (replacing any it has) and train them on the sequences of
     ``traces`` that hold router inputs; the network's own weights stay as they are. Returns a report
-    (steps, loss, timing and, with ``held_out``, ``evaluate_lookahead`` on it)."""
+    (steps, loss, timing and, with ``held_out``, ``evaluate_lookahead`` on it).
+
+    ``base``: the network whose run-ahead logits the heads learn to correct during training (default:
+    ``predictor``). When ``predictor`` was trained on these same sequences its logits there are better
+    than on unseen text, and the heads learn to trust them too much. Cross-fitting avoids that: pass
+    ``traces`` as a list of parts and ``base`` as a list of networks of the same variant, each trained
+    without its part, so the heads see logits as good as they will be at decode on every sequence."""
     config = config or LookaheadConfig()
-    num_layers = traces.manifest["num_moe_layers"]
+    parts = list(traces) if isinstance(traces, (list, tuple)) else [traces]
+    bases = list(base) if isinstance(base, (list, tuple)) else [base or predictor] * len(parts)
+    if not parts or len(bases) != len(parts):
+        raise ValueError(f"give one base network per trace part: got {len(parts)} parts and {len(bases)} networks")
+    manifest = parts[0].manifest
+    num_layers = manifest["num_moe_layers"]
     if num_layers < 2:
         raise ValueError("lookahead heads need at least 2 MoE layers (layer 0 has no layer before it)")
-    if (predictor.config.num_moe_layers, predictor.config.num_experts, predictor.config.input_dim) != (
-            num_layers, traces.manifest["num_experts"], traces.manifest["hidden_size"]):
-        raise ValueError("predictor sizes do not match the trace's model (MoE layers / experts / hidden size)")
+    sizes = (num_layers, manifest["num_experts"], manifest["hidden_size"])
+    for part in parts[1:]:
+        if (part.manifest["num_moe_layers"], part.manifest["num_experts"], part.manifest["hidden_size"]) != sizes:
+            raise ValueError("the trace parts come from models of different sizes")
+    for name, net in [("predictor", predictor)] + [(f"base[{i}]", net) for i, net in enumerate(bases)]:
+        if (net.config.num_moe_layers, net.config.num_experts, net.config.input_dim) != sizes:
+            raise ValueError(f"{name} sizes do not match the trace's model (MoE layers / experts / hidden size)")
     device = torch.device(config.device)
     with _tf32_matmuls(device):
-        return _train(predictor, traces, config, held_out, progress, device)
+        return _train(predictor, list(zip(parts, bases)), config, held_out, progress, device)
 
 
-def _train(predictor: HashPredictor, traces: Traces, config: LookaheadConfig, held_out: Traces | None,
-           progress: bool, device: torch.device) -> dict:
+def _train(predictor: HashPredictor, parts: list[tuple[Traces, HashPredictor]], config: LookaheadConfig,
+           held_out: Traces | None, progress: bool, device: torch.device) -> dict:
     from tqdm.auto import tqdm
 
     torch.manual_seed(config.seed)
     t_start = time.perf_counter()
     predictor.to(device)
-    table = _TokenTable(predictor, traces, device, config.top_t)
+    table = _TokenTable(parts, device, config.top_t)
     heads = predictor.add_lookahead(config.hidden)
     heads.train()
     opt = torch.optim.AdamW(heads.parameters(), lr=config.lr, weight_decay=config.weight_decay)
@@ -150,6 +172,7 @@ def _train(predictor: HashPredictor, traces: Traces, config: LookaheadConfig, he
     report = {
         "config": asdict(config),
         "parameters": sum(p.numel() for p in heads.parameters()),
+        "logits_from": "predictor" if all(net is predictor for _, net in parts) else f"{len(parts)} base networks",
         "train_sequences": table.num_sequences,
         "train_tokens": table.num_tokens,
         "steps_run": step,

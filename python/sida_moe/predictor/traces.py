@@ -30,7 +30,7 @@ import json
 import os
 import re
 from collections.abc import Iterable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from torch import nn
@@ -454,7 +454,8 @@ class Traces:
         if self.moe_inputs is None or self.moe_input_rows.numel() == 0:
             raise ValueError("the trace holds no router inputs (record it with moe_inputs_every > 0, "
                              "`sida-moe trace --moe-inputs-every N`)")
-        out = self.subset(self.moe_input_rows)
+        # subset the other tensors only: the inputs are already in this order (no copy of them)
+        out = replace(self, moe_inputs=None, moe_input_rows=None).subset(self.moe_input_rows)
         out.moe_inputs, out.moe_input_rows = self.moe_inputs, torch.arange(self.moe_input_rows.numel())
         return out
 
