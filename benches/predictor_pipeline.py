@@ -165,9 +165,6 @@ def main() -> None:
                          "--lookahead-folds folds, a network of the variant is trained without each, and the heads "
                          "train on every fold with that network's logits; those heads are kept (0: off, the heads "
                          "see the predictor's own logits)")
-    ap.add_argument("--lookahead-routing", choices=("on", "off", "both"), default="on",
-                    help="heads that also see the layer before's chosen experts; both: train heads without it "
-                         "first (reported as lookahead_no_routing), then with it")
     ap.add_argument("--lookahead-folds", type=int, default=2, help="folds of --lookahead-crossfit (>= 2)")
     ap.add_argument("--lookahead-compare", action="store_true",
                     help="with --lookahead-crossfit, also train (and report) heads the plain way first")
@@ -290,13 +287,7 @@ def main() -> None:
         k = rep["held_out"]["k"]
         if args.lookahead_hidden and tr.moe_inputs is not None:
             look = LookaheadConfig(hidden=args.lookahead_hidden, steps=5 if args.smoke else 50000, batch_tokens=8192,
-                                   max_seconds=None if args.smoke else args.lookahead_seconds, device=device,
-                                   routing=args.lookahead_routing != "off")
-            if args.lookahead_routing == "both":
-                rep["lookahead_no_routing"] = train_lookahead(pred, tr, replace(look, routing=False), held_out=ho,
-                                                              progress=False)
-                log_lookahead(name, "lookahead heads without the routing input", rep["lookahead_no_routing"], tr,
-                              pred, k)
+                                   max_seconds=None if args.smoke else args.lookahead_seconds, device=device)
             if not args.lookahead_crossfit or args.lookahead_compare:
                 rep["lookahead"] = train_lookahead(pred, tr, look, held_out=ho, progress=False)
                 log_lookahead(name, "lookahead heads", rep["lookahead"], tr, pred, k)

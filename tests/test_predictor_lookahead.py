@@ -106,31 +106,24 @@ def test_traces_without_router_inputs(model, trace_dir, tmp_path):
     assert both.moe_input_rows.tolist() == [0, 3, 6, 9] and both.num_sequences == 12
 
 
-@pytest.mark.parametrize("routing", [False, True])
-def test_untrained_heads_change_nothing_and_layer_path_matches_batched(full_trace_dir, routing):
+def test_untrained_heads_change_nothing_and_layer_path_matches_batched(full_trace_dir):
     traces = load_traces(full_trace_dir)
     pred = _trained_predictor(traces, steps=3)
-    heads = pred.add_lookahead(24, routing=routing)
-    assert pred.config.lookahead_hidden == 24 and pred.config.lookahead_routing == routing
+    heads = pred.add_lookahead(24)
+    assert pred.config.lookahead_hidden == 24
     embeds = traces.embeddings[traces.input_ids[:2]].float()
-    prev = traces.topk_ids[:-1, :2]  # [L-1, 2, S, k]: each layer's routing, input of the next one's head
     with torch.no_grad():
         logits, _ = pred(embeds)
         x = traces.moe_inputs[:, :2]
-        assert torch.equal(pred.look_ahead(logits[1], 1, x[0], prev[0]), logits[1])  # zero output layer
+        assert torch.equal(pred.look_ahead(logits[1], 1, x[0]), logits[1])  # zero output layer
         assert torch.equal(pred.look_ahead(logits[0], 0, x[0]), logits[0])  # layer 0: nothing before it
         for p in heads.parameters():
             p.normal_(0.0, 0.3)
-        batched = heads(x.flatten(1, 2), logits[1:].flatten(1, 2), prev.flatten(1, 2)).view_as(logits[1:])
+        batched = heads(x.flatten(1, 2), logits[1:].flatten(1, 2)).view_as(logits[1:])
         for layer in (1, 2):
-            one = pred.look_ahead(logits[layer], layer, x[layer - 1], prev[layer - 1])
+            one = pred.look_ahead(logits[layer], layer, x[layer - 1])
             assert not torch.allclose(one, logits[layer])
             assert torch.allclose(one, batched[layer - 1], atol=1e-5)
-            if routing:  # the routing input matters: another top-k gives another correction
-                other = pred.look_ahead(logits[layer], layer, x[layer - 1], (prev[layer - 1] + 1) % 8)
-                assert not torch.allclose(one, other)
-                with pytest.raises(ValueError, match="prev_topk must be"):
-                    pred.look_ahead(logits[layer], layer, x[layer - 1])
 
 
 def test_heads_learn_from_the_layer_before(full_trace_dir):
@@ -189,7 +182,6 @@ def test_heads_are_saved_with_the_predictor(full_trace_dir, tmp_path):
     pred.save(tmp_path)
     back = HashPredictor.load(tmp_path)
     assert back.config.lookahead_hidden == 16 and back.lookahead is not None
-    assert back.config.lookahead_routing and back.lookahead.routing  # the default: heads see the routing
     assert evaluate_lookahead(back, traces) == evaluate_lookahead(pred, traces)
 
 
@@ -214,7 +206,7 @@ def test_lookahead_errors(full_trace_dir):
     with pytest.raises(ValueError, match="lookahead_hidden"):
         PredictorConfig(32, 3, 8, 2, lookahead_hidden=-1)
     for kwargs in ({"hidden": 0}, {"steps": -1}, {"batch_tokens": 1.5}, {"lr": 0.0}, {"target": "all"},
-                   {"max_seconds": 0.0}, {"kd_weight": -1.0}, {"routing": "yes"}):
+                   {"max_seconds": 0.0}, {"kd_weight": -1.0}):
         with pytest.raises(ValueError):
             LookaheadConfig(**kwargs)
     other = HashPredictor(PredictorConfig(32, 3, 6, 2, hidden=16))

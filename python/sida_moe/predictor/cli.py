@@ -103,8 +103,6 @@ def _configure_train(p: argparse.ArgumentParser) -> None:
                    help="width of the lookahead heads, trained when the trace holds router inputs "
                         "(trace --moe-inputs-every); 0: do not train them")
     p.add_argument("--lookahead-steps", type=int, default=4000)
-    p.add_argument("--lookahead-routing", action=argparse.BooleanOptionalAction, default=True,
-                   help="the heads also see the layer before's chosen experts (default: on)")
     p.add_argument("--device", default=None, help="default: cuda when available, else cpu")
     p.add_argument("--report", default=None, help="write the full report (JSON) here")
     p.add_argument("--seed", type=int, default=d.seed)
@@ -142,7 +140,7 @@ def run_train(args: argparse.Namespace) -> int:
         look_held = held if held is not None and held.moe_inputs is not None else None
         report["lookahead"] = train_lookahead(
             predictor, traces, LookaheadConfig(hidden=args.lookahead_hidden, steps=args.lookahead_steps,
-                                               routing=args.lookahead_routing, seed=args.seed, device=config.device), held_out=look_held)
+                                               seed=args.seed, device=config.device), held_out=look_held)
         k = traces.manifest["top_k"]
         if look_held is not None:
             rep = report["lookahead"]["held_out"]

@@ -31,7 +31,6 @@ class LookaheadConfig:
     layer) and a step is one batched matmul over all layers, so thousands of steps take seconds."""
 
     hidden: int = 512  # width of each layer's head
-    routing: bool = True  # the heads also see the layer before's true top-k (model.py's docstring)
     steps: int = 4000
     batch_tokens: int = 4096  # tokens per step (every layer 1..L-1 of each)
     lr: float = 1e-3
@@ -53,8 +52,6 @@ class LookaheadConfig:
             raise ValueError(f"lr must be positive, got {self.lr}")
         if self.kd_weight < 0 or self.weight_decay < 0 or self.warmup_steps < 0:
             raise ValueError("kd_weight, weight_decay and warmup_steps must be >= 0")
-        if not isinstance(self.routing, bool):
-            raise ValueError(f"LookaheadConfig.routing must be a bool, got {self.routing!r}")
         if self.target not in ("top1", "topk"):
             raise ValueError(f"target must be 'top1' or 'topk', got {self.target!r}")
         if self.max_seconds is not None and not self.max_seconds > 0:
@@ -68,7 +65,7 @@ class _TokenTable:
 
     def __init__(self, parts: list[tuple[Traces, HashPredictor]], device: torch.device, top_t: int,
                  batch_size: int = 64) -> None:
-        cols: dict[str, list[torch.Tensor]] = {name: [] for name in ("logits", "inputs", "topk", "ids", "vals", "prev")}
+        cols: dict[str, list[torch.Tensor]] = {name: [] for name in ("logits", "inputs", "topk", "ids", "vals")}
         self.num_sequences = 0
         for traces, base in parts:
             data = traces.with_moe_inputs()
@@ -83,14 +80,12 @@ class _TokenTable:
                     cols["logits"].append(out[1:].float().flatten(1, 2))
             cols["inputs"].append(data.moe_inputs.flatten(1, 2).to(device, torch.float16))
             cols["topk"].append(data.topk_ids[1:].flatten(1, 2).to(device, torch.int64))
-            cols["prev"].append(data.topk_ids[:-1].flatten(1, 2).to(device, torch.int64))
             cols["ids"].append(data.logit_ids[1:, ..., :t].flatten(1, 2).to(device, torch.int64))
             cols["vals"].append(data.logit_vals[1:, ..., :t].flatten(1, 2).to(device, torch.float32))
         cat = {name: col[0] if len(col) == 1 else torch.cat(col, dim=1) for name, col in cols.items()}
         del cols
         self.logits, self.inputs = cat["logits"], cat["inputs"]  # [L-1, N, E], [L-1, N, d]
         self.topk_ids, self.logit_ids, self.logit_vals = cat["topk"], cat["ids"], cat["vals"]
-        self.prev_topk = cat["prev"]  # [L-1, N, k]: layers 0..L-2's routing
         self.num_tokens = self.logits.shape[1]
 
 
@@ -140,7 +135,7 @@ def _train(predictor: HashPredictor, parts: list[tuple[Traces, HashPredictor]], 
     t_start = time.perf_counter()
     predictor.to(device)
     table = _TokenTable(parts, device, config.top_t)
-    heads = predictor.add_lookahead(config.hidden, config.routing)
+    heads = predictor.add_lookahead(config.hidden)
     heads.train()
     opt = torch.optim.AdamW(heads.parameters(), lr=config.lr, weight_decay=config.weight_decay)
     total = config.steps
@@ -159,7 +154,7 @@ def _train(predictor: HashPredictor, parts: list[tuple[Traces, HashPredictor]], 
             total = max(step + 1, min(config.steps, step + int(max(0.0, left) / per_step)))
             bar.total = total
         idx = torch.randint(0, table.num_tokens, (batch,), generator=gen).to(device)
-        logits = heads(table.inputs[:, idx], table.logits[:, idx], table.prev_topk[:, idx])
+        logits = heads(table.inputs[:, idx], table.logits[:, idx])
         loss = distillation_loss(logits, table.topk_ids[:, idx], table.logit_ids[:, idx], table.logit_vals[:, idx],
                                  config.kd_weight, config.top_t, config.target)
         opt.zero_grad(set_to_none=True)
@@ -218,8 +213,7 @@ def evaluate_lookahead(predictor: HashPredictor, traces: Traces, k: int | None =
             true = data.topk_ids[:, start : start + batch_size].to(dev).long()
             mask = torch.zeros_like(logits, dtype=torch.bool).scatter_(-1, true, True)
             inputs = data.moe_inputs[:, start : start + batch_size].to(dev)
-            prev = data.topk_ids[:-1, start : start + batch_size].to(dev).flatten(1, 2)
-            looked = predictor.lookahead(inputs.flatten(1, 2), logits[1:].flatten(1, 2), prev).view_as(logits[1:])
+            looked = predictor.lookahead(inputs.flatten(1, 2), logits[1:].flatten(1, 2)).view_as(logits[1:])
             looked = torch.cat([logits[:1].float(), looked])
             for sums, lg in ((hits_base, logits), (hits_look, looked)):
                 sums += mask.gather(-1, lg.topk(k, dim=-1).indices).sum(dim=(1, 2, 3)).double().cpu()

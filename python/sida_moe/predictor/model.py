@@ -39,13 +39,10 @@ run-ahead prefetcher uses this to correct the next layer's prefetches).
 Lookahead heads (``lookahead_hidden > 0``, trained after the network on traces that hold router
 inputs, see ``sida_moe.predictor.lookahead``): once MoE layer l-1 has run, its router input ``x``
 (the token's real hidden state one layer behind) is known; layer l's prediction becomes
-``logits + MLP_l([rms(x), logits - mean, r])`` (``Linear(d + E [+ E] -> lookahead_hidden) + GELU +
+``logits + MLP_l([rms(x), logits - mean])`` (``Linear(d + E -> lookahead_hidden) + GELU +
 Linear(-> E)``, the last layer zero-initialised so untrained heads change nothing). A learned map
 of ``x``, unlike the fixed next-layer gate (layer l's router on ``x``), can model what layer l-1's
-experts and layer l's attention do to the state; the run-ahead logits carry the context. With
-``lookahead_routing``, ``r`` is layer l-1's true top-k as a multi-hot vector: the experts chosen in
-consecutive layers are strongly related, and the router's argmax is hard for a small MLP to
-recover from ``x`` alone.
+experts and layer l's attention do to the state; the run-ahead logits carry the context.
 """
 
 from __future__ import annotations
@@ -84,7 +81,6 @@ class PredictorConfig:
     # per MoE layer: weight of the next-layer gate's logits in the fused correction ([]: not fitted)
     gate_weights: list[float] = field(default_factory=list)
     lookahead_hidden: int = 0  # > 0: the lookahead heads' width (module docstring); 0: none
-    lookahead_routing: bool = False  # the heads also see layer l-1's true top-k (module docstring)
     moe_layer_ids: list[int] = field(default_factory=list)  # decoder-layer index of each MoE layer
     model_type: str = ""
 
@@ -181,46 +177,36 @@ class CausalBlock(nn.Module):
 
 
 class LookaheadHeads(nn.Module):
-    """Per MoE layer l >= 1, a correction of the run-ahead logits from layer l-1's router input and,
-    with ``routing``, its top-k (module docstring). Weights of all layers are stacked (``[L-1, ...]``)
-    so training runs every layer in one batched matmul; decode corrects one layer at a time (``layer``)."""
+    """Per MoE layer l >= 1, a correction of the run-ahead logits from layer l-1's router input
+    (module docstring). Weights of all layers are stacked (``[L-1, ...]``) so training runs every
+    layer in one batched matmul; decode corrects one layer at a time (``layer``)."""
 
-    def __init__(self, input_dim: int, num_moe_layers: int, num_experts: int, hidden: int,
-                 routing: bool = False) -> None:
+    def __init__(self, input_dim: int, num_moe_layers: int, num_experts: int, hidden: int) -> None:
         super().__init__()
-        self.routing, self.num_experts = routing, num_experts
-        n, fan_in = num_moe_layers - 1, input_dim + num_experts * (2 if routing else 1)
+        n, fan_in = num_moe_layers - 1, input_dim + num_experts
         self.w_in = nn.Parameter(torch.randn(n, fan_in, hidden) * fan_in**-0.5)
         self.b_in = nn.Parameter(torch.zeros(n, hidden))
         self.w_out = nn.Parameter(torch.zeros(n, hidden, num_experts))  # zero: starts as the run-ahead logits
         self.b_out = nn.Parameter(torch.zeros(n, num_experts))
 
-    def _inputs(self, moe_input: torch.Tensor, logits: torch.Tensor, prev_topk: torch.Tensor | None) -> torch.Tensor:
+    @staticmethod
+    def _inputs(moe_input: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
         x = moe_input.float()
         x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6)
         base = logits.float()
-        parts = [x, base - base.mean(-1, keepdim=True)]
-        if self.routing:
-            if prev_topk is None:
-                raise ValueError("these heads see the layer before's routing: pass its top-k ids")
-            hot = torch.zeros_like(base).scatter_(-1, prev_topk.long(), 1.0)
-            parts.append(hot)
-        return torch.cat(parts, dim=-1)
+        return torch.cat([x, base - base.mean(-1, keepdim=True)], dim=-1)
 
-    def forward(self, moe_inputs: torch.Tensor, logits: torch.Tensor, prev_topk: torch.Tensor | None = None) -> torch.Tensor:
-        """Every layer at once: ``moe_inputs [L-1, N, d]`` (layers 0..L-2's router inputs), the
-        run-ahead ``logits [L-1, N, E]`` of layers 1..L-1 and (``routing``) layers 0..L-2's top-k
-        ``prev_topk [L-1, N, k]`` -> corrected logits ``[L-1, N, E]``."""
-        z = self._inputs(moe_inputs, logits, prev_topk)
+    def forward(self, moe_inputs: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+        """Every layer at once: ``moe_inputs [L-1, N, d]`` (layers 0..L-2's router inputs) and the
+        run-ahead ``logits [L-1, N, E]`` of layers 1..L-1 -> corrected logits ``[L-1, N, E]``."""
+        z = self._inputs(moe_inputs, logits)
         mid = F.gelu(torch.baddbmm(self.b_in[:, None], z, self.w_in))
         return logits.float() + torch.baddbmm(self.b_out[:, None], mid, self.w_out)
 
-    def layer(self, layer: int, moe_input: torch.Tensor, logits: torch.Tensor,
-              prev_topk: torch.Tensor | None = None) -> torch.Tensor:
-        """MoE layer ``layer`` (>= 1): ``moe_input [..., d]`` and (``routing``) ``prev_topk [..., k]``
-        of layer ``layer - 1``, ``logits [..., E]``."""
+    def layer(self, layer: int, moe_input: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+        """MoE layer ``layer`` (>= 1): ``moe_input [..., d]`` of layer ``layer - 1``, ``logits [..., E]``."""
         i = layer - 1
-        z = self._inputs(moe_input, logits, prev_topk)
+        z = self._inputs(moe_input, logits)
         mid = F.gelu(torch.addmm(self.b_in[i], z.reshape(-1, z.shape[-1]), self.w_in[i]))
         out = torch.addmm(self.b_out[i], mid, self.w_out[i])
         return logits.float() + out.view(*logits.shape[:-1], -1)
@@ -258,21 +244,20 @@ class HashPredictor(nn.Module):
         else:
             self.prev_routing = None
         self.lookahead = (
-            LookaheadHeads(config.input_dim, L, E, config.lookahead_hidden, config.lookahead_routing)
+            LookaheadHeads(config.input_dim, L, E, config.lookahead_hidden)
             if config.lookahead_hidden and L > 1 else None
         )
 
-    def add_lookahead(self, hidden: int, routing: bool = False) -> LookaheadHeads:
+    def add_lookahead(self, hidden: int) -> LookaheadHeads:
         """Give the network (fresh, zero-output) lookahead heads of width ``hidden``, on its device;
-        ``routing``: they also see the layer before's true top-k. ``train_lookahead`` trains them."""
+        ``sida_moe.predictor.lookahead.train_lookahead`` trains them."""
         c = self.config
         if c.num_moe_layers < 2:
             raise ValueError("lookahead heads need at least 2 MoE layers (layer 0 has no layer before it)")
         if isinstance(hidden, bool) or not isinstance(hidden, int) or hidden <= 0:
             raise ValueError(f"lookahead hidden width must be a positive int, got {hidden!r}")
-        self.lookahead = LookaheadHeads(c.input_dim, c.num_moe_layers, c.num_experts, hidden, bool(routing)).to(
-            self.compress.weight.device)
-        c.lookahead_hidden, c.lookahead_routing = hidden, bool(routing)
+        self.lookahead = LookaheadHeads(c.input_dim, c.num_moe_layers, c.num_experts, hidden).to(self.compress.weight.device)
+        c.lookahead_hidden = hidden
         return self.lookahead
 
     def num_parameters(self) -> int:
@@ -410,12 +395,9 @@ class HashPredictor(nn.Module):
             return logits
         return logits.float() + weight * gate_logits.to(logits.device).float()
 
-    def look_ahead(self, logits: torch.Tensor, layer: int, moe_input: torch.Tensor,
-                   prev_topk: torch.Tensor | None = None) -> torch.Tensor:
+    def look_ahead(self, logits: torch.Tensor, layer: int, moe_input: torch.Tensor) -> torch.Tensor:
         """Layer ``layer``'s logits ``[..., E]`` corrected by the lookahead heads with layer
-        ``layer - 1``'s router input ``moe_input [..., d]`` and, for heads with
-        ``lookahead_routing``, its chosen experts ``prev_topk [..., k]`` (module docstring).
-        Layer 0 has none."""
+        ``layer - 1``'s router input ``moe_input [..., d]`` (module docstring). Layer 0 has none."""
         if self.lookahead is None:
             raise ValueError("this predictor has no lookahead heads (train them: sida_moe.predictor.lookahead)")
         if not 0 <= layer < self.config.num_moe_layers:
@@ -425,14 +407,8 @@ class HashPredictor(nn.Module):
         if moe_input.shape[-1] != self.config.input_dim or moe_input.shape[:-1] != logits.shape[:-1]:
             raise ValueError(f"moe_input must be [..., {self.config.input_dim}] with the tokens of logits "
                              f"{list(logits.shape[:-1])}, got {list(moe_input.shape)}")
-        if self.lookahead.routing:
-            if prev_topk is None or prev_topk.shape[:-1] != logits.shape[:-1]:
-                raise ValueError(f"these heads see the layer before's routing: prev_topk must be [..., k] with the tokens "
-                                 f"of logits {list(logits.shape[:-1])}, got "
-                                 f"{None if prev_topk is None else list(prev_topk.shape)}")
         dev = self.lookahead.w_in.device
-        prev = None if prev_topk is None or not self.lookahead.routing else prev_topk.to(dev)
-        return self.lookahead.layer(layer, moe_input.to(dev), logits.to(dev), prev)
+        return self.lookahead.layer(layer, moe_input.to(dev), logits.to(dev))
 
     def predict_topk(
         self, embeds: torch.Tensor, k: int | None = None, state: PredictorState | None = None

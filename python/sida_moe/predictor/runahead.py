@@ -403,8 +403,7 @@ class RunAheadPrefetcher:
             ids = engine.moe_layers[nxt].predict(fix.hidden)
         elif self.correction == "lookahead":
             logits = job.logits[nxt]  # [T, E]
-            looked = self.predictor.look_ahead(logits, nxt, fix.hidden.reshape(logits.shape[0], -1),
-                                               fix.topk_ids.reshape(logits.shape[0], -1))
+            looked = self.predictor.look_ahead(logits, nxt, fix.hidden.reshape(logits.shape[0], -1))
             ids = looked.topk(self.k, dim=-1).indices
         elif self.correction == "fused":
             gate = engine.moe_layers[nxt].gate_logits(fix.hidden)
