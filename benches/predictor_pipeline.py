@@ -165,6 +165,9 @@ def main() -> None:
                          "--lookahead-folds folds, a network of the variant is trained without each, and the heads "
                          "train on every fold with that network's logits; those heads are kept (0: off, the heads "
                          "see the predictor's own logits)")
+    ap.add_argument("--lookahead-extra", default="",
+                    help="heads settings to compare first, ';'-separated, each 'field=value,...' of LookaheadConfig "
+                         "(e.g. 'hidden=1024;weight_decay=0.1'); reported under lookahead_extra, not kept")
     ap.add_argument("--lookahead-folds", type=int, default=2, help="folds of --lookahead-crossfit (>= 2)")
     ap.add_argument("--lookahead-compare", action="store_true",
                     help="with --lookahead-crossfit, also train (and report) heads the plain way first")
@@ -288,6 +291,18 @@ def main() -> None:
         if args.lookahead_hidden and tr.moe_inputs is not None:
             look = LookaheadConfig(hidden=args.lookahead_hidden, steps=5 if args.smoke else 50000, batch_tokens=8192,
                                    max_seconds=None if args.smoke else args.lookahead_seconds, device=device)
+            extra = []
+            for spec in filter(None, args.lookahead_extra.split(";")):
+                fields = dict(item.split("=", 1) for item in spec.split(","))
+                unknown = set(fields) - set(vars(look))
+                if unknown:
+                    raise SystemExit(f"--lookahead-extra: {sorted(unknown)} are not LookaheadConfig fields")
+                kinds = {f: type(getattr(look, f)) for f in fields}
+                alt = replace(look, **{f: kinds[f](v) for f, v in fields.items()})
+                extra.append({"settings": fields, **train_lookahead(pred, tr, alt, held_out=ho, progress=False)})
+                log_lookahead(name, f"lookahead heads with {spec}", extra[-1], tr, pred, k)
+            if extra:
+                rep["lookahead_extra"] = extra
             if not args.lookahead_crossfit or args.lookahead_compare:
                 rep["lookahead"] = train_lookahead(pred, tr, look, held_out=ho, progress=False)
                 log_lookahead(name, "lookahead heads", rep["lookahead"], tr, pred, k)

@@ -15,7 +15,7 @@
 # NAME+ext: predictor_pipeline.py --extra-tokens), LOOK_SEC (lookahead heads' training seconds; 0: none),
 # MOE_EVERY (router inputs of every N-th training sequence traced for the heads), CROSSFIT (seconds of the
 # heads' cross-fit network: predictor_pipeline.py --lookahead-crossfit; LOOK_COMPARE=1 adds --lookahead-compare),
-# FOLDS (cross-fit folds, default 2), BENCH (0: stop after the pipeline),
+# FOLDS (cross-fit folds, default 2), LOOK_EXTRA (--lookahead-extra settings compared first), BENCH (0: stop after the pipeline),
 # OVERHEAD_ROUNDS (default 0), BASELINES, NEW_TOKENS, BUDGETS, POLICIES, PREDICTORS, DEADLINE (seconds after
 # which the bench is stopped; bench.json keeps the rows done).
 set -uo pipefail
@@ -29,6 +29,7 @@ python3 benches/predictor_pipeline.py --out "$out/pipe" --work "$work" --train-s
   --variants "$variant" --predictor-seconds "${PSEC:-190}" --predictor-steps 20000 \
   --extra-tokens "${EXTRA_TOKENS:-8000000}" --lookahead-seconds "${LOOK_SEC:-45}" \
   --moe-inputs-every "${MOE_EVERY:-6}" --lookahead-crossfit "${CROSSFIT:-0}" --lookahead-folds "${FOLDS:-2}" \
+  --lookahead-extra "${LOOK_EXTRA:-}" \
   $( [ "${LOOK_COMPARE:-0}" = 1 ] && echo --lookahead-compare ) \
   $( [ "${LOOK_SEC:-45}" = 0 ] && echo --lookahead-hidden 0 ) --held-out-text "$work/heldout.txt" 2>&1 | grep -v -i "warn" >> "$log"
 mkdir -p "$work/predictor"
