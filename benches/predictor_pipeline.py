@@ -158,7 +158,7 @@ def main() -> None:
     ap.add_argument("--extra-corpus", default="site-packages",
                     help="'site-packages' or comma-separated directories of .py files for the +ext variants' trace")
     ap.add_argument("--extra-tokens", type=int, default=8_000_000, help="tokens of the extra corpus to trace")
-    ap.add_argument("--lookahead-hidden", type=int, default=512, help="lookahead heads' width (0: none)")
+    ap.add_argument("--lookahead-hidden", type=int, default=1024, help="lookahead heads' width (0: none)")
     ap.add_argument("--lookahead-seconds", type=float, default=45.0, help="training time cap of the heads per variant")
     ap.add_argument("--lookahead-crossfit", type=float, default=0.0,
                     help="seconds to train each cross-fit network: the sequences with router inputs are split in "

@@ -99,7 +99,7 @@ def _configure_train(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-seconds", type=float, default=None, help="cap training time (the step count is cut to fit)")
     p.add_argument("--bf16", action="store_true",
                    help="bf16 autocast for the forward on a GPU (1.5x the tokens per second at batch 128 on the H100)")
-    p.add_argument("--lookahead-hidden", type=int, default=512,
+    p.add_argument("--lookahead-hidden", type=int, default=1024,
                    help="width of the lookahead heads, trained when the trace holds router inputs "
                         "(trace --moe-inputs-every); 0: do not train them")
     p.add_argument("--lookahead-steps", type=int, default=4000)
