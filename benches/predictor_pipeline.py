@@ -21,11 +21,11 @@
 from __future__ import annotations
 
 import argparse
-from dataclasses import replace
 import json
 import os
 import sys
 import time
+from dataclasses import replace
 
 import torch
 
