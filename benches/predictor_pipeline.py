@@ -80,6 +80,16 @@ def log(msg: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
 
 
+def parse_setting(current, text: str):
+    """``text`` as a value of the type of ``current`` (a LookaheadConfig field); booleans read
+    1/0, true/false, yes/no."""
+    if isinstance(current, bool):
+        if text.lower() not in ("1", "0", "true", "false", "yes", "no"):
+            raise SystemExit(f"--lookahead-extra: {text!r} is not a boolean (1/0, true/false, yes/no)")
+        return text.lower() in ("1", "true", "yes")
+    return type(current)(text)
+
+
 def log_lookahead(name: str, what: str, report: dict, trace, pred: HashPredictor, k: int) -> None:
     """Log (and add to ``report``) the heads' held-out recall and their recall on training text: a gap
     between the two says the heads overfit their data."""
@@ -91,7 +101,9 @@ def log_lookahead(name: str, what: str, report: dict, trace, pred: HashPredictor
         f"{report['train_seconds']:.0f}s): held-out recall@{k} {lh[f'mean_recall@{k}']:.4f} -> "
         f"{lh[f'mean_lookahead_recall@{k}']:.4f} once the layer before has run (training text: "
         f"{fit[f'mean_lookahead_recall@{k}']:.4f}); per layer "
-        + " ".join(f"{r[f'lookahead_recall@{k}']:.3f}" for r in lh["per_layer"]))
+        + " ".join(f"{r[f'lookahead_recall@{k}']:.3f}" for r in lh["per_layer"])
+        + (f"; prompt tokens (no previous state) {lh[f'mean_prompt_lookahead_recall@{k}']:.4f}"
+           if lh.get("previous_token") else ""))
 
 
 def held_out_loss(model, ids: torch.Tensor, batch: int = 16) -> float:
@@ -297,8 +309,7 @@ def main() -> None:
                 unknown = set(fields) - set(vars(look))
                 if unknown:
                     raise SystemExit(f"--lookahead-extra: {sorted(unknown)} are not LookaheadConfig fields")
-                kinds = {f: type(getattr(look, f)) for f in fields}
-                alt = replace(look, **{f: kinds[f](v) for f, v in fields.items()})
+                alt = replace(look, **{f: parse_setting(getattr(look, f), v) for f, v in fields.items()})
                 extra.append({"settings": fields, **train_lookahead(pred, tr, alt, held_out=ho, progress=False)})
                 log_lookahead(name, f"lookahead heads with {spec}", extra[-1], tr, pred, k)
             if extra:

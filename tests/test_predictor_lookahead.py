@@ -126,6 +126,74 @@ def test_untrained_heads_change_nothing_and_layer_path_matches_batched(full_trac
             assert torch.allclose(one, batched[layer - 1], atol=1e-5)
 
 
+def test_previous_token_heads_cover_layer_0_and_read_the_previous_state(full_trace_dir):
+    traces = load_traces(full_trace_dir)
+    pred = _trained_predictor(traces, steps=3)
+    heads = pred.add_lookahead(24, previous_token=True)
+    assert pred.config.lookahead_previous_token and heads.first == 0 and heads.w_in.shape == (3, 2 * 32 + 8, 24)
+    embeds = traces.embeddings[traces.input_ids[:2]].float()
+    with torch.no_grad():
+        logits, _ = pred(embeds)
+        x = traces.moe_inputs[:, :2]
+        prev = torch.randn(2, 16, 32)
+        assert torch.equal(pred.look_ahead(logits[0], 0, embeds, prev), logits[0])  # zero output layer
+        for p in heads.parameters():
+            p.normal_(0.0, 0.3)
+        states = torch.cat([embeds[None], x.float()])  # the state before layers 0, 1, 2
+        batched = heads(states.flatten(1, 2), logits.flatten(1, 2), prev.flatten(0, 1)).view_as(logits)
+        unknown = heads(states.flatten(1, 2), logits.flatten(1, 2), None).view_as(logits)
+        for layer in (0, 1, 2):
+            one = pred.look_ahead(logits[layer], layer, states[layer], prev)
+            assert torch.allclose(one, batched[layer], atol=1e-5)
+            # unknown previous state == zeros, and it matters
+            assert torch.allclose(pred.look_ahead(logits[layer], layer, states[layer]), unknown[layer], atol=1e-5)
+            assert torch.allclose(pred.look_ahead(logits[layer], layer, states[layer], torch.zeros_like(prev)),
+                                  unknown[layer], atol=1e-5)
+            assert not torch.allclose(one, unknown[layer], atol=1e-3)
+        with pytest.raises(ValueError, match="previous must be"):
+            pred.look_ahead(logits[1], 1, x[0], prev[:1])
+
+
+def test_token_table_previous_state_and_decode_evaluation(full_trace_dir):
+    """The previous state of a training token is layer L-2's router input of the token before it in its
+    sequence (zeros at a sequence's first token); evaluation reads it the same way for decode recall
+    and not at all for prompt recall."""
+    from sida_moe.predictor.lookahead import _TokenTable
+
+    traces = load_traces(full_trace_dir)
+    pred = _trained_predictor(traces, steps=3)
+    table = _TokenTable([(traces, pred)], torch.device("cpu"), top_t=5, first=0)
+    assert table.logits.shape == (3, 48 * 16, 8) and table.topk_ids.shape[0] == 3
+    idx = torch.tensor([0, 1, 15, 16, 17, 16 * 47 + 3])
+    states, previous = table.batch(idx, True, 0.0, torch.Generator().manual_seed(0))
+    assert torch.equal(states[0], traces.embeddings[traces.input_ids.flatten()[idx].long()].half())
+    assert torch.equal(states[1:], traces.moe_inputs.flatten(1, 2)[:, idx])
+    last = traces.moe_inputs[-1]  # [R, S, d]
+    want = torch.stack([torch.zeros(32, dtype=last.dtype), last[0, 0], last[0, 14], torch.zeros(32, dtype=last.dtype),
+                        last[1, 0], last[47, 2]])
+    assert torch.equal(previous, want)
+    _, dropped = table.batch(torch.arange(1, 16).repeat(40), True, 0.5, torch.Generator().manual_seed(0))
+    zeroed = (dropped.abs().sum(-1) == 0).float().mean()
+    assert 0.35 < zeroed < 0.65
+    assert table.batch(idx, False, 0.0, torch.Generator())[1] is None
+
+    heads = pred.add_lookahead(16, previous_token=True)
+    with torch.no_grad():
+        for p in heads.parameters():
+            p.normal_(0.0, 0.3)
+    sub = traces.subset(slice(0, 2))
+    rep = evaluate_lookahead(pred, sub, k=2)
+    with torch.no_grad():
+        embeds = sub.embeddings[sub.input_ids.long()].float()
+        logits, _ = pred(embeds)
+        shifted = torch.cat([torch.zeros_like(sub.moe_inputs[-1][:, :1]), sub.moe_inputs[-1][:, :-1]], dim=1)
+        for kind, previous in (("lookahead_recall@2", shifted), ("prompt_lookahead_recall@2", None)):
+            looked = pred.look_ahead(logits[0], 0, embeds, previous)
+            hits = looked.topk(2, dim=-1).indices[..., :, None].eq(sub.topk_ids[0][..., None, :].long()).any(-1)
+            assert rep["per_layer"][0][kind] == pytest.approx(float(hits.sum()) / (32 * 2))
+    assert rep["mean_lookahead_recall@2"] != rep["mean_prompt_lookahead_recall@2"]
+
+
 def test_heads_learn_from_the_layer_before(full_trace_dir):
     """On text with router inputs the heads beat the run-ahead prediction they start from (the hidden
     state of the layer before carries most of the next router's input)."""
@@ -136,11 +204,21 @@ def test_heads_learn_from_the_layer_before(full_trace_dir):
     assert report["steps_run"] == 300 and report["train_tokens"] == 48 * 16
     assert report["loss_last_50"] < report["loss_first"]
     held = report["held_out"]
-    assert held["tokens"] == 48 * 16 and held["per_layer"][0]["lookahead_recall@2"] == held["per_layer"][0]["recall@2"]
+    assert held["tokens"] == 48 * 16 and held["previous_token"]
+    # previous-token heads (the default) correct layer 0 too, from the embedding and the previous state
+    assert held["per_layer"][0]["lookahead_recall@2"] > held["per_layer"][0]["recall@2"] + 0.05, held
     assert held["mean_lookahead_recall@2"] > held["mean_recall@2"] + 0.05, held
+    assert held["mean_prompt_lookahead_recall@2"] > held["mean_recall@2"], held
     # the network itself was not retrained
     again = evaluate_lookahead(pred, traces)
     assert again["mean_recall@2"] == pytest.approx(held["mean_recall@2"])
+    # heads without the previous state leave layer 0 alone
+    plain = train_lookahead(pred, traces, LookaheadConfig(hidden=64, steps=300, batch_tokens=512, lr=3e-3,
+                                                          previous_token=False), held_out=traces, progress=False)
+    held = plain["held_out"]
+    assert not held["previous_token"] and "mean_prompt_lookahead_recall@2" not in held
+    assert held["per_layer"][0]["lookahead_recall@2"] == held["per_layer"][0]["recall@2"]
+    assert held["mean_lookahead_recall@2"] > held["mean_recall@2"] + 0.05, held
 
 
 def test_cross_fitted_heads_see_each_parts_own_network(full_trace_dir):
@@ -206,7 +284,7 @@ def test_lookahead_errors(full_trace_dir):
     with pytest.raises(ValueError, match="lookahead_hidden"):
         PredictorConfig(32, 3, 8, 2, lookahead_hidden=-1)
     for kwargs in ({"hidden": 0}, {"steps": -1}, {"batch_tokens": 1.5}, {"lr": 0.0}, {"target": "all"},
-                   {"max_seconds": 0.0}, {"kd_weight": -1.0}):
+                   {"max_seconds": 0.0}, {"kd_weight": -1.0}, {"previous_dropout": 1.0}, {"previous_dropout": -0.1}):
         with pytest.raises(ValueError):
             LookaheadConfig(**kwargs)
     other = HashPredictor(PredictorConfig(32, 3, 6, 2, hidden=16))
@@ -340,3 +418,45 @@ def test_cli_trains_the_heads_when_the_trace_has_router_inputs(tmp_path, capsys)
     assert HashPredictor.load(tmp_path / "none").lookahead is None
     with pytest.raises(SystemExit, match="moe-inputs-every"):
         main(["trace", *common, "--out", str(tmp_path / "bad"), "--moe-inputs-every", "-1"])
+
+
+def test_runahead_previous_token_heads(full_trace_dir):
+    """Decode: each forward's job carries the previous token's layer L-2 router input (the prompt's
+    forward none), layer 0's prefetch comes from its head on the embedding and that state, and the
+    later heads read it too; outputs stay exact."""
+    traces = load_traces(full_trace_dir)
+    pred = _trained_predictor(traces, steps=3)
+    pred.add_lookahead(16, previous_token=True)
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for p in pred.lookahead.parameters():
+            p.normal_(0.0, 0.5)  # corrects plenty, layer 0 included
+    prefetcher = RunAheadPrefetcher(pred)
+    assert prefetcher._reads_previous
+    jobs, routed = [], []
+    put, after = prefetcher._put, prefetcher.after_routing
+
+    def spy_put(item):
+        if not isinstance(item, type(None)) and hasattr(item, "embeds"):
+            jobs.append(item)
+        return put(item)
+
+    def spy_after(layer, hidden, topk_ids):
+        routed.append((len(jobs) - 1, layer, hidden.detach().clone()))
+        return after(layer, hidden, topk_ids)
+
+    prefetcher._put, prefetcher.after_routing = spy_put, spy_after
+    calls, tokens, reference = _demand_prefetches(prefetcher)
+    assert torch.equal(tokens, reference)
+    assert len(jobs) == 4 and jobs[0].fresh and jobs[0].previous is None
+    for n, job in enumerate(jobs[1:], start=1):
+        (state,) = [h for j, layer, h in routed if j == n - 1 and layer == 1]  # layer L-2 of the forward before
+        assert torch.equal(job.previous, state.reshape(1, -1, 32)[:, -1])
+        with torch.no_grad():
+            looked = pred.look_ahead(job.logits[0], 0, job.embeds.reshape(1, -1), job.previous)
+        assert job.predicted[0] == set(looked.topk(prefetcher.k, dim=-1).indices.reshape(-1).tolist())
+    # the prompt's layer 0: the head on the embeddings alone
+    with torch.no_grad():
+        first = pred.look_ahead(jobs[0].logits[0], 0, jobs[0].embeds.reshape(8, -1))
+    assert jobs[0].predicted[0] == set(first.topk(prefetcher.k, dim=-1).indices.reshape(-1).tolist())
+    assert calls and all(layer >= 1 for layer, _ in calls)

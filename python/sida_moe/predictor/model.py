@@ -43,6 +43,15 @@ inputs, see ``sida_moe.predictor.lookahead``): once MoE layer l-1 has run, its r
 Linear(-> E)``, the last layer zero-initialised so untrained heads change nothing). A learned map
 of ``x``, unlike the fixed next-layer gate (layer l's router on ``x``), can model what layer l-1's
 experts and layer l's attention do to the state; the run-ahead logits carry the context.
+
+Previous-token heads (``lookahead_previous_token=True``, the default of ``train_lookahead``): every
+head also reads ``p``, the previous token's router input of MoE layer L-2 (the deepest state the heads
+read; during decode it is known before the step starts), and layer 0 gets a head too, whose "layer
+before" is the token's embedding: ``logits + MLP_l([rms(x), rms(p), logits - mean])``. Layer 0
+otherwise has no correction at all (its router reads the first attention's view of the context,
+which the run-ahead network only approximates), and ``p`` summarises the context as the model itself
+sees it. Where ``p`` is unknown (a prompt's tokens, predicted before any layer ran) it is zeros;
+training zeroes it for a share of tokens so that both cases are learned.
 """
 
 from __future__ import annotations
@@ -81,6 +90,7 @@ class PredictorConfig:
     # per MoE layer: weight of the next-layer gate's logits in the fused correction ([]: not fitted)
     gate_weights: list[float] = field(default_factory=list)
     lookahead_hidden: int = 0  # > 0: the lookahead heads' width (module docstring); 0: none
+    lookahead_previous_token: bool = False  # the heads also read the previous token's state (docstring)
     moe_layer_ids: list[int] = field(default_factory=list)  # decoder-layer index of each MoE layer
     model_type: str = ""
 
@@ -177,36 +187,56 @@ class CausalBlock(nn.Module):
 
 
 class LookaheadHeads(nn.Module):
-    """Per MoE layer l >= 1, a correction of the run-ahead logits from layer l-1's router input
-    (module docstring). Weights of all layers are stacked (``[L-1, ...]``) so training runs every
-    layer in one batched matmul; decode corrects one layer at a time (``layer``)."""
+    """Per MoE layer l >= ``first``, a correction of the run-ahead logits from the state before it
+    (module docstring). ``previous_token=False``: layers 1..L-1, from layer l-1's router input.
+    ``previous_token=True``: layers 0..L-1, from layer l-1's router input (layer 0: the token's
+    embedding) and the previous token's router input of layer L-2. Weights of all layers are stacked
+    (``[n, ...]``) so training runs every layer in one batched matmul; decode corrects one layer at
+    a time (``layer``)."""
 
-    def __init__(self, input_dim: int, num_moe_layers: int, num_experts: int, hidden: int) -> None:
+    def __init__(self, input_dim: int, num_moe_layers: int, num_experts: int, hidden: int,
+                 previous_token: bool = False) -> None:
         super().__init__()
-        n, fan_in = num_moe_layers - 1, input_dim + num_experts
+        self.previous_token = bool(previous_token)
+        self.first = 0 if self.previous_token else 1  # the first MoE layer with a head
+        self.input_dim = input_dim
+        n = num_moe_layers - self.first
+        fan_in = input_dim * (2 if self.previous_token else 1) + num_experts
         self.w_in = nn.Parameter(torch.randn(n, fan_in, hidden) * fan_in**-0.5)
         self.b_in = nn.Parameter(torch.zeros(n, hidden))
         self.w_out = nn.Parameter(torch.zeros(n, hidden, num_experts))  # zero: starts as the run-ahead logits
         self.b_out = nn.Parameter(torch.zeros(n, num_experts))
 
     @staticmethod
-    def _inputs(moe_input: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
-        x = moe_input.float()
-        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6)
-        base = logits.float()
-        return torch.cat([x, base - base.mean(-1, keepdim=True)], dim=-1)
+    def _rms(x: torch.Tensor) -> torch.Tensor:
+        x = x.float()
+        return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6)
 
-    def forward(self, moe_inputs: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
-        """Every layer at once: ``moe_inputs [L-1, N, d]`` (layers 0..L-2's router inputs) and the
-        run-ahead ``logits [L-1, N, E]`` of layers 1..L-1 -> corrected logits ``[L-1, N, E]``."""
-        z = self._inputs(moe_inputs, logits)
+    def _inputs(self, moe_input: torch.Tensor, logits: torch.Tensor, previous: torch.Tensor | None) -> torch.Tensor:
+        base = logits.float()
+        parts = [self._rms(moe_input)]
+        if self.previous_token:
+            if previous is None:
+                parts.append(torch.zeros(*base.shape[:-1], self.input_dim, device=base.device))
+            else:  # [..., d] or one row per token shared by every layer
+                parts.append(self._rms(previous).expand(*base.shape[:-1], self.input_dim))
+        parts.append(base - base.mean(-1, keepdim=True))
+        return torch.cat(parts, dim=-1)
+
+    def forward(self, moe_inputs: torch.Tensor, logits: torch.Tensor, previous: torch.Tensor | None = None) -> torch.Tensor:
+        """Every layer at once: ``moe_inputs [n, N, d]`` (the state before each covered layer),
+        the run-ahead ``logits [n, N, E]`` of the covered layers and, for previous-token heads,
+        ``previous [N, d]`` (None: unknown, zeros) -> corrected logits ``[n, N, E]``."""
+        z = self._inputs(moe_inputs, logits, previous)
         mid = F.gelu(torch.baddbmm(self.b_in[:, None], z, self.w_in))
         return logits.float() + torch.baddbmm(self.b_out[:, None], mid, self.w_out)
 
-    def layer(self, layer: int, moe_input: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
-        """MoE layer ``layer`` (>= 1): ``moe_input [..., d]`` of layer ``layer - 1``, ``logits [..., E]``."""
-        i = layer - 1
-        z = self._inputs(moe_input, logits)
+    def layer(self, layer: int, moe_input: torch.Tensor, logits: torch.Tensor,
+              previous: torch.Tensor | None = None) -> torch.Tensor:
+        """MoE layer ``layer`` (>= ``first``): ``moe_input [..., d]`` (the state before it),
+        ``logits [..., E]`` and ``previous [..., d]`` or None."""
+        i = layer - self.first
+        z = self._inputs(moe_input, logits, previous)
         mid = F.gelu(torch.addmm(self.b_in[i], z.reshape(-1, z.shape[-1]), self.w_in[i]))
         out = torch.addmm(self.b_out[i], mid, self.w_out[i])
         return logits.float() + out.view(*logits.shape[:-1], -1)
@@ -244,20 +274,22 @@ class HashPredictor(nn.Module):
         else:
             self.prev_routing = None
         self.lookahead = (
-            LookaheadHeads(config.input_dim, L, E, config.lookahead_hidden)
+            LookaheadHeads(config.input_dim, L, E, config.lookahead_hidden, config.lookahead_previous_token)
             if config.lookahead_hidden and L > 1 else None
         )
 
-    def add_lookahead(self, hidden: int) -> LookaheadHeads:
-        """Give the network (fresh, zero-output) lookahead heads of width ``hidden``, on its device;
+    def add_lookahead(self, hidden: int, previous_token: bool = False) -> LookaheadHeads:
+        """Give the network (fresh, zero-output) lookahead heads of width ``hidden`` (previous-token
+        heads with ``previous_token``, module docstring), on its device;
         ``sida_moe.predictor.lookahead.train_lookahead`` trains them."""
         c = self.config
         if c.num_moe_layers < 2:
-            raise ValueError("lookahead heads need at least 2 MoE layers (layer 0 has no layer before it)")
+            raise ValueError("lookahead heads need at least 2 MoE layers (they read router inputs of layers 0..L-2)")
         if isinstance(hidden, bool) or not isinstance(hidden, int) or hidden <= 0:
             raise ValueError(f"lookahead hidden width must be a positive int, got {hidden!r}")
-        self.lookahead = LookaheadHeads(c.input_dim, c.num_moe_layers, c.num_experts, hidden).to(self.compress.weight.device)
-        c.lookahead_hidden = hidden
+        heads = LookaheadHeads(c.input_dim, c.num_moe_layers, c.num_experts, hidden, previous_token)
+        self.lookahead = heads.to(self.compress.weight.device)
+        c.lookahead_hidden, c.lookahead_previous_token = hidden, bool(previous_token)
         return self.lookahead
 
     def num_parameters(self) -> int:
@@ -395,20 +427,29 @@ class HashPredictor(nn.Module):
             return logits
         return logits.float() + weight * gate_logits.to(logits.device).float()
 
-    def look_ahead(self, logits: torch.Tensor, layer: int, moe_input: torch.Tensor) -> torch.Tensor:
-        """Layer ``layer``'s logits ``[..., E]`` corrected by the lookahead heads with layer
-        ``layer - 1``'s router input ``moe_input [..., d]`` (module docstring). Layer 0 has none."""
+    def look_ahead(self, logits: torch.Tensor, layer: int, moe_input: torch.Tensor,
+                   previous: torch.Tensor | None = None) -> torch.Tensor:
+        """Layer ``layer``'s logits ``[..., E]`` corrected by the lookahead heads with the state
+        before it, ``moe_input [..., d]``: layer ``layer - 1``'s router input, or for layer 0 the
+        token's embedding. ``previous [..., d]``: the previous token's router input of layer L-2,
+        read by previous-token heads (None: unknown). Layers without a head (layer 0 of heads
+        without ``lookahead_previous_token``) keep ``logits`` (module docstring)."""
         if self.lookahead is None:
             raise ValueError("this predictor has no lookahead heads (train them: sida_moe.predictor.lookahead)")
         if not 0 <= layer < self.config.num_moe_layers:
             raise ValueError(f"layer must be in [0, {self.config.num_moe_layers}), got {layer}")
-        if layer == 0:
+        if layer < self.lookahead.first:
             return logits
-        if moe_input.shape[-1] != self.config.input_dim or moe_input.shape[:-1] != logits.shape[:-1]:
-            raise ValueError(f"moe_input must be [..., {self.config.input_dim}] with the tokens of logits "
-                             f"{list(logits.shape[:-1])}, got {list(moe_input.shape)}")
+        for name, t in (("moe_input", moe_input), ("previous", previous)):
+            if t is not None and (t.shape[-1] != self.config.input_dim or t.shape[:-1] != logits.shape[:-1]):
+                raise ValueError(f"{name} must be [..., {self.config.input_dim}] with the tokens of logits "
+                                 f"{list(logits.shape[:-1])}, got {list(t.shape)}")
         dev = self.lookahead.w_in.device
-        return self.lookahead.layer(layer, moe_input.to(dev), logits.to(dev))
+        if previous is not None and self.lookahead.previous_token:
+            previous = previous.to(dev)
+        else:
+            previous = None
+        return self.lookahead.layer(layer, moe_input.to(dev), logits.to(dev), previous)
 
     def predict_topk(
         self, embeds: torch.Tensor, k: int | None = None, state: PredictorState | None = None

@@ -13,7 +13,10 @@ the inference thread, the correction's per-layer host sync cost 8-15% of decode 
 correction whose forward is over by the time the thread reaches it is dropped.
 ``correction="lookahead"`` (the default for a predictor with trained lookahead heads) runs layer
 l+1's head on layer l's hidden state and the forward's prediction (two small matmuls on the compute
-stream) and queues its top-k that was not predicted on the demand lane; ``"fused"`` (the default for a predictor with fitted ``gate_weights``) applies layer
+stream) and queues its top-k that was not predicted on the demand lane. Previous-token heads also
+read the previous token's router input of layer L-2, which the inference thread keeps from the
+previous forward, and correct layer 0 too: the thread applies layer 0's head (on the token's
+embedding) before it queues the forward's prefetches; ``"fused"`` (the default for a predictor with fitted ``gate_weights``) applies layer
 l+1's router to layer l's hidden state (one small matmul on the compute stream), adds its logits to
 the predictor's by the fitted weight, and queues the fused top-k that was not predicted on the
 demand lane; ``"gate"`` (the default otherwise) queues the router's own top-k instead;
@@ -75,6 +78,8 @@ class _Job:
     error: BaseException | None = None
     # [B, S, L*E] previous token's true routing (decode variant, on the predictor's device), or None
     prev_routing: torch.Tensor | None = None
+    # [B, d] previous token's layer L-2 router input (previous-token lookahead heads, decode), or None
+    previous: torch.Tensor | None = None
 
 
 @dataclass
@@ -163,6 +168,9 @@ class RunAheadPrefetcher:
         self._current: _Job | None = None
         # decode variant: per MoE layer, [B, k] experts of each row's last routed token (inference thread)
         self._last_routing: list[torch.Tensor | None] = [None] * predictor.config.num_moe_layers
+        # previous-token heads: [B, d] each row's last token's layer L-2 router input (inference thread)
+        self._reads_previous = correction == "lookahead" and predictor.lookahead.previous_token
+        self._last_state: torch.Tensor | None = None
         self._copy_stream: torch.cuda.Stream | None = None
         self._lock = threading.Lock()
         self.reset_metrics()
@@ -186,6 +194,7 @@ class RunAheadPrefetcher:
         self._seen_tokens = 0
         self._current = None
         self._last_routing = [None] * cfg.num_moe_layers
+        self._last_state = None
         if self._thread is None or not self._thread.is_alive():
             self._thread = threading.Thread(target=self._worker, name="sida-predictor", daemon=True)
             self._thread.start()
@@ -207,8 +216,14 @@ class RunAheadPrefetcher:
         mask = attention_mask[..., -seq:] if attention_mask is not None and seq > 1 else None
         # decode variant: the previous token's routing, complete since the previous forward ended
         prev = self._previous_token_routing(x.shape[0]) if not fresh and seq == 1 else None
-        (embeds, mask, prev), copied = self._to_predictor_device(x.detach(), mask, prev)
-        job = _Job(engine.generation, embeds, mask, copied, fresh, x.shape[0] * seq, prev_routing=prev)
+        # previous-token heads: the last token's state, complete since the previous forward ended
+        state = self._last_state
+        if fresh or seq != 1 or state is None or state.shape[0] != x.shape[0]:
+            state = None
+        self._last_state = None  # this forward's layer L-2 sets it again
+        (embeds, mask, prev, state), copied = self._to_predictor_device(x.detach(), mask, prev, state)
+        job = _Job(engine.generation, embeds, mask, copied, fresh, x.shape[0] * seq, prev_routing=prev,
+                   previous=state)
         self._current = job
         self._put(job)
 
@@ -238,6 +253,10 @@ class RunAheadPrefetcher:
         # copies, so that the caller may reuse its buffers; the worker's stream waits for them
         written = None
         hidden, topk_ids = hidden.detach().clone(), topk_ids.detach().clone()
+        if self._reads_previous and nxt == len(engine.moe_layers) - 1:
+            batch, seq = job.embeds.shape[:2]
+            # each row's last token: the previous token of the next decode step
+            self._last_state = hidden.reshape(batch, seq, -1)[:, -1].clone()
         if hidden.device.type == "cuda":
             written = torch.cuda.Event()
             written.record(torch.cuda.current_stream(hidden.device))
@@ -403,7 +422,7 @@ class RunAheadPrefetcher:
             ids = engine.moe_layers[nxt].predict(fix.hidden)
         elif self.correction == "lookahead":
             logits = job.logits[nxt]  # [T, E]
-            looked = self.predictor.look_ahead(logits, nxt, fix.hidden.reshape(logits.shape[0], -1))
+            looked = self.predictor.look_ahead(logits, nxt, fix.hidden.reshape(logits.shape[0], -1), job.previous)
             ids = looked.topk(self.k, dim=-1).indices
         elif self.correction == "fused":
             gate = engine.moe_layers[nxt].gate_logits(fix.hidden)
@@ -520,6 +539,8 @@ class RunAheadPrefetcher:
             graph_steps += 1
         if done < len(run):
             outputs += self._predict_eager(run[done:])
+        if self._reads_previous:
+            outputs = [self._first_layer_head(job, logits, ids) for job, (logits, ids) in zip(run, outputs)]
         host_ids = self._to_host(torch.cat([ids.reshape(-1) for _, ids in outputs]))
         start = 0
         for job, (logits, ids) in zip(run, outputs):
@@ -547,6 +568,17 @@ class RunAheadPrefetcher:
             if engine.generation != job.generation:
                 break
             engine.prefetch(layer, sorted(predicted[layer]), "prefetch", job.generation)
+
+    def _first_layer_head(self, job: _Job, logits: torch.Tensor, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Layer 0's prediction corrected by its previous-token head: from the tokens' embeddings and
+        (decode) the previous token's state; ``logits`` stay the run-ahead ones the later heads read."""
+        num_experts, tokens = logits.shape[-1], logits[0].numel() // logits.shape[-1]
+        previous = None if job.previous is None else job.previous.reshape(tokens, -1)
+        looked = self.predictor.look_ahead(logits[0].reshape(tokens, num_experts), 0,
+                                           job.embeds.reshape(tokens, -1), previous)
+        ids = ids.clone()
+        ids[0] = looked.topk(self.k, dim=-1).indices.view(ids.shape[1:]).to(ids.device)
+        return logits, ids
 
     def _predict_eager(self, run: list[_Job]) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """``HashPredictor.forward`` on the run's tokens together (state: ``self._state``, reset for
