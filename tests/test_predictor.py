@@ -200,6 +200,28 @@ def test_predictor_is_scale_free_in_its_input():
         assert torch.allclose(p(x)[0], p(x * 0.02)[0], atol=1e-4)
 
 
+def test_dropout_acts_in_training_only(trace_dir):
+    """Dropout (a training setting) changes nothing in eval mode -- the run-ahead prefetcher and the CUDA
+    graph see the plain network -- and is stored with the config."""
+    torch.manual_seed(0)
+    cfg = dict(input_dim=16, num_moe_layers=2, num_experts=6, top_k=2, hidden=24, attn_blocks=1, attn_heads=4)
+    p = HashPredictor(PredictorConfig(**cfg, dropout=0.3))
+    plain = HashPredictor(PredictorConfig(**cfg))
+    plain.load_state_dict(p.state_dict())
+    x = torch.randn(2, 5, 16)
+    with torch.no_grad():
+        assert torch.equal(p.eval()(x)[0], plain.eval()(x)[0])
+        p.train()
+        assert not torch.allclose(p(x)[0], plain(x)[0])
+    with pytest.raises(ValueError, match="dropout"):
+        PredictorConfig(**cfg, dropout=1.0)
+    with pytest.raises(ValueError, match="dropout"):
+        TrainConfig(dropout=-0.1)
+    pred, _ = train_predictor(load_traces(trace_dir), TrainConfig(steps=3, batch_size=4, hidden=16, dropout=0.2,
+                                                                  fit_gate=False), progress=False)
+    assert pred.config.dropout == 0.2 and not pred.training
+
+
 @pytest.mark.parametrize("head_hidden,attn_blocks", [(0, 0), (10, 0), (10, 1)])
 def test_predictor_save_load_round_trip(tmp_path, head_hidden, attn_blocks):
     torch.manual_seed(0)

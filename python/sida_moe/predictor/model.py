@@ -91,6 +91,7 @@ class PredictorConfig:
     gate_weights: list[float] = field(default_factory=list)
     lookahead_hidden: int = 0  # > 0: the lookahead heads' width (module docstring); 0: none
     lookahead_previous_token: bool = False  # the heads also read the previous token's state (docstring)
+    dropout: float = 0.0  # training only: on the compressed input, each block's branches and the features
     moe_layer_ids: list[int] = field(default_factory=list)  # decoder-layer index of each MoE layer
     model_type: str = ""
 
@@ -102,6 +103,8 @@ class PredictorConfig:
             raise ValueError(f"PredictorConfig.head_hidden must be >= 0 (0: linear heads), got {self.head_hidden!r}")
         if int(self.lookahead_hidden) < 0:
             raise ValueError(f"PredictorConfig.lookahead_hidden must be >= 0 (0: none), got {self.lookahead_hidden!r}")
+        if not 0.0 <= float(self.dropout) < 1.0:
+            raise ValueError(f"PredictorConfig.dropout must be in [0, 1), got {self.dropout!r}")
         if int(self.attn_blocks) < 0:
             raise ValueError(f"PredictorConfig.attn_blocks must be >= 0 (0: the paper's network), got {self.attn_blocks!r}")
         if self.attn_blocks and (int(self.attn_heads) <= 0 or self.hidden % self.attn_heads):
@@ -153,9 +156,10 @@ class CausalBlock(nn.Module):
     """One pre-norm transformer block of the deep variant: causal multi-head self-attention over the
     sequence (with past keys/values for decode) and a GELU MLP, each added to its input."""
 
-    def __init__(self, dim: int, heads: int) -> None:
+    def __init__(self, dim: int, heads: int, dropout: float = 0.0) -> None:
         super().__init__()
         self.heads = heads
+        self.dropout = dropout  # on each branch's output, in training
         self.attn_norm = nn.LayerNorm(dim)
         self.qkv = nn.Linear(dim, 3 * dim)
         self.out = nn.Linear(dim, dim)
@@ -181,8 +185,9 @@ class CausalBlock(nn.Module):
         else:
             # seq > 1 without past or mask: causal; seq == 1: the one query sees every key
             att = F.scaled_dot_product_attention(q, keys, values, is_causal=seq > 1)
-        x = x + self.out(att.transpose(1, 2).reshape(bsz, seq, dim))
-        x = x + self.mlp_out(F.gelu(self.mlp_in(self.mlp_norm(x))))
+        drop = self.dropout if self.training else 0.0
+        x = x + F.dropout(self.out(att.transpose(1, 2).reshape(bsz, seq, dim)), drop)
+        x = x + F.dropout(self.mlp_out(F.gelu(self.mlp_in(self.mlp_norm(x)))), drop)
         return x, (keys, values)
 
 
@@ -264,7 +269,7 @@ class HashPredictor(nn.Module):
             self.heads_out = nn.Parameter(torch.empty(L, hh, E))
             self.heads_out_bias = nn.Parameter(torch.zeros(L, E))
             nn.init.normal_(self.heads_out, std=hh**-0.5)
-        self.blocks = nn.ModuleList(CausalBlock(h, config.attn_heads) for _ in range(config.attn_blocks))
+        self.blocks = nn.ModuleList(CausalBlock(h, config.attn_heads, config.dropout) for _ in range(config.attn_blocks))
         if config.conditioned:
             self.prev_routing = nn.ModuleList(
                 nn.Linear(config.num_experts, config.num_experts, bias=False) for _ in range(config.num_moe_layers)
@@ -341,7 +346,7 @@ class HashPredictor(nn.Module):
             if tuple(prev_token_routing.shape) != want:
                 raise ValueError(f"prev_token_routing must be {list(want)}, got {list(prev_token_routing.shape)}")
             x = x + self.token_routing_in(prev_token_routing.to(x.dtype))
-        x = torch.relu(x)
+        x = F.dropout(torch.relu(x), self.config.dropout if self.training else 0.0)
         h, lstm_state = self.lstm(x, state.lstm)
 
         q, k, v = self.qkv(h).chunk(3, dim=-1)
@@ -379,6 +384,8 @@ class HashPredictor(nn.Module):
         for block, block_past in zip(self.blocks, state.blocks):
             feats, kv = block(feats, block_past, block_mask)
             blocks.append(kv)
+        if self.training and self.config.dropout:
+            feats = F.dropout(feats, self.config.dropout)
         return feats, PredictorState(lstm_state, keys, values, key_mask, blocks)
 
     def forward(

@@ -40,6 +40,7 @@ class TrainConfig:
     head_hidden: int = 0  # > 0: per-layer MLP heads of this width (the wider variant)
     attn_blocks: int = 0  # > 0: causal transformer blocks on top of the paper's features (deep variant)
     attn_heads: int = 8
+    dropout: float = 0.0  # training-time dropout in the network (PredictorConfig.dropout): it overfits small corpora
     prev_token_routing: bool = False  # also input the previous token's true routing (decode variant)
     routing_dropout: float = 0.25  # share of sequences trained without it (prompts: not yet known)
     fit_gate: bool = True  # the trace holds the next-layer gate: fit the fused correction's weights
@@ -55,6 +56,8 @@ class TrainConfig:
     def __post_init__(self) -> None:
         if self.steps <= 0 or self.batch_size <= 0 or self.top_t <= 0 or self.hidden <= 0:
             raise ValueError("steps, batch_size, top_t and hidden must be positive")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
         if not 0.0 <= self.routing_dropout <= 1.0:
             raise ValueError(f"routing_dropout must be in [0, 1], got {self.routing_dropout}")
         if self.head_hidden < 0:
@@ -90,6 +93,7 @@ def predictor_config_for(
     prev_token_routing: bool = False,
     attn_blocks: int = 0,
     attn_heads: int = 8,
+    dropout: float = 0.0,
 ) -> PredictorConfig:
     """The hash-function sizes for the model a trace was recorded from."""
     return PredictorConfig(
@@ -103,6 +107,7 @@ def predictor_config_for(
         conditioned=conditioned,
         attn_blocks=attn_blocks,
         attn_heads=attn_heads,
+        dropout=dropout,
         moe_layer_ids=list(manifest["moe_layer_ids"]),
         model_type=manifest.get("model_type", ""),
     )
@@ -253,7 +258,7 @@ def _train(
     model = predictor or HashPredictor(
         predictor_config_for(traces.manifest, conditioned=config.conditioned, hidden=config.hidden,
                              head_hidden=config.head_hidden, prev_token_routing=config.prev_token_routing,
-                             attn_blocks=config.attn_blocks, attn_heads=config.attn_heads)
+                             attn_blocks=config.attn_blocks, attn_heads=config.attn_heads, dropout=config.dropout)
     )
     if model.config.num_experts != traces.manifest["num_experts"] or model.config.num_moe_layers != traces.manifest["num_moe_layers"]:
         raise ValueError("predictor sizes do not match the trace's model (num_experts / num_moe_layers)")
