@@ -369,10 +369,19 @@ def main() -> None:
     eval_ids = held_ids[: min(64, held_ids.shape[0])]
     fid = {"exact_loss": held_out_loss(model, eval_ids), "tokens": int(eval_ids.numel())}
     for name in predictors:
-        for weights in ("predicted", "router"):
-            with HashRouting(model, predictors[name].to(device), weights=weights):
+        pred = predictors[name].to(device)
+        fitted = list(pred.config.weight_temperature)
+        # "predicted": at the fitted per-layer temperature; "predicted_t1": the raw softmax (before session 7)
+        for label, weights, temps in (("predicted", "predicted", fitted), ("predicted_t1", "predicted", []),
+                                      ("router", "router", fitted)):
+            if label == "predicted_t1" and not fitted:
+                continue
+            pred.config.weight_temperature = temps
+            with HashRouting(model, pred, weights=weights):
                 loss = held_out_loss(model, eval_ids)
-            fid[f"{name}/{weights}"] = {"loss": loss, "relative_increase": loss / fid["exact_loss"] - 1.0}
+            fid[f"{name}/{label}"] = {"loss": loss, "relative_increase": loss / fid["exact_loss"] - 1.0}
+        pred.config.weight_temperature = fitted
+        fid[f"{name}/weight_temperature"] = fitted
     results["hash_routing"] = fid
     dump(results)
 

@@ -25,7 +25,13 @@ from sida_moe.predictor import (
 from sida_moe.predictor.cachesim import simulate_decode
 from sida_moe.predictor.hash_routing import hash_route
 from sida_moe.predictor.traces import chunk_token_ids, split_held_out
-from sida_moe.predictor.train import distillation_loss, predictor_config_for
+from sida_moe.predictor.train import (
+    TEMPERATURE_GRID,
+    distillation_loss,
+    fit_weight_temperature,
+    predictor_config_for,
+    weight_errors,
+)
 
 
 def tiny_qwen3(seed: int = 0, layers: int = 3, experts: int = 8, top_k: int = 2):
@@ -523,6 +529,55 @@ def test_hash_routing_with_oracle_weights_is_exact(model):
         for weights in ("predicted", "router"):
             with HashRouting(model, pred, weights):
                 assert torch.allclose(model(input_ids=x).logits, exact, atol=1e-5)
+
+
+def test_hash_routing_predicted_weights_use_the_fitted_temperature(model):
+    """A predictor whose logits are the router's times 2 picks the right experts but too sharp
+    weights; its fitted temperature 2 makes the predicted weights the router's (exact output)."""
+    x = torch.randint(0, 64, (1, 9))
+    with torch.no_grad(), RoutingRecorder(model) as rec:
+        exact = model(input_ids=x).logits
+    sharp = 2.0 * torch.stack([rec.layer_logits(l) for l in range(3)])  # [L, T, E]
+
+    class Sharp(HashPredictor):
+        def forward(self, embeds, state=None, attention_mask=None):
+            return sharp.view(3, 1, 9, 8), state
+
+    pred = Sharp(PredictorConfig(input_dim=32, num_moe_layers=3, num_experts=8, top_k=2, hidden=8))
+    with torch.no_grad():
+        with HashRouting(model, pred, "predicted"):
+            assert not torch.allclose(model(input_ids=x).logits, exact, atol=1e-3)
+        # the fit's objective picks 2 among the grid for these logits
+        errors = weight_errors(sharp, sharp / 2.0, 2, TEMPERATURE_GRID)
+        assert [TEMPERATURE_GRID[int(i)] for i in errors.argmin(0)] == [2.0, 2.0, 2.0]
+        assert errors.min(0).values.max() < 1e-10
+        pred.config.weight_temperature = [2.0, 2.0, 2.0]
+        with HashRouting(model, pred, "predicted"):
+            assert torch.allclose(model(input_ids=x).logits, exact, atol=1e-5)
+        assert torch.equal(pred.weight_logits(sharp[1], 1), sharp[1] / 2.0)
+        with pytest.raises(ValueError, match="layer must be in"):
+            pred.weight_logits(sharp[1], 3)
+    for bad in ([1.0, 2.0], [1.0, 0.0, 1.0]):
+        with pytest.raises(ValueError, match="weight_temperature"):
+            PredictorConfig(input_dim=32, num_moe_layers=3, num_experts=8, top_k=2, weight_temperature=bad)
+
+
+def test_weight_temperature_is_fitted_after_training_and_saved(trace_dir, tmp_path):
+    traces = load_traces(trace_dir)
+    pred, report = train_predictor(traces, TrainConfig(steps=20, batch_size=8, hidden=16, fit_gate=False), progress=False)
+    fit = report["temperature_fit"]
+    temps = pred.config.weight_temperature
+    assert temps == fit["weight_temperature"] and len(temps) == traces.manifest["num_moe_layers"]
+    assert all(t in TEMPERATURE_GRID for t in temps)
+    errors = torch.tensor([fit["error_by_temperature"][str(t)] for t in TEMPERATURE_GRID])  # [grid, L]
+    assert [TEMPERATURE_GRID[int(i)] for i in errors.argmin(0)] == temps
+    pred.save(tmp_path)
+    assert HashPredictor.load(tmp_path).config.weight_temperature == temps
+    again, rep = train_predictor(traces, TrainConfig(steps=2, batch_size=8, hidden=16, fit_gate=False,
+                                                     fit_temperature=False), progress=False)
+    assert again.config.weight_temperature == [] and "temperature_fit" not in rep
+    with pytest.raises(ValueError, match="grid"):
+        fit_weight_temperature(pred, traces, grid=(1.0, 0.0))
 
 
 def test_hash_route_weights():

@@ -8,7 +8,7 @@ from sida_moe.predictor.model import HashPredictor, PredictorConfig, PredictorSt
 from sida_moe.predictor.runahead import RunAheadPrefetcher, load_prefetcher
 from sida_moe.predictor.sparsemax import sparsemax
 from sida_moe.predictor.traces import RoutingRecorder, Traces, find_moe_layers, load_traces, record_traces
-from sida_moe.predictor.train import TrainConfig, evaluate, fit_gate_weights, train_predictor
+from sida_moe.predictor.train import TrainConfig, evaluate, fit_gate_weights, fit_weight_temperature, train_predictor
 
 __all__ = [
     "GraphedDecoder",
@@ -25,6 +25,7 @@ __all__ = [
     "evaluate_lookahead",
     "find_moe_layers",
     "fit_gate_weights",
+    "fit_weight_temperature",
     "has_predictor",
     "load_prefetcher",
     "load_traces",

@@ -3,7 +3,8 @@
 Applied to a plain transformers model with hooks: the input-embedding output (the layer-0 input)
 runs the predictor once per forward, and each MoE block's experts module then receives the
 predicted top-k ids instead of the router's. Weights of the chosen experts come from
-- ``weights="predicted"``: the predictor's softmax (no router needed at all, the paper's mode), or
+- ``weights="predicted"``: the predictor's softmax (no router needed at all, the paper's mode), at
+  the per-layer temperature fitted after training (``HashPredictor.weight_logits``), or
 - ``weights="router"``: the router's softmax at the predicted experts (the router is one small
   matmul; only the choice of experts is taken from the predictor).
 Both renormalise over the chosen experts when the model does (``norm_topk_prob``).
@@ -151,6 +152,8 @@ class HashRouting:
                 raise RuntimeError(
                     f"hash routing: predictor gave {pred.shape[0]} tokens, MoE layer {layer.index} has {ids.shape[0]}"
                 )
+            if router_logits is None:
+                pred = self.predictor.weight_logits(pred, layer.index)
             new_ids, new_w = hash_route(pred, ids.shape[-1], self.normalize[layer.index], router_logits, dtype=weights.dtype)
             return (hidden, new_ids.to(ids.dtype), new_w, *args[3:]), kwargs
 

@@ -92,6 +92,8 @@ class PredictorConfig:
     lookahead_hidden: int = 0  # > 0: the lookahead heads' width (module docstring); 0: none
     lookahead_previous_token: bool = False  # the heads also read the previous token's state (docstring)
     dropout: float = 0.0  # training only: on the compressed input, each block's branches and the features
+    # per MoE layer: temperature of the predicted weights in hash routing ([]: 1; train.fit_weight_temperature)
+    weight_temperature: list[float] = field(default_factory=list)
     moe_layer_ids: list[int] = field(default_factory=list)  # decoder-layer index of each MoE layer
     model_type: str = ""
 
@@ -119,6 +121,10 @@ class PredictorConfig:
             )
         if not self.moe_layer_ids:
             self.moe_layer_ids = list(range(self.num_moe_layers))
+        if self.weight_temperature and (len(self.weight_temperature) != self.num_moe_layers
+                                        or not all(t > 0 for t in self.weight_temperature)):
+            raise ValueError(f"weight_temperature must hold one positive temperature per MoE layer "
+                             f"({self.num_moe_layers}), got {self.weight_temperature!r}")
         if self.gate_weights and len(self.gate_weights) != self.num_moe_layers:
             raise ValueError(
                 f"gate_weights has {len(self.gate_weights)} entries but num_moe_layers is {self.num_moe_layers}"
@@ -433,6 +439,15 @@ class HashPredictor(nn.Module):
         if weight == 0.0:
             return logits
         return logits.float() + weight * gate_logits.to(logits.device).float()
+
+    def weight_logits(self, logits: torch.Tensor, layer: int) -> torch.Tensor:
+        """Layer ``layer``'s logits scaled by its fitted ``weight_temperature`` (unchanged when none
+        was fitted): hash routing's predicted weights are their softmax. Scaling keeps the ranking,
+        so the chosen experts are the same."""
+        temps = self.config.weight_temperature
+        if not 0 <= layer < self.config.num_moe_layers:
+            raise ValueError(f"layer must be in [0, {self.config.num_moe_layers}), got {layer}")
+        return logits if not temps or temps[layer] == 1.0 else logits.float() / temps[layer]
 
     def look_ahead(self, logits: torch.Tensor, layer: int, moe_input: torch.Tensor,
                    previous: torch.Tensor | None = None) -> torch.Tensor:

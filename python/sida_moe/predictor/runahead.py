@@ -274,6 +274,8 @@ class RunAheadPrefetcher:
         if job.error is not None:
             raise RuntimeError("the predictor thread failed") from job.error
         logits = job.logits[moe_layer].to(hidden.device)
+        if self.hash_weights == "predicted":
+            logits = self.predictor.weight_logits(logits, moe_layer)
         if logits.shape[0] != topk_ids.shape[0]:
             raise RuntimeError(f"hash routing: {logits.shape[0]} predicted tokens, layer {moe_layer} has {topk_ids.shape[0]}")
         router = self._require_engine().moe_layers[moe_layer].router

@@ -44,6 +44,7 @@ class TrainConfig:
     prev_token_routing: bool = False  # also input the previous token's true routing (decode variant)
     routing_dropout: float = 0.25  # share of sequences trained without it (prompts: not yet known)
     fit_gate: bool = True  # the trace holds the next-layer gate: fit the fused correction's weights
+    fit_temperature: bool = True  # fit hash routing's per-layer weight temperature (fit_weight_temperature)
     grad_clip: float = 1.0
     seed: int = 0
     device: str = "cpu"
@@ -338,9 +339,72 @@ def _train(
         fit_rows = slice(0, min(512, traces.num_sequences))
         report["gate_fit"] = fit_gate_weights(model, traces.subset(fit_rows), device=config.device)
         report["predictor_config"] = asdict(model.config)
+    if config.fit_temperature:
+        fit_rows = slice(0, min(512, traces.num_sequences))
+        report["temperature_fit"] = fit_weight_temperature(model, traces.subset(fit_rows), device=config.device)
+        report["predictor_config"] = asdict(model.config)
     if held_out is not None:
         report["held_out"] = evaluate(model, held_out, device=config.device)
     return model, report
+
+
+TEMPERATURE_GRID = (0.25, 0.35, 0.5, 0.7, 1.0, 1.4, 2.0, 2.8, 4.0, 5.6, 8.0)
+
+
+def weight_errors(predicted: torch.Tensor, router: torch.Tensor, k: int, grid: tuple[float, ...],
+                  normalize: bool = True) -> torch.Tensor:
+    """Summed squared error ``[len(grid), L]`` between hash routing's predicted weights (softmax of
+    ``predicted / t`` at its top-k, for each temperature t of ``grid``) and the router's weights at
+    the same experts (softmax of ``router``), over the tokens of ``predicted`` / ``router``
+    ``[L, ..., E]``; both renormalised over the k experts when ``normalize``."""
+    ids = predicted.topk(k, dim=-1).indices
+    want = torch.softmax(router.float(), dim=-1).gather(-1, ids)
+    if normalize:
+        want = want / want.sum(-1, keepdim=True)
+    errors = []
+    for t in grid:
+        got = torch.softmax(predicted.float() / t, dim=-1).gather(-1, ids)
+        if normalize:
+            got = got / got.sum(-1, keepdim=True)
+        errors.append((got - want).pow(2).flatten(1).sum(-1))
+    return torch.stack(errors)
+
+
+def fit_weight_temperature(
+    predictor: HashPredictor,
+    traces: Traces,
+    device: str = "cpu",
+    grid: tuple[float, ...] = TEMPERATURE_GRID,
+    normalize: bool = True,
+    batch_size: int = 64,
+) -> dict:
+    """Choose, per MoE layer, the temperature of hash routing's predicted weights that brings them
+    closest to the router's weights at the same experts on ``traces`` (training text), store them
+    in ``predictor.config.weight_temperature`` and return ``{"weight_temperature",
+    "error_by_temperature"}``. The predictor is trained to rank experts (top-k target plus a
+    distillation term), not to match the router's weight spread; with router weights at the
+    predicted experts hash routing is near-exact (NOTES.md), so the weights are what the fit fixes.
+    The router's logits come from the trace's top T (the others count as ranked last)."""
+    if not grid or any(not t > 0 for t in grid):
+        raise ValueError(f"grid must be non-empty positive temperatures, got {grid}")
+    dev = torch.device(device)
+    predictor = predictor.to(dev).eval()
+    batches = _Batches(traces, dev, top_t=traces.logit_ids.shape[-1])
+    k, num_experts = traces.manifest["top_k"], traces.manifest["num_experts"]
+    errors = torch.zeros(len(grid), traces.manifest["num_moe_layers"], dtype=torch.float64)
+    with torch.no_grad():
+        for start in range(0, traces.num_sequences, batch_size):
+            rows = torch.arange(start, min(start + batch_size, traces.num_sequences))
+            embeds, _, logit_ids, logit_vals = batches(rows)
+            logits, _ = predictor(embeds)
+            floor = logit_vals.min(-1, keepdim=True).values - 30.0
+            router = floor.expand(*logit_vals.shape[:-1], num_experts).clone().scatter_(-1, logit_ids, logit_vals)
+            errors += weight_errors(logits, router, k, grid, normalize).double().cpu()
+    best = errors.argmin(dim=0)
+    temps = [float(grid[int(i)]) for i in best]
+    predictor.config.weight_temperature = temps
+    return {"weight_temperature": temps,
+            "error_by_temperature": {str(t): [float(e) for e in errors[i]] for i, t in enumerate(grid)}}
 
 
 GATE_WEIGHT_GRID = (0.0, 0.125, 0.25, 0.5, 1.0, 2.0, 4.0, 8.0, 16.0, 64.0)
@@ -514,4 +578,5 @@ def format_report(report: dict) -> str:
     return "\n".join(lines)
 
 
-__all__ = ["TrainConfig", "distillation_loss", "evaluate", "fit_gate_weights", "format_report", "predictor_config_for", "train_predictor"]
+__all__ = ["TrainConfig", "distillation_loss", "evaluate", "fit_gate_weights", "fit_weight_temperature", "format_report",
+           "predictor_config_for", "train_predictor", "weight_errors"]
