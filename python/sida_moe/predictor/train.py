@@ -348,7 +348,7 @@ def _train(
     return model, report
 
 
-TEMPERATURE_GRID = (0.25, 0.35, 0.5, 0.7, 1.0, 1.4, 2.0, 2.8, 4.0, 5.6, 8.0)
+TEMPERATURE_GRID = (0.125, 0.18, 0.25, 0.35, 0.5, 0.7, 1.0, 1.4, 2.0, 2.8, 4.0, 5.6, 8.0)  # session 7: 0.25-0.35 fitted on the reference model (layer 0 at the old edge)
 
 
 def weight_errors(predicted: torch.Tensor, router: torch.Tensor, k: int, grid: tuple[float, ...],
