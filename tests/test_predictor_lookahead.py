@@ -410,8 +410,15 @@ def test_cli_trains_the_heads_when_the_trace_has_router_inputs(tmp_path, capsys)
              "--hidden", "16"]
     assert main([*train, "--held-out", str(tmp_path / "tr"), "--lookahead-hidden", "8", "--lookahead-steps", "5",
                  "--out", str(tmp_path / "p"), "--report", str(tmp_path / "r.json")]) == 0
-    assert "lookahead heads: recall@2" in capsys.readouterr().out
-    assert HashPredictor.load(tmp_path / "p").config.lookahead_hidden == 8
+    printed = capsys.readouterr().out
+    assert "lookahead heads: recall@2" in printed and "prompt tokens (no previous state)" in printed
+    assert "hash routing weight temperature per MoE layer" in printed
+    saved = HashPredictor.load(tmp_path / "p").config
+    assert saved.lookahead_hidden == 8 and saved.lookahead_previous_token and len(saved.weight_temperature) == 3
+    assert main([*train, "--lookahead-hidden", "8", "--lookahead-steps", "2", "--no-lookahead-previous-token",
+                 "--no-fit-temperature", "--dropout", "0.1", "--out", str(tmp_path / "old")]) == 0
+    old = HashPredictor.load(tmp_path / "old").config
+    assert not old.lookahead_previous_token and old.weight_temperature == [] and old.dropout == 0.1
     report = json.loads((tmp_path / "r.json").read_text())
     assert report["lookahead"]["steps_run"] == 5 and "mean_lookahead_recall@2" in report["lookahead"]["held_out"]
     assert main([*train, "--lookahead-hidden", "0", "--out", str(tmp_path / "none")]) == 0

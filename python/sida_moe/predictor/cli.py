@@ -103,6 +103,11 @@ def _configure_train(p: argparse.ArgumentParser) -> None:
                    help="width of the lookahead heads, trained when the trace holds router inputs "
                         "(trace --moe-inputs-every); 0: do not train them")
     p.add_argument("--lookahead-steps", type=int, default=4000)
+    p.add_argument("--no-lookahead-previous-token", action="store_true",
+                   help="heads without the previous token's state (and no head for layer 0); default: with them")
+    p.add_argument("--dropout", type=float, default=d.dropout, help="training-time dropout in the network (default 0)")
+    p.add_argument("--no-fit-temperature", action="store_true",
+                   help="do not fit hash routing's per-layer weight temperature after training")
     p.add_argument("--device", default=None, help="default: cuda when available, else cpu")
     p.add_argument("--report", default=None, help="write the full report (JSON) here")
     p.add_argument("--seed", type=int, default=d.seed)
@@ -124,7 +129,8 @@ def run_train(args: argparse.Namespace) -> int:
         steps=args.steps, batch_size=args.batch_size, lr=args.lr, kd_weight=args.kd_weight, top_t=args.top_t,
         target=args.target, conditioned=args.conditioned, hidden=args.hidden, head_hidden=args.head_hidden,
         prev_token_routing=args.prev_token_routing, attn_blocks=args.attn_blocks, attn_heads=args.attn_heads,
-        max_seconds=args.max_seconds, seed=args.seed, bf16=args.bf16,
+        max_seconds=args.max_seconds, seed=args.seed, bf16=args.bf16, dropout=args.dropout,
+        fit_temperature=not args.no_fit_temperature,
         device=args.device or ("cuda" if torch.cuda.is_available() else "cpu"),
     )
     if args.lookahead_hidden < 0 or args.lookahead_steps <= 0:
@@ -134,18 +140,25 @@ def run_train(args: argparse.Namespace) -> int:
           f"{report['num_parameters']} parameters")
     if held is not None:
         print(format_report(report["held_out"]))
+    if "temperature_fit" in report:
+        temps = report["temperature_fit"]["weight_temperature"]
+        print("hash routing weight temperature per MoE layer: " + " ".join(f"{t:g}" for t in temps))
     if args.lookahead_hidden and traces.moe_inputs is not None and traces.manifest["num_moe_layers"] > 1:
         from sida_moe.predictor.lookahead import LookaheadConfig, train_lookahead
 
         look_held = held if held is not None and held.moe_inputs is not None else None
         report["lookahead"] = train_lookahead(
             predictor, traces, LookaheadConfig(hidden=args.lookahead_hidden, steps=args.lookahead_steps,
-                                               seed=args.seed, device=config.device), held_out=look_held)
+                                               seed=args.seed, device=config.device,
+                                               previous_token=not args.no_lookahead_previous_token),
+            held_out=look_held)
         k = traces.manifest["top_k"]
         if look_held is not None:
             rep = report["lookahead"]["held_out"]
             print(f"lookahead heads: recall@{k} {rep[f'mean_recall@{k}']:.4f} -> {rep[f'mean_lookahead_recall@{k}']:.4f} "
-                  f"once the layer before has run ({rep['tokens']} held-out tokens)")
+                  f"once the layer before has run ({rep['tokens']} held-out tokens)"
+                  + (f"; prompt tokens (no previous state) {rep[f'mean_prompt_lookahead_recall@{k}']:.4f}"
+                     if rep.get("previous_token") else ""))
         else:
             print("lookahead heads trained (no held-out router inputs to evaluate them: trace the held-out "
                   "text with --moe-inputs-every 1)")
