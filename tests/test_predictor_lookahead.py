@@ -425,6 +425,8 @@ def test_cli_trains_the_heads_when_the_trace_has_router_inputs(tmp_path, capsys)
     assert HashPredictor.load(tmp_path / "none").lookahead is None
     with pytest.raises(SystemExit, match="moe-inputs-every"):
         main(["trace", *common, "--out", str(tmp_path / "bad"), "--moe-inputs-every", "-1"])
+    with pytest.raises(SystemExit, match="train-predictor: .*not a trace directory"):
+        main(["train-predictor", "--trace", str(tmp_path / "missing"), "--out", str(tmp_path / "x")])
 
 
 def test_runahead_previous_token_heads(full_trace_dir):

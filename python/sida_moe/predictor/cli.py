@@ -120,8 +120,11 @@ def run_train(args: argparse.Namespace) -> int:
     from sida_moe.predictor.traces import load_traces
     from sida_moe.predictor.train import TrainConfig, format_report, train_predictor
 
-    traces = load_traces(args.trace)
-    held = load_traces(args.held_out) if args.held_out else None
+    try:
+        traces = load_traces(args.trace)
+        held = load_traces(args.held_out) if args.held_out else None
+    except (FileNotFoundError, ValueError) as exc:  # a wrong path or a trace of another model
+        raise SystemExit(f"sida-moe train-predictor: {exc}") from exc
     out = args.out or traces.manifest.get("model_name_or_path")
     if not out or not (os.path.isdir(out) or args.out):
         raise SystemExit("--out is required: the trace does not name a local model directory to save next to")
