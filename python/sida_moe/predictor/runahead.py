@@ -255,8 +255,9 @@ class RunAheadPrefetcher:
         hidden, topk_ids = hidden.detach().clone(), topk_ids.detach().clone()
         if self._reads_previous and nxt == len(engine.moe_layers) - 1:
             batch, seq = job.embeds.shape[:2]
-            # each row's last token: the previous token of the next decode step
-            self._last_state = hidden.reshape(batch, seq, -1)[:, -1].clone()
+            # each row's last token: the previous token of the next decode step (a view of the copy
+            # above, which nothing writes: no second copy per step)
+            self._last_state = hidden.reshape(batch, seq, -1)[:, -1]
         if hidden.device.type == "cuda":
             written = torch.cuda.Event()
             written.record(torch.cuda.current_stream(hidden.device))

@@ -147,6 +147,13 @@ def distillation_loss(
     return hard + kd_weight * kd
 
 
+def dense_logits(ids: torch.Tensor, vals: torch.Tensor, num_experts: int) -> torch.Tensor:
+    """``[..., E]`` logits from a trace's top T (``ids`` / ``vals [..., T]``); the experts it does not
+    keep get the token's smallest kept logit minus 30, so they rank last and weigh nothing."""
+    fill = vals.min(dim=-1, keepdim=True).values - 30.0
+    return fill.expand(*vals.shape[:-1], num_experts).clone().scatter_(-1, ids, vals)
+
+
 class _Batches:
     """Batches of a trace on the training device. On a GPU the trace is moved there once, in compact
     dtypes (int16 ids, fp16 logits; only the ``top_t`` logits the loss reads), when it takes at most
@@ -183,9 +190,7 @@ class _Batches:
             ids, vals = self.gate_ids[:, rows].long(), self.gate_vals[:, rows].float()
         else:
             ids, vals = tr.gate_ids[:, rows].to(self.device).long(), tr.gate_vals[:, rows].to(self.device).float()
-        fill = vals.min(dim=-1, keepdim=True).values - 30.0
-        dense = fill.expand(*vals.shape[:-1], tr.manifest["num_experts"]).clone()
-        return dense.scatter_(-1, ids, vals)
+        return dense_logits(ids, vals, tr.manifest["num_experts"])
 
     @staticmethod
     def _device_bytes(traces: Traces, t: int) -> int:
@@ -334,21 +339,20 @@ def _train(
         "loss_last_50": sum(losses[-50:]) / len(losses[-50:]),
         "loss_curve": losses[:: max(1, len(losses) // 100)],
     }
+    # fitted on training sequences; the held-out report then measures them on unseen text
+    fit_on = traces.subset(slice(0, min(512, traces.num_sequences)))
     if config.fit_gate and traces.gate_ids is not None and traces.manifest["num_moe_layers"] > 1:
-        # fitted on training sequences; the held-out report then measures it on unseen text
-        fit_rows = slice(0, min(512, traces.num_sequences))
-        report["gate_fit"] = fit_gate_weights(model, traces.subset(fit_rows), device=config.device)
-        report["predictor_config"] = asdict(model.config)
+        report["gate_fit"] = fit_gate_weights(model, fit_on, device=config.device)
     if config.fit_temperature:
-        fit_rows = slice(0, min(512, traces.num_sequences))
-        report["temperature_fit"] = fit_weight_temperature(model, traces.subset(fit_rows), device=config.device)
-        report["predictor_config"] = asdict(model.config)
+        report["temperature_fit"] = fit_weight_temperature(model, fit_on, device=config.device)
+    report["predictor_config"] = asdict(model.config)  # with what the fits stored in it
     if held_out is not None:
         report["held_out"] = evaluate(model, held_out, device=config.device)
     return model, report
 
 
-TEMPERATURE_GRID = (0.125, 0.18, 0.25, 0.35, 0.5, 0.7, 1.0, 1.4, 2.0, 2.8, 4.0, 5.6, 8.0)  # session 7: 0.25-0.35 fitted on the reference model (layer 0 at the old edge)
+# the reference model fits 0.25-0.35 (session 7); the grid reaches well past that both ways
+TEMPERATURE_GRID = (0.125, 0.18, 0.25, 0.35, 0.5, 0.7, 1.0, 1.4, 2.0, 2.8, 4.0, 5.6, 8.0)
 
 
 def weight_errors(predicted: torch.Tensor, router: torch.Tensor, k: int, grid: tuple[float, ...],
@@ -397,8 +401,7 @@ def fit_weight_temperature(
             rows = torch.arange(start, min(start + batch_size, traces.num_sequences))
             embeds, _, logit_ids, logit_vals = batches(rows)
             logits, _ = predictor(embeds)
-            floor = logit_vals.min(-1, keepdim=True).values - 30.0
-            router = floor.expand(*logit_vals.shape[:-1], num_experts).clone().scatter_(-1, logit_ids, logit_vals)
+            router = dense_logits(logit_ids, logit_vals, num_experts)
             errors += weight_errors(logits, router, k, grid, normalize).double().cpu()
     best = errors.argmin(dim=0)
     temps = [float(grid[int(i)]) for i in best]
