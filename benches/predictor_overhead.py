@@ -11,7 +11,12 @@ configuration), and reports every round and the median:
   queues no copies and feeds no future: its own cost to the decode loop (GIL, GPU);
 - ``sida_dry_corrected``: the same plus the default next-layer correction on the inference thread;
 - ``sida_no_correction``: real prefetches of the run-ahead prediction only;
-- ``sida``: the full prefetcher as the bench runs it (default correction).
+- ``sida``: the full prefetcher as the bench runs it (default correction; decode tokens predicted
+  inline on the inference thread where that applies -- ``RunAheadPrefetcher(inline_decode=None)``);
+- ``sida_thread``: the same with every token on the predictor thread (``inline_decode=False``).
+
+The dry configurations predict inline too where that applies; their deferred prefetches are
+dropped (the programs run, no ids reach the host).
 
     python benches/predictor_overhead.py --model REF --predictor-path P --prompt-file held.txt --out o.json
 
@@ -56,6 +61,9 @@ class _NoCopies:
     def set_future(self, *args, **kwargs) -> None:
         return None
 
+    def prefetch_deferred(self, *args, **kwargs) -> None:
+        return None  # inline decode: the programs still run; no ids reach the host
+
     def __getattr__(self, name: str):
         return getattr(self._engine, name)
 
@@ -80,10 +88,12 @@ def make(name: str, predictor: HashPredictor):
         return RunAheadPrefetcher(predictor, correction="none")
     if name == "sida":
         return RunAheadPrefetcher(predictor)
+    if name == "sida_thread":
+        return RunAheadPrefetcher(predictor, inline_decode=False)
     raise SystemExit(f"unknown configuration {name!r}")
 
 
-CONFIGS = ("none", "sida_dry", "sida_dry_corrected", "sida_no_correction", "sida")
+CONFIGS = ("none", "sida_dry", "sida_dry_corrected", "sida_no_correction", "sida", "sida_thread")
 
 
 def run(model, predictor: HashPredictor, prompts: list[torch.Tensor], new_tokens: int, budget: float,
@@ -131,7 +141,10 @@ def run(model, predictor: HashPredictor, prompts: list[torch.Tensor], new_tokens
                 row["hit_rate"].append(hits / lookups if lookups else 0.0)
                 row["stall_fraction"].append(stall / decode_s)
                 if pf is not None:
-                    row.setdefault("predictor_ms_per_token", []).append(pf.metrics()["predictor_ms_per_token"])
+                    m = pf.metrics()
+                    row.setdefault("predictor_ms_per_token", []).append(m["predictor_ms_per_token"])
+                    row.setdefault("inline_forwards", []).append(m["inline_forwards"])
+                    row.setdefault("prefetch_hit_rate", []).append(m["hit_rate"])
                 print(f"round {r} {label}: {row['tokens_per_s'][-1]:.1f} tok/s, hit {row['hit_rate'][-1]:.3f}, "
                       f"stall {row['stall_fraction'][-1]:.4f}", flush=True)
     finally:

@@ -292,7 +292,7 @@ def test_prefetcher_graphed_logits_are_copies_and_overflow_continues_eagerly():
     full-sequence forward; a prompt that does not fit never uses the graph."""
     pred = _small_predictor(2, seed=13, head_hidden=24)
     x = torch.randint(1, 64, (1, 6), generator=torch.Generator().manual_seed(4))
-    prefetcher = RunAheadPrefetcher(pred, correction="none", cuda_graph=True, graph_max_len=9)
+    prefetcher = RunAheadPrefetcher(pred, correction="none", cuda_graph=True, graph_max_len=9, inline_decode=False)
     jobs, m, tokens, model = _run(prefetcher, 14, x, None, n=8)
     assert m["graph_steps"] == 3  # positions 6, 7, 8; the rest past capacity
     with torch.no_grad():
@@ -300,7 +300,7 @@ def test_prefetcher_graphed_logits_are_copies_and_overflow_continues_eagerly():
     got = torch.cat([job.logits for job in jobs], dim=1)  # [L, T, E] in token order
     assert torch.allclose(got, full[:, 0], atol=1e-5)
 
-    small = RunAheadPrefetcher(pred, correction="none", cuda_graph=True, graph_max_len=6)
+    small = RunAheadPrefetcher(pred, correction="none", cuda_graph=True, graph_max_len=6, inline_decode=False)
     _, m, _, _ = _run(small, 14, x, None, n=4)
     assert m["graph_steps"] == 0 and m["forwards"] == 4
 
@@ -318,7 +318,7 @@ def test_prefetcher_coalesced_decode_tokens_replay_once_each():
 
     import sida_moe.predictor.runahead as runahead
 
-    prefetcher = RunAheadPrefetcher(pred, correction="none", cuda_graph=True, graph_max_len=32)
+    prefetcher = RunAheadPrefetcher(pred, correction="none", cuda_graph=True, graph_max_len=32, inline_decode=False)
     hold = threading.Event()
     original = runahead.GraphedDecoder
     runahead.GraphedDecoder = Counting

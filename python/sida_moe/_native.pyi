@@ -197,6 +197,41 @@ class SlotCache:
         """Queue loads of experts not yet resident; returns how many were queued (a full queue
         drops the rest, counted in stats). Requests with ``generation`` below the last
         ``cancel_before`` are discarded by the workers (counted as cancelled)."""
+    def prefetch_deferred(
+        self,
+        ids_ptr: int,
+        layers: Sequence[int],
+        width: int,
+        stream: int | None = None,
+        generation: int = 0,
+        priority: Priority = "prefetch",
+        future: bool = False,
+        skip_routed: bool = False,
+        remember: bool = False,
+        exclude_predicted: bool = False,
+    ) -> None:
+        """Prefetch expert ids that the device is still computing, without waiting for them.
+
+        ``ids_ptr``: address of ``len(layers) * width`` contiguous int64 ids (row ``i``: ``width``
+        experts of MoE layer ``layers[i]``), in device memory on the CUDA backend (host memory on
+        the host backend), written by work on ``stream`` (a CUstream handle; None: the default
+        stream) and not overwritten by any other stream until the copy queued here has run. Queues
+        an asynchronous copy into page-locked staging and an event on ``stream``, and returns; a
+        native thread waits for the event (no GIL held), then per row: distinct ids, minus
+        (``exclude_predicted``) those this ``generation``'s remembered prediction has for the layer;
+        ``future``: the rows are the next acquire calls in order -- rows whose acquire already
+        happened are skipped (also with ``skip_routed``), the rest feed ``set_future``;
+        ``remember``: keep the rows as this generation's prediction (``deferred_predicted``); then
+        ``prefetch`` of each row. Requests are handled in submission order. Errors met by the thread
+        (an expert out of range) are kept for ``take_deferred_error``. The pointer is not checked:
+        a wrong address is undefined behaviour, as with ``ExpertPool.write_ptr``."""
+    def wait_deferred(self, timeout: float | None = None) -> bool:
+        """Wait until every ``prefetch_deferred`` so far has been handled; False on timeout."""
+    def deferred_predicted(self, generation: int, layer: int) -> list[int] | None:
+        """The remembered prediction of ``generation`` for ``layer`` (sorted, distinct), or None
+        before it was handled (or for another generation than the newest remembered one)."""
+    def take_deferred_error(self) -> str | None:
+        """The first error a deferred prefetch met since the last call, cleared (None: none)."""
     def cancel_before(self, generation: int) -> None:
         """Cancel every queued prefetch whose generation is below ``generation``."""
     def set_future(self, visits: Sequence[tuple[int, Sequence[int]]], offset: int = 0) -> None:

@@ -108,6 +108,42 @@ class OffloadEngine:
         """Queue loads of ``experts`` of ``moe_layer`` (returns how many were queued)."""
         return self._require_cache().prefetch(moe_layer, experts, priority, self.generation if generation is None else generation)
 
+    def prefetch_deferred(
+        self,
+        ids: torch.Tensor,
+        layers: list[int],
+        priority: str = "prefetch",
+        generation: int | None = None,
+        future: bool = False,
+        skip_routed: bool = False,
+        remember: bool = False,
+        exclude_predicted: bool = False,
+    ) -> None:
+        """Prefetch expert ids the device is still computing, without waiting for them:
+        ``ids`` (int64, contiguous, ``[len(layers), ...]``: row i holds experts of MoE layer
+        ``layers[i]``) on the engine's device, written on the current stream. The copy to the host
+        and an event are queued on that stream; a native thread does the rest (see
+        ``SlotCache.prefetch_deferred``). ``ids`` must not be written by another stream until then:
+        a static buffer rewritten only on this stream, or a tensor kept alive meanwhile."""
+        cache = self._require_cache()
+        if ids.dtype != torch.int64 or not ids.is_contiguous():
+            raise ValueError(f"ids must be a contiguous int64 tensor, got {ids.dtype}"
+                             f"{'' if ids.is_contiguous() else ' (not contiguous)'}")
+        on_cuda = cache.backend_kind == "cuda"
+        index = self.device.index if self.device.index is not None else (torch.cuda.current_device() if on_cuda else None)
+        if (ids.device.type == "cuda") != on_cuda or (on_cuda and ids.device.index != index):
+            raise ValueError(f"ids must be on the engine's device ({self.device}), got {ids.device}")
+        if ids.numel() == 0 or ids.numel() % len(layers):
+            raise ValueError(f"ids must hold a whole row per layer ({len(layers)} layers), got {ids.numel()} ids")
+        stream = torch.cuda.current_stream(ids.device).cuda_stream if on_cuda else None
+        cache.prefetch_deferred(ids.data_ptr(), layers, ids.numel() // len(layers), stream,
+                                self.generation if generation is None else generation, priority,
+                                future, skip_routed, remember, exclude_predicted)
+
+    def wait_deferred(self, timeout: float | None = None) -> bool:
+        """Wait until every ``prefetch_deferred`` so far was handled (False on timeout)."""
+        return self.cache.wait_deferred(timeout) if self.cache is not None else True
+
     def cancel_before(self, generation: int) -> None:
         self._require_cache().cancel_before(generation)
 

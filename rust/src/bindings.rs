@@ -9,6 +9,7 @@ use pyo3::sync::PyOnceLock;
 use pyo3::types::{PyBool, PyBytes, PyDict, PyTuple, PyType};
 
 use crate::cache;
+use crate::deferred;
 use crate::device::{self, SharedDevice};
 use crate::error::Error;
 use crate::policy::{Key, PolicyKind};
@@ -408,7 +409,9 @@ impl PyExpertPool {
 // ------------------------------------------------------------------------------- slot cache
 #[pyclass(frozen, module = "sida_moe._native", name = "SlotCache")]
 pub struct PySlotCache {
-    cache: slot_cache::SlotCache,
+    // dropped first: its thread holds a handle on the cache
+    deferred: deferred::DeferredPrefetcher,
+    cache: Arc<slot_cache::SlotCache>,
 }
 
 fn stream_arg(stream: &Bound<'_, PyAny>) -> PyResult<u64> {
@@ -467,8 +470,8 @@ impl PySlotCache {
             })?,
         };
         let p = pool.pool.clone();
-        let cache = py.detach(move || slot_cache::SlotCache::new(p, cfg)).py_err()?;
-        Ok(Self { cache })
+        let cache = Arc::new(py.detach(move || slot_cache::SlotCache::new(p, cfg)).py_err()?);
+        Ok(Self { deferred: deferred::DeferredPrefetcher::new(cache.clone()), cache })
     }
 
     #[getter]
@@ -541,6 +544,75 @@ impl PySlotCache {
         py.detach(|| c.prefetch(layer, &experts, demand, generation)).py_err()
     }
 
+    #[pyo3(signature = (ids_ptr, layers, width, stream = None, generation = 0, priority = "prefetch",
+                        future = false, skip_routed = false, remember = false, exclude_predicted = false))]
+    #[allow(clippy::too_many_arguments)]
+    fn prefetch_deferred(
+        &self,
+        py: Python<'_>,
+        ids_ptr: i64,
+        layers: &Bound<'_, PyAny>,
+        width: i64,
+        stream: Option<&Bound<'_, PyAny>>,
+        generation: i64,
+        priority: &str,
+        future: bool,
+        skip_routed: bool,
+        remember: bool,
+        exclude_predicted: bool,
+    ) -> PyResult<()> {
+        let layers = int_list(layers, "layers")?;
+        if width <= 0 {
+            return Err(to_py(Error::InvalidArgument(format!("width must be >= 1 (ids per layer), got {width}"))));
+        }
+        if ids_ptr <= 0 {
+            return Err(to_py(Error::InvalidArgument(format!("ids_ptr must be a non-null address, got {ids_ptr}"))));
+        }
+        let demand = match priority {
+            "demand" => true,
+            "prefetch" => false,
+            other => {
+                return Err(to_py(Error::InvalidArgument(format!(
+                    "priority must be \"demand\" or \"prefetch\", got {other:?}"
+                ))))
+            }
+        };
+        let s = stream.map(stream_arg).transpose()?.unwrap_or(0);
+        let opts = deferred::DeferredOptions {
+            layers,
+            width: width as usize,
+            generation,
+            demand,
+            future,
+            skip_routed,
+            remember,
+            exclude_predicted,
+        };
+        let d = &self.deferred;
+        // SAFETY: the caller passes the address of a live int64 tensor of len(layers) * width
+        // elements on the cache's device (documented in the stub), written on `stream` only.
+        py.detach(|| unsafe { d.submit(ids_ptr as u64, s, opts) }).py_err()
+    }
+
+    #[pyo3(signature = (timeout = None))]
+    fn wait_deferred(&self, py: Python<'_>, timeout: Option<f64>) -> PyResult<bool> {
+        let t = match timeout {
+            None => None,
+            Some(t) if t.is_finite() && t >= 0.0 => Some(Duration::from_secs_f64(t)),
+            Some(t) => return Err(to_py(Error::InvalidArgument(format!("timeout must be >= 0 seconds or None, got {t}")))),
+        };
+        let d = &self.deferred;
+        Ok(py.detach(|| d.wait_idle(t)))
+    }
+
+    fn deferred_predicted(&self, generation: i64, layer: i64) -> Option<Vec<i64>> {
+        self.deferred.predicted(generation, layer)
+    }
+
+    fn take_deferred_error(&self) -> Option<String> {
+        self.deferred.take_error()
+    }
+
     fn cancel_before(&self, generation: i64) -> PyResult<()> {
         self.cache.cancel_before(generation).py_err()
     }
@@ -583,6 +655,10 @@ impl PySlotCache {
         let c = &self.cache;
         let v = py.detach(|| c.stats());
         let d = PyDict::new(py);
+        let (submitted, handled, queued) = self.deferred.counts();
+        d.set_item("deferred_submitted", submitted as f64)?;
+        d.set_item("deferred_handled", handled as f64)?;
+        d.set_item("deferred_queued", queued as f64)?;
         for (k, x) in v {
             d.set_item(k, x)?;
         }
@@ -612,8 +688,11 @@ impl PySlotCache {
     }
 
     fn close(&self, py: Python<'_>) {
-        let c = &self.cache;
-        py.detach(|| c.close())
+        let (c, d) = (&self.cache, &self.deferred);
+        py.detach(|| {
+            d.shutdown(); // handles what was submitted, so no copy into its staging is left in flight
+            c.close()
+        })
     }
 
     #[getter]

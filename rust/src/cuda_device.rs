@@ -140,6 +140,12 @@ impl Device for CudaDevice {
     unsafe fn copy_from_slot(&self, dst: usize, src: u64, n: usize) -> Result<()> {
         self.driver.check(unsafe { (self.driver.cu_memcpy_dtoh)(dst as *mut c_void, src, n) }, "cuMemcpyDtoH")
     }
+    unsafe fn copy_to_host_async(&self, dst: usize, src: u64, n: usize, stream: StreamHandle) -> Result<()> {
+        self.driver.check(
+            unsafe { (self.driver.cu_memcpy_dtoh_async)(dst as *mut c_void, src, n, stream as usize as CuStream) },
+            "cuMemcpyDtoHAsync",
+        )
+    }
     fn record_event(&self, event: EventHandle, stream: StreamHandle) -> Result<()> {
         self.driver.check(
             unsafe { (self.driver.cu_event_record)(event as usize as CuEvent, stream as usize as CuStream) },

@@ -55,6 +55,13 @@ pub trait Device: Send + Sync {
     /// # Safety
     /// `dst..dst+n` must be writable host memory, `src..src+n` readable slot memory.
     unsafe fn copy_from_slot(&self, dst: usize, src: u64, n: usize) -> Result<()>;
+    /// Queue a device-to-host copy on `stream` (the host backend: `src` is host memory, copied
+    /// before returning).
+    ///
+    /// # Safety
+    /// `dst..dst+n` must be writable host memory (page-locked on CUDA) and `src..src+n` readable
+    /// device memory, both staying valid until the copy has landed.
+    unsafe fn copy_to_host_async(&self, dst: usize, src: u64, n: usize, stream: StreamHandle) -> Result<()>;
     fn record_event(&self, event: EventHandle, stream: StreamHandle) -> Result<()>;
     fn stream_wait_event(&self, stream: StreamHandle, event: EventHandle) -> Result<()>;
     fn event_synchronize(&self, event: EventHandle) -> Result<()>;
@@ -160,6 +167,11 @@ impl Device for HostDevice {
         Ok(())
     }
     unsafe fn copy_from_slot(&self, dst: usize, src: u64, n: usize) -> Result<()> {
+        unsafe { std::ptr::copy_nonoverlapping(src as usize as *const u8, dst as *mut u8, n) };
+        Ok(())
+    }
+    unsafe fn copy_to_host_async(&self, dst: usize, src: u64, n: usize, _stream: StreamHandle) -> Result<()> {
+        // SAFETY: the caller guarantees both ranges.
         unsafe { std::ptr::copy_nonoverlapping(src as usize as *const u8, dst as *mut u8, n) };
         Ok(())
     }

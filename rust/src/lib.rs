@@ -7,6 +7,7 @@
 pub mod cache;
 pub mod cuda_device;
 pub mod cuda_driver;
+pub mod deferred;
 pub mod device;
 pub mod error;
 pub mod policy;

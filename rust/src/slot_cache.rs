@@ -447,6 +447,13 @@ impl SlotCache {
     pub fn policy(&self) -> PolicyKind {
         self.policy
     }
+    pub fn device(&self) -> &SharedDevice {
+        &self.shared.device
+    }
+    /// Acquire calls made so far (monotonic; `reset_stats` does not touch it).
+    pub fn acquire_count(&self) -> u64 {
+        self.shared.table.lock().acquires()
+    }
     pub fn device_kind(&self) -> DeviceKind {
         self.shared.device.kind()
     }
@@ -1057,6 +1064,9 @@ mod tests {
         }
         unsafe fn copy_from_slot(&self, dst: usize, src: u64, n: usize) -> Result<()> {
             unsafe { self.host.copy_from_slot(dst, src, n) }
+        }
+        unsafe fn copy_to_host_async(&self, dst: usize, src: u64, n: usize, stream: StreamHandle) -> Result<()> {
+            unsafe { self.host.copy_to_host_async(dst, src, n, stream) }
         }
         fn record_event(&self, event: EventHandle, _stream: StreamHandle) -> Result<()> {
             if self.timing_events.lock().contains(&event) {

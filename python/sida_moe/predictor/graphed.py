@@ -37,10 +37,14 @@ class GraphedDecoder:
     - ``k``: experts per token and layer in the top-k outputs (default: the predictor's top-k).
     - ``use_graph``: capture the step in a CUDA graph; None (default): when the predictor is on a GPU.
       False runs the fixed-shape step eagerly (the CPU path; on a GPU, for debugging).
+    - ``first_head``: also apply layer 0's previous-token lookahead head inside the step (the
+      predictor needs ``lookahead_previous_token`` heads): layer 0's top-k then comes from the
+      head on the token's embedding and the previous token's state (``set_previous``); the logits
+      stay the run-ahead ones, which later heads read.
     """
 
     def __init__(self, predictor: HashPredictor, batch: int, max_len: int = 2048, k: int | None = None,
-                 use_graph: bool | None = None) -> None:
+                 use_graph: bool | None = None, first_head: bool = False) -> None:
         reason = self.unsupported(predictor)
         if reason is not None:
             raise ValueError(f"GraphedDecoder cannot run this predictor: {reason}")
@@ -52,7 +56,10 @@ class GraphedDecoder:
         k = cfg.top_k if k is None else int(k)
         if not 0 < k <= cfg.num_experts:
             raise ValueError(f"k must be in [1, {cfg.num_experts}], got {k}")
+        if first_head and (predictor.lookahead is None or not predictor.lookahead.previous_token):
+            raise ValueError("first_head=True needs a predictor with previous-token lookahead heads")
         self.predictor = predictor
+        self.first_head = bool(first_head)
         self.batch, self.max_len, self.k = int(batch), int(max_len), k
         weight = predictor.compress.weight
         self.device, self.dtype = weight.device, weight.dtype
@@ -82,6 +89,8 @@ class GraphedDecoder:
             for block in predictor.blocks:
                 shape = (B, block.heads, self.max_len, H // block.heads)
                 self._block_kv.append((torch.zeros(shape, **opts), torch.zeros(shape, **opts)))
+            # previous-token heads: each row's previous token's layer L-2 router input (zeros: unknown)
+            self._previous = torch.zeros(B, cfg.input_dim, **opts)
             self._pos = torch.zeros(1, dtype=torch.long, device=self.device)  # the next token's position
             self._logits = torch.zeros(L, B, 1, E, **opts)
             self._topk_values = torch.zeros(L, B, 1, k, **opts)
@@ -170,6 +179,7 @@ class GraphedDecoder:
                     buf[:, :, :P].copy_(src)
                     buf[:, :, P:].zero_()
             self._pos.fill_(P)
+            self._previous.zero_()
         self._length = P
         self._masked = state.key_mask is not None
         self._loaded = True
@@ -229,6 +239,19 @@ class GraphedDecoder:
                 self._step()
         self._length += 1
         return self._logits, self._topk_ids
+
+    def set_previous(self, previous: torch.Tensor | None) -> None:
+        """The previous token's layer L-2 router input ``[B, input_dim]`` that previous-token heads
+        read (this decoder's ``first_head`` and :class:`GraphedLookahead`); None: unknown (zeros).
+        Kept until set again."""
+        with torch.inference_mode():
+            if previous is None:
+                self._previous.zero_()
+                return
+            want = tuple(self._previous.shape)
+            if previous.numel() != self._previous.numel():
+                raise ValueError(f"previous must hold {list(want)} values (batch {self.batch}), got {list(previous.shape)}")
+            self._previous.copy_(previous.reshape(want))
 
     @property
     def topk_values(self) -> torch.Tensor:
@@ -307,7 +330,86 @@ class GraphedDecoder:
         values, ids = self._logits.topk(self.k, dim=-1)
         self._topk_values.copy_(values)
         self._topk_ids.copy_(ids)
+        if self.first_head:
+            looked = p.lookahead.layer(0, self._x[:, 0], self._logits[0, :, 0], self._previous)  # [B, E]
+            values, ids = looked.topk(self.k, dim=-1)
+            self._topk_values[0, :, 0].copy_(values)
+            self._topk_ids[0, :, 0].copy_(ids)
         self._pos.add_(1)
 
 
-__all__ = ["GraphedDecoder"]
+class GraphedLookahead:
+    """The next-layer lookahead corrections of one decode token as fixed-shape programs, one per
+    MoE layer with a head (1..L-1), each captured in a CUDA graph that reads ``decoder``'s static
+    run-ahead logits and previous-token state: ``run(layer, hidden)`` copies layer ``layer - 1``'s
+    router input ``[B, d]`` into a static buffer and replays; ``ids(layer)`` is the static
+    ``[B, k]`` top-k it wrote. Equals ``HashPredictor.look_ahead`` on the same inputs. On the CPU
+    (or ``decoder.use_graph=False``) the programs run eagerly."""
+
+    def __init__(self, decoder: GraphedDecoder) -> None:
+        p = decoder.predictor
+        if p.lookahead is None:
+            raise ValueError("GraphedLookahead needs a predictor with lookahead heads")
+        cfg = p.config
+        self.decoder = decoder
+        self.layers = range(max(1, p.lookahead.first), cfg.num_moe_layers)
+        self._reads_previous = p.lookahead.previous_token
+        opts = dict(device=decoder.device, dtype=decoder.dtype)
+        with torch.inference_mode():
+            self._hidden = {n: torch.zeros(decoder.batch, cfg.input_dim, **opts) for n in self.layers}
+            self._ids = torch.zeros(cfg.num_moe_layers, decoder.batch, decoder.k, dtype=torch.long, device=decoder.device)
+        self._graphs: dict[int, torch.cuda.CUDAGraph] = {}
+
+    def ids(self, layer: int) -> torch.Tensor:
+        """Layer ``layer``'s corrected top-k ``[B, k]`` from the last ``run`` (static buffer)."""
+        return self._ids[layer]
+
+    def run(self, layer: int, hidden: torch.Tensor) -> torch.Tensor:
+        """Correct layer ``layer`` from ``hidden``, layer ``layer - 1``'s router input ``[B, d]``
+        (one row per sequence); returns ``ids(layer)``."""
+        if layer not in self.layers:
+            raise ValueError(f"layer must be in [{self.layers.start}, {self.layers.stop}), got {layer}")
+        buf = self._hidden[layer]
+        if hidden.numel() != buf.numel():
+            raise ValueError(f"hidden must hold [{self.decoder.batch}, {buf.shape[1]}] values, got {list(hidden.shape)}")
+        with torch.inference_mode():
+            buf.copy_(hidden.reshape(buf.shape))
+            if self.decoder.use_graph and not self._graphs:
+                self.capture()
+            graph = self._graphs.get(layer)
+            if graph is not None:
+                graph.replay()
+            else:
+                self._step(layer)
+        return self._ids[layer]
+
+    def capture(self) -> None:
+        """Capture every layer's program (``run`` does it on first use; same rules as
+        :meth:`GraphedDecoder.capture`). Writes only this object's buffers."""
+        if not self.decoder.use_graph or self._graphs:
+            return
+        dev = self.decoder.device
+        graphs = {}
+        with torch.inference_mode():
+            stream = torch.cuda.Stream(dev)
+            stream.wait_stream(torch.cuda.current_stream(dev))
+            with torch.cuda.stream(stream):
+                for _ in range(_WARMUP_STEPS):
+                    for n in self.layers:
+                        self._step(n)
+            torch.cuda.current_stream(dev).wait_stream(stream)
+            for n in self.layers:
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph, stream=stream, capture_error_mode="thread_local"):
+                    self._step(n)
+                graphs[n] = graph
+        self._graphs = graphs
+
+    def _step(self, layer: int) -> None:
+        d = self.decoder
+        previous = d._previous if self._reads_previous else None
+        looked = d.predictor.lookahead.layer(layer, self._hidden[layer], d._logits[layer, :, 0], previous)
+        self._ids[layer].copy_(looked.topk(d.k, dim=-1).indices)
+
+
+__all__ = ["GraphedDecoder", "GraphedLookahead"]

@@ -37,6 +37,21 @@ loaded into a :class:`~sida_moe.predictor.graphed.GraphedDecoder` (static buffer
 that batch size) and every decode token is one ``graph.replay()``; the top-k ids reach the host
 through pinned memory and an event wait that releases the GIL. A sequence longer than
 ``graph_max_len`` continues on the eager path from the decoder's state.
+
+Inline decode (``inline_decode``, on whenever it applies): with graphs, a decode token's prediction
+is a handful of launches, so the inference thread issues them itself instead of handing the token
+to the thread. ``begin_forward`` replays the decoder's graph on a side stream (layer 0's
+previous-token head included) and hands the top-k buffer's address to the engine's
+``prefetch_deferred``: a native thread waits for it (no GIL held), feeds the predictive policy and
+queues the prefetches of the layers not yet routed. ``after_routing`` of layer l replays layer
+l+1's lookahead head (:class:`~sida_moe.predictor.graphed.GraphedLookahead`) on the same stream and
+defers its top-k the same way, minus the prediction, on the demand lane. The compute stream never
+waits for the side stream, and no Python thread competes for the GIL per token: measured on the
+H100, the thread's per-token Python (graph replay, top-k to the host, per-layer sets and calls,
+corrections) cost about a third of the decode tokens/s of this host-bound model (NOTES.md,
+sessions 7-8). The prompt is still predicted on the thread, which loads the decoder; the first
+decode token then takes it over. ``predictor_ms_per_token`` then counts the inference thread's host
+time for the predictor.
 """
 
 from __future__ import annotations
@@ -52,7 +67,7 @@ from typing import TYPE_CHECKING, Literal
 
 import torch
 
-from sida_moe.predictor.graphed import GraphedDecoder
+from sida_moe.predictor.graphed import GraphedDecoder, GraphedLookahead
 from sida_moe.predictor.hash_routing import WeightSource, hash_route, router_normalizes
 from sida_moe.predictor.model import HashPredictor, PredictorState, routing_multi_hot
 
@@ -80,6 +95,7 @@ class _Job:
     prev_routing: torch.Tensor | None = None
     # [B, d] previous token's layer L-2 router input (previous-token lookahead heads, decode), or None
     previous: torch.Tensor | None = None
+    inline: bool = False  # predicted on the inference thread (module docstring, "Inline decode")
 
 
 @dataclass
@@ -106,6 +122,10 @@ class RunAheadPrefetcher:
     - ``cuda_graph``: decode tokens through a captured :class:`GraphedDecoder` (module docstring);
       None (default): when the predictor runs on a GPU and is a plain :class:`HashPredictor`. True on
       the CPU runs the same fixed-shape step eagerly. ``graph_max_len``: its capacity in tokens.
+    - ``inline_decode``: predict decode tokens on the inference thread (module docstring, "Inline
+      decode"); None (default): whenever it applies (graphs on, the predictor on the model's
+      device, correction ``"lookahead"`` or ``"none"``, no hash routing, not the decode variant);
+      True raises at ``attach`` when it does not apply; False keeps every token on the thread.
     """
 
     name = "sida"
@@ -121,6 +141,7 @@ class RunAheadPrefetcher:
         hash_weights: WeightSource = "predicted",
         cuda_graph: bool | None = None,
         graph_max_len: int = 2048,
+        inline_decode: bool | None = None,
     ) -> None:
         if cuda_graph:
             reason = GraphedDecoder.unsupported(predictor)
@@ -155,6 +176,12 @@ class RunAheadPrefetcher:
         self.hash_weights = hash_weights
         self.cuda_graph = cuda_graph
         self.graph_max_len = int(graph_max_len)
+        self.inline_decode = inline_decode
+        self._inline_ok = False  # resolved at attach
+        self._inline: GraphedDecoder | None = None  # the sequence's decoder while decoding inline (inference thread)
+        self._lookaheads: dict[int, GraphedLookahead] = {}  # per batch size, beside its decoder
+        self._inline_stream: torch.cuda.Stream | None = None  # the inline programs' stream (GPU)
+        self._all_layers = list(range(predictor.config.num_moe_layers))
         self._use_graphs = False  # resolved with the device (_set_device)
         self._decoders: dict[int, GraphedDecoder] = {}  # per batch size; created on the inference thread
         self._live: GraphedDecoder | None = None  # holds the current sequence's state (worker thread)
@@ -193,8 +220,13 @@ class RunAheadPrefetcher:
         self._engine = engine
         self._seen_tokens = 0
         self._current = None
+        self._inline = None
         self._last_routing = [None] * cfg.num_moe_layers
         self._last_state = None
+        reason = self._inline_unsupported(engine)
+        if self.inline_decode and reason is not None:
+            raise ValueError(f"inline_decode=True: {reason}")
+        self._inline_ok = self.inline_decode is not False and reason is None
         if self._thread is None or not self._thread.is_alive():
             self._thread = threading.Thread(target=self._worker, name="sida-predictor", daemon=True)
             self._thread.start()
@@ -210,6 +242,10 @@ class RunAheadPrefetcher:
         if self._current is not None and self._current.embeds.shape[0] != x.shape[0]:
             fresh = True
         self._seen_tokens = (0 if fresh else self._seen_tokens) + seq
+        if not fresh and seq == 1 and self._inline_ok and self._begin_inline(x.detach()):
+            return
+        if self._inline is not None:
+            self._leave_inline(fresh)
         if fresh and self._use_graphs and seq < self.graph_max_len:
             self._decoder_for(x.shape[0])  # captured here, before the worker needs it
         # the prompt's padding must not be attended to; decode tokens are real tokens
@@ -233,6 +269,9 @@ class RunAheadPrefetcher:
         if job is None:
             return
         used = set(topk_ids.reshape(-1).tolist())  # the engine already synced on these ids
+        if job.inline:
+            self._after_routing_inline(engine, job, moe_layer, hidden, used)
+            return
         if self.predictor.config.prev_token_routing:
             batch, seq = job.embeds.shape[:2]
             # each row's last token: the previous token of the next decode step
@@ -292,6 +331,10 @@ class RunAheadPrefetcher:
         if self._thread is not None and self._thread.is_alive():
             self._queue.put(None)
             self._thread.join()
+        if self._inline_stream is not None:
+            self._inline_stream.synchronize()  # no replay may still run when the graphs are freed
+        self._inline = None
+        self._lookaheads = {}
         self._thread = None
         self._engine = None
         self._current = None
@@ -303,7 +346,9 @@ class RunAheadPrefetcher:
         """``hit_rate``: used experts that were predicted / used (layers whose prediction was ready);
         ``precision``: predicted-and-used / predicted; ``late_fraction``: layers that ran before the
         forward's prediction was ready; ``predictor_ms_per_token``: the thread's compute time;
-        ``corrections``: experts queued by the next-layer correction; ``graph_steps``: decode tokens
+        ``corrections``: experts queued by the thread's next-layer corrections (inline ones are counted
+        by the engine's ``deferred_queued`` stat); ``inline_forwards``: decode tokens predicted
+        inline; ``graph_steps``: decode tokens
         predicted by a graph replay (or, on the CPU, the graphed step run eagerly). Covers every
         forward begun so far: waits (bounded) for the thread to finish predicting the newest one."""
         job = self._current
@@ -321,13 +366,14 @@ class RunAheadPrefetcher:
             "corrections": float(m["corrections"]),
             "forwards": float(m["forwards"]),
             "graph_steps": float(m["graph_steps"]),
+            "inline_forwards": float(m["inline_forwards"]),
         }
 
     def reset_metrics(self) -> None:
         with getattr(self, "_lock", threading.Lock()):
             self._m = dict.fromkeys(
                 ("hits", "needed", "predicted", "late_layers", "layers_seen", "predict_seconds", "tokens",
-                 "forwards", "corrections", "graph_steps"), 0)
+                 "forwards", "corrections", "graph_steps", "inline_forwards"), 0)
 
     # ------------------------------------------------------------------------------ internals
     def _set_device(self, device: torch.device) -> None:
@@ -335,7 +381,9 @@ class RunAheadPrefetcher:
             raise RuntimeError("the predictor's device cannot change while its thread runs")
         if device != self.device:
             self._decoders = {}  # captured with the parameters' old addresses
+            self._lookaheads = {}
             self._live = None
+            self._inline = None
         self.device = device
         self.predictor.to(device)
         if self.cuda_graph is None:
@@ -405,11 +453,130 @@ class RunAheadPrefetcher:
                 self._idle.notify_all()
 
     def wait_idle(self, timeout: float | None = None) -> bool:
-        """Wait until the thread has handled every prediction and correction queued so far; False
-        when ``timeout`` (seconds) passed first."""
+        """Wait until the thread has handled every prediction and correction queued so far, and the
+        engine every inline (deferred) prefetch; False when ``timeout`` (seconds) passed first."""
         with self._idle:
-            return self._idle.wait_for(lambda: self._outstanding <= 0 or self._thread is None
+            done = self._idle.wait_for(lambda: self._outstanding <= 0 or self._thread is None
                                        or not self._thread.is_alive(), timeout)
+        engine = self._engine
+        if engine is not None and engine.cache is not None:
+            done = engine.wait_deferred(timeout) and done
+            error = engine.cache.take_deferred_error()
+            if error is not None:
+                warnings.warn(f"RunAheadPrefetcher: an inline prefetch failed ({error})", RuntimeWarning, stacklevel=2)
+        return done
+
+    # --------------------------------------------------------------------------- inline decode
+    def _inline_unsupported(self, engine: OffloadEngine) -> str | None:
+        """Why decode tokens cannot be predicted inline with ``engine`` (None: they can)."""
+        if not self._use_graphs:
+            return "it needs the graphed decoder (cuda_graph on, a plain HashPredictor)"
+        if self.hash_routing:
+            return "hash routing reads the prediction's logits on the thread"
+        if self.correction not in ("lookahead", "none"):
+            return f"correction={self.correction!r} runs on the thread (inline: 'lookahead' or 'none')"
+        if self.predictor.config.prev_token_routing:
+            return "the decode variant (prev_token_routing) is predicted on the thread"
+        mine, theirs = self.device, torch.device(engine.device)
+        if mine.type != theirs.type or (mine.type == "cuda" and (mine.index or 0) != (theirs.index or 0)):
+            return f"the predictor ({mine}) must run on the model's device ({theirs})"
+        return None
+
+    def _inline_context(self, device: torch.device):
+        """The inline programs' stream, ordered after the compute stream's work so far (GPU)."""
+        if device.type != "cuda":
+            return contextlib.nullcontext()
+        if self._inline_stream is None:
+            self._inline_stream = torch.cuda.Stream(device)
+        self._inline_stream.wait_stream(torch.cuda.current_stream(device))
+        return torch.cuda.stream(self._inline_stream)
+
+    def _begin_inline(self, x: torch.Tensor) -> bool:
+        """Predict this decode token on the inference thread (module docstring, "Inline decode");
+        False when the sequence is not (or no longer) decoded inline."""
+        decoder = self._inline
+        first = decoder is None
+        if first:
+            prompt = self._current
+            if prompt is None or not prompt.fresh:
+                return False  # this sequence decodes on the thread (its state is the eager one)
+            prompt.ready.wait()  # the prompt's prediction loads the decoder (done long before, as a rule)
+            decoder = self._live
+            if decoder is None or prompt.error is not None or decoder.batch != x.shape[0]:
+                return False
+            self._live = None  # handed over: the inference thread owns the state now
+            self._inline = decoder
+        if decoder.full:
+            self._leave_inline(fresh=False)
+            return False
+        engine = self._require_engine()
+        t0 = time.perf_counter()
+        with self._inline_context(x.device):
+            if x.device.type == "cuda":
+                x.record_stream(torch.cuda.current_stream(x.device))
+            if first and self._reads_previous:
+                state = self._last_state  # the prompt's last tokens' layer L-2 state
+                if state is not None and state.device.type == "cuda":
+                    state.record_stream(torch.cuda.current_stream(state.device))
+                decoder.set_previous(state if state is not None and state.shape[0] == x.shape[0] else None)
+            self._last_state = None
+            _, ids = decoder.step(x)
+            engine.prefetch_deferred(ids.view(len(self._all_layers), -1), self._all_layers, "prefetch",
+                                     engine.generation, future=self.feed_future, skip_routed=True, remember=True)
+        job = _Job(engine.generation, x, None, None, False, x.shape[0], inline=True)
+        job.ready.set()
+        self._current = job
+        elapsed = time.perf_counter() - t0
+        with self._lock:
+            self._m["predict_seconds"] += elapsed
+            self._m["tokens"] += x.shape[0]
+            self._m["forwards"] += 1
+            self._m["graph_steps"] += 1
+            self._m["inline_forwards"] += 1
+        return True
+
+    def _leave_inline(self, fresh: bool) -> None:
+        """Stop decoding inline (inference thread). A fresh sequence: the decoder goes back to the
+        thread's pool, after the inline stream's work. Otherwise (capacity reached) the thread
+        continues the sequence eagerly from the decoder's state."""
+        decoder, self._inline = self._inline, None
+        if decoder is None:
+            return
+        if self._inline_stream is not None:
+            torch.cuda.current_stream(self._inline_stream.device).wait_stream(self._inline_stream)
+        if not fresh:
+            self._state = decoder.to_state()  # the thread has nothing queued for this sequence
+            if self._reads_previous:
+                self._last_state = decoder._previous.clone()
+
+    def _after_routing_inline(self, engine: OffloadEngine, job: _Job, moe_layer: int, hidden: torch.Tensor,
+                              used: set[int]) -> None:
+        """``after_routing`` of an inline token: metrics from the remembered prediction, and the
+        next layer's lookahead correction as a graph replay whose top-k the engine's native thread
+        prefetches (minus the prediction) once computed."""
+        predicted = engine.cache.deferred_predicted(job.generation, moe_layer)
+        with self._lock:
+            self._m["layers_seen"] += 1
+            if predicted is None:
+                self._m["late_layers"] += 1
+            else:
+                self._m["hits"] += len(used.intersection(predicted))
+                self._m["needed"] += len(used)
+                self._m["predicted"] += len(predicted)
+        nxt = moe_layer + 1
+        lookahead = self._lookaheads.get(job.embeds.shape[0])
+        if nxt >= len(self._all_layers) or self.correction != "lookahead" or lookahead is None:
+            return
+        t0 = time.perf_counter()
+        with self._inline_context(hidden.device):
+            if hidden.device.type == "cuda":
+                hidden.record_stream(torch.cuda.current_stream(hidden.device))
+            ids = lookahead.run(nxt, hidden.detach())
+            if self._reads_previous and nxt == len(self._all_layers) - 1:
+                self._inline.set_previous(hidden.detach())  # after the replay above, which reads the old one
+            engine.prefetch_deferred(ids, [nxt], "demand", job.generation, exclude_predicted=True)
+        with self._lock:
+            self._m["predict_seconds"] += time.perf_counter() - t0
 
     def _correct(self, fix: _Correction) -> None:
         """Queue on the demand lane the experts the correction adds to layer ``fix.layer + 1``'s
@@ -502,8 +669,12 @@ class RunAheadPrefetcher:
         if decoder is not None or len(self._decoders) >= _MAX_GRAPHED_BATCHES:
             return decoder
         try:
-            decoder = GraphedDecoder(self.predictor, batch, self.graph_max_len, k=self.k)
+            decoder = GraphedDecoder(self.predictor, batch, self.graph_max_len, k=self.k, first_head=self._reads_previous)
             decoder.capture()
+            if self.correction == "lookahead" and self._inline_ok:
+                lookahead = GraphedLookahead(decoder)
+                lookahead.capture()
+                self._lookaheads[batch] = lookahead
         except Exception as exc:  # noqa: BLE001 -- an optimisation: fall back to the eager path
             warnings.warn(f"RunAheadPrefetcher: CUDA graph of the predictor failed ({exc!r}); predicting eagerly",
                           RuntimeWarning, stacklevel=3)
@@ -529,6 +700,7 @@ class RunAheadPrefetcher:
                 decoder = self._decoders.get(run[0].embeds.shape[0])
                 if decoder is not None and decoder.load(self._state):
                     self._live = decoder  # from now on it holds the sequence's state, not self._state
+        first = done  # the graph steps are jobs first .. first + graph_steps - 1
         while done < len(run) and self._live is not None:
             decoder = self._live
             if decoder.full or decoder.batch != run[done].embeds.shape[0]:
@@ -536,6 +708,8 @@ class RunAheadPrefetcher:
                 self._live = None
                 break
             job = run[done]
+            if decoder.first_head:
+                decoder.set_previous(job.previous)
             logits, ids = decoder.step(job.embeds, job.prev_routing)
             outputs.append((logits.clone(), ids.clone()))  # the next replay overwrites them
             done += 1
@@ -543,7 +717,9 @@ class RunAheadPrefetcher:
         if done < len(run):
             outputs += self._predict_eager(run[done:])
         if self._reads_previous:
-            outputs = [self._first_layer_head(job, logits, ids) for job, (logits, ids) in zip(run, outputs)]
+            # graph steps applied layer 0's head already (GraphedDecoder(first_head=True))
+            outputs = [out if first <= i < first + graph_steps else self._first_layer_head(job, *out)
+                       for i, (job, out) in enumerate(zip(run, outputs))]
         host_ids = self._to_host(torch.cat([ids.reshape(-1) for _, ids in outputs]))
         start = 0
         for job, (logits, ids) in zip(run, outputs):

@@ -1,0 +1,156 @@
+"""SlotCache.prefetch_deferred: expert ids still being computed on the device reach the prefetch
+queue through a native thread (host backend: host ids; ``gpu``: ids on the GPU written on a stream),
+with the bytes that land checked, the remembered prediction, exclusion, skipped routed rows, errors
+kept for ``take_deferred_error``, many submitting threads, and clear errors for bad arguments."""
+
+import threading
+
+import pytest
+import torch
+
+import sida_moe as sm
+from sida_moe._native import InvalidArgumentError
+
+NBYTES = 512
+
+
+def expert_bytes(layer: int, expert: int) -> bytes:
+    return bytes((layer * 11 + expert * 5 + i) % 256 for i in range(NBYTES))
+
+
+@pytest.fixture(params=["host", pytest.param("cuda", marks=pytest.mark.gpu)])
+def backend(request):
+    return sm.Backend(request.param)
+
+
+@pytest.fixture
+def pool(backend):
+    keys = [(l, e) for l in range(3) for e in range(8)]
+    p = sm.ExpertPool(backend, [("w", NBYTES)], keys)
+    for l, e in keys:
+        p.write(l, e, "w", expert_bytes(l, e))
+    yield p
+    p.close()
+
+
+def _ids(backend, rows):
+    """int64 ids on the backend's device, written on the current stream, and that stream's handle."""
+    t = torch.tensor(rows, dtype=torch.int64)
+    if backend.kind == "cuda":
+        return t.cuda(), torch.cuda.current_stream().cuda_stream
+    return t, None
+
+
+def _check_bytes(cache):
+    cache.synchronize()
+    for (layer, expert), slot in cache.resident().items():
+        assert cache.read_slot(slot)[:NBYTES] == expert_bytes(layer, expert), (layer, expert, slot)
+
+
+def test_prediction_is_prefetched_remembered_and_fed_to_the_policy(pool, backend):
+    with sm.SlotCache(pool, 12, policy="predictive") as c:
+        ids, stream = _ids(backend, [[1, 2, 2, 1], [0, 5, 5, 7], [3, 4, 3, 4]])
+        c.prefetch_deferred(ids.data_ptr(), [0, 1, 2], 4, stream, generation=4, future=True, remember=True)
+        assert c.wait_deferred(10)
+        assert c.deferred_predicted(4, 0) == [1, 2]
+        assert c.deferred_predicted(4, 1) == [0, 5, 7]
+        assert c.deferred_predicted(4, 2) == [3, 4]
+        assert c.deferred_predicted(3, 0) is None  # not this generation's
+        c.synchronize()
+        assert set(c.resident()) == {(0, 1), (0, 2), (1, 0), (1, 5), (1, 7), (2, 3), (2, 4)}
+        _check_bytes(c)
+        s = c.stats()
+        assert s["deferred_submitted"] == s["deferred_handled"] == 1 and s["deferred_queued"] == 7
+        # a correction that repeats a predicted expert queues only the new one, on the demand lane
+        fix, stream = _ids(backend, [[4, 6]])
+        c.prefetch_deferred(fix.data_ptr(), [2], 2, stream, generation=4, priority="demand", exclude_predicted=True)
+        assert c.wait_deferred(10)
+        c.synchronize()
+        assert (2, 6) in c.resident()
+        assert c.stats()["deferred_queued"] == 8
+        assert c.take_deferred_error() is None
+        _check_bytes(c)
+
+
+def test_skip_routed_counts_only_acquires_after_the_submission(pool, backend):
+    with sm.SlotCache(pool, 12) as c:
+        ids, stream = _ids(backend, [[6], [6]])
+        # the first row's acquire happens between the submission and the ids being read: on the
+        # host the copy is done at submission, so acquire first and count from before it
+        c.release(c.acquire(0, [2]))
+        c.prefetch_deferred(ids.data_ptr(), [0, 1], 1, stream, skip_routed=True)
+        assert c.wait_deferred(10)
+        c.synchronize()
+        assert (1, 6) in c.resident()  # nothing was routed after the submission: both rows queued
+        assert (0, 6) in c.resident()
+
+
+def test_errors_met_by_the_thread_are_kept_and_the_thread_goes_on(pool, backend):
+    with sm.SlotCache(pool, 8) as c:
+        bad, stream = _ids(backend, [[9, 1]])
+        c.prefetch_deferred(bad.data_ptr(), [0], 2, stream)
+        good, stream = _ids(backend, [[3]])
+        c.prefetch_deferred(good.data_ptr(), [1], 1, stream)
+        assert c.wait_deferred(10)
+        err = c.take_deferred_error()
+        assert err is not None and "9" in err
+        assert c.take_deferred_error() is None
+        c.synchronize()
+        assert (1, 3) in c.resident()
+
+
+def test_bad_arguments_raise_and_queue_nothing(pool, backend):
+    with sm.SlotCache(pool, 4) as c:
+        ids, stream = _ids(backend, [[1, 2]])
+        ptr = ids.data_ptr()
+        for args, kwargs, match in [
+            ((ptr, [], 2, stream), {}, "layer"),
+            ((ptr, [-1], 2, stream), {}, "non-negative"),
+            ((ptr, [0], 0, stream), {}, "width"),
+            ((0, [0], 2, stream), {}, "non-null"),
+            ((ptr, [0], 2, stream), {"generation": -1}, "generation"),
+            ((ptr, [0], 2, stream), {"priority": "soon"}, "priority"),
+            ((ptr, [0], 2, -5), {}, "stream"),
+        ]:
+            with pytest.raises(InvalidArgumentError, match=match):
+                c.prefetch_deferred(*args, **kwargs)
+        with pytest.raises(TypeError):
+            c.prefetch_deferred(ptr, "0", 2, stream)
+        with pytest.raises(InvalidArgumentError, match="timeout"):
+            c.wait_deferred(-1.0)
+        assert c.stats()["deferred_submitted"] == 0 and c.resident() == {}
+    with pytest.raises(sm.ClosedError, match="closed"):
+        c.prefetch_deferred(ptr, [0], 2, stream)
+
+
+def test_many_threads_submit_and_every_slot_holds_its_expert(pool, backend):
+    with sm.SlotCache(pool, 10, copy_workers=3) as c:
+        errors = []
+
+        def submit(t):
+            try:
+                for i in range(150):
+                    rows = [[(t + i) % 8, (3 * t + i) % 8]]
+                    ids, stream = _ids(backend, rows)
+                    c.prefetch_deferred(ids.data_ptr(), [(t + i) % 3], 2, stream, generation=i,
+                                        remember=i % 5 == 0, exclude_predicted=i % 3 == 0,
+                                        priority="demand" if i % 2 else "prefetch")
+                    if backend.kind == "cuda":
+                        torch.cuda.current_stream().synchronize()  # keep ids alive until copied
+                    if i % 10 == 0:
+                        layer = (t + i) % 3
+                        c.release(c.acquire(layer, [i % 8]))
+            except Exception as exc:  # noqa: BLE001 -- reported below
+                errors.append(exc)
+
+        threads = [threading.Thread(target=submit, args=(t,)) for t in range(6)]
+        for th in threads:
+            th.start()
+        for th in threads:
+            th.join()
+        assert not errors, errors
+        assert c.wait_deferred(30)
+        s = c.stats()
+        assert s["deferred_submitted"] == s["deferred_handled"] == 900
+        assert c.take_deferred_error() is None
+        _check_bytes(c)
