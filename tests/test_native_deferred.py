@@ -154,3 +154,35 @@ def test_many_threads_submit_and_every_slot_holds_its_expert(pool, backend):
         assert s["deferred_submitted"] == s["deferred_handled"] == 900
         assert c.take_deferred_error() is None
         _check_bytes(c)
+
+
+def test_programs_copy_inputs_and_prefetch_their_ids_host(pool, backend):
+    """``register_program`` / ``run_program`` without a graph (host backend): the inputs land in the
+    static buffer, the output ids are prefetched; bad ids and cleared programs raise."""
+    if backend.kind != "host":
+        pytest.skip("the graph-less program is the host backend's (GPU: tests/test_predictor_inline.py)")
+    with sm.SlotCache(pool, 8) as c:
+        static = torch.zeros(4, dtype=torch.int32)
+        out = torch.tensor([[2, 6]], dtype=torch.int64)
+        pid = c.register_program(0, [(static.data_ptr(), 16)], out.data_ptr(), [2], 2, 0)
+        src = torch.arange(4, dtype=torch.int32) + 7
+        c.run_program(pid, [src.data_ptr()], 0, generation=3, remember=True)
+        assert c.wait_deferred(10)
+        assert static.tolist() == [7, 8, 9, 10]
+        assert c.deferred_predicted(3, 2) == [2, 6]
+        c.synchronize()
+        assert {(2, 2), (2, 6)} <= set(c.resident())
+        with pytest.raises(InvalidArgumentError, match="takes 1"):
+            c.run_program(pid, [], 0)
+        with pytest.raises(InvalidArgumentError, match="non-null"):
+            c.run_program(pid, [0], 0)
+        with pytest.raises(InvalidArgumentError, match="priority"):
+            c.run_program(pid, [src.data_ptr()], 0, priority="later")
+        with pytest.raises(InvalidArgumentError, match="CUDA backend"):
+            c.register_program(1234, [(static.data_ptr(), 16)], out.data_ptr(), [2], 2, 0)
+        with pytest.raises(InvalidArgumentError, match="width"):
+            c.register_program(0, [(static.data_ptr(), 16)], out.data_ptr(), [2], 0, 0)
+        c.clear_programs()
+        with pytest.raises(InvalidArgumentError, match="unknown program"):
+            c.run_program(pid, [src.data_ptr()], 0)
+        assert c.register_program(0, [(static.data_ptr(), 16)], out.data_ptr(), [2], 2, 0) != pid  # ids not reused

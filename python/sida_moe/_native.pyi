@@ -225,6 +225,41 @@ class SlotCache:
         ``prefetch`` of each row. Requests are handled in submission order. Errors met by the thread
         (an expert out of range) are kept for ``take_deferred_error``. The pointer is not checked:
         a wrong address is undefined behaviour, as with ``ExpertPool.write_ptr``."""
+    def register_program(
+        self,
+        graph_exec: int,
+        inputs: Sequence[tuple[int, int]],
+        ids_ptr: int,
+        layers: Sequence[int],
+        width: int,
+        stream: int,
+    ) -> int:
+        """Register a captured device program whose ids are prefetched; returns its id for
+        ``run_program``. ``graph_exec``: a ``cudaGraphExec_t`` (``torch.cuda.CUDAGraph.
+        raw_cuda_graph_exec()``; 0: no graph -- the copies and ids only, for the host backend);
+        ``inputs``: its static input buffers as (address, bytes); ``ids_ptr``: its output of
+        ``len(layers) * width`` int64 ids (row i: layer ``layers[i]``); ``stream``: the stream it
+        runs on. Every buffer and the graph must stay alive until ``clear_programs``."""
+    def run_program(
+        self,
+        program: int,
+        inputs: Sequence[int],
+        stream: int,
+        generation: int = 0,
+        priority: Priority = "prefetch",
+        future: bool = False,
+        skip_routed: bool = False,
+        remember: bool = False,
+        exclude_predicted: bool = False,
+    ) -> None:
+        """One native call per run: on ``stream`` (the caller's, where ``inputs`` -- one address
+        per registered input, each of its size -- were written) wait for the program's previous
+        launch to finish reading its inputs, copy the inputs in, and record an event; on the
+        program's stream wait for it, launch the graph, and queue its ids as ``prefetch_deferred``
+        does with the other arguments. Returns without waiting for the device."""
+    def clear_programs(self) -> None:
+        """Forget every program once its last launch completed (call before freeing the graphs
+        or buffers). Ids are never reused."""
     def wait_deferred(self, timeout: float | None = None) -> bool:
         """Wait until every ``prefetch_deferred`` so far has been handled; False on timeout."""
     def deferred_predicted(self, generation: int, layer: int) -> list[int] | None:

@@ -54,6 +54,34 @@ pub struct DeferredOptions {
     pub exclude_predicted: bool,
 }
 
+/// A captured device program (a CUDA graph) whose output ids are prefetched: `run_program` copies
+/// the caller's inputs into the program's static buffers on the caller's stream, launches the graph
+/// on the program's own stream after them, and submits its ids. Owned here: its two events.
+struct Program {
+    exec: u64,
+    inputs: Vec<(u64, usize)>,
+    ids: u64,
+    layers: Vec<i64>,
+    width: usize,
+    stream: StreamHandle,
+    /// Recorded on the caller's stream after the input copies; the program's stream waits on it.
+    ready: EventHandle,
+    /// Recorded on the program's stream after a launch: the next run's input copies wait on it,
+    /// so they never overwrite inputs the previous launch is still reading.
+    done: EventHandle,
+}
+
+/// What `run_program` does with the ids (the program's rows and width are fixed at registration).
+#[derive(Clone, Copy, Debug, Default)]
+pub struct RunOptions {
+    pub generation: i64,
+    pub demand: bool,
+    pub future: bool,
+    pub skip_routed: bool,
+    pub remember: bool,
+    pub exclude_predicted: bool,
+}
+
 struct Request {
     staging: Staging,
     nbytes: usize,
@@ -86,6 +114,7 @@ pub struct DeferredPrefetcher {
     tx: Mutex<Option<Sender<Request>>>,
     thread: Mutex<Option<JoinHandle<()>>>,
     shut: AtomicBool,
+    programs: Mutex<Vec<Option<Program>>>,
 }
 
 const MIN_STAGING: usize = 4096;
@@ -100,6 +129,7 @@ impl DeferredPrefetcher {
             tx: Mutex::new(None),
             thread: Mutex::new(None),
             shut: AtomicBool::new(false),
+            programs: Mutex::new(Vec::new()),
         }
     }
 
@@ -160,6 +190,104 @@ impl DeferredPrefetcher {
         Ok(())
     }
 
+    /// Register a program (see `Program`): `exec` a `CUgraphExec` (0: no graph, only the copies and
+    /// the ids -- the host backend, tests), `inputs` its static input buffers (address, bytes),
+    /// `ids` its output of `len(layers) * width` int64 ids, `stream` where it runs. Returns its id.
+    ///
+    /// # Safety
+    /// Every address must stay valid, and `exec` live, until `clear_programs` (or shutdown).
+    pub unsafe fn register_program(
+        &self,
+        exec: u64,
+        inputs: Vec<(u64, usize)>,
+        ids: u64,
+        layers: Vec<i64>,
+        width: usize,
+        stream: StreamHandle,
+    ) -> Result<usize> {
+        if self.cache.is_closed() || self.shut.load(Ordering::Acquire) {
+            return Err(Error::Closed("the SlotCache is closed".into()));
+        }
+        if ids == 0 || inputs.iter().any(|&(a, n)| a == 0 || n == 0) {
+            return Err(Error::InvalidArgument("program buffers must be non-null and non-empty".into()));
+        }
+        if width == 0 || layers.is_empty() || layers.iter().any(|&l| l < 0) {
+            return Err(Error::InvalidArgument("a program needs at least one layer (>= 0) and width >= 1".into()));
+        }
+        if exec != 0 && self.device.kind() != crate::device::DeviceKind::Cuda {
+            return Err(Error::InvalidArgument("CUDA graph programs need the CUDA backend".into()));
+        }
+        self.device.bind_thread()?;
+        let ready = self.device.create_event(false)?;
+        let done = match self.device.create_event(false) {
+            Ok(e) => e,
+            Err(e) => {
+                self.device.destroy_event(ready);
+                return Err(e);
+            }
+        };
+        let mut programs = self.programs.lock();
+        programs.push(Some(Program { exec, inputs, ids, layers, width, stream, ready, done }));
+        Ok(programs.len() - 1)
+    }
+
+    /// Run program `id` on `inputs` (device addresses, one per registered input, each of its
+    /// size) written by work on `stream` (see `Program`), and submit its ids with `opts`.
+    ///
+    /// # Safety
+    /// Each input address must be readable for its registered size at this point of `stream`.
+    pub unsafe fn run_program(&self, id: usize, inputs: &[u64], stream: StreamHandle, opts: RunOptions) -> Result<()> {
+        let programs = self.programs.lock();
+        let p = programs
+            .get(id)
+            .and_then(Option::as_ref)
+            .ok_or_else(|| Error::InvalidArgument(format!("unknown program {id} (cleared, or never registered)")))?;
+        if inputs.len() != p.inputs.len() || inputs.contains(&0) {
+            return Err(Error::InvalidArgument(format!(
+                "program {id} takes {} non-null input addresses, got {:?}",
+                p.inputs.len(),
+                inputs
+            )));
+        }
+        let dev = &self.device;
+        dev.bind_thread()?;
+        dev.stream_wait_event(stream, p.done)?;
+        for (&(dst, n), &src) in p.inputs.iter().zip(inputs) {
+            // SAFETY: registered buffer (valid until cleared) and the caller's input.
+            unsafe { dev.copy_on_device_async(dst, src, n, stream)? };
+        }
+        dev.record_event(p.ready, stream)?;
+        dev.stream_wait_event(p.stream, p.ready)?;
+        if p.exec != 0 {
+            // SAFETY: registered as live until cleared.
+            unsafe { dev.launch_graph(p.exec, p.stream)? };
+        }
+        dev.record_event(p.done, p.stream)?;
+        let sub = DeferredOptions {
+            layers: p.layers.clone(),
+            width: p.width,
+            generation: opts.generation,
+            demand: opts.demand,
+            future: opts.future,
+            skip_routed: opts.skip_routed,
+            remember: opts.remember,
+            exclude_predicted: opts.exclude_predicted,
+        };
+        // SAFETY: the ids buffer is registered; it is written only by the program on its stream.
+        unsafe { self.submit(p.ids, p.stream, sub) }
+    }
+
+    /// Forget every program, after their last launches completed (before their graphs are freed).
+    pub fn clear_programs(&self) {
+        let _ = self.device.bind_thread();
+        // slots are emptied, not removed: a stale id never names a newer program
+        for p in self.programs.lock().iter_mut().filter_map(Option::take) {
+            let _ = self.device.event_synchronize(p.done);
+            self.device.destroy_event(p.ready);
+            self.device.destroy_event(p.done);
+        }
+    }
+
     /// Wait until every request submitted so far was handled; false on timeout.
     pub fn wait_idle(&self, timeout: Option<Duration>) -> bool {
         let deadline = timeout.map(|t| Instant::now() + t);
@@ -201,6 +329,7 @@ impl DeferredPrefetcher {
     /// `submit`s fail with a Closed error.
     pub fn shutdown(&self) {
         self.shut.store(true, Ordering::Release);
+        self.clear_programs();
         drop(self.tx.lock().take()); // the thread drains the channel, then sees it closed
         if let Some(t) = self.thread.lock().take() {
             let _ = t.join();
@@ -472,6 +601,31 @@ mod tests {
             let bytes = c.read_slot(slot as i64).unwrap();
             assert!(bytes.iter().all(|&b| b == (key.0 * 16 + key.1) as u8), "slot {slot} holds the wrong bytes for {key:?}");
         }
+    }
+
+    #[test]
+    fn programs_copy_their_inputs_and_prefetch_their_ids() {
+        let c = cache(2, 8, 8);
+        let d = DeferredPrefetcher::new(c.clone());
+        // host backend: no graph; the "program" output is a buffer the test fills
+        let mut input = vec![0u8; 16];
+        let out: Vec<i64> = vec![3, 5];
+        let id = unsafe { d.register_program(0, vec![(input.as_mut_ptr() as u64, 16)], out.as_ptr() as u64, vec![1], 2, 0) }.unwrap();
+        let src = [7u8; 16];
+        let opts = RunOptions { generation: 2, remember: true, ..Default::default() };
+        unsafe { d.run_program(id, &[src.as_ptr() as u64], 0, opts) }.unwrap();
+        assert!(d.wait_idle(Some(Duration::from_secs(10))));
+        assert_eq!(input, vec![7u8; 16]);
+        assert_eq!(d.predicted(2, 1), Some(vec![3, 5]));
+        c.synchronize().unwrap();
+        assert_eq!(resident(&c), vec![(1, 3), (1, 5)]);
+        assert!(unsafe { d.run_program(id, &[], 0, opts) }.is_err()); // wrong input count
+        assert!(unsafe { d.run_program(id, &[0], 0, opts) }.is_err()); // null input
+        assert!(unsafe { d.run_program(id + 1, &[1], 0, opts) }.is_err()); // unknown
+        assert!(unsafe { d.register_program(9, vec![], out.as_ptr() as u64, vec![0], 2, 0) }.is_err()); // graph on host
+        assert!(unsafe { d.register_program(0, vec![], out.as_ptr() as u64, vec![], 2, 0) }.is_err());
+        d.clear_programs();
+        assert!(unsafe { d.run_program(id, &[src.as_ptr() as u64], 0, opts) }.is_err()); // cleared
     }
 
     #[test]

@@ -41,10 +41,14 @@ class GraphedDecoder:
       predictor needs ``lookahead_previous_token`` heads): layer 0's top-k then comes from the
       head on the token's embedding and the previous token's state (``set_previous``); the logits
       stay the run-ahead ones, which later heads read.
+    - ``input_dtype``: dtype of the static input buffer (default: the predictor's); the step
+      converts it inside the graph, so a caller may fill it with a plain byte copy of the model's
+      embeddings (``program``).
     """
 
     def __init__(self, predictor: HashPredictor, batch: int, max_len: int = 2048, k: int | None = None,
-                 use_graph: bool | None = None, first_head: bool = False) -> None:
+                 use_graph: bool | None = None, first_head: bool = False,
+                 input_dtype: torch.dtype | None = None) -> None:
         reason = self.unsupported(predictor)
         if reason is not None:
             raise ValueError(f"GraphedDecoder cannot run this predictor: {reason}")
@@ -79,6 +83,7 @@ class GraphedDecoder:
         with torch.inference_mode():
             # zeros, not empty: masked positions get weight 0, and 0 * NaN from stale memory would be NaN
             self._x = torch.zeros(B, 1, cfg.input_dim, **opts)
+            self._x_in = torch.zeros(B, 1, cfg.input_dim, device=self.device, dtype=input_dtype or self.dtype)
             self._prev = torch.zeros(B, 1, L * E, **opts) if predictor.token_routing_in is not None else None
             self._h = torch.zeros(cfg.lstm_layers, B, H, **opts)
             self._c = torch.zeros(cfg.lstm_layers, B, H, **opts)
@@ -225,7 +230,7 @@ class GraphedDecoder:
         if weight.device != self.device or (self._graph is not None and weight.data_ptr() != self._weight_ptr):
             raise RuntimeError("the predictor's parameters moved since this decoder was built; build a new GraphedDecoder")
         with torch.inference_mode():
-            self._x.copy_(embeds)
+            self._x_in.copy_(embeds)
             if self._prev is not None:
                 if prev_token_routing is None:
                     self._prev.zero_()  # unknown routing: zeros, as in HashPredictor.features
@@ -239,6 +244,26 @@ class GraphedDecoder:
                 self._step()
         self._length += 1
         return self._logits, self._topk_ids
+
+    def program(self) -> tuple[int, list[tuple[int, int]], int] | None:
+        """The captured step as a native program (``SlotCache.register_program``): the graph's
+        ``cudaGraphExec_t``, its input buffer (address, bytes) and the top-k ids' address; None
+        without a captured graph (or a torch without ``raw_cuda_graph_exec``). A caller that runs
+        it natively calls :meth:`advance` per run instead of :meth:`step`."""
+        if self._graph is None or self._prev is not None or not hasattr(self._graph, "raw_cuda_graph_exec"):
+            return None
+        x = self._x_in
+        return int(self._graph.raw_cuda_graph_exec()), [(x.data_ptr(), x.numel() * x.element_size())], self._topk_ids.data_ptr()
+
+    @property
+    def input_dtype(self) -> torch.dtype:
+        return self._x_in.dtype
+
+    def advance(self) -> None:
+        """Account for one step run outside :meth:`step` (a native program launch)."""
+        if not self._loaded or self.full:
+            raise RuntimeError("GraphedDecoder.advance() on an unloaded or full decoder")
+        self._length += 1
 
     def set_previous(self, previous: torch.Tensor | None) -> None:
         """The previous token's layer L-2 router input ``[B, input_dim]`` that previous-token heads
@@ -291,6 +316,7 @@ class GraphedDecoder:
         p = self.predictor
         cfg = p.config
         B = self.batch
+        self._x.copy_(self._x_in)
         x = self._x
         x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6)
         x = p.compress(x)
@@ -346,7 +372,7 @@ class GraphedLookahead:
     ``[B, k]`` top-k it wrote. Equals ``HashPredictor.look_ahead`` on the same inputs. On the CPU
     (or ``decoder.use_graph=False``) the programs run eagerly."""
 
-    def __init__(self, decoder: GraphedDecoder) -> None:
+    def __init__(self, decoder: GraphedDecoder, input_dtype: torch.dtype | None = None) -> None:
         p = decoder.predictor
         if p.lookahead is None:
             raise ValueError("GraphedLookahead needs a predictor with lookahead heads")
@@ -356,7 +382,10 @@ class GraphedLookahead:
         self._reads_previous = p.lookahead.previous_token
         opts = dict(device=decoder.device, dtype=decoder.dtype)
         with torch.inference_mode():
-            self._hidden = {n: torch.zeros(decoder.batch, cfg.input_dim, **opts) for n in self.layers}
+            # the model's dtype: filled by a byte copy in the native program (the heads read it in fp32)
+            hidden_dtype = input_dtype or decoder.dtype
+            self._hidden = {n: torch.zeros(decoder.batch, cfg.input_dim, device=decoder.device, dtype=hidden_dtype)
+                            for n in self.layers}
             self._ids = torch.zeros(cfg.num_moe_layers, decoder.batch, decoder.k, dtype=torch.long, device=decoder.device)
         self._graphs: dict[int, torch.cuda.CUDAGraph] = {}
 
@@ -391,6 +420,7 @@ class GraphedLookahead:
         dev = self.decoder.device
         graphs = {}
         with torch.inference_mode():
+            saved = self.decoder._previous.clone()  # the warm-up of the last layer writes it
             stream = torch.cuda.Stream(dev)
             stream.wait_stream(torch.cuda.current_stream(dev))
             with torch.cuda.stream(stream):
@@ -403,13 +433,31 @@ class GraphedLookahead:
                 with torch.cuda.graph(graph, stream=stream, capture_error_mode="thread_local"):
                     self._step(n)
                 graphs[n] = graph
+            self.decoder._previous.copy_(saved)
         self._graphs = graphs
+
+    def program(self, layer: int) -> tuple[int, list[tuple[int, int]], int] | None:
+        """Layer ``layer``'s captured program for ``SlotCache.register_program`` (see
+        :meth:`GraphedDecoder.program`); None without captured graphs."""
+        graph = self._graphs.get(layer)
+        if graph is None or not hasattr(graph, "raw_cuda_graph_exec"):
+            return None
+        h = self._hidden[layer]
+        return int(graph.raw_cuda_graph_exec()), [(h.data_ptr(), h.numel() * h.element_size())], self._ids[layer].data_ptr()
+
+    @property
+    def input_dtype(self) -> torch.dtype:
+        return self._hidden[self.layers.start].dtype
 
     def _step(self, layer: int) -> None:
         d = self.decoder
         previous = d._previous if self._reads_previous else None
         looked = d.predictor.lookahead.layer(layer, self._hidden[layer], d._logits[layer, :, 0], previous)
         self._ids[layer].copy_(looked.topk(d.k, dim=-1).indices)
+        if self._reads_previous and layer == self.layers.stop - 1:
+            # the last layer's input is the state before layer L-1 -- layer L-2's router input --
+            # which the next token's heads read as the previous token's; after this layer read it
+            d._previous.copy_(self._hidden[layer])
 
 
 __all__ = ["GraphedDecoder", "GraphedLookahead"]

@@ -181,6 +181,9 @@ class RunAheadPrefetcher:
         self._inline: GraphedDecoder | None = None  # the sequence's decoder while decoding inline (inference thread)
         self._lookaheads: dict[int, GraphedLookahead] = {}  # per batch size, beside its decoder
         self._inline_stream: torch.cuda.Stream | None = None  # the inline programs' stream (GPU)
+        # per batch size: native program ids (decoder, {layer: lookahead}) in _program_cache
+        self._programs: dict[int, tuple[int, dict[int, int]]] = {}
+        self._program_cache = None  # the engine's SlotCache they are registered with
         self._all_layers = list(range(predictor.config.num_moe_layers))
         self._use_graphs = False  # resolved with the device (_set_device)
         self._decoders: dict[int, GraphedDecoder] = {}  # per batch size; created on the inference thread
@@ -247,7 +250,7 @@ class RunAheadPrefetcher:
         if self._inline is not None:
             self._leave_inline(fresh)
         if fresh and self._use_graphs and seq < self.graph_max_len:
-            self._decoder_for(x.shape[0])  # captured here, before the worker needs it
+            self._decoder_for(x.shape[0], x.dtype)  # captured here, before the worker needs it
         # the prompt's padding must not be attended to; decode tokens are real tokens
         mask = attention_mask[..., -seq:] if attention_mask is not None and seq > 1 else None
         # decode variant: the previous token's routing, complete since the previous forward ended
@@ -333,6 +336,7 @@ class RunAheadPrefetcher:
             self._thread.join()
         if self._inline_stream is not None:
             self._inline_stream.synchronize()  # no replay may still run when the graphs are freed
+        self._clear_programs()
         self._inline = None
         self._lookaheads = {}
         self._thread = None
@@ -348,7 +352,7 @@ class RunAheadPrefetcher:
         forward's prediction was ready; ``predictor_ms_per_token``: the thread's compute time;
         ``corrections``: experts queued by the thread's next-layer corrections (inline ones are counted
         by the engine's ``deferred_queued`` stat); ``inline_forwards``: decode tokens predicted
-        inline; ``graph_steps``: decode tokens
+        inline, ``native_forwards`` of them by native program launches (GPU); ``graph_steps``: decode tokens
         predicted by a graph replay (or, on the CPU, the graphed step run eagerly). Covers every
         forward begun so far: waits (bounded) for the thread to finish predicting the newest one."""
         job = self._current
@@ -367,19 +371,21 @@ class RunAheadPrefetcher:
             "forwards": float(m["forwards"]),
             "graph_steps": float(m["graph_steps"]),
             "inline_forwards": float(m["inline_forwards"]),
+            "native_forwards": float(m["native_forwards"]),
         }
 
     def reset_metrics(self) -> None:
         with getattr(self, "_lock", threading.Lock()):
             self._m = dict.fromkeys(
                 ("hits", "needed", "predicted", "late_layers", "layers_seen", "predict_seconds", "tokens",
-                 "forwards", "corrections", "graph_steps", "inline_forwards"), 0)
+                 "forwards", "corrections", "graph_steps", "inline_forwards", "native_forwards"), 0)
 
     # ------------------------------------------------------------------------------ internals
     def _set_device(self, device: torch.device) -> None:
         if self._thread is not None and self._thread.is_alive() and device != self.device:
             raise RuntimeError("the predictor's device cannot change while its thread runs")
         if device != self.device:
+            self._clear_programs()
             self._decoders = {}  # captured with the parameters' old addresses
             self._lookaheads = {}
             self._live = None
@@ -511,18 +517,76 @@ class RunAheadPrefetcher:
             return False
         engine = self._require_engine()
         t0 = time.perf_counter()
+        programs = self._programs_for(engine, x.shape[0])
+        if programs is not None and x.dtype == decoder.input_dtype and x.is_contiguous():
+            if first and self._reads_previous:
+                with self._inline_context(x.device):
+                    self._set_first_previous(decoder, x.shape[0])
+            self._last_state = None
+            # one native call: the input copied on the compute stream, the graph launched on the
+            # inline stream after it, its top-k deferred to the engine's thread
+            engine.cache.run_program(programs[0], [x.data_ptr()], torch.cuda.current_stream(x.device).cuda_stream,
+                                     engine.generation, "prefetch", self.feed_future, True, True, False)
+            decoder.advance()
+            self._inline_done(engine, x, t0, native=True)
+            return True
         with self._inline_context(x.device):
             if x.device.type == "cuda":
                 x.record_stream(torch.cuda.current_stream(x.device))
             if first and self._reads_previous:
-                state = self._last_state  # the prompt's last tokens' layer L-2 state
-                if state is not None and state.device.type == "cuda":
-                    state.record_stream(torch.cuda.current_stream(state.device))
-                decoder.set_previous(state if state is not None and state.shape[0] == x.shape[0] else None)
+                self._set_first_previous(decoder, x.shape[0])
             self._last_state = None
             _, ids = decoder.step(x)
             engine.prefetch_deferred(ids.view(len(self._all_layers), -1), self._all_layers, "prefetch",
                                      engine.generation, future=self.feed_future, skip_routed=True, remember=True)
+        self._inline_done(engine, x, t0)
+        return True
+
+    def _set_first_previous(self, decoder: GraphedDecoder, batch: int) -> None:
+        """The first inline token reads the prompt's last tokens' layer L-2 state (inline stream)."""
+        state = self._last_state
+        if state is not None and state.device.type == "cuda":
+            state.record_stream(torch.cuda.current_stream(state.device))
+        decoder.set_previous(state if state is not None and state.shape[0] == batch else None)
+
+    def _programs_for(self, engine: OffloadEngine, batch: int) -> tuple[int, dict[int, int]] | None:
+        """Native program ids of the batch's decoder and lookahead graphs in the engine's cache,
+        registered on first use (and again after the engine reopened its cache); None when the
+        graphs are not captured or the installed torch cannot hand them out."""
+        cache = engine.cache
+        if cache is None or cache.backend_kind != "cuda":
+            return None
+        if self._inline_stream is None:
+            self._inline_stream = torch.cuda.Stream(self.device)
+        if self._program_cache is not cache:
+            self._programs, self._program_cache = {}, cache
+        found = self._programs.get(batch)
+        if found is not None:
+            return found if found[0] >= 0 else None
+        decoder, lookahead = self._decoders.get(batch), self._lookaheads.get(batch)
+        spec = None if decoder is None else decoder.program()
+        if spec is None or (self.correction == "lookahead" and lookahead is None):
+            self._programs[batch] = (-1, {})
+            return None
+        stream = self._inline_stream.cuda_stream
+        ids = cache.register_program(spec[0], spec[1], spec[2], self._all_layers, batch * self.k, stream)
+        layers: dict[int, int] = {}
+        if self.correction == "lookahead":
+            for layer in lookahead.layers:
+                lspec = lookahead.program(layer)
+                if lspec is None:
+                    self._programs[batch] = (-1, {})
+                    return None
+                layers[layer] = cache.register_program(lspec[0], lspec[1], lspec[2], [layer], batch * self.k, stream)
+        self._programs[batch] = (ids, layers)
+        return self._programs[batch]
+
+    def _clear_programs(self) -> None:
+        cache, self._program_cache, self._programs = self._program_cache, None, {}
+        if cache is not None and not cache.closed:
+            cache.clear_programs()
+
+    def _inline_done(self, engine: OffloadEngine, x: torch.Tensor, t0: float, native: bool = False) -> None:
         job = _Job(engine.generation, x, None, None, False, x.shape[0], inline=True)
         job.ready.set()
         self._current = job
@@ -533,7 +597,7 @@ class RunAheadPrefetcher:
             self._m["forwards"] += 1
             self._m["graph_steps"] += 1
             self._m["inline_forwards"] += 1
-        return True
+            self._m["native_forwards"] += native
 
     def _leave_inline(self, fresh: bool) -> None:
         """Stop decoding inline (inference thread). A fresh sequence: the decoder goes back to the
@@ -568,13 +632,19 @@ class RunAheadPrefetcher:
         if nxt >= len(self._all_layers) or self.correction != "lookahead" or lookahead is None:
             return
         t0 = time.perf_counter()
-        with self._inline_context(hidden.device):
-            if hidden.device.type == "cuda":
-                hidden.record_stream(torch.cuda.current_stream(hidden.device))
-            ids = lookahead.run(nxt, hidden.detach())
-            if self._reads_previous and nxt == len(self._all_layers) - 1:
-                self._inline.set_previous(hidden.detach())  # after the replay above, which reads the old one
-            engine.prefetch_deferred(ids, [nxt], "demand", job.generation, exclude_predicted=True)
+        programs = self._programs_for(engine, job.embeds.shape[0])
+        if programs is not None and hidden.dtype == lookahead.input_dtype and hidden.is_contiguous():
+            # one native call (see _begin_inline); the last layer's program also keeps layer L-2's
+            # router input as the next token's previous-token state
+            engine.cache.run_program(programs[1][nxt], [hidden.data_ptr()],
+                                     torch.cuda.current_stream(hidden.device).cuda_stream,
+                                     job.generation, "demand", False, False, False, True)
+        else:
+            with self._inline_context(hidden.device):
+                if hidden.device.type == "cuda":
+                    hidden.record_stream(torch.cuda.current_stream(hidden.device))
+                ids = lookahead.run(nxt, hidden.detach())  # the last layer's also keeps the previous state
+                engine.prefetch_deferred(ids, [nxt], "demand", job.generation, exclude_predicted=True)
         with self._lock:
             self._m["predict_seconds"] += time.perf_counter() - t0
 
@@ -660,7 +730,7 @@ class RunAheadPrefetcher:
                 runs.append([job])
         return runs
 
-    def _decoder_for(self, batch: int) -> GraphedDecoder | None:
+    def _decoder_for(self, batch: int, dtype: torch.dtype | None = None) -> GraphedDecoder | None:
         """The graphed decoder for ``batch`` (inference thread), built and captured on first use.
         Captured here, not on the worker: a capture fails if another thread synchronizes the whole
         device meanwhile (``torch.cuda.synchronize`` between prefill and decode, say), and this is
@@ -669,10 +739,11 @@ class RunAheadPrefetcher:
         if decoder is not None or len(self._decoders) >= _MAX_GRAPHED_BATCHES:
             return decoder
         try:
-            decoder = GraphedDecoder(self.predictor, batch, self.graph_max_len, k=self.k, first_head=self._reads_previous)
+            decoder = GraphedDecoder(self.predictor, batch, self.graph_max_len, k=self.k, first_head=self._reads_previous,
+                                     input_dtype=dtype)
             decoder.capture()
             if self.correction == "lookahead" and self._inline_ok:
-                lookahead = GraphedLookahead(decoder)
+                lookahead = GraphedLookahead(decoder, input_dtype=dtype)
                 lookahead.capture()
                 self._lookaheads[batch] = lookahead
         except Exception as exc:  # noqa: BLE001 -- an optimisation: fall back to the eager path
