@@ -16,7 +16,8 @@ configuration), and reports every round and the median:
 - ``sida_thread``: the same with every token on the predictor thread (``inline_decode=False``).
 
 The dry configurations predict inline too where that applies; their deferred prefetches are
-dropped (the programs run, no ids reach the host).
+dropped (Python inline path: no ids reach the host; native programs: the ids do, and the requests
+are queued with a cancelled generation, which the copy workers discard).
 
     python benches/predictor_overhead.py --model REF --predictor-path P --prompt-file held.txt --out o.json
 
@@ -54,6 +55,7 @@ class _NoCopies:
 
     def __init__(self, engine) -> None:
         self._engine = engine
+        self._dry: _DryCache | None = None
 
     def prefetch(self, *args, **kwargs) -> None:
         return None
@@ -66,6 +68,28 @@ class _NoCopies:
 
     def __getattr__(self, name: str):
         return getattr(self._engine, name)
+
+    @property
+    def cache(self):
+        real = self._engine.cache
+        if self._dry is None or self._dry._cache is not real:
+            self._dry = _DryCache(real)  # one proxy per cache: the prefetcher keys its programs on it
+        return self._dry
+
+
+class _DryCache:
+    """The engine's cache, except that native programs (inline decode) queue their prefetches with
+    generation 0, which the engine cancelled already: the programs, the copies of their ids and the
+    native thread run; the workers discard the requests."""
+
+    def __init__(self, cache) -> None:
+        self._cache = cache
+
+    def run_program(self, program, inputs, stream, generation=0, *args) -> None:
+        return self._cache.run_program(program, inputs, stream, 0, *args)
+
+    def __getattr__(self, name: str):
+        return getattr(self._cache, name)
 
 
 class DryRunAhead(RunAheadPrefetcher):

@@ -60,12 +60,35 @@ def _run(prefetcher, prompts, n, seed=21, device="cpu"):
         return deferred(ids, layers, priority, generation, **kw)
 
     engine.prefetch, engine.prefetch_deferred = spy_prefetch, spy_deferred
+    inline_jobs = []  # forwards predicted by native programs: read back from the device and the cache
+
+    def probe(job) -> None:
+        """A native forward's prediction (remembered by the cache) and corrections (the lookahead
+        programs' static outputs, until the next forward's layers run)."""
+        torch.cuda.synchronize()
+        batch = job.embeds.shape[0]
+        for layer in prefetcher._all_layers:
+            note(job.generation, "prefetch", layer, engine.cache.deferred_predicted(job.generation, layer) or [])
+        lookahead = prefetcher._lookaheads.get(batch)
+        for layer in ([] if lookahead is None else lookahead.layers):
+            note(job.generation, "demand", layer, lookahead.ids(layer).reshape(-1).tolist())
+
     def on_time(module, args):
         assert prefetcher.wait_idle(10)
+        if inline_jobs:
+            probe(inline_jobs.pop())
+        job = prefetcher._current
+        if job is not None and job.inline and prefetcher._programs_for(engine, job.embeds.shape[0]) is not None:
+            inline_jobs.append(job)
 
     handle = model.model.layers[0].register_forward_pre_hook(on_time)
     try:
-        tokens = [_generate(model, x.to(device), n) for x in prompts]
+        tokens = []
+        for x in prompts:
+            tokens.append(_generate(model, x.to(device), n))
+            assert prefetcher.wait_idle(10)
+            if inline_jobs:
+                probe(inline_jobs.pop())
         metrics = prefetcher.metrics()
     finally:
         handle.remove()
