@@ -63,13 +63,10 @@ def _run(prefetcher, prompts, n, seed=21, device="cpu"):
     inline_jobs = []  # forwards predicted by native programs: read back from the device and the cache
 
     def probe(job) -> None:
-        """A native forward's prediction (remembered by the cache) and corrections (the lookahead
-        programs' static outputs, until the next forward's layers run)."""
+        """A native forward's corrections: the lookahead programs' static outputs, until the next
+        forward's layers run."""
         torch.cuda.synchronize()
-        batch = job.embeds.shape[0]
-        for layer in prefetcher._all_layers:
-            note(job.generation, "prefetch", layer, engine.cache.deferred_predicted(job.generation, layer) or [])
-        lookahead = prefetcher._lookaheads.get(batch)
+        lookahead = prefetcher._lookaheads.get(job.embeds.shape[0])
         for layer in ([] if lookahead is None else lookahead.layers):
             note(job.generation, "demand", layer, lookahead.ids(layer).reshape(-1).tolist())
 
@@ -79,6 +76,9 @@ def _run(prefetcher, prompts, n, seed=21, device="cpu"):
             probe(inline_jobs.pop())
         job = prefetcher._current
         if job is not None and job.inline and prefetcher._programs_for(engine, job.embeds.shape[0]) is not None:
+            # its prediction, as the cache remembers it (the newest generation's only)
+            for layer in prefetcher._all_layers:
+                note(job.generation, "prefetch", layer, engine.cache.deferred_predicted(job.generation, layer))
             inline_jobs.append(job)
 
     handle = model.model.layers[0].register_forward_pre_hook(on_time)
