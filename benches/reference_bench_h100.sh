@@ -16,7 +16,8 @@
 # MOE_EVERY (router inputs of every N-th training sequence traced for the heads), CROSSFIT (seconds of the
 # heads' cross-fit network: predictor_pipeline.py --lookahead-crossfit; LOOK_COMPARE=1 adds --lookahead-compare),
 # FOLDS (cross-fit folds, default 2), LOOK_EXTRA (--lookahead-extra settings compared first), BENCH (0: stop after the pipeline),
-# OVERHEAD_ROUNDS (default 0), OVERHEAD_CONFIGS (its --configs), BASELINES, NEW_TOKENS, BUDGETS, POLICIES, PREDICTORS, DEADLINE (seconds after
+# OVERHEAD_ROUNDS (default 0), OVERHEAD_CONFIGS (its --configs), OVERHEAD_POLICIES (space-separated, default lru;
+# BENCH=0 with OVERHEAD_ROUNDS > 0 stops after it), BASELINES, NEW_TOKENS, BUDGETS, POLICIES, PREDICTORS, DEADLINE (seconds after
 # which the bench is stopped; bench.json keeps the rows done).
 set -uo pipefail
 out=${1:?output directory}
@@ -35,13 +36,17 @@ python3 benches/predictor_pipeline.py --out "$out/pipe" --work "$work" --train-s
 mkdir -p "$work/predictor"
 for f in predictor.json predictor.safetensors; do mv "$out/pipe/$variant.$f" "$work/predictor/$f"; done
 rm -f "$out/pipe/heldout_routing.safetensors"
-if [ "${BENCH:-1}" = 0 ]; then tail -30 "$log"; exit 0; fi
+if [ "${BENCH:-1}" = 0 ] && [ "${OVERHEAD_ROUNDS:-0}" = 0 ]; then tail -30 "$log"; exit 0; fi
 if [ "${OVERHEAD_ROUNDS:-0}" -gt 0 ]; then
-  python3 benches/predictor_overhead.py --model "$work/ref-moe" --predictor-path "$work/predictor" \
-    --prompt-file "$work/heldout.txt" --rounds "$OVERHEAD_ROUNDS" --out "$out/predictor_overhead.json" \
-    --configs "${OVERHEAD_CONFIGS:-none,sida_dry,sida_dry_corrected,sida_no_correction,sida,sida_thread}" 2>&1 \
-    | grep -v -i "warn" >> "$log"
+  for policy in ${OVERHEAD_POLICIES:-lru}; do
+    suffix=$( [ "$policy" = lru ] && echo "" || echo "_$policy" )
+    python3 benches/predictor_overhead.py --model "$work/ref-moe" --predictor-path "$work/predictor" \
+      --prompt-file "$work/heldout.txt" --rounds "$OVERHEAD_ROUNDS" --out "$out/predictor_overhead$suffix.json" \
+      --policy "$policy" --configs "${OVERHEAD_CONFIGS:-none,sida_dry,sida_dry_corrected,sida_no_correction,sida,sida_thread}" 2>&1 \
+      | grep -v -i "warn" >> "$log"
+  done
 fi
+if [ "${BENCH:-1}" = 0 ]; then tail -30 "$log"; exit 0; fi
 cd /tmp
 timeout $(( ${DEADLINE:-585} - SECONDS )) sida-moe bench --model "$work/ref-moe" --predictor-path "$work/predictor" --prompt-file "$work/heldout.txt" \
   --budgets "${BUDGETS:-10%,25%,50%}" --policies "${POLICIES:-lru,lfu,fifo,predictive,belady}" \
