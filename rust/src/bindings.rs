@@ -163,6 +163,15 @@ fn int_list(obj: &Bound<'_, PyAny>, what: &str) -> PyResult<Vec<i64>> {
     .collect()
 }
 
+/// The lane a `priority` string names: true for "demand", false for "prefetch".
+fn demand_lane(priority: &str) -> PyResult<bool> {
+    match priority {
+        "demand" => Ok(true),
+        "prefetch" => Ok(false),
+        other => Err(to_py(Error::InvalidArgument(format!("priority must be \"demand\" or \"prefetch\", got {other:?}")))),
+    }
+}
+
 fn type_name(obj: &Bound<'_, PyAny>) -> String {
     obj.get_type().name().map(|n| n.to_string()).unwrap_or_default()
 }
@@ -531,15 +540,7 @@ impl PySlotCache {
         generation: i64,
     ) -> PyResult<usize> {
         let experts = int_list(experts, "experts")?;
-        let demand = match priority {
-            "demand" => true,
-            "prefetch" => false,
-            other => {
-                return Err(to_py(Error::InvalidArgument(format!(
-                    "priority must be \"demand\" or \"prefetch\", got {other:?}"
-                ))))
-            }
-        };
+        let demand = demand_lane(priority)?;
         let c = &self.cache;
         py.detach(|| c.prefetch(layer, &experts, demand, generation)).py_err()
     }
@@ -568,15 +569,7 @@ impl PySlotCache {
         if ids_ptr <= 0 {
             return Err(to_py(Error::InvalidArgument(format!("ids_ptr must be a non-null address, got {ids_ptr}"))));
         }
-        let demand = match priority {
-            "demand" => true,
-            "prefetch" => false,
-            other => {
-                return Err(to_py(Error::InvalidArgument(format!(
-                    "priority must be \"demand\" or \"prefetch\", got {other:?}"
-                ))))
-            }
-        };
+        let demand = demand_lane(priority)?;
         let s = stream.map(stream_arg).transpose()?.unwrap_or(0);
         let opts = deferred::DeferredOptions {
             layers,
@@ -637,15 +630,7 @@ impl PySlotCache {
         remember: bool,
         exclude_predicted: bool,
     ) -> PyResult<()> {
-        let demand = match priority {
-            "demand" => true,
-            "prefetch" => false,
-            other => {
-                return Err(to_py(Error::InvalidArgument(format!(
-                    "priority must be \"demand\" or \"prefetch\", got {other:?}"
-                ))))
-            }
-        };
+        let demand = demand_lane(priority)?;
         if program < 0 || generation < 0 || inputs.iter().any(|&a| a <= 0) {
             return Err(to_py(Error::InvalidArgument(format!(
                 "run_program needs program >= 0, generation >= 0 and non-null inputs; got program={program}, \
@@ -654,7 +639,15 @@ impl PySlotCache {
         }
         let s = stream_arg(stream)?;
         let inputs: Vec<u64> = inputs.into_iter().map(|a| a as u64).collect();
-        let opts = deferred::RunOptions { generation, demand, future, skip_routed, remember, exclude_predicted };
+        let opts = deferred::DeferredOptions {
+            generation,
+            demand,
+            future,
+            skip_routed,
+            remember,
+            exclude_predicted,
+            ..Default::default() // layers and width: the program's
+        };
         let d = &self.deferred;
         // SAFETY: documented in the stub: each input is readable for its registered size on `stream`.
         py.detach(|| unsafe { d.run_program(program as usize, &inputs, s, opts) }).py_err()

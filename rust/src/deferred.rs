@@ -71,17 +71,6 @@ struct Program {
     done: EventHandle,
 }
 
-/// What `run_program` does with the ids (the program's rows and width are fixed at registration).
-#[derive(Clone, Copy, Debug, Default)]
-pub struct RunOptions {
-    pub generation: i64,
-    pub demand: bool,
-    pub future: bool,
-    pub skip_routed: bool,
-    pub remember: bool,
-    pub exclude_predicted: bool,
-}
-
 struct Request {
     staging: Staging,
     nbytes: usize,
@@ -236,7 +225,8 @@ impl DeferredPrefetcher {
     ///
     /// # Safety
     /// Each input address must be readable for its registered size at this point of `stream`.
-    pub unsafe fn run_program(&self, id: usize, inputs: &[u64], stream: StreamHandle, opts: RunOptions) -> Result<()> {
+    /// `opts` as for `submit`, except `layers` and `width`, which are the program's.
+    pub unsafe fn run_program(&self, id: usize, inputs: &[u64], stream: StreamHandle, opts: DeferredOptions) -> Result<()> {
         let programs = self.programs.lock();
         let p = programs
             .get(id)
@@ -263,16 +253,7 @@ impl DeferredPrefetcher {
             unsafe { dev.launch_graph(p.exec, p.stream)? };
         }
         dev.record_event(p.done, p.stream)?;
-        let sub = DeferredOptions {
-            layers: p.layers.clone(),
-            width: p.width,
-            generation: opts.generation,
-            demand: opts.demand,
-            future: opts.future,
-            skip_routed: opts.skip_routed,
-            remember: opts.remember,
-            exclude_predicted: opts.exclude_predicted,
-        };
+        let sub = DeferredOptions { layers: p.layers.clone(), width: p.width, ..opts };
         // SAFETY: the ids buffer is registered; it is written only by the program on its stream.
         unsafe { self.submit(p.ids, p.stream, sub) }
     }
@@ -612,16 +593,16 @@ mod tests {
         let out: Vec<i64> = vec![3, 5];
         let id = unsafe { d.register_program(0, vec![(input.as_mut_ptr() as u64, 16)], out.as_ptr() as u64, vec![1], 2, 0) }.unwrap();
         let src = [7u8; 16];
-        let opts = RunOptions { generation: 2, remember: true, ..Default::default() };
-        unsafe { d.run_program(id, &[src.as_ptr() as u64], 0, opts) }.unwrap();
+        let opts = DeferredOptions { generation: 2, remember: true, ..Default::default() };
+        unsafe { d.run_program(id, &[src.as_ptr() as u64], 0, opts.clone()) }.unwrap();
         assert!(d.wait_idle(Some(Duration::from_secs(10))));
         assert_eq!(input, vec![7u8; 16]);
         assert_eq!(d.predicted(2, 1), Some(vec![3, 5]));
         c.synchronize().unwrap();
         assert_eq!(resident(&c), vec![(1, 3), (1, 5)]);
-        assert!(unsafe { d.run_program(id, &[], 0, opts) }.is_err()); // wrong input count
-        assert!(unsafe { d.run_program(id, &[0], 0, opts) }.is_err()); // null input
-        assert!(unsafe { d.run_program(id + 1, &[1], 0, opts) }.is_err()); // unknown
+        assert!(unsafe { d.run_program(id, &[], 0, opts.clone()) }.is_err()); // wrong input count
+        assert!(unsafe { d.run_program(id, &[0], 0, opts.clone()) }.is_err()); // null input
+        assert!(unsafe { d.run_program(id + 1, &[1], 0, opts.clone()) }.is_err()); // unknown
         assert!(unsafe { d.register_program(9, vec![], out.as_ptr() as u64, vec![0], 2, 0) }.is_err()); // graph on host
         assert!(unsafe { d.register_program(0, vec![], out.as_ptr() as u64, vec![], 2, 0) }.is_err());
         d.clear_programs();
