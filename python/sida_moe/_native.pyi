@@ -292,7 +292,9 @@ class SlotCache:
         queue_len, num_slots. On CUDA ``copy_seconds`` sums per-copy times measured by timing
         events on the copy streams (``achieved_gbps`` = timed bytes / that time); on the host it is
         the memcpy wall time. ``host_stall_seconds``: time acquire spent in calls that had to load
-        or wait. ``stream_waits``: acquires timed by ``measure_stream_waits`` (see there)."""
+        or wait. ``stream_waits``: acquires timed by ``measure_stream_waits`` (see there).
+        ``deferred_submitted`` / ``deferred_handled`` / ``deferred_queued``: ``prefetch_deferred``
+        and ``run_program`` requests so far, those handled, and the prefetches they queued."""
     def reset_stats(self) -> None:
         """Zero every counter, including ``stream_waits`` and ``stream_wait_seconds()``; stream-wait
         timings not yet resolved are dropped."""

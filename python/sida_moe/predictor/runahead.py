@@ -40,12 +40,17 @@ through pinned memory and an event wait that releases the GIL. A sequence longer
 
 Inline decode (``inline_decode``, on whenever it applies): with graphs, a decode token's prediction
 is a handful of launches, so the inference thread issues them itself instead of handing the token
-to the thread. ``begin_forward`` replays the decoder's graph on a side stream (layer 0's
-previous-token head included) and hands the top-k buffer's address to the engine's
-``prefetch_deferred``: a native thread waits for it (no GIL held), feeds the predictive policy and
-queues the prefetches of the layers not yet routed. ``after_routing`` of layer l replays layer
-l+1's lookahead head (:class:`~sida_moe.predictor.graphed.GraphedLookahead`) on the same stream and
-defers its top-k the same way, minus the prediction, on the demand lane. The compute stream never
+to the thread. ``begin_forward`` runs the decoder's graph on a side stream (layer 0's
+previous-token head included) and defers its top-k to the engine: a native thread waits for the
+ids (no GIL held), feeds the predictive policy and queues the prefetches of the layers not yet
+routed. ``after_routing`` of layer l runs layer l+1's lookahead head
+(:class:`~sida_moe.predictor.graphed.GraphedLookahead`) on the same stream and defers its top-k the
+same way, minus the prediction, on the demand lane (the last layer's also keeps layer L-2's router
+input as the next token's previous-token state). On CUDA each of these is one native call,
+``SlotCache.run_program`` on the graphs registered with ``register_program``: the input copied on
+the compute stream (after the previous launch finished reading it), an event, the graph launch on
+the side stream, the asynchronous copy of the ids to pinned memory. On the CPU (tests) the same
+steps run eagerly in Python, with ``OffloadEngine.prefetch_deferred``. The compute stream never
 waits for the side stream, and no Python thread competes for the GIL per token: measured on the
 H100, the thread's per-token Python (graph replay, top-k to the host, per-layer sets and calls,
 corrections) cost about a third of the decode tokens/s of this host-bound model (NOTES.md,
