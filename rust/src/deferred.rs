@@ -160,17 +160,19 @@ impl DeferredPrefetcher {
             self.state.free.lock().push(staging);
             return Err(e);
         }
+        if let Err(e) = self.ensure_thread() {
+            self.discard(staging);
+            return Err(e);
+        }
         let req = Request { staging, nbytes, acquires_at: self.cache.acquire_count(), opts };
-        self.ensure_thread()?;
         self.state.progress.lock().submitted += 1;
         let sent = match self.tx.lock().as_ref() {
             Some(tx) => tx.send(req).map_err(|e| e.0),
             None => Err(req),
         };
         if let Err(req) = sent {
-            // the thread is gone (shut down): nothing will read this copy; wait for it, recycle
-            let _ = self.device.event_synchronize(req.staging.event);
-            self.state.free.lock().push(req.staging);
+            // the thread is gone (shut down, its free list drained)
+            self.discard(req.staging);
             let mut p = self.state.progress.lock();
             p.handled += 1;
             self.state.idle.notify_all();
@@ -321,6 +323,14 @@ impl DeferredPrefetcher {
             self.device.destroy_event(s.event);
             self.device.free_pool(s.addr, s.capacity);
         }
+    }
+
+    /// Free a staging buffer whose copy may be in flight, once it landed (after a shutdown,
+    /// whose free list is not drained again).
+    fn discard(&self, staging: Staging) {
+        let _ = self.device.event_synchronize(staging.event);
+        self.device.destroy_event(staging.event);
+        self.device.free_pool(staging.addr, staging.capacity);
     }
 
     fn take_staging(&self, nbytes: usize) -> Result<Staging> {
