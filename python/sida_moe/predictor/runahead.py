@@ -101,6 +101,8 @@ class _Job:
     # [B, d] previous token's layer L-2 router input (previous-token lookahead heads, decode), or None
     previous: torch.Tensor | None = None
     inline: bool = False  # predicted on the inference thread (module docstring, "Inline decode")
+    # inline on CUDA: native program ids (decoder, {layer: lookahead}) its corrections run, or None
+    programs: tuple[int, dict[int, int]] | None = None
 
 
 @dataclass
@@ -190,6 +192,8 @@ class RunAheadPrefetcher:
         self._programs: dict[int, tuple[int, dict[int, int]]] = {}
         self._program_cache = None  # the engine's SlotCache they are registered with
         self._all_layers = list(range(predictor.config.num_moe_layers))
+        self._ready = threading.Event()  # shared by inline jobs: ready when created, no Event per token
+        self._ready.set()
         self._use_graphs = False  # resolved with the device (_set_device)
         self._decoders: dict[int, GraphedDecoder] = {}  # per batch size; created on the inference thread
         self._live: GraphedDecoder | None = None  # holds the current sequence's state (worker thread)
@@ -533,7 +537,7 @@ class RunAheadPrefetcher:
             engine.cache.run_program(programs[0], [x.data_ptr()], torch.cuda.current_stream(x.device).cuda_stream,
                                      engine.generation, "prefetch", self.feed_future, True, True, False)
             decoder.advance()
-            self._inline_done(engine, x, t0, native=True)
+            self._inline_done(engine, x, t0, programs)
             return True
         with self._inline_context(x.device):
             if x.device.type == "cuda":
@@ -591,10 +595,12 @@ class RunAheadPrefetcher:
         if cache is not None and not cache.closed:
             cache.clear_programs()
 
-    def _inline_done(self, engine: OffloadEngine, x: torch.Tensor, t0: float, native: bool = False) -> None:
-        job = _Job(engine.generation, x, None, None, False, x.shape[0], inline=True)
-        job.ready.set()
-        self._current = job
+    def _inline_done(self, engine: OffloadEngine, x: torch.Tensor, t0: float,
+                     programs: tuple[int, dict[int, int]] | None = None) -> None:
+        """Book an inline token: its job (for ``after_routing``; ``programs`` when launched
+        natively) and the metrics."""
+        self._current = _Job(engine.generation, x, None, None, False, x.shape[0], ready=self._ready, inline=True,
+                             programs=programs)
         elapsed = time.perf_counter() - t0
         with self._lock:
             self._m["predict_seconds"] += elapsed
@@ -602,7 +608,7 @@ class RunAheadPrefetcher:
             self._m["forwards"] += 1
             self._m["graph_steps"] += 1
             self._m["inline_forwards"] += 1
-            self._m["native_forwards"] += native
+            self._m["native_forwards"] += programs is not None
 
     def _leave_inline(self, fresh: bool) -> None:
         """Stop decoding inline (inference thread). A fresh sequence: the decoder goes back to the
@@ -637,11 +643,10 @@ class RunAheadPrefetcher:
         if nxt >= len(self._all_layers) or self.correction != "lookahead" or lookahead is None:
             return
         t0 = time.perf_counter()
-        programs = self._programs_for(engine, job.embeds.shape[0])
-        if programs is not None and hidden.dtype == lookahead.input_dtype and hidden.is_contiguous():
+        if job.programs is not None and hidden.dtype == lookahead.input_dtype and hidden.is_contiguous():
             # one native call (see _begin_inline); the last layer's program also keeps layer L-2's
             # router input as the next token's previous-token state
-            engine.cache.run_program(programs[1][nxt], [hidden.data_ptr()],
+            engine.cache.run_program(job.programs[1][nxt], [hidden.data_ptr()],
                                      torch.cuda.current_stream(hidden.device).cuda_stream,
                                      job.generation, "demand", False, False, False, True)
         else:
