@@ -53,6 +53,15 @@ pub struct AcquirePlan {
     pub prefetch_wasted: u64,
 }
 
+/// What one `touch` found: a layer visit computed through the expert table, not pinned.
+#[derive(Debug, Default)]
+pub struct Touch {
+    pub hits: u64,
+    /// Keys not resident (the step read them from the pool), in the order given.
+    pub missing: Vec<Key>,
+    pub prefetch_used: u64,
+}
+
 #[derive(Debug)]
 pub enum AcquireOutcome {
     Planned(AcquirePlan),
@@ -233,6 +242,29 @@ impl SlotTable {
         }
         self.acquires += 1;
         Ok(AcquireOutcome::Planned(plan))
+    }
+
+    /// Record a visit of `keys` (distinct) that read them wherever they were: a policy access for
+    /// each, like an acquire call (it consumes one prediction index), but nothing is pinned.
+    pub fn touch(&mut self, keys: &[Key]) -> Touch {
+        let mut out = Touch::default();
+        self.policy.advance(self.acquires + 1);
+        for &key in keys {
+            match self.map.get(&key) {
+                Some(&slot) => {
+                    let s = &mut self.slots[slot];
+                    if s.prefetched_unused {
+                        s.prefetched_unused = false;
+                        out.prefetch_used += 1;
+                    }
+                    out.hits += 1;
+                }
+                None => out.missing.push(key),
+            }
+            self.policy.on_access(key);
+        }
+        self.acquires += 1;
+        out
     }
 
     /// Reserve a slot for a queued load of `key`. Speculative loads (`demand == false`) never

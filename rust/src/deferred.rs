@@ -52,6 +52,10 @@ pub struct DeferredOptions {
     pub remember: bool,
     /// Leave out the experts this generation's remembered prediction already has for the layer.
     pub exclude_predicted: bool,
+    /// The rows are what each layer computed through the expert table (a decode step): they go to
+    /// `SlotCache::note_routed` (hits, policy, demand loads of the misses) instead of `prefetch`.
+    /// Negative ids are padding.
+    pub routed: bool,
 }
 
 /// A captured device program (a CUDA graph) whose output ids are prefetched: `run_program` copies
@@ -411,7 +415,7 @@ fn handle(req: &Request, cache: &SlotCache, device: &SharedDevice, state: &State
         .iter()
         .zip(ids.chunks_exact(o.width))
         .map(|(&layer, row)| {
-            let mut experts = row.to_vec();
+            let mut experts: Vec<i64> = row.iter().copied().filter(|&e| !o.routed || e >= 0).collect();
             experts.sort_unstable();
             experts.dedup();
             (layer, experts)
@@ -442,7 +446,9 @@ fn handle(req: &Request, cache: &SlotCache, device: &SharedDevice, state: &State
     }
     let mut queued = 0;
     for (layer, experts) in &rows {
-        if !experts.is_empty() {
+        if o.routed {
+            queued += cache.note_routed(*layer, experts)?;
+        } else if !experts.is_empty() {
             queued += cache.prefetch(*layer, experts, o.demand, o.generation)?;
         }
     }

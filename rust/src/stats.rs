@@ -23,6 +23,8 @@ pub struct Stats {
     pub bytes_copied: AtomicU64,
     pub copy_ns: AtomicU64,
     pub host_stall_ns: AtomicU64,
+    /// Layer visits computed through the expert table (`note_routed`).
+    pub routed_visits: AtomicU64,
 }
 
 impl Stats {
@@ -41,6 +43,7 @@ impl Stats {
             ("hits", g(&self.hits)),
             ("misses", g(&self.misses)),
             ("acquires", g(&self.acquires)),
+            ("routed_visits", g(&self.routed_visits)),
             ("releases", g(&self.releases)),
             ("prefetch_queued", g(&self.prefetch_queued)),
             ("prefetch_issued", g(&self.prefetch_issued)),
@@ -80,6 +83,7 @@ impl Stats {
             &self.bytes_copied,
             &self.copy_ns,
             &self.host_stall_ns,
+            &self.routed_visits,
         ] {
             c.store(0, Relaxed);
         }
