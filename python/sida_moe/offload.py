@@ -16,6 +16,7 @@ from torch import nn
 
 from sida_moe.adapters import Adapter, MoELayer, adapter_for
 from sida_moe.budget import BudgetSpec
+from sida_moe.decode_graph import install_generate
 from sida_moe.engine import OffloadEngine
 from sida_moe.experts import OffloadedExperts
 from sida_moe.format import ExpertFormat
@@ -68,7 +69,8 @@ def _check_dtype(model: nn.Module, fmt: ExpertFormat) -> None:
 
 # ------------------------------------------------------------------------------------- hooks
 def _install_hooks(model: nn.Module, engine: OffloadEngine) -> None:
-    """Call ``engine.begin_forward`` once per stack forward with the layer-0 input."""
+    """Call ``engine.begin_forward`` once per stack forward with the layer-0 input, and
+    ``engine.end_forward`` after it."""
     state: dict[str, object] = {"mask": None, "given": False}
     if getattr(model.config, "is_encoder_decoder", False):
         stacks = [model.get_encoder(), model.get_decoder()]
@@ -87,8 +89,12 @@ def _install_hooks(model: nn.Module, engine: OffloadEngine) -> None:
             engine.begin_forward(output, state["mask"])
 
     embeddings = []
+    def stack_post_hook(module: nn.Module, args: tuple, output: object) -> None:
+        engine.end_forward()
+
     for stack in dict.fromkeys(stacks):  # encoder and decoder may be one module
         engine._hooks.append(stack.register_forward_pre_hook(stack_pre_hook, with_kwargs=True))
+        engine._hooks.append(stack.register_forward_hook(stack_post_hook))
         # each stack's own embedding (Switch stacks hold embed_tokens apart from model.shared)
         embed = getattr(stack, "embed_tokens", None)
         embeddings.append(embed if isinstance(embed, nn.Module) else model.get_input_embeddings())
@@ -105,6 +111,7 @@ def _finish(model: nn.Module, engine: OffloadEngine, num_slots: int, policy: str
         engine.close()
         raise
     model.sida_engine = engine
+    install_generate(model)
     return model
 
 

@@ -270,6 +270,12 @@ impl SlotTable {
     /// Reserve a slot for a queued load of `key`. Speculative loads (`demand == false`) never
     /// evict a slot that was prefetched and not used yet; demand loads may.
     pub fn reserve_prefetch(&mut self, key: Key, demand: bool) -> PrefetchOutcome {
+        self.reserve_load(key, demand, true)
+    }
+
+    /// `reserve_prefetch` for a load that is not a prediction (`prefetched == false`: a table
+    /// visit already used the expert, so it is neither "prefetched unused" nor wasted later).
+    pub fn reserve_load(&mut self, key: Key, demand: bool, prefetched: bool) -> PrefetchOutcome {
         if self.map.contains_key(&key) {
             return PrefetchOutcome::AlreadyResident;
         }
@@ -277,7 +283,7 @@ impl SlotTable {
         let Some(&slot) = victims.first() else {
             return PrefetchOutcome::NoRoom;
         };
-        let (evicted, wasted) = self.reserve(slot, key, 0, true);
+        let (evicted, wasted) = self.reserve(slot, key, 0, prefetched);
         PrefetchOutcome::Reserved { slot, evicted, wasted }
     }
 

@@ -25,7 +25,7 @@ use crate::error::{Error, Result};
 use crate::expert_table::ExpertTable;
 use crate::policy::{Key, PolicyKind};
 use crate::pool::ExpertPool;
-use crate::prefetch::{serve, Handler, PrefetchQueue, Request, Workers};
+use crate::prefetch::{serve, Handler, PrefetchQueue, Request, Workers, ROUTED_MISS};
 use crate::stats::Stats;
 
 pub struct CacheConfig {
@@ -232,16 +232,18 @@ impl Shared {
             Stats::add(&s.prefetch_cancelled, 1);
             return;
         }
-        let outcome = self.table.lock().reserve_prefetch(req.key, req.demand);
+        let routed = req.generation == ROUTED_MISS;
+        let outcome = self.table.lock().reserve_load(req.key, req.demand, !routed);
         match outcome {
-            PrefetchOutcome::AlreadyResident => Stats::add(&s.prefetch_redundant, 1),
-            PrefetchOutcome::NoRoom => Stats::add(&s.prefetch_dropped, 1),
+            PrefetchOutcome::AlreadyResident => Stats::add(if routed { &s.routed_redundant } else { &s.prefetch_redundant }, 1),
+            PrefetchOutcome::NoRoom => Stats::add(if routed { &s.routed_dropped } else { &s.prefetch_dropped }, 1),
             PrefetchOutcome::Reserved { slot, evicted, wasted } => {
                 Stats::add(&s.evictions, evicted.is_some() as u64);
                 Stats::add(&s.prefetch_wasted, wasted as u64);
                 let ok = self.load_into(slot, req.key, stream).is_ok();
                 self.finish(&[(slot, ok)]);
-                Stats::add(if ok { &s.prefetch_issued } else { &s.load_errors }, 1);
+                let issued = if routed { &s.demand_loads } else { &s.prefetch_issued };
+                Stats::add(if ok { issued } else { &s.load_errors }, 1);
             }
         }
     }
@@ -740,14 +742,13 @@ impl SlotCache {
         Stats::add(&s.routed_visits, 1);
         let mut queued = 0;
         for key in touch.missing {
-            if sh.queue.push(Request { key, generation: u64::MAX, demand: true }) {
+            if sh.queue.push(Request { key, generation: ROUTED_MISS, demand: true }) {
                 queued += 1;
             } else {
-                Stats::add(&s.prefetch_dropped, 1);
+                Stats::add(&s.routed_dropped, 1);
                 Stats::add(&s.prefetch_queue_full, 1);
             }
         }
-        Stats::add(&s.demand_loads, queued as u64);
         if queued > 0 {
             sh.queue.wake_workers();
         }

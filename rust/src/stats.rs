@@ -25,6 +25,9 @@ pub struct Stats {
     pub host_stall_ns: AtomicU64,
     /// Layer visits computed through the expert table (`note_routed`).
     pub routed_visits: AtomicU64,
+    /// Loads of table-visit misses that found the expert already loaded, or no slot to evict.
+    pub routed_redundant: AtomicU64,
+    pub routed_dropped: AtomicU64,
 }
 
 impl Stats {
@@ -44,6 +47,8 @@ impl Stats {
             ("misses", g(&self.misses)),
             ("acquires", g(&self.acquires)),
             ("routed_visits", g(&self.routed_visits)),
+            ("routed_redundant", g(&self.routed_redundant)),
+            ("routed_dropped", g(&self.routed_dropped)),
             ("releases", g(&self.releases)),
             ("prefetch_queued", g(&self.prefetch_queued)),
             ("prefetch_issued", g(&self.prefetch_issued)),
@@ -84,6 +89,8 @@ impl Stats {
             &self.copy_ns,
             &self.host_stall_ns,
             &self.routed_visits,
+            &self.routed_redundant,
+            &self.routed_dropped,
         ] {
             c.store(0, Relaxed);
         }
