@@ -113,6 +113,15 @@ def test_prefill_still_acquires_and_decode_uses_the_table():
     assert layer.top_k >= 1
 
 
+def test_the_loop_and_transformers_generate_share_an_engine_in_and_out_of_inference_mode():
+    original, offloaded = _pair("qwen3_moe", "50%")
+    ids = _prompt()
+    with torch.inference_mode():
+        want = original.generate(ids, max_new_tokens=5, do_sample=False, pad_token_id=0)
+        assert torch.equal(greedy_generate(offloaded, ids, 5, pad_token_id=0, graphs=False), want)
+    assert torch.equal(offloaded.generate(ids, max_new_tokens=5, do_sample=False, pad_token_id=0), want)
+
+
 def test_model_generate_keeps_transformers_loop_off_cuda():
     original, offloaded = _pair("mixtral", "50%")
     ids = _prompt()
@@ -131,8 +140,17 @@ def test_greedy_generate_rejects_bad_input():
         greedy_generate(offloaded, torch.zeros(3, dtype=torch.long), 4)
     with pytest.raises(ValueError, match="context"):
         greedy_generate(offloaded, _prompt(), 10**6)
-    with pytest.raises(ValueError, match="offload"):
-        greedy_generate(tiny_model("mixtral"), _prompt(), 4)
+
+
+
+def test_greedy_loop_serves_a_plain_transformers_model_and_reuses_its_static_cache():
+    model = eager_experts(tiny_model("olmoe"))
+    with torch.inference_mode():
+        for seed, new in ((1, 7), (2, 5), (3, 9)):  # one cache-length bucket, reset between calls
+            ids = _prompt(seed=seed)
+            want = model.generate(ids, max_new_tokens=new, do_sample=False, pad_token_id=0)
+            assert torch.equal(greedy_generate(model, ids, new, graphs=False), want)
+    assert len(model._sida_decode_steps) == 1
 
 
 def test_eos_pads_like_transformers():

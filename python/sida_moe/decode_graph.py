@@ -22,33 +22,27 @@ from torch import nn
 
 @dataclass
 class _Step:
-    """Static inputs and outputs of one captured decode step (one batch size)."""
+    """A static KV cache and the static inputs and outputs of one decode step, kept per batch size
+    and cache length: its graph is captured once and replayed by every later call."""
 
-    graph: torch.cuda.CUDAGraph | None
+    cache: object  # transformers StaticCache
     token: torch.Tensor  # [B, 1] input token of the step; the step writes the next one here
     position: torch.Tensor  # [1] cache position of the step; the step increments it
-    tokens: torch.Tensor  # [B, max_new] every step's greedy token
+    tokens: torch.Tensor  # [B, cache length] every step's greedy token
     index: torch.Tensor  # [1] column of `tokens` the step writes; the step increments it
-    visits: list[int]
-    width: int
+    graph: torch.cuda.CUDAGraph | None = None
+    visits: tuple[list[int], int] = ([], 0)
 
 
-def _engine(model: nn.Module):
-    engine = getattr(model, "sida_engine", None)
-    if engine is None:
-        raise ValueError("greedy_generate needs a model returned by sida_moe.offload / from_pretrained")
-    return engine
+def _cache_length(needed: int) -> int:
+    """Static cache lengths come in powers of two (>= 256), so calls of similar lengths share a
+    captured step."""
+    return max(256, 1 << (needed - 1).bit_length())
 
 
-def _static_cache(model: nn.Module, max_len: int):
-    from transformers import StaticCache
-
-    return StaticCache(config=model.config, max_cache_len=max_len)
-
-
-def _forward_step(model: nn.Module, cache, step: _Step) -> None:
+def _forward_step(model: nn.Module, step: _Step) -> None:
     """One decode step on the static buffers (what is captured)."""
-    logits = model(input_ids=step.token, past_key_values=cache, cache_position=step.position, use_cache=True).logits
+    logits = model(input_ids=step.token, past_key_values=step.cache, cache_position=step.position, use_cache=True).logits
     nxt = logits[:, -1].argmax(dim=-1, keepdim=True)
     step.tokens.index_copy_(1, step.index, nxt)
     step.token.copy_(nxt)
@@ -58,15 +52,17 @@ def _forward_step(model: nn.Module, cache, step: _Step) -> None:
 
 def graphs_supported(model: nn.Module, batch_size: int) -> str | None:
     """Why the decode step of ``model`` at ``batch_size`` cannot be captured, or None if it can."""
-    engine = _engine(model)
-    if engine.device.type != "cuda":
+    engine = getattr(model, "sida_engine", None)
+    device = engine.device if engine is not None else next(model.parameters()).device
+    if device.type != "cuda":
         return "CUDA graphs need the model on a CUDA device"
     if getattr(model.config, "is_encoder_decoder", False):
         return "encoder-decoder models keep transformers' generate"
-    for layer in engine.layers:
-        if not engine.uses_table(layer.ordinal, batch_size):
-            return (f"MoE layer {layer.ordinal} would acquire slots at batch {batch_size} "
-                    f"(prefetcher {engine.prefetcher.name!r} or too many tokens per expert)")
+    if engine is not None:
+        for layer in engine.layers:
+            if not engine.uses_table(layer.ordinal, batch_size):
+                return (f"MoE layer {layer.ordinal} would acquire slots at batch {batch_size} "
+                        f"(prefetcher {engine.prefetcher.name!r} or too many tokens per expert)")
     return None
 
 
@@ -83,8 +79,9 @@ def greedy_generate(
     like ``model.generate(..., do_sample=False)``: prefill eagerly into a static KV cache, then
     ``max_new_tokens - 1`` decode steps, replayed from a CUDA graph when ``graphs`` (default: on
     CUDA when :func:`graphs_supported`). Rows that produced an EOS token are padded after it, and
-    the result ends once every row has (as transformers does)."""
-    engine = _engine(model)
+    the result ends once every row has (as transformers does). Works for any transformers causal
+    LM; on an offloaded one each replay also hands the step's routing to its engine."""
+    engine = getattr(model, "sida_engine", None)
     if input_ids.dim() != 2 or input_ids.shape[1] < 1 or input_ids.dtype not in (torch.int32, torch.int64):
         raise ValueError(f"input_ids must be a [batch, tokens] integer tensor with tokens >= 1, got "
                          f"{input_ids.dtype} {tuple(input_ids.shape)}")
@@ -100,53 +97,73 @@ def greedy_generate(
         graphs = reason is None
     elif graphs and reason is not None:
         raise ValueError(f"cannot capture the decode step: {reason}")
-    device = engine.device
+    device = engine.device if engine is not None else next(model.parameters()).device
     input_ids = input_ids.to(device=device, dtype=torch.long)
-    cache = _static_cache(model, prompt_len + max_new_tokens)
+    step = _step_for(model, batch, prompt_len + max_new_tokens, device)
 
-    # prefill: eager, through the acquire path for long prompts
-    logits = model(input_ids=input_ids, past_key_values=cache,
+    # prefill: eager (offloaded models: through the acquire path for long prompts)
+    logits = model(input_ids=input_ids, past_key_values=step.cache,
                    cache_position=torch.arange(prompt_len, device=device), use_cache=True).logits
     first = logits[:, -1].argmax(dim=-1, keepdim=True)
-    step = _Step(
-        graph=None,
-        token=first.clone(),
-        position=torch.tensor([prompt_len], device=device),
-        tokens=torch.zeros((batch, max_new_tokens), dtype=torch.long, device=device),
-        index=torch.tensor([1], device=device),
-        visits=[],
-        width=0,
-    )
+    step.token.copy_(first)
     step.tokens[:, :1] = first
+    step.position.fill_(prompt_len)
+    step.index.fill_(1)
     remaining = max_new_tokens - 1
-    if remaining > 0 and graphs:
-        # one eager step first: its kernels compile and the cache's lazy state exists before capture
-        _forward_step(model, cache, step)
+    if remaining > 0 and graphs and step.graph is None:
+        # one eager step first: kernels compile and every lazy state exists before the capture
+        _forward_step(model, step)
         remaining -= 1
         if remaining > 0:
-            _capture(model, engine, cache, step)
+            _capture(model, engine, step)
+            remaining -= 1
     for _ in range(remaining):
-        if step.graph is not None:
+        if graphs:
             step.graph.replay()
-            engine.end_replayed_forward(step.visits, step.width)
+            if engine is not None:
+                engine.end_replayed_forward(*step.visits)
         else:
-            _forward_step(model, cache, step)
-    out = torch.cat([input_ids, step.tokens], dim=1)
+            _forward_step(model, step)
+    out = torch.cat([input_ids, step.tokens[:, :max_new_tokens]], dim=1)
     return _pad_after_eos(out, prompt_len, eos_token_id, pad_token_id)
 
 
-def _capture(model: nn.Module, engine, cache, step: _Step) -> None:
-    """Capture one decode step; the engine's copy workers and routing thread are idle meanwhile."""
-    engine.quiesce()
+def _step_for(model: nn.Module, batch: int, needed: int, device: torch.device) -> _Step:
+    """This batch size's static cache and step buffers (reset), created on first use."""
+    from transformers import StaticCache
+
+    length = _cache_length(needed)
+    steps = model.__dict__.setdefault("_sida_decode_steps", {})
+    step = steps.get((batch, length))
+    if step is None:
+        step = steps[(batch, length)] = _Step(
+            cache=StaticCache(config=model.config, max_cache_len=length),
+            token=torch.zeros((batch, 1), dtype=torch.long, device=device),
+            position=torch.zeros(1, dtype=torch.long, device=device),
+            tokens=torch.zeros((batch, length), dtype=torch.long, device=device),
+            index=torch.zeros(1, dtype=torch.long, device=device),
+        )
+    else:
+        step.cache.reset()
+    return step
+
+
+def _capture(model: nn.Module, engine, step: _Step) -> None:
+    """Capture one decode step, then replay it once (capturing runs nothing). Nothing else may
+    touch the device meanwhile: the engine's copy workers and routing thread are drained first."""
+    if engine is not None:
+        engine.quiesce()
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph, capture_error_mode="thread_local"):
-        _forward_step(model, cache, step)
-        visits, width = engine.take_captured_visits()
-    step.graph, step.visits, step.width = graph, visits, width
-    engine.cache.set_reader_stream(torch.cuda.current_stream(engine.device).cuda_stream)
-    # the capture ran nothing: the captured step (position and index as before it) runs now
+        _forward_step(model, step)
+        if engine is not None:
+            step.visits = engine.take_captured_visits()
+    step.graph = graph
+    if engine is not None:
+        engine.cache.set_reader_stream(torch.cuda.current_stream(engine.device).cuda_stream)
     graph.replay()
-    engine.end_replayed_forward(visits, width)
+    if engine is not None:
+        engine.end_replayed_forward(*step.visits)
 
 
 def _pad_after_eos(out: torch.Tensor, prompt_len: int, eos: int | list[int] | None, pad: int | None) -> torch.Tensor:

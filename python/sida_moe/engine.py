@@ -316,7 +316,8 @@ class OffloadEngine:
             self.end_forward()  # a forward of another shape (encoder vs decoder): hand it over first
         ring = self._ring.get(width)
         if ring is None:
-            ring = self._ring[width] = torch.full((len(self.layers), width), -1, dtype=torch.int64, device=self.device)
+            with torch.inference_mode(False):  # written by later forwards, inference mode or not
+                ring = self._ring[width] = torch.full((len(self.layers), width), -1, dtype=torch.int64, device=self.device)
         self._visit_width = width
         row = ring[len(self._visits), : ids.numel()]
         row.copy_(ids.reshape(-1))
