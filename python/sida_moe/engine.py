@@ -212,13 +212,17 @@ class OffloadEngine:
     def _attach_expert_table(self) -> None:
         """Give the cache the expert table that decode layers read weights through (where the
         streaming kernels can run: always on the host backend, with CuPy on CUDA)."""
-        self.expert_table = None
-        self._layer_tables = []
-        self._ring.clear()
         if not table_kernels_usable(self.device, self.fmt):
             return
-        table = torch.zeros(self.num_experts_total, dtype=torch.int64, device=self.device)
+        # a reopened cache keeps the table's memory (captured decode steps hold its address); the
+        # new cache points every entry back at the pool before any slot is filled
+        table = self.expert_table
+        if table is None:
+            with torch.inference_mode(False):
+                table = torch.zeros(self.num_experts_total, dtype=torch.int64, device=self.device)
         self.cache.attach_expert_table(table.data_ptr(), self._stream())
+        if self.expert_table is not None:
+            return
         self.expert_table = table
         offsets, nbytes, start = self.pool.tensor_offsets, self.pool.expert_nbytes, 0
         for layer in self.layers:  # pool keys are layer-major, as built in __init__

@@ -403,9 +403,20 @@ fn run(rx: Receiver<Request>, cache: &SlotCache, device: &SharedDevice, state: &
     }
 }
 
+/// Wait for `event` without spinning a core for the whole step (a blocking event synchronize
+/// busy-waits on CUDA): poll, sleeping a little longer each time, up to 100 us between polls.
+fn wait_politely(device: &SharedDevice, event: EventHandle) -> Result<()> {
+    let mut nap = Duration::from_micros(5);
+    while !device.event_done(event)? {
+        std::thread::sleep(nap);
+        nap = (nap * 2).min(Duration::from_micros(100));
+    }
+    Ok(())
+}
+
 /// Read one request's ids (after its event) and act on them; returns the experts queued.
 fn handle(req: &Request, cache: &SlotCache, device: &SharedDevice, state: &State) -> Result<usize> {
-    device.event_synchronize(req.staging.event)?;
+    wait_politely(device, req.staging.event)?;
     let o = &req.opts;
     // SAFETY: the copy into the staging buffer has landed (event above); it holds `nbytes` bytes
     // and the allocation is 8-byte aligned (page-aligned host or pinned memory).
