@@ -68,8 +68,10 @@ def main() -> None:
     ap.add_argument("--preset", default="qwen3-30b-a3b")
     ap.add_argument("--budgets", default="25%,100%")
     ap.add_argument("--batches", default="1", help="comma-separated batch sizes")
-    ap.add_argument("--routing", default="model", choices=["model", "random"],
-                    help="'random': uniform random experts per token and layer (no locality)")
+    ap.add_argument("--routings", default="model",
+                    help="comma-separated: 'model' (the routers), 'random' (uniform random experts per token and layer: no locality)")
+    ap.add_argument("--same-weights", action="store_true",
+                    help="offload a second build of the resident model (same weights) instead of building in place")
     ap.add_argument("--prompt-len", type=int, default=32)
     ap.add_argument("--new-tokens", type=int, default=64)
     ap.add_argument("--rounds", type=int, default=3)
@@ -88,19 +90,28 @@ def main() -> None:
     report["build_resident_s"] = time.perf_counter() - t0
     budgets = [b.strip() for b in args.budgets.split(",")]
     t0 = time.perf_counter()
-    offloaded = build_offloaded(args.preset, budgets[0], device=device, dtype=torch.bfloat16, policy=args.policy,
-                                prefetch="none")
+    if args.same_weights:
+        # a second build of the resident model (same seed: same weights), offloaded: rows comparable token by token
+        offloaded = sida_moe.offload(build_model(args.preset, device=device, dtype=torch.bfloat16), gpu_budget=budgets[0],
+                                     policy=args.policy, prefetch="none")
+        torch.cuda.empty_cache()
+    else:
+        offloaded = build_offloaded(args.preset, budgets[0], device=device, dtype=torch.bfloat16, policy=args.policy,
+                                    prefetch="none")
     engine = sida_moe.engine_of(offloaded)
     report["build_offloaded_s"] = time.perf_counter() - t0
-    if args.routing == "random":
-        num_experts = engine.layers[0].num_experts
-        route_randomly(resident_model, num_experts)
-        route_randomly(offloaded, num_experts)
+
     print(f"built in {report['build_resident_s']:.0f} + {report['build_offloaded_s']:.0f} s; {engine.describe()}", flush=True)
 
-    for batch in [int(b) for b in args.batches.split(",")]:
-        ids = torch.randint(3, 1000, (batch, args.prompt_len), device=device, generator=torch.Generator(device).manual_seed(batch))
-        run_batch(args, report, budgets, engine, resident_model, offloaded, ids)
+    for routing in args.routings.split(","):
+        if routing == "random":
+            num_experts = engine.layers[0].num_experts
+            route_randomly(resident_model, num_experts)
+            route_randomly(offloaded, num_experts)
+        args.routing = routing
+        for batch in [int(b) for b in args.batches.split(",")]:
+            ids = torch.randint(3, 1000, (batch, args.prompt_len), device=device, generator=torch.Generator(device).manual_seed(batch))
+            run_batch(args, report, budgets, engine, resident_model, offloaded, ids)
 
 
 def run_batch(args, report, budgets, engine, resident_model, offloaded, ids) -> None:
@@ -155,7 +166,7 @@ def run_batch(args, report, budgets, engine, resident_model, offloaded, ids) -> 
                 row["host_cpu_ms"].append((pn - p1) * 1e3 / (n - 1))
                 row["thread_cpu_ms"].append((tn - t1) * 1e3 / (n - 1))
                 row["tokens"] = tokens[:, args.prompt_len:].tolist()
-            print(f"[bs{batch} {budget}] round {r}: " + ", ".join(f"{k} {v['decode_ms'][-1]:.2f} ms" for k, v in rows.items()), flush=True)
+            print(f"[{args.routing} bs{batch} {budget}] round {r}: " + ", ".join(f"{k} {v['decode_ms'][-1]:.2f} ms" for k, v in rows.items()), flush=True)
         out = {"logit_check": logit_check}
         ref = rows["resident_graphed"]["tokens"]
         for name, row in rows.items():
@@ -176,19 +187,19 @@ def run_batch(args, report, budgets, engine, resident_model, offloaded, ids) -> 
         out["sida_graphed"]["zero_copy_miss_bytes_per_token"] = summary([m * expert_bytes for m in misses_per_token])
         out["sida_graphed"]["copied_bytes_per_token"] = summary(copied_per_token)
         out["engine"] = engine.describe()
-        report["rows"][f"bs{batch}_{budget}"] = out
+        report["rows"][f"{args.routing}_bs{batch}_{budget}"] = out
         with open(args.out, "w") as f:
             json.dump(report, f, indent=1)
         for name in systems:
             r = out[name]
             extra = f", enqueue {r['host_enqueue_ms_per_step']['median']:.3f} ms/step" if name in enqueue else ""
-            print(f"[bs{batch} {budget}] {name}: {r['decode_tokens_per_s']['median']:.1f} tok/s "
+            print(f"[{args.routing} bs{batch} {budget}] {name}: {r['decode_tokens_per_s']['median']:.1f} tok/s "
                   f"({r['decode_tokens_per_s']['min']:.1f}-{r['decode_tokens_per_s']['max']:.1f}), process CPU "
                   f"{r['host_cpu_ms_per_token']['median']:.2f} ms/token (thread {r['inference_thread_cpu_ms_per_token']['median']:.2f})"
                   f"{extra}, same tokens as resident {r['same_tokens_as_resident_graphed']} / as sida_eager "
                   f"{r['same_tokens_as_sida_eager']}", flush=True)
         g = out["sida_graphed"]
-        print(f"[bs{batch} {budget}] sida_graphed hit rate {g['hit_rate']['median']:.3f}, zero-copy misses "
+        print(f"[{args.routing} bs{batch} {budget}] sida_graphed hit rate {g['hit_rate']['median']:.3f}, zero-copy misses "
               f"{g['zero_copy_miss_bytes_per_token']['median'] / 1e6:.1f} MB/token, copied "
               f"{g['copied_bytes_per_token']['median'] / 1e6:.1f} MB/token; logits {logit_check}", flush=True)
 
