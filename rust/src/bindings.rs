@@ -416,6 +416,18 @@ impl PyExpertPool {
 }
 
 // ------------------------------------------------------------------------------- slot cache
+
+/// Rows of device ids handed to the cache: a non-null address and at least one id per row.
+fn id_rows(ids_ptr: i64, width: i64) -> PyResult<(u64, usize)> {
+    if width <= 0 {
+        return Err(to_py(Error::InvalidArgument(format!("width must be >= 1 (ids per layer), got {width}"))));
+    }
+    if ids_ptr <= 0 {
+        return Err(to_py(Error::InvalidArgument(format!("ids_ptr must be a non-null address, got {ids_ptr}"))));
+    }
+    Ok((ids_ptr as u64, width as usize))
+}
+
 #[pyclass(frozen, module = "sida_moe._native", name = "SlotCache")]
 pub struct PySlotCache {
     // dropped first: its thread holds a handle on the cache
@@ -563,17 +575,12 @@ impl PySlotCache {
         exclude_predicted: bool,
     ) -> PyResult<()> {
         let layers = int_list(layers, "layers")?;
-        if width <= 0 {
-            return Err(to_py(Error::InvalidArgument(format!("width must be >= 1 (ids per layer), got {width}"))));
-        }
-        if ids_ptr <= 0 {
-            return Err(to_py(Error::InvalidArgument(format!("ids_ptr must be a non-null address, got {ids_ptr}"))));
-        }
+        let (ids_ptr, width) = id_rows(ids_ptr, width)?;
         let demand = demand_lane(priority)?;
         let s = stream.map(stream_arg).transpose()?.unwrap_or(0);
         let opts = deferred::DeferredOptions {
             layers,
-            width: width as usize,
+            width,
             generation,
             demand,
             future,
@@ -585,7 +592,7 @@ impl PySlotCache {
         let d = &self.deferred;
         // SAFETY: the caller passes the address of a live int64 tensor of len(layers) * width
         // elements on the cache's device (documented in the stub), written on `stream` only.
-        py.detach(|| unsafe { d.submit(ids_ptr as u64, s, opts) }).py_err()
+        py.detach(|| unsafe { d.submit(ids_ptr, s, opts) }).py_err()
     }
 
     /// See the stub: the expert table of the decode path.
@@ -631,18 +638,13 @@ impl PySlotCache {
         stream: Option<&Bound<'_, PyAny>>,
     ) -> PyResult<()> {
         let layers = int_list(layers, "layers")?;
-        if width <= 0 {
-            return Err(to_py(Error::InvalidArgument(format!("width must be >= 1 (ids per layer), got {width}"))));
-        }
-        if ids_ptr <= 0 {
-            return Err(to_py(Error::InvalidArgument(format!("ids_ptr must be a non-null address, got {ids_ptr}"))));
-        }
+        let (ids_ptr, width) = id_rows(ids_ptr, width)?;
         let s = stream.map(stream_arg).transpose()?.unwrap_or(0);
-        let opts = deferred::DeferredOptions { layers, width: width as usize, demand: true, routed: true, ..Default::default() };
+        let opts = deferred::DeferredOptions { layers, width, demand: true, routed: true, ..Default::default() };
         let d = &self.deferred;
         // SAFETY: as prefetch_deferred: a live int64 tensor of len(layers) * width ids written on
         // `stream` only (documented in the stub).
-        py.detach(|| unsafe { d.submit(ids_ptr as u64, s, opts) }).py_err()
+        py.detach(|| unsafe { d.submit(ids_ptr, s, opts) }).py_err()
     }
 
     #[pyo3(signature = (graph_exec, inputs, ids_ptr, layers, width, stream))]
