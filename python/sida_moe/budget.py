@@ -92,6 +92,12 @@ def parse_budget(spec: BudgetSpec, total_bytes: int) -> int:
     return int(value * _UNITS[unit])
 
 
+def check_budget(spec: BudgetSpec) -> None:
+    """Raise what :func:`parse_budget` raises for ``spec``, before the size of the experts is known
+    (the command line checks ``--gpu-budget`` while it parses its arguments)."""
+    parse_budget(spec, 1)
+
+
 def slots_for_budget(budget_bytes: int, slot_nbytes: int, total_experts: int, min_slots: int) -> int:
     """Number of cache slots fitting ``budget_bytes`` (at most one per expert).
 
@@ -107,10 +113,10 @@ def slots_for_budget(budget_bytes: int, slot_nbytes: int, total_experts: int, mi
         need = min_slots * slot_nbytes
         raise BudgetError(
             f"gpu_budget of {format_bytes(budget_bytes)} holds {slots} expert slot(s) of {format_bytes(slot_nbytes)}, "
-            f"but one layer's top-k needs {min_slots}: the minimum budget is {need} bytes ({format_bytes(need)}, "
+            f"but one layer's top-k needs {min_slots}: the minimum budget is {need} bytes ('{need}B', {format_bytes(need)}, "
             f"{need / (total_experts * slot_nbytes):.2%} of all experts)"
         )
     return int(slots)
 
 
-__all__ = ["BudgetSpec", "format_bytes", "parse_budget", "slots_for_budget"]
+__all__ = ["BudgetSpec", "check_budget", "format_bytes", "parse_budget", "slots_for_budget"]
