@@ -94,6 +94,12 @@ pub struct SlotTable {
     acquires: u64,
     /// Slots holding nothing.
     free: std::collections::BTreeSet<usize>,
+    /// Resident slots per MoE layer, for the fair share (see `pick_victims`).
+    per_layer: HashMap<u64, usize>,
+    /// Recency and insertion order keep a per-layer fair share (they thrash on the layer walk
+    /// otherwise); frequency and the predictive policy rank across layers (the latter, fed the
+    /// true future, is Belady's optimum).
+    fair_share: bool,
 }
 
 impl SlotTable {
@@ -108,6 +114,8 @@ impl SlotTable {
             policy: PolicyState::new(policy, num_slots),
             free: (0..num_slots).collect(),
             acquires: 0,
+            per_layer: HashMap::new(),
+            fair_share: matches!(policy, PolicyKind::Lru | PolicyKind::Fifo),
         })
     }
 
@@ -147,8 +155,14 @@ impl SlotTable {
         self.policy.set_future(start, visits);
     }
 
-    /// Free slots first (lowest index), then policy victims among evictable resident slots.
-    fn pick_victims(&mut self, n: usize, spare_prefetched: bool) -> Vec<usize> {
+    /// Free slots first (lowest index), then policy victims among evictable resident slots, for
+    /// `n` loads of MoE layer `layer`.
+    ///
+    /// Fair share: a walk over many layers visits each layer once per step, so a global recency
+    /// order evicts exactly the experts of the layers coming next (the cyclic-scan failure of LRU).
+    /// A layer holding at least its share (slots / layers seen) replaces its own experts instead;
+    /// one below its share takes from the layers above theirs first.
+    fn pick_victims(&mut self, n: usize, spare_prefetched: bool, layer: u64) -> Vec<usize> {
         if n == 0 {
             return Vec::new();
         }
@@ -159,10 +173,45 @@ impl SlotTable {
         };
         // A freed slot can still be pinned for a moment by waiters of a failed load: skip it.
         let mut out: Vec<usize> = self.free.iter().copied().filter(|&i| usable(i)).take(n).collect();
-        if out.len() < n {
+        if out.len() == n {
+            return out;
+        }
+        if !self.fair_share {
             out.extend(self.policy.choose_victims(n - out.len(), |i| slots[i].key.is_some() && usable(i)));
+            return out;
+        }
+        let layers = self.per_layer.len().max(1) + usize::from(!self.per_layer.contains_key(&layer));
+        let share = (slots.len() / layers).max(1);
+        let mut counts = self.per_layer.clone();
+        let mut mine = counts.get(&layer).copied().unwrap_or(0) + out.len();
+        while out.len() < n {
+            let taken = |i: usize| out.contains(&i);
+            let own = |i: usize| slots[i].key.is_some_and(|k| k.0 == layer);
+            let over = |i: usize| slots[i].key.is_some_and(|k| k.0 != layer && counts.get(&k.0).copied().unwrap_or(0) > share);
+            let pick = |f: &dyn Fn(usize) -> bool| {
+                self.policy.choose_victims(1, |i| usable(i) && !taken(i) && f(i)).first().copied()
+            };
+            let victim = if mine >= share { pick(&own) } else { pick(&over) }
+                .or_else(|| pick(&|i| slots[i].key.is_some()));
+            let Some(v) = victim else { break };
+            if let Some(k) = slots[v].key {
+                if let Some(c) = counts.get_mut(&k.0) {
+                    *c -= 1;
+                }
+                if k.0 == layer {
+                    mine -= 1;
+                }
+            }
+            mine += 1;
+            out.push(v);
         }
         out
+    }
+
+    fn leave_layer(&mut self, layer: u64) {
+        if let Some(c) = self.per_layer.get_mut(&layer) {
+            *c -= 1;
+        }
     }
 
     /// Put `key` into `slot` (state Loading), evicting what it held. Returns (evicted, wasted).
@@ -179,7 +228,9 @@ impl SlotTable {
         if let Some(old) = evicted {
             self.map.remove(&old);
             self.policy.on_evict(slot);
+            self.leave_layer(old.0);
         }
+        *self.per_layer.entry(key.0).or_insert(0) += 1;
         self.map.insert(key, slot);
         self.policy.on_insert(slot, key);
         (evicted, wasted)
@@ -206,7 +257,8 @@ impl SlotTable {
         }
         // This call is number `acquires`: its predictions are being consumed now.
         self.policy.advance(self.acquires + 1);
-        let victims = self.pick_victims(missing, false);
+        let layer = keys.first().map_or(0, |k| k.0);
+        let victims = self.pick_victims(missing, false, layer);
         if victims.len() < missing {
             for &key in keys {
                 if let Some(&slot) = self.map.get(&key) {
@@ -279,7 +331,7 @@ impl SlotTable {
         if self.map.contains_key(&key) {
             return PrefetchOutcome::AlreadyResident;
         }
-        let victims = self.pick_victims(1, !demand);
+        let victims = self.pick_victims(1, !demand, key.0);
         let Some(&slot) = victims.first() else {
             return PrefetchOutcome::NoRoom;
         };
@@ -302,6 +354,7 @@ impl SlotTable {
             if let Some(k) = s.key.take() {
                 self.map.remove(&k);
                 self.policy.on_evict(slot);
+                self.leave_layer(k.0);
             }
             self.free.insert(slot);
             // Pins stay: their holders see the changed seq and unpin.
@@ -551,5 +604,67 @@ mod tests {
         let (_, opt, _) = simulate(PolicyKind::Predictive, 4, &trace, true).unwrap();
         assert_eq!(lru, 100);
         assert!(opt < 35, "belady misses {opt}");
+    }
+
+    /// Decode over many layers: each step visits every layer once, each layer routing a few of
+    /// its experts from a skewed, layer-specific popularity (what trained routers do).
+    fn layer_walk(seed: u64, steps: usize, layers: u64, experts: u64, per_visit: usize) -> Vec<Vec<Key>> {
+        let mut s = seed;
+        let mut trace = Vec::new();
+        for _ in 0..steps {
+            for l in 0..layers {
+                let mut keys = Vec::new();
+                while keys.len() < per_visit {
+                    // squared uniform: low ranks far more popular; a per-layer permutation of ids
+                    let u = (lcg(&mut s) % 10_000) as f64 / 10_000.0;
+                    let rank = ((u * u) * experts as f64) as u64;
+                    let e = (rank * 37 + l * 11) % experts;
+                    if !keys.contains(&(l, e)) {
+                        keys.push((l, e));
+                    }
+                }
+                trace.push(keys);
+            }
+        }
+        trace
+    }
+
+    fn misses(policy: PolicyKind, slots: usize, trace: &[Vec<Key>], fair_share: bool) -> u64 {
+        let mut t = SlotTable::new(slots, policy).unwrap();
+        t.fair_share = fair_share;
+        let mut misses = 0;
+        for keys in trace {
+            let AcquireOutcome::Planned(p) = t.try_acquire(keys).unwrap() else { panic!("no room") };
+            for &(slot, _) in &p.loads {
+                t.finish_load(slot, true);
+            }
+            t.release(&p.slots).unwrap();
+            misses += p.misses;
+        }
+        misses
+    }
+
+    #[test]
+    fn the_fair_share_resists_the_cyclic_layer_walk() {
+        // 48 layers x 128 experts, 8 per visit (bs1..bs8-like working sets), 25% of the experts
+        let (layers, experts, slots) = (48, 128, 48 * 128 / 4);
+        for per_visit in [8, 24, 48] {
+            let trace = layer_walk(per_visit as u64, 64, layers, experts, per_visit);
+            let lookups = (trace.len() * per_visit) as f64;
+            let hit = |m: u64| 1.0 - m as f64 / lookups;
+            let global = hit(misses(PolicyKind::Lru, slots, &trace, false));
+            let shared = hit(misses(PolicyKind::Lru, slots, &trace, true));
+            let (_, opt, _) = simulate(PolicyKind::Predictive, slots, &trace, true).unwrap();
+            let belady = hit(opt);
+            let lfu = hit(misses(PolicyKind::Lfu, slots, &trace, true));
+            let lfu_global = hit(misses(PolicyKind::Lfu, slots, &trace, false));
+            println!("per visit {per_visit}: LRU global {global:.3}, LRU fair share {shared:.3}, LFU global {lfu_global:.3}, LFU fair share {lfu:.3}, Belady {belady:.3}");
+            assert!(shared >= global, "the share lost hits: {shared} < {global}");
+            if per_visit == 48 {
+                // working sets above the share: global LRU evicts each layer just before its visit
+                assert!(global < 0.05 && shared > global + 0.1, "{shared} vs {global}");
+            }
+            assert!(belady > shared && lfu > 0.0, "{belady} {lfu}");
+        }
     }
 }

@@ -269,13 +269,16 @@ mod tests {
         let table_addr = table.as_ptr() as usize;
         let stop = Arc::new(AtomicBool::new(false));
         let keys: Vec<Key> = pool.keys().to_vec();
+        let started = Arc::new(std::sync::Barrier::new(5));
         let readers: Vec<_> = (0..4)
             .map(|r| {
-                let (cache, stop, keys) = (cache.clone(), stop.clone(), keys.clone());
+                let (cache, stop, keys, started) = (cache.clone(), stop.clone(), keys.clone(), started.clone());
                 std::thread::spawn(move || {
                     let mut seed = 12345u64 + r;
                     let mut reads = 0u64;
-                    while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    started.wait();
+                    // every reader keeps reading until the routing is over, and at least a while
+                    while !stop.load(std::sync::atomic::Ordering::Relaxed) || reads < 1000 {
                         seed = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
                         let i = (seed >> 33) as usize % keys.len();
                         let t = cache.begin_table_read().unwrap();
@@ -289,6 +292,7 @@ mod tests {
                 })
             })
             .collect();
+        started.wait();
         let mut seed = 99u64;
         for _ in 0..3000 {
             seed = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
