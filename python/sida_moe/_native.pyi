@@ -42,7 +42,7 @@ class InvalidArgumentError(SidaMoeError, ValueError):
     of range, an unknown policy / priority / backend name."""
 
 class LoadError(SidaMoeError, OSError):
-    """Reading a weights file failed, or the file is malformed (message names file and entry)."""
+    """Reading a weights or trace file failed, or the file is malformed (the message names the file)."""
 
 class OutOfMemoryError(SidaMoeError, MemoryError):
     """An allocation of a legal size failed: not enough host (or pinned) memory for the request."""

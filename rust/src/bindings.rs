@@ -103,7 +103,7 @@ fn register_exceptions(m: &Bound<'_, PyModule>) -> PyResult<()> {
     make_exception(
         m,
         "LoadError",
-        "Reading a weights file failed, or the file is malformed.",
+        "Reading a weights or trace file failed, or the file is malformed.",
         vec![base.clone(), b(py.get_type::<PyOSError>())],
         &LOAD_ERROR,
     )?;
