@@ -378,7 +378,8 @@ impl SafetensorsHeader {
         if hlen > 100 << 20 || 8 + hlen > file_len {
             return Err(bad(format!("header length {hlen} does not fit the {file_len}-byte file")));
         }
-        let mut buf = vec![0u8; hlen as usize];
+        let mut buf = try_vec(hlen as usize, "the safetensors header")?;
+        buf.resize(hlen as usize, 0u8);
         file.read_exact_at(&mut buf, 8).map_err(|e| bad(format!("cannot read the header: {e}")))?;
         let json: serde_json::Value = serde_json::from_slice(&buf).map_err(|e| bad(format!("header JSON: {e}")))?;
         let obj = json.as_object().ok_or_else(|| bad("header is not a JSON object".into()))?;
