@@ -131,6 +131,7 @@ def _assert_original(model, weights, tokens, hooks):
 
     assert not any(isinstance(m, OffloadedExperts) for m in model.modules())
     assert not hasattr(model, "sida_engine")
+    assert "generate" not in model.__dict__  # transformers' own generate again
     assert _hook_count(model) == hooks
     after = model.state_dict()
     assert after.keys() == weights.keys()
@@ -217,7 +218,7 @@ def _fail_in(monkeypatch, step, exc):
             raise exc
 
         monkeypatch.setattr(NextLayerGate, "attach", attach)
-    elif step == "hooks":  # the last step: hooks already installed
+    elif step == "hooks":  # hooks installed, generate not routed yet
         real = off._install_hooks
 
         def install(model, engine):
@@ -225,10 +226,18 @@ def _fail_in(monkeypatch, step, exc):
             raise exc
 
         monkeypatch.setattr(off, "_install_hooks", install)
+    elif step == "generate":  # the last step: generate routed through the engine
+        real = off.install_generate
+
+        def install(model):
+            real(model)
+            raise exc
+
+        monkeypatch.setattr(off, "install_generate", install)
 
 
 @pytest.mark.parametrize("exc", [KeyboardInterrupt(), _Boom("injected")], ids=["ctrl-c", "error"])
-@pytest.mark.parametrize("step", ["write_expert", "release", "open_cache", "attach", "hooks"])
+@pytest.mark.parametrize("step", ["write_expert", "release", "open_cache", "attach", "hooks", "generate"])
 def test_a_failure_part_way_leaves_the_original_model_working(monkeypatch, step, exc):
     model = eager_experts(tiny_model("qwen3_moe"))
     state = _original_state(model)

@@ -204,6 +204,29 @@ class SlotCache:
         """Queue loads of experts not yet resident; returns how many were queued (a full queue
         drops the rest, counted in stats). Requests with ``generation`` below the last
         ``cancel_before`` are discarded by the workers (counted as cancelled)."""
+    def attach_expert_table(self, table_ptr: int, stream: int | None = None) -> None:
+        """Attach the expert table the decode kernels read weights through: ``table_ptr`` is a
+        contiguous int64 tensor of one entry per pool key (pool key order) on the cache's device
+        (host memory on the host backend), kept alive and written by no one else until ``close``.
+        Every entry is set to its expert's pool record (a pinned address the GPU reads in place);
+        from then on the cache points an entry at a slot once a copy into it has landed (written on
+        the copy's stream after it) and back at the pool before that slot is overwritten (written
+        on the reader stream ``stream``, which decode steps run on; the copy waits for it). Only
+        before any slot is filled, once. Raises ValueError on a null pointer or a second attach."""
+    def set_reader_stream(self, stream: int) -> None:
+        """Decode steps now run on ``stream`` (see ``attach_expert_table``)."""
+    def begin_table_read(self) -> int:
+        """Host backend: a decode layer starts reading through the table; returns a ticket. A
+        slot pointed elsewhere is not overwritten until every read begun before that ended."""
+    def end_table_read(self, ticket: int) -> None:
+        """End the read ``ticket`` (ValueError if it is not in progress)."""
+    def note_routed(self, layer: int, experts: Sequence[int]) -> int:
+        """A layer computed ``experts`` through the table: count hits and misses, update the
+        policy, queue loads of the misses (never cancelled). Returns the loads queued."""
+    def submit_routed(self, ids_ptr: int, layers: Sequence[int], width: int, stream: int | None = None) -> None:
+        """``note_routed`` for ``len(layers)`` rows of ``width`` int64 ids still being written on
+        ``stream`` (negative ids: padding): an asynchronous copy to staging and an event are queued
+        there and a native thread handles the rows once they land (``wait_deferred`` waits)."""
     def prefetch_deferred(
         self,
         ids_ptr: int,

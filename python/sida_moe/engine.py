@@ -15,8 +15,9 @@ import torch
 from sida_moe import _native
 from sida_moe.adapters.base import MoELayer
 from sida_moe.budget import BudgetSpec, format_bytes, parse_budget, slots_for_budget
-from sida_moe.format import ExpertFormat, SlotWeights, slot_views
-from sida_moe.kernels import fused_experts
+from sida_moe.format import ExpertAddresses, ExpertFormat, SlotWeights, slot_views
+from sida_moe.kernels import fused_experts, fused_experts_table, table_kernels_usable
+from sida_moe.kernels.configs import MMA_MAX_PAIRS_PER_EXPERT
 from sida_moe.prefetchers import NoPrefetch, Prefetcher
 
 _POLICIES = ("lru", "lfu", "fifo", "predictive")
@@ -66,10 +67,18 @@ class OffloadEngine:
         self.views: SlotWeights | None = None
         self.prefetcher: Prefetcher = NoPrefetch()
         self.generation = 0
-        self._counters = {"forwards": 0, "tokens": 0, "layer_calls": 0, "chunked_layer_calls": 0}
+        self._counters = {"forwards": 0, "tokens": 0, "layer_calls": 0, "chunked_layer_calls": 0, "table_layer_calls": 0}
         self._skip_zero_weight = any(layer.adapter.routing_kind == "onehot" for layer in layers)
         self._hooks: list = []
-        self.routed_experts: list[int] = []  # distinct experts of the layer being run (for prefetchers)
+        self._routed: list[int] | torch.Tensor = []  # the layer being run's experts (routed_experts)
+        # decode through the expert table (open_cache): per-layer views of it, and the routing rows
+        # of this forward's table visits, handed to the cache once the forward ends
+        self.expert_table: torch.Tensor | None = None
+        self._layer_tables: list[ExpertAddresses] = []
+        self._ring: dict[int, torch.Tensor] = {}  # row width -> [num MoE layers, width] int64
+        self._visits: list[int] = []
+        self._visit_width = 0
+        self.max_top_k = max(layer.top_k for layer in layers)
         # measurement switches used by the benchmark (off: nothing extra on the hot path)
         self._measure_stalls = False  # see the measure_stalls property
         self.sync_loads = False  # host waits for each layer's copies (the SiDA paper's loading)
@@ -104,6 +113,15 @@ class OffloadEngine:
     @property
     def moe_layers(self) -> list[MoELayer]:
         return self.layers
+
+    @property
+    def routed_experts(self) -> list[int]:
+        """Distinct experts of the MoE layer being run (during ``after_routing``). On the
+        expert-table path this reads the routing back to the host when asked (a sync)."""
+        if isinstance(self._routed, torch.Tensor):
+            ids = self._routed
+            self._routed = torch.unique(ids[ids >= 0]).tolist()
+        return self._routed
 
     @property
     def num_slots(self) -> int:
@@ -191,6 +209,7 @@ class OffloadEngine:
         self.cache = _native.SlotCache(self.pool, num_slots, policy, slots_ptr=self.slot_memory.data_ptr(), copy_workers=copy_workers)
         self._apply_measure_stalls()
         self.views = slot_views(self.slot_memory, self.fmt, self.pool.tensor_offsets)
+        self._attach_expert_table()
         num_layers = len(self.layers)
         pin = self.device.type == "cuda"
         # routing tables: slot of each expert per MoE layer; host rows are filled by numpy, then copied
@@ -204,6 +223,26 @@ class OffloadEngine:
             raise _native.BudgetError(f"num_slots must be an int in 1..={self.num_experts_total} (one slot per expert "
                                       f"at most), got {num_slots!r}")
         check_cache_options(policy, copy_workers)
+
+    def _attach_expert_table(self) -> None:
+        """Give the cache the expert table that decode layers read weights through (where the
+        streaming kernels can run: always on the host backend, with CuPy on CUDA)."""
+        if not table_kernels_usable(self.device, self.fmt):
+            return
+        # a reopened cache keeps the table's memory (captured decode steps hold its address); the
+        # new cache points every entry back at the pool before any slot is filled
+        table = self.expert_table
+        if table is None:
+            with torch.inference_mode(False):
+                table = torch.zeros(self.num_experts_total, dtype=torch.int64, device=self.device)
+        self.cache.attach_expert_table(table.data_ptr(), self._stream())
+        if self.expert_table is not None:
+            return
+        self.expert_table = table
+        offsets, nbytes, start = self.pool.tensor_offsets, self.pool.expert_nbytes, 0
+        for layer in self.layers:  # pool keys are layer-major, as built in __init__
+            self._layer_tables.append(ExpertAddresses(table[start : start + layer.num_experts], offsets, nbytes))
+            start += layer.num_experts
 
     def reopen_cache(self, num_slots: int, policy: str | None = None, copy_workers: int = 2) -> None:
         """Replace the slot cache (new size / policy, empty slots; ``slots_for(budget)`` gives the
@@ -240,12 +279,90 @@ class OffloadEngine:
     # ----------------------------------------------------------------------------- running
     def begin_forward(self, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor | None) -> None:
         """Called by the model hooks once per stack forward, before any layer runs."""
+        self.end_forward()  # a forward whose end hook did not run (it raised)
         self.generation += 1
         self._counters["forwards"] += 1
         self._counters["tokens"] += int(inputs_embeds.shape[0] * inputs_embeds.shape[1]) if inputs_embeds.dim() == 3 else int(inputs_embeds.shape[0])
         if self.cache is not None:
             self.cache.cancel_before(self.generation)
         self.prefetcher.begin_forward(inputs_embeds, attention_mask)
+
+    def end_forward(self) -> None:
+        """Hand this forward's table visits (layers and their routed ids) to the cache: a native
+        thread counts hits and misses, updates the policy and loads the misses, without the
+        inference thread waiting. Called by the model hooks after each stack forward, and after
+        each replay of a captured decode step."""
+        if self.device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+            return  # a captured step: its visits are handed over after each replay
+        if not self._visits or self.cache is None:
+            self._visits = []
+            return
+        rows = self._ring[self._visit_width][: len(self._visits)]
+        self.cache.submit_routed(rows.data_ptr(), self._visits, self._visit_width, self._stream())
+        self._visits = []
+
+    def take_captured_visits(self) -> tuple[list[int], int]:
+        """The table visits recorded while a decode step was captured (they ran nothing yet)."""
+        visits, self._visits = self._visits, []
+        return visits, self._visit_width
+
+    def end_replayed_forward(self, visits: list[int], width: int) -> None:
+        """``end_forward`` for one replay of a captured step that made ``visits``."""
+        self._visits, self._visit_width = list(visits), width
+        self.end_forward()
+
+    def quiesce(self) -> None:
+        """Let every queued copy and routing hand-over finish (before capturing a graph, which no
+        other thread may disturb)."""
+        cache = self._require_cache()
+        cache.wait_deferred(None)
+        cache.synchronize()
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+    def uses_table(self, moe_layer: int, num_tokens: int) -> bool:
+        """Whether a layer call of ``num_tokens`` tokens computes through the expert table (the
+        decode path: few pairs per expert, the streaming kernels' regimes) rather than acquiring
+        slots (prefill)."""
+        if not self._layer_tables or not getattr(self.prefetcher, "table_decode", True):
+            return False
+        layer = self.layers[moe_layer]
+        return num_tokens * layer.top_k <= MMA_MAX_PAIRS_PER_EXPERT * layer.num_experts
+
+    def _record_visit(self, moe_layer: int, ids: torch.Tensor) -> None:
+        """Write the layer's routed ids (-1: skipped pairs) into this forward's next ring row."""
+        width = ids.shape[0] * self.max_top_k
+        if self._visits and width != self._visit_width:
+            self.end_forward()  # a forward of another shape (encoder vs decoder): hand it over first
+        ring = self._ring.get(width)
+        if ring is None:
+            with torch.inference_mode(False):  # written by later forwards, inference mode or not
+                ring = self._ring[width] = torch.full((len(self.layers), width), -1, dtype=torch.int64, device=self.device)
+        self._visit_width = width
+        row = ring[len(self._visits), : ids.numel()]
+        row.copy_(ids.reshape(-1))
+        self._visits.append(moe_layer)
+
+    def _run_table(self, moe_layer: int, x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor) -> torch.Tensor:
+        """Decode path: compute from wherever each expert is (slot or pinned pool), no acquire,
+        no host sync on CUDA; the visit reaches the cache when the forward ends."""
+        ids = torch.where(topk_weights != 0, topk_ids, -1) if self._skip_zero_weight else topk_ids
+        self._record_visit(moe_layer, ids)
+        self._routed = ids
+        table = self._layer_tables[moe_layer]
+        if self.device.type == "cuda":
+            out = fused_experts_table(x, ids, topk_weights, table, self.fmt)
+        else:
+            # slots may be refilled by copy threads meanwhile: the cache waits for this read
+            # before overwriting a slot it has pointed elsewhere
+            ticket = self.cache.begin_table_read()
+            try:
+                out = fused_experts_table(x, ids, topk_weights, table, self.fmt)
+            finally:
+                self.cache.end_table_read(ticket)
+        if not (self.device.type == "cuda" and torch.cuda.is_current_stream_capturing()):
+            self.prefetcher.after_routing(moe_layer, x, topk_ids)
+        return out
 
     def _stream(self) -> int:
         return torch.cuda.current_stream(self.device).cuda_stream if self.device.type == "cuda" else 0
@@ -270,9 +387,13 @@ class OffloadEngine:
         topk_ids, topk_weights = self.prefetcher.route(moe_layer, hidden, topk_ids, topk_weights)
         x = hidden if hidden.dtype == self.fmt.dtype else hidden.to(self.fmt.dtype)
         self._counters["layer_calls"] += 1
+        if self.uses_table(moe_layer, x.shape[0]):
+            self._counters["table_layer_calls"] += 1
+            out = self._run_table(moe_layer, x, topk_ids, topk_weights)
+            return out if out.dtype == hidden.dtype else out.to(hidden.dtype)
         used = topk_ids[topk_weights != 0] if self._skip_zero_weight else topk_ids
-        distinct = torch.unique(used).tolist()  # the one host sync per layer: the cache needs ids
-        self.routed_experts = distinct
+        distinct = torch.unique(used).tolist()  # prefill's one host sync per layer: acquire needs ids
+        self._routed = distinct
         out: torch.Tensor | None = None
         stream = self._stream()
         step = cache.num_slots
@@ -326,6 +447,7 @@ class OffloadEngine:
         metrics (``prefetch_<name>``), engine counters and memory figures; with
         :attr:`measure_stalls` on (CUDA) also ``stream_wait_seconds`` and ``acquire_stream_seconds``."""
         cache = self._require_cache()
+        cache.wait_deferred(10.0)  # decode visits still on their way to the cache's counters
         out: dict[str, float | str] = dict(cache.stats())
         lookups = out.get("hits", 0) + out.get("misses", 0)
         out["hit_rate"] = out.get("hits", 0) / lookups if lookups else 0.0
@@ -344,7 +466,8 @@ class OffloadEngine:
         return out
 
     def reset_stats(self) -> None:
-        self._require_cache().reset_stats()
+        self._require_cache().wait_deferred(10.0)
+        self.cache.reset_stats()
         self._counters = dict.fromkeys(self._counters, 0)
         self._acquire_events.clear()
         self._acquire_seconds = 0.0

@@ -15,7 +15,8 @@ layer's output for token t is ``sum_k topk_weights[t, k] * expert_{topk_ids[t, k
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import ctypes
+from dataclasses import dataclass, field
 from typing import Literal
 
 import torch
@@ -78,13 +79,65 @@ class ExpertFormat:
 
 
 @dataclass(frozen=True)
+class ExpertTensors:
+    """One expert's tensors in the canonical layout (views of its record's bytes)."""
+
+    gate_up: torch.Tensor
+    down: torch.Tensor
+    gate_up_bias: torch.Tensor | None
+    down_bias: torch.Tensor | None
+
+
+@dataclass(frozen=True)
+class ExpertAddresses:
+    """Where the streaming kernels find experts: ``base[i]`` is the address of record ``i`` (a
+    slot, or an expert-table entry: a slot or the expert's pinned pool record); each tensor sits at
+    a fixed byte ``offsets[name]`` inside a record of ``record_nbytes``."""
+
+    base: torch.Tensor  # int64 [N], on the device the kernels run on
+    offsets: dict[str, int]
+    record_nbytes: int
+    _views: dict[int, ExpertTensors] = field(default_factory=dict, compare=False, repr=False)
+
+    def offset(self, name: str) -> int:
+        """Byte offset of ``name`` in a record, -1 when the format has no such tensor."""
+        return self.offsets.get(name, -1)
+
+    def tensors_at(self, addr: int, fmt: ExpertFormat) -> ExpertTensors:
+        """Typed views of the record at host address ``addr`` (host backend: slots and pool are
+        host memory). Cached: records never move while their cache is open."""
+        got = self._views.get(addr)
+        if got is None:
+            raw = torch.frombuffer((ctypes.c_uint8 * self.record_nbytes).from_address(addr), dtype=torch.uint8)
+            shapes = fmt.tensor_shapes()
+
+            def view(name: str) -> torch.Tensor:
+                n = 1
+                for d in shapes[name]:
+                    n *= d
+                off = self.offsets[name]
+                return raw[off : off + n * fmt.itemsize].view(fmt.dtype).view(shapes[name])
+
+            got = ExpertTensors(
+                gate_up=view("gate_up"),
+                down=view("down"),
+                gate_up_bias=view("gate_up_bias") if fmt.has_bias else None,
+                down_bias=view("down_bias") if fmt.has_bias else None,
+            )
+            self._views[addr] = got
+        return got
+
+
+@dataclass(frozen=True)
 class SlotWeights:
-    """Typed strided views of every slot's tensors: ``gate_up[s]`` is slot s's gate_up matrix."""
+    """Typed strided views of every slot's tensors: ``gate_up[s]`` is slot s's gate_up matrix;
+    ``addresses`` the same slots as record addresses (what the streaming kernels take)."""
 
     gate_up: torch.Tensor  # [S, gate_up_rows, H]
     down: torch.Tensor  # [S, H, I]
     gate_up_bias: torch.Tensor | None  # [S, gate_up_rows]
     down_bias: torch.Tensor | None  # [S, H]
+    addresses: ExpertAddresses | None = None
 
     @property
     def num_slots(self) -> int:
@@ -118,9 +171,11 @@ def slot_views(slot_buffer: torch.Tensor, fmt: ExpertFormat, offsets: dict[str, 
         return typed.as_strided((num_slots, *shape), (stride, *reversed(inner)), typed.storage_offset() + off // item)
 
     shapes = fmt.tensor_shapes()
+    base = slot_buffer.data_ptr() + torch.arange(num_slots, dtype=torch.int64) * slot_nbytes
     return SlotWeights(
         gate_up=view("gate_up", shapes["gate_up"]),
         down=view("down", shapes["down"]),
         gate_up_bias=view("gate_up_bias", shapes["gate_up_bias"]) if fmt.has_bias else None,
         down_bias=view("down_bias", shapes["down_bias"]) if fmt.has_bias else None,
+        addresses=ExpertAddresses(base.to(slot_buffer.device), dict(offsets), slot_nbytes),
     )

@@ -18,6 +18,7 @@ from torch import nn
 from sida_moe._native import LoadError
 from sida_moe.adapters import Adapter, MoELayer, adapter_for
 from sida_moe.budget import BudgetSpec
+from sida_moe.decode_graph import install_generate
 from sida_moe.engine import OffloadEngine, check_cache_options
 from sida_moe.experts import OffloadedExperts
 from sida_moe.format import ExpertFormat
@@ -70,7 +71,8 @@ def _check_dtype(model: nn.Module, fmt: ExpertFormat) -> None:
 
 # ------------------------------------------------------------------------------------- hooks
 def _install_hooks(model: nn.Module, engine: OffloadEngine) -> None:
-    """Call ``engine.begin_forward`` once per stack forward with the layer-0 input."""
+    """Call ``engine.begin_forward`` once per stack forward with the layer-0 input, and
+    ``engine.end_forward`` after it."""
     state: dict[str, object] = {"mask": None, "given": False}
     if getattr(model.config, "is_encoder_decoder", False):
         stacks = [model.get_encoder(), model.get_decoder()]
@@ -89,8 +91,12 @@ def _install_hooks(model: nn.Module, engine: OffloadEngine) -> None:
             engine.begin_forward(output, state["mask"])
 
     embeddings = []
+    def stack_post_hook(module: nn.Module, args: tuple, output: object) -> None:
+        engine.end_forward()
+
     for stack in dict.fromkeys(stacks):  # encoder and decoder may be one module
         engine._hooks.append(stack.register_forward_pre_hook(stack_pre_hook, with_kwargs=True))
+        engine._hooks.append(stack.register_forward_hook(stack_post_hook))
         # each stack's own embedding (Switch stacks hold embed_tokens apart from model.shared)
         embed = getattr(stack, "embed_tokens", None)
         embeddings.append(embed if isinstance(embed, nn.Module) else model.get_input_embeddings())
@@ -107,10 +113,12 @@ def _check_options(policy: str, prefetch, backend: str, copy_workers: int) -> Pr
 
 
 def _start(model: nn.Module, engine: OffloadEngine, num_slots: int, policy: str, prefetcher: Prefetcher, copy_workers: int) -> None:
-    """Open the slot cache, attach the prefetcher and hook the model (the caller undoes it on failure)."""
+    """Open the slot cache, attach the prefetcher, hook the model and route its ``generate`` (the
+    caller undoes it on failure)."""
     engine.open_cache(num_slots, policy, copy_workers)
     engine.set_prefetcher(prefetcher)
     _install_hooks(model, engine)
+    install_generate(model)
 
 
 def _finish(model: nn.Module, engine: OffloadEngine, num_slots: int, policy: str, prefetch, copy_workers: int) -> nn.Module:
@@ -199,7 +207,7 @@ def offload(
                 torch.cuda.empty_cache()
         _start(model, engine, num_slots, policy, prefetcher, copy_workers)
     except BaseException:
-        _put_back(engine, adapter, fmt, swapped, released)
+        _put_back(model, engine, adapter, fmt, swapped, released)
         raise
     if not restorable:
         for _, original in swapped:
@@ -233,7 +241,7 @@ def _release_storage(module: nn.Module, layer: MoELayer | None = None,
             param.grad = None
 
 
-def _put_back(engine: OffloadEngine, adapter: Adapter, fmt: ExpertFormat,
+def _put_back(model: nn.Module, engine: OffloadEngine, adapter: Adapter, fmt: ExpertFormat,
               swapped: list[tuple[MoELayer, nn.Module]],
               released: list[tuple[MoELayer, list[tuple[nn.Parameter, torch.Size]]]]) -> None:
     """Undo a failed ``offload``: the original experts modules go back, their released weights are
@@ -244,6 +252,12 @@ def _put_back(engine: OffloadEngine, adapter: Adapter, fmt: ExpertFormat,
         engine.views = None
         if engine.device.type == "cuda":
             torch.cuda.empty_cache()
+    if "_sida_original_generate" in model.__dict__:  # install_generate ran
+        original = model.__dict__.pop("_sida_original_generate")
+        if getattr(original, "__func__", None) is getattr(type(model), "generate", None):
+            model.__dict__.pop("generate", None)  # the class's own generate again
+        else:
+            model.generate = original
     for layer, original in swapped:
         setattr(layer.block, layer.experts_attr, original)
     for layer, params in released:

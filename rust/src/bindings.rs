@@ -425,6 +425,18 @@ impl PyExpertPool {
 }
 
 // ------------------------------------------------------------------------------- slot cache
+
+/// Rows of device ids handed to the cache: a non-null address and at least one id per row.
+fn id_rows(ids_ptr: i64, width: i64) -> PyResult<(u64, usize)> {
+    if width <= 0 {
+        return Err(to_py(Error::InvalidArgument(format!("width must be >= 1 (ids per layer), got {width}"))));
+    }
+    if ids_ptr <= 0 {
+        return Err(to_py(Error::InvalidArgument(format!("ids_ptr must be a non-null address, got {ids_ptr}"))));
+    }
+    Ok((ids_ptr as u64, width as usize))
+}
+
 #[pyclass(frozen, module = "sida_moe._native", name = "SlotCache")]
 pub struct PySlotCache {
     // dropped first: its thread holds a handle on the cache
@@ -544,28 +556,76 @@ impl PySlotCache {
         exclude_predicted: bool,
     ) -> PyResult<()> {
         let layers = int_list(layers, "layers")?;
-        if width <= 0 {
-            return Err(to_py(Error::InvalidArgument(format!("width must be >= 1 (ids per layer), got {width}"))));
-        }
-        if ids_ptr <= 0 {
-            return Err(to_py(Error::InvalidArgument(format!("ids_ptr must be a non-null address, got {ids_ptr}"))));
-        }
+        let (ids_ptr, width) = id_rows(ids_ptr, width)?;
         let demand = demand_lane(priority)?;
         let s = stream.map(stream_arg).transpose()?.unwrap_or(0);
         let opts = deferred::DeferredOptions {
             layers,
-            width: width as usize,
+            width,
             generation,
             demand,
             future,
             skip_routed,
             remember,
             exclude_predicted,
+            routed: false,
         };
         let d = &self.deferred;
         // SAFETY: the caller passes the address of a live int64 tensor of len(layers) * width
         // elements on the cache's device (documented in the stub), written on `stream` only.
-        py.detach(|| unsafe { d.submit(ids_ptr as u64, s, opts) }).py_err()
+        py.detach(|| unsafe { d.submit(ids_ptr, s, opts) }).py_err()
+    }
+
+    /// See the stub: the expert table of the decode path.
+    #[pyo3(signature = (table_ptr, stream = None))]
+    fn attach_expert_table(&self, py: Python<'_>, table_ptr: i64, stream: Option<&Bound<'_, PyAny>>) -> PyResult<()> {
+        if table_ptr <= 0 {
+            return Err(to_py(Error::InvalidArgument(format!("table_ptr must be a non-null address, got {table_ptr}"))));
+        }
+        let s = stream.map(stream_arg).transpose()?.unwrap_or(0);
+        let c = &self.cache;
+        // SAFETY: the caller passes a live int64 tensor of one entry per pool key on the cache's
+        // device, kept alive and written by no one else until close (documented in the stub).
+        py.detach(|| unsafe { c.attach_expert_table(table_ptr as u64, s) }).py_err()
+    }
+
+    fn set_reader_stream(&self, stream: &Bound<'_, PyAny>) -> PyResult<()> {
+        let s = stream_arg(stream)?;
+        self.cache.set_reader_stream(s).py_err()
+    }
+
+    fn begin_table_read(&self) -> PyResult<u64> {
+        self.cache.begin_table_read().py_err()
+    }
+
+    fn end_table_read(&self, py: Python<'_>, ticket: u64) -> PyResult<()> {
+        let c = &self.cache;
+        py.detach(|| c.end_table_read(ticket)).py_err()
+    }
+
+    fn note_routed(&self, py: Python<'_>, layer: i64, experts: &Bound<'_, PyAny>) -> PyResult<usize> {
+        let experts = int_list(experts, "experts")?;
+        let c = &self.cache;
+        py.detach(|| c.note_routed(layer, &experts)).py_err()
+    }
+
+    #[pyo3(signature = (ids_ptr, layers, width, stream = None))]
+    fn submit_routed(
+        &self,
+        py: Python<'_>,
+        ids_ptr: i64,
+        layers: &Bound<'_, PyAny>,
+        width: i64,
+        stream: Option<&Bound<'_, PyAny>>,
+    ) -> PyResult<()> {
+        let layers = int_list(layers, "layers")?;
+        let (ids_ptr, width) = id_rows(ids_ptr, width)?;
+        let s = stream.map(stream_arg).transpose()?.unwrap_or(0);
+        let opts = deferred::DeferredOptions { layers, width, demand: true, routed: true, ..Default::default() };
+        let d = &self.deferred;
+        // SAFETY: as prefetch_deferred: a live int64 tensor of len(layers) * width ids written on
+        // `stream` only (documented in the stub).
+        py.detach(|| unsafe { d.submit(ids_ptr, s, opts) }).py_err()
     }
 
     #[pyo3(signature = (graph_exec, inputs, ids_ptr, layers, width, stream))]

@@ -57,6 +57,15 @@ pub struct AcquirePlan {
     pub prefetch_wasted: u64,
 }
 
+/// What one `touch` found: a layer visit computed through the expert table, not pinned.
+#[derive(Debug, Default)]
+pub struct Touch {
+    pub hits: u64,
+    /// Keys not resident (the step read them from the pool), in the order given.
+    pub missing: Vec<Key>,
+    pub prefetch_used: u64,
+}
+
 #[derive(Debug)]
 pub enum AcquireOutcome {
     Planned(AcquirePlan),
@@ -241,9 +250,38 @@ impl SlotTable {
         Ok(AcquireOutcome::Planned(plan))
     }
 
+    /// Record a visit of `keys` (distinct) that read them wherever they were: a policy access for
+    /// each, like an acquire call (it consumes one prediction index), but nothing is pinned.
+    pub fn touch(&mut self, keys: &[Key]) -> Touch {
+        let mut out = Touch::default();
+        self.policy.advance(self.acquires + 1);
+        for &key in keys {
+            match self.map.get(&key) {
+                Some(&slot) => {
+                    let s = &mut self.slots[slot];
+                    if s.prefetched_unused {
+                        s.prefetched_unused = false;
+                        out.prefetch_used += 1;
+                    }
+                    out.hits += 1;
+                }
+                None => out.missing.push(key),
+            }
+            self.policy.on_access(key);
+        }
+        self.acquires += 1;
+        out
+    }
+
     /// Reserve a slot for a queued load of `key`. Speculative loads (`demand == false`) never
     /// evict a slot that was prefetched and not used yet; demand loads may.
     pub fn reserve_prefetch(&mut self, key: Key, demand: bool) -> PrefetchOutcome {
+        self.reserve_load(key, demand, true)
+    }
+
+    /// `reserve_prefetch` for a load that is not a prediction (`prefetched == false`: a table
+    /// visit already used the expert, so it is neither "prefetched unused" nor wasted later).
+    pub fn reserve_load(&mut self, key: Key, demand: bool, prefetched: bool) -> PrefetchOutcome {
         if self.map.contains_key(&key) {
             return PrefetchOutcome::AlreadyResident;
         }
@@ -251,7 +289,7 @@ impl SlotTable {
         let Some(&slot) = victims.first() else {
             return PrefetchOutcome::NoRoom;
         };
-        let (evicted, wasted) = self.reserve(slot, key, 0, true);
+        let (evicted, wasted) = self.reserve(slot, key, 0, prefetched);
         PrefetchOutcome::Reserved { slot, evicted, wasted }
     }
 

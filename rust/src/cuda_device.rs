@@ -205,4 +205,11 @@ impl Device for CudaDevice {
     fn copies_are_synchronous(&self) -> bool {
         false
     }
+    unsafe fn write_value64(&self, addr: u64, value: u64, stream: StreamHandle) -> Result<()> {
+        // flags 0: the write waits for (and is ordered after) the stream's earlier memory work
+        self.driver.check(
+            unsafe { (self.driver.cu_stream_write_value64)(stream as usize as CuStream, addr, value, 0) },
+            "cuStreamWriteValue64",
+        )
+    }
 }

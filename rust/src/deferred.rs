@@ -52,6 +52,10 @@ pub struct DeferredOptions {
     pub remember: bool,
     /// Leave out the experts this generation's remembered prediction already has for the layer.
     pub exclude_predicted: bool,
+    /// The rows are what each layer computed through the expert table (a decode step): they go to
+    /// `SlotCache::note_routed` (hits, policy, demand loads of the misses) instead of `prefetch`.
+    /// Negative ids are padding.
+    pub routed: bool,
 }
 
 /// A captured device program (a CUDA graph) whose output ids are prefetched: `run_program` copies
@@ -412,9 +416,20 @@ fn run(rx: Receiver<Request>, cache: &SlotCache, device: &SharedDevice, state: &
     }
 }
 
+/// Wait for `event` without spinning a core for the whole step (a blocking event synchronize
+/// busy-waits on CUDA): poll, sleeping a little longer each time, up to 100 us between polls.
+fn wait_politely(device: &SharedDevice, event: EventHandle) -> Result<()> {
+    let mut nap = Duration::from_micros(5);
+    while !device.event_done(event)? {
+        std::thread::sleep(nap);
+        nap = (nap * 2).min(Duration::from_micros(100));
+    }
+    Ok(())
+}
+
 /// Read one request's ids (after its event) and act on them; returns the experts queued.
 fn handle(req: &Request, cache: &SlotCache, device: &SharedDevice, state: &State) -> Result<usize> {
-    device.event_synchronize(req.staging.event)?;
+    wait_politely(device, req.staging.event)?;
     let o = &req.opts;
     // SAFETY: the copy into the staging buffer has landed (event above); it holds `nbytes` bytes
     // and the allocation is 8-byte aligned (page-aligned host or pinned memory).
@@ -424,7 +439,7 @@ fn handle(req: &Request, cache: &SlotCache, device: &SharedDevice, state: &State
         .iter()
         .zip(ids.chunks_exact(o.width))
         .map(|(&layer, row)| {
-            let mut experts = row.to_vec();
+            let mut experts: Vec<i64> = row.iter().copied().filter(|&e| !o.routed || e >= 0).collect();
             experts.sort_unstable();
             experts.dedup();
             (layer, experts)
@@ -455,7 +470,9 @@ fn handle(req: &Request, cache: &SlotCache, device: &SharedDevice, state: &State
     }
     let mut queued = 0;
     for (layer, experts) in &rows {
-        if !experts.is_empty() {
+        if o.routed {
+            queued += cache.note_routed(*layer, experts)?;
+        } else if !experts.is_empty() {
             queued += cache.prefetch(*layer, experts, o.demand, o.generation)?;
         }
     }

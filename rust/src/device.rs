@@ -83,6 +83,12 @@ pub trait Device: Send + Sync {
     fn stream_synchronize(&self, stream: StreamHandle) -> Result<()>;
     /// True when copies complete before `copy_to_slot` returns (host backend).
     fn copies_are_synchronous(&self) -> bool;
+    /// Queue a write of the 64-bit `value` to `addr` on `stream`, ordered after the work queued
+    /// there before it (the host backend stores it before returning).
+    ///
+    /// # Safety
+    /// `addr` must be 8-byte aligned memory (device memory on CUDA) valid until the write has run.
+    unsafe fn write_value64(&self, addr: u64, value: u64, stream: StreamHandle) -> Result<()>;
 }
 
 pub type SharedDevice = Arc<dyn Device>;
@@ -213,6 +219,15 @@ impl Device for HostDevice {
     }
     fn copies_are_synchronous(&self) -> bool {
         true
+    }
+    unsafe fn write_value64(&self, addr: u64, value: u64, _stream: StreamHandle) -> Result<()> {
+        if addr == 0 || addr % 8 != 0 {
+            return Err(Error::InvalidArgument(format!("write_value64 needs an 8-byte aligned address, got {addr:#x}")));
+        }
+        // SAFETY: the caller guarantees an aligned, live 8-byte location; atomic so that a reader
+        // thread sees either the old or the new address, never a torn one.
+        unsafe { (*(addr as usize as *const AtomicU64)).store(value, Ordering::SeqCst) };
+        Ok(())
     }
 }
 

@@ -10,6 +10,7 @@ pub mod cuda_driver;
 pub mod deferred;
 pub mod device;
 pub mod error;
+pub mod expert_table;
 pub mod policy;
 pub mod pool;
 pub mod prefetch;

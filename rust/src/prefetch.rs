@@ -22,6 +22,10 @@ pub struct Request {
     pub demand: bool,
 }
 
+/// Generation of the load of an expert a decode step already read from the pool (a table
+/// visit's miss): not a prediction, so no newer forward cancels it.
+pub const ROUTED_MISS: u64 = u64::MAX;
+
 pub struct PrefetchQueue {
     demand: ArrayQueue<Request>,
     speculative: ArrayQueue<Request>,

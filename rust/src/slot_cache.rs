@@ -14,7 +14,7 @@
 
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
 use parking_lot::{Condvar, Mutex, RwLock};
@@ -22,9 +22,10 @@ use parking_lot::{Condvar, Mutex, RwLock};
 use crate::cache::{dedup_in_order, AcquireOutcome, PrefetchOutcome, SlotState, SlotTable, WaitStatus};
 use crate::device::{DeviceKind, EventHandle, SharedDevice, StreamHandle};
 use crate::error::{try_vec, Error, Result};
+use crate::expert_table::ExpertTable;
 use crate::policy::{Key, PolicyKind};
 use crate::pool::ExpertPool;
-use crate::prefetch::{serve, Handler, PrefetchQueue, Request, Workers, MAX_QUEUE_CAPACITY};
+use crate::prefetch::{serve, Handler, PrefetchQueue, Request, Workers, MAX_QUEUE_CAPACITY, ROUTED_MISS};
 use crate::stats::Stats;
 
 pub struct CacheConfig {
@@ -107,6 +108,10 @@ impl CacheConfig {
 /// Per-slot events. Touched by the thread loading the slot and by threads releasing it.
 struct SlotEvents {
     ready: EventHandle,
+    /// The key whose expert-table entry points at this slot (set after its copy was queued).
+    published: Option<Key>,
+    /// Recorded on the reader stream after that entry was pointed back at the pool (CUDA).
+    unpublished: Option<EventHandle>,
     /// One done-reading event per stream that released the slot (same-stream re-records supersede).
     done_reading: Vec<(StreamHandle, EventHandle)>,
 }
@@ -167,6 +172,8 @@ struct Shared {
     stats: Stats,
     closed: AtomicBool,
     acquire_timeout: Duration,
+    /// Where each expert is now, for the decode kernels (attached once, see `expert_table.rs`).
+    experts: OnceLock<ExpertTable>,
 }
 
 pub struct SlotCache {
@@ -195,7 +202,21 @@ impl Shared {
         let dev = &self.device;
         let t0 = Instant::now();
         {
-            let ev = self.events[slot].lock();
+            let mut ev = self.events[slot].lock();
+            if let (Some(table), Some(old)) = (self.experts.get(), ev.published) {
+                // Decode steps may read this slot through the table: point them back at the pool
+                // and let the copy wait until no step that saw the slot can still be running.
+                let fence = match ev.unpublished {
+                    Some(f) => f,
+                    None => {
+                        let f = self.take_event()?;
+                        ev.unpublished = Some(f);
+                        f
+                    }
+                };
+                table.unpublish(&self.pool, old, ev.ready, fence, stream)?;
+                ev.published = None;
+            }
             // Overwrite only after every reader is done and any earlier copy into it landed.
             for &(_, e) in &ev.done_reading {
                 dev.stream_wait_event(stream, e)?;
@@ -212,6 +233,11 @@ impl Shared {
             if let Some((a, b)) = timing {
                 dev.record_event(b, stream)?;
                 self.timer.lock().pending.push_back((a, b, n as u64));
+            }
+            if let Some(table) = self.experts.get() {
+                // Before the ready event, so that "ready" also means "published".
+                table.publish(&self.pool, key, self.slot_addr(slot), stream)?;
+                ev.published = Some(key);
             }
             dev.record_event(ev.ready, stream)?;
         }
@@ -272,16 +298,18 @@ impl Shared {
             Stats::add(&s.prefetch_cancelled, 1);
             return;
         }
-        let outcome = self.table.lock().reserve_prefetch(req.key, req.demand);
+        let routed = req.generation == ROUTED_MISS;
+        let outcome = self.table.lock().reserve_load(req.key, req.demand, !routed);
         match outcome {
-            PrefetchOutcome::AlreadyResident => Stats::add(&s.prefetch_redundant, 1),
-            PrefetchOutcome::NoRoom => Stats::add(&s.prefetch_dropped, 1),
+            PrefetchOutcome::AlreadyResident => Stats::add(if routed { &s.routed_redundant } else { &s.prefetch_redundant }, 1),
+            PrefetchOutcome::NoRoom => Stats::add(if routed { &s.routed_dropped } else { &s.prefetch_dropped }, 1),
             PrefetchOutcome::Reserved { slot, evicted, wasted } => {
                 Stats::add(&s.evictions, evicted.is_some() as u64);
                 Stats::add(&s.prefetch_wasted, wasted as u64);
                 let ok = self.load_into(slot, req.key, stream).is_ok();
                 self.finish(&[(slot, ok)]);
-                Stats::add(if ok { &s.prefetch_issued } else { &s.load_errors }, 1);
+                let issued = if routed { &s.demand_loads } else { &s.prefetch_issued };
+                Stats::add(if ok { issued } else { &s.load_errors }, 1);
             }
         }
     }
@@ -425,7 +453,7 @@ impl SlotCache {
             for _ in 0..cfg.num_slots {
                 let e = device.create_event(false)?;
                 created_events.push(e);
-                events.push(Mutex::new(SlotEvents { ready: e, done_reading: Vec::new() }));
+                events.push(Mutex::new(SlotEvents { ready: e, published: None, unpublished: None, done_reading: Vec::new() }));
             }
             let demand_stream = device.create_stream(true)?;
             created_streams.push(demand_stream);
@@ -451,6 +479,7 @@ impl SlotCache {
                 stats: Stats::default(),
                 closed: AtomicBool::new(false),
                 acquire_timeout: cfg.acquire_timeout,
+                experts: OnceLock::new(),
             }))
         })();
         let shared = match result {
@@ -721,6 +750,79 @@ impl SlotCache {
         Ok(())
     }
 
+    /// Attach the expert table at `addr` (one u64 per pool key, pool key order; see
+    /// `expert_table.rs`), before any slot is filled. Decode steps read it on `reader_stream`.
+    ///
+    /// # Safety
+    /// As `ExpertTable::attach`: the memory stays valid and written by no one else until close.
+    pub unsafe fn attach_expert_table(&self, addr: u64, reader_stream: StreamHandle) -> Result<()> {
+        let _g = self.open_guard()?;
+        let sh = &*self.shared;
+        if sh.experts.get().is_some() {
+            return Err(Error::InvalidArgument("this cache already has an expert table".into()));
+        }
+        if !sh.table.lock().resident().is_empty() {
+            return Err(Error::SlotState("attach the expert table before any slot is filled".into()));
+        }
+        // SAFETY: forwarded from the caller.
+        let table = unsafe { ExpertTable::attach(&sh.pool, addr, reader_stream)? };
+        sh.experts.set(table).map_err(|_| Error::InvalidArgument("this cache already has an expert table".into()))
+    }
+
+    fn expert_table(&self) -> Result<&ExpertTable> {
+        self.shared.experts.get().ok_or_else(|| Error::InvalidArgument("this cache has no expert table (attach_expert_table)".into()))
+    }
+
+    /// Decode steps now run on `stream` (see `ExpertTable::set_reader_stream`).
+    pub fn set_reader_stream(&self, stream: StreamHandle) -> Result<()> {
+        let _g = self.open_guard()?;
+        self.expert_table()?.set_reader_stream(stream);
+        Ok(())
+    }
+
+    /// Host backend: bracket a decode layer's reads through the table (see `expert_table.rs`).
+    pub fn begin_table_read(&self) -> Result<u64> {
+        let _g = self.open_guard()?;
+        Ok(self.expert_table()?.begin_read())
+    }
+
+    pub fn end_table_read(&self, ticket: u64) -> Result<()> {
+        self.expert_table()?.end_read(ticket)
+    }
+
+    pub fn expert_table_reads_in_progress(&self) -> usize {
+        self.shared.experts.get().map_or(0, ExpertTable::reads_in_progress)
+    }
+
+    /// A layer computed `experts` through the expert table (a decode step): count hits and misses,
+    /// tell the policy, and queue demand loads of the misses so that later steps hit. Loads queued
+    /// here are never cancelled by a newer forward. Returns how many were queued.
+    pub fn note_routed(&self, layer: i64, experts: &[i64]) -> Result<usize> {
+        let _g = self.open_guard()?;
+        let mut keys = self.keys(layer, experts)?;
+        dedup_in_order(&mut keys);
+        let sh = &*self.shared;
+        let touch = sh.table.lock().touch(&keys);
+        let s = &sh.stats;
+        Stats::add(&s.hits, touch.hits);
+        Stats::add(&s.misses, touch.missing.len() as u64);
+        Stats::add(&s.prefetch_used, touch.prefetch_used);
+        Stats::add(&s.routed_visits, 1);
+        let mut queued = 0;
+        for key in touch.missing {
+            if sh.queue.push(Request { key, generation: ROUTED_MISS, demand: true }) {
+                queued += 1;
+            } else {
+                Stats::add(&s.routed_dropped, 1);
+                Stats::add(&s.prefetch_queue_full, 1);
+            }
+        }
+        if queued > 0 {
+            sh.queue.wake_workers();
+        }
+        Ok(queued)
+    }
+
     /// Queue loads of the experts not resident; returns how many were queued.
     pub fn prefetch(&self, layer: i64, experts: &[i64], demand: bool, generation: i64) -> Result<usize> {
         let _g = self.open_guard()?;
@@ -929,6 +1031,9 @@ impl SlotCache {
         for ev in &sh.events {
             let ev = ev.lock();
             dev.destroy_event(ev.ready);
+            if let Some(f) = ev.unpublished {
+                dev.destroy_event(f);
+            }
             for &(_, e) in &ev.done_reading {
                 dev.destroy_event(e);
             }
@@ -1172,6 +1277,9 @@ mod tests {
         }
         fn copies_are_synchronous(&self) -> bool {
             true
+        }
+        unsafe fn write_value64(&self, addr: u64, value: u64, stream: StreamHandle) -> Result<()> {
+            unsafe { self.host.write_value64(addr, value, stream) }
         }
     }
 

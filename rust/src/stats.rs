@@ -23,6 +23,11 @@ pub struct Stats {
     pub bytes_copied: AtomicU64,
     pub copy_ns: AtomicU64,
     pub host_stall_ns: AtomicU64,
+    /// Layer visits computed through the expert table (`note_routed`).
+    pub routed_visits: AtomicU64,
+    /// Loads of table-visit misses that found the expert already loaded, or no slot to evict.
+    pub routed_redundant: AtomicU64,
+    pub routed_dropped: AtomicU64,
 }
 
 impl Stats {
@@ -41,6 +46,9 @@ impl Stats {
             ("hits", g(&self.hits)),
             ("misses", g(&self.misses)),
             ("acquires", g(&self.acquires)),
+            ("routed_visits", g(&self.routed_visits)),
+            ("routed_redundant", g(&self.routed_redundant)),
+            ("routed_dropped", g(&self.routed_dropped)),
             ("releases", g(&self.releases)),
             ("prefetch_queued", g(&self.prefetch_queued)),
             ("prefetch_issued", g(&self.prefetch_issued)),
@@ -80,6 +88,9 @@ impl Stats {
             &self.bytes_copied,
             &self.copy_ns,
             &self.host_stall_ns,
+            &self.routed_visits,
+            &self.routed_redundant,
+            &self.routed_dropped,
         ] {
             c.store(0, Relaxed);
         }

@@ -304,8 +304,8 @@ __device__ __forceinline__ int block_rows(const int* __restrict__ sorted_ids, in
 template <int BM>
 __device__ __forceinline__ void gemv_gate_up_impl(
     const u16* __restrict__ hidden, const int* __restrict__ sorted_ids, const int* __restrict__ block_slot,
-    const int* __restrict__ total_padded, const u16* __restrict__ w, long long w_slot_stride,
-    const u16* __restrict__ bias, long long bias_slot_stride, float* __restrict__ act_out, int top_k,
+    const int* __restrict__ total_padded, const unsigned long long* __restrict__ expert_base, long long w_off,
+    long long bias_off, float* __restrict__ act_out, int top_k,
     int num_pairs) {
     constexpr int JPW = SIDA_GATED ? 1 : 2;
     const int base = blockIdx.x * BM;
@@ -320,7 +320,10 @@ __device__ __forceinline__ void gemv_gate_up_impl(
 #pragma unroll
     for (int m = 0; m < BM; ++m) arow[m] = hidden + (long long)(m < nvalid ? pair[m] / top_k : 0) * SIDA_H;
 
-    const u16* ws = w + (long long)slot * w_slot_stride;
+    // a coherent load: the cache flips entries between kernels (never within one)
+    const unsigned long long eb = *reinterpret_cast<const volatile unsigned long long*>(expert_base + slot);
+    const u16* ws = reinterpret_cast<const u16*>(eb + w_off);
+    const u16* bias = bias_off >= 0 ? reinterpret_cast<const u16*>(eb + bias_off) : nullptr;
     const u16* wrow[2];
     wrow[0] = ws + (long long)j0 * SIDA_H;
     wrow[1] = SIDA_GATED ? ws + (long long)(SIDA_I + j0) * SIDA_H : ws + (long long)(j0 + 1) * SIDA_H;
@@ -329,7 +332,7 @@ __device__ __forceinline__ void gemv_gate_up_impl(
 
     float b0 = 0.0f, b1 = 0.0f;
     if (bias != nullptr) {
-        const u16* bs = bias + (long long)slot * bias_slot_stride;
+        const u16* bs = bias;
         b0 = to_f32(bs[j0]);
         b1 = to_f32(bs[SIDA_GATED ? SIDA_I + j0 : j0 + 1]);
     }
@@ -356,8 +359,8 @@ __device__ __forceinline__ void gemv_gate_up_impl(
 template <int BM>
 __device__ __forceinline__ void gemv_down_impl(
     const float* __restrict__ act_in, const int* __restrict__ sorted_ids, const int* __restrict__ block_slot,
-    const int* __restrict__ total_padded, const u16* __restrict__ w, long long w_slot_stride,
-    const u16* __restrict__ bias, long long bias_slot_stride, float* __restrict__ y, int num_pairs) {
+    const int* __restrict__ total_padded, const unsigned long long* __restrict__ expert_base, long long w_off,
+    long long bias_off, float* __restrict__ y, int num_pairs) {
     const int base = blockIdx.x * BM;
     if (base >= __ldg(total_padded)) return;
     const int slot = __ldg(block_slot + blockIdx.x);
@@ -370,7 +373,10 @@ __device__ __forceinline__ void gemv_down_impl(
 #pragma unroll
     for (int m = 0; m < BM; ++m) arow[m] = act_in + (long long)(base + (m < nvalid ? m : 0)) * SIDA_I;
 
-    const u16* ws = w + (long long)slot * w_slot_stride;
+    // a coherent load: the cache flips entries between kernels (never within one)
+    const unsigned long long eb = *reinterpret_cast<const volatile unsigned long long*>(expert_base + slot);
+    const u16* ws = reinterpret_cast<const u16*>(eb + w_off);
+    const u16* bias = bias_off >= 0 ? reinterpret_cast<const u16*>(eb + bias_off) : nullptr;
     const u16* wrow[RPW_DOWN];
 #pragma unroll
     for (int r = 0; r < RPW_DOWN; ++r) wrow[r] = ws + (long long)min(h0 + r, SIDA_H - 1) * SIDA_I;
@@ -382,7 +388,7 @@ __device__ __forceinline__ void gemv_down_impl(
     for (int r = 0; r < RPW_DOWN; ++r) {
         const int h = h0 + r;
         if (h >= SIDA_H) continue;
-        const float b = bias != nullptr ? to_f32(bias[(long long)slot * bias_slot_stride + h]) : 0.0f;
+        const float b = bias != nullptr ? to_f32(bias[h]) : 0.0f;
 #pragma unroll
         for (int m = 0; m < BM; ++m)
             if (m < nvalid && lane == ((m + r * BM) & 31)) y[(long long)(base + m) * SIDA_H + h] = rnd(acc[r][m] + b);
@@ -392,17 +398,17 @@ __device__ __forceinline__ void gemv_down_impl(
 #define SIDA_GEMV_KERNELS(BM)                                                                                  \
     extern "C" __global__ void __launch_bounds__(WARPS * 32) gemv_gate_up_bm##BM(                              \
         const u16* hidden, const int* sorted_ids, const int* block_slot, const int* total_padded,             \
-        const u16* w, long long w_slot_stride, const u16* bias, long long bias_slot_stride, float* act_out,    \
+        const unsigned long long* expert_base, long long w_off, long long bias_off, float* act_out,              \
         int top_k, int num_pairs) {                                                                            \
-        gemv_gate_up_impl<BM>(hidden, sorted_ids, block_slot, total_padded, w, w_slot_stride, bias,           \
-                              bias_slot_stride, act_out, top_k, num_pairs);                                     \
+        gemv_gate_up_impl<BM>(hidden, sorted_ids, block_slot, total_padded, expert_base, w_off,           \
+                              bias_off, act_out, top_k, num_pairs);                                     \
     }                                                                                                          \
     extern "C" __global__ void __launch_bounds__(WARPS * 32) gemv_down_bm##BM(                                 \
         const float* act_in, const int* sorted_ids, const int* block_slot, const int* total_padded,           \
-        const u16* w, long long w_slot_stride, const u16* bias, long long bias_slot_stride, float* y,          \
+        const unsigned long long* expert_base, long long w_off, long long bias_off, float* y,                          \
         int num_pairs) {                                                                                       \
-        gemv_down_impl<BM>(act_in, sorted_ids, block_slot, total_padded, w, w_slot_stride, bias,              \
-                           bias_slot_stride, y, num_pairs);                                                     \
+        gemv_down_impl<BM>(act_in, sorted_ids, block_slot, total_padded, expert_base, w_off,              \
+                           bias_off, y, num_pairs);                                                     \
     }
 
 SIDA_GEMV_KERNELS(4)
@@ -546,8 +552,8 @@ __device__ __forceinline__ void block_mma_rows(const u16* const (&wtile)[2], con
 template <int BM>
 __device__ __forceinline__ void mma_gate_up_impl(
     const u16* __restrict__ hidden, const int* __restrict__ sorted_ids, const int* __restrict__ block_slot,
-    const int* __restrict__ total_padded, const u16* __restrict__ w, long long w_slot_stride,
-    const u16* __restrict__ bias, long long bias_slot_stride, float* __restrict__ act_out, int top_k,
+    const int* __restrict__ total_padded, const unsigned long long* __restrict__ expert_base, long long w_off,
+    long long bias_off, float* __restrict__ act_out, int top_k,
     int num_pairs) {
     constexpr int NT = BM / 8;
     __shared__ float red[(WARPS - 1) * 2 * NT * 4 * 32];
@@ -564,7 +570,10 @@ __device__ __forceinline__ void mma_gate_up_impl(
         const int p = __ldg(sorted_ids + base + nt * 8 + g);
         brow[nt] = p < num_pairs ? hidden + (long long)(p / top_k) * SIDA_H : nullptr;
     }
-    const u16* ws = w + (long long)slot * w_slot_stride;
+    // a coherent load: the cache flips entries between kernels (never within one)
+    const unsigned long long eb = *reinterpret_cast<const volatile unsigned long long*>(expert_base + slot);
+    const u16* ws = reinterpret_cast<const u16*>(eb + w_off);
+    const u16* bias = bias_off >= 0 ? reinterpret_cast<const u16*>(eb + bias_off) : nullptr;
     const u16* wtile[2];
     wtile[0] = ws + (long long)j0 * SIDA_H;
     wtile[1] = ws + (long long)(SIDA_GATED ? SIDA_I + j0 : j0 + 16) * SIDA_H;
@@ -572,7 +581,7 @@ __device__ __forceinline__ void mma_gate_up_impl(
     block_mma_rows<SIDA_H, NT, u16>(wtile, brow, acc, red);
     if ((threadIdx.x >> 5) != 0) return;
 
-    const u16* bs = bias != nullptr ? bias + (long long)slot * bias_slot_stride : nullptr;
+    const u16* bs = bias;
 #pragma unroll
     for (int half = 0; half < 2; ++half) {  // rows g and g + 8 of the tile
         const int j = j0 + g + half * 8;
@@ -604,8 +613,8 @@ __device__ __forceinline__ void mma_gate_up_impl(
 template <int BM>
 __device__ __forceinline__ void mma_down_impl(
     const float* __restrict__ act_in, const int* __restrict__ sorted_ids, const int* __restrict__ block_slot,
-    const int* __restrict__ total_padded, const u16* __restrict__ w, long long w_slot_stride,
-    const u16* __restrict__ bias, long long bias_slot_stride, float* __restrict__ y, int num_pairs) {
+    const int* __restrict__ total_padded, const unsigned long long* __restrict__ expert_base, long long w_off,
+    long long bias_off, float* __restrict__ y, int num_pairs) {
     constexpr int NT = BM / 8;
     __shared__ float red[(WARPS - 1) * 2 * NT * 4 * 32];
     const int base = blockIdx.x * BM;
@@ -621,7 +630,10 @@ __device__ __forceinline__ void mma_down_impl(
         const int m = nt * 8 + g;
         brow[nt] = __ldg(sorted_ids + base + m) < num_pairs ? act_in + (long long)(base + m) * SIDA_I : nullptr;
     }
-    const u16* ws = w + (long long)slot * w_slot_stride;
+    // a coherent load: the cache flips entries between kernels (never within one)
+    const unsigned long long eb = *reinterpret_cast<const volatile unsigned long long*>(expert_base + slot);
+    const u16* ws = reinterpret_cast<const u16*>(eb + w_off);
+    const u16* bias = bias_off >= 0 ? reinterpret_cast<const u16*>(eb + bias_off) : nullptr;
     const u16* wtile[2];
     wtile[0] = ws + (long long)h0 * SIDA_I;
     wtile[1] = ws + (long long)(h0 + 16) * SIDA_I;
@@ -629,7 +641,7 @@ __device__ __forceinline__ void mma_down_impl(
     block_mma_rows<SIDA_I, NT, float>(wtile, brow, acc, red);
     if ((threadIdx.x >> 5) != 0) return;
 
-    const u16* bs = bias != nullptr ? bias + (long long)slot * bias_slot_stride : nullptr;
+    const u16* bs = bias;
 #pragma unroll
     for (int mt = 0; mt < 2; ++mt)
 #pragma unroll
@@ -650,17 +662,17 @@ __device__ __forceinline__ void mma_down_impl(
 #define SIDA_MMA_KERNELS(BM)                                                                                   \
     extern "C" __global__ void __launch_bounds__(WARPS * 32) mma_gate_up_bm##BM(                               \
         const u16* hidden, const int* sorted_ids, const int* block_slot, const int* total_padded,             \
-        const u16* w, long long w_slot_stride, const u16* bias, long long bias_slot_stride, float* act_out,    \
+        const unsigned long long* expert_base, long long w_off, long long bias_off, float* act_out,              \
         int top_k, int num_pairs) {                                                                            \
-        mma_gate_up_impl<BM>(hidden, sorted_ids, block_slot, total_padded, w, w_slot_stride, bias,            \
-                             bias_slot_stride, act_out, top_k, num_pairs);                                      \
+        mma_gate_up_impl<BM>(hidden, sorted_ids, block_slot, total_padded, expert_base, w_off,            \
+                             bias_off, act_out, top_k, num_pairs);                                      \
     }                                                                                                          \
     extern "C" __global__ void __launch_bounds__(WARPS * 32) mma_down_bm##BM(                                  \
         const float* act_in, const int* sorted_ids, const int* block_slot, const int* total_padded,           \
-        const u16* w, long long w_slot_stride, const u16* bias, long long bias_slot_stride, float* y,          \
+        const unsigned long long* expert_base, long long w_off, long long bias_off, float* y,                          \
         int num_pairs) {                                                                                       \
-        mma_down_impl<BM>(act_in, sorted_ids, block_slot, total_padded, w, w_slot_stride, bias,               \
-                          bias_slot_stride, y, num_pairs);                                                      \
+        mma_down_impl<BM>(act_in, sorted_ids, block_slot, total_padded, expert_base, w_off,               \
+                          bias_off, y, num_pairs);                                                      \
     }
 
 SIDA_MMA_KERNELS(8)

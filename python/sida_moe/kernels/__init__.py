@@ -13,7 +13,7 @@ import warnings
 
 import torch
 
-from sida_moe.format import ExpertFormat, SlotWeights
+from sida_moe.format import ExpertAddresses, ExpertFormat, SlotWeights
 
 _warned: set[str] = set()
 
@@ -128,4 +128,48 @@ def fused_experts(
     return fused_experts_reference(hidden, topk_ids, topk_weights, slot_of_expert, weights, fmt, out)
 
 
-__all__ = ["fused_experts"]
+def table_kernels_usable(device: torch.device, fmt: ExpertFormat) -> bool:
+    """Whether :func:`fused_experts_table` runs on ``device`` for ``fmt``: the host backend always
+    (PyTorch reference), CUDA with the streaming kernels (bf16 / fp16, sizes multiple of 8, CuPy)."""
+    if device.type == "cpu":
+        return True
+    if device.type != "cuda" or _KERNELS != "auto" or fmt.dtype not in (torch.bfloat16, torch.float16):
+        return False
+    from sida_moe.kernels.cuda_build import cupy_import_error
+
+    return fmt.hidden % 8 == 0 and fmt.intermediate % 8 == 0 and cupy_import_error() is None
+
+
+def fused_experts_table(
+    hidden: torch.Tensor,
+    topk_ids: torch.Tensor,
+    topk_weights: torch.Tensor,
+    table: ExpertAddresses,
+    fmt: ExpertFormat,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Like :func:`fused_experts`, with each expert's weights read wherever ``table.base[e]``
+    points: an engine's expert table (a GPU slot once its copy landed, else the expert's record
+    in the pinned pool, read in place). The decode path: no host synchronisation on CUDA (the
+    streaming kernels), nothing to acquire. Negative ids are pairs to skip. Needs
+    :func:`table_kernels_usable`."""
+    if hidden.dim() != 2 or hidden.shape[1] != fmt.hidden or hidden.dtype != fmt.dtype:
+        raise ValueError(f"hidden must be a [T, {fmt.hidden}] {fmt.dtype} tensor, got {hidden.dtype} {tuple(hidden.shape)}")
+    if topk_ids.dim() != 2 or topk_ids.shape[0] != hidden.shape[0] or tuple(topk_weights.shape) != tuple(topk_ids.shape):
+        raise ValueError(f"topk_ids and topk_weights must be [T={hidden.shape[0]}, k], got "
+                         f"{tuple(topk_ids.shape)} and {tuple(topk_weights.shape)}")
+    if table.base.dtype != torch.int64 or table.base.dim() != 1 or table.base.device != hidden.device:
+        raise ValueError(f"table.base must be a 1-D int64 tensor on {hidden.device}, got "
+                         f"{table.base.dtype} {tuple(table.base.shape)} on {table.base.device}")
+    if hidden.device.type == "cuda":
+        if not table_kernels_usable(hidden.device, fmt):
+            raise RuntimeError("the expert-table path needs the CUDA streaming kernels (bf16/fp16 experts, CuPy)")
+        from sida_moe.kernels import cuda_moe
+
+        return cuda_moe.fused_experts_table_cuda(hidden, topk_ids, topk_weights, table, fmt, out)
+    from sida_moe.kernels.reference import fused_experts_table_reference
+
+    return fused_experts_table_reference(hidden, topk_ids, topk_weights, table, fmt, out)
+
+
+__all__ = ["fused_experts", "fused_experts_table", "table_kernels_usable"]

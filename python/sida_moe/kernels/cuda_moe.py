@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 import torch
 
-from sida_moe.format import ExpertFormat, SlotWeights
+from sida_moe.format import ExpertAddresses, ExpertFormat, SlotWeights
 from sida_moe.kernels import grouped_mm as gmm
 from sida_moe.kernels.configs import LaunchPlan, choose_plan
 from sida_moe.kernels.cuda_build import KernelModule, cupy_import_error, load_module
@@ -235,12 +235,69 @@ def fused_experts_cuda(
                 plan = LaunchPlan("mma", 32) if sk.has_mma else LaunchPlan("gemv", 16)
                 aligned = align_pairs_cuda(sk.mod, topk_ids, slot_of_expert, weights.num_slots, plan.block_m, stream)
         if plan.regime != "grouped_mm":
-            _streaming_layer(sk, plan.regime, hidden, aligned, topk_weights, weights, fmt, result, in_place, top_k,
-                             num_pairs, stream)
+            _streaming_layer(sk, plan.regime, hidden, aligned, topk_weights, weights.addresses, fmt, result, in_place,
+                             top_k, num_pairs, stream)
     finally:
         if switch:
             torch.cuda.set_device(prev)
 
+    if accumulate and result is not out:
+        out.add_(result)
+        return out
+    return result
+
+
+_identity: dict[tuple[int, int], torch.Tensor] = {}
+
+
+def _identity_slots(num_experts: int, device: torch.device) -> torch.Tensor:
+    """``slot_of_expert`` of an expert table: entry e of the table is expert e."""
+    key = (num_experts, device.index)
+    t = _identity.get(key)
+    if t is None:
+        t = _identity[key] = torch.arange(num_experts, dtype=torch.int32, device=device)
+    return t
+
+
+def fused_experts_table_cuda(
+    hidden: torch.Tensor,
+    topk_ids: torch.Tensor,
+    topk_weights: torch.Tensor,
+    table: ExpertAddresses,
+    fmt: ExpertFormat,
+    out: torch.Tensor | None = None,
+    plan: LaunchPlan | None = None,
+) -> torch.Tensor:
+    """``fused_experts_table`` on the streaming kernels (gemv / mma): weights are read wherever
+    ``table.base[e]`` points (a slot in HBM, or the expert's pinned pool record, read through its
+    unified address). No host synchronisation, capturable in a CUDA graph."""
+    device = hidden.device
+    num_tokens, top_k = hidden.shape[0], topk_ids.shape[1]
+    result = out
+    accumulate = out is not None
+    if out is not None and (out.stride(1) != 1 or out.data_ptr() % 16 or (out.stride(0) * out.element_size()) % 16):
+        result = None
+    if result is None:
+        result = torch.empty((num_tokens, fmt.hidden), dtype=fmt.dtype, device=device)
+    if num_tokens == 0:
+        return out if out is not None else result
+    stream = torch.cuda.current_stream(device).cuda_stream
+    sk = _kernels(fmt, device.index)
+    hidden = hidden if hidden.is_contiguous() else hidden.contiguous()
+    topk_ids = topk_ids if topk_ids.is_contiguous() else topk_ids.contiguous()
+    if topk_weights.dtype != torch.float32 or not topk_weights.is_contiguous():
+        topk_weights = topk_weights.to(torch.float32).contiguous()
+    num_experts = table.base.shape[0]
+    if plan is None:
+        plan = choose_plan(num_tokens, top_k, num_experts, False, sk.has_mma)
+    elif plan.regime == "grouped_mm":
+        raise ValueError("the expert table runs the streaming regimes (gemv, mma), not grouped_mm")
+    elif plan.regime == "mma" and not sk.has_mma:
+        raise ValueError(f"the mma regime needs hidden and intermediate sizes that are multiples of 32, got {fmt}")
+    aligned = align_pairs_cuda(sk.mod, topk_ids, _identity_slots(num_experts, device), num_experts, plan.block_m, stream)
+    in_place = accumulate and result is out
+    _streaming_layer(sk, plan.regime, hidden, aligned, topk_weights, table, fmt, result, in_place, top_k,
+                     topk_ids.numel(), stream)
     if accumulate and result is not out:
         out.add_(result)
         return out
@@ -253,7 +310,7 @@ def _streaming_layer(
     hidden: torch.Tensor,
     aligned: AlignedPairs,
     topk_weights: torch.Tensor,
-    weights: SlotWeights,
+    addresses: ExpertAddresses,
     fmt: ExpertFormat,
     result: torch.Tensor,
     accumulate: bool,
@@ -270,7 +327,7 @@ def _streaming_layer(
     ws = torch.empty(max_padded * (inter + hidden_size), dtype=torch.float32, device=hidden.device)
     act_ptr = ws.data_ptr()
     y_ptr = act_ptr + max_padded * inter * 4
-    gu_bias, dn_bias = weights.gate_up_bias, weights.down_bias
+    base = _ptr(addresses.base)
     sorted_ids, block_slot, total = _ptr(aligned.sorted_ids), _ptr(aligned.block_slot), _ptr(aligned.total_padded)
     sk.mod.launch(
         f"{regime}_gate_up_bm{bm}",
@@ -281,10 +338,9 @@ def _streaming_layer(
             sorted_ids,
             block_slot,
             total,
-            _ptr(weights.gate_up),
-            int(weights.gate_up.stride(0)),
-            _ptr(gu_bias),
-            int(gu_bias.stride(0) if gu_bias is not None else 0),
+            base,
+            addresses.offset("gate_up"),
+            addresses.offset("gate_up_bias"),
             int(act_ptr),
             int(top_k),
             int(num_pairs),
@@ -300,10 +356,9 @@ def _streaming_layer(
             sorted_ids,
             block_slot,
             total,
-            _ptr(weights.down),
-            int(weights.down.stride(0)),
-            _ptr(dn_bias),
-            int(dn_bias.stride(0) if dn_bias is not None else 0),
+            base,
+            addresses.offset("down"),
+            addresses.offset("down_bias"),
             int(y_ptr),
             int(num_pairs),
         ),
@@ -403,6 +458,7 @@ __all__ = [
     "align_max_slots",
     "align_pairs_cuda",
     "fused_experts_cuda",
+    "fused_experts_table_cuda",
     "kernel_module",
     "unsupported_reason",
 ]

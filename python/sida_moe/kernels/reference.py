@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from sida_moe.format import ExpertFormat, SlotWeights
+from sida_moe.format import ExpertAddresses, ExpertFormat, ExpertTensors, SlotWeights
 
 
 def _activate(z: torch.Tensor, fmt: ExpertFormat) -> torch.Tensor:
@@ -94,19 +94,64 @@ def fused_experts_reference(
     ids_by_k = ids.t()
     resident = torch.unique(ids[slots >= 0]).tolist()  # ascending, like HF's loop over expert_hit
     for expert in resident:
-        k_pos, token_idx = torch.where(ids_by_k == expert)  # HF's order: by k, then token
         slot = int(table[expert])
-        x = hidden[token_idx]
-        # biases added after rounding the product, as Hugging Face's GPT-OSS does (x @ W + b)
-        z = F.linear(x, weights.gate_up[slot])
-        if weights.gate_up_bias is not None:
-            z = z + weights.gate_up_bias[slot]
-        y = F.linear(_activate(z, fmt), weights.down[slot])
-        if weights.down_bias is not None:
-            y = y + weights.down_bias[slot]
-        y = y.float() * topk_weights[token_idx, k_pos, None].float()
-        out.index_add_(0, token_idx, y.to(out.dtype))
+        tensors = ExpertTensors(
+            weights.gate_up[slot],
+            weights.down[slot],
+            weights.gate_up_bias[slot] if weights.gate_up_bias is not None else None,
+            weights.down_bias[slot] if weights.down_bias is not None else None,
+        )
+        _add_expert(out, hidden, ids_by_k, expert, topk_weights, tensors, fmt)
     return out
 
 
-__all__ = ["fused_experts_reference"]
+def _add_expert(
+    out: torch.Tensor,
+    hidden: torch.Tensor,
+    ids_by_k: torch.Tensor,
+    expert: int,
+    topk_weights: torch.Tensor,
+    w: ExpertTensors,
+    fmt: ExpertFormat,
+) -> None:
+    """``out[t] += weight * expert(hidden[t])`` for the pairs routed to ``expert``, in HF's order."""
+    k_pos, token_idx = torch.where(ids_by_k == expert)  # HF's order: by k, then token
+    x = hidden[token_idx]
+    # biases added after rounding the product, as Hugging Face's GPT-OSS does (x @ W + b)
+    z = F.linear(x, w.gate_up)
+    if w.gate_up_bias is not None:
+        z = z + w.gate_up_bias
+    y = F.linear(_activate(z, fmt), w.down)
+    if w.down_bias is not None:
+        y = y + w.down_bias
+    y = y.float() * topk_weights[token_idx, k_pos, None].float()
+    out.index_add_(0, token_idx, y.to(out.dtype))
+
+
+def fused_experts_table_reference(
+    hidden: torch.Tensor,
+    topk_ids: torch.Tensor,
+    topk_weights: torch.Tensor,
+    table: ExpertAddresses,
+    fmt: ExpertFormat,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """``fused_experts_table`` on the host backend: each expert's weights are read wherever its
+    table entry points (a slot or its pool record, both host memory). Same numbers as
+    :func:`fused_experts_reference` over slots holding the same experts."""
+    if out is None:
+        out = torch.zeros_like(hidden)
+    if hidden.shape[0] == 0:
+        return out
+    ids = topk_ids.long()
+    num_experts = table.base.shape[0]
+    if bool((ids >= num_experts).any()):
+        raise ValueError(f"topk_ids out of range [0, {num_experts})")
+    ids_by_k = ids.t()
+    for expert in torch.unique(ids[ids >= 0]).tolist():  # negative ids: pairs to skip
+        w = table.tensors_at(int(table.base[expert]), fmt)
+        _add_expert(out, hidden, ids_by_k, expert, topk_weights, w, fmt)
+    return out
+
+
+__all__ = ["fused_experts_reference", "fused_experts_table_reference"]

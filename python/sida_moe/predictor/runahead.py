@@ -136,6 +136,9 @@ class RunAheadPrefetcher:
     """
 
     name = "sida"
+    # predicts and corrects through acquire calls; decode keeps the acquire path until its
+    # prediction runs inside the decode step (NOTES.md, host-free decode plan)
+    table_decode = False
 
     def __init__(
         self,

@@ -1,0 +1,208 @@
+"""Host-free decode: tokens/s, host CPU time and miss traffic of an offloaded preset whose decode
+step is one CUDA-graph replay, against transformers' all-resident model with the same step
+captured (StaticCache + torch.cuda.CUDAGraph: `resident_graphed`), in one process.
+
+Systems per budget: `resident_graphed`, `sida_graphed` (``model.generate``, routed to the graphed
+greedy loop), `sida_eager` (``model.generate(..., sida_graphs=False)``: transformers' own loop,
+decode layers still on the expert table). Every system is warmed up, then timed over ``--rounds``
+interleaved rounds; decode time per token = (t(N new tokens) - t(1 new token)) / (N - 1), both
+calls in the same round, so prefill and the first token cancel. JSON (median and spread) to --out.
+
+    python benches/host_free_decode.py --preset qwen3-30b-a3b --budgets 25%,100% --out h200_host_free_decode.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+
+import torch
+
+import sida_moe
+from sida_moe.decode_graph import greedy_generate
+from sida_moe.presets import build_model, build_offloaded
+
+
+def route_randomly(model, num_experts: int) -> None:
+    """Replace every MoE layer's routing by uniform random experts (drawn on the device, inside
+    captured steps too): no locality for any cache, the worst case for misses."""
+    for name, module in model.named_modules():
+        if name.endswith("mlp.experts"):
+            module.register_forward_pre_hook(
+                lambda m, a: (a[0], torch.randint(0, num_experts, a[1].shape, device=a[1].device, dtype=a[1].dtype), a[2]))
+
+
+def enqueue_ms(model, steps: int = 16) -> float:
+    """Host time to launch one captured decode step and hand its routing over (the device idle
+    before each launch), from the step the last greedy call left cached."""
+    engine = getattr(model, "sida_engine", None)
+    step = next(s for s in model._sida_decode_steps.values() if s.graph is not None)
+    times = []
+    for _ in range(steps):
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        step.graph.replay()
+        if engine is not None:
+            engine.end_replayed_forward(*step.visits)
+        times.append(time.perf_counter() - t0)
+    torch.cuda.synchronize()
+    return statistics.median(times) * 1e3
+
+
+def timed(fn, device) -> tuple[float, float, float, object]:
+    torch.cuda.synchronize(device)
+    w0, p0, t0 = time.perf_counter(), time.process_time(), time.thread_time()
+    result = fn()
+    torch.cuda.synchronize(device)
+    return time.perf_counter() - w0, time.process_time() - p0, time.thread_time() - t0, result
+
+
+def summary(values: list[float]) -> dict:
+    return {"median": statistics.median(values), "min": min(values), "max": max(values), "n": len(values)}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--preset", default="qwen3-30b-a3b")
+    ap.add_argument("--budgets", default="25%,100%")
+    ap.add_argument("--batches", default="1", help="comma-separated batch sizes")
+    ap.add_argument("--routings", default="model",
+                    help="comma-separated: 'model' (the routers), 'random' (uniform random experts per token and layer: no locality)")
+    ap.add_argument("--same-weights", action="store_true",
+                    help="offload a second build of the resident model (same weights) instead of building in place")
+    ap.add_argument("--prompt-len", type=int, default=32)
+    ap.add_argument("--new-tokens", type=int, default=64)
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--policy", default="lru")
+    ap.add_argument("--experts-impl", default="batched_mm", help="resident model's transformers experts implementation")
+    ap.add_argument("--out", required=True)
+    args = ap.parse_args()
+
+    device = torch.device("cuda")
+    torch.manual_seed(0)
+    report: dict = {"args": vars(args), "device": torch.cuda.get_device_name(device), "rows": {}}
+
+    t0 = time.perf_counter()
+    resident_model = build_model(args.preset, device=device, dtype=torch.bfloat16)
+    resident_model.set_experts_implementation(args.experts_impl)
+    report["build_resident_s"] = time.perf_counter() - t0
+    budgets = [b.strip() for b in args.budgets.split(",")]
+    t0 = time.perf_counter()
+    if args.same_weights:
+        # a second build of the resident model (same seed: same weights), offloaded: rows comparable token by token
+        offloaded = sida_moe.offload(build_model(args.preset, device=device, dtype=torch.bfloat16), gpu_budget=budgets[0],
+                                     policy=args.policy, prefetch="none")
+        torch.cuda.empty_cache()
+    else:
+        offloaded = build_offloaded(args.preset, budgets[0], device=device, dtype=torch.bfloat16, policy=args.policy,
+                                    prefetch="none")
+    engine = sida_moe.engine_of(offloaded)
+    report["build_offloaded_s"] = time.perf_counter() - t0
+
+    print(f"built in {report['build_resident_s']:.0f} + {report['build_offloaded_s']:.0f} s; {engine.describe()}", flush=True)
+
+    for routing in args.routings.split(","):
+        if routing == "random":
+            num_experts = engine.layers[0].num_experts
+            route_randomly(resident_model, num_experts)
+            route_randomly(offloaded, num_experts)
+        args.routing = routing
+        for batch in [int(b) for b in args.batches.split(",")]:
+            ids = torch.randint(3, 1000, (batch, args.prompt_len), device=device, generator=torch.Generator(device).manual_seed(batch))
+            run_batch(args, report, budgets, engine, resident_model, offloaded, ids)
+
+
+def run_batch(args, report, budgets, engine, resident_model, offloaded, ids) -> None:
+    device, batch = ids.device, ids.shape[0]
+    systems = {
+        # the same graphed greedy loop over transformers' own resident model
+        "resident_graphed": lambda n: greedy_generate(resident_model, ids, n, graphs=True),
+        "sida_graphed": lambda n: offloaded.generate(ids, max_new_tokens=n, do_sample=False, sida_graphs=True),
+        "sida_eager": lambda n: offloaded.generate(ids, max_new_tokens=n, min_new_tokens=n, do_sample=False,
+                                                   sida_graphs=False),
+    }
+    n = args.new_tokens
+    for bi, budget in enumerate(budgets):
+        if bi or engine.num_slots != engine.slots_for(budget):
+            engine.reopen_cache(engine.slots_for(budget), args.policy)
+        if args.routing == "model":
+            with torch.inference_mode():
+                want = resident_model(input_ids=ids).logits[:, -1].float()
+                got = offloaded(input_ids=ids).logits[:, -1].float()
+            top2 = want.topk(2, dim=-1).values
+            logit_check = {"max_abs_diff": float((want - got).abs().max()), "max_abs_logit": float(want.abs().max()),
+                           "min_top2_margin": float((top2[:, 0] - top2[:, 1]).min()),
+                           "same_argmax": bool(torch.equal(want.argmax(-1), got.argmax(-1)))}
+        else:
+            logit_check = None
+        rows = {name: {"decode_ms": [], "host_cpu_ms": [], "thread_cpu_ms": [], "tokens": None} for name in systems}
+        misses_per_token, copied_per_token, hit_rates, enqueue = [], [], [], {"resident_graphed": [], "sida_graphed": []}
+        for name, fn in systems.items():  # warm-up: compile kernels, capture graphs, fill the cache
+            fn(4)
+            fn(n)
+        for r in range(args.rounds):
+            order = list(systems) if r % 2 == 0 else list(reversed(systems))
+            for name in order:
+                fn = systems[name]
+                engine.reset_stats()
+                w1, p1, t1, _ = timed(lambda: fn(1), device)
+                s1 = engine.stats()
+                engine.reset_stats()
+                wn, pn, tn, tokens = timed(lambda: fn(n), device)
+                if name == "sida_graphed":
+                    # decode only: the N-token call's counters less the 1-token call's (prefill)
+                    sn = engine.stats()
+                    d = {k: sn[k] - s1[k] for k in ("hits", "misses", "bytes_copied")}
+                    lookups = d["hits"] + d["misses"]
+                    misses_per_token.append(d["misses"] / (n - 1))
+                    copied_per_token.append(d["bytes_copied"] / (n - 1))
+                    hit_rates.append(d["hits"] / lookups if lookups else 0.0)
+                if name in enqueue:
+                    enqueue[name].append(enqueue_ms(resident_model if name == "resident_graphed" else offloaded))
+                row = rows[name]
+                row["decode_ms"].append((wn - w1) * 1e3 / (n - 1))
+                row["host_cpu_ms"].append((pn - p1) * 1e3 / (n - 1))
+                row["thread_cpu_ms"].append((tn - t1) * 1e3 / (n - 1))
+                row["tokens"] = tokens[:, args.prompt_len:].tolist()
+            print(f"[{args.routing} bs{batch} {budget}] round {r}: " + ", ".join(f"{k} {v['decode_ms'][-1]:.2f} ms" for k, v in rows.items()), flush=True)
+        out = {"logit_check": logit_check}
+        ref = rows["resident_graphed"]["tokens"]
+        for name, row in rows.items():
+            d = summary(row["decode_ms"])
+            out[name] = {
+                "decode_ms_per_token": d,
+                "decode_tokens_per_s": {k: (1e3 * batch / v if k != "n" else v) for k, v in d.items()},
+                "host_cpu_ms_per_token": summary(row["host_cpu_ms"]),
+                "inference_thread_cpu_ms_per_token": summary(row["thread_cpu_ms"]),
+                "same_tokens_as_resident_graphed": row["tokens"] == ref,
+                "same_tokens_as_sida_eager": row["tokens"] == rows["sida_eager"]["tokens"],
+                "first_tokens": row["tokens"][0][:16],
+            }
+            if name in enqueue:
+                out[name]["host_enqueue_ms_per_step"] = summary(enqueue[name])
+        expert_bytes = engine.pool.expert_nbytes
+        out["sida_graphed"]["hit_rate"] = summary(hit_rates)
+        out["sida_graphed"]["zero_copy_miss_bytes_per_token"] = summary([m * expert_bytes for m in misses_per_token])
+        out["sida_graphed"]["copied_bytes_per_token"] = summary(copied_per_token)
+        out["engine"] = engine.describe()
+        report["rows"][f"{args.routing}_bs{batch}_{budget}"] = out
+        with open(args.out, "w") as f:
+            json.dump(report, f, indent=1)
+        for name in systems:
+            r = out[name]
+            extra = f", enqueue {r['host_enqueue_ms_per_step']['median']:.3f} ms/step" if name in enqueue else ""
+            print(f"[{args.routing} bs{batch} {budget}] {name}: {r['decode_tokens_per_s']['median']:.1f} tok/s "
+                  f"({r['decode_tokens_per_s']['min']:.1f}-{r['decode_tokens_per_s']['max']:.1f}), process CPU "
+                  f"{r['host_cpu_ms_per_token']['median']:.2f} ms/token (thread {r['inference_thread_cpu_ms_per_token']['median']:.2f})"
+                  f"{extra}, same tokens as resident {r['same_tokens_as_resident_graphed']} / as sida_eager "
+                  f"{r['same_tokens_as_sida_eager']}", flush=True)
+        g = out["sida_graphed"]
+        print(f"[{args.routing} bs{batch} {budget}] sida_graphed hit rate {g['hit_rate']['median']:.3f}, zero-copy misses "
+              f"{g['zero_copy_miss_bytes_per_token']['median'] / 1e6:.1f} MB/token, copied "
+              f"{g['copied_bytes_per_token']['median'] / 1e6:.1f} MB/token; logits {logit_check}", flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,246 @@
+"""Greedy generation of an offloaded model with each decode step replayed from one CUDA graph.
+
+The decode step of an offloaded model does nothing on the host but launch kernels: its MoE layers
+compute through the engine's expert table (slot or pinned pool, no acquire, no sync), and their
+routing reaches the cache through one native call after the step. So the whole step -- every
+layer, attention over a static KV cache, the greedy pick, the next step's inputs -- is captured
+once per batch size and replayed; the host's work per token is one replay and one native call.
+
+``greedy_generate`` is that loop (``graphs=False`` runs the same steps eagerly: the CPU and the
+test oracle). ``sida_moe.offload`` routes ``model.generate`` here for the calls it can serve
+(greedy, no streamer or processors) and to transformers' own ``generate`` otherwise.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+
+@dataclass
+class _Step:
+    """A static KV cache and the static inputs and outputs of one decode step, kept per batch size
+    and cache length: its graph is captured once and replayed by every later call."""
+
+    cache: object  # transformers StaticCache
+    token: torch.Tensor  # [B, 1] input token of the step; the step writes the next one here
+    position: torch.Tensor  # [1] cache position of the step; the step increments it
+    tokens: torch.Tensor  # [B, cache length] every step's greedy token
+    index: torch.Tensor  # [1] column of `tokens` the step writes; the step increments it
+    graph: torch.cuda.CUDAGraph | None = None
+    visits: tuple[list[int], int] = ([], 0)
+
+
+def _cache_length(needed: int) -> int:
+    """Static cache lengths come in powers of two (>= 256), so calls of similar lengths share a
+    captured step."""
+    return max(256, 1 << (needed - 1).bit_length())
+
+
+def _forward_step(model: nn.Module, step: _Step) -> None:
+    """One decode step on the static buffers (what is captured)."""
+    logits = model(input_ids=step.token, past_key_values=step.cache, cache_position=step.position, use_cache=True).logits
+    nxt = logits[:, -1].argmax(dim=-1, keepdim=True)
+    step.tokens.index_copy_(1, step.index, nxt)
+    step.token.copy_(nxt)
+    step.position.add_(1)
+    step.index.add_(1)
+
+
+def graphs_supported(model: nn.Module, batch_size: int) -> str | None:
+    """Why the decode step of ``model`` at ``batch_size`` cannot be captured, or None if it can."""
+    engine = getattr(model, "sida_engine", None)
+    device = engine.device if engine is not None else next(model.parameters()).device
+    if device.type != "cuda":
+        return "CUDA graphs need the model on a CUDA device"
+    if getattr(model.config, "is_encoder_decoder", False):
+        return "encoder-decoder models keep transformers' generate"
+    if engine is not None:
+        for layer in engine.layers:
+            if not engine.uses_table(layer.ordinal, batch_size):
+                return (f"MoE layer {layer.ordinal} would acquire slots at batch {batch_size} "
+                        f"(prefetcher {engine.prefetcher.name!r} or too many tokens per expert)")
+    return None
+
+
+@torch.inference_mode()
+def greedy_generate(
+    model: nn.Module,
+    input_ids: torch.Tensor,
+    max_new_tokens: int,
+    eos_token_id: int | list[int] | None = None,
+    pad_token_id: int | None = None,
+    graphs: bool | None = None,
+) -> torch.Tensor:
+    """Greedy tokens of ``model`` after ``input_ids`` (``[B, T]``, no padding), ``[B, T + n]``
+    like ``model.generate(..., do_sample=False)``: prefill eagerly into a static KV cache, then
+    ``max_new_tokens - 1`` decode steps, replayed from a CUDA graph when ``graphs`` (default: on
+    CUDA when :func:`graphs_supported`). Rows that produced an EOS token are padded after it, and
+    the result ends once every row has (as transformers does). Works for any transformers causal
+    LM; on an offloaded one each replay also hands the step's routing to its engine."""
+    engine = getattr(model, "sida_engine", None)
+    if input_ids.dim() != 2 or input_ids.shape[1] < 1 or input_ids.dtype not in (torch.int32, torch.int64):
+        raise ValueError(f"input_ids must be a [batch, tokens] integer tensor with tokens >= 1, got "
+                         f"{input_ids.dtype} {tuple(input_ids.shape)}")
+    if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be an int >= 1, got {max_new_tokens!r}")
+    batch, prompt_len = input_ids.shape
+    limit = getattr(model.config, "max_position_embeddings", None)
+    if limit is not None and prompt_len + max_new_tokens > limit:
+        raise ValueError(f"prompt ({prompt_len}) + max_new_tokens ({max_new_tokens}) exceeds the model's "
+                         f"context of {limit} tokens")
+    reason = graphs_supported(model, batch)
+    if graphs is None:
+        graphs = reason is None
+    elif graphs and reason is not None:
+        raise ValueError(f"cannot capture the decode step: {reason}")
+    device = engine.device if engine is not None else next(model.parameters()).device
+    input_ids = input_ids.to(device=device, dtype=torch.long)
+    step = _step_for(model, batch, prompt_len + max_new_tokens, device)
+
+    # prefill: eager (offloaded models: through the acquire path for long prompts)
+    logits = model(input_ids=input_ids, past_key_values=step.cache,
+                   cache_position=torch.arange(prompt_len, device=device), use_cache=True).logits
+    first = logits[:, -1].argmax(dim=-1, keepdim=True)
+    step.token.copy_(first)
+    step.tokens[:, :1] = first
+    step.position.fill_(prompt_len)
+    step.index.fill_(1)
+    remaining = max_new_tokens - 1
+    if remaining > 0 and graphs and step.graph is None:
+        # one eager step first: kernels compile and every lazy state exists before the capture
+        _forward_step(model, step)
+        remaining -= 1
+        if remaining > 0:
+            _capture(model, engine, step)
+            remaining -= 1
+    for _ in range(remaining):
+        if graphs:
+            step.graph.replay()
+            if engine is not None:
+                engine.end_replayed_forward(*step.visits)
+        else:
+            _forward_step(model, step)
+    out = torch.cat([input_ids, step.tokens[:, :max_new_tokens]], dim=1)
+    return _pad_after_eos(out, prompt_len, eos_token_id, pad_token_id)
+
+
+def _step_for(model: nn.Module, batch: int, needed: int, device: torch.device) -> _Step:
+    """This batch size's static cache and step buffers (reset), created on first use."""
+    from transformers import StaticCache
+
+    length = _cache_length(needed)
+    steps = model.__dict__.setdefault("_sida_decode_steps", {})
+    step = steps.get((batch, length))
+    if step is None:
+        step = steps[(batch, length)] = _Step(
+            cache=StaticCache(config=model.config, max_cache_len=length),
+            token=torch.zeros((batch, 1), dtype=torch.long, device=device),
+            position=torch.zeros(1, dtype=torch.long, device=device),
+            tokens=torch.zeros((batch, length), dtype=torch.long, device=device),
+            index=torch.zeros(1, dtype=torch.long, device=device),
+        )
+    else:
+        step.cache.reset()
+    return step
+
+
+def _capture(model: nn.Module, engine, step: _Step) -> None:
+    """Capture one decode step, then replay it once (capturing runs nothing). Nothing else may
+    touch the device meanwhile: the engine's copy workers and routing thread are drained first."""
+    if engine is not None:
+        engine.quiesce()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph, capture_error_mode="thread_local"):
+        _forward_step(model, step)
+        if engine is not None:
+            step.visits = engine.take_captured_visits()
+    step.graph = graph
+    if engine is not None:
+        engine.cache.set_reader_stream(torch.cuda.current_stream(engine.device).cuda_stream)
+    graph.replay()
+    if engine is not None:
+        engine.end_replayed_forward(*step.visits)
+
+
+def _pad_after_eos(out: torch.Tensor, prompt_len: int, eos: int | list[int] | None, pad: int | None) -> torch.Tensor:
+    if eos is None:
+        return out
+    eos_ids = torch.tensor([eos] if isinstance(eos, int) else list(eos), device=out.device)
+    new = out[:, prompt_len:]
+    hit = torch.isin(new, eos_ids)
+    if not bool(hit.any()):
+        return out
+    after = (hit.cumsum(dim=1) - hit.long()) > 0  # strictly after a row's first EOS
+    new = new.masked_fill(after, pad if pad is not None else int(eos_ids[0]))
+    finished = hit.any(dim=1)
+    if bool(finished.all()):
+        last = int(hit.float().argmax(dim=1).max())
+        new = new[:, : last + 1]
+    return torch.cat([out[:, :prompt_len], new], dim=1)
+
+
+_PLAIN_KWARGS = {"input_ids", "attention_mask", "max_new_tokens", "do_sample", "num_beams", "eos_token_id",
+                 "pad_token_id", "use_cache"}
+# generation settings under which transformers' greedy search is a plain argmax loop
+_NEUTRAL = {"num_beams": (None, 1), "repetition_penalty": (None, 1.0), "no_repeat_ngram_size": (None, 0),
+            "bad_words_ids": (None,), "min_length": (None, 0), "min_new_tokens": (None, 0),
+            "forced_bos_token_id": (None,), "forced_eos_token_id": (None,), "suppress_tokens": (None,),
+            "begin_suppress_tokens": (None,), "sequence_bias": (None,), "num_return_sequences": (None, 1),
+            "encoder_repetition_penalty": (None, 1.0), "penalty_alpha": (None,), "guidance_scale": (None, 1.0),
+            "stop_strings": (None,), "assistant_model": (None,), "prompt_lookup_num_tokens": (None,)}
+
+
+def _plain_greedy(model: nn.Module, args: tuple, kwargs: dict):
+    """(input_ids, max_new_tokens, eos, pad) when this ``generate`` call is a plain greedy search
+    that :func:`greedy_generate` reproduces, else None."""
+    if len(args) > 1 or set(kwargs) - _PLAIN_KWARGS or kwargs.get("use_cache", True) is False:
+        return None
+    ids = args[0] if args else kwargs.get("input_ids")
+    if not isinstance(ids, torch.Tensor) or ids.dim() != 2:
+        return None
+    mask = kwargs.get("attention_mask")
+    if mask is not None and not bool(mask.all()):
+        return None  # padded batches keep transformers' generate
+    cfg = model.generation_config
+    if kwargs.get("do_sample", cfg.do_sample) or kwargs.get("num_beams", cfg.num_beams) not in (None, 1):
+        return None
+    if any(getattr(cfg, name, None) not in allowed for name, allowed in _NEUTRAL.items()):
+        return None
+    new = kwargs.get("max_new_tokens", cfg.max_new_tokens)
+    if new is None:
+        new = (cfg.max_length or 20) - ids.shape[1]
+    if not isinstance(new, int) or new < 1:
+        return None
+    eos = kwargs.get("eos_token_id", cfg.eos_token_id)
+    pad = kwargs.get("pad_token_id", cfg.pad_token_id)
+    if pad is None and eos is not None:
+        pad = eos if isinstance(eos, int) else list(eos)[0]
+    return ids, new, eos, pad
+
+
+def install_generate(model: nn.Module) -> None:
+    """Route ``model.generate`` through :func:`greedy_generate` with graphs for the calls it
+    serves (plain greedy, unpadded, on CUDA with every layer on the table path); every other
+    call, and any call with ``sida_graphs=False``, goes to transformers' own ``generate``."""
+    original = model.generate
+
+    @functools.wraps(original)
+    def generate(*args, sida_graphs: bool | None = None, **kwargs):
+        call = None if sida_graphs is False else _plain_greedy(model, args, kwargs)
+        if call is None or graphs_supported(model, call[0].shape[0]) is not None:
+            if sida_graphs:
+                why = "not a plain greedy call" if call is None else graphs_supported(model, call[0].shape[0])
+                raise ValueError(f"sida_graphs=True, but this generate call cannot use them: {why}")
+            return original(*args, **kwargs)
+        ids, new, eos, pad = call
+        return greedy_generate(model, ids, new, eos_token_id=eos, pad_token_id=pad, graphs=True)
+
+    model.generate = generate
+    model._sida_original_generate = original
+
+
+__all__ = ["graphs_supported", "greedy_generate", "install_generate"]

@@ -1,0 +1,180 @@
+"""Decode through the expert table: layers read each expert wherever it is (slot or pinned pool),
+the cache learns of the visit after the forward, and the greedy loop (eager here, a CUDA graph on
+the GPU) gives transformers' own tokens."""
+
+import copy
+
+import pytest
+import torch
+
+from _moe_models import eager_experts, tiny_model
+import sida_moe
+from sida_moe.decode_graph import greedy_generate
+
+DECODER_FAMILIES = ["mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v3", "gpt_oss"]
+
+
+def _pair(family, budget, policy="lru", prefetch="none", **kw):
+    original = eager_experts(tiny_model(family))
+    offloaded = sida_moe.offload(copy.deepcopy(original), gpu_budget=budget, policy=policy, prefetch=prefetch, **kw)
+    return original, offloaded
+
+
+def _prompt(batch=1, length=5, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(3, 90, (batch, length), generator=g)
+
+
+@pytest.mark.parametrize("family", DECODER_FAMILIES)
+def test_greedy_loop_matches_transformers_generate(family):
+    original, offloaded = _pair(family, "30%")
+    ids = _prompt()
+    with torch.inference_mode():
+        want = original.generate(ids, max_new_tokens=10, do_sample=False, pad_token_id=0)
+        got = greedy_generate(offloaded, ids, 10, pad_token_id=0, graphs=False)
+    assert torch.equal(want, got)
+    stats = sida_moe.engine_of(offloaded).stats()
+    # decode steps (one token) went through the table, and the cache heard of every visit
+    assert stats["table_layer_calls"] > 0
+    assert stats["routed_visits"] == stats["table_layer_calls"]
+    assert stats["hits"] + stats["misses"] > 0
+
+
+def test_decode_misses_are_loaded_so_later_steps_hit():
+    original, offloaded = _pair("qwen3_moe", "100%")
+    engine = sida_moe.engine_of(offloaded)
+    ids = _prompt(length=1)  # the prompt itself is a one-token (table) forward
+    with torch.inference_mode():
+        greedy_generate(offloaded, ids, 1, graphs=False)
+        first = engine.stats()
+        assert first["hits"] == 0 and first["misses"] > 0 and first["acquires"] == 0
+        engine.quiesce()
+        # every miss was loaded: its table entry now points at a slot holding its bytes
+        table = engine.expert_table
+        in_slots = list(engine.cache.resident().items())
+        assert len(in_slots) == first["misses"]
+        base, nbytes = engine.slot_memory.data_ptr(), engine.pool.expert_nbytes
+        for (layer, expert), slot in in_slots:
+            assert int(table[layer * engine.max_experts + expert]) == base + slot * nbytes
+        engine.reset_stats()
+        offloaded(input_ids=ids)  # the same token again: every expert is a hit now
+        again = engine.stats()
+    assert again["misses"] == 0 and again["hits"] == first["misses"]
+
+
+def test_eviction_points_the_entry_back_at_the_pool():
+    original, offloaded = _pair("qwen3_moe", "13%", copy_workers=1)
+    engine = sida_moe.engine_of(offloaded)
+    with torch.inference_mode():
+        for seed in range(6):
+            offloaded(input_ids=_prompt(length=1, seed=seed))
+    engine.quiesce()
+    stats = engine.stats()
+    assert stats["evictions"] > 0
+    resident = engine.cache.resident()
+    base, nbytes = engine.slot_memory.data_ptr(), engine.pool.expert_nbytes
+    for layer in engine.layers:
+        for e in range(layer.num_experts):
+            entry = int(engine.expert_table[layer.ordinal * engine.max_experts + e])
+            slot = resident.get((layer.ordinal, e))
+            if slot is None:
+                assert not (base <= entry < base + engine.num_slots * nbytes), f"({layer.ordinal}, {e}) points at a slot"
+            else:
+                assert entry == base + slot * nbytes
+
+
+def test_hostile_routing_under_a_tiny_budget_stays_exact():
+    """Many decode steps with copy threads admitting and evicting under a minimal budget while the
+    inference thread reads slots through the table: every step's logits equal the original's."""
+    original, offloaded = _pair("qwen3_moe", "12.5%", copy_workers=3)  # one layer's top-k: the minimum
+    engine = sida_moe.engine_of(offloaded)
+    assert engine.num_slots == max(layer.top_k for layer in engine.layers)
+    g = torch.Generator().manual_seed(7)
+    with torch.inference_mode():
+        for _ in range(40):
+            ids = torch.randint(3, 90, (1, 1), generator=g)
+            assert torch.equal(original(input_ids=ids).logits, offloaded(input_ids=ids).logits)
+    stats = engine.stats()
+    assert stats["evictions"] > 10 and stats["table_layer_calls"] >= 40
+
+
+def test_prefill_still_acquires_and_decode_uses_the_table():
+    original, offloaded = _pair("qwen3_moe", "50%")
+    engine = sida_moe.engine_of(offloaded)
+    long_prompt = _prompt(length=64)
+    layer = engine.layers[0]
+    assert not engine.uses_table(0, 64) and engine.uses_table(0, 1)
+    with torch.inference_mode():
+        want = original.generate(long_prompt, max_new_tokens=4, do_sample=False, pad_token_id=0)
+        got = greedy_generate(offloaded, long_prompt, 4, pad_token_id=0, graphs=False)
+    assert torch.equal(want, got)
+    stats = engine.stats()
+    assert stats["acquires"] > 0 and stats["table_layer_calls"] == 3 * len(engine.layers)
+    assert layer.top_k >= 1
+
+
+def test_the_loop_and_transformers_generate_share_an_engine_in_and_out_of_inference_mode():
+    original, offloaded = _pair("qwen3_moe", "50%")
+    ids = _prompt()
+    with torch.inference_mode():
+        want = original.generate(ids, max_new_tokens=5, do_sample=False, pad_token_id=0)
+        assert torch.equal(greedy_generate(offloaded, ids, 5, pad_token_id=0, graphs=False), want)
+    assert torch.equal(offloaded.generate(ids, max_new_tokens=5, do_sample=False, pad_token_id=0), want)
+
+
+def test_model_generate_keeps_transformers_loop_off_cuda():
+    original, offloaded = _pair("mixtral", "50%")
+    ids = _prompt()
+    with torch.inference_mode():
+        want = original.generate(ids, max_new_tokens=6, do_sample=False, pad_token_id=0)
+        assert torch.equal(offloaded.generate(ids, max_new_tokens=6, do_sample=False, pad_token_id=0), want)
+        with pytest.raises(ValueError, match="cannot use them"):
+            offloaded.generate(ids, max_new_tokens=6, do_sample=False, sida_graphs=True)
+
+
+def test_greedy_generate_rejects_bad_input():
+    _, offloaded = _pair("mixtral", "50%")
+    with pytest.raises(ValueError, match="max_new_tokens"):
+        greedy_generate(offloaded, _prompt(), 0)
+    with pytest.raises(ValueError, match="input_ids"):
+        greedy_generate(offloaded, torch.zeros(3, dtype=torch.long), 4)
+    with pytest.raises(ValueError, match="context"):
+        greedy_generate(offloaded, _prompt(), 10**6)
+
+
+
+def test_greedy_loop_serves_a_plain_transformers_model_and_reuses_its_static_cache():
+    model = eager_experts(tiny_model("olmoe"))
+    with torch.inference_mode():
+        for seed, new in ((1, 7), (2, 5), (3, 9)):  # one cache-length bucket, reset between calls
+            ids = _prompt(seed=seed)
+            want = model.generate(ids, max_new_tokens=new, do_sample=False, pad_token_id=0)
+            assert torch.equal(greedy_generate(model, ids, new, graphs=False), want)
+    assert len(model._sida_decode_steps) == 1
+
+
+def test_eos_pads_like_transformers():
+    original, offloaded = _pair("qwen3_moe", "50%")
+    ids = _prompt(batch=2)
+    with torch.inference_mode():
+        free = original.generate(ids, max_new_tokens=8, do_sample=False, pad_token_id=0)
+        eos = int(free[0, ids.shape[1] + 2])  # a token row 0 produces early
+        want = original.generate(ids, max_new_tokens=8, do_sample=False, eos_token_id=eos, pad_token_id=0)
+        got = greedy_generate(offloaded, ids, 8, eos_token_id=eos, pad_token_id=0, graphs=False)
+    assert torch.equal(want, got)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("family", ["qwen3_moe", "mixtral", "olmoe"])
+def test_cuda_graph_decode_matches_eager(family):
+    original = tiny_model(family, torch.float16).cuda()
+    offloaded = sida_moe.offload(copy.deepcopy(original), gpu_budget="25%", policy="lru", prefetch="none")
+    ids = _prompt(length=6).cuda()
+    with torch.inference_mode():
+        eager = greedy_generate(offloaded, ids, 24, graphs=False)
+        graphed = offloaded.generate(ids, max_new_tokens=24, do_sample=False, sida_graphs=True)
+        want = original.generate(ids, max_new_tokens=24, do_sample=False)
+    assert torch.equal(eager, graphed)
+    assert torch.equal(graphed, want)
+    stats = sida_moe.engine_of(offloaded).stats()
+    assert stats["routed_visits"] > 20 * len(sida_moe.engine_of(offloaded).layers)
