@@ -178,3 +178,27 @@ def test_cuda_graph_decode_matches_eager(family):
     assert torch.equal(graphed, want)
     stats = sida_moe.engine_of(offloaded).stats()
     assert stats["routed_visits"] > 20 * len(sida_moe.engine_of(offloaded).layers)
+
+
+def test_recorded_visits_include_table_layers_and_make_the_predictive_policy_belady():
+    """The visit sequence a benchmark records covers decode layers too, and fed back as the
+    future it makes the predictive policy miss no more than LRU on the same steps."""
+    original = eager_experts(tiny_model("qwen3_moe"))
+    ids = [_prompt(length=1, seed=s) for s in range(12)]
+
+    def run(policy, future=None):
+        m = sida_moe.offload(copy.deepcopy(original), gpu_budget="25%", policy=policy, prefetch="none", copy_workers=0)
+        engine = sida_moe.engine_of(m)
+        if future is not None:
+            engine.set_future(future)
+        with torch.inference_mode(), engine.recording_acquires() as trace:
+            for x in ids:
+                m(input_ids=x)
+                engine.quiesce()
+                engine.cache.synchronize()
+        return engine.stats(), trace
+
+    lru, trace = run("lru")
+    assert len(trace) == 12 * len(sida_moe.engine_of(sida_moe.offload(copy.deepcopy(original), gpu_budget=1.0)).layers)
+    belady, _ = run("predictive", trace)
+    assert belady["misses"] <= lru["misses"]

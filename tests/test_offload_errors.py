@@ -10,7 +10,7 @@ import sida_moe
 def test_budget_below_top_k_names_the_minimum():
     model = tiny_model("qwen3_moe")  # top-3 experts per token
     with pytest.raises(sida_moe.BudgetError, match=r"needs 3: the minimum budget is \d+ bytes"):
-        sida_moe.offload(model, gpu_budget=1000)
+        sida_moe.offload(model, gpu_budget="1000B")
     # nothing was moved: the experts are still the original module
     assert type(model.model.layers[0].mlp.experts).__name__ == "Qwen3MoeExperts"
 

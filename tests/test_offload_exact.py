@@ -15,7 +15,7 @@ from _moe_models import FAMILIES, LOGIT_RTOL, eager_experts, forward_logits, gre
 import sida_moe
 
 
-def _min_budget(model) -> int:
+def _min_budget(model) -> str:
     from sida_moe.adapters import adapter_for
 
     adapter = adapter_for(model)
@@ -25,7 +25,7 @@ def _min_budget(model) -> int:
     pool = sida_moe.ExpertPool(sida_moe.Backend("host"), fmt.layout(), keys)
     nbytes = pool.expert_nbytes
     pool.close()
-    return max(layer.top_k for layer in layers) * nbytes
+    return f"{max(layer.top_k for layer in layers) * nbytes}B"
 
 
 def _check_pair(family, dtype, budget, policy="lru", prefetch="next_layer_gate", batch=2):

@@ -1,12 +1,12 @@
-"""GPU expert budgets: parse ``"12GiB"`` / ``0.25`` / ``int bytes`` and turn them into a slot count."""
+"""GPU expert budgets: parse ``0.25`` / ``"25%"`` / ``"12GiB"`` and turn them into a slot count."""
 
 from __future__ import annotations
 
 import math
+import numbers
 import re
 
 _UNITS = {
-    "": 1,
     "b": 1,
     "kb": 10**3,
     "mb": 10**6,
@@ -21,7 +21,8 @@ _UNITS = {
     "gib": 2**30,
     "tib": 2**40,
 }
-_PATTERN = re.compile(r"^\s*([0-9]*\.?[0-9]+(?:[eE][+-]?[0-9]+)?)\s*([a-zA-Z]*|%)\s*$")
+_PATTERN = re.compile(r"^\s*([+-]?(?:[0-9]+\.?[0-9]*|\.[0-9]+)(?:[eE][+-]?[0-9]+)?)\s*([a-zA-Z]*|%)\s*$")
+_ALLOWED = "a fraction in (0, 1] of all experts (0.25), a percent ('25%'), or a size with a unit ('12GiB', '512MB', '4096B')"
 
 BudgetSpec = str | float | int
 
@@ -35,45 +36,66 @@ def format_bytes(n: float) -> str:
     raise AssertionError("unreachable")
 
 
-def parse_budget(spec: BudgetSpec, total_bytes: int) -> int:
-    """Bytes of GPU memory for experts.
+def _fraction_bytes(spec: BudgetSpec, value: float, total_bytes: int) -> int:
+    """A unitless number: a share of all experts. Above 1 it would be ambiguous (was ``2`` two bytes
+    or 200%?), so it is refused and the user adds a unit or a percent sign."""
+    if math.isnan(value) or math.isinf(value):
+        raise ValueError(f"gpu_budget {spec!r} is not a finite number; use {_ALLOWED}")
+    if value <= 0:
+        raise ValueError(f"gpu_budget {spec!r} must be positive; use {_ALLOWED}")
+    if value > 1:
+        text = str(spec).strip()
+        raise ValueError(
+            f"gpu_budget {spec!r} is a number above 1 without a unit: a bare number is a fraction in (0, 1] of "
+            f"all experts; for a size add a unit ('{text}B', '{text}MiB'), for a share use a percent ('25%')"
+        )
+    return int(value * total_bytes)
 
-    ``spec`` is a size string (``"12GiB"``, ``"512MB"``, ``"1.5G"``: KB/MB/GB/TB are decimal, K/M/G/T and
-    KiB/MiB/GiB/TiB binary), a percentage string (``"25%"``), a float fraction in ``(0, 1]`` of
-    ``total_bytes`` (the size of all experts), or an int number of bytes. A budget above
-    ``total_bytes`` is capped to it.
+
+def parse_budget(spec: BudgetSpec, total_bytes: int) -> int:
+    """Bytes of GPU memory for experts, out of ``total_bytes`` (the size of all experts).
+
+    One grammar for Python values and command-line strings:
+
+    - a fraction in ``(0, 1]`` of all experts: ``0.25``, ``"0.25"``, ``1`` (all of them);
+    - a percent in ``(0, 100]``: ``"25%"``;
+    - a size with a unit: ``"12GiB"``, ``"512MB"``, ``"1.5G"``, ``"4096B"`` (KB/MB/GB/TB decimal,
+      K/M/G/T and KiB/MiB/GiB/TiB binary, B bytes; case-insensitive).
+
+    A bare number above 1 (``2``, ``"4096"``) is refused: add a unit (``"4096B"``) or a percent sign.
+    A size above ``total_bytes`` is capped to it. Bad values raise ``ValueError`` (``TypeError`` for
+    a value that is not a str or a number), naming the input and what is allowed.
     """
     if total_bytes <= 0:
         raise ValueError(f"total expert bytes must be positive, got {total_bytes}")
-    if isinstance(spec, bool):
-        raise TypeError("gpu_budget must be a size string, a fraction or a byte count, not a bool")
-    if isinstance(spec, int):
-        if spec <= 0:
-            raise ValueError(f"gpu_budget in bytes must be positive, got {spec}")
-        nbytes = spec
-    elif isinstance(spec, float):
-        if not (0.0 < spec <= 1.0) or math.isnan(spec):
-            raise ValueError(f"a fractional gpu_budget must be in (0, 1] (share of all experts), got {spec}")
-        nbytes = int(spec * total_bytes)
-    elif isinstance(spec, str):
-        match = _PATTERN.match(spec)
-        unit = match.group(2).lower() if match else None
-        if match is None or (unit not in _UNITS and unit != "%"):
-            raise ValueError(
-                f"cannot parse gpu_budget {spec!r}; use e.g. '12GiB', '512MB', '1.5G', '25%', 0.25 or a byte count"
-            )
-        value = float(match.group(1))
-        if value <= 0:
-            raise ValueError(f"gpu_budget must be positive, got {spec!r}")
-        if unit == "%":
-            if value > 100:
-                raise ValueError(f"a percentage gpu_budget must be at most 100%, got {spec!r}")
-            nbytes = int(value / 100 * total_bytes)
-        else:
-            nbytes = int(value * _UNITS[unit])
-    else:
-        raise TypeError(f"gpu_budget must be a str, float or int, got {type(spec).__name__}")
-    return min(nbytes, total_bytes)
+    if isinstance(spec, bool) or not isinstance(spec, (str, numbers.Real)):
+        raise TypeError(f"gpu_budget must be a str or a number ({_ALLOWED}), got {type(spec).__name__}")
+    if isinstance(spec, numbers.Real):
+        return _fraction_bytes(spec, float(spec), total_bytes)
+    match = _PATTERN.match(spec)
+    unit = match.group(2).lower() if match else None
+    if match is None or (unit and unit not in _UNITS and unit != "%"):
+        raise ValueError(f"cannot parse gpu_budget {spec!r}; use {_ALLOWED}")
+    value = float(match.group(1))
+    if not unit:
+        return _fraction_bytes(spec, value, total_bytes)
+    if math.isinf(value):
+        raise ValueError(f"gpu_budget {spec!r} is not a finite number; use {_ALLOWED}")
+    if value <= 0:
+        raise ValueError(f"gpu_budget {spec!r} must be positive; use {_ALLOWED}")
+    if unit == "%":
+        if value > 100:
+            raise ValueError(f"a percentage gpu_budget must be at most 100%, got {spec!r}")
+        return int(value / 100 * total_bytes)
+    if value >= total_bytes / _UNITS[unit]:  # compared before multiplying: 1e300GiB would overflow
+        return total_bytes
+    return int(value * _UNITS[unit])
+
+
+def check_budget(spec: BudgetSpec) -> None:
+    """Raise what :func:`parse_budget` raises for ``spec``, before the size of the experts is known
+    (the command line checks ``--gpu-budget`` while it parses its arguments)."""
+    parse_budget(spec, 1)
 
 
 def slots_for_budget(budget_bytes: int, slot_nbytes: int, total_experts: int, min_slots: int) -> int:
@@ -91,10 +113,10 @@ def slots_for_budget(budget_bytes: int, slot_nbytes: int, total_experts: int, mi
         need = min_slots * slot_nbytes
         raise BudgetError(
             f"gpu_budget of {format_bytes(budget_bytes)} holds {slots} expert slot(s) of {format_bytes(slot_nbytes)}, "
-            f"but one layer's top-k needs {min_slots}: the minimum budget is {need} bytes ({format_bytes(need)}, "
+            f"but one layer's top-k needs {min_slots}: the minimum budget is {need} bytes ('{need}B', {format_bytes(need)}, "
             f"{need / (total_experts * slot_nbytes):.2%} of all experts)"
         )
     return int(slots)
 
 
-__all__ = ["BudgetSpec", "format_bytes", "parse_budget", "slots_for_budget"]
+__all__ = ["BudgetSpec", "check_budget", "format_bytes", "parse_budget", "slots_for_budget"]

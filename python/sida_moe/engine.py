@@ -261,9 +261,10 @@ class OffloadEngine:
 
     @contextmanager
     def recording_acquires(self) -> Iterator[list[tuple[int, list[int]]]]:
-        """Record every acquire call made inside the block as ``(moe_layer, experts)``: in exact
-        mode the same input gives the same sequence, which fed to ``set_future`` makes the
-        predictive policy Belady's optimum."""
+        """Record every cache visit made inside the block (acquire calls, and decode layers read
+        through the expert table, each a sync here) as ``(moe_layer, experts)``: in exact mode the
+        same input gives the same sequence, which fed to ``set_future`` makes the predictive policy
+        Belady's optimum."""
         trace: list[tuple[int, list[int]]] = []
         self._acquire_trace = trace
         try:
@@ -349,6 +350,8 @@ class OffloadEngine:
         ids = torch.where(topk_weights != 0, topk_ids, -1) if self._skip_zero_weight else topk_ids
         self._record_visit(moe_layer, ids)
         self._routed = ids
+        if self._acquire_trace is not None:  # a benchmark recording the visit sequence (syncs)
+            self._acquire_trace.append((moe_layer, torch.unique(ids[ids >= 0]).tolist()))
         table = self._layer_tables[moe_layer]
         if self.device.type == "cuda":
             out = fused_experts_table(x, ids, topk_weights, table, self.fmt)

@@ -51,7 +51,8 @@ def _discover(model: nn.Module) -> tuple[Adapter, list[MoELayer], ExpertFormat]:
         raise ValueError(f"no MoE layers found in this {adapter.name} model (are its experts a supported module type?)")
     fmt = adapter.expert_format(model, layers[0])
     if fmt.dtype not in _FLOAT_DTYPES:
-        raise NotImplementedError(f"expert weights of dtype {fmt.dtype} (quantized) are not supported yet: use bf16, fp16 or fp32")
+        kind = "" if fmt.dtype.is_floating_point else " (quantized)"
+        raise NotImplementedError(f"expert weights of dtype {fmt.dtype}{kind} are not supported yet: use bf16, fp16 or fp32")
     for layer in layers[1:]:
         other = adapter.expert_format(model, layer)
         if other != fmt:
@@ -154,7 +155,8 @@ def offload(
     """Move the experts of a loaded transformers (>= 5) MoE model into a pinned host pool and serve
     them from a GPU slot cache of ``gpu_budget`` bytes. Returns the same model, modified in place.
 
-    - ``gpu_budget``: ``"12GiB"`` / ``"25%"`` / a fraction ``0.25`` of all experts / an int byte count.
+    - ``gpu_budget``: a fraction ``0.25`` of all experts, a percent ``"25%"`` or a size with a unit
+      ``"12GiB"`` / ``"512MB"`` / ``"4096B"`` (a bare number above 1 is refused; see ``parse_budget``).
       BudgetError if fewer slots than one layer's top-k fit (the message gives the minimum).
     - ``policy``: slot eviction, ``"lru" | "lfu" | "fifo" | "predictive"``.
     - ``prefetch``: ``"next_layer_gate"`` (apply layer L+1's router after layer L), ``"none"``, or a

@@ -56,14 +56,9 @@ def write_json(path: Path, meta: dict[str, Any], rows: list[dict[str, Any]]) -> 
     path.write_text(json.dumps({"meta": meta, "results": rows}, indent=2, default=str) + "\n")
 
 
-def plot_vs_budget(rows: list[dict[str, Any]], metric: str, ylabel: str, path: Path) -> bool:
-    """Line per (system, policy, predictor) of ``metric`` against the expert budget; reference
-    systems without a budget (all resident, CPU offload) as horizontal lines. False if nothing to plot."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+def _budget_series(rows: list[dict[str, Any]], metric: str) -> tuple[dict[str, list[tuple[float, float]]], dict[str, float]]:
+    """``metric`` per label: (budget, value) points of the offloaded systems, one value of each
+    reference system without a budget (all resident, CPU offload)."""
     series: dict[str, list[tuple[float, float]]] = defaultdict(list)
     flat: dict[str, float] = {}
     for r in rows:
@@ -75,19 +70,52 @@ def plot_vs_budget(rows: list[dict[str, Any]], metric: str, ylabel: str, path: P
             flat[label] = y
         else:
             series[label].append((r["budget_fraction"], y))
+    return series, flat
+
+
+def budget_figure(rows: list[dict[str, Any]], metric: str, ylabel: str):
+    """The matplotlib figure of ``metric`` against the expert budget (None if nothing to plot): a
+    line per (system, policy, predictor) and the reference systems as horizontal lines; with a
+    single budget, where lines would be one column of points, a bar per system instead."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    series, flat = _budget_series(rows, metric)
     if not series and not flat:
-        return False
+        return None
+    budgets = sorted({x for pts in series.values() for x, _ in pts})
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    for label, pts in sorted(series.items()):
-        pts.sort()
-        ax.plot([100 * x for x, _ in pts], [y for _, y in pts], marker="o", label=label)
-    for i, (label, y) in enumerate(sorted(flat.items())):
-        ax.axhline(y, linestyle="--", color=f"C{(len(series) + i) % 10}", label=label)
-    ax.set_xlabel("expert budget (% of all experts on the GPU)")
+    if len(budgets) <= 1:
+        labels = sorted(series) + sorted(flat)
+        values = [series[k][0][1] for k in sorted(series)] + [flat[k] for k in sorted(flat)]
+        ax.bar(range(len(labels)), values, color=[f"C{i % 10}" for i in range(len(labels))])
+        ax.set_xticks(range(len(labels)), labels, rotation=30, ha="right", fontsize=7)
+        if budgets:
+            ax.set_title(f"expert budget {100 * budgets[0]:g}% of all experts on the GPU", fontsize=9)
+        ax.grid(axis="y", alpha=0.3)
+    else:
+        for label, pts in sorted(series.items()):
+            pts.sort()
+            ax.plot([100 * x for x, _ in pts], [y for _, y in pts], marker="o", label=label)
+        for i, (label, y) in enumerate(sorted(flat.items())):
+            ax.axhline(y, linestyle="--", color=f"C{(len(series) + i) % 10}", label=label)
+        ax.set_xlabel("expert budget (% of all experts on the GPU)")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
     ax.set_ylabel(ylabel)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
     fig.tight_layout()
+    return fig
+
+
+def plot_vs_budget(rows: list[dict[str, Any]], metric: str, ylabel: str, path: Path) -> bool:
+    """Save :func:`budget_figure` as a PNG at ``path``; False if there is nothing to plot."""
+    fig = budget_figure(rows, metric, ylabel)
+    if fig is None:
+        return False
+    import matplotlib.pyplot as plt
+
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return True

@@ -7,8 +7,9 @@ size) and writes JSON, a markdown table and PNG plots when an output directory i
 from __future__ import annotations
 
 import hashlib
-
+import importlib
 import platform
+import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -24,6 +25,13 @@ from sida_moe.bench.timing import TokenTimer
 POLICIES = ("lru", "lfu", "fifo", "predictive", "belady")
 PREDICTORS = ("none", "next_layer_gate", "sida")
 BASELINES = ("resident", "accelerate_cpu", "ondemand_lru", "sida_sync")
+#: how to get the optional parts: the ``bench`` extra declares accelerate and matplotlib
+INSTALL_HINT = 'python3 -m pip install ".[bench]" in the sida-moe checkout'
+
+
+class BenchInputError(ValueError):
+    """A bad benchmark input (configuration, model, prompt file, predictor); raised before the
+    first row runs."""
 
 
 @dataclass
@@ -53,21 +61,55 @@ class BenchConfig:
     extra: dict[str, Any] = field(default_factory=dict)
 
     def validate(self) -> None:
+        """Raise :class:`BenchInputError` (a ValueError) for a bad name, number or path."""
         bad = [p for p in self.policies if p not in POLICIES]
         if bad:
-            raise ValueError(f"unknown policies {bad}; choose from {POLICIES}")
+            raise BenchInputError(f"unknown policies {bad}; choose from {POLICIES}")
         bad = [p for p in self.predictors if p not in PREDICTORS and _sida_k(p) is None]
         if bad:
-            raise ValueError(f"unknown predictors {bad}; choose from {PREDICTORS}, or sida@K (K experts per layer)")
+            raise BenchInputError(f"unknown predictors {bad}; choose from {PREDICTORS}, or sida@K (K experts per layer)")
         if any(p.startswith("sida") for p in self.predictors) and not self.predictor_path:
-            raise ValueError("the 'sida' predictor needs predictor_path (a trained predictor directory)")
+            raise BenchInputError("the 'sida' predictor needs predictor_path (a trained predictor directory)")
         bad = [b for b in self.baselines if b not in BASELINES]
         if bad:
-            raise ValueError(f"unknown baselines {bad}; choose from {BASELINES}")
+            raise BenchInputError(f"unknown baselines {bad}; choose from {BASELINES}")
         if not self.budgets or any(not (0 < b <= 1) for b in self.budgets):
-            raise ValueError(f"budgets must be fractions in (0, 1], got {self.budgets}")
-        if any(b < 1 for b in self.batch_sizes) or self.prompt_tokens < 1 or self.new_tokens < 2:
-            raise ValueError("batch sizes and prompt_tokens must be >= 1 and new_tokens >= 2")
+            raise BenchInputError(f"budgets must be fractions in (0, 1], got {self.budgets}")
+        if not self.batch_sizes or any(b < 1 for b in self.batch_sizes) or self.prompt_tokens < 1 or self.new_tokens < 2:
+            raise BenchInputError("batch sizes and prompt_tokens must be >= 1 and new_tokens >= 2")
+        if self.prompt_file is not None and not Path(self.prompt_file).is_file():
+            raise BenchInputError(f"prompt file {self.prompt_file!r} is not a file")
+        if self.predictor_path is not None and any(p.startswith("sida") for p in self.predictors):
+            from sida_moe.predictor.model import has_predictor
+
+            if not has_predictor(self.predictor_path):
+                raise BenchInputError(f"predictor path {self.predictor_path!r} holds no trained predictor "
+                                      "(predictor.json + predictor.safetensors from sida-moe train-predictor)")
+
+
+def optional_parts(cfg: BenchConfig) -> tuple[tuple[str, ...], bool, str | None]:
+    """What of ``cfg`` this installation can run: the baselines, whether to plot, and a one-line
+    note naming what is skipped and how to install it (None when nothing is)."""
+    def importable(name: str) -> bool:
+        try:
+            importlib.import_module(name)
+        except ImportError:
+            return False
+        return True
+
+    baselines, plots, missing, skipped = cfg.baselines, bool(cfg.out_dir), [], []
+    if "accelerate_cpu" in baselines and not importable("accelerate"):
+        baselines = tuple(b for b in baselines if b != "accelerate_cpu")
+        missing.append("accelerate")
+        skipped.append("the accelerate_cpu baseline")
+    if plots and not importable("matplotlib"):
+        plots = False
+        missing.append("matplotlib")
+        skipped.append("the plots (bench.json and bench.md are still written)")
+    if not missing:
+        return baselines, plots, None
+    return baselines, plots, (f"skipping {' and '.join(skipped)}: {' and '.join(missing)} "
+                              f"{'is' if len(missing) == 1 else 'are'} not installed ({INSTALL_HINT})")
 
 
 # ----------------------------------------------------------------------------- building blocks
@@ -78,10 +120,14 @@ def _load_model(cfg: BenchConfig, device: torch.device, dtype: torch.dtype) -> n
         return build_model(cfg.model, device=device, dtype=dtype, seed=cfg.seed)
     path = Path(cfg.model)
     if not path.is_dir():
-        raise ValueError(f"--model must be a preset ({', '.join(PRESETS)}) or a checkpoint directory; {cfg.model!r} is neither")
+        raise BenchInputError(f"model must be a preset ({', '.join(PRESETS)}) or a checkpoint directory; {cfg.model!r} is neither")
+    from safetensors import SafetensorError
     from transformers import AutoModelForCausalLM
 
-    return AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device).eval()
+    try:
+        return AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device).eval()
+    except (OSError, ValueError, KeyError, SafetensorError) as e:
+        raise BenchInputError(f"cannot load the checkpoint {cfg.model}: {e}") from e
 
 
 def _text_ids(cfg: BenchConfig, vocab: int) -> torch.Tensor:
@@ -97,7 +143,7 @@ def _text_ids(cfg: BenchConfig, vocab: int) -> torch.Tensor:
         ids = AutoTokenizer.from_pretrained(cfg.model)(text)["input_ids"]
     ids = torch.tensor([i for i in ids if i < vocab], dtype=torch.long)
     if ids.numel() == 0:
-        raise ValueError(f"prompt file {cfg.prompt_file} gave no tokens")
+        raise BenchInputError(f"prompt file {cfg.prompt_file} gave no tokens")
     return ids
 
 
@@ -109,7 +155,7 @@ def _prompts(model: nn.Module, batch: int, length: int, seed: int, device: torch
     g = torch.Generator().manual_seed(seed + batch)
     if text_ids is not None:
         if text_ids.numel() < length:
-            raise ValueError(f"the prompt file has {text_ids.numel()} tokens, fewer than prompt_tokens={length}")
+            raise BenchInputError(f"the prompt file has {text_ids.numel()} tokens, fewer than prompt_tokens={length}")
         starts = torch.randint(0, text_ids.numel() - length + 1, (batch,), generator=g)
         ids = torch.stack([text_ids[s : s + length] for s in starts.tolist()])
     else:
@@ -274,12 +320,17 @@ def _timeline(model: nn.Module, prompts, device: torch.device, steps: int = 4) -
 
 # ------------------------------------------------------------------------------------- the run
 def run_bench(cfg: BenchConfig) -> list[dict[str, Any]]:
-    """Run every requested system and configuration; returns the result rows."""
+    """Run every requested system and configuration; returns the result rows. Inputs are checked
+    before the first row (:class:`BenchInputError`); an optional part that is not installed (the
+    accelerate baseline, the plots) is skipped with a one-line note on stderr."""
     from tqdm.auto import tqdm
 
     from sida_moe.offload import engine_of, offload
 
     cfg.validate()
+    baselines, plots, note = optional_parts(cfg)
+    if note:
+        print(f"sida-moe bench: note: {note}", file=sys.stderr, flush=True)
     device = torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = getattr(torch, cfg.dtype) if cfg.dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)
     rows: list[dict[str, Any]] = []
@@ -296,6 +347,7 @@ def run_bench(cfg: BenchConfig) -> list[dict[str, Any]]:
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
         "torch": torch.__version__,
         "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        **({"skipped": note} if note else {}),
     }
 
     def gen(b: int, n: int):
@@ -306,7 +358,7 @@ def run_bench(cfg: BenchConfig) -> list[dict[str, Any]]:
     prompts = {b: _prompts(model, b, cfg.prompt_tokens, cfg.seed, device, text_ids) for b in cfg.batch_sizes}
     reference: dict[int, torch.Tensor] = {}
     reference_logits: dict[int, torch.Tensor] = {}  # the resident model's, teacher-forced on its tokens
-    total = len(cfg.batch_sizes) * (len(cfg.budgets) * len(cfg.policies) * len(cfg.predictors) + len(cfg.baselines))
+    total = len(cfg.batch_sizes) * (len(cfg.budgets) * len(cfg.policies) * len(cfg.predictors) + len(baselines))
     bar = tqdm(total=total, desc="bench", unit="run", disable=not cfg.progress)
 
     def record(system: str, batch: int, timing, extra: dict[str, Any], tokens: torch.Tensor | None = None) -> None:
@@ -323,7 +375,7 @@ def run_bench(cfg: BenchConfig) -> list[dict[str, Any]]:
         bar.update(1)
 
     # 1. all resident (also the reference tokens)
-    if "resident" in cfg.baselines:
+    if "resident" in baselines:
         b0 = cfg.batch_sizes[0]
 
         def seconds_per_decode_token() -> float:  # the bench's headline is decode tokens/s
@@ -339,7 +391,7 @@ def run_bench(cfg: BenchConfig) -> list[dict[str, Any]]:
             reference_logits[b] = teacher_forced_logits(model, prompts[b], tokens)
             record("resident", b, timing, {"experts_implementation": impl, "peak_gpu_gib": _peak_gib(device)}, tokens)
     # 2. transformers + accelerate, experts on the CPU (slow: fewer tokens)
-    if "accelerate_cpu" in cfg.baselines:
+    if "accelerate_cpu" in baselines:
         with experts_on_cpu_with_accelerate(model, device):
             for b in cfg.batch_sizes:
                 _reset_peak(device)
@@ -390,9 +442,9 @@ def run_bench(cfg: BenchConfig) -> list[dict[str, Any]]:
                     if policy == "lru" and predictor == "none":
                         continue
                     run_config("sida", b, budget, policy, predictor, trace=list(trace))
-            if "ondemand_lru" in cfg.baselines:
+            if "ondemand_lru" in baselines:
                 run_config("ondemand_lru", b, budget, "lru", "none")
-            if "sida_sync" in cfg.baselines:
+            if "sida_sync" in baselines:
                 run_config("sida_sync", b, budget, "fifo", "none", sync=True)
     rows = [r for r in rows if r["system"] != "_trace"]
     bar.close()
@@ -401,6 +453,7 @@ def run_bench(cfg: BenchConfig) -> list[dict[str, Any]]:
         out = out_dir
         write_json(out / "bench.json", meta, rows)
         (out / "bench.md").write_text(markdown_table(rows))
+    if out_dir and plots:
         b0 = cfg.batch_sizes[0]
         first = [r for r in rows if r["batch_size"] == b0]
         plot_vs_budget(first, "decode_tokens_per_s", "decode tokens/s", out / "tokens_per_s_vs_budget.png")

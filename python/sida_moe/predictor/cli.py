@@ -15,6 +15,9 @@ import argparse
 import json
 import os
 
+from sida_moe.cli import (UserError, device_arg, non_negative_float, non_negative_int, open_fraction, positive_float,
+                          positive_int, user_errors)
+
 
 def _configure_trace(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", required=True, help="transformers (>= 5) MoE checkpoint directory or hub id")
@@ -22,18 +25,18 @@ def _configure_trace(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", required=True, help="trace directory to write")
     p.add_argument("--split", default="all", choices=["all", "train", "held-out"],
                    help="which files of the corpus: a stable path hash puts --held-out-fraction of them in held-out")
-    p.add_argument("--held-out-fraction", type=float, default=0.05)
-    p.add_argument("--seq-len", type=int, default=256)
-    p.add_argument("--max-sequences", type=int, default=None, help="trace at most this many sequences (random subset)")
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--top-t", type=int, default=30, help="router logits kept per token and layer")
+    p.add_argument("--held-out-fraction", type=open_fraction, default=0.05)
+    p.add_argument("--seq-len", type=positive_int, default=256)
+    p.add_argument("--max-sequences", type=positive_int, default=None, help="trace at most this many sequences (random subset)")
+    p.add_argument("--batch-size", type=positive_int, default=8)
+    p.add_argument("--top-t", type=positive_int, default=30, help="router logits kept per token and layer")
     p.add_argument("--no-next-layer-gate", action="store_true",
                    help="do not record each layer's router on the previous layer's input (the fused "
                         "correction of train-predictor needs it; it costs one router matmul per layer)")
-    p.add_argument("--moe-inputs-every", type=int, default=0, metavar="N",
+    p.add_argument("--moe-inputs-every", type=non_negative_int, default=0, metavar="N",
                    help="also keep the router inputs of every N-th sequence (2 x hidden x (MoE layers - 1) bytes "
                         "per token), so train-predictor can train the lookahead heads; 0 (default): none")
-    p.add_argument("--device", default=None, help="default: cuda when available, else cpu")
+    p.add_argument("--device", default=None, type=device_arg, help="default: cuda when available, else cpu")
     p.add_argument("--dtype", default=None, choices=["bfloat16", "float16", "float32"])
     p.add_argument("--seed", type=int, default=0)
 
@@ -45,31 +48,28 @@ def run_trace(args: argparse.Namespace) -> int:
 
     from sida_moe.predictor.traces import chunk_token_ids, read_corpus, record_traces, split_held_out
 
-    if args.seq_len <= 0 or args.batch_size <= 0:
-        raise SystemExit("--seq-len and --batch-size must be positive")
-    if args.moe_inputs_every < 0:
-        raise SystemExit("--moe-inputs-every must be >= 0 (0: off)")
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = getattr(torch, args.dtype) if args.dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)
-    docs = read_corpus(args.corpus)
+    with user_errors("--corpus", args.corpus):
+        docs = read_corpus(args.corpus)
     if args.split != "all":
         train, held = split_held_out(docs, args.held_out_fraction)
         docs = train if args.split == "train" else held
         if not docs:
-            raise SystemExit(f"the {args.split} split of {args.corpus!r} is empty; change --held-out-fraction")
-    tokenize, eos = _trace_tokenizer(args.model)
+            raise UserError(f"the {args.split} split of {args.corpus!r} is empty; change --held-out-fraction")
+    with user_errors(f"cannot load the tokenizer of {args.model}"):
+        tokenize, eos = _trace_tokenizer(args.model)
     ids = tokenize([text for _, text in docs])
     if not any(ids) and any(text for _, text in docs):
-        raise SystemExit(f"the tokenizer of {args.model} turned the {len(docs)} files of {args.corpus!r} into no tokens "
-                         "at all: it has no vocabulary (save the model's tokenizer beside it)")
-    try:
+        raise UserError(f"the tokenizer of {args.model} turned the {len(docs)} files of {args.corpus!r} into no tokens "
+                        "at all: it has no vocabulary (save the model's tokenizer beside it)")
+    with user_errors("--corpus", args.corpus):
         sequences = chunk_token_ids(ids, args.seq_len, separator=eos)
-    except ValueError as e:
-        raise SystemExit(f"{args.corpus!r} ({len(docs)} files): {e}; use a larger corpus or a smaller --seq-len") from None
     if args.max_sequences is not None and sequences.shape[0] > args.max_sequences:
         g = torch.Generator().manual_seed(args.seed)
         sequences = sequences[torch.randperm(sequences.shape[0], generator=g)[: args.max_sequences]]
-    model = AutoModelForCausalLM.from_pretrained(args.model, dtype=dtype).to(device).eval()
+    with user_errors(f"cannot load the checkpoint {args.model}"):
+        model = AutoModelForCausalLM.from_pretrained(args.model, dtype=dtype).to(device).eval()
     print(f"tracing {sequences.shape[0]} sequences of {args.seq_len} tokens from {len(docs)} files on {device}")
     manifest = record_traces(model, sequences, args.out, batch_size=args.batch_size, top_t=args.top_t,
                              model_name_or_path=args.model, next_layer_gate=not args.no_next_layer_gate,
@@ -96,9 +96,9 @@ def _trace_tokenizer(model: str):
         vocab = getattr(config.get_text_config(), "vocab_size", None) or 0
         need = 256 + ByteTokenizer.offset
         if vocab < need:
-            raise SystemExit(f"{model} ships no tokenizer ({', '.join(_TOKENIZER_FILES)}) and its vocabulary of {vocab} "
-                             f"tokens is too small for the built-in byte tokenizer (needs {need}): save the model's "
-                             "tokenizer beside it")
+            raise UserError(f"{model} ships no tokenizer ({', '.join(_TOKENIZER_FILES)}) and its vocabulary of {vocab} "
+                            f"tokens is too small for the built-in byte tokenizer (needs {need}): save the model's "
+                            "tokenizer beside it")
         print(f"{model} ships no tokenizer: tracing the corpus as UTF-8 bytes (the byte tokenizer that "
               "`sida-moe generate` uses for it)", file=sys.stderr)
         byte = ByteTokenizer()
@@ -109,6 +109,13 @@ def _trace_tokenizer(model: str):
     return (lambda texts: tokenizer(texts, add_special_tokens=False)["input_ids"]), tokenizer.eos_token_id
 
 
+def _dropout(text: str) -> float:
+    value = non_negative_float(text)
+    if value >= 1:
+        raise argparse.ArgumentTypeError(f"must be in [0, 1), got {text}")
+    return value
+
+
 def _configure_train(p: argparse.ArgumentParser) -> None:
     from sida_moe.predictor.train import TrainConfig
 
@@ -116,35 +123,35 @@ def _configure_train(p: argparse.ArgumentParser) -> None:
     p.add_argument("--trace", required=True, help="trace directory of training text (sida-moe trace)")
     p.add_argument("--held-out", default=None, help="trace directory of held-out text for the evaluation report")
     p.add_argument("--out", default=None, help="where to save predictor.json/.safetensors (default: the traced model's directory)")
-    p.add_argument("--steps", type=int, default=d.steps)
-    p.add_argument("--batch-size", type=int, default=d.batch_size)
-    p.add_argument("--lr", type=float, default=d.lr, help=f"AdamW learning rate (default {d.lr}; the paper's is 5e-5)")
-    p.add_argument("--kd-weight", type=float, default=d.kd_weight)
-    p.add_argument("--top-t", type=int, default=d.top_t)
+    p.add_argument("--steps", type=positive_int, default=d.steps)
+    p.add_argument("--batch-size", type=positive_int, default=d.batch_size)
+    p.add_argument("--lr", type=positive_float, default=d.lr, help=f"AdamW learning rate (default {d.lr}; the paper's is 5e-5)")
+    p.add_argument("--kd-weight", type=non_negative_float, default=d.kd_weight)
+    p.add_argument("--top-t", type=positive_int, default=d.top_t)
     p.add_argument("--target", default=d.target, choices=["top1", "topk"],
                    help="top1: the paper's loss; topk: uniform target over the router's top-k set")
     p.add_argument("--conditioned", action="store_true", help="also learn the correction from the previous layer's routing")
-    p.add_argument("--hidden", type=int, default=d.hidden, help=f"predictor width (default {d.hidden}, the paper's)")
-    p.add_argument("--head-hidden", type=int, default=d.head_hidden,
+    p.add_argument("--hidden", type=positive_int, default=d.hidden, help=f"predictor width (default {d.hidden}, the paper's)")
+    p.add_argument("--head-hidden", type=non_negative_int, default=d.head_hidden,
                    help="> 0: per-layer MLP heads of this width instead of the paper's linear heads")
-    p.add_argument("--attn-blocks", type=int, default=d.attn_blocks,
+    p.add_argument("--attn-blocks", type=non_negative_int, default=d.attn_blocks,
                    help="> 0: deep variant, this many causal transformer blocks on top of the paper's network")
-    p.add_argument("--attn-heads", type=int, default=d.attn_heads, help="heads of those blocks (must divide --hidden)")
+    p.add_argument("--attn-heads", type=positive_int, default=d.attn_heads, help="heads of those blocks (must divide --hidden)")
     p.add_argument("--prev-token-routing", action="store_true",
                    help="decode variant: also input the previous token's true routing (known during decode)")
-    p.add_argument("--max-seconds", type=float, default=None, help="cap training time (the step count is cut to fit)")
+    p.add_argument("--max-seconds", type=positive_float, default=None, help="cap training time (the step count is cut to fit)")
     p.add_argument("--bf16", action="store_true",
                    help="bf16 autocast for the forward on a GPU (1.5x the tokens per second at batch 128 on the H100)")
-    p.add_argument("--lookahead-hidden", type=int, default=1024,
+    p.add_argument("--lookahead-hidden", type=non_negative_int, default=1024,
                    help="width of the lookahead heads, trained when the trace holds router inputs "
                         "(trace --moe-inputs-every); 0: do not train them")
-    p.add_argument("--lookahead-steps", type=int, default=4000)
+    p.add_argument("--lookahead-steps", type=positive_int, default=4000)
     p.add_argument("--no-lookahead-previous-token", action="store_true",
                    help="heads without the previous token's state (and no head for layer 0); default: with them")
-    p.add_argument("--dropout", type=float, default=d.dropout, help="training-time dropout in the network (default 0)")
+    p.add_argument("--dropout", type=_dropout, default=d.dropout, help="training-time dropout in the network (default 0)")
     p.add_argument("--no-fit-temperature", action="store_true",
                    help="do not fit hash routing's per-layer weight temperature after training")
-    p.add_argument("--device", default=None, help="default: cuda when available, else cpu")
+    p.add_argument("--device", default=None, type=device_arg, help="default: cuda when available, else cpu")
     p.add_argument("--report", default=None, help="write the full report (JSON) here")
     p.add_argument("--seed", type=int, default=d.seed)
 
@@ -156,14 +163,17 @@ def run_train(args: argparse.Namespace) -> int:
     from sida_moe.predictor.traces import load_traces
     from sida_moe.predictor.train import TrainConfig, format_report, train_predictor
 
-    try:
+    if args.attn_blocks and args.hidden % args.attn_heads:
+        raise UserError(f"--attn-heads {args.attn_heads} must divide --hidden {args.hidden} (the width of the attention blocks)")
+    if args.bf16 and not (args.device or ("cuda" if torch.cuda.is_available() else "cpu")).startswith("cuda"):
+        raise UserError("--bf16 needs a CUDA training device")
+    with user_errors("--trace", args.trace):  # a wrong path or a trace of another model
         traces = load_traces(args.trace)
+    with user_errors("--held-out", args.held_out):
         held = load_traces(args.held_out) if args.held_out else None
-    except (FileNotFoundError, ValueError) as exc:  # a wrong path or a trace of another model
-        raise SystemExit(f"sida-moe train-predictor: {exc}") from exc
     out = args.out or traces.manifest.get("model_name_or_path")
     if not out or not (os.path.isdir(out) or args.out):
-        raise SystemExit("--out is required: the trace does not name a local model directory to save next to")
+        raise UserError("--out is required: the trace does not name a local model directory to save next to")
     config = TrainConfig(
         steps=args.steps, batch_size=args.batch_size, lr=args.lr, kd_weight=args.kd_weight, top_t=args.top_t,
         target=args.target, conditioned=args.conditioned, hidden=args.hidden, head_hidden=args.head_hidden,
@@ -172,8 +182,6 @@ def run_train(args: argparse.Namespace) -> int:
         fit_temperature=not args.no_fit_temperature,
         device=args.device or ("cuda" if torch.cuda.is_available() else "cpu"),
     )
-    if args.lookahead_hidden < 0 or args.lookahead_steps <= 0:
-        raise SystemExit("--lookahead-hidden must be >= 0 and --lookahead-steps positive")
     predictor, report = train_predictor(traces, config, held_out=held)
     print(f"loss {report['loss_first']:.4f} -> {report['loss_last_50']:.4f} in {report['train_seconds']:.1f} s; "
           f"{report['num_parameters']} parameters")
