@@ -114,10 +114,11 @@ def test_missing_corpus_and_trace(tmp_path, capsys):
     _fails(capsys, ["train-predictor", "--trace", str(tmp_path / "nowhere")], r"--trace: .*nowhere' is not a trace directory")
     bad = tmp_path / "bad_trace"
     bad.mkdir()
+    manifest = re.escape(str(bad / "manifest.json"))
     (bad / "manifest.json").write_text("{]")
-    _fails(capsys, ["train-predictor", "--trace", str(bad)], rf"--trace {re.escape(str(bad))}: ")
+    _fails(capsys, ["train-predictor", "--trace", str(bad)], rf"--trace: {manifest}: not a valid trace manifest \(invalid JSON")
     (bad / "manifest.json").write_text(json.dumps({"format": "other"}))
-    _fails(capsys, ["train-predictor", "--trace", str(bad)], rf"--trace {re.escape(str(bad))}: ")
+    _fails(capsys, ["train-predictor", "--trace", str(bad)], rf"--trace: {manifest}: trace format version None is not supported")
 
 
 @pytest.mark.parametrize("args, pattern", [

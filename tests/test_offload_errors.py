@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from _moe_models import tiny_model
+from _moe_models import FAMILIES, eager_experts, greedy, prompt_batch, tiny_model
 import sida_moe
 
 
@@ -114,3 +114,168 @@ def test_from_pretrained_errors(tmp_path):
         sida_moe.from_pretrained(tmp_path, device="cpu")
     with pytest.raises(ValueError, match="unknown dtype"):
         sida_moe.from_pretrained(tmp_path, dtype="float8", device="cpu")
+
+
+# ------------------------------------------------------------------ all or nothing
+def _snapshot(model):
+    return {n: p.detach().clone() for n, p in model.state_dict().items()}
+
+
+def _hook_count(model):
+    return sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.modules())
+
+
+def _assert_original(model, weights, tokens, hooks):
+    """The model is the original one, working: same modules, weights, hooks and tokens."""
+    from sida_moe.experts import OffloadedExperts
+
+    assert not any(isinstance(m, OffloadedExperts) for m in model.modules())
+    assert not hasattr(model, "sida_engine")
+    assert "generate" not in model.__dict__  # transformers' own generate again
+    assert _hook_count(model) == hooks
+    after = model.state_dict()
+    assert after.keys() == weights.keys()
+    assert all(torch.equal(after[n], w) for n, w in weights.items())
+    ids, mask = prompt_batch()
+    with torch.inference_mode():
+        assert torch.equal(greedy(model, ids, mask), tokens)
+
+
+def _original_state(model):
+    ids, mask = prompt_batch()
+    with torch.inference_mode():
+        tokens = greedy(model, ids, mask)
+    return _snapshot(model), tokens, _hook_count(model)
+
+
+@pytest.mark.parametrize("kwargs", [
+    dict(policy="xyz"),
+    dict(prefetch="psychic"),
+    dict(prefetch=object()),
+    dict(copy_workers=-1),
+    dict(copy_workers=65),
+    dict(copy_workers=True),
+    dict(copy_workers="2"),
+    dict(backend="tpu"),
+])
+def test_bad_options_leave_the_model_untouched(kwargs):
+    model = eager_experts(tiny_model("qwen3_moe"))
+    state = _original_state(model)
+    with pytest.raises((ValueError, TypeError)):
+        sida_moe.offload(model, gpu_budget="50%", **kwargs)
+    _assert_original(model, *state)
+    offloaded = sida_moe.offload(model, gpu_budget="50%")  # not "already offloaded"
+    ids, mask = prompt_batch()
+    with torch.inference_mode():
+        assert torch.equal(greedy(offloaded, ids, mask), state[1])
+    offloaded.sida_engine.close()
+
+
+class _Boom(Exception):
+    pass
+
+
+def _fail_in(monkeypatch, step, exc):
+    """Make one step of ``offload`` raise ``exc`` part-way."""
+    import importlib
+
+    from sida_moe.engine import OffloadEngine
+
+    off = importlib.import_module("sida_moe.offload")  # the attribute sida_moe.offload is the function
+
+    if step == "write_expert":  # while the experts are copied into the pool, one layer done
+        real = OffloadEngine.write_expert
+        calls = []
+
+        def write_expert(self, *args):
+            calls.append(1)
+            if len(calls) == 12:  # in the second MoE layer
+                raise exc
+            return real(self, *args)
+
+        monkeypatch.setattr(OffloadEngine, "write_expert", write_expert)
+    elif step == "release":  # while the original weights are being freed
+        real = off._release_storage
+        calls = []
+
+        def release(*args, **kwargs):
+            calls.append(1)
+            if len(calls) == 2:
+                real(*args, **kwargs)
+                raise exc
+            return real(*args, **kwargs)
+
+        monkeypatch.setattr(off, "_release_storage", release)
+    elif step == "open_cache":  # after every original weight was freed
+        def open_cache(self, *args):
+            raise exc
+
+        monkeypatch.setattr(OffloadEngine, "open_cache", open_cache)
+    elif step == "attach":  # the cache is open, the prefetcher attaches
+        from sida_moe.prefetchers import NextLayerGate
+
+        def attach(self, engine):
+            raise exc
+
+        monkeypatch.setattr(NextLayerGate, "attach", attach)
+    elif step == "hooks":  # hooks installed, generate not routed yet
+        real = off._install_hooks
+
+        def install(model, engine):
+            real(model, engine)
+            raise exc
+
+        monkeypatch.setattr(off, "_install_hooks", install)
+    elif step == "generate":  # the last step: generate routed through the engine
+        real = off.install_generate
+
+        def install(model):
+            real(model)
+            raise exc
+
+        monkeypatch.setattr(off, "install_generate", install)
+
+
+@pytest.mark.parametrize("exc", [KeyboardInterrupt(), _Boom("injected")], ids=["ctrl-c", "error"])
+@pytest.mark.parametrize("step", ["write_expert", "release", "open_cache", "attach", "hooks", "generate"])
+def test_a_failure_part_way_leaves_the_original_model_working(monkeypatch, step, exc):
+    model = eager_experts(tiny_model("qwen3_moe"))
+    state = _original_state(model)
+    with monkeypatch.context() as m:
+        _fail_in(m, step, exc)
+        with pytest.raises(type(exc)):
+            sida_moe.offload(model, gpu_budget="50%")
+    _assert_original(model, *state)
+    offloaded = sida_moe.offload(model, gpu_budget="50%")
+    ids, mask = prompt_batch()
+    with torch.inference_mode():
+        assert torch.equal(greedy(offloaded, ids, mask), state[1])
+    offloaded.sida_engine.close()
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_every_family_gets_its_weights_back_from_the_pool(monkeypatch, family):
+    """A failure after the originals were freed writes them back from the pool (each adapter's
+    inverse of its canonical layout), bit for bit."""
+    model = eager_experts(tiny_model(family))
+    state = _original_state(model)
+    with monkeypatch.context() as m:
+        _fail_in(m, "open_cache", _Boom("injected"))
+        with pytest.raises(_Boom):
+            sida_moe.offload(model, gpu_budget=1.0)
+    _assert_original(model, *state)
+
+
+def test_engine_reopen_with_a_bad_size_keeps_the_open_cache():
+    model = sida_moe.offload(tiny_model("olmoe"), gpu_budget=1.0)
+    engine = model.sida_engine
+    total = engine.num_experts_total
+    for bad in (0, total + 1, 10**12, 2.5):
+        with pytest.raises(sida_moe.BudgetError, match=f"1..={total}"):
+            engine.reopen_cache(bad)
+    with pytest.raises(ValueError, match="copy_workers"):
+        engine.reopen_cache(4, copy_workers=100)
+    assert engine.num_slots == total and not engine.cache.closed
+    with torch.inference_mode():
+        model(torch.tensor([[5, 6, 7]]))
+    engine.close()

@@ -94,3 +94,104 @@ def test_missing_dense_tensor(tmp_path):
     save_file(tensors, tmp_path / "model.safetensors", metadata={"format": "pt"})
     with pytest.raises(ValueError, match="lacks 1 dense tensors.*q_proj"):
         sida_moe.from_pretrained(tmp_path, device="cpu", progress=False)
+
+
+# ----------------------------------------------------------------------- bad checkpoints
+def _rewrite(tmp_path, edit):
+    tensors = load_file(tmp_path / "model.safetensors")
+    edit(tensors)
+    save_file({k: v.contiguous() for k, v in tensors.items()}, tmp_path / "model.safetensors", metadata={"format": "pt"})
+
+
+@pytest.mark.parametrize("family, name, fused", [
+    ("qwen3_moe", "model.layers.1.mlp.experts.4.up_proj.weight", False),  # native path, per-expert tensor
+    ("mixtral", "model.layers.2.mlp.experts.gate_up_proj", True),  # native path, fused tensor
+    ("gpt_oss", "model.layers.0.mlp.experts.down_proj", True),  # Python path (transform)
+    ("switch_transformers", "encoder.block.1.layer.1.mlp.experts.expert_3.wi.weight", False),
+])
+def test_expert_tensor_of_a_consistent_but_wrong_shape_is_refused(tmp_path, family, name, fused):
+    model = tiny_model(family)
+    if fused:  # the checkpoint holds the module's own fused tensors
+        save_file({k: v.contiguous() for k, v in model.state_dict().items()}, tmp_path / "model.safetensors", metadata={"format": "pt"})
+        model.config.save_pretrained(tmp_path)
+    else:
+        model.save_pretrained(tmp_path)
+    found = {}
+
+    def transpose_last_two(tensors):
+        t = tensors[name]
+        found["expected"], found["shape"] = list(t.shape), list(t.shape[:-2]) + [t.shape[-1], t.shape[-2]]
+        tensors[name] = t.reshape(found["shape"])  # same bytes, same element count
+
+    _rewrite(tmp_path, transpose_last_two)
+    with pytest.raises(ValueError) as info:
+        sida_moe.from_pretrained(tmp_path, device="cpu", progress=False)
+    msg = str(info.value)
+    assert name in msg and str(tmp_path / "model.safetensors") in msg
+    assert str(found["expected"]) in msg and str(found["shape"]) in msg
+
+
+def test_dense_tensor_of_a_wrong_shape_is_refused_before_loading(tmp_path):
+    tiny_model("qwen3_moe").save_pretrained(tmp_path)
+    name = "model.layers.0.self_attn.k_proj.weight"
+    _rewrite(tmp_path, lambda t: t.__setitem__(name, t[name].t()))
+    with pytest.raises(ValueError) as info:
+        sida_moe.from_pretrained(tmp_path, device="cpu", progress=False)
+    assert f"checkpoint tensor {name!r} in {tmp_path / 'model.safetensors'} has shape [32, 16], but the config makes" in str(info.value)
+    assert str(info.value).endswith("[16, 32]")
+    name = "model.embed_tokens.weight"
+    _rewrite(tmp_path, lambda t: t.__setitem__(name, t[name][:90]))
+    with pytest.raises(ValueError, match=r"model.embed_tokens.weight.* has shape \[90, 32\], but the config makes .* \[96, 32\]"):
+        sida_moe.from_pretrained(tmp_path, device="cpu", progress=False)
+
+
+def test_invalid_index_names_the_file(tmp_path):
+    tiny_model("olmoe").save_pretrained(tmp_path)
+    index = tmp_path / "model.safetensors.index.json"
+    for text, match in [
+        ("{not json", "invalid JSON"),
+        ('{"metadata": {}}', "weight_map"),
+        ('["model.safetensors"]', "weight_map"),
+        ('{"weight_map": {"a": 3}}', "weight_map"),
+    ]:
+        index.write_text(text)
+        with pytest.raises(sida_moe.LoadError, match=match) as info:
+            sida_moe.from_pretrained(tmp_path, device="cpu", progress=False)
+        assert str(index) in str(info.value)
+    index.write_text(json.dumps({"weight_map": {"model.embed_tokens.weight": "model-00002.safetensors"}}))
+    with pytest.raises(FileNotFoundError, match=r"model-00002.safetensors"):
+        sida_moe.from_pretrained(tmp_path, device="cpu", progress=False)
+
+
+@pytest.mark.parametrize("damage", ["truncated", "garbage", "empty"])
+def test_corrupt_shard_names_the_file(tmp_path, damage):
+    tiny_model("olmoe").save_pretrained(tmp_path)
+    shard = tmp_path / "model.safetensors"
+    data = shard.read_bytes()
+    shard.write_bytes({"truncated": data[:-100], "garbage": b"\x10" + bytes(7) + b"{not a header at all", "empty": b""}[damage])
+    with pytest.raises(sida_moe.LoadError, match="not a valid safetensors file") as info:
+        sida_moe.from_pretrained(tmp_path, device="cpu", progress=False)
+    assert str(shard) in str(info.value)
+
+
+@pytest.mark.parametrize("kwargs", [
+    dict(policy="xyz"),
+    dict(prefetch="psychic"),
+    dict(copy_workers=65),
+    dict(backend="tpu"),
+    dict(device="tpu"),
+    dict(device="cuda:banana"),
+])
+def test_from_pretrained_checks_its_arguments_before_reading_weights(tmp_path, monkeypatch, kwargs):
+    import importlib
+
+    tiny_model("olmoe").save_pretrained(tmp_path)
+    off = importlib.import_module("sida_moe.offload")
+
+    def no_reading(*args, **kw):
+        raise AssertionError("a weights file was opened before the arguments were checked")
+
+    monkeypatch.setattr("safetensors.safe_open", no_reading)
+    monkeypatch.setattr(off, "_open_shard", no_reading, raising=False)
+    with pytest.raises(ValueError):
+        sida_moe.from_pretrained(tmp_path, progress=False, **kwargs)

@@ -15,6 +15,8 @@ import torch
 from typing_extensions import Buffer
 
 __version__: str
+MAX_COPY_WORKERS: int
+"""Most copy worker threads a SlotCache starts (``copy_workers`` is in ``0..=MAX_COPY_WORKERS``)."""
 
 # ----------------------------------------------------------------------------------- exceptions
 class SidaMoeError(Exception):
@@ -40,7 +42,10 @@ class InvalidArgumentError(SidaMoeError, ValueError):
     of range, an unknown policy / priority / backend name."""
 
 class LoadError(SidaMoeError, OSError):
-    """Reading a weights file failed, or the file is malformed (message names file and entry)."""
+    """Reading a weights or trace file failed, or the file is malformed (the message names the file)."""
+
+class OutOfMemoryError(SidaMoeError, MemoryError):
+    """An allocation of a legal size failed: not enough host (or pinned) memory for the request."""
 
 # ------------------------------------------------------------------------------------- backend
 @final
@@ -160,9 +165,11 @@ class SlotCache:
         queue_capacity: int = 4096,
         acquire_timeout: float = 60.0,
     ) -> None:
-        """``num_slots`` >= 1 (else BudgetError). ``copy_workers`` in 0..=64: with 0, queued
-        prefetches are served by ``synchronize`` in the calling thread (deterministic tests).
-        ``queue_capacity`` is per lane. ``acquire`` raises BudgetError when, for
+        """``num_slots`` in ``1..=pool.num_experts`` (else BudgetError). ``copy_workers`` in
+        ``0..=MAX_COPY_WORKERS`` (64): with 0, queued prefetches are served by ``synchronize`` in the
+        calling thread (deterministic tests). ``queue_capacity`` is per lane, in ``1..=2**20``.
+        Out-of-range values raise before anything is allocated; OutOfMemoryError when the slot
+        memory or tables of a legal size cannot be allocated. ``acquire`` raises BudgetError when, for
         ``acquire_timeout`` seconds, other pins leave too few evictable slots."""
     @property
     def num_slots(self) -> int: ...
@@ -247,7 +254,8 @@ class SlotCache:
         ``remember``: keep the rows as this generation's prediction (``deferred_predicted``); then
         ``prefetch`` of each row. Requests are handled in submission order. Errors met by the thread
         (an expert out of range) are kept for ``take_deferred_error``. The pointer is not checked:
-        a wrong address is undefined behaviour, as with ``ExpertPool.write_ptr``."""
+        a wrong address is undefined behaviour, as with ``ExpertPool.write_ptr``. At most 2**24 ids
+        (``len(layers) * width``) per call, else InvalidArgumentError."""
     def register_program(
         self,
         graph_exec: int,
@@ -262,7 +270,8 @@ class SlotCache:
         raw_cuda_graph_exec()``; 0: no graph -- the copies and ids only, for the host backend);
         ``inputs``: its static input buffers as (address, bytes); ``ids_ptr``: its output of
         ``len(layers) * width`` int64 ids (row i: layer ``layers[i]``); ``stream``: the stream it
-        runs on. Every buffer and the graph must stay alive until ``clear_programs``."""
+        runs on. Every buffer and the graph must stay alive until ``clear_programs``. At most 2**24
+        ids (``len(layers) * width``), as for ``prefetch_deferred``."""
     def run_program(
         self,
         program: int,
@@ -355,4 +364,5 @@ def simulate_policy(
 ) -> dict[str, int]:
     """Run the eviction policy alone over a trace of acquire calls (no copies). For "predictive"
     with ``future=True`` the policy is fed the trace itself (Belady's optimum). Returns hits,
-    misses, evictions. Same policy code as SlotCache."""
+    misses, evictions. Same policy code as SlotCache. ``num_slots`` >= 1; slots beyond the trace's
+    distinct experts change nothing, so any larger budget is accepted."""

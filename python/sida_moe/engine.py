@@ -23,6 +23,15 @@ from sida_moe.prefetchers import NoPrefetch, Prefetcher
 _POLICIES = ("lru", "lfu", "fifo", "predictive")
 
 
+def check_cache_options(policy: str, copy_workers: int) -> None:
+    """The slot cache's policy and worker count, checked without a pool (``offload`` checks them
+    before it touches the model)."""
+    if not isinstance(policy, str) or policy not in _POLICIES:
+        raise ValueError(f"policy must be one of {_POLICIES}, got {policy!r}")
+    if isinstance(copy_workers, bool) or not isinstance(copy_workers, int) or not 0 <= copy_workers <= _native.MAX_COPY_WORKERS:
+        raise ValueError(f"copy_workers must be an int in 0..={_native.MAX_COPY_WORKERS}, got {copy_workers!r}")
+
+
 class OffloadEngine:
     """Pool + cache + compute glue of one offloaded model (see the module docstring).
 
@@ -192,10 +201,9 @@ class OffloadEngine:
 
     def open_cache(self, num_slots: int, policy: str = "lru", copy_workers: int = 2) -> None:
         """Allocate the slot memory on the model's device and start the slot cache."""
-        if policy not in _POLICIES:
-            raise ValueError(f"policy must be one of {_POLICIES}, got {policy!r}")
         if self.cache is not None:
             raise RuntimeError("the cache is already open")
+        self.check_cache_args(num_slots, policy, copy_workers)  # before the slot memory is allocated
         nbytes = self.pool.expert_nbytes
         self.slot_memory = torch.empty((num_slots, nbytes), dtype=torch.uint8, device=self.device)
         self.cache = _native.SlotCache(self.pool, num_slots, policy, slots_ptr=self.slot_memory.data_ptr(), copy_workers=copy_workers)
@@ -208,6 +216,13 @@ class OffloadEngine:
         self._host_tables = torch.full((num_layers, self.max_experts), -1, dtype=torch.int32, pin_memory=pin)
         self._host_tables_np = self._host_tables.numpy()
         self._dev_tables = self._host_tables if not pin else torch.full_like(self._host_tables, -1, device=self.device)
+
+    def check_cache_args(self, num_slots: int, policy: str, copy_workers: int) -> None:
+        """Raise for arguments ``open_cache`` would refuse, before anything is allocated or closed."""
+        if isinstance(num_slots, bool) or not isinstance(num_slots, int) or not 1 <= num_slots <= self.num_experts_total:
+            raise _native.BudgetError(f"num_slots must be an int in 1..={self.num_experts_total} (one slot per expert "
+                                      f"at most), got {num_slots!r}")
+        check_cache_options(policy, copy_workers)
 
     def _attach_expert_table(self) -> None:
         """Give the cache the expert table that decode layers read weights through (where the
@@ -233,6 +248,7 @@ class OffloadEngine:
         """Replace the slot cache (new size / policy, empty slots; ``slots_for(budget)`` gives the
         size); the pinned pool is kept and the old slot memory is freed first."""
         policy = policy or (self.cache.policy if self.cache is not None else "lru")
+        self.check_cache_args(num_slots, policy, copy_workers)  # the old cache stays open on bad ones
         if self.cache is not None:
             self.cache.close()
         self.cache = None

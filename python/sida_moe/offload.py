@@ -4,6 +4,7 @@ with its experts streamed from safetensors straight into the pinned pool."""
 from __future__ import annotations
 
 import json
+import math
 import re
 import warnings
 from collections import defaultdict
@@ -14,10 +15,11 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from sida_moe._native import LoadError
 from sida_moe.adapters import Adapter, MoELayer, adapter_for
 from sida_moe.budget import BudgetSpec
 from sida_moe.decode_graph import install_generate
-from sida_moe.engine import OffloadEngine
+from sida_moe.engine import OffloadEngine, check_cache_options
 from sida_moe.experts import OffloadedExperts
 from sida_moe.format import ExpertFormat
 from sida_moe.prefetchers import Prefetcher, make_prefetcher
@@ -103,16 +105,32 @@ def _install_hooks(model: nn.Module, engine: OffloadEngine) -> None:
         engine._hooks.append(embed.register_forward_hook(embed_hook))
 
 
+def _check_options(policy: str, prefetch, backend: str, copy_workers: int) -> Prefetcher:
+    """The options that need no model, checked before anything is built, loaded or moved."""
+    check_cache_options(policy, copy_workers)
+    if not isinstance(backend, str) or backend not in ("auto", "cuda", "host"):
+        raise ValueError(f"backend must be 'auto', 'cuda' or 'host', got {backend!r}")
+    return make_prefetcher(prefetch)
+
+
+def _start(model: nn.Module, engine: OffloadEngine, num_slots: int, policy: str, prefetcher: Prefetcher, copy_workers: int) -> None:
+    """Open the slot cache, attach the prefetcher, hook the model and route its ``generate`` (the
+    caller undoes it on failure)."""
+    engine.open_cache(num_slots, policy, copy_workers)
+    engine.set_prefetcher(prefetcher)
+    _install_hooks(model, engine)
+    install_generate(model)
+
+
 def _finish(model: nn.Module, engine: OffloadEngine, num_slots: int, policy: str, prefetch, copy_workers: int) -> nn.Module:
+    """Start the engine of a model built around it (``from_pretrained``, presets): on failure the
+    engine is closed and the model, which nobody else holds yet, is dropped."""
     try:
-        engine.open_cache(num_slots, policy, copy_workers)
-        engine.set_prefetcher(make_prefetcher(prefetch))
-        _install_hooks(model, engine)
+        _start(model, engine, num_slots, policy, make_prefetcher(prefetch), copy_workers)
     except BaseException:
         engine.close()
         raise
     model.sida_engine = engine
-    install_generate(model)
     return model
 
 
@@ -150,6 +168,7 @@ def offload(
     is replaced by :class:`~sida_moe.experts.OffloadedExperts` and its weights are freed. Exact: the
     outputs equal the original model's within the dtype's rounding.
     """
+    prefetcher = _check_options(policy, prefetch, backend, copy_workers)
     adapter, layers, fmt = _discover(model)
     params = [p for layer in layers for p in layer.experts.parameters()]
     if any(p.is_meta for p in params):
@@ -164,32 +183,102 @@ def offload(
         raise ValueError(f"the experts are spread over several devices {sorted(map(str, devices))}; put the model on one device")
     device = devices.pop()
     engine = OffloadEngine(layers, fmt, device, backend)
+    # All or nothing: until offload returns, every change to the model is recorded here and
+    # undone on any failure or interrupt, so the caller keeps a working original model.
+    swapped: list[tuple[MoELayer, nn.Module]] = []
+    released: list[tuple[MoELayer, list[tuple[nn.Parameter, torch.Size]]]] = []
     try:
-        num_slots = engine.slots_for(gpu_budget)  # fail before moving anything
+        num_slots = engine.slots_for(gpu_budget)
+        engine.check_cache_args(num_slots, policy, copy_workers)
         from tqdm.auto import tqdm
 
+        # every expert reaches the pool before the model changes at all
         for layer in tqdm(layers, desc="offloading experts", unit="layer", disable=not progress):
             for expert in range(layer.num_experts):
                 engine.write_expert(layer.ordinal, expert, adapter.expert_weights(layer, expert))
-            original = layer.experts
+        restorable = all(_restorable(adapter, layer, fmt) for layer in layers)
+        for layer in layers:
+            swapped.append((layer, layer.experts))
             setattr(layer.block, layer.experts_attr, OffloadedExperts(engine, layer))
-            _release_storage(original)
+        if restorable:
+            # free the originals before the slot memory is allocated (it may need their room); a
+            # failure from here on writes them back from the pool
+            for layer, original in swapped:
+                _release_storage(original, layer, released)
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+        _start(model, engine, num_slots, policy, prefetcher, copy_workers)
     except BaseException:
-        engine.close()
+        _put_back(model, engine, adapter, fmt, swapped, released)
         raise
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
-    return _finish(model, engine, num_slots, policy, prefetch, copy_workers)
+    if not restorable:
+        for _, original in swapped:
+            _release_storage(original)
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    model.sida_engine = engine
+    return model
 
 
-def _release_storage(module: nn.Module) -> None:
+def _restorable(adapter: Adapter, layer: MoELayer, fmt: ExpertFormat) -> bool:
+    """True when the adapter can write the layer's original parameters back from the pool: it has
+    the inverse of ``expert_weights``, and the canonical tensors hold every parameter element."""
+    if type(adapter).write_expert_weights is Adapter.write_expert_weights:
+        return False
+    per_expert = sum(math.prod(shape) for shape in fmt.tensor_shapes().values())
+    return sum(p.numel() for p in layer.experts.parameters()) == per_expert * layer.num_experts
+
+
+def _release_storage(module: nn.Module, layer: MoELayer | None = None,
+                     record: list[tuple[MoELayer, list[tuple[nn.Parameter, torch.Size]]]] | None = None) -> None:
     """Free the weights of a replaced experts module now, even if something outside the model still
     holds its Parameter objects (hooks of other libraries, user references): their storage is what
-    the budget is about."""
+    the budget is about. ``record`` gets each parameter's shape first, for ``_put_back``."""
+    params = list(module.parameters())
+    if record is not None:
+        record.append((layer, [(p, p.shape) for p in params]))
     with torch.no_grad():
-        for param in module.parameters():
+        for param in params:
             param.data = torch.empty(0, dtype=param.dtype, device=param.device)
             param.grad = None
+
+
+def _put_back(model: nn.Module, engine: OffloadEngine, adapter: Adapter, fmt: ExpertFormat,
+              swapped: list[tuple[MoELayer, nn.Module]],
+              released: list[tuple[MoELayer, list[tuple[nn.Parameter, torch.Size]]]]) -> None:
+    """Undo a failed ``offload``: the original experts modules go back, their released weights are
+    written back from the pool, then the engine is closed."""
+    if engine.cache is not None:
+        engine.cache.close()  # its slot memory may be the room the weights need
+        engine.slot_memory = None
+        engine.views = None
+        if engine.device.type == "cuda":
+            torch.cuda.empty_cache()
+    if "_sida_original_generate" in model.__dict__:  # install_generate ran
+        original = model.__dict__.pop("_sida_original_generate")
+        if getattr(original, "__func__", None) is getattr(type(model), "generate", None):
+            model.__dict__.pop("generate", None)  # the class's own generate again
+        else:
+            model.generate = original
+    for layer, original in swapped:
+        setattr(layer.block, layer.experts_attr, original)
+    for layer, params in released:
+        with torch.no_grad():
+            for param, shape in params:
+                if param.shape != shape:
+                    param.data = torch.empty(shape, dtype=param.dtype, device=param.device)
+        for expert in range(layer.num_experts):
+            adapter.write_expert_weights(layer, expert, _pool_tensors(engine, fmt, layer.ordinal, expert))
+    engine.close()
+
+
+def _pool_tensors(engine: OffloadEngine, fmt: ExpertFormat, moe_layer: int, expert: int) -> dict[str, torch.Tensor]:
+    """One expert's canonical tensors, copied out of the pool onto the engine's device."""
+    out = {}
+    for name, shape in fmt.tensor_shapes().items():
+        raw = torch.frombuffer(bytearray(engine.pool.read(moe_layer, expert, name)), dtype=torch.uint8)
+        out[name] = raw.view(fmt.dtype).view(shape).to(engine.device)
+    return out
 
 
 # --------------------------------------------------------------------------- from_pretrained
@@ -214,7 +303,18 @@ def _parameters_on_meta() -> Iterator[None]:
 def _safetensors_files(path: Path) -> list[Path]:
     index = path / "model.safetensors.index.json"
     if index.exists():
-        shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        try:
+            data = json.loads(index.read_text())
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise LoadError(f"{index}: not a valid safetensors index (invalid JSON: {e})") from None
+        weight_map = data.get("weight_map") if isinstance(data, dict) else None
+        if not isinstance(weight_map, dict) or not weight_map or not all(isinstance(v, str) and v for v in weight_map.values()):
+            raise LoadError(f"{index}: not a valid safetensors index (it needs a non-empty \"weight_map\" object "
+                            f"mapping tensor names to shard file names)")
+        shards = sorted(set(weight_map.values()))
+        missing = [s for s in shards if not (path / s).is_file()]
+        if missing:
+            raise FileNotFoundError(f"{index} names shards that are not in {path}: {missing[:3]}")
         return [path / s for s in shards]
     single = path / "model.safetensors"
     if single.exists():
@@ -223,6 +323,16 @@ def _safetensors_files(path: Path) -> list[Path]:
     if not files:
         raise FileNotFoundError(f"no safetensors weights in {path} (expected model.safetensors or an index)")
     return files
+
+
+def _open_shard(file: Path):
+    """``safe_open`` of one weights file; a corrupt file raises LoadError naming it."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        return safe_open(str(file), "pt")
+    except SafetensorError as e:
+        raise LoadError(f"{file}: not a valid safetensors file: {e}") from None
 
 
 def _resolve_dtype(dtype: torch.dtype | str | None, config) -> torch.dtype:
@@ -277,8 +387,10 @@ def from_pretrained(
     about the dense weights plus the budget. Other arguments as in :func:`offload`.
     """
     import transformers
-    from safetensors import safe_open
 
+    # every argument is checked before a weight is read
+    prefetcher = _check_options(policy, prefetch, backend, copy_workers)
+    device = _resolve_device(device)
     path = Path(path)
     if not path.is_dir():
         raise FileNotFoundError(f"{path} is not a checkpoint directory (from_pretrained reads local save_pretrained output)")
@@ -286,9 +398,6 @@ def from_pretrained(
     if getattr(config, "quantization_config", None):
         raise NotImplementedError("quantized checkpoints are not supported yet: use a bf16, fp16 or fp32 checkpoint")
     dtype = _resolve_dtype(dtype, config)
-    device = torch.device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
-    if device.type == "cuda" and device.index is None:
-        device = torch.device("cuda", torch.cuda.current_device())
     files = _safetensors_files(path)
     cls = _model_class(config)
     with _parameters_on_meta():
@@ -298,19 +407,23 @@ def from_pretrained(
 
     renames = [(re.compile(p), r) for p, r in adapter.checkpoint_renames]
     location: dict[str, tuple[Path, str]] = {}  # module-side name -> (file, on-disk name)
+    shapes: dict[str, tuple[int, ...]] = {}  # on-disk name -> shape, from the headers
     for file in files:
-        with safe_open(str(file), "pt") as f:
+        with _open_shard(file) as f:
             for key in f.keys():
                 name = key
                 for pattern, repl in renames:
                     name = pattern.sub(repl, name)
                 location[name] = (file, key)
+                shapes[key] = tuple(f.get_slice(key).get_shape())
     names = set(location)
+    expert_prefixes = tuple(f"{layer.path}." for layer in layers)
+    _check_dense_shapes(model, location, shapes, expert_prefixes)
 
     engine = OffloadEngine(layers, fmt, device, backend)
     try:
         num_slots = engine.slots_for(gpu_budget)
-        expert_prefixes = tuple(f"{layer.path}." for layer in layers)
+        engine.check_cache_args(num_slots, policy, copy_workers)
         _load_experts(engine, adapter, layers, fmt, location, names, progress)
         for layer in layers:
             setattr(layer.block, layer.experts_attr, OffloadedExperts(engine, layer))
@@ -318,12 +431,51 @@ def from_pretrained(
     except BaseException:
         engine.close()
         raise
-    return _finish(model, engine, num_slots, policy, prefetch, copy_workers)
+    return _finish(model, engine, num_slots, policy, prefetcher, copy_workers)
+
+
+def _resolve_device(device: str | torch.device | None) -> torch.device:
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        device = torch.device(device)
+    except (RuntimeError, TypeError, ValueError):
+        raise ValueError(f"device must be a torch device such as 'cpu', 'cuda' or 'cuda:1', got {device!r}") from None
+    if device.type not in ("cpu", "cuda"):
+        raise ValueError(f"device must be a CPU or CUDA device, got {device}")
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"device {device} was asked for, but CUDA is not available on this machine")
+        if device.index is None:
+            device = torch.device("cuda", torch.cuda.current_device())
+        elif device.index >= torch.cuda.device_count():
+            raise ValueError(f"device {device} does not exist: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    return device
+
+
+def _dense_target(name: str, state_names: set[str], prefix: str) -> str | None:
+    """The model's parameter / buffer a module-side checkpoint name loads into (None: unused)."""
+    if name in state_names:
+        return name
+    return f"{prefix}.{name}" if f"{prefix}.{name}" in state_names else None
+
+
+def _check_dense_shapes(model: nn.Module, location: dict[str, tuple[Path, str]], shapes: dict[str, tuple[int, ...]],
+                        expert_prefixes: tuple[str, ...]) -> None:
+    """Every dense checkpoint tensor has the shape the model built from the config expects."""
+    expected = {n: tuple(p.shape) for n, p in model.named_parameters()} | {n: tuple(b.shape) for n, b in model.named_buffers()}
+    prefix = getattr(model, "base_model_prefix", "")
+    for name, (file, key) in location.items():
+        if name.startswith(expert_prefixes):
+            continue
+        target = _dense_target(name, set(expected), prefix)
+        if target is not None and shapes[key] != expected[target]:
+            raise ValueError(f"checkpoint tensor {key!r} in {file} has shape {list(shapes[key])}, but the config "
+                             f"makes {target!r} {list(expected[target])}")
 
 
 def _load_experts(engine: OffloadEngine, adapter: Adapter, layers: list[MoELayer], fmt: ExpertFormat,
                   location: dict[str, tuple[Path, str]], names: set[str], progress: bool) -> None:
-    from safetensors import safe_open
     from tqdm.auto import tqdm
 
     pool = engine.pool
@@ -335,7 +487,7 @@ def _load_experts(engine: OffloadEngine, adapter: Adapter, layers: list[MoELayer
     handles = {}
     try:
         for file in {f for f, _ in location.values()}:
-            handles[file] = safe_open(str(file), "pt")
+            handles[file] = _open_shard(file)
         for layer in layers:
             for expert in range(layer.num_experts):
                 for piece in adapter.checkpoint_pieces(layer, expert, fmt, names):
@@ -344,6 +496,10 @@ def _load_experts(engine: OffloadEngine, adapter: Adapter, layers: list[MoELayer
                         sl = handles[file].get_slice(key)
                         meta[key] = (getattr(torch, _SAFETENSORS_DTYPES.get(sl.get_dtype(), "uint8")), sl.get_shape())
                     disk_dtype, shape = meta[key]
+                    if piece.shape is not None and tuple(shape) != piece.shape:
+                        raise ValueError(f"checkpoint tensor {key!r} in {file} has shape {list(shape)}, but the config "
+                                         f"makes it {list(piece.shape)} (expert tensor {piece.tensor!r} of MoE layer "
+                                         f"{layer.ordinal}, {layer.path})")
                     per = 1
                     for d in shape[1:] if piece.index is not None else shape:
                         per *= d
@@ -390,7 +546,6 @@ _SAFETENSORS_DTYPES = {"F32": "float32", "F16": "float16", "BF16": "bfloat16", "
 
 def _load_dense(model: nn.Module, location: dict[str, tuple[Path, str]], expert_prefixes: tuple[str, ...],
                 dtype: torch.dtype, device: torch.device, progress: bool) -> None:
-    from safetensors import safe_open
     from tqdm.auto import tqdm
 
     state_names = {n for n, _ in model.named_parameters()} | {n for n, _ in model.named_buffers()}
@@ -401,14 +556,14 @@ def _load_dense(model: nn.Module, location: dict[str, tuple[Path, str]], expert_
     for name, (file, key) in location.items():
         if name.startswith(expert_prefixes):
             continue
-        target = name if name in state_names else f"{prefix}.{name}" if f"{prefix}.{name}" in state_names else None
+        target = _dense_target(name, state_names, prefix)
         if target is None:
             unexpected.append(key)
             continue
         by_file[file].append((target, key))
     loaded: set[str] = set()
     for file, items in tqdm(by_file.items(), desc="loading dense weights", unit="file", disable=not progress):
-        with safe_open(str(file), "pt") as f:
+        with _open_shard(file) as f:
             for target, key in items:
                 t = f.get_tensor(key)
                 if t.is_floating_point():

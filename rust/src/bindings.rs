@@ -3,7 +3,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use pyo3::exceptions::{PyKeyError, PyOSError, PyRuntimeError, PyTypeError, PyValueError};
+use pyo3::exceptions::{PyKeyError, PyMemoryError, PyOSError, PyRuntimeError, PyTypeError, PyValueError};
 use pyo3::prelude::*;
 use pyo3::sync::PyOnceLock;
 use pyo3::types::{PyBool, PyBytes, PyDict, PyTuple, PyType};
@@ -27,6 +27,7 @@ static CLOSED_ERROR: PyOnceLock<Py<PyType>> = PyOnceLock::new();
 static CUDA_ERROR: PyOnceLock<Py<PyType>> = PyOnceLock::new();
 static INVALID_ARGUMENT_ERROR: PyOnceLock<Py<PyType>> = PyOnceLock::new();
 static LOAD_ERROR: PyOnceLock<Py<PyType>> = PyOnceLock::new();
+static OUT_OF_MEMORY_ERROR: PyOnceLock<Py<PyType>> = PyOnceLock::new();
 
 fn make_exception<'py>(
     m: &Bound<'py, PyModule>,
@@ -102,9 +103,16 @@ fn register_exceptions(m: &Bound<'_, PyModule>) -> PyResult<()> {
     make_exception(
         m,
         "LoadError",
-        "Reading a weights file failed, or the file is malformed.",
-        vec![base, b(py.get_type::<PyOSError>())],
+        "Reading a weights or trace file failed, or the file is malformed.",
+        vec![base.clone(), b(py.get_type::<PyOSError>())],
         &LOAD_ERROR,
+    )?;
+    make_exception(
+        m,
+        "OutOfMemoryError",
+        "An allocation of a legal size failed: not enough host (or pinned) memory for the request.",
+        vec![base, b(py.get_type::<PyMemoryError>())],
+        &OUT_OF_MEMORY_ERROR,
     )?;
     Ok(())
 }
@@ -119,6 +127,7 @@ fn to_py(e: Error) -> PyErr {
         Error::Cuda(_) => &CUDA_ERROR,
         Error::InvalidArgument(_) => &INVALID_ARGUMENT_ERROR,
         Error::Load(_) => &LOAD_ERROR,
+        Error::OutOfMemory(_) => &OUT_OF_MEMORY_ERROR,
     };
     let msg = e.to_string();
     Python::attach(|py| match cell.get(py) {
@@ -460,36 +469,8 @@ impl PySlotCache {
         queue_capacity: i64,
         acquire_timeout: f64,
     ) -> PyResult<Self> {
-        if num_slots <= 0 {
-            return Err(to_py(Error::Budget(format!("num_slots must be >= 1, got {num_slots}"))));
-        }
-        let policy = PolicyKind::parse(policy).py_err()?;
-        if !(0..=64).contains(&copy_workers) {
-            return Err(to_py(Error::InvalidArgument(format!("copy_workers must be in 0..=64, got {copy_workers}"))));
-        }
-        if queue_capacity < 1 {
-            return Err(to_py(Error::InvalidArgument(format!("queue_capacity must be >= 1, got {queue_capacity}"))));
-        }
-        if !(acquire_timeout.is_finite() && acquire_timeout > 0.0) {
-            return Err(to_py(Error::InvalidArgument(format!("acquire_timeout must be > 0 seconds, got {acquire_timeout}"))));
-        }
-        let slots_addr = match slots_ptr {
-            Some(p) if p <= 0 => {
-                return Err(to_py(Error::InvalidArgument(format!("slots_ptr must be a non-null address, got {p}"))))
-            }
-            Some(p) => Some(p as u64),
-            None => None,
-        };
-        let cfg = CacheConfig {
-            num_slots: num_slots as usize,
-            policy,
-            slots_addr,
-            copy_workers: copy_workers as usize,
-            queue_capacity: queue_capacity as usize,
-            acquire_timeout: Duration::try_from_secs_f64(acquire_timeout).map_err(|_| {
-                to_py(Error::InvalidArgument(format!("acquire_timeout {acquire_timeout} s is too large")))
-            })?,
-        };
+        let cfg = CacheConfig::from_args(num_slots, policy, slots_ptr, copy_workers, queue_capacity, acquire_timeout)
+            .py_err()?;
         let p = pool.pool.clone();
         let cache = Arc::new(py.detach(move || slot_cache::SlotCache::new(p, cfg)).py_err()?);
         Ok(Self { deferred: deferred::DeferredPrefetcher::new(cache.clone()), cache })
@@ -857,9 +838,6 @@ fn simulate_policy<'py>(
 ) -> PyResult<Bound<'py, PyDict>> {
     let trace = visit_list(trace, "trace")?;
     let kind = PolicyKind::parse(policy).py_err()?;
-    if num_slots <= 0 {
-        return Err(to_py(Error::Budget(format!("num_slots must be >= 1, got {num_slots}"))));
-    }
     let mut keys: Vec<Vec<Key>> = Vec::with_capacity(trace.len());
     for (i, (layer, experts)) in trace.iter().enumerate() {
         if *layer < 0 || experts.iter().any(|&e| e < 0) {
@@ -869,7 +847,7 @@ fn simulate_policy<'py>(
         }
         keys.push(experts.iter().map(|&e| (*layer as u64, e as u64)).collect());
     }
-    let (h, m, e) = py.detach(|| cache::simulate(kind, num_slots as usize, &keys, future)).py_err()?;
+    let (h, m, e) = py.detach(|| cache::simulate(kind, num_slots, &keys, future)).py_err()?;
     let d = PyDict::new(py);
     d.set_item("hits", h)?;
     d.set_item("misses", m)?;
@@ -882,6 +860,7 @@ fn simulate_policy<'py>(
 fn sida_moe_native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     register_exceptions(m)?;
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
+    m.add("MAX_COPY_WORKERS", slot_cache::MAX_COPY_WORKERS)?;
     m.add_class::<PyBackend>()?;
     m.add_class::<PyExpertPool>()?;
     m.add_class::<PySlotCache>()?;

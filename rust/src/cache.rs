@@ -7,8 +7,12 @@
 
 use std::collections::HashMap;
 
-use crate::error::{Error, Result};
+use crate::error::{try_vec, Error, Result};
 use crate::policy::{Key, PolicyKind, PolicyState};
+
+/// Most slots one table holds: far above any model's expert count (the largest MoE models have
+/// tens of thousands of experts), low enough that the per-slot tables stay small allocations.
+pub const MAX_SLOTS: usize = 1 << 20;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum SlotState {
@@ -104,12 +108,14 @@ pub struct SlotTable {
 
 impl SlotTable {
     pub fn new(num_slots: usize, policy: PolicyKind) -> Result<Self> {
-        if num_slots == 0 {
-            return Err(Error::Budget("num_slots must be >= 1, got 0".into()));
+        if !(1..=MAX_SLOTS).contains(&num_slots) {
+            return Err(Error::Budget(format!("num_slots must be in 1..={MAX_SLOTS}, got {num_slots}")));
         }
         let slot = Slot { state: SlotState::Free, key: None, refcount: 0, prefetched_unused: false, seq: 0 };
+        let mut slots = try_vec(num_slots, "the slot table")?;
+        slots.resize(num_slots, slot);
         Ok(Self {
-            slots: vec![slot; num_slots],
+            slots,
             map: HashMap::new(),
             policy: PolicyState::new(policy, num_slots),
             free: (0..num_slots).collect(),
@@ -422,8 +428,14 @@ impl SlotTable {
 
 /// Hits, misses and evictions of `policy` over a trace of acquire calls (each released at once).
 /// With `future`, the predictive policy is told the whole trace first (Belady's optimum).
-pub fn simulate(policy: PolicyKind, num_slots: usize, trace: &[Vec<Key>], future: bool) -> Result<(u64, u64, u64)> {
-    let mut table = SlotTable::new(num_slots, policy)?;
+pub fn simulate(policy: PolicyKind, num_slots: i64, trace: &[Vec<Key>], future: bool) -> Result<(u64, u64, u64)> {
+    if num_slots <= 0 {
+        return Err(Error::Budget(format!("num_slots must be >= 1, got {num_slots}")));
+    }
+    // Slots beyond the trace's distinct experts would stay empty and change no count, so the
+    // table never needs more (a budget sweep may ask for any number).
+    let distinct: std::collections::HashSet<Key> = trace.iter().flatten().copied().collect();
+    let mut table = SlotTable::new((num_slots as u64).min(distinct.len().max(1) as u64) as usize, policy)?;
     if future {
         table.set_future(0, trace);
     }
@@ -555,6 +567,7 @@ mod tests {
         let mut t = SlotTable::new(2, PolicyKind::Lru).unwrap();
         assert!(matches!(t.try_acquire(&[(0, 0), (0, 1), (0, 2)]), Err(Error::Budget(_))));
         assert!(matches!(SlotTable::new(0, PolicyKind::Lru), Err(Error::Budget(_))));
+        assert!(matches!(SlotTable::new(MAX_SLOTS + 1, PolicyKind::Lru), Err(Error::Budget(_))));
     }
 
     fn lcg(seed: &mut u64) -> u64 {
@@ -654,7 +667,7 @@ mod tests {
             let hit = |m: u64| 1.0 - m as f64 / lookups;
             let global = hit(misses(PolicyKind::Lru, slots, &trace, false));
             let shared = hit(misses(PolicyKind::Lru, slots, &trace, true));
-            let (_, opt, _) = simulate(PolicyKind::Predictive, slots, &trace, true).unwrap();
+            let (_, opt, _) = simulate(PolicyKind::Predictive, slots as i64, &trace, true).unwrap();
             let belady = hit(opt);
             let lfu = hit(misses(PolicyKind::Lfu, slots, &trace, true));
             let lfu_global = hit(misses(PolicyKind::Lfu, slots, &trace, false));
@@ -666,5 +679,15 @@ mod tests {
             }
             assert!(belady > shared && lfu > 0.0, "{belady} {lfu}");
         }
+    }
+
+    #[test]
+    fn simulate_with_more_slots_than_experts_allocates_no_more_than_it_needs() {
+        let trace: Vec<Vec<Key>> = (0..50).map(|i| vec![(0, i % 5), (1, i % 3)]).collect();
+        let fit = simulate(PolicyKind::Lru, 8, &trace, false).unwrap();
+        assert_eq!(fit, (92, 8, 0));
+        assert_eq!(simulate(PolicyKind::Lru, i64::MAX, &trace, false).unwrap(), fit);
+        assert_eq!(simulate(PolicyKind::Fifo, 1 << 40, &[], false).unwrap(), (0, 0, 0));
+        assert!(matches!(simulate(PolicyKind::Lru, -2, &trace, false), Err(Error::Budget(_))));
     }
 }

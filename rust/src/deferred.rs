@@ -112,6 +112,20 @@ pub struct DeferredPrefetcher {
 
 const MIN_STAGING: usize = 4096;
 
+/// Most ids one deferred prefetch carries (its staging buffer is 8 bytes per id): far above
+/// layers x batch x top-k of any decode step.
+pub const MAX_DEFERRED_IDS: usize = 1 << 24;
+
+/// Staging bytes of `rows` rows of `width` ids, refused beyond `MAX_DEFERRED_IDS`.
+fn ids_nbytes(rows: usize, width: usize) -> Result<usize> {
+    match rows.checked_mul(width) {
+        Some(n) if n <= MAX_DEFERRED_IDS => Ok(n * 8),
+        _ => Err(Error::InvalidArgument(format!(
+            "{rows} layers x width {width} ids exceed the {MAX_DEFERRED_IDS} ids one deferred prefetch may carry"
+        ))),
+    }
+}
+
 impl DeferredPrefetcher {
     pub fn new(cache: Arc<SlotCache>) -> Self {
         let device = cache.device().clone();
@@ -148,12 +162,7 @@ impl DeferredPrefetcher {
         if src == 0 {
             return Err(Error::InvalidArgument("ids address must be non-null".into()));
         }
-        let nbytes = opts
-            .layers
-            .len()
-            .checked_mul(opts.width)
-            .and_then(|n| n.checked_mul(8))
-            .ok_or_else(|| Error::InvalidArgument("deferred prefetch is too large".into()))?;
+        let nbytes = ids_nbytes(opts.layers.len(), opts.width)?;
         self.device.bind_thread()?;
         let staging = self.take_staging(nbytes)?;
         // SAFETY: the staging buffer holds `nbytes` and stays ours until the request is handled;
@@ -209,6 +218,7 @@ impl DeferredPrefetcher {
         if width == 0 || layers.is_empty() || layers.iter().any(|&l| l < 0) {
             return Err(Error::InvalidArgument("a program needs at least one layer (>= 0) and width >= 1".into()));
         }
+        ids_nbytes(layers.len(), width)?;
         if exec != 0 && self.device.kind() != crate::device::DeviceKind::Cuda {
             return Err(Error::InvalidArgument("CUDA graph programs need the CUDA backend".into()));
         }
@@ -344,7 +354,10 @@ impl DeferredPrefetcher {
                 return Ok(free.swap_remove(i));
             }
         }
-        let capacity = nbytes.max(MIN_STAGING).next_power_of_two();
+        let capacity = nbytes
+            .max(MIN_STAGING)
+            .checked_next_power_of_two()
+            .ok_or_else(|| Error::InvalidArgument(format!("{nbytes} bytes of ids are too many to stage")))?;
         let addr = self.device.alloc_pool(capacity)?;
         match self.device.create_event(false) {
             Ok(event) => Ok(Staging { addr, capacity, event }),
@@ -577,6 +590,13 @@ mod tests {
         assert!(submit(&d, &good, DeferredOptions { layers: vec![-1], width: 2, ..Default::default() }).is_err());
         assert!(submit(&d, &good, DeferredOptions { layers: vec![0], width: 0, ..Default::default() }).is_err());
         assert!(submit(&d, &good, DeferredOptions { layers: vec![0], width: 2, generation: -1, ..Default::default() }).is_err());
+        // a width beyond the id limit is refused before any staging is allocated (or read)
+        for width in [MAX_DEFERRED_IDS + 1, usize::MAX / 2] {
+            let opts = DeferredOptions { layers: vec![0, 1], width, ..Default::default() };
+            assert!(matches!(submit(&d, &good, opts), Err(Error::InvalidArgument(_))));
+            let r = unsafe { d.register_program(0, vec![], good.as_ptr() as u64, vec![0], width, 0) };
+            assert!(matches!(r, Err(Error::InvalidArgument(_))));
+        }
     }
 
     #[test]

@@ -124,7 +124,7 @@ impl HostDevice {
             )
         };
         if p == libc::MAP_FAILED {
-            return Err(Error::Budget(format!(
+            return Err(Error::OutOfMemory(format!(
                 "out of host memory allocating {bytes} bytes ({})",
                 std::io::Error::last_os_error()
             )));

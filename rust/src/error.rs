@@ -19,6 +19,8 @@ pub enum Error {
     InvalidArgument(String),
     /// Reading a file failed, or its content is malformed.
     Load(String),
+    /// A request of a legal size that the allocator could not satisfy.
+    OutOfMemory(String),
 }
 
 pub type Result<T> = std::result::Result<T, Error>;
@@ -32,10 +34,21 @@ impl fmt::Display for Error {
             | Error::Closed(m)
             | Error::Cuda(m)
             | Error::InvalidArgument(m)
-            | Error::Load(m) => m,
+            | Error::Load(m)
+            | Error::OutOfMemory(m) => m,
         };
         f.write_str(msg)
     }
 }
 
 impl std::error::Error for Error {}
+
+/// `v` with room reserved for `n` more items, or an OutOfMemory error naming `what`: a size
+/// that passed the range checks must still not abort the process when memory is short.
+pub fn try_vec<T>(n: usize, what: &str) -> Result<Vec<T>> {
+    let mut v = Vec::new();
+    v.try_reserve_exact(n).map_err(|e| {
+        Error::OutOfMemory(format!("cannot allocate {what} ({n} entries of {} bytes): {e}", std::mem::size_of::<T>()))
+    })?;
+    Ok(v)
+}

@@ -10,7 +10,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use parking_lot::RwLock;
 
 use crate::device::SharedDevice;
-use crate::error::{Error, Result};
+use crate::error::{try_vec, Error, Result};
 use crate::policy::Key;
 
 /// Each tensor starts at a multiple of this inside a record; records are padded to it too.
@@ -100,8 +100,11 @@ impl ExpertPool {
                 "arena_bytes ({arena_bytes}) must be >= one expert record ({rec} bytes)"
             )));
         }
-        let mut index = HashMap::with_capacity(keys.len());
-        let mut key_list = Vec::with_capacity(keys.len());
+        let mut index = HashMap::new();
+        index.try_reserve(keys.len()).map_err(|e| {
+            Error::OutOfMemory(format!("cannot allocate the expert table ({} experts): {e}", keys.len()))
+        })?;
+        let mut key_list = try_vec(keys.len(), "the expert list")?;
         for &(l, e) in keys {
             if l < 0 || e < 0 {
                 return Err(Error::InvalidArgument(format!("keys must be non-negative, got ({l}, {e})")));
@@ -297,6 +300,7 @@ impl ExpertPool {
                 return Err(Error::InvalidArgument(format!("{}: offsets and sizes must be >= 0", what())));
             }
             let (src_off, n, dst_off) = (*src_off as u64, *nbytes as u64, *dst_off as u64);
+            // both operands < 2**63 (from i64), so these sums cannot wrap
             if src_off + n > end - begin {
                 return Err(Error::InvalidArgument(format!(
                     "{}: bytes {src_off}..{} lie outside the file tensor's {} bytes",
@@ -313,6 +317,7 @@ impl ExpertPool {
                     spec.nbytes
                 )));
             }
+            // inside the file: the header check bounded data_start + end by its length
             let pos = header.data_start + begin + src_off;
             let tensor_off = spec.offset;
             self.with_record(key, |rec| {
@@ -338,6 +343,24 @@ impl Drop for ExpertPool {
     }
 }
 
+/// Bytes a header entry's dtype and shape take: None when the dtype is not one we know the size
+/// of (nothing to check), Some(None) when the size overflows.
+fn tensor_nbytes(info: &serde_json::Value) -> Option<Option<u64>> {
+    let item: u64 = match info.get("dtype")?.as_str()? {
+        "F64" | "I64" | "U64" => 8,
+        "F32" | "I32" | "U32" => 4,
+        "F16" | "BF16" | "I16" | "U16" => 2,
+        "I8" | "U8" | "BOOL" | "F8_E4M3" | "F8_E5M2" => 1,
+        _ => return None,
+    };
+    let dims = info.get("shape")?.as_array()?;
+    let mut n = Some(item);
+    for d in dims {
+        n = n.and_then(|n| d.as_u64().and_then(|d| n.checked_mul(d)));
+    }
+    Some(n)
+}
+
 /// The parts of a safetensors header we need: where each tensor's bytes are.
 struct SafetensorsHeader {
     data_start: u64,
@@ -355,7 +378,8 @@ impl SafetensorsHeader {
         if hlen > 100 << 20 || 8 + hlen > file_len {
             return Err(bad(format!("header length {hlen} does not fit the {file_len}-byte file")));
         }
-        let mut buf = vec![0u8; hlen as usize];
+        let mut buf = try_vec(hlen as usize, "the safetensors header")?;
+        buf.resize(hlen as usize, 0u8);
         file.read_exact_at(&mut buf, 8).map_err(|e| bad(format!("cannot read the header: {e}")))?;
         let json: serde_json::Value = serde_json::from_slice(&buf).map_err(|e| bad(format!("header JSON: {e}")))?;
         let obj = json.as_object().ok_or_else(|| bad("header is not a JSON object".into()))?;
@@ -371,8 +395,23 @@ impl SafetensorsHeader {
                 .filter(|a| a.len() == 2)
                 .and_then(|a| Some((a[0].as_u64()?, a[1].as_u64()?)))
                 .ok_or_else(|| bad(format!("tensor {name:?} has no valid data_offsets")))?;
-            if offs.0 > offs.1 || data_start + offs.1 > file_len {
-                return Err(bad(format!("tensor {name:?} data_offsets {offs:?} lie outside the file")));
+            let data_len = file_len - data_start;
+            if offs.0 > offs.1 || offs.1 > data_len {
+                return Err(bad(format!(
+                    "tensor {name:?} data_offsets [{}, {}] lie outside the file's {data_len} data bytes",
+                    offs.0, offs.1
+                )));
+            }
+            if let Some(expected) = tensor_nbytes(info) {
+                let expected = expected.ok_or_else(|| bad(format!("tensor {name:?} shape overflows a 64-bit size")))?;
+                if expected != offs.1 - offs.0 {
+                    return Err(bad(format!(
+                        "tensor {name:?} has data_offsets [{}, {}] ({} bytes) but its dtype and shape need {expected}",
+                        offs.0,
+                        offs.1,
+                        offs.1 - offs.0
+                    )));
+                }
             }
             tensors.insert(name.clone(), offs);
         }
@@ -453,5 +492,36 @@ mod tests {
             Err(Error::InvalidArgument(_))
         ));
         std::fs::remove_file(&dir).unwrap();
+    }
+
+    fn file_with_header(tag: &str, header: &str, data: usize) -> std::path::PathBuf {
+        let path = std::env::temp_dir().join(format!("sida_st_{tag}_{}", std::process::id()));
+        let mut f = File::create(&path).unwrap();
+        f.write_all(&(header.len() as u64).to_le_bytes()).unwrap();
+        f.write_all(header.as_bytes()).unwrap();
+        f.write_all(&vec![7u8; data]).unwrap();
+        path
+    }
+
+    #[test]
+    fn safetensors_offsets_that_wrap_or_disagree_with_the_shape_are_refused() {
+        let p = pool(1, 1 << 20);
+        let huge = u64::MAX;
+        let cases = [
+            ("wrap", format!(r#"{{"w":{{"dtype":"U8","shape":[99],"data_offsets":[{},{}]}}}}"#, huge - 99, huge)),
+            ("past_end", r#"{"w":{"dtype":"U8","shape":[200],"data_offsets":[0,200]}}"#.to_string()),
+            ("shape", r#"{"w":{"dtype":"F32","shape":[10],"data_offsets":[0,64]}}"#.to_string()),
+            ("shape_overflow", format!(r#"{{"w":{{"dtype":"F32","shape":[{huge},{huge}],"data_offsets":[0,64]}}}}"#)),
+        ];
+        for (tag, header) in cases {
+            let path = file_with_header(tag, &header, 64);
+            let r = p.load_safetensors(path.to_str().unwrap(), &[("w".into(), 0, 0, "a".into(), 0, 64, 0)]);
+            std::fs::remove_file(&path).unwrap();
+            match r {
+                Err(Error::Load(m)) => assert!(m.contains(path.to_str().unwrap()) && m.contains("\"w\""), "{tag}: {m}"),
+                other => panic!("{tag}: expected a Load error, got {other:?}"),
+            }
+        }
+        assert_eq!(p.read((0, 0), Some("a")).unwrap(), vec![0u8; 100]); // nothing was copied
     }
 }

@@ -12,6 +12,7 @@ use crossbeam_queue::ArrayQueue;
 use crossbeam_utils::sync::{Parker, Unparker};
 use parking_lot::{Condvar, Mutex};
 
+use crate::error::{Error, Result};
 use crate::policy::Key;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -37,19 +38,27 @@ pub struct PrefetchQueue {
     unparkers: Mutex<Vec<Unparker>>,
 }
 
+/// Most requests one lane holds (the lanes are allocated at full capacity up front).
+pub const MAX_QUEUE_CAPACITY: usize = 1 << 20;
+
 impl PrefetchQueue {
-    /// `capacity` per lane, >= 1.
-    pub fn new(capacity: usize) -> Self {
-        Self {
-            demand: ArrayQueue::new(capacity.max(1)),
-            speculative: ArrayQueue::new(capacity.max(1)),
+    /// `capacity` per lane, in 1..=MAX_QUEUE_CAPACITY.
+    pub fn new(capacity: usize) -> Result<Self> {
+        if !(1..=MAX_QUEUE_CAPACITY).contains(&capacity) {
+            return Err(Error::InvalidArgument(format!(
+                "queue_capacity must be in 1..={MAX_QUEUE_CAPACITY}, got {capacity}"
+            )));
+        }
+        Ok(Self {
+            demand: ArrayQueue::new(capacity),
+            speculative: ArrayQueue::new(capacity),
             cancel_below: AtomicU64::new(0),
             pending: AtomicUsize::new(0),
             idle: Mutex::new(()),
             idle_cv: Condvar::new(),
             shutdown: AtomicBool::new(false),
             unparkers: Mutex::new(Vec::new()),
-        }
+        })
     }
 
     /// Queue a request; false when its lane is full (the caller counts it as dropped).
@@ -214,8 +223,15 @@ mod tests {
     }
 
     #[test]
+    fn capacity_is_bounded() {
+        assert!(matches!(PrefetchQueue::new(0), Err(Error::InvalidArgument(_))));
+        assert!(matches!(PrefetchQueue::new(MAX_QUEUE_CAPACITY + 1), Err(Error::InvalidArgument(_))));
+        assert!(PrefetchQueue::new(MAX_QUEUE_CAPACITY).is_ok());
+    }
+
+    #[test]
     fn demand_lane_overtakes_speculative() {
-        let q = PrefetchQueue::new(8);
+        let q = PrefetchQueue::new(8).unwrap();
         assert!(q.push(req(1, 0, false)));
         assert!(q.push(req(2, 0, true)));
         assert_eq!(q.pop().unwrap().key, (0, 2));
@@ -225,7 +241,7 @@ mod tests {
 
     #[test]
     fn full_lane_rejects_and_keeps_pending_exact() {
-        let q = PrefetchQueue::new(2);
+        let q = PrefetchQueue::new(2).unwrap();
         assert!(q.push(req(1, 0, false)));
         assert!(q.push(req(2, 0, false)));
         assert!(!q.push(req(3, 0, false)));
@@ -240,7 +256,7 @@ mod tests {
 
     #[test]
     fn cancellation_by_generation() {
-        let q = PrefetchQueue::new(4);
+        let q = PrefetchQueue::new(4).unwrap();
         q.cancel_before(5);
         assert!(q.is_cancelled(&req(0, 4, false)));
         assert!(!q.is_cancelled(&req(0, 5, false)));
@@ -250,7 +266,7 @@ mod tests {
 
     #[test]
     fn workers_serve_every_request_exactly_once_under_contention() {
-        let q = Arc::new(PrefetchQueue::new(64));
+        let q = Arc::new(PrefetchQueue::new(64).unwrap());
         let seen = Arc::new(Mutex::new(Vec::new()));
         let s2 = seen.clone();
         let handler: Handler = Arc::new(move |r: Request| {

@@ -21,11 +21,11 @@ use parking_lot::{Condvar, Mutex, RwLock};
 
 use crate::cache::{dedup_in_order, AcquireOutcome, PrefetchOutcome, SlotState, SlotTable, WaitStatus};
 use crate::device::{DeviceKind, EventHandle, SharedDevice, StreamHandle};
-use crate::error::{Error, Result};
+use crate::error::{try_vec, Error, Result};
 use crate::expert_table::ExpertTable;
 use crate::policy::{Key, PolicyKind};
 use crate::pool::ExpertPool;
-use crate::prefetch::{serve, Handler, PrefetchQueue, Request, Workers, ROUTED_MISS};
+use crate::prefetch::{serve, Handler, PrefetchQueue, Request, Workers, MAX_QUEUE_CAPACITY, ROUTED_MISS};
 use crate::stats::Stats;
 
 pub struct CacheConfig {
@@ -37,6 +37,72 @@ pub struct CacheConfig {
     pub queue_capacity: usize,
     /// How long acquire waits for slots pinned by others before giving up.
     pub acquire_timeout: Duration,
+}
+
+/// Most copy worker threads one cache starts.
+pub const MAX_COPY_WORKERS: usize = 64;
+
+impl CacheConfig {
+    /// The config of Python-shaped arguments (signed counts, a policy name, seconds as a float):
+    /// only the conversions are checked here, the ranges by `SlotCache::new`.
+    pub fn from_args(
+        num_slots: i64,
+        policy: &str,
+        slots_ptr: Option<i64>,
+        copy_workers: i64,
+        queue_capacity: i64,
+        acquire_timeout: f64,
+    ) -> Result<Self> {
+        let count = |v: i64, err: &dyn Fn() -> Error| usize::try_from(v).map_err(|_| err());
+        let num_slots = count(num_slots, &|| Error::Budget(format!("num_slots must be >= 1, got {num_slots}")))?;
+        let policy = PolicyKind::parse(policy)?;
+        let copy_workers = count(copy_workers, &|| {
+            Error::InvalidArgument(format!("copy_workers must be in 0..={MAX_COPY_WORKERS}, got {copy_workers}"))
+        })?;
+        let queue_capacity = count(queue_capacity, &|| {
+            Error::InvalidArgument(format!("queue_capacity must be in 1..={MAX_QUEUE_CAPACITY}, got {queue_capacity}"))
+        })?;
+        let slots_addr = match slots_ptr {
+            Some(p) if p <= 0 => {
+                return Err(Error::InvalidArgument(format!("slots_ptr must be a non-null address, got {p}")))
+            }
+            p => p.map(|p| p as u64),
+        };
+        let bad_timeout = || Error::InvalidArgument(format!("acquire_timeout must be > 0 seconds, got {acquire_timeout}"));
+        if !(acquire_timeout.is_finite() && acquire_timeout > 0.0) {
+            return Err(bad_timeout());
+        }
+        let acquire_timeout = Duration::try_from_secs_f64(acquire_timeout)
+            .map_err(|_| Error::InvalidArgument(format!("acquire_timeout {acquire_timeout} s is too large")))?;
+        Ok(Self { num_slots, policy, slots_addr, copy_workers, queue_capacity, acquire_timeout })
+    }
+
+    /// Every range, before anything is allocated: each size here becomes an allocation.
+    fn check(&self, pool: &ExpertPool) -> Result<()> {
+        let experts = pool.keys().len();
+        if !(1..=experts).contains(&self.num_slots) {
+            return Err(Error::Budget(format!(
+                "num_slots must be in 1..={experts} (one slot per expert of the pool at most), got {}",
+                self.num_slots
+            )));
+        }
+        if self.copy_workers > MAX_COPY_WORKERS {
+            return Err(Error::InvalidArgument(format!(
+                "copy_workers must be in 0..={MAX_COPY_WORKERS}, got {}",
+                self.copy_workers
+            )));
+        }
+        if !(1..=MAX_QUEUE_CAPACITY).contains(&self.queue_capacity) {
+            return Err(Error::InvalidArgument(format!(
+                "queue_capacity must be in 1..={MAX_QUEUE_CAPACITY}, got {}",
+                self.queue_capacity
+            )));
+        }
+        if self.acquire_timeout.is_zero() {
+            return Err(Error::InvalidArgument("acquire_timeout must be > 0 seconds, got 0".into()));
+        }
+        Ok(())
+    }
 }
 
 /// Per-slot events. Touched by the thread loading the slot and by threads releasing it.
@@ -352,7 +418,9 @@ impl Shared {
 
 impl SlotCache {
     pub fn new(pool: Arc<ExpertPool>, cfg: CacheConfig) -> Result<Self> {
+        cfg.check(&pool)?;
         let table = SlotTable::new(cfg.num_slots, cfg.policy)?;
+        let queue = Arc::new(PrefetchQueue::new(cfg.queue_capacity)?);
         let device = pool.device().clone();
         device.bind_thread()?;
         let slot_nbytes = pool.record_nbytes();
@@ -381,7 +449,7 @@ impl SlotCache {
                     a
                 }
             };
-            let mut events = Vec::with_capacity(cfg.num_slots);
+            let mut events = try_vec(cfg.num_slots, "the slot events")?;
             for _ in 0..cfg.num_slots {
                 let e = device.create_event(false)?;
                 created_events.push(e);
@@ -400,7 +468,7 @@ impl SlotCache {
                 spare_events: Mutex::new(Vec::new()),
                 slots_addr,
                 slot_nbytes,
-                queue: Arc::new(PrefetchQueue::new(cfg.queue_capacity)),
+                queue,
                 demand_stream,
                 demand_issue: Mutex::new(()),
                 prefetch_stream,
@@ -1339,5 +1407,26 @@ mod tests {
             assert!(matches!(pool.close(), Err(Error::SlotState(_))));
         }
         pool.close().unwrap();
+    }
+
+    #[test]
+    fn constructor_ranges_are_checked_before_anything_is_allocated() {
+        let pool = filled_pool(1, 3);
+        let args = |slots: i64, workers: i64, queue: i64, timeout: f64| {
+            CacheConfig::from_args(slots, "lru", None, workers, queue, timeout)
+                .and_then(|cfg| SlotCache::new(pool.clone(), cfg))
+                .map(|_| ())
+        };
+        assert!(args(3, 0, 1, 1.0).is_ok());
+        assert!(matches!(args(4, 0, 1, 1.0), Err(Error::Budget(m)) if m.contains("1..=3")));
+        assert!(matches!(args(1 << 31, 0, 1, 1.0), Err(Error::Budget(_))));
+        assert!(matches!(args(-1, 0, 1, 1.0), Err(Error::Budget(_))));
+        assert!(matches!(args(1, 65, 1, 1.0), Err(Error::InvalidArgument(_))));
+        assert!(matches!(args(1, -1, 1, 1.0), Err(Error::InvalidArgument(_))));
+        assert!(matches!(args(1, 0, 1 << 40, 1.0), Err(Error::InvalidArgument(m)) if m.contains("queue_capacity")));
+        assert!(matches!(args(1, 0, 0, 1.0), Err(Error::InvalidArgument(_))));
+        assert!(matches!(args(1, 0, 1, 0.0), Err(Error::InvalidArgument(_))));
+        assert!(matches!(args(1, 0, 1, f64::INFINITY), Err(Error::InvalidArgument(_))));
+        pool.close().unwrap(); // no failed constructor kept a hold on the pool
     }
 }

@@ -45,6 +45,8 @@ class CheckpointPiece:
     for a per-expert tensor). ``transform`` is None when the bytes copy unchanged (then they land at
     ``dst_offset`` bytes into the pool tensor ``tensor``), else a function turning the selected tensor
     into the canonical one (GPT-OSS de-interleave/transposition); that path goes through Python.
+    ``shape`` is the whole on-disk tensor's shape the model's config implies; a checkpoint tensor
+    of another shape is refused before anything is loaded.
     """
 
     name: str
@@ -52,6 +54,7 @@ class CheckpointPiece:
     index: int | None = None
     dst_offset: int = 0
     transform: Callable[[torch.Tensor], torch.Tensor] | None = None
+    shape: tuple[int, ...] | None = None
 
 
 @dataclass(eq=False)
@@ -105,6 +108,12 @@ class Adapter:
 
     def expert_weights(self, layer: MoELayer, expert: int) -> dict[str, torch.Tensor]:
         """Canonical tensors of one expert taken from the live module (any device, contiguous)."""
+        raise NotImplementedError
+
+    def write_expert_weights(self, layer: MoELayer, expert: int, tensors: dict[str, torch.Tensor]) -> None:
+        """Inverse of :meth:`expert_weights`: copy one expert's canonical tensors back into the live
+        module's parameters (their storage allocated). ``offload`` uses it to put a model back
+        when it fails part-way; without it, ``offload`` keeps the original weights until it is done."""
         raise NotImplementedError
 
     def checkpoint_pieces(self, layer: MoELayer, expert: int, fmt: ExpertFormat, names: set[str]) -> list[CheckpointPiece]:

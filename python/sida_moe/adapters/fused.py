@@ -75,19 +75,27 @@ class FusedExpertsAdapter(Adapter):
             "down": experts.down_proj[expert].detach().contiguous(),
         }
 
+    def write_expert_weights(self, layer: MoELayer, expert: int, tensors: dict[str, torch.Tensor]) -> None:
+        experts = layer.experts
+        with torch.no_grad():
+            experts.gate_up_proj[expert].copy_(tensors["gate_up"])
+            experts.down_proj[expert].copy_(tensors["down"])
+
     def checkpoint_pieces(self, layer: MoELayer, expert: int, fmt: ExpertFormat, names: set[str]) -> list[CheckpointPiece]:
         fused_gu, fused_down = f"{layer.path}.gate_up_proj", f"{layer.path}.down_proj"
+        e, i, h = layer.num_experts, fmt.intermediate, fmt.hidden
         if fused_gu in names and fused_down in names:
-            return [CheckpointPiece(fused_gu, "gate_up", index=expert), CheckpointPiece(fused_down, "down", index=expert)]
+            return [CheckpointPiece(fused_gu, "gate_up", index=expert, shape=(e, 2 * i, h)),
+                    CheckpointPiece(fused_down, "down", index=expert, shape=(e, h, i))]
         gate, up, down = (f"{layer.path}.{expert}.{n}" for n in self.per_expert_names)
         missing = [n for n in (gate, up, down) if n not in names]
         if missing:
             raise KeyError(f"checkpoint lacks expert tensors {missing} (nor fused {fused_gu!r})")
         half = fmt.intermediate * fmt.hidden * fmt.itemsize
         return [
-            CheckpointPiece(gate, "gate_up"),
-            CheckpointPiece(up, "gate_up", dst_offset=half),
-            CheckpointPiece(down, "down"),
+            CheckpointPiece(gate, "gate_up", shape=(i, h)),
+            CheckpointPiece(up, "gate_up", dst_offset=half, shape=(i, h)),
+            CheckpointPiece(down, "down", shape=(h, i)),
         ]
 
     def predict(self, layer: MoELayer, hidden: torch.Tensor) -> torch.Tensor:

@@ -59,6 +59,19 @@ class GptOssAdapter(FusedExpertsAdapter):
             "down_bias": e.down_proj_bias[expert].detach().contiguous(),
         }
 
+    def write_expert_weights(self, layer: MoELayer, expert: int, tensors: dict[str, torch.Tensor]) -> None:
+        e = layer.experts
+        half = tensors["gate_up"].shape[0] // 2
+        with torch.no_grad():
+            gate_up = e.gate_up_proj[expert].transpose(-1, -2)  # [2I, H] view, gate and up interleaved
+            gate_up[0::2].copy_(tensors["gate_up"][:half])
+            gate_up[1::2].copy_(tensors["gate_up"][half:])
+            e.down_proj[expert].copy_(tensors["down"].transpose(-1, -2))
+            bias = e.gate_up_proj_bias[expert]
+            bias[0::2].copy_(tensors["gate_up_bias"][:half])
+            bias[1::2].copy_(tensors["gate_up_bias"][half:])
+            e.down_proj_bias[expert].copy_(tensors["down_bias"])
+
     def checkpoint_pieces(self, layer: MoELayer, expert: int, fmt: ExpertFormat, names: set[str]) -> list[CheckpointPiece]:
         p = layer.path
         wanted = [f"{p}.gate_up_proj", f"{p}.down_proj", f"{p}.gate_up_proj_bias", f"{p}.down_proj_bias"]
@@ -71,9 +84,10 @@ class GptOssAdapter(FusedExpertsAdapter):
                     "use a bf16/fp16/fp32 checkpoint"
                 )
             raise KeyError(f"checkpoint lacks expert tensors {missing}")
+        e, i, h = layer.num_experts, fmt.intermediate, fmt.hidden
         return [
-            CheckpointPiece(wanted[0], "gate_up", index=expert, transform=canonical_gate_up),
-            CheckpointPiece(wanted[1], "down", index=expert, transform=canonical_down),
-            CheckpointPiece(wanted[2], "gate_up_bias", index=expert, transform=canonical_gate_up_bias),
-            CheckpointPiece(wanted[3], "down_bias", index=expert, transform=_identity),
+            CheckpointPiece(wanted[0], "gate_up", index=expert, transform=canonical_gate_up, shape=(e, h, 2 * i)),
+            CheckpointPiece(wanted[1], "down", index=expert, transform=canonical_down, shape=(e, i, h)),
+            CheckpointPiece(wanted[2], "gate_up_bias", index=expert, transform=canonical_gate_up_bias, shape=(e, 2 * i)),
+            CheckpointPiece(wanted[3], "down_bias", index=expert, transform=_identity, shape=(e, h)),
         ]

@@ -59,12 +59,19 @@ class SwitchAdapter(Adapter):
         mlp = layer.experts[f"expert_{expert}"]
         return {"gate_up": mlp.wi.weight.detach().contiguous(), "down": mlp.wo.weight.detach().contiguous()}
 
+    def write_expert_weights(self, layer: MoELayer, expert: int, tensors: dict[str, torch.Tensor]) -> None:
+        mlp = layer.experts[f"expert_{expert}"]
+        with torch.no_grad():
+            mlp.wi.weight.copy_(tensors["gate_up"])
+            mlp.wo.weight.copy_(tensors["down"])
+
     def checkpoint_pieces(self, layer: MoELayer, expert: int, fmt: ExpertFormat, names: set[str]) -> list[CheckpointPiece]:
         wi, wo = f"{layer.path}.expert_{expert}.wi.weight", f"{layer.path}.expert_{expert}.wo.weight"
         missing = [n for n in (wi, wo) if n not in names]
         if missing:
             raise KeyError(f"checkpoint lacks expert tensors {missing}")
-        return [CheckpointPiece(wi, "gate_up"), CheckpointPiece(wo, "down")]
+        i, h = fmt.intermediate, fmt.hidden
+        return [CheckpointPiece(wi, "gate_up", shape=(i, h)), CheckpointPiece(wo, "down", shape=(h, i))]
 
     def predict(self, layer: MoELayer, hidden: torch.Tensor) -> torch.Tensor:
         return self.gate_logits(layer, hidden).argmax(dim=-1, keepdim=True)

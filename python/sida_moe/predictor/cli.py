@@ -44,7 +44,7 @@ def _configure_trace(p: argparse.ArgumentParser) -> None:
 def run_trace(args: argparse.Namespace) -> int:
     """Tokenize the corpus, run the model over it and write the routing trace."""
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
     from sida_moe.predictor.traces import chunk_token_ids, read_corpus, record_traces, split_held_out
 
@@ -58,10 +58,13 @@ def run_trace(args: argparse.Namespace) -> int:
         if not docs:
             raise UserError(f"the {args.split} split of {args.corpus!r} is empty; change --held-out-fraction")
     with user_errors(f"cannot load the tokenizer of {args.model}"):
-        tokenizer = AutoTokenizer.from_pretrained(args.model)
-    ids = tokenizer([text for _, text in docs], add_special_tokens=False)["input_ids"]
+        tokenize, eos = _trace_tokenizer(args.model)
+    ids = tokenize([text for _, text in docs])
+    if not any(ids) and any(text for _, text in docs):
+        raise UserError(f"the tokenizer of {args.model} turned the {len(docs)} files of {args.corpus!r} into no tokens "
+                        "at all: it has no vocabulary (save the model's tokenizer beside it)")
     with user_errors("--corpus", args.corpus):
-        sequences = chunk_token_ids(ids, args.seq_len, separator=tokenizer.eos_token_id)
+        sequences = chunk_token_ids(ids, args.seq_len, separator=eos)
     if args.max_sequences is not None and sequences.shape[0] > args.max_sequences:
         g = torch.Generator().manual_seed(args.seed)
         sequences = sequences[torch.randperm(sequences.shape[0], generator=g)[: args.max_sequences]]
@@ -74,6 +77,36 @@ def run_trace(args: argparse.Namespace) -> int:
     print(f"wrote {args.out}: {manifest['num_moe_layers']} MoE layers, {manifest['num_experts']} experts, "
           f"top-{manifest['top_k']}, {manifest['num_sequences'] * manifest['seq_len']} tokens")
     return 0
+
+
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
+
+
+def _trace_tokenizer(model: str):
+    """(texts -> token id lists, eos id) of the checkpoint's tokenizer; for a checkpoint directory
+    that ships none, UTF-8 bytes (the byte tokenizer ``generate`` falls back to), said on stderr."""
+    import sys
+
+    if os.path.isdir(model) and not any(os.path.exists(os.path.join(model, f)) for f in _TOKENIZER_FILES):
+        from transformers import AutoConfig
+
+        from sida_moe.presets import ByteTokenizer
+
+        config = AutoConfig.from_pretrained(model)
+        vocab = getattr(config.get_text_config(), "vocab_size", None) or 0
+        need = 256 + ByteTokenizer.offset
+        if vocab < need:
+            raise UserError(f"{model} ships no tokenizer ({', '.join(_TOKENIZER_FILES)}) and its vocabulary of {vocab} "
+                            f"tokens is too small for the built-in byte tokenizer (needs {need}): save the model's "
+                            "tokenizer beside it")
+        print(f"{model} ships no tokenizer: tracing the corpus as UTF-8 bytes (the byte tokenizer that "
+              "`sida-moe generate` uses for it)", file=sys.stderr)
+        byte = ByteTokenizer()
+        return (lambda texts: [byte.encode(t) for t in texts]), byte.eos_token_id
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model)
+    return (lambda texts: tokenizer(texts, add_special_tokens=False)["input_ids"]), tokenizer.eos_token_id
 
 
 def _dropout(text: str) -> float:

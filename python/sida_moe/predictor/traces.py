@@ -462,24 +462,76 @@ class Traces:
 
 def iter_shards(trace_dir: str | os.PathLike) -> Iterator[dict[str, torch.Tensor]]:
     """The raw tensors of each shard, in order."""
-    from safetensors.torch import load_file
-
     manifest = read_manifest(trace_dir)
     for shard in manifest["shards"]:
-        yield load_file(os.path.join(trace_dir, shard["file"]))
+        yield _load_trace_file(os.path.join(trace_dir, shard["file"]))
+
+
+def _load_trace_file(path: str) -> dict[str, torch.Tensor]:
+    """``safetensors.torch.load_file``; a missing or corrupt file raises naming it."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    from sida_moe._native import LoadError
+
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"trace file {path!r} is missing (named by {MANIFEST_NAME} of its directory)")
+    try:
+        return load_file(path)
+    except SafetensorError as e:
+        raise LoadError(f"{path}: not a valid safetensors file: {e}") from None
+
+
+# manifest entries every reader relies on (ints)
+_MANIFEST_INTS = ("hidden_size", "num_moe_layers", "num_experts", "top_k", "top_t", "seq_len", "num_sequences")
 
 
 def read_manifest(trace_dir: str | os.PathLike) -> dict:
+    """The manifest of a trace directory; a malformed one raises LoadError naming the file and
+    what is wrong with it."""
+    from sida_moe._native import LoadError
+
     path = os.path.join(trace_dir, MANIFEST_NAME)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{trace_dir!r} is not a trace directory: no {MANIFEST_NAME}")
-    with open(path) as f:
-        manifest = json.load(f)
+    try:
+        with open(path, encoding="utf-8") as f:
+            manifest = json.load(f)
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise LoadError(f"{path}: not a valid trace manifest (invalid JSON: {e})") from None
+    if not isinstance(manifest, dict):
+        raise LoadError(f"{path}: not a valid trace manifest (a JSON object is expected, got {type(manifest).__name__})")
     if manifest.get("format_version") != TRACE_FORMAT_VERSION:
         raise ValueError(
-            f"trace format version {manifest.get('format_version')!r} is not supported (expected {TRACE_FORMAT_VERSION})"
+            f"{path}: trace format version {manifest.get('format_version')!r} is not supported (expected {TRACE_FORMAT_VERSION})"
         )
+    bad = [k for k in _MANIFEST_INTS
+           if isinstance(manifest.get(k), bool) or not isinstance(manifest.get(k), int) or manifest[k] < (k != "num_sequences")]
+    if bad:
+        raise LoadError(f"{path}: not a valid trace manifest: {', '.join(f'{k}={manifest.get(k)!r}' for k in bad)} "
+                        f"(each must be an int >= 1; num_sequences >= 0)")
+    layer_ids = manifest.get("moe_layer_ids")
+    if not isinstance(layer_ids, list) or len(layer_ids) != manifest["num_moe_layers"] or not all(
+            isinstance(i, int) and not isinstance(i, bool) for i in layer_ids):
+        raise LoadError(f"{path}: not a valid trace manifest: moe_layer_ids must list num_moe_layers "
+                        f"({manifest['num_moe_layers']}) ints, got {layer_ids!r}")
+    shards = manifest.get("shards")
+    if not isinstance(shards, list) or not all(
+            isinstance(sh, dict) and isinstance(sh.get("file"), str) and sh["file"]
+            and os.path.basename(sh["file"]) == sh["file"] for sh in shards):
+        raise LoadError(f"{path}: not a valid trace manifest: \"shards\" must be a list of {{\"file\": name}} "
+                        f"objects naming files of the directory, got {shards!r:.200}")
     return manifest
+
+
+def _embeddings(trace_dir: str | os.PathLike) -> torch.Tensor:
+    from sida_moe._native import LoadError
+
+    path = os.path.join(trace_dir, EMBEDDINGS_NAME)
+    tensors = _load_trace_file(path)
+    if "weight" not in tensors:
+        raise LoadError(f"{path}: holds no 'weight' tensor (the traced model's embedding table)")
+    return tensors["weight"]
 
 
 # manifest entries that must agree for traces to be concatenated (the same model and recording)
@@ -495,18 +547,16 @@ def load_traces(trace_dir: str | os.PathLike, *more_dirs: str | os.PathLike, com
     int64 / float32 -- about a third of the memory, for traces of tens of millions of tokens
     (training and evaluation widen each batch as they gather it).
     """
-    from safetensors.torch import load_file
-
     dirs = [trace_dir, *more_dirs]
     manifests = [read_manifest(d) for d in dirs]
     manifest = dict(manifests[0])
-    emb = load_file(os.path.join(trace_dir, EMBEDDINGS_NAME))["weight"]
+    emb = _embeddings(trace_dir)
     for d, m in zip(dirs[1:], manifests[1:]):
         diff = [key for key in _SAME_MODEL_KEYS if m.get(key) != manifest.get(key)]
         if diff:
             raise ValueError(f"trace {os.fspath(d)!r} does not match {os.fspath(trace_dir)!r} in {diff}: "
                              "only traces of the same model and recording settings can be loaded together")
-        if not torch.equal(load_file(os.path.join(d, EMBEDDINGS_NAME))["weight"], emb):
+        if not torch.equal(_embeddings(d), emb):
             raise ValueError(f"trace {os.fspath(d)!r} holds other embeddings than {os.fspath(trace_dir)!r}: not the same model")
     parts = [part for d in dirs for part in iter_shards(d)]
     if not parts:
