@@ -10,8 +10,8 @@ from sida_moe import cli
 from sida_moe.presets import PRESETS, ByteTokenizer, get_preset
 
 
-def test_generate_default_preset(capsys):
-    assert cli.main(["generate", "--max-new-tokens", "4", "--gpu-budget", "25%"]) == 0
+def test_generate_random_weight_preset(capsys):
+    assert cli.main(["generate", "--model", "qwen3-moe-tiny", "--max-new-tokens", "4", "--gpu-budget", "25%"]) == 0
     out = capsys.readouterr().out
     assert "preset qwen3-moe-tiny" in out
     for figure in ("tokens/s:", "expert hit rate:", "bytes moved per token:", "all-resident"):
