@@ -293,8 +293,9 @@ def main() -> None:
         spec = dict(VARIANTS[name.removesuffix("+ext")])
         if device == "cpu":
             spec.pop("bf16", None)  # autocast is a GPU speed-up; the CPU smoke run trains in float32
-        cfg = TrainConfig(device=device, steps=5 if args.smoke else args.predictor_steps,
-                          max_seconds=None if args.smoke else args.predictor_seconds, **spec)
+        # every variant is written as changes to the paper's configuration
+        cfg = TrainConfig.preset("paper", device=device, steps=5 if args.smoke else args.predictor_steps,
+                                 max_seconds=None if args.smoke else args.predictor_seconds, **spec)
         train_trace = extended if name.endswith("+ext") else tr
         log(f"training predictor {name} on {train_trace.num_sequences} sequences "
             f"(at most {cfg.steps} steps / {cfg.max_seconds} s)")

@@ -33,14 +33,17 @@ def stdlib_corpus_dir() -> str:
     return sysconfig.get_paths()["stdlib"]
 
 
-def load_stdlib_split(held_out_fraction: float = 0.05) -> tuple[list[tuple[str, str]], list[tuple[str, str]]]:
-    """(train, held-out) lists of (path, text) of the standard library's .py files."""
+def load_stdlib_split(held_out_fraction: float = 0.05, exclude_dirs: tuple[str, ...] = ()
+                      ) -> tuple[list[tuple[str, str]], list[tuple[str, str]]]:
+    """(train, held-out) lists of (path, text) of the standard library's .py files; directories named
+    in ``exclude_dirs`` (e.g. the test suites) are skipped besides site-packages."""
     from sida_moe.predictor.traces import split_held_out
 
     root = stdlib_corpus_dir()
+    skip = {"site-packages", "dist-packages", "__pycache__", *exclude_dirs}
     docs = []
     for dirpath, dirs, files in os.walk(root):
-        dirs[:] = sorted(d for d in dirs if d not in ("site-packages", "dist-packages", "__pycache__"))
+        dirs[:] = sorted(d for d in dirs if d not in skip)
         for name in sorted(files):
             if name.endswith(".py"):
                 path = os.path.join(dirpath, name)
@@ -149,13 +152,20 @@ def build_model(vocab_size: int, eos_id: int, layers: int = 8, experts: int = 32
     return Qwen3MoeForCausalLM(config)
 
 
+def _autocast(device: torch.device):
+    """bf16 autocast on a GPU; the CPU trains in float32 (its bf16 matmuls are slower)."""
+    import contextlib
+
+    return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
+
+
 def _pick_experts_impl(model, batch: torch.Tensor) -> str:
     """grouped_mm when it runs forward+backward here (fp32 master weights under bf16 autocast),
     else the eager per-expert loop."""
     for impl in ("grouped_mm", "eager"):
         try:
             model.set_experts_implementation(impl)
-            with torch.autocast("cuda", dtype=torch.bfloat16):
+            with _autocast(batch.device):
                 out = model(input_ids=batch[:2], labels=batch[:2])
             out.loss.backward()
             model.zero_grad(set_to_none=True)
@@ -165,9 +175,13 @@ def _pick_experts_impl(model, batch: torch.Tensor) -> str:
     raise RuntimeError("no experts implementation trains on this machine")
 
 
-def train(model, train_ids: torch.Tensor, seconds: float, batch_size: int = 32, lr: float = 2e-3, seed: int = 0) -> dict:
-    """AdamW with warmup + cosine decay over a wall-clock budget (step count estimated after 20 steps)."""
-    device = torch.device("cuda")
+def train(model, train_ids: torch.Tensor, seconds: float, batch_size: int = 32, lr: float = 2e-3, seed: int = 0,
+          device: str = "cuda", on_log=None, steps: int | None = None) -> dict:
+    """AdamW with warmup + cosine decay over a wall-clock budget (step count estimated after 20 steps),
+    or over exactly ``steps`` steps when given (a run repeated on another machine).
+    ``on_log(step)``, when given, runs at every logged step (every 50) and may return a dict that is
+    recorded in the result's ``evals``."""
+    device = torch.device(device)
     model.to(device).train()
     torch.manual_seed(seed)
     impl = _pick_experts_impl(model, train_ids[:2].to(device))
@@ -175,10 +189,10 @@ def train(model, train_ids: torch.Tensor, seconds: float, batch_size: int = 32, 
     no_decay = [p for n, p in model.named_parameters() if p.dim() < 2]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.1}, {"params": no_decay, "weight_decay": 0.0}], lr=lr, betas=(0.9, 0.95))
     gen = torch.Generator().manual_seed(seed)
-    warmup, total, step, t0, losses = 50, None, 0, time.perf_counter(), []
+    warmup, total, step, t0, losses, evals = 50, steps, 0, time.perf_counter(), [], []
     while True:
         elapsed = time.perf_counter() - t0
-        if step == 20:
+        if step == 20 and steps is None:
             total = max(100, int(seconds / (elapsed / 20)))
         if total is not None and step >= total:
             break
@@ -187,7 +201,7 @@ def train(model, train_ids: torch.Tensor, seconds: float, batch_size: int = 32, 
             g["lr"] = lr * scale
         rows = torch.randint(0, train_ids.shape[0], (batch_size,), generator=gen)
         batch = train_ids[rows].to(device, non_blocking=True)
-        with torch.autocast("cuda", dtype=torch.bfloat16):
+        with _autocast(device):
             out = model(input_ids=batch, labels=batch)
         out.loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -196,10 +210,15 @@ def train(model, train_ids: torch.Tensor, seconds: float, batch_size: int = 32, 
         if step % 50 == 0:
             losses.append((step, float(out.loss.detach())))
             print(f"step {step} loss {losses[-1][1]:.3f} ({time.perf_counter() - t0:.0f}s)", flush=True)
+            extra = on_log(step) if on_log is not None else None
+            if extra:
+                evals.append({"step": step, **extra})
+                model.train()
         step += 1
-    torch.cuda.synchronize()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
     return {"steps": step, "seconds": time.perf_counter() - t0, "experts_implementation": impl, "loss_curve": losses,
-            "tokens_seen": step * batch_size * train_ids.shape[1]}
+            "tokens_seen": step * batch_size * train_ids.shape[1], **({"evals": evals} if evals else {})}
 
 
 def main(argv: list[str] | None = None) -> dict:

@@ -44,7 +44,8 @@ def test_bad_gpu_budget(capsys, budget, pattern):
 
 def test_gpu_budget_one_is_all_experts(capsys):
     """``1`` is the fraction 1 (all experts), as in Python: the tiny preset's 256 experts get 256 slots."""
-    assert cli.main(["generate", "--gpu-budget", "1", "--max-new-tokens", "1", "--device", "cpu"]) == 0
+    assert cli.main(["generate", "--model", "qwen3-moe-tiny", "--gpu-budget", "1", "--max-new-tokens", "1",
+                     "--device", "cpu"]) == 0
     out = capsys.readouterr().out
     assert re.search(r"256 experts .* 256 slots", out), out
 
@@ -68,10 +69,11 @@ def test_cuda_device_index_beyond_the_gpus(capsys):
 
 def test_max_new_tokens_beyond_the_context_is_refused(capsys):
     # the preset's context is 1024 tokens: refused before the model is built
-    line = _fails(capsys, ["generate", "--max-new-tokens", "5000"], r"--max-new-tokens 5000 exceeds the model's context of 1024")
+    line = _fails(capsys, ["generate", "--model", "qwen3-moe-tiny", "--max-new-tokens", "5000"],
+                  r"--max-new-tokens 5000 exceeds the model's context of 1024")
     assert "at most 1024" in line and capsys.readouterr().out == ""
     # with the prompt's tokens counted
-    _fails(capsys, ["generate", "--max-new-tokens", "1020", "--prompt", "0123456789"],
+    _fails(capsys, ["generate", "--model", "qwen3-moe-tiny", "--max-new-tokens", "1020", "--prompt", "0123456789"],
            r"context of 1024 tokens \(max_position_embeddings\) after a prompt of 10 tokens: at most 1014")
     _fails(capsys, ["generate", "--max-new-tokens", "0"], r"argument --max-new-tokens: must be a positive integer, got 0")
 
@@ -205,7 +207,7 @@ def test_keyboard_interrupt_exits_130_with_one_line(capsys):
 def test_traceback_on_request(monkeypatch):
     """``SIDA_MOE_TRACEBACK=1`` re-raises the error instead of the one line, for debugging."""
     monkeypatch.setenv("SIDA_MOE_TRACEBACK", "1")
-    with pytest.raises(cli.UserError, match="neither a directory nor a preset"):
+    with pytest.raises(cli.UserError, match="neither a directory, a bundled model"):
         cli.main(["generate", "--model", "no-such-model"])
 
 
@@ -234,7 +236,7 @@ def test_the_process_prints_one_line_and_exits_2():
 
 
 def test_ctrl_c_during_generate_exits_130():
-    proc = _script("generate", "--max-new-tokens", "1000", "--device", "cpu", "--prompt", "a")
+    proc = _script("generate", "--model", "qwen3-moe-tiny", "--max-new-tokens", "1000", "--device", "cpu", "--prompt", "a")
     try:
         for line in proc.stdout:  # the model is built; generation (1000 tokens) is under way
             if "built in" in line:

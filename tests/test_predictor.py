@@ -428,8 +428,8 @@ def test_distillation_loss_terms():
                                                                        (32, False, 1)])
 def test_training_lowers_the_loss_and_reports(trace_dir, head_hidden, prev_token_routing, attn_blocks):
     traces = load_traces(trace_dir)
-    cfg = TrainConfig(steps=80, batch_size=8, warmup_steps=5, lr=3e-3, target="topk", conditioned=True,
-                      head_hidden=head_hidden, prev_token_routing=prev_token_routing, attn_blocks=attn_blocks)
+    cfg = TrainConfig.preset("paper", steps=80, batch_size=8, warmup_steps=5, lr=3e-3, target="topk", conditioned=True,
+                             head_hidden=head_hidden, prev_token_routing=prev_token_routing, attn_blocks=attn_blocks)
     pred, report = train_predictor(traces, cfg, held_out=traces, progress=False)
     assert pred.config.head_hidden == head_hidden and pred.config.prev_token_routing == prev_token_routing
     assert len(pred.blocks) == attn_blocks

@@ -137,17 +137,21 @@ def register_command(name: str, help: str, configure: Callable[[argparse.Argumen
 
 # ------------------------------------------------------------------------------------ generate
 def _configure_generate(p: argparse.ArgumentParser) -> None:
-    from sida_moe.presets import DEFAULT_PRESET, PRESETS
+    from sida_moe.presets import BUNDLED_MODELS, DEFAULT_MODEL, PRESETS
 
-    p.add_argument("--model", default=DEFAULT_PRESET,
-                   help=f"checkpoint directory, or a built-in preset ({', '.join(PRESETS)}); default {DEFAULT_PRESET}")
+    p.add_argument("--model", default=DEFAULT_MODEL,
+                   help=f"checkpoint directory, a bundled trained model ({', '.join(BUNDLED_MODELS)}) or a "
+                        f"random-weight preset ({', '.join(PRESETS)}); default {DEFAULT_MODEL}")
     p.add_argument("--gpu-budget", default="25%", type=budget_arg,
                    help="GPU memory for experts: a fraction 0.25, a percent '25%%' or a size '12GiB' / '512MB' (default 25%%)")
     p.add_argument("--prompt", action="append", help="prompt text (repeat for a batch); default one short prompt")
     p.add_argument("--max-new-tokens", type=positive_int, default=32)
-    p.add_argument("--policy", default="lru", choices=["lru", "lfu", "fifo", "predictive"])
-    p.add_argument("--prefetch", default="next_layer_gate", choices=["next_layer_gate", "none", "sida"],
-                   help="'sida': the trained SiDA predictor saved in the checkpoint directory (sida-moe train-predictor)")
+    p.add_argument("--policy", default="auto", choices=["auto", "lru", "lfu", "fifo", "predictive"],
+                   help="slot eviction; 'auto' (default): predictive with the SiDA predictor (it feeds the policy "
+                        "each token's predicted experts), else lru")
+    p.add_argument("--prefetch", default="auto", choices=["auto", "next_layer_gate", "none", "sida"],
+                   help="'sida': the trained SiDA predictor saved in the checkpoint directory (sida-moe train-predictor); "
+                        "'auto' (default): sida when the checkpoint has one (the bundled model does), else next_layer_gate")
     p.add_argument("--dtype", default=None, choices=["bfloat16", "float16", "float32"],
                    help="default: bfloat16 on a GPU, float32 on the CPU (checkpoints: their own dtype)")
     p.add_argument("--device", default=None, type=device_arg, help="'cuda', 'cuda:1' or 'cpu' (default: cuda when available)")
@@ -173,14 +177,25 @@ def _run_generate(args: argparse.Namespace) -> int:
     import torch
 
     from sida_moe.budget import format_bytes
-    from sida_moe.presets import PRESETS, ByteTokenizer, build_offloaded
+    from sida_moe.presets import BUNDLED_MODELS, PRESETS, ByteTokenizer, build_offloaded, bundled_model_path
 
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     budget = args.gpu_budget
-    if args.model not in PRESETS and not os.path.isdir(args.model):
-        raise UserError(f"--model {args.model!r} is neither a directory nor a preset ({', '.join(PRESETS)})")
+    bundled = args.model in BUNDLED_MODELS
+    if bundled:
+        args.model = bundled_model_path(args.model)
+    elif args.model not in PRESETS and not os.path.isdir(args.model):
+        raise UserError(f"--model {args.model!r} is neither a directory, a bundled model ({', '.join(BUNDLED_MODELS)}) "
+                        f"nor a preset ({', '.join(PRESETS)})")
     _check_context(args.model, args.max_new_tokens)
-    prompts = args.prompt or ["The SiDA-MoE runtime keeps experts in pinned memory and"]
+    # the bundled model knows Python source only (its training text)
+    default_prompt = 'def read_config(path):\n    """' if bundled else "The SiDA-MoE runtime keeps experts in pinned memory and"
+    prompts = args.prompt or [default_prompt]
+    if args.prefetch == "auto":
+        from sida_moe.predictor.model import has_predictor
+
+        args.prefetch = "sida" if args.model not in PRESETS and os.path.isdir(args.model) and has_predictor(args.model) \
+            else "next_layer_gate"
     if args.prefetch == "sida":
         from sida_moe.predictor.model import has_predictor
 
@@ -189,8 +204,12 @@ def _run_generate(args: argparse.Namespace) -> int:
                              f"(predictor.json + predictor.safetensors from sida-moe train-predictor); {args.model!r} has none")
         from sida_moe.predictor import load_prefetcher
 
+        # on the CPU the fixed-shape decode step runs inline (eagerly), before the token's layers: a
+        # prediction from the worker thread came after the first layers had run on most tokens
         with user_errors(f"cannot load the predictor in {args.model}"):
-            args.prefetch = load_prefetcher(args.model, device=str(device))
+            args.prefetch = load_prefetcher(args.model, device=str(device), **({"cuda_graph": True} if device.type == "cpu" else {}))
+    if args.policy == "auto":
+        args.policy = "lru" if isinstance(args.prefetch, str) else "predictive"
     if args.model in PRESETS:
         dtype = getattr(torch, args.dtype) if args.dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)
         t0 = time.perf_counter()
@@ -239,7 +258,7 @@ def _run_generate(args: argparse.Namespace) -> int:
     prompt_len = 0 if getattr(model.config, "is_encoder_decoder", False) else batch["input_ids"].shape[1]
     for row, prompt in zip(out, prompts):
         ids = row[prompt_len:].tolist()
-        print(f"--- {prompt!r} ->\n{tokenizer.decode(ids)!r}  (token ids {ids[:16]}{' ...' if len(ids) > 16 else ''})")
+        print(f"--- {prompt!r} -> token ids {ids[:16]}{' ...' if len(ids) > 16 else ''}:\n{prompt}{tokenizer.decode(ids)}\n---")
     new_tokens = out.shape[1] - prompt_len - (1 if getattr(model.config, "is_encoder_decoder", False) else 0)
     steps = clock.times[1:]  # the first put() is the prompt
     decode_s = steps[-1] - steps[0] if len(steps) > 1 else total_s
@@ -247,8 +266,11 @@ def _run_generate(args: argparse.Namespace) -> int:
     stats = engine.stats()
     generated = max(new_tokens, 1) * len(prompts)
     print(f"tokens/s: {generated / total_s:.2f} end-to-end ({generated} tokens in {total_s:.2f} s), decode {decode_tps:.2f}")
+    predicted = {"sida": "SiDA predictor recall", "next_layer_gate": "next-layer-gate prediction recall"}.get(
+        str(stats.get("prefetcher")), "prediction recall")
     print(f"expert hit rate: {stats['hit_rate']:.3f} ({int(stats['hits'])} hits, {int(stats['misses'])} misses)"
-          + (f"; next-layer-gate prediction hit rate {stats['prefetch_hit_rate']:.3f}" if "prefetch_hit_rate" in stats else ""))
+          + (f"; {predicted} {stats['prefetch_hit_rate']:.3f} (used experts that were predicted)"
+             if "prefetch_hit_rate" in stats else ""))
     print(f"bytes moved per token: {format_bytes(stats['bytes_copied'] / generated)} "
           f"({format_bytes(stats['bytes_copied'])} total, {stats.get('achieved_gbps', 0.0):.1f} GB/s)")
     dense = sum(p.numel() * p.element_size() for p in model.parameters())

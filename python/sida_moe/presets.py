@@ -1,5 +1,6 @@
 """Built-in models: real MoE architectures' shapes with random weights, built without downloads,
-plus the byte-level tokenizer they use.
+plus the byte-level tokenizer they use; and the small trained checkpoint shipped inside the package
+(``BUNDLED_MODELS``, the default of ``sida-moe generate``).
 
 ``build_offloaded(name, ...)`` creates the dense part on the target device and writes every expert
 straight into the pinned pool layer by layer (one layer of experts is materialised at a time), so
@@ -10,6 +11,7 @@ reference the offloaded one is compared with).
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 
 import torch
@@ -72,6 +74,29 @@ PRESETS: dict[str, Preset] = {
 }
 
 DEFAULT_PRESET = "qwen3-moe-tiny"
+
+#: trained checkpoints shipped inside the package, each with its SiDA predictor: name -> directory.
+#: ``qwen3-moe-stdlib``: Qwen3-MoE, 4 layers, hidden 128, 16 experts top-4, trained on the Python
+#: standard library (``benches/train_default_model.py``; its ``NOTICE.md`` and ``training.json``)
+BUNDLED_MODELS: dict[str, str] = {
+    name: os.path.join(os.path.dirname(os.path.abspath(__file__)), "models", name) for name in ("qwen3-moe-stdlib",)
+}
+
+#: the model of a no-argument ``sida-moe generate``
+DEFAULT_MODEL = "qwen3-moe-stdlib"
+
+
+def bundled_model_path(name: str = DEFAULT_MODEL) -> str:
+    """The directory of a shipped checkpoint (``BUNDLED_MODELS``): pass it to ``sida_moe.from_pretrained``,
+    ``transformers``' ``from_pretrained`` or ``sida_moe.predictor.load_prefetcher``."""
+    try:
+        path = BUNDLED_MODELS[name]
+    except KeyError:
+        raise ValueError(f"unknown bundled model {name!r}; bundled models: {', '.join(BUNDLED_MODELS)}") from None
+    if not os.path.isfile(os.path.join(path, "config.json")):
+        raise FileNotFoundError(f"the bundled model {name!r} is missing from this installation (expected {path}); "
+                                f"reinstall sida-moe")
+    return path
 
 
 def get_preset(name: str) -> Preset:
@@ -201,4 +226,5 @@ class ByteTokenizer:
         return {"input_ids": ids, "attention_mask": mask}
 
 
-__all__ = ["DEFAULT_PRESET", "PRESETS", "ByteTokenizer", "Preset", "build_model", "build_offloaded", "get_preset", "preset_config"]
+__all__ = ["BUNDLED_MODELS", "DEFAULT_MODEL", "DEFAULT_PRESET", "PRESETS", "ByteTokenizer", "Preset", "build_model",
+           "build_offloaded", "bundled_model_path", "get_preset", "preset_config"]

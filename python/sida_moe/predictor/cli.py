@@ -117,43 +117,82 @@ def _dropout(text: str) -> float:
 
 
 def _configure_train(p: argparse.ArgumentParser) -> None:
-    from sida_moe.predictor.train import TrainConfig
+    from sida_moe.predictor.train import TRAIN_PRESETS, TrainConfig
 
     d = TrainConfig()
     p.add_argument("--trace", required=True, help="trace directory of training text (sida-moe trace)")
     p.add_argument("--held-out", default=None, help="trace directory of held-out text for the evaluation report")
     p.add_argument("--out", default=None, help="where to save predictor.json/.safetensors (default: the traced model's directory)")
-    p.add_argument("--steps", type=positive_int, default=d.steps)
-    p.add_argument("--batch-size", type=positive_int, default=d.batch_size)
-    p.add_argument("--lr", type=positive_float, default=d.lr, help=f"AdamW learning rate (default {d.lr}; the paper's is 5e-5)")
-    p.add_argument("--kd-weight", type=non_negative_float, default=d.kd_weight)
-    p.add_argument("--top-t", type=positive_int, default=d.top_t)
-    p.add_argument("--target", default=d.target, choices=["top1", "topk"],
+    p.add_argument("--preset", default="best", choices=sorted(TRAIN_PRESETS),
+                   help="best (default): the variant measured best (top-k target, kd 0.5, MLP heads, 2 attention "
+                        "blocks, widths scaled to the model); paper: SiDA-MoE's network and loss. The flags below "
+                        "override single settings")
+    p.add_argument("--steps", type=positive_int, default=None,
+                   help="step limit (default: 2000 steps, or with --max-seconds as many as fit in it)")
+    p.add_argument("--max-seconds", type=positive_float, default=None, help="training time budget (the step count is fitted to it)")
+    p.add_argument("--batch-size", type=positive_int, default=None)
+    p.add_argument("--lr", type=positive_float, default=None, help="AdamW learning rate (the paper's is 5e-5)")
+    p.add_argument("--kd-weight", type=non_negative_float, default=None)
+    p.add_argument("--top-t", type=positive_int, default=None)
+    p.add_argument("--target", default=None, choices=["top1", "topk"],
                    help="top1: the paper's loss; topk: uniform target over the router's top-k set")
     p.add_argument("--conditioned", action="store_true", help="also learn the correction from the previous layer's routing")
-    p.add_argument("--hidden", type=positive_int, default=d.hidden, help=f"predictor width (default {d.hidden}, the paper's)")
-    p.add_argument("--head-hidden", type=non_negative_int, default=d.head_hidden,
-                   help="> 0: per-layer MLP heads of this width instead of the paper's linear heads")
-    p.add_argument("--attn-blocks", type=non_negative_int, default=d.attn_blocks,
+    p.add_argument("--hidden", type=positive_int, default=None,
+                   help="predictor width (best: the model's hidden size rounded up to a power of two, 64..512)")
+    p.add_argument("--head-hidden", type=non_negative_int, default=None,
+                   help="> 0: per-layer MLP heads of this width, 0: the paper's linear heads (best: half of --hidden)")
+    p.add_argument("--attn-blocks", type=non_negative_int, default=None,
                    help="> 0: deep variant, this many causal transformer blocks on top of the paper's network")
-    p.add_argument("--attn-heads", type=positive_int, default=d.attn_heads, help="heads of those blocks (must divide --hidden)")
+    p.add_argument("--attn-heads", type=positive_int, default=None, help="heads of those blocks (must divide --hidden)")
     p.add_argument("--prev-token-routing", action="store_true",
                    help="decode variant: also input the previous token's true routing (known during decode)")
-    p.add_argument("--max-seconds", type=positive_float, default=None, help="cap training time (the step count is cut to fit)")
-    p.add_argument("--bf16", action="store_true",
-                   help="bf16 autocast for the forward on a GPU (1.5x the tokens per second at batch 128 on the H100)")
-    p.add_argument("--lookahead-hidden", type=non_negative_int, default=1024,
+    p.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=None,
+                   help="bf16 autocast for the forward (default: on when training on a GPU)")
+    p.add_argument("--lookahead-hidden", type=non_negative_int, default=None,
                    help="width of the lookahead heads, trained when the trace holds router inputs "
-                        "(trace --moe-inputs-every); 0: do not train them")
+                        "(trace --moe-inputs-every); default twice the predictor's width, at most 1024; 0: none")
     p.add_argument("--lookahead-steps", type=positive_int, default=4000)
     p.add_argument("--no-lookahead-previous-token", action="store_true",
                    help="heads without the previous token's state (and no head for layer 0); default: with them")
-    p.add_argument("--dropout", type=_dropout, default=d.dropout, help="training-time dropout in the network (default 0)")
+    p.add_argument("--dropout", type=_dropout, default=None, help="training-time dropout in the network (default 0)")
     p.add_argument("--no-fit-temperature", action="store_true",
                    help="do not fit hash routing's per-layer weight temperature after training")
+    p.add_argument("--model", default=None,
+                   help="the traced model, for the held-out loss with hash routing against exact mode "
+                        "(default: the model the trace names, when it is a local directory)")
+    p.add_argument("--no-hash-routing-eval", action="store_true", help="skip that held-out loss measurement")
     p.add_argument("--device", default=None, type=device_arg, help="default: cuda when available, else cpu")
     p.add_argument("--report", default=None, help="write the full report (JSON) here")
     p.add_argument("--seed", type=int, default=d.seed)
+
+
+#: train-predictor flags that override a preset's setting of the same TrainConfig field
+_OVERRIDES = ("steps", "max_seconds", "batch_size", "lr", "kd_weight", "top_t", "target", "hidden", "head_hidden",
+              "attn_blocks", "attn_heads", "bf16", "dropout")
+
+
+def _stop_line(report: dict) -> str:
+    """One line saying which limit ended training."""
+    cfg = report["train_config"]
+    if report["stopped_by"] == "max_seconds":
+        return (f"training stopped by --max-seconds {cfg['max_seconds']:g} after {report['steps_run']} steps"
+                + (f" (of the --steps {cfg['steps']} allowed)" if cfg["steps"] is not None else ""))
+    line = f"training stopped at its step limit, {report['steps_run']} steps, after {report['train_seconds']:.1f} s"
+    if cfg["max_seconds"] is not None:
+        line += f" of the {cfg['max_seconds']:g} s --max-seconds allowed (raise --steps or leave it out to use them)"
+    return line
+
+
+def format_hash_routing(rep: dict) -> str:
+    """``train.hash_routing_loss``'s result as two lines."""
+    lines = [f"held-out loss, {rep['tokens']} tokens: exact mode {rep['exact']['loss']:.4f} "
+             f"(perplexity {rep['exact']['perplexity']:.2f})"]
+    for source, what in (("predicted", "predictor's experts and weights"), ("router", "predictor's experts, router's weights")):
+        if source in rep:
+            r = rep[source]
+            lines.append(f"  hash routing ({what}): {r['loss']:.4f} (perplexity {r['perplexity']:.2f}, "
+                         f"{100 * r['relative_increase']:+.2f}% loss)")
+    return "\n".join(lines)
 
 
 def run_train(args: argparse.Namespace) -> int:
@@ -174,28 +213,46 @@ def run_train(args: argparse.Namespace) -> int:
     out = args.out or traces.manifest.get("model_name_or_path")
     if not out or not (os.path.isdir(out) or args.out):
         raise UserError("--out is required: the trace does not name a local model directory to save next to")
-    config = TrainConfig(
-        steps=args.steps, batch_size=args.batch_size, lr=args.lr, kd_weight=args.kd_weight, top_t=args.top_t,
-        target=args.target, conditioned=args.conditioned, hidden=args.hidden, head_hidden=args.head_hidden,
-        prev_token_routing=args.prev_token_routing, attn_blocks=args.attn_blocks, attn_heads=args.attn_heads,
-        max_seconds=args.max_seconds, seed=args.seed, bf16=args.bf16, dropout=args.dropout,
-        fit_temperature=not args.no_fit_temperature,
-        device=args.device or ("cuda" if torch.cuda.is_available() else "cpu"),
-    )
-    predictor, report = train_predictor(traces, config, held_out=held)
+    overrides = {name: getattr(args, name) for name in _OVERRIDES if getattr(args, name) is not None}
+    try:
+        config = TrainConfig.preset(
+            args.preset, **overrides, conditioned=args.conditioned, prev_token_routing=args.prev_token_routing,
+            seed=args.seed, fit_temperature=not args.no_fit_temperature,
+            device=args.device or ("cuda" if torch.cuda.is_available() else "cpu"),
+        )
+    except ValueError as exc:
+        raise UserError(str(exc)) from exc
+    lookahead_hidden = args.lookahead_hidden
+    if (lookahead_hidden is not None and lookahead_hidden < 0) or args.lookahead_steps <= 0:
+        raise UserError("--lookahead-hidden must be >= 0 and --lookahead-steps positive")
+    model = None
+    model_path = args.model or traces.manifest.get("model_name_or_path")
+    if held is not None and not args.no_hash_routing_eval and model_path and os.path.isdir(model_path):
+        from transformers import AutoModelForCausalLM
+
+        model = AutoModelForCausalLM.from_pretrained(model_path).to(config.device).eval()
+    predictor, report = train_predictor(traces, config, held_out=held, model=model)
     print(f"loss {report['loss_first']:.4f} -> {report['loss_last_50']:.4f} in {report['train_seconds']:.1f} s; "
-          f"{report['num_parameters']} parameters")
+          f"{report['num_parameters']} parameters (width {predictor.config.hidden}, heads {predictor.config.head_hidden}, "
+          f"{predictor.config.attn_blocks} attention blocks)")
+    print(_stop_line(report))
     if held is not None:
         print(format_report(report["held_out"]))
+    if "hash_routing" in report:
+        print(format_hash_routing(report["hash_routing"]))
+    elif held is not None and not args.no_hash_routing_eval:
+        print("no hash-routing loss: the trace names no local model directory (pass --model)")
     if "temperature_fit" in report:
         temps = report["temperature_fit"]["weight_temperature"]
         print("hash routing weight temperature per MoE layer: " + " ".join(f"{t:g}" for t in temps))
-    if args.lookahead_hidden and traces.moe_inputs is not None and traces.manifest["num_moe_layers"] > 1:
+    if lookahead_hidden is None:
+        lookahead_hidden = min(1024, 2 * predictor.config.hidden)
+    if lookahead_hidden and traces.moe_inputs is not None and traces.manifest["num_moe_layers"] > 1:
         from sida_moe.predictor.lookahead import LookaheadConfig, train_lookahead
 
         look_held = held if held is not None and held.moe_inputs is not None else None
         report["lookahead"] = train_lookahead(
-            predictor, traces, LookaheadConfig(hidden=args.lookahead_hidden, steps=args.lookahead_steps,
+            predictor, traces, LookaheadConfig(hidden=lookahead_hidden, steps=args.lookahead_steps,
                                                seed=args.seed, device=config.device,
                                                previous_token=not args.no_lookahead_previous_token),
             held_out=look_held)
@@ -209,7 +266,7 @@ def run_train(args: argparse.Namespace) -> int:
         else:
             print("lookahead heads trained (no held-out router inputs to evaluate them: trace the held-out "
                   "text with --moe-inputs-every 1)")
-    elif args.lookahead_hidden and traces.moe_inputs is None:
+    elif lookahead_hidden and traces.moe_inputs is None:
         print("no lookahead heads: the trace holds no router inputs (trace with --moe-inputs-every N to train them)")
     predictor.save(out)
     print(f"saved to {out}")

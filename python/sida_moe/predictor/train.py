@@ -23,22 +23,60 @@ from sida_moe.predictor.model import HashPredictor, PredictorConfig, previous_to
 from sida_moe.predictor.traces import Traces
 
 
+#: the widest predictor the scaling rule gives (the width measured best on the reference model, d=512)
+MAX_SCALED_HIDDEN = 512
+
+
+def scaled_widths(input_dim: int) -> tuple[int, int]:
+    """``(hidden, head_hidden)`` of the best-measured predictor for a model of hidden size ``input_dim``.
+
+    Measured best on the reference model (d=512): width 512 with 256-wide MLP heads, i.e. as wide as
+    the embeddings it reads, heads half that. The rule keeps those ratios: the width is ``input_dim``
+    rounded up to a power of two, between 64 and 512 (larger models keep 512, the widest measured),
+    and the heads half of it. A d=128 model gets 128 / 64: about 0.8M parameters instead of 9.6M at
+    512, more than its own dense weights."""
+    if isinstance(input_dim, bool) or not isinstance(input_dim, int) or input_dim <= 0:
+        raise ValueError(f"input_dim must be a positive int, got {input_dim!r}")
+    hidden = min(MAX_SCALED_HIDDEN, max(64, 1 << (input_dim - 1).bit_length()))
+    return hidden, hidden // 2
+
+
+#: named training configurations; ``TrainConfig.preset(name)``, ``sida-moe train-predictor --preset``.
+#: ``best`` (the defaults): the variant measured best on the reference model (NOTES.md, README:
+#: top-k target, distillation weight 0.5, MLP heads, 2 causal transformer blocks, batch 128 at lr
+#: 1.5e-3, bf16 autocast on a GPU), widths scaled to the model (``scaled_widths``).
+#: ``paper``: SiDA-MoE's network (width 256, linear heads, no blocks) and loss (top-1 cross-entropy
+#: plus 0.005 x truncated KD), batch 64, at lr 1e-3 (the paper's 5e-5 is far too slow for a budget of
+#: minutes, NOTES.md; pass ``lr=5e-5`` for it).
+TRAIN_PRESETS: dict[str, dict] = {
+    "best": dict(target="topk", kd_weight=0.5, hidden=None, head_hidden=None, attn_blocks=2, batch_size=128,
+                 lr=1.5e-3, bf16=None),
+    "paper": dict(target="top1", kd_weight=0.005, hidden=256, head_hidden=0, attn_blocks=0, batch_size=64,
+                  lr=1e-3, bf16=False),
+}
+
+_DEFAULT_STEPS = 2000  # the step count when neither steps nor max_seconds is given
+_UNBOUNDED_STEPS = 10**9  # max_seconds alone: the time budget decides
+
+
 @dataclass
 class TrainConfig:
-    """Optimisation settings. Defaults: the paper's loss with a tuned learning rate."""
+    """Optimisation settings. Defaults: the ``best`` preset (``TRAIN_PRESETS``); ``TrainConfig.preset
+    ("paper")`` gives the paper's network and loss."""
 
-    steps: int = 2000
-    batch_size: int = 64  # sequences per step
-    lr: float = 1e-3  # paper: 5e-5; 1e-3 with cosine decay converges in far fewer steps (see NOTES.md)
+    # None: 2000 steps, or, with max_seconds, as many as fit in it; an int caps the run either way
+    steps: int | None = None
+    batch_size: int = 128  # sequences per step
+    lr: float = 1.5e-3  # paper: 5e-5; 1e-3..2e-3 with cosine decay converges in far fewer steps (see NOTES.md)
     weight_decay: float = 0.01
     warmup_steps: int = 100
-    kd_weight: float = 0.005
+    kd_weight: float = 0.5  # paper: 0.005; 0.5 calibrates the predicted weights (NOTES.md)
     top_t: int = 30
-    target: Literal["top1", "topk"] = "top1"
+    target: Literal["top1", "topk"] = "topk"  # paper: top1
     conditioned: bool = False
-    hidden: int = 256  # predictor width (the paper's 256)
-    head_hidden: int = 0  # > 0: per-layer MLP heads of this width (the wider variant)
-    attn_blocks: int = 0  # > 0: causal transformer blocks on top of the paper's features (deep variant)
+    hidden: int | None = None  # predictor width; None: scaled to the model (scaled_widths); the paper's is 256
+    head_hidden: int | None = None  # > 0: per-layer MLP heads of this width, 0: linear heads; None: scaled
+    attn_blocks: int = 2  # > 0: causal transformer blocks on top of the paper's features (deep variant)
     attn_heads: int = 8
     dropout: float = 0.0  # training-time dropout in the network (PredictorConfig.dropout): it overfits small corpora
     prev_token_routing: bool = False  # also input the previous token's true routing (decode variant)
@@ -50,21 +88,34 @@ class TrainConfig:
     device: str = "cpu"
     max_seconds: float | None = None  # wall-clock cap: the step count is cut to fit after 20 steps
     # bf16 autocast for the forward (GPU only; the loss and AdamW's master weights stay float32). The
-    # LSTM is most of a step; in bf16 a batch of 128 costs what 64 costs in fp32 (NOTES.md, session 4)
-    bf16: bool = False
+    # LSTM is most of a step; in bf16 a batch of 128 costs what 64 costs in fp32 (NOTES.md, session 4).
+    # None: on when training on a GPU.
+    bf16: bool | None = None
 
+    @classmethod
+    def preset(cls, name: str, **overrides) -> TrainConfig:
+        """The configuration ``TRAIN_PRESETS[name]``, with ``overrides`` on top."""
+        if name not in TRAIN_PRESETS:
+            raise ValueError(f"unknown predictor preset {name!r}; presets: {', '.join(TRAIN_PRESETS)}")
+        return cls(**{**TRAIN_PRESETS[name], **overrides})
 
     def __post_init__(self) -> None:
-        if self.steps <= 0 or self.batch_size <= 0 or self.top_t <= 0 or self.hidden <= 0:
-            raise ValueError("steps, batch_size, top_t and hidden must be positive")
+        for name in ("steps", "batch_size", "top_t", "hidden"):
+            value = getattr(self, name)
+            if value is None and name in ("steps", "hidden"):
+                continue
+            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+                raise ValueError(f"TrainConfig.{name} must be a positive int, got {value!r}")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
         if not 0.0 <= self.routing_dropout <= 1.0:
             raise ValueError(f"routing_dropout must be in [0, 1], got {self.routing_dropout}")
-        if self.head_hidden < 0:
-            raise ValueError(f"head_hidden must be >= 0 (0: linear heads), got {self.head_hidden}")
+        if self.head_hidden is not None and self.head_hidden < 0:
+            raise ValueError(f"head_hidden must be >= 0 (0: linear heads) or None (scaled), got {self.head_hidden}")
         if self.attn_blocks < 0:
             raise ValueError(f"attn_blocks must be >= 0 (0: the paper's network), got {self.attn_blocks}")
+        if self.attn_blocks and (self.attn_heads <= 0 or (self.hidden is not None and self.hidden % self.attn_heads)):
+            raise ValueError(f"attn_heads must be a positive divisor of hidden ({self.hidden}), got {self.attn_heads}")
         if self.bf16 and torch.device(self.device).type != "cuda":
             raise ValueError(f"bf16=True needs a CUDA training device, got device={self.device!r}")
         if not self.lr > 0:
@@ -75,6 +126,20 @@ class TrainConfig:
             raise ValueError(f"kd_weight must be >= 0, got {self.kd_weight}")
         if self.target not in ("top1", "topk"):
             raise ValueError(f"target must be 'top1' or 'topk', got {self.target!r}")
+
+    def widths(self, input_dim: int) -> tuple[int, int]:
+        """``(hidden, head_hidden)`` for a model of hidden size ``input_dim``: the given ones, or
+        ``scaled_widths`` for those left None."""
+        hidden, head_hidden = scaled_widths(input_dim)
+        hidden = self.hidden if self.hidden is not None else hidden
+        if self.head_hidden is not None:
+            head_hidden = self.head_hidden
+        elif self.hidden is not None:
+            head_hidden = self.hidden // 2
+        return hidden, head_hidden
+
+    def use_bf16(self) -> bool:
+        return self.bf16 if self.bf16 is not None else torch.device(self.device).type == "cuda"
 
 
 def warmup_cosine(step: int, warmup: int, total: int) -> float:
@@ -246,12 +311,61 @@ def train_predictor(
     held_out: Traces | None = None,
     progress: bool = True,
     predictor: HashPredictor | None = None,
+    model: torch.nn.Module | None = None,
+    hash_routing_sequences: int = 64,
 ) -> tuple[HashPredictor, dict]:
     """Train a hash function on ``traces``; returns it (eval mode) and a report with the loss curve,
-    timing and, when ``held_out`` is given, ``evaluate``'s metrics on it."""
+    timing, which limit stopped training (``stopped_by``) and, when ``held_out`` is given,
+    ``evaluate``'s metrics on it. With ``model`` (the traced model) and ``held_out`` too, the report's
+    ``hash_routing`` holds ``hash_routing_loss`` on the first ``hash_routing_sequences`` held-out
+    sequences: what hash routing costs in next-token loss against exact mode."""
     config = config or TrainConfig()
     with _tf32_matmuls(torch.device(config.device)):
-        return _train(traces, config, held_out, progress, predictor)
+        predictor, report = _train(traces, config, held_out, progress, predictor)
+    if model is not None and held_out is not None and hash_routing_sequences > 0:
+        report["hash_routing"] = hash_routing_loss(model, predictor, held_out.input_ids[:hash_routing_sequences])
+    return predictor, report
+
+
+def hash_routing_loss(
+    model: torch.nn.Module,
+    predictor: HashPredictor,
+    input_ids: torch.Tensor,
+    weights: tuple[str, ...] = ("predicted", "router"),
+    batch_size: int = 16,
+) -> dict:
+    """Mean next-token loss (and perplexity) of ``model`` on ``input_ids [N, S]`` in exact mode and
+    under hash routing (``HashRouting``) with each weight source of ``weights``: ``{"tokens",
+    "exact": {"loss", "perplexity"}, "<weights>": {"loss", "perplexity", "relative_increase"}}``.
+    The predictor runs on the model's device for the measurement and goes back where it was."""
+    from sida_moe.predictor.hash_routing import HashRouting
+
+    if input_ids.dim() != 2 or input_ids.shape[0] == 0 or input_ids.shape[1] < 2:
+        raise ValueError(f"input_ids must be [sequences >= 1, tokens >= 2], got {list(input_ids.shape)}")
+    device = next(model.parameters()).device
+    home = predictor.compress.weight.device
+    predictor.to(device).eval()
+
+    def mean_loss() -> float:
+        total, count = 0.0, 0
+        with torch.no_grad():
+            for i in range(0, input_ids.shape[0], batch_size):
+                x = input_ids[i : i + batch_size].to(device, torch.long)
+                logits = model(input_ids=x).logits[:, :-1].float()
+                total += float(F.cross_entropy(logits.reshape(-1, logits.shape[-1]), x[:, 1:].reshape(-1), reduction="sum"))
+                count += x[:, 1:].numel()
+        return total / count
+
+    try:
+        exact = mean_loss()
+        out: dict = {"tokens": int(input_ids.numel()), "exact": {"loss": exact, "perplexity": math.exp(exact)}}
+        for source in weights:
+            with HashRouting(model, predictor, weights=source):
+                loss = mean_loss()
+            out[source] = {"loss": loss, "perplexity": math.exp(loss), "relative_increase": loss / exact - 1.0}
+    finally:
+        predictor.to(home)
+    return out
 
 
 def _train(
@@ -261,9 +375,10 @@ def _train(
 
     torch.manual_seed(config.seed)
     device = torch.device(config.device)
+    hidden, head_hidden = config.widths(traces.manifest["hidden_size"])
     model = predictor or HashPredictor(
-        predictor_config_for(traces.manifest, conditioned=config.conditioned, hidden=config.hidden,
-                             head_hidden=config.head_hidden, prev_token_routing=config.prev_token_routing,
+        predictor_config_for(traces.manifest, conditioned=config.conditioned, hidden=hidden,
+                             head_hidden=head_hidden, prev_token_routing=config.prev_token_routing,
                              attn_blocks=config.attn_blocks, attn_heads=config.attn_heads, dropout=config.dropout)
     )
     if model.config.num_experts != traces.manifest["num_experts"] or model.config.num_moe_layers != traces.manifest["num_moe_layers"]:
@@ -271,7 +386,10 @@ def _train(
     model.to(device).train()
     opt = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
 
-    total_steps = config.steps
+    # steps None with max_seconds: the time budget alone decides (re-estimated below)
+    step_cap = config.steps if config.steps is not None else (_UNBOUNDED_STEPS if config.max_seconds else _DEFAULT_STEPS)
+    total_steps = step_cap
+    bf16 = config.use_bf16()
 
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: warmup_cosine(step, config.warmup_steps, total_steps))
     gen = torch.Generator().manual_seed(config.seed)
@@ -279,11 +397,11 @@ def _train(
     n = traces.num_sequences
 
     def amp():
-        return torch.autocast("cuda", dtype=torch.bfloat16) if config.bf16 else contextlib.nullcontext()
+        return torch.autocast("cuda", dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
 
     losses: list[float] = []
     t0 = t20 = time.perf_counter()
-    bar = tqdm(total=config.steps, desc="train-predictor", disable=not progress)
+    bar = tqdm(total=None if step_cap == _UNBOUNDED_STEPS else step_cap, desc="train-predictor", disable=not progress)
     step = 0
     while step < total_steps:
         if config.max_seconds is not None and step >= 20 and step % 10 == 0:
@@ -295,7 +413,7 @@ def _train(
             else:
                 per_step = (now - t20) / (step - 20)
             left = max(0.0, config.max_seconds - (now - t0))
-            total_steps = max(step + 1, min(config.steps, step + int(left / per_step)))
+            total_steps = max(step + 1, min(step_cap, step + int(left / per_step)))
             bar.total = total_steps
         rows = torch.randint(0, n, (min(config.batch_size, n),), generator=gen)
         embeds, topk_ids, logit_ids, logit_vals = batches(rows)
@@ -327,8 +445,15 @@ def _train(
     bar.close()
     train_seconds = time.perf_counter() - t0
     model.eval()
+    # the time budget ended it when it cut the step count below the cap
+    stopped_by = "max_seconds" if config.max_seconds is not None and total_steps < step_cap else "steps"
     report: dict = {
         "train_config": asdict(config),
+        # which limit ended training: "steps" (the step count, before any max_seconds ran out) or
+        # "max_seconds" (the time budget); with both given, a "steps" stop left time unused
+        "stopped_by": stopped_by,
+        "step_limit": None if step_cap == _UNBOUNDED_STEPS else step_cap,
+        "bf16": bf16,
         "predictor_config": asdict(model.config),
         "num_parameters": model.num_parameters(),
         "train_sequences": n,
@@ -581,5 +706,5 @@ def format_report(report: dict) -> str:
     return "\n".join(lines)
 
 
-__all__ = ["TrainConfig", "distillation_loss", "evaluate", "fit_gate_weights", "fit_weight_temperature", "format_report",
+__all__ = ["TRAIN_PRESETS", "TrainConfig", "distillation_loss", "hash_routing_loss", "scaled_widths", "evaluate", "fit_gate_weights", "fit_weight_temperature", "format_report",
            "predictor_config_for", "train_predictor", "weight_errors"]
