@@ -5,6 +5,7 @@ against exact mode in the report."""
 from __future__ import annotations
 
 import json
+import re
 import math
 
 import pytest
@@ -221,5 +222,7 @@ def test_train_predictor_cli_reports_limits_presets_and_hash_routing(tmp_path, c
     assert main([*args, "--steps", "2", "--preset", "paper", "--target", "topk", "--no-hash-routing-eval",
                  "--out", str(tmp_path / "mixed"), "--report", str(tmp_path / "mixed.json")]) == 0
     assert json.loads((tmp_path / "mixed.json").read_text())["train_config"]["target"] == "topk"
-    with pytest.raises(SystemExit, match="train-predictor: .*attn_heads must be a positive divisor"):
-        main([*args, "--steps", "1", "--hidden", "24", "--attn-heads", "5", "--out", str(tmp_path / "bad")])
+    capsys.readouterr()
+    assert main([*args, "--steps", "1", "--hidden", "24", "--attn-heads", "5", "--out", str(tmp_path / "bad")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and re.search("train-predictor: .*attn_heads must be a positive divisor", err), err
