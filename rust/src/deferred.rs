@@ -7,7 +7,7 @@
 //! and queues the prefetches. This takes the host-side half of the run-ahead predictor (wait for
 //! the top-k, build the expert lists, call `prefetch` per layer) off the Python thread that runs
 //! the model: in a host-bound decode that Python time, spent under the GIL, was most of the
-//! predictor's cost to tokens/s (NOTES.md, session 8).
+//! predictor's cost to tokens/s (NOTES.md).
 //!
 //! Ownership: staging buffers and their events belong to this struct; a buffer is in exactly one
 //! place at a time (the free list, or a request in the channel / in the thread's hands) and goes

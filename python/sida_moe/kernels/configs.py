@@ -24,7 +24,7 @@ REGIMES: tuple[Regime, ...] = ("gemv", "mma", "grouped_mm")
 GEMV_BLOCK_SIZES = (4, 8, 16)
 MMA_BLOCK_SIZES = (8, 16, 32)
 
-# Mean pairs per expert up to which each regime is the fastest (H100 run of 2026-11-22, NOTES.md):
+# Mean pairs per expert up to which each regime is the fastest (measured crossovers, NOTES.md "Kernels"):
 # gemv wins at T=1 (0.06-0.25 pairs per expert), mma from about 0.5 (Switch T=64) to 4-8 (Qwen3
 # T=64, gpt-oss T=64 by 2%), grouped_mm from 8 on (Switch T=1024: 0.16 ms against mma's 0.21).
 GEMV_MAX_PAIRS_PER_EXPERT = 0.25

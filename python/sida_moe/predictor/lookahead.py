@@ -33,7 +33,7 @@ class LookaheadConfig:
     """Settings of ``train_lookahead``. The heads are small (about ``(d + E) * hidden`` weights per
     layer) and a step is one batched matmul over all layers, so thousands of steps take seconds."""
 
-    hidden: int = 1024  # width of each layer's head (1024 beat 512 by 0.2 points of recall, session 6)
+    hidden: int = 1024  # width of each layer's head (wider heads recalled more; NOTES.md)
     steps: int = 4000
     batch_tokens: int = 4096  # tokens per step (every layer 1..L-1 of each)
     lr: float = 1e-3

@@ -137,7 +137,7 @@ class RunAheadPrefetcher:
 
     name = "sida"
     # predicts and corrects through acquire calls; decode keeps the acquire path until its
-    # prediction runs inside the decode step (NOTES.md, host-free decode plan)
+    # prediction runs inside the decode step (once prediction runs inside the captured step)
     table_decode = False
 
     def __init__(

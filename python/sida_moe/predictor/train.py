@@ -88,7 +88,7 @@ class TrainConfig:
     device: str = "cpu"
     max_seconds: float | None = None  # wall-clock cap: the step count is cut to fit after 20 steps
     # bf16 autocast for the forward (GPU only; the loss and AdamW's master weights stay float32). The
-    # LSTM is most of a step; in bf16 a batch of 128 costs what 64 costs in fp32 (NOTES.md, session 4).
+    # LSTM is most of a step; in bf16 a batch of 128 costs what 64 costs in fp32 (NOTES.md).
     # None: on when training on a GPU.
     bf16: bool | None = None
 
@@ -476,7 +476,7 @@ def _train(
     return model, report
 
 
-# the reference model fits 0.25-0.35 (session 7); the grid reaches well past that both ways
+# fitted temperatures sit well inside this grid on both sides (NOTES.md)
 TEMPERATURE_GRID = (0.125, 0.18, 0.25, 0.35, 0.5, 0.7, 1.0, 1.4, 2.0, 2.8, 4.0, 5.6, 8.0)
 
 
