@@ -30,7 +30,20 @@ def _tiny_moe():
     return Qwen3MoeForCausalLM(cfg).eval()
 
 
-def test_token_timer_counts_every_generated_token():
+def test_token_timer_counts_every_generated_token(monkeypatch):
+    """One stamp per generated token (none for the prompt), and the summary's figures from those
+    stamps. The timer's clock is a fake one, so the figures are exact; real timings are the
+    benchmark's (``sida-moe bench``)."""
+    import sida_moe.bench.timing as timing_mod
+
+    ticks = iter([10.0, 10.5, 10.6, 10.7, 10.9, 11.0, 11.4])  # begin, then one per generated token
+
+    class FakeTime:
+        @staticmethod
+        def perf_counter() -> float:
+            return next(ticks)
+
+    monkeypatch.setattr(timing_mod, "time", FakeTime)
     model = _tiny_moe()
     timer = TokenTimer()
     ids = torch.randint(0, 64, (2, 5))
@@ -39,9 +52,13 @@ def test_token_timer_counts_every_generated_token():
         out = model.generate(ids, max_new_tokens=6, min_new_tokens=6, do_sample=False, streamer=timer)
     res = timer.result(batch_size=2, prompt_tokens=5)
     assert out.shape[1] - 5 == res.new_tokens == 6
-    assert len(res.token_latencies_s) == 5
+    assert next(ticks, None) is None  # the clock was read once per token, plus begin
+    assert res.ttft_s == pytest.approx(0.5)
+    assert res.token_latencies_s == pytest.approx([0.1, 0.1, 0.2, 0.1, 0.4])
     s = res.summary()
-    assert s["ttft_ms"] > 0 and s["decode_tokens_per_s"] > 0 and s["p99_token_ms"] >= s["p50_token_ms"]
+    assert s["ttft_ms"] == pytest.approx(500.0) and s["prefill_tokens_per_s"] == pytest.approx(2 * 5 / 0.5)
+    assert s["decode_tokens_per_s"] == pytest.approx(2 * 5 / 0.9)
+    assert s["p50_token_ms"] == pytest.approx(100.0) and s["p99_token_ms"] == pytest.approx(200.0 + 200.0 * 0.96)
 
 
 def test_token_timer_without_tokens_raises():

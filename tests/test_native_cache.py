@@ -358,6 +358,7 @@ def test_measure_stream_waits_switch_and_reset(pool, backend):
             c.release(c.acquire(0, [1, 2, 3], _stream(backend)), _stream(backend))
         waited = c.stream_wait_seconds()
         assert isinstance(waited, float) and waited >= 0.0
+        assert c.stats()["stream_waits"] <= c.stats()["acquires"] == 2  # at most one timed wait per acquire
         if backend.kind == "host":  # copies land before acquire returns: never a wait
             assert waited == 0.0 and c.stats()["stream_waits"] == 0
         c.measure_stream_waits = False
@@ -386,32 +387,42 @@ def test_bad_measure_stream_waits_values(pool):
 
 
 @pytest.mark.gpu
-def test_cuda_stream_wait_is_timed_only_for_copies_in_flight():
-    """A slot whose copy landed long ago costs the compute stream no wait (nothing is recorded); a
-    demand load or a prefetch still in flight makes it wait, and that wait is measured."""
-    big = 64 << 20  # ~1 ms per copy over PCIe
+def test_cuda_stream_wait_is_not_timed_for_copies_that_landed():
+    """A slot whose copy landed (``synchronize`` waited for it) costs the compute stream no wait:
+    nothing is recorded. Exact by construction as well: an acquire times at most one wait, and no
+    timed wait means no seconds. Whether a demand load or a prefetch is still in flight when its
+    acquire looks is timing, so that a wait is then recorded and measured (> 0 s) is shown by
+    ``benches/bench_native_stream_waits.py``, not asserted here."""
+    big = 64 << 20
     backend = sm.Backend("cuda")
     pool = sm.ExpertPool(backend, [("w", big)], [(0, e) for e in range(8)])
     stream = torch.cuda.Stream()
     s = stream.cuda_stream
+
+    def waits(c):
+        return c.stats()["stream_waits"], c.stream_wait_seconds()
+
     with sm.SlotCache(pool, 4, copy_workers=0) as c:
         c.measure_stream_waits = True
         c.prefetch(0, [0])
         c.synchronize()  # the copy has landed
         c.release(c.acquire(0, [0], s), s)
-        assert c.stats()["stream_waits"] == 0 and c.stream_wait_seconds() == 0.0
-        c.release(c.acquire(0, [1], s), s)  # a demand load: the stream waits for its copy
-        assert c.stats()["stream_waits"] == 1 and c.stream_wait_seconds() > 0.0
+        assert waits(c) == (0, 0.0)
+        c.release(c.acquire(0, [1], s), s)  # a demand load: timed when its copy is still in flight
+        n, seconds = waits(c)
+        assert n in (0, 1) and seconds >= 0.0 and (n == 1 or seconds == 0.0)
         c.reset_stats()
-        assert c.stream_wait_seconds() == 0.0 and c.stats()["stream_waits"] == 0
+        assert waits(c) == (0, 0.0)
     with sm.SlotCache(pool, 4, copy_workers=1) as c:
         c.measure_stream_waits = True
         c.prefetch(0, [2, 3, 4, 5])  # four copies queued on the copy stream
-        c.release(c.acquire(0, [5], s), s)  # the last one is still in flight (or a miss: loaded now)
-        assert c.stats()["stream_waits"] == 1 and c.stream_wait_seconds() > 0.0
+        c.release(c.acquire(0, [5], s), s)  # in flight, landed, or a miss loaded now
+        n, seconds = waits(c)
+        assert n in (0, 1) and seconds >= 0.0 and (n == 1 or seconds == 0.0)
         c.synchronize()
-        before = c.stream_wait_seconds()
+        before = waits(c)
         c.release(c.acquire(0, [2, 3, 4], s), s)  # landed: no wait
-        assert c.stats()["stream_waits"] == 1 and c.stream_wait_seconds() == before
+        assert waits(c) == before
+        assert c.stats()["acquires"] == 2
     stream.synchronize()
     pool.close()

@@ -105,9 +105,12 @@ def test_cuda_layer_matches_eager_experts(family, tokens, chunked):
 
 
 def test_cuda_measure_stalls_reports_the_gpu_wait_and_the_acquire_window():
-    """``measure_stalls`` turns on the cache's stream-wait timing (also after ``reopen_cache``); the
-    GPU-side wait of each acquire lies inside the engine's events around that acquire call, so the
-    stall never exceeds the acquire window."""
+    """``measure_stalls`` turns on the cache's stream-wait timing (also after ``reopen_cache``) and
+    adds ``stream_wait_seconds`` and ``acquire_stream_seconds`` to the stats; ``reset_stats`` zeroes
+    them; turning it off drops them. The GPU-side wait of each acquire lies inside the engine's
+    events around that acquire call, so the stall should not exceed the acquire window: two measured
+    durations, compared in ``benches/bench_offload_decode.py`` (``test_decode_stall_vs_acquire_window``)
+    rather than asserted here."""
     model = tiny_model("qwen3_moe", torch.float16).cuda()
     offloaded, engine = _offload_cuda(model, 0.3)
     assert engine.cache.measure_stream_waits is False
@@ -120,8 +123,11 @@ def test_cuda_measure_stalls_reports_the_gpu_wait_and_the_acquire_window():
     with torch.inference_mode():
         greedy(offloaded, ids, mask)
     stats = engine.stats()
-    assert stats["misses"] > 0 and stats["stream_waits"] >= 0
-    assert 0.0 <= stats["stream_wait_seconds"] <= stats["acquire_stream_seconds"] + 1e-4
+    assert stats["misses"] > 0
+    # exact by construction: an acquire times at most one wait; no timed wait, no wait seconds
+    assert 0 <= stats["stream_waits"] <= stats["acquires"]
+    assert stats["stream_waits"] > 0 or stats["stream_wait_seconds"] == 0.0
+    assert stats["stream_wait_seconds"] >= 0.0 and stats["acquire_stream_seconds"] >= 0.0
     engine.reset_stats()
     stats = engine.stats()
     assert stats["stream_waits"] == 0 and stats["stream_wait_seconds"] == 0.0 and stats["acquire_stream_seconds"] == 0.0
