@@ -238,7 +238,6 @@ class SlotCache:
         future: bool = False,
         skip_routed: bool = False,
         remember: bool = False,
-        exclude_predicted: bool = False,
     ) -> None:
         """Prefetch expert ids that the device is still computing, without waiting for them.
 
@@ -247,56 +246,18 @@ class SlotCache:
         the host backend), written by work on ``stream`` (a CUstream handle; None: the default
         stream) and not overwritten by any other stream until the copy queued here has run. Queues
         an asynchronous copy into page-locked staging and an event on ``stream``, and returns; a
-        native thread waits for the event (no GIL held), then per row: distinct ids, minus
-        (``exclude_predicted``) those this ``generation``'s remembered prediction has for the layer;
-        ``future``: the rows are the next acquire calls in order -- rows whose acquire already
-        happened are skipped (also with ``skip_routed``), the rest feed ``set_future``;
-        ``remember``: keep the rows as this generation's prediction (``deferred_predicted``); then
-        ``prefetch`` of each row. Requests are handled in submission order. Errors met by the thread
+        native thread waits for the event (no GIL held), then per row: distinct ids;
+        ``future``: the rows are the next cache visits in order (acquire calls and table visits,
+        counted from this call on, after the routed rows submitted before it) -- rows whose visit
+        already happened are skipped (also with ``skip_routed``), the rest feed ``set_future``;
+        ``remember``: keep the rows as the prediction that each layer's next routed row
+        (``submit_routed``) is scored against (``stats``: ``predicted_*``); then ``prefetch`` of
+        each row. Requests are handled in submission order. Errors met by the thread
         (an expert out of range) are kept for ``take_deferred_error``. The pointer is not checked:
         a wrong address is undefined behaviour, as with ``ExpertPool.write_ptr``. At most 2**24 ids
         (``len(layers) * width``) per call, else InvalidArgumentError."""
-    def register_program(
-        self,
-        graph_exec: int,
-        inputs: Sequence[tuple[int, int]],
-        ids_ptr: int,
-        layers: Sequence[int],
-        width: int,
-        stream: int,
-    ) -> int:
-        """Register a captured device program whose ids are prefetched; returns its id for
-        ``run_program``. ``graph_exec``: a ``cudaGraphExec_t`` (``torch.cuda.CUDAGraph.
-        raw_cuda_graph_exec()``; 0: no graph -- the copies and ids only, for the host backend);
-        ``inputs``: its static input buffers as (address, bytes); ``ids_ptr``: its output of
-        ``len(layers) * width`` int64 ids (row i: layer ``layers[i]``); ``stream``: the stream it
-        runs on. Every buffer and the graph must stay alive until ``clear_programs``. At most 2**24
-        ids (``len(layers) * width``), as for ``prefetch_deferred``."""
-    def run_program(
-        self,
-        program: int,
-        inputs: Sequence[int],
-        stream: int,
-        generation: int = 0,
-        priority: Priority = "prefetch",
-        future: bool = False,
-        skip_routed: bool = False,
-        remember: bool = False,
-        exclude_predicted: bool = False,
-    ) -> None:
-        """One native call per run: on ``stream`` (the caller's, where ``inputs`` -- one address
-        per registered input, each of its size -- were written) wait for the program's previous
-        launch to finish reading its inputs, copy the inputs in, and record an event; on the
-        program's stream wait for it, launch the graph, and queue its ids as ``prefetch_deferred``
-        does with the other arguments. Returns without waiting for the device."""
-    def clear_programs(self) -> None:
-        """Forget every program once its last launch completed (call before freeing the graphs
-        or buffers). Ids are never reused."""
     def wait_deferred(self, timeout: float | None = None) -> bool:
         """Wait until every ``prefetch_deferred`` so far has been handled; False on timeout."""
-    def deferred_predicted(self, generation: int, layer: int) -> list[int] | None:
-        """The remembered prediction of ``generation`` for ``layer`` (sorted, distinct), or None
-        before it was handled (or for another generation than the newest remembered one)."""
     def take_deferred_error(self) -> str | None:
         """The first error a deferred prefetch met since the last call, cleared (None: none)."""
     def cancel_before(self, generation: int) -> None:
@@ -326,9 +287,13 @@ class SlotCache:
         the memcpy wall time. ``host_stall_seconds``: time acquire spent in calls that had to load
         or wait. ``stream_waits``: acquires timed by ``measure_stream_waits`` (see there).
         ``deferred_submitted`` / ``deferred_handled`` / ``deferred_queued``: ``prefetch_deferred``
-        and ``run_program`` requests so far, those handled, and the prefetches they queued."""
+        and ``submit_routed`` requests so far, those handled, and the loads they queued;
+        ``predicted_hits`` / ``predicted_needed`` / ``predicted_experts``: over the layers whose
+        remembered prediction was scored, routed experts that were predicted, routed experts, and
+        predicted experts (recall = hits / needed, precision = hits / predicted)."""
     def reset_stats(self) -> None:
-        """Zero every counter, including ``stream_waits`` and ``stream_wait_seconds()``; stream-wait
+        """Zero every counter, including ``stream_waits``, ``stream_wait_seconds()`` and the
+        prediction scores (``deferred_*`` counts keep running); stream-wait
         timings not yet resolved are dropped."""
     @property
     def measure_stream_waits(self) -> bool:

@@ -204,10 +204,8 @@ def _run_generate(args: argparse.Namespace) -> int:
                              f"(predictor.json + predictor.safetensors from sida-moe train-predictor); {args.model!r} has none")
         from sida_moe.predictor import load_prefetcher
 
-        # on the CPU the fixed-shape decode step runs inline (eagerly), before the token's layers: a
-        # prediction from the worker thread came after the first layers had run on most tokens
         with user_errors(f"cannot load the predictor in {args.model}"):
-            args.prefetch = load_prefetcher(args.model, device=str(device), **({"cuda_graph": True} if device.type == "cpu" else {}))
+            args.prefetch = load_prefetcher(args.model)
     if args.policy == "auto":
         args.policy = "lru" if isinstance(args.prefetch, str) else "predictive"
     if args.model in PRESETS:

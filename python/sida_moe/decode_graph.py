@@ -31,7 +31,7 @@ class _Step:
     tokens: torch.Tensor  # [B, cache length] every step's greedy token
     index: torch.Tensor  # [1] column of `tokens` the step writes; the step increments it
     graph: torch.cuda.CUDAGraph | None = None
-    visits: tuple[list[int], int] = ([], 0)
+    visits: tuple[list[int], int, bool] = ([], 0, False)  # engine.take_captured_visits()
 
 
 def _cache_length(needed: int) -> int:
@@ -48,6 +48,15 @@ def _forward_step(model: nn.Module, step: _Step) -> None:
     step.token.copy_(nxt)
     step.position.add_(1)
     step.index.add_(1)
+    _predict_ahead(model, nxt)
+
+
+def _predict_ahead(model: nn.Module, token: torch.Tensor) -> None:
+    """The next step's input is known: let the engine's prefetcher predict its experts now."""
+    engine = getattr(model, "sida_engine", None)
+    if engine is not None:
+        # forward() itself: the embedding's hooks mark the start of a model forward
+        engine.predict_ahead(model.get_input_embeddings().forward(token))
 
 
 def graphs_supported(model: nn.Module, batch_size: int) -> str | None:
@@ -100,6 +109,8 @@ def greedy_generate(
     device = engine.device if engine is not None else next(model.parameters()).device
     input_ids = input_ids.to(device=device, dtype=torch.long)
     step = _step_for(model, batch, prompt_len + max_new_tokens, device)
+    if engine is not None:
+        engine.begin_sequence(batch, step.tokens.shape[1])
 
     # prefill: eager (offloaded models: through the acquire path for long prompts)
     logits = model(input_ids=input_ids, past_key_values=step.cache,
@@ -110,6 +121,8 @@ def greedy_generate(
     step.position.fill_(prompt_len)
     step.index.fill_(1)
     remaining = max_new_tokens - 1
+    if remaining > 0:
+        _predict_ahead(model, first)
     if remaining > 0 and graphs and step.graph is None:
         # one eager step first: kernels compile and every lazy state exists before the capture
         _forward_step(model, step)

@@ -78,6 +78,7 @@ class OffloadEngine:
         self._ring: dict[int, torch.Tensor] = {}  # row width -> [num MoE layers, width] int64
         self._visits: list[int] = []
         self._visit_width = 0
+        self._ahead_captured = False  # the step being captured ran the prefetcher's predict_ahead
         self.max_top_k = max(layer.top_k for layer in layers)
         # measurement switches used by the benchmark (off: nothing extra on the hot path)
         self._measure_stalls = False  # see the measure_stalls property
@@ -144,7 +145,6 @@ class OffloadEngine:
         future: bool = False,
         skip_routed: bool = False,
         remember: bool = False,
-        exclude_predicted: bool = False,
     ) -> None:
         """Prefetch expert ids the device is still computing, without waiting for them:
         ``ids`` (int64, contiguous, ``[len(layers), ...]``: row i holds experts of MoE layer
@@ -165,7 +165,7 @@ class OffloadEngine:
         stream = torch.cuda.current_stream(ids.device).cuda_stream if on_cuda else None
         cache.prefetch_deferred(ids.data_ptr(), layers, ids.numel() // len(layers), stream,
                                 self.generation if generation is None else generation, priority,
-                                future, skip_routed, remember, exclude_predicted)
+                                future, skip_routed, remember)
 
     def wait_deferred(self, timeout: float | None = None) -> bool:
         """Wait until every ``prefetch_deferred`` so far was handled (False on timeout)."""
@@ -302,15 +302,48 @@ class OffloadEngine:
         self.cache.submit_routed(rows.data_ptr(), self._visits, self._visit_width, self._stream())
         self._visits = []
 
-    def take_captured_visits(self) -> tuple[list[int], int]:
-        """The table visits recorded while a decode step was captured (they ran nothing yet)."""
+    def take_captured_visits(self) -> tuple[list[int], int, bool]:
+        """What a decode step captured (it ran nothing yet): its table visits, their row width,
+        and whether it predicted the next step (``predict_ahead``)."""
         visits, self._visits = self._visits, []
-        return visits, self._visit_width
+        ahead, self._ahead_captured = self._ahead_captured, False
+        return visits, self._visit_width, ahead
 
-    def end_replayed_forward(self, visits: list[int], width: int) -> None:
-        """``end_forward`` for one replay of a captured step that made ``visits``."""
+    def end_replayed_forward(self, visits: list[int], width: int, ahead: bool = False) -> None:
+        """``end_forward`` for one replay of a captured step that made ``visits``; then the
+        next step's predictions it made, if ``ahead``."""
         self._visits, self._visit_width = list(visits), width
         self.end_forward()
+        if ahead:
+            self.prefetcher.hand_over_ahead(replayed=True)
+
+    def begin_sequence(self, batch: int, length: int) -> None:
+        """A decode loop starts a new sequence of ``batch`` rows and at most ``length`` tokens
+        (the prefetcher sizes its per-sequence state by it)."""
+        begin = getattr(self.prefetcher, "begin_sequence", None)
+        if begin is not None:
+            begin(batch, length)
+
+    def predict_ahead(self, next_embeds: torch.Tensor) -> None:
+        """End of a decode step whose next input is known (the greedy loop): a prefetcher that
+        predicts from the token (``predict_ahead``) predicts the next step now, so the cache loads
+        its experts while that step runs. Inside a captured step the prediction is captured too
+        and handed over after each replay (``end_replayed_forward``)."""
+        predict = getattr(self.prefetcher, "predict_ahead", None)
+        if predict is None:
+            return
+        predict(next_embeds)
+        if self.device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+            self._ahead_captured = True
+        else:
+            self.prefetcher.hand_over_ahead(replayed=False)
+
+    def routed_ids(self, batch: int) -> torch.Tensor | None:
+        """``[num MoE layers, batch, max top-k]`` experts of the last table forward of ``batch``
+        tokens (-1: skipped pairs, and the columns past a layer's top-k), a view of the routing
+        ring on the device; None before any."""
+        ring = self._ring.get(batch * self.max_top_k)
+        return None if ring is None else ring.view(len(self.layers), batch, self.max_top_k)
 
     def quiesce(self) -> None:
         """Let every queued copy and routing hand-over finish (before capturing a graph, which no
@@ -325,7 +358,7 @@ class OffloadEngine:
         """Whether a layer call of ``num_tokens`` tokens computes through the expert table (the
         decode path: few pairs per expert, the streaming kernels' regimes) rather than acquiring
         slots (prefill)."""
-        if not self._layer_tables or not getattr(self.prefetcher, "table_decode", True):
+        if not self._layer_tables:
             return False
         layer = self.layers[moe_layer]
         return num_tokens * layer.top_k <= MMA_MAX_PAIRS_PER_EXPERT * layer.num_experts

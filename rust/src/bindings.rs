@@ -539,7 +539,7 @@ impl PySlotCache {
     }
 
     #[pyo3(signature = (ids_ptr, layers, width, stream = None, generation = 0, priority = "prefetch",
-                        future = false, skip_routed = false, remember = false, exclude_predicted = false))]
+                        future = false, skip_routed = false, remember = false))]
     #[allow(clippy::too_many_arguments)]
     fn prefetch_deferred(
         &self,
@@ -553,7 +553,6 @@ impl PySlotCache {
         future: bool,
         skip_routed: bool,
         remember: bool,
-        exclude_predicted: bool,
     ) -> PyResult<()> {
         let layers = int_list(layers, "layers")?;
         let (ids_ptr, width) = id_rows(ids_ptr, width)?;
@@ -567,7 +566,6 @@ impl PySlotCache {
             future,
             skip_routed,
             remember,
-            exclude_predicted,
             routed: false,
         };
         let d = &self.deferred;
@@ -628,77 +626,6 @@ impl PySlotCache {
         py.detach(|| unsafe { d.submit(ids_ptr, s, opts) }).py_err()
     }
 
-    #[pyo3(signature = (graph_exec, inputs, ids_ptr, layers, width, stream))]
-    #[allow(clippy::too_many_arguments)]
-    fn register_program(
-        &self,
-        py: Python<'_>,
-        graph_exec: i64,
-        inputs: Vec<(i64, i64)>,
-        ids_ptr: i64,
-        layers: &Bound<'_, PyAny>,
-        width: i64,
-        stream: &Bound<'_, PyAny>,
-    ) -> PyResult<usize> {
-        let layers = int_list(layers, "layers")?;
-        if graph_exec < 0 || ids_ptr <= 0 || width <= 0 || inputs.iter().any(|&(a, n)| a <= 0 || n <= 0) {
-            return Err(to_py(Error::InvalidArgument(format!(
-                "register_program needs graph_exec >= 0, non-null buffers of positive size and width >= 1; got \
-                 graph_exec={graph_exec}, inputs={inputs:?}, ids_ptr={ids_ptr}, width={width}"
-            ))));
-        }
-        let s = stream_arg(stream)?;
-        let inputs = inputs.into_iter().map(|(a, n)| (a as u64, n as usize)).collect();
-        let d = &self.deferred;
-        // SAFETY: documented in the stub: the buffers and the graph stay alive until clear_programs.
-        py.detach(|| unsafe { d.register_program(graph_exec as u64, inputs, ids_ptr as u64, layers, width as usize, s) })
-            .py_err()
-    }
-
-    #[pyo3(signature = (program, inputs, stream, generation = 0, priority = "prefetch", future = false,
-                        skip_routed = false, remember = false, exclude_predicted = false))]
-    #[allow(clippy::too_many_arguments)]
-    fn run_program(
-        &self,
-        py: Python<'_>,
-        program: i64,
-        inputs: Vec<i64>,
-        stream: &Bound<'_, PyAny>,
-        generation: i64,
-        priority: &str,
-        future: bool,
-        skip_routed: bool,
-        remember: bool,
-        exclude_predicted: bool,
-    ) -> PyResult<()> {
-        let demand = demand_lane(priority)?;
-        if program < 0 || generation < 0 || inputs.iter().any(|&a| a <= 0) {
-            return Err(to_py(Error::InvalidArgument(format!(
-                "run_program needs program >= 0, generation >= 0 and non-null inputs; got program={program}, \
-                 generation={generation}, inputs={inputs:?}"
-            ))));
-        }
-        let s = stream_arg(stream)?;
-        let inputs: Vec<u64> = inputs.into_iter().map(|a| a as u64).collect();
-        let opts = deferred::DeferredOptions {
-            generation,
-            demand,
-            future,
-            skip_routed,
-            remember,
-            exclude_predicted,
-            ..Default::default() // layers and width: the program's
-        };
-        let d = &self.deferred;
-        // SAFETY: documented in the stub: each input is readable for its registered size on `stream`.
-        py.detach(|| unsafe { d.run_program(program as usize, &inputs, s, opts) }).py_err()
-    }
-
-    fn clear_programs(&self, py: Python<'_>) {
-        let d = &self.deferred;
-        py.detach(|| d.clear_programs())
-    }
-
     #[pyo3(signature = (timeout = None))]
     fn wait_deferred(&self, py: Python<'_>, timeout: Option<f64>) -> PyResult<bool> {
         let t = match timeout {
@@ -708,10 +635,6 @@ impl PySlotCache {
         };
         let d = &self.deferred;
         Ok(py.detach(|| d.wait_idle(t)))
-    }
-
-    fn deferred_predicted(&self, generation: i64, layer: i64) -> Option<Vec<i64>> {
-        self.deferred.predicted(generation, layer)
     }
 
     fn take_deferred_error(&self) -> Option<String> {
@@ -764,6 +687,10 @@ impl PySlotCache {
         d.set_item("deferred_submitted", submitted as f64)?;
         d.set_item("deferred_handled", handled as f64)?;
         d.set_item("deferred_queued", queued as f64)?;
+        let (hits, needed, predicted) = self.deferred.prediction_counts();
+        d.set_item("predicted_hits", hits as f64)?;
+        d.set_item("predicted_needed", needed as f64)?;
+        d.set_item("predicted_experts", predicted as f64)?;
         for (k, x) in v {
             d.set_item(k, x)?;
         }
@@ -771,7 +698,8 @@ impl PySlotCache {
     }
 
     fn reset_stats(&self) {
-        self.cache.reset_stats()
+        self.cache.reset_stats();
+        self.deferred.reset_prediction_counts();
     }
 
     #[getter]

@@ -146,18 +146,6 @@ impl Device for CudaDevice {
             "cuMemcpyDtoHAsync",
         )
     }
-    unsafe fn copy_on_device_async(&self, dst: u64, src: u64, n: usize, stream: StreamHandle) -> Result<()> {
-        self.driver.check(
-            unsafe { (self.driver.cu_memcpy_dtod_async)(dst, src, n, stream as usize as CuStream) },
-            "cuMemcpyDtoDAsync",
-        )
-    }
-    unsafe fn launch_graph(&self, exec: u64, stream: StreamHandle) -> Result<()> {
-        self.driver.check(
-            unsafe { (self.driver.cu_graph_launch)(exec as usize as *mut c_void, stream as usize as CuStream) },
-            "cuGraphLaunch",
-        )
-    }
     fn record_event(&self, event: EventHandle, stream: StreamHandle) -> Result<()> {
         self.driver.check(
             unsafe { (self.driver.cu_event_record)(event as usize as CuEvent, stream as usize as CuStream) },

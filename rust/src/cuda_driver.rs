@@ -74,8 +74,6 @@ driver_api! {
     cu_memcpy_htod_async: b"cuMemcpyHtoDAsync_v2\0" => fn(CuDevicePtr, *const c_void, usize, CuStream),
     cu_memcpy_dtoh: b"cuMemcpyDtoH_v2\0" => fn(*mut c_void, CuDevicePtr, usize),
     cu_memcpy_dtoh_async: b"cuMemcpyDtoHAsync_v2\0" => fn(*mut c_void, CuDevicePtr, usize, CuStream),
-    cu_memcpy_dtod_async: b"cuMemcpyDtoDAsync_v2\0" => fn(CuDevicePtr, CuDevicePtr, usize, CuStream),
-    cu_graph_launch: b"cuGraphLaunch\0" => fn(*mut c_void, CuStream),
     cu_stream_write_value64: b"cuStreamWriteValue64_v2\0" => fn(CuStream, CuDevicePtr, u64, c_uint),
     cu_get_error_name: b"cuGetErrorName\0" => fn(CuResult, *mut *const c_char),
 }

@@ -9,6 +9,13 @@
 //! the model: in a host-bound decode that Python time, spent under the GIL, was most of the
 //! predictor's cost to tokens/s (NOTES.md).
 //!
+//! Routed rows (`routed`: what a decode step's layers computed through the expert table) become
+//! policy accesses, each consuming one prediction index of the predictive policy; a request's rows
+//! are numbered from the acquire count at submission plus the routed rows submitted before it and
+//! not yet handled, so a prediction submitted right after a step's routing lines up with the next
+//! step's visits. Remembered predictions are scored against the next routed rows of their layers
+//! (`prediction_counts`).
+//!
 //! Ownership: staging buffers and their events belong to this struct; a buffer is in exactly one
 //! place at a time (the free list, or a request in the channel / in the thread's hands) and goes
 //! back to the free list only after its event completed and its ids were read.
@@ -48,31 +55,12 @@ pub struct DeferredOptions {
     pub future: bool,
     /// Rows already routed are skipped (as with `future`) without feeding the policy.
     pub skip_routed: bool,
-    /// Remember the rows as this generation's prediction (see `predicted`).
+    /// Remember the rows as the prediction that each layer's next routed row is scored against.
     pub remember: bool,
-    /// Leave out the experts this generation's remembered prediction already has for the layer.
-    pub exclude_predicted: bool,
     /// The rows are what each layer computed through the expert table (a decode step): they go to
     /// `SlotCache::note_routed` (hits, policy, demand loads of the misses) instead of `prefetch`.
     /// Negative ids are padding.
     pub routed: bool,
-}
-
-/// A captured device program (a CUDA graph) whose output ids are prefetched: `run_program` copies
-/// the caller's inputs into the program's static buffers on the caller's stream, launches the graph
-/// on the program's own stream after them, and submits its ids. Owned here: its two events.
-struct Program {
-    exec: u64,
-    inputs: Vec<(u64, usize)>,
-    ids: u64,
-    layers: Vec<i64>,
-    width: usize,
-    stream: StreamHandle,
-    /// Recorded on the caller's stream after the input copies; the program's stream waits on it.
-    ready: EventHandle,
-    /// Recorded on the program's stream after a launch: the next run's input copies wait on it,
-    /// so they never overwrite inputs the previous launch is still reading.
-    done: EventHandle,
 }
 
 struct Request {
@@ -86,9 +74,15 @@ struct Request {
 struct Progress {
     submitted: u64,
     handled: u64,
-    /// The newest generation with a remembered prediction, and its rows per layer.
-    predicted_generation: Option<i64>,
+    /// Remembered prediction per layer, not yet scored against a routed row of that layer.
     predicted: HashMap<i64, Vec<i64>>,
+    /// Routed rows submitted and not yet handled: they advance the acquire count when handled.
+    pending_routed_rows: u64,
+    /// Scoring of remembered predictions: routed experts that were predicted, routed experts,
+    /// predicted experts (of the layers scored).
+    predicted_hits: u64,
+    predicted_needed: u64,
+    predicted_total: u64,
     /// The first error a request met since the last `take_error` (ids out of range, cache closed).
     error: Option<String>,
     queued: u64,
@@ -107,7 +101,6 @@ pub struct DeferredPrefetcher {
     tx: Mutex<Option<Sender<Request>>>,
     thread: Mutex<Option<JoinHandle<()>>>,
     shut: AtomicBool,
-    programs: Mutex<Vec<Option<Program>>>,
 }
 
 const MIN_STAGING: usize = 4096;
@@ -136,7 +129,6 @@ impl DeferredPrefetcher {
             tx: Mutex::new(None),
             thread: Mutex::new(None),
             shut: AtomicBool::new(false),
-            programs: Mutex::new(Vec::new()),
         }
     }
 
@@ -177,112 +169,30 @@ impl DeferredPrefetcher {
             self.discard(staging);
             return Err(e);
         }
-        let req = Request { staging, nbytes, acquires_at: self.cache.acquire_count(), opts };
-        self.state.progress.lock().submitted += 1;
-        let sent = match self.tx.lock().as_ref() {
-            Some(tx) => tx.send(req).map_err(|e| e.0),
-            None => Err(req),
+        let routed_rows = if opts.routed { opts.layers.len() as u64 } else { 0 };
+        let sent = {
+            // under the progress lock: the thread handles routed rows (advancing the acquire
+            // count) under it too, so the count and the pending rows are read consistently
+            let mut p = self.state.progress.lock();
+            let acquires_at = self.cache.acquire_count() + p.pending_routed_rows;
+            p.pending_routed_rows += routed_rows;
+            p.submitted += 1;
+            let req = Request { staging, nbytes, acquires_at, opts };
+            match self.tx.lock().as_ref() {
+                Some(tx) => tx.send(req).map_err(|e| e.0),
+                None => Err(req),
+            }
         };
         if let Err(req) = sent {
             // the thread is gone (shut down, its free list drained)
             self.discard(req.staging);
             let mut p = self.state.progress.lock();
+            p.pending_routed_rows -= routed_rows;
             p.handled += 1;
             self.state.idle.notify_all();
             return Err(Error::Closed("the deferred prefetcher is shut down".into()));
         }
         Ok(())
-    }
-
-    /// Register a program (see `Program`): `exec` a `CUgraphExec` (0: no graph, only the copies and
-    /// the ids -- the host backend, tests), `inputs` its static input buffers (address, bytes),
-    /// `ids` its output of `len(layers) * width` int64 ids, `stream` where it runs. Returns its id.
-    ///
-    /// # Safety
-    /// Every address must stay valid, and `exec` live, until `clear_programs` (or shutdown).
-    pub unsafe fn register_program(
-        &self,
-        exec: u64,
-        inputs: Vec<(u64, usize)>,
-        ids: u64,
-        layers: Vec<i64>,
-        width: usize,
-        stream: StreamHandle,
-    ) -> Result<usize> {
-        if self.cache.is_closed() || self.shut.load(Ordering::Acquire) {
-            return Err(Error::Closed("the SlotCache is closed".into()));
-        }
-        if ids == 0 || inputs.iter().any(|&(a, n)| a == 0 || n == 0) {
-            return Err(Error::InvalidArgument("program buffers must be non-null and non-empty".into()));
-        }
-        if width == 0 || layers.is_empty() || layers.iter().any(|&l| l < 0) {
-            return Err(Error::InvalidArgument("a program needs at least one layer (>= 0) and width >= 1".into()));
-        }
-        ids_nbytes(layers.len(), width)?;
-        if exec != 0 && self.device.kind() != crate::device::DeviceKind::Cuda {
-            return Err(Error::InvalidArgument("CUDA graph programs need the CUDA backend".into()));
-        }
-        self.device.bind_thread()?;
-        let ready = self.device.create_event(false)?;
-        let done = match self.device.create_event(false) {
-            Ok(e) => e,
-            Err(e) => {
-                self.device.destroy_event(ready);
-                return Err(e);
-            }
-        };
-        let mut programs = self.programs.lock();
-        programs.push(Some(Program { exec, inputs, ids, layers, width, stream, ready, done }));
-        Ok(programs.len() - 1)
-    }
-
-    /// Run program `id` on `inputs` (device addresses, one per registered input, each of its
-    /// size) written by work on `stream` (see `Program`), and submit its ids with `opts`.
-    ///
-    /// # Safety
-    /// Each input address must be readable for its registered size at this point of `stream`.
-    /// `opts` as for `submit`, except `layers` and `width`, which are the program's.
-    pub unsafe fn run_program(&self, id: usize, inputs: &[u64], stream: StreamHandle, opts: DeferredOptions) -> Result<()> {
-        let programs = self.programs.lock();
-        let p = programs
-            .get(id)
-            .and_then(Option::as_ref)
-            .ok_or_else(|| Error::InvalidArgument(format!("unknown program {id} (cleared, or never registered)")))?;
-        if inputs.len() != p.inputs.len() || inputs.contains(&0) {
-            return Err(Error::InvalidArgument(format!(
-                "program {id} takes {} non-null input addresses, got {:?}",
-                p.inputs.len(),
-                inputs
-            )));
-        }
-        let dev = &self.device;
-        dev.bind_thread()?;
-        dev.stream_wait_event(stream, p.done)?;
-        for (&(dst, n), &src) in p.inputs.iter().zip(inputs) {
-            // SAFETY: registered buffer (valid until cleared) and the caller's input.
-            unsafe { dev.copy_on_device_async(dst, src, n, stream)? };
-        }
-        dev.record_event(p.ready, stream)?;
-        dev.stream_wait_event(p.stream, p.ready)?;
-        if p.exec != 0 {
-            // SAFETY: registered as live until cleared.
-            unsafe { dev.launch_graph(p.exec, p.stream)? };
-        }
-        dev.record_event(p.done, p.stream)?;
-        let sub = DeferredOptions { layers: p.layers.clone(), width: p.width, ..opts };
-        // SAFETY: the ids buffer is registered; it is written only by the program on its stream.
-        unsafe { self.submit(p.ids, p.stream, sub) }
-    }
-
-    /// Forget every program, after their last launches completed (before their graphs are freed).
-    pub fn clear_programs(&self) {
-        let _ = self.device.bind_thread();
-        // slots are emptied, not removed: a stale id never names a newer program
-        for p in self.programs.lock().iter_mut().filter_map(Option::take) {
-            let _ = self.device.event_synchronize(p.done);
-            self.device.destroy_event(p.ready);
-            self.device.destroy_event(p.done);
-        }
     }
 
     /// Wait until every request submitted so far was handled; false on timeout.
@@ -302,13 +212,16 @@ impl DeferredPrefetcher {
         true
     }
 
-    /// The remembered prediction of `generation` for `layer` (sorted, distinct), once handled.
-    pub fn predicted(&self, generation: i64, layer: i64) -> Option<Vec<i64>> {
+    /// (routed experts that were predicted, routed experts, predicted experts) over the layers
+    /// whose remembered prediction was scored so far.
+    pub fn prediction_counts(&self) -> (u64, u64, u64) {
         let p = self.state.progress.lock();
-        if p.predicted_generation != Some(generation) {
-            return None;
-        }
-        p.predicted.get(&layer).cloned()
+        (p.predicted_hits, p.predicted_needed, p.predicted_total)
+    }
+
+    pub fn reset_prediction_counts(&self) {
+        let mut p = self.state.progress.lock();
+        (p.predicted_hits, p.predicted_needed, p.predicted_total) = (0, 0, 0);
     }
 
     /// The first error since the last call (None: none), cleared.
@@ -326,7 +239,6 @@ impl DeferredPrefetcher {
     /// `submit`s fail with a Closed error.
     pub fn shutdown(&self) {
         self.shut.store(true, Ordering::Release);
-        self.clear_programs();
         drop(self.tx.lock().take()); // the thread drains the channel, then sees it closed
         if let Some(t) = self.thread.lock().take() {
             let _ = t.join();
@@ -445,20 +357,31 @@ fn handle(req: &Request, cache: &SlotCache, device: &SharedDevice, state: &State
             (layer, experts)
         })
         .collect();
-    if o.remember {
+    if o.routed {
+        // the progress lock orders these acquire-count advances with `submit`'s reading
         let mut p = state.progress.lock();
-        p.predicted_generation = Some(o.generation);
-        p.predicted = rows.iter().cloned().collect();
-    }
-    if o.exclude_predicted {
-        let p = state.progress.lock();
-        if p.predicted_generation == Some(o.generation) {
-            for (layer, experts) in rows.iter_mut() {
-                if let Some(known) = p.predicted.get(layer) {
-                    experts.retain(|e| known.binary_search(e).is_err());
+        let mut queued = 0;
+        let mut result = Ok(());
+        for (layer, experts) in &rows {
+            if let Some(pred) = p.predicted.remove(layer) {
+                p.predicted_hits += experts.iter().filter(|e| pred.binary_search(e).is_ok()).count() as u64;
+                p.predicted_needed += experts.len() as u64;
+                p.predicted_total += pred.len() as u64;
+            }
+            match cache.note_routed(*layer, experts) {
+                Ok(n) => queued += n,
+                Err(e) => {
+                    result = Err(e);
+                    break;
                 }
             }
         }
+        p.pending_routed_rows -= rows.len() as u64;
+        return result.map(|()| queued);
+    }
+    if o.remember {
+        let mut p = state.progress.lock();
+        p.predicted = rows.iter().cloned().collect();
     }
     if o.future || o.skip_routed {
         // row i is acquire call `acquires_at + i`; those already made need nothing any more
@@ -470,9 +393,7 @@ fn handle(req: &Request, cache: &SlotCache, device: &SharedDevice, state: &State
     }
     let mut queued = 0;
     for (layer, experts) in &rows {
-        if o.routed {
-            queued += cache.note_routed(*layer, experts)?;
-        } else if !experts.is_empty() {
+        if !experts.is_empty() {
             queued += cache.prefetch(*layer, experts, o.demand, o.generation)?;
         }
     }
@@ -519,7 +440,7 @@ mod tests {
     }
 
     #[test]
-    fn prediction_rows_are_prefetched_remembered_and_corrections_exclude_them() {
+    fn prediction_rows_are_prefetched_and_scored_against_the_next_routed_rows() {
         let c = cache(3, 8, 16);
         let d = DeferredPrefetcher::new(c.clone());
         // three layers, two tokens x two experts each, with a duplicate in layer 1
@@ -528,21 +449,45 @@ mod tests {
         submit(&d, &ids, opts).unwrap();
         assert!(d.wait_idle(Some(Duration::from_secs(10))));
         c.synchronize().unwrap();
-        assert_eq!(d.predicted(3, 0), Some(vec![1, 2, 3]));
-        assert_eq!(d.predicted(3, 1), Some(vec![0, 5]));
-        assert_eq!(d.predicted(3, 2), Some(vec![6, 7]));
-        assert_eq!(d.predicted(2, 0), None); // another generation
         assert_eq!(resident(&c), vec![(0, 1), (0, 2), (0, 3), (1, 0), (1, 5), (2, 6), (2, 7)]);
-        // a correction of layer 2 with one expert already predicted queues only the new one
-        let fix = [7, 4];
-        let opts = DeferredOptions { layers: vec![2], width: 2, generation: 3, demand: true, exclude_predicted: true, ..Default::default() };
-        submit(&d, &fix, opts).unwrap();
+        assert_eq!(d.prediction_counts(), (0, 0, 0));
+        // the step's routing: layer 0 used 1 and 4 (one predicted), layer 1 used 0 and 5 (both);
+        // layer 2 not yet routed stays unscored; -1 is padding
+        let routed = [1, 4, -1, 0, 5, -1];
+        submit(&d, &routed, DeferredOptions { layers: vec![0, 1], width: 3, routed: true, ..Default::default() }).unwrap();
         assert!(d.wait_idle(Some(Duration::from_secs(10))));
-        c.synchronize().unwrap();
-        assert!(resident(&c).contains(&(2, 4)));
-        let (submitted, handled, queued) = d.counts();
-        assert_eq!((submitted, handled, queued), (2, 2, 8));
+        assert_eq!(d.prediction_counts(), (3, 4, 5)); // predicted: 3 experts of layer 0, 2 of layer 1
+        // a prediction is scored once: the next routing of layer 0 has nothing to be scored against
+        submit(&d, &[1, 2], DeferredOptions { layers: vec![0], width: 2, routed: true, ..Default::default() }).unwrap();
+        assert!(d.wait_idle(Some(Duration::from_secs(10))));
+        assert_eq!(d.prediction_counts(), (3, 4, 5));
+        let (submitted, handled, _) = d.counts();
+        assert_eq!((submitted, handled), (3, 3));
         assert_eq!(d.take_error(), None);
+    }
+
+    #[test]
+    fn a_prediction_after_routed_rows_starts_at_the_visit_after_them() {
+        // Many routed rows (each a visit), then at once a prediction of the next visits: its rows
+        // are numbered after the routed rows still queued, so none is dropped as already routed.
+        // Numbering from the acquire count at submission alone would drop all of them once the
+        // thread had handled the routed rows.
+        let c = cache(2, 8, 16);
+        let d = DeferredPrefetcher::new(c.clone());
+        let visits = 4000;
+        let routed: Vec<i64> = (0..visits).map(|i| (i % 2) as i64).collect();
+        let layers: Vec<i64> = (0..visits).map(|i| (i % 2) as i64).collect();
+        submit(&d, &routed, DeferredOptions { layers, width: 1, routed: true, ..Default::default() }).unwrap();
+        let next = [5, 6, 7, 4];
+        submit(&d, &next, DeferredOptions { layers: vec![0, 1], width: 2, future: true, ..Default::default() }).unwrap();
+        assert!(d.wait_idle(Some(Duration::from_secs(30))));
+        assert_eq!(d.take_error(), None);
+        assert_eq!(c.acquire_count(), visits as u64);
+        c.synchronize().unwrap();
+        let res = resident(&c);
+        for key in [(0, 5), (0, 6), (1, 7), (1, 4)] {
+            assert!(res.contains(&key), "predicted {key:?} was not prefetched: {res:?}");
+        }
     }
 
     #[test]
@@ -594,8 +539,6 @@ mod tests {
         for width in [MAX_DEFERRED_IDS + 1, usize::MAX / 2] {
             let opts = DeferredOptions { layers: vec![0, 1], width, ..Default::default() };
             assert!(matches!(submit(&d, &good, opts), Err(Error::InvalidArgument(_))));
-            let r = unsafe { d.register_program(0, vec![], good.as_ptr() as u64, vec![0], width, 0) };
-            assert!(matches!(r, Err(Error::InvalidArgument(_))));
         }
     }
 
@@ -610,7 +553,7 @@ mod tests {
                     for i in 0..200i64 {
                         let ids = [(t + i) % 16, (t * 3 + i) % 16];
                         let layer = (t + i) % 4;
-                        let opts = DeferredOptions { layers: vec![layer], width: 2, generation: i, remember: i % 7 == 0, exclude_predicted: i % 3 == 0, ..Default::default() };
+                        let opts = DeferredOptions { layers: vec![layer], width: 2, generation: i, remember: i % 7 == 0, routed: i % 3 == 0, ..Default::default() };
                         submit(&d, &ids, opts).unwrap();
                     }
                 })
@@ -629,31 +572,6 @@ mod tests {
             let bytes = c.read_slot(slot as i64).unwrap();
             assert!(bytes.iter().all(|&b| b == (key.0 * 16 + key.1) as u8), "slot {slot} holds the wrong bytes for {key:?}");
         }
-    }
-
-    #[test]
-    fn programs_copy_their_inputs_and_prefetch_their_ids() {
-        let c = cache(2, 8, 8);
-        let d = DeferredPrefetcher::new(c.clone());
-        // host backend: no graph; the "program" output is a buffer the test fills
-        let mut input = vec![0u8; 16];
-        let out: Vec<i64> = vec![3, 5];
-        let id = unsafe { d.register_program(0, vec![(input.as_mut_ptr() as u64, 16)], out.as_ptr() as u64, vec![1], 2, 0) }.unwrap();
-        let src = [7u8; 16];
-        let opts = DeferredOptions { generation: 2, remember: true, ..Default::default() };
-        unsafe { d.run_program(id, &[src.as_ptr() as u64], 0, opts.clone()) }.unwrap();
-        assert!(d.wait_idle(Some(Duration::from_secs(10))));
-        assert_eq!(input, vec![7u8; 16]);
-        assert_eq!(d.predicted(2, 1), Some(vec![3, 5]));
-        c.synchronize().unwrap();
-        assert_eq!(resident(&c), vec![(1, 3), (1, 5)]);
-        assert!(unsafe { d.run_program(id, &[], 0, opts.clone()) }.is_err()); // wrong input count
-        assert!(unsafe { d.run_program(id, &[0], 0, opts.clone()) }.is_err()); // null input
-        assert!(unsafe { d.run_program(id + 1, &[1], 0, opts.clone()) }.is_err()); // unknown
-        assert!(unsafe { d.register_program(9, vec![], out.as_ptr() as u64, vec![0], 2, 0) }.is_err()); // graph on host
-        assert!(unsafe { d.register_program(0, vec![], out.as_ptr() as u64, vec![], 2, 0) }.is_err());
-        d.clear_programs();
-        assert!(unsafe { d.run_program(id, &[src.as_ptr() as u64], 0, opts) }.is_err()); // cleared
     }
 
     #[test]

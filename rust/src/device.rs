@@ -62,16 +62,6 @@ pub trait Device: Send + Sync {
     /// `dst..dst+n` must be writable host memory (page-locked on CUDA) and `src..src+n` readable
     /// device memory, both staying valid until the copy has landed.
     unsafe fn copy_to_host_async(&self, dst: usize, src: u64, n: usize, stream: StreamHandle) -> Result<()>;
-    /// Queue a device-to-device copy on `stream` (the host backend: memcpy before returning).
-    ///
-    /// # Safety
-    /// Both ranges must be valid device memory until the copy has run.
-    unsafe fn copy_on_device_async(&self, dst: u64, src: u64, n: usize, stream: StreamHandle) -> Result<()>;
-    /// Launch an instantiated CUDA graph (`CUgraphExec`) on `stream`; the host backend has none.
-    ///
-    /// # Safety
-    /// `exec` must be a live graph executable of this device's context.
-    unsafe fn launch_graph(&self, exec: u64, stream: StreamHandle) -> Result<()>;
     fn record_event(&self, event: EventHandle, stream: StreamHandle) -> Result<()>;
     fn stream_wait_event(&self, stream: StreamHandle, event: EventHandle) -> Result<()>;
     fn event_synchronize(&self, event: EventHandle) -> Result<()>;
@@ -190,14 +180,6 @@ impl Device for HostDevice {
         // SAFETY: the caller guarantees both ranges.
         unsafe { std::ptr::copy_nonoverlapping(src as usize as *const u8, dst as *mut u8, n) };
         Ok(())
-    }
-    unsafe fn copy_on_device_async(&self, dst: u64, src: u64, n: usize, _stream: StreamHandle) -> Result<()> {
-        // SAFETY: the caller guarantees both ranges (host memory on this backend).
-        unsafe { std::ptr::copy(src as usize as *const u8, dst as usize as *mut u8, n) };
-        Ok(())
-    }
-    unsafe fn launch_graph(&self, _exec: u64, _stream: StreamHandle) -> Result<()> {
-        Err(Error::InvalidArgument("CUDA graphs need the CUDA backend".into()))
     }
     fn record_event(&self, _event: EventHandle, _stream: StreamHandle) -> Result<()> {
         Ok(())

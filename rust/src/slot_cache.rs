@@ -1241,12 +1241,6 @@ mod tests {
         unsafe fn copy_to_host_async(&self, dst: usize, src: u64, n: usize, stream: StreamHandle) -> Result<()> {
             unsafe { self.host.copy_to_host_async(dst, src, n, stream) }
         }
-        unsafe fn copy_on_device_async(&self, dst: u64, src: u64, n: usize, stream: StreamHandle) -> Result<()> {
-            unsafe { self.host.copy_on_device_async(dst, src, n, stream) }
-        }
-        unsafe fn launch_graph(&self, exec: u64, stream: StreamHandle) -> Result<()> {
-            unsafe { self.host.launch_graph(exec, stream) }
-        }
         fn record_event(&self, event: EventHandle, _stream: StreamHandle) -> Result<()> {
             if self.timing_events.lock().contains(&event) {
                 self.timing_records.fetch_add(1, Ordering::Relaxed);

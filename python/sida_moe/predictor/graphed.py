@@ -37,18 +37,10 @@ class GraphedDecoder:
     - ``k``: experts per token and layer in the top-k outputs (default: the predictor's top-k).
     - ``use_graph``: capture the step in a CUDA graph; None (default): when the predictor is on a GPU.
       False runs the fixed-shape step eagerly (the CPU path; on a GPU, for debugging).
-    - ``first_head``: also apply layer 0's previous-token lookahead head inside the step (the
-      predictor needs ``lookahead_previous_token`` heads): layer 0's top-k then comes from the
-      head on the token's embedding and the previous token's state (``set_previous``); the logits
-      stay the run-ahead ones, which later heads read.
-    - ``input_dtype``: dtype of the static input buffer (default: the predictor's); the step
-      converts it inside the graph, so a caller may fill it with a plain byte copy of the model's
-      embeddings (``program``).
     """
 
     def __init__(self, predictor: HashPredictor, batch: int, max_len: int = 2048, k: int | None = None,
-                 use_graph: bool | None = None, first_head: bool = False,
-                 input_dtype: torch.dtype | None = None) -> None:
+                 use_graph: bool | None = None) -> None:
         reason = self.unsupported(predictor)
         if reason is not None:
             raise ValueError(f"GraphedDecoder cannot run this predictor: {reason}")
@@ -60,10 +52,7 @@ class GraphedDecoder:
         k = cfg.top_k if k is None else int(k)
         if not 0 < k <= cfg.num_experts:
             raise ValueError(f"k must be in [1, {cfg.num_experts}], got {k}")
-        if first_head and (predictor.lookahead is None or not predictor.lookahead.previous_token):
-            raise ValueError("first_head=True needs a predictor with previous-token lookahead heads")
         self.predictor = predictor
-        self.first_head = bool(first_head)
         self.batch, self.max_len, self.k = int(batch), int(max_len), k
         weight = predictor.compress.weight
         self.device, self.dtype = weight.device, weight.dtype
@@ -83,7 +72,7 @@ class GraphedDecoder:
         with torch.inference_mode():
             # zeros, not empty: masked positions get weight 0, and 0 * NaN from stale memory would be NaN
             self._x = torch.zeros(B, 1, cfg.input_dim, **opts)
-            self._x_in = torch.zeros(B, 1, cfg.input_dim, device=self.device, dtype=input_dtype or self.dtype)
+            self._x_in = torch.zeros(B, 1, cfg.input_dim, **opts)
             self._prev = torch.zeros(B, 1, L * E, **opts) if predictor.token_routing_in is not None else None
             self._h = torch.zeros(cfg.lstm_layers, B, H, **opts)
             self._c = torch.zeros(cfg.lstm_layers, B, H, **opts)
@@ -94,8 +83,6 @@ class GraphedDecoder:
             for block in predictor.blocks:
                 shape = (B, block.heads, self.max_len, H // block.heads)
                 self._block_kv.append((torch.zeros(shape, **opts), torch.zeros(shape, **opts)))
-            # previous-token heads: each row's previous token's layer L-2 router input (zeros: unknown)
-            self._previous = torch.zeros(B, cfg.input_dim, **opts)
             self._pos = torch.zeros(1, dtype=torch.long, device=self.device)  # the next token's position
             self._logits = torch.zeros(L, B, 1, E, **opts)
             self._topk_values = torch.zeros(L, B, 1, k, **opts)
@@ -184,7 +171,6 @@ class GraphedDecoder:
                     buf[:, :, :P].copy_(src)
                     buf[:, :, P:].zero_()
             self._pos.fill_(P)
-            self._previous.zero_()
         self._length = P
         self._masked = state.key_mask is not None
         self._loaded = True
@@ -236,6 +222,11 @@ class GraphedDecoder:
                     self._prev.zero_()  # unknown routing: zeros, as in HashPredictor.features
                 else:
                     self._prev.copy_(prev_token_routing)
+            if self.device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+                # inside an enclosing capture (a whole decode step): recorded there, and counted
+                # by advance() at each of its replays
+                self._step()
+                return self._logits, self._topk_ids
             if self.use_graph and self._graph is None:
                 self.capture()
             if self._graph is not None:
@@ -245,38 +236,12 @@ class GraphedDecoder:
         self._length += 1
         return self._logits, self._topk_ids
 
-    def program(self) -> tuple[int, list[tuple[int, int]], int] | None:
-        """The captured step as a native program (``SlotCache.register_program``): the graph's
-        ``cudaGraphExec_t``, its input buffer (address, bytes) and the top-k ids' address; None
-        without a captured graph (or a torch without ``raw_cuda_graph_exec``). A caller that runs
-        it natively calls :meth:`advance` per run instead of :meth:`step`."""
-        if self._graph is None or self._prev is not None or not hasattr(self._graph, "raw_cuda_graph_exec"):
-            return None
-        x = self._x_in
-        return int(self._graph.raw_cuda_graph_exec()), [(x.data_ptr(), x.numel() * x.element_size())], self._topk_ids.data_ptr()
-
-    @property
-    def input_dtype(self) -> torch.dtype:
-        return self._x_in.dtype
-
     def advance(self) -> None:
-        """Account for one step run outside :meth:`step` (a native program launch)."""
+        """Account for one step run outside :meth:`step`: a replay of an enclosing graph that
+        captured a :meth:`step`."""
         if not self._loaded or self.full:
             raise RuntimeError("GraphedDecoder.advance() on an unloaded or full decoder")
         self._length += 1
-
-    def set_previous(self, previous: torch.Tensor | None) -> None:
-        """The previous token's layer L-2 router input ``[B, input_dim]`` that previous-token heads
-        read (this decoder's ``first_head`` and :class:`GraphedLookahead`); None: unknown (zeros).
-        Kept until set again."""
-        with torch.inference_mode():
-            if previous is None:
-                self._previous.zero_()
-                return
-            want = tuple(self._previous.shape)
-            if previous.numel() != self._previous.numel():
-                raise ValueError(f"previous must hold {list(want)} values (batch {self.batch}), got {list(previous.shape)}")
-            self._previous.copy_(previous.reshape(want))
 
     @property
     def topk_values(self) -> torch.Tensor:
@@ -356,108 +321,7 @@ class GraphedDecoder:
         values, ids = self._logits.topk(self.k, dim=-1)
         self._topk_values.copy_(values)
         self._topk_ids.copy_(ids)
-        if self.first_head:
-            looked = p.lookahead.layer(0, self._x[:, 0], self._logits[0, :, 0], self._previous)  # [B, E]
-            values, ids = looked.topk(self.k, dim=-1)
-            self._topk_values[0, :, 0].copy_(values)
-            self._topk_ids[0, :, 0].copy_(ids)
         self._pos.add_(1)
 
 
-class GraphedLookahead:
-    """The next-layer lookahead corrections of one decode token as fixed-shape programs, one per
-    MoE layer with a head (1..L-1), each captured in a CUDA graph that reads ``decoder``'s static
-    run-ahead logits and previous-token state: ``run(layer, hidden)`` copies layer ``layer - 1``'s
-    router input ``[B, d]`` into a static buffer and replays; ``ids(layer)`` is the static
-    ``[B, k]`` top-k it wrote. Equals ``HashPredictor.look_ahead`` on the same inputs. On the CPU
-    (or ``decoder.use_graph=False``) the programs run eagerly."""
-
-    def __init__(self, decoder: GraphedDecoder, input_dtype: torch.dtype | None = None) -> None:
-        p = decoder.predictor
-        if p.lookahead is None:
-            raise ValueError("GraphedLookahead needs a predictor with lookahead heads")
-        cfg = p.config
-        self.decoder = decoder
-        self.layers = range(max(1, p.lookahead.first), cfg.num_moe_layers)
-        self._reads_previous = p.lookahead.previous_token
-        opts = dict(device=decoder.device, dtype=decoder.dtype)
-        with torch.inference_mode():
-            # the model's dtype: filled by a byte copy in the native program (the heads read it in fp32)
-            hidden_dtype = input_dtype or decoder.dtype
-            self._hidden = {n: torch.zeros(decoder.batch, cfg.input_dim, device=decoder.device, dtype=hidden_dtype)
-                            for n in self.layers}
-            self._ids = torch.zeros(cfg.num_moe_layers, decoder.batch, decoder.k, dtype=torch.long, device=decoder.device)
-        self._graphs: dict[int, torch.cuda.CUDAGraph] = {}
-
-    def ids(self, layer: int) -> torch.Tensor:
-        """Layer ``layer``'s corrected top-k ``[B, k]`` from the last ``run`` (static buffer)."""
-        return self._ids[layer]
-
-    def run(self, layer: int, hidden: torch.Tensor) -> torch.Tensor:
-        """Correct layer ``layer`` from ``hidden``, layer ``layer - 1``'s router input ``[B, d]``
-        (one row per sequence); returns ``ids(layer)``."""
-        if layer not in self.layers:
-            raise ValueError(f"layer must be in [{self.layers.start}, {self.layers.stop}), got {layer}")
-        buf = self._hidden[layer]
-        if hidden.numel() != buf.numel():
-            raise ValueError(f"hidden must hold [{self.decoder.batch}, {buf.shape[1]}] values, got {list(hidden.shape)}")
-        with torch.inference_mode():
-            buf.copy_(hidden.reshape(buf.shape))
-            if self.decoder.use_graph and not self._graphs:
-                self.capture()
-            graph = self._graphs.get(layer)
-            if graph is not None:
-                graph.replay()
-            else:
-                self._step(layer)
-        return self._ids[layer]
-
-    def capture(self) -> None:
-        """Capture every layer's program (``run`` does it on first use; same rules as
-        :meth:`GraphedDecoder.capture`). Writes only this object's buffers."""
-        if not self.decoder.use_graph or self._graphs:
-            return
-        dev = self.decoder.device
-        graphs = {}
-        with torch.inference_mode():
-            saved = self.decoder._previous.clone()  # the warm-up of the last layer writes it
-            stream = torch.cuda.Stream(dev)
-            stream.wait_stream(torch.cuda.current_stream(dev))
-            with torch.cuda.stream(stream):
-                for _ in range(_WARMUP_STEPS):
-                    for n in self.layers:
-                        self._step(n)
-            torch.cuda.current_stream(dev).wait_stream(stream)
-            for n in self.layers:
-                graph = torch.cuda.CUDAGraph()
-                with torch.cuda.graph(graph, stream=stream, capture_error_mode="thread_local"):
-                    self._step(n)
-                graphs[n] = graph
-            self.decoder._previous.copy_(saved)
-        self._graphs = graphs
-
-    def program(self, layer: int) -> tuple[int, list[tuple[int, int]], int] | None:
-        """Layer ``layer``'s captured program for ``SlotCache.register_program`` (see
-        :meth:`GraphedDecoder.program`); None without captured graphs."""
-        graph = self._graphs.get(layer)
-        if graph is None or not hasattr(graph, "raw_cuda_graph_exec"):
-            return None
-        h = self._hidden[layer]
-        return int(graph.raw_cuda_graph_exec()), [(h.data_ptr(), h.numel() * h.element_size())], self._ids[layer].data_ptr()
-
-    @property
-    def input_dtype(self) -> torch.dtype:
-        return self._hidden[self.layers.start].dtype
-
-    def _step(self, layer: int) -> None:
-        d = self.decoder
-        previous = d._previous if self._reads_previous else None
-        looked = d.predictor.lookahead.layer(layer, self._hidden[layer], d._logits[layer, :, 0], previous)
-        self._ids[layer].copy_(looked.topk(d.k, dim=-1).indices)
-        if self._reads_previous and layer == self.layers.stop - 1:
-            # the last layer's input is the state before layer L-1 -- layer L-2's router input --
-            # which the next token's heads read as the previous token's; after this layer read it
-            d._previous.copy_(self._hidden[layer])
-
-
-__all__ = ["GraphedDecoder", "GraphedLookahead"]
+__all__ = ["GraphedDecoder"]

@@ -1,0 +1,285 @@
+"""SiDA's predictor as the engine's prefetcher: the hash function predicts every MoE layer's experts
+of a token from its embedding; the cache loads them while the layers run, and the predictive
+eviction policy ranks resident experts by their predicted next use.
+
+Where the prediction runs (nothing here waits for the device, and there is no thread):
+
+- **Prompt** (prefill, the acquire path): ``HashPredictor.forward`` over the prompt in
+  ``begin_forward``; its top-k ids reach the cache through ``prefetch_deferred`` (a native thread
+  reads them once computed and queues one row of prefetches per MoE layer).
+- **Decode**: a :class:`~sida_moe.predictor.graphed.GraphedDecoder` holds the sequence's predictor
+  state in static buffers, so its step has fixed shapes.
+  - In the greedy loop (``sida_moe.decode_graph``) the step runs at the end of each decode step, on
+    the token just chosen (``predict_ahead``), inside the step's CUDA graph; after each replay the
+    engine hands the next token's predictions over (``hand_over_ahead``), so the cache loads them
+    while the next step runs, and the decode step itself never waits for a prediction.
+  - In an eager loop (transformers' ``generate``: sampling, processors) the step runs in
+    ``begin_forward`` on the token being decoded, before its layers.
+  Past the decoder's capacity a sequence continues with ``HashPredictor.forward`` on its state.
+
+Every decode prediction is remembered by the cache and scored against the layer's routing when it
+arrives (``metrics``: recall and precision over decode tokens).
+
+Hash routing (``hash_routing=True``, opt-in, lossy): ``route`` returns the predicted experts instead
+of the router's (device ops only, so it is captured with the step), weighted by the predictor's
+softmax (``hash_weights="predicted"``, the paper's mode) or by the router's softmax at those experts
+(``"router"``: one extra router matmul, far closer to exact).
+
+The predictor's lookahead heads and fused gate weights (research variants, ``train_lookahead``) are
+not used here: a correction computed at layer l of a replayed step cannot reach the cache before
+layer l + 1 has read its experts.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import TYPE_CHECKING
+
+import torch
+
+from sida_moe.predictor.graphed import GraphedDecoder
+from sida_moe.predictor.hash_routing import WeightSource, hash_route, router_normalizes
+from sida_moe.predictor.model import HashPredictor, PredictorState
+
+if TYPE_CHECKING:
+    from sida_moe.engine import OffloadEngine
+
+DEFAULT_CAPACITY = 2048  # decoder tokens of an eager loop (the greedy loop sizes its own)
+
+
+class SidaPrefetcher:
+    """SiDA's predictor as a prefetcher (see the module docstring).
+
+    - ``predictor``: a trained :class:`HashPredictor` matching the model's MoE layers and experts;
+      it is moved to the model's device at ``attach``.
+    - ``k``: experts prefetched per token and layer (default: the predictor's top-k).
+    - ``feed_future``: feed the predictions to the predictive policy (``set_future``).
+    - ``hash_routing`` / ``hash_weights``: the opt-in lossy mode (module docstring).
+    """
+
+    name = "sida"
+
+    def __init__(self, predictor: HashPredictor, k: int | None = None, feed_future: bool = True,
+                 hash_routing: bool = False, hash_weights: WeightSource = "predicted") -> None:
+        if not isinstance(predictor, HashPredictor):
+            raise TypeError(f"predictor must be a HashPredictor, got {type(predictor).__name__}")
+        reason = GraphedDecoder.unsupported(predictor)
+        if reason is not None:
+            raise ValueError(f"this predictor cannot be served: {reason}")
+        if hash_weights not in ("predicted", "router"):
+            raise ValueError(f"hash_weights must be 'predicted' or 'router', got {hash_weights!r}")
+        cfg = predictor.config
+        if k is not None and (isinstance(k, bool) or not isinstance(k, int) or not 0 < k <= cfg.num_experts):
+            raise ValueError(f"k must be an int in [1, {cfg.num_experts}], got {k!r}")
+        self.predictor = predictor.eval()
+        self.k = k or cfg.top_k
+        self.feed_future = bool(feed_future)
+        self.hash_routing = bool(hash_routing)
+        self.hash_weights = hash_weights
+        self._layers = list(range(cfg.num_moe_layers))
+        self._engine: OffloadEngine | None = None
+        self._decoders: dict[tuple[int, int], GraphedDecoder] = {}  # (batch, capacity)
+        self._capacity = DEFAULT_CAPACITY
+        self._reset_sequence()
+
+    # ------------------------------------------------------------------------------ protocol
+    def attach(self, engine: OffloadEngine) -> None:
+        layers = engine.moe_layers
+        cfg = self.predictor.config
+        if len(layers) != cfg.num_moe_layers:
+            raise ValueError(f"the predictor covers {cfg.num_moe_layers} MoE layers, the model has {len(layers)}")
+        if any(layer.num_experts != cfg.num_experts for layer in layers):
+            raise ValueError(f"the predictor predicts {cfg.num_experts} experts per layer, the model has "
+                             f"{sorted({layer.num_experts for layer in layers})}")
+        weight = self.predictor.compress.weight
+        if weight.device != engine.device:
+            self._decoders = {}  # built on the parameters' old addresses
+            self.predictor.to(engine.device)
+        self._engine = engine
+        self._reset_sequence()
+
+    def begin_sequence(self, batch: int, length: int) -> None:
+        """A new sequence of ``batch`` rows and at most ``length`` tokens starts with the next
+        forward (the greedy loop says so; an eager loop is recognised in ``begin_forward``)."""
+        self._reset_sequence()
+        self._capacity = max(int(length), 1)
+
+    def begin_forward(self, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor | None) -> None:
+        engine = self._require_engine()
+        x = inputs_embeds if inputs_embeds.dim() == 3 else inputs_embeds.unsqueeze(0)
+        batch, seq = x.shape[:2]
+        total = attention_mask.shape[-1] if attention_mask is not None else None
+        # a new sequence unless this forward continues the one predicted so far (cached decode: one
+        # token, and a mask -- when given -- one longer than the tokens seen)
+        fresh = (seq > 1 or self._batch != batch or self._fresh
+                 or (total is not None and total != self._seen + seq))
+        self._seen = (0 if fresh else self._seen) + seq
+        if fresh:
+            self._predict_prompt(engine, x, attention_mask)
+            return
+        if self._ahead:
+            self._ahead = False  # predicted at the end of the previous step
+            self._decode_forwards += 1
+            return
+        rows = self._predict_token(x)
+        self._decode_forwards += 1
+        self._submit(engine, rows)
+
+    def predict_ahead(self, next_embeds: torch.Tensor) -> None:
+        """At the end of a decode step: predict the next step's token (``[B, 1, H]`` embeddings)
+        now, on the device only (captured with the step). ``hand_over_ahead`` submits the ids."""
+        self._require_engine()
+        self._rows = self._predict_token(next_embeds if next_embeds.dim() == 3 else next_embeds.unsqueeze(1))
+        self._ahead = True
+
+    def hand_over_ahead(self, replayed: bool) -> None:
+        """Give the cache the ids of the last ``predict_ahead`` (after it ran; ``replayed``: it
+        ran as part of a replayed graph, whose decoder step is counted here)."""
+        engine = self._require_engine()
+        if self._rows is None:
+            return
+        if replayed:
+            if self._decoder is None:
+                raise RuntimeError("a replayed step predicted through a decoder this prefetcher no longer holds")
+            self._decoder.advance()
+            self._seen += 1
+            self._decode_forwards += 1
+        self._submit(engine, self._rows)
+
+    def after_routing(self, moe_layer: int, hidden: torch.Tensor, topk_ids: torch.Tensor) -> None:
+        return None  # decode predictions are scored by the cache, from the routed rows
+
+    def route(
+        self, moe_layer: int, hidden: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        if not self.hash_routing:
+            return topk_ids, topk_weights
+        if self._logits is None:
+            raise RuntimeError("hash routing: route() called before begin_forward()")
+        logits = self._logits[moe_layer]  # [T, E]
+        if logits.shape[0] != topk_ids.shape[0]:
+            raise RuntimeError(f"hash routing: {logits.shape[0]} predicted tokens, layer {moe_layer} has {topk_ids.shape[0]}")
+        if self.hash_weights == "predicted":
+            logits = self.predictor.weight_logits(logits, moe_layer)
+        router = self._require_engine().moe_layers[moe_layer].router
+        router_logits = None
+        if self.hash_weights == "router":
+            out = router(hidden)
+            router_logits = (out[0] if isinstance(out, (tuple, list)) else out).reshape(logits.shape)
+        ids, weights = hash_route(logits, topk_ids.shape[-1], router_normalizes(router), router_logits,
+                                  dtype=topk_weights.dtype)
+        return ids.to(topk_ids.dtype), weights
+
+    def close(self) -> None:
+        self._decoders = {}
+        self._engine = None
+        self._reset_sequence()
+
+    # ------------------------------------------------------------------------------- metrics
+    def metrics(self) -> dict[str, float]:
+        """Over the decode tokens scored so far: ``hit_rate`` (routed experts that were predicted /
+        routed experts), ``precision`` (predicted-and-routed / predicted), ``scored_experts``."""
+        engine = self._engine
+        if engine is None or engine.cache is None:
+            return {"hit_rate": 0.0, "precision": 0.0, "scored_experts": 0.0}
+        engine.cache.wait_deferred(10.0)
+        s = engine.cache.stats()
+        hits, needed, predicted = s["predicted_hits"], s["predicted_needed"], s["predicted_experts"]
+        return {
+            "hit_rate": hits / needed if needed else 0.0,
+            "precision": hits / predicted if predicted else 0.0,
+            "scored_experts": float(needed),
+        }
+
+    def reset_metrics(self) -> None:
+        return None  # the counts live in the cache: engine.reset_stats zeroes them
+
+    # ------------------------------------------------------------------------------ internals
+    def _require_engine(self) -> OffloadEngine:
+        if self._engine is None:
+            raise RuntimeError("SidaPrefetcher used before attach()")
+        return self._engine
+
+    def _reset_sequence(self) -> None:
+        self._fresh = True
+        self._batch: int | None = None
+        self._seen = 0
+        self._decoder: GraphedDecoder | None = None  # holds the sequence's state, else _state
+        self._state: PredictorState | None = None
+        self._logits: torch.Tensor | None = None  # [L, T, E] of the forward being run
+        self._rows: torch.Tensor | None = None  # [L, T * k] ids of the last predict_ahead
+        self._ahead = False
+        self._decode_forwards = 0  # decode forwards of this sequence (their routing is in the ring)
+
+    def _predict_prompt(self, engine: OffloadEngine, x: torch.Tensor, attention_mask: torch.Tensor | None) -> None:
+        batch, seq = x.shape[:2]
+        mask = attention_mask[..., -seq:] if attention_mask is not None else None
+        if mask is not None and bool(mask.all()):
+            mask = None  # no padding: the unmasked path
+        with torch.inference_mode():
+            logits, state = self.predictor(x.detach().float(), None, mask)  # [L, B, S, E]
+            ids = logits.topk(self.k, dim=-1).indices
+        L, E = logits.shape[0], logits.shape[-1]
+        self._logits = logits.reshape(L, batch * seq, E)
+        self._fresh, self._batch, self._ahead, self._decode_forwards = False, batch, False, 0
+        self._rows = None
+        decoder = self._decoder_for(batch)
+        self._decoder = decoder if decoder.load(state) else None
+        self._state = None if self._decoder is not None else state
+        # the prompt's layers acquire their experts: rows feed the policy and prefetch, unscored
+        engine.prefetch_deferred(ids.reshape(L, -1).contiguous(), self._layers, generation=engine.generation,
+                                 future=self.feed_future)
+
+    def _predict_token(self, x: torch.Tensor) -> torch.Tensor:
+        """One decode token's prediction ``[L, B * k]`` (``x``: ``[B, 1, H]``); sets ``_logits``."""
+        prev = self._previous_routing(x.shape[0])
+        decoder = self._decoder
+        if decoder is not None and decoder.full:
+            self._state, self._decoder, decoder = decoder.to_state(), None, None
+        with torch.inference_mode():
+            if decoder is not None:
+                logits, ids = decoder.step(x.detach(), prev)
+            else:
+                if self._state is None:
+                    raise RuntimeError("SidaPrefetcher: a decode token before any prompt of its sequence")
+                logits, self._state = self.predictor(x.detach().float(), self._state, prev_token_routing=prev)
+                ids = logits.topk(self.k, dim=-1).indices
+        L, E = logits.shape[0], logits.shape[-1]
+        self._logits = logits.reshape(L, -1, E)
+        return ids.reshape(L, -1)
+
+    def _previous_routing(self, batch: int) -> torch.Tensor | None:
+        """``[B, 1, L*E]`` multi-hot of the previous decode token's routing (the decode variant's
+        input), read from the engine's routing ring; None for other predictors or before any
+        decode forward of the sequence."""
+        cfg = self.predictor.config
+        if not cfg.prev_token_routing or self._decode_forwards == 0:
+            return None
+        ids = self._require_engine().routed_ids(batch)  # [L, B, k], -1 for skipped pairs
+        if ids is None:
+            return None
+        hot = torch.zeros(*ids.shape[:2], cfg.num_experts, device=ids.device)
+        hot.scatter_add_(-1, ids.clamp(min=0), (ids >= 0).float())
+        return hot.clamp_(max=1.0).movedim(0, 1).reshape(batch, 1, -1)
+
+    def _decoder_for(self, batch: int) -> GraphedDecoder:
+        key = (batch, self._capacity)
+        decoder = self._decoders.get(key)
+        if decoder is None:
+            if len(self._decoders) >= 8:  # calls of many shapes: keep the newest few
+                self._decoders.pop(next(iter(self._decoders)))
+            decoder = self._decoders[key] = GraphedDecoder(self.predictor, batch, self._capacity, k=self.k)
+        return decoder
+
+    def _submit(self, engine: OffloadEngine, rows: torch.Tensor) -> None:
+        engine.prefetch_deferred(rows, self._layers, generation=engine.generation, future=self.feed_future,
+                                 remember=True)
+
+
+def load_prefetcher(path: str | os.PathLike, **kwargs) -> SidaPrefetcher:
+    """A :class:`SidaPrefetcher` for the predictor saved in ``path`` (``predictor.json`` +
+    ``predictor.safetensors``, e.g. in the model's directory); ``kwargs`` go to the constructor."""
+    return SidaPrefetcher(HashPredictor.load(path), **kwargs)
+
+
+__all__ = ["SidaPrefetcher", "load_prefetcher"]
