@@ -180,6 +180,41 @@ def test_cuda_graph_decode_matches_eager(family):
     assert stats["routed_visits"] > 20 * len(sida_moe.engine_of(offloaded).layers)
 
 
+@pytest.mark.gpu
+@pytest.mark.parametrize("prev_token_routing", [False, True])
+def test_cuda_graph_decode_with_the_sida_predictor_is_exact_and_prefetches(prev_token_routing):
+    """The predictor's step is captured at the end of each replayed decode step: tokens equal the
+    eager loop's and the original's, each decode token's prediction is scored, and the cache
+    loaded predicted experts that decode then used."""
+    from sida_moe.predictor import HashPredictor, PredictorConfig, SidaPrefetcher
+
+    original = tiny_model("qwen3_moe", torch.float16).cuda()
+    cfg = original.config
+    torch.manual_seed(3)
+    predictor = HashPredictor(PredictorConfig(input_dim=cfg.hidden_size, num_moe_layers=cfg.num_hidden_layers,
+                                              num_experts=cfg.num_experts, top_k=cfg.num_experts_per_tok,
+                                              hidden=32, attn_blocks=1, attn_heads=4,
+                                              prev_token_routing=prev_token_routing))
+    offloaded = sida_moe.offload(copy.deepcopy(original), gpu_budget="25%", policy="predictive",
+                                 prefetch=SidaPrefetcher(predictor))
+    engine = sida_moe.engine_of(offloaded)
+    ids = _prompt(length=6).cuda()
+    new = 24
+    with torch.inference_mode():
+        eager = greedy_generate(offloaded, ids, new, graphs=False)
+        engine.reset_stats()
+        graphed = offloaded.generate(ids, max_new_tokens=new, do_sample=False, sida_graphs=True)
+        want = original.generate(ids, max_new_tokens=new, do_sample=False)
+    assert torch.equal(eager, graphed)
+    assert torch.equal(graphed, want)
+    stats = engine.stats()
+    layers, k = len(engine.layers), cfg.num_experts_per_tok
+    # every decode token but the first was predicted ahead and scored against its routing
+    assert stats["predicted_needed"] >= (new - 2) * layers * k * 0.9
+    assert 0 < stats["predicted_hits"] <= stats["predicted_needed"]
+    assert stats["prefetch_issued"] > 0
+
+
 def test_recorded_visits_include_table_layers_and_make_the_predictive_policy_belady():
     """The visit sequence a benchmark records covers decode layers too, and fed back as the
     future it makes the predictive policy miss no more than LRU on the same steps."""

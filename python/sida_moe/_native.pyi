@@ -221,12 +221,15 @@ class SlotCache:
     def end_table_read(self, ticket: int) -> None:
         """End the read ``ticket`` (ValueError if it is not in progress)."""
     def note_routed(self, layer: int, experts: Sequence[int]) -> int:
-        """A layer computed ``experts`` through the table: count hits and misses, update the
-        policy, queue loads of the misses (never cancelled). Returns the loads queued."""
+        """A layer computed ``experts`` through the table: count hits and misses (by residency),
+        update the policy, queue loads of the experts not resident (never cancelled). Returns the
+        loads queued."""
     def submit_routed(self, ids_ptr: int, layers: Sequence[int], width: int, stream: int | None = None) -> None:
-        """``note_routed`` for ``len(layers)`` rows of ``width`` int64 ids still being written on
-        ``stream`` (negative ids: padding): an asynchronous copy to staging and an event are queued
-        there and a native thread handles the rows once they land (``wait_deferred`` waits)."""
+        """``note_routed`` for ``len(layers)`` rows still being written on ``stream``, each ``width``
+        int64 ids (negative: padding) followed by the ``width`` expert-table entries (addresses)
+        those pairs read: hits and misses count what the step read (a slot address or not). An
+        asynchronous copy to staging and an event are queued there and a native thread handles
+        the rows once they land (``wait_deferred`` waits)."""
     def prefetch_deferred(
         self,
         ids_ptr: int,

@@ -75,7 +75,8 @@ class OffloadEngine:
         # of this forward's table visits, handed to the cache once the forward ends
         self.expert_table: torch.Tensor | None = None
         self._layer_tables: list[ExpertAddresses] = []
-        self._ring: dict[int, torch.Tensor] = {}  # row width -> [num MoE layers, width] int64
+        # ids per row -> [num MoE layers, 2 * width] int64: each row's ids, then the entries they read
+        self._ring: dict[int, torch.Tensor] = {}
         self._visits: list[int] = []
         self._visit_width = 0
         self._ahead_captured = False  # the step being captured ran the prefetcher's predict_ahead
@@ -342,8 +343,9 @@ class OffloadEngine:
         """``[num MoE layers, batch, max top-k]`` experts of the last table forward of ``batch``
         tokens (-1: skipped pairs, and the columns past a layer's top-k), a view of the routing
         ring on the device; None before any."""
-        ring = self._ring.get(batch * self.max_top_k)
-        return None if ring is None else ring.view(len(self.layers), batch, self.max_top_k)
+        width = batch * self.max_top_k
+        ring = self._ring.get(width)
+        return None if ring is None else ring[:, :width].view(len(self.layers), batch, self.max_top_k)
 
     def quiesce(self) -> None:
         """Let every queued copy and routing hand-over finish (before capturing a graph, which no
@@ -363,29 +365,35 @@ class OffloadEngine:
         layer = self.layers[moe_layer]
         return num_tokens * layer.top_k <= MMA_MAX_PAIRS_PER_EXPERT * layer.num_experts
 
-    def _record_visit(self, moe_layer: int, ids: torch.Tensor) -> None:
-        """Write the layer's routed ids (-1: skipped pairs) into this forward's next ring row."""
+    def _record_visit(self, moe_layer: int, ids: torch.Tensor, table: torch.Tensor) -> None:
+        """Write the layer's routed ids (-1: skipped pairs) into this forward's next ring row, and
+        after them the table entry each pair reads: the cache tells hits (slot addresses) from
+        misses (pool addresses) by what the step read, not by what is resident when it hears."""
         width = ids.shape[0] * self.max_top_k
         if self._visits and width != self._visit_width:
             self.end_forward()  # a forward of another shape (encoder vs decoder): hand it over first
         ring = self._ring.get(width)
         if ring is None:
             with torch.inference_mode(False):  # written by later forwards, inference mode or not
-                ring = self._ring[width] = torch.full((len(self.layers), width), -1, dtype=torch.int64, device=self.device)
+                ring = self._ring[width] = torch.full((len(self.layers), 2 * width), -1, dtype=torch.int64,
+                                                      device=self.device)
         self._visit_width = width
-        row = ring[len(self._visits), : ids.numel()]
-        row.copy_(ids.reshape(-1))
+        row = ring[len(self._visits)]
+        flat = ids.reshape(-1)
+        row[: flat.numel()].copy_(flat)
+        torch.index_select(table, 0, flat.clamp(min=0) if self._skip_zero_weight else flat,
+                           out=row[width : width + flat.numel()])
         self._visits.append(moe_layer)
 
     def _run_table(self, moe_layer: int, x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor) -> torch.Tensor:
         """Decode path: compute from wherever each expert is (slot or pinned pool), no acquire,
         no host sync on CUDA; the visit reaches the cache when the forward ends."""
         ids = torch.where(topk_weights != 0, topk_ids, -1) if self._skip_zero_weight else topk_ids
-        self._record_visit(moe_layer, ids)
+        table = self._layer_tables[moe_layer]
+        self._record_visit(moe_layer, ids, table.base)
         self._routed = ids
         if self._acquire_trace is not None:  # a benchmark recording the visit sequence (syncs)
             self._acquire_trace.append((moe_layer, torch.unique(ids[ids >= 0]).tolist()))
-        table = self._layer_tables[moe_layer]
         if self.device.type == "cuda":
             out = fused_experts_table(x, ids, topk_weights, table, self.fmt)
         else:

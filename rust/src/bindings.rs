@@ -604,7 +604,7 @@ impl PySlotCache {
     fn note_routed(&self, py: Python<'_>, layer: i64, experts: &Bound<'_, PyAny>) -> PyResult<usize> {
         let experts = int_list(experts, "experts")?;
         let c = &self.cache;
-        py.detach(|| c.note_routed(layer, &experts)).py_err()
+        py.detach(|| c.note_routed(layer, &experts, None)).py_err()
     }
 
     #[pyo3(signature = (ids_ptr, layers, width, stream = None))]

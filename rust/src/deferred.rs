@@ -59,7 +59,8 @@ pub struct DeferredOptions {
     pub remember: bool,
     /// The rows are what each layer computed through the expert table (a decode step): they go to
     /// `SlotCache::note_routed` (hits, policy, demand loads of the misses) instead of `prefetch`.
-    /// Negative ids are padding.
+    /// Each row is `width` ids (negative: padding) then the `width` table entries (addresses) the
+    /// pairs read, which tell a hit (a slot) from a miss (the pool).
     pub routed: bool,
 }
 
@@ -154,7 +155,7 @@ impl DeferredPrefetcher {
         if src == 0 {
             return Err(Error::InvalidArgument("ids address must be non-null".into()));
         }
-        let nbytes = ids_nbytes(opts.layers.len(), opts.width)?;
+        let nbytes = ids_nbytes(opts.layers.len(), if opts.routed { 2 * opts.width } else { opts.width })?;
         self.device.bind_thread()?;
         let staging = self.take_staging(nbytes)?;
         // SAFETY: the staging buffer holds `nbytes` and stays ours until the request is handled;
@@ -346,29 +347,33 @@ fn handle(req: &Request, cache: &SlotCache, device: &SharedDevice, state: &State
     // SAFETY: the copy into the staging buffer has landed (event above); it holds `nbytes` bytes
     // and the allocation is 8-byte aligned (page-aligned host or pinned memory).
     let ids = unsafe { std::slice::from_raw_parts(req.staging.addr as *const i64, req.nbytes / 8) };
-    let mut rows: Vec<(i64, Vec<i64>)> = o
-        .layers
-        .iter()
-        .zip(ids.chunks_exact(o.width))
-        .map(|(&layer, row)| {
-            let mut experts: Vec<i64> = row.iter().copied().filter(|&e| !o.routed || e >= 0).collect();
-            experts.sort_unstable();
-            experts.dedup();
-            (layer, experts)
-        })
-        .collect();
+    // routed rows carry, after their `width` ids, the table entry each pair read (an address)
+    let row_width = if o.routed { 2 * o.width } else { o.width };
+    let mut slot_reads: Vec<u64> = Vec::new();
+    let mut rows: Vec<(i64, Vec<i64>)> = Vec::with_capacity(o.layers.len());
+    for (&layer, row) in o.layers.iter().zip(ids.chunks_exact(row_width)) {
+        let (experts, read) = row.split_at(o.width);
+        let mut pairs: Vec<(i64, i64)> =
+            experts.iter().copied().zip(read.iter().copied().chain(std::iter::repeat(0))).filter(|&(e, _)| !o.routed || e >= 0).collect();
+        pairs.sort_unstable_by_key(|&(e, _)| e);
+        pairs.dedup_by_key(|&mut (e, _)| e);
+        if o.routed {
+            slot_reads.push(pairs.iter().filter(|&&(_, a)| cache.is_slot_address(a as u64)).count() as u64);
+        }
+        rows.push((layer, pairs.into_iter().map(|(e, _)| e).collect()));
+    }
     if o.routed {
         // the progress lock orders these acquire-count advances with `submit`'s reading
         let mut p = state.progress.lock();
         let mut queued = 0;
         let mut result = Ok(());
-        for (layer, experts) in &rows {
+        for ((layer, experts), &reads) in rows.iter().zip(&slot_reads) {
             if let Some(pred) = p.predicted.remove(layer) {
                 p.predicted_hits += experts.iter().filter(|e| pred.binary_search(e).is_ok()).count() as u64;
                 p.predicted_needed += experts.len() as u64;
                 p.predicted_total += pred.len() as u64;
             }
-            match cache.note_routed(*layer, experts) {
+            match cache.note_routed(*layer, experts, Some(reads)) {
                 Ok(n) => queued += n,
                 Err(e) => {
                     result = Err(e);
@@ -452,13 +457,19 @@ mod tests {
         assert_eq!(resident(&c), vec![(0, 1), (0, 2), (0, 3), (1, 0), (1, 5), (2, 6), (2, 7)]);
         assert_eq!(d.prediction_counts(), (0, 0, 0));
         // the step's routing: layer 0 used 1 and 4 (one predicted), layer 1 used 0 and 5 (both);
-        // layer 2 not yet routed stays unscored; -1 is padding
-        let routed = [1, 4, -1, 0, 5, -1];
+        // layer 2 not yet routed stays unscored; -1 is padding. After each row's ids, the table
+        // entries its pairs read: expert 1 from a slot, the others from the pool
+        let slot = c.slots_addr() as i64;
+        let pool = 4096;
+        let routed = [1, 4, -1, slot, pool, 0, 0, 5, -1, pool, pool, 0];
         submit(&d, &routed, DeferredOptions { layers: vec![0, 1], width: 3, routed: true, ..Default::default() }).unwrap();
         assert!(d.wait_idle(Some(Duration::from_secs(10))));
         assert_eq!(d.prediction_counts(), (3, 4, 5)); // predicted: 3 experts of layer 0, 2 of layer 1
+        // hits are what the step read from slots, not what is resident by now
+        let stats: HashMap<_, _> = c.stats().into_iter().collect();
+        assert_eq!((stats["hits"], stats["misses"]), (1.0, 3.0));
         // a prediction is scored once: the next routing of layer 0 has nothing to be scored against
-        submit(&d, &[1, 2], DeferredOptions { layers: vec![0], width: 2, routed: true, ..Default::default() }).unwrap();
+        submit(&d, &[1, 2, 0, 0], DeferredOptions { layers: vec![0], width: 2, routed: true, ..Default::default() }).unwrap();
         assert!(d.wait_idle(Some(Duration::from_secs(10))));
         assert_eq!(d.prediction_counts(), (3, 4, 5));
         let (submitted, handled, _) = d.counts();
@@ -475,7 +486,7 @@ mod tests {
         let c = cache(2, 8, 16);
         let d = DeferredPrefetcher::new(c.clone());
         let visits = 4000;
-        let routed: Vec<i64> = (0..visits).map(|i| (i % 2) as i64).collect();
+        let routed: Vec<i64> = (0..visits).flat_map(|i| [(i % 2) as i64, 0]).collect();
         let layers: Vec<i64> = (0..visits).map(|i| (i % 2) as i64).collect();
         submit(&d, &routed, DeferredOptions { layers, width: 1, routed: true, ..Default::default() }).unwrap();
         let next = [5, 6, 7, 4];
@@ -551,7 +562,7 @@ mod tests {
                 let d = d.clone();
                 std::thread::spawn(move || {
                     for i in 0..200i64 {
-                        let ids = [(t + i) % 16, (t * 3 + i) % 16];
+                        let ids = [(t + i) % 16, (t * 3 + i) % 16, 0, 0]; // routed rows: ids, then addresses
                         let layer = (t + i) % 4;
                         let opts = DeferredOptions { layers: vec![layer], width: 2, generation: i, remember: i % 7 == 0, routed: i % 3 == 0, ..Default::default() };
                         submit(&d, &ids, opts).unwrap();

@@ -224,16 +224,16 @@ mod tests {
     #[test]
     fn a_routed_miss_is_loaded_and_published_then_unpublished_on_eviction() {
         let (pool, cache, table) = setup(1, 4, 1, 0);
-        assert_eq!(cache.note_routed(0, &[2]).unwrap(), 1);
+        assert_eq!(cache.note_routed(0, &[2], None).unwrap(), 1);
         cache.synchronize().unwrap();
         let slot_addr = entry(&table, 2);
         assert_ne!(slot_addr, pool.record_addr((0, 2)).unwrap() as u64, "entry should point at the slot");
         assert_eq!(slot_addr, cache.slots_addr());
         assert!(bytes_at(slot_addr).iter().all(|&b| b == pattern((0, 2))));
         // a hit queues nothing
-        assert_eq!(cache.note_routed(0, &[2]).unwrap(), 0);
+        assert_eq!(cache.note_routed(0, &[2], None).unwrap(), 0);
         // expert 3 takes the only slot: 2 goes back to the pool before the slot is overwritten
-        assert_eq!(cache.note_routed(0, &[3]).unwrap(), 1);
+        assert_eq!(cache.note_routed(0, &[3], None).unwrap(), 1);
         cache.synchronize().unwrap();
         assert_eq!(entry(&table, 2), pool.record_addr((0, 2)).unwrap() as u64);
         assert_eq!(entry(&table, 3), slot_addr);
@@ -245,14 +245,14 @@ mod tests {
     #[test]
     fn an_eviction_waits_for_reads_that_may_have_seen_the_slot() {
         let (_pool, cache, table) = setup(1, 4, 1, 1);
-        cache.note_routed(0, &[0]).unwrap();
+        cache.note_routed(0, &[0], None).unwrap();
         cache.synchronize().unwrap();
         let cache = Arc::new(cache);
         let ticket = cache.begin_table_read().unwrap();
         let seen = entry(&table, 0);
         assert_eq!(seen, cache.slots_addr());
         // a miss of expert 1 evicts expert 0 on the worker thread ...
-        cache.note_routed(0, &[1]).unwrap();
+        cache.note_routed(0, &[1], None).unwrap();
         std::thread::sleep(Duration::from_millis(100));
         // ... which may unpublish but must not overwrite the slot while this read is open
         assert!(bytes_at(seen).iter().all(|&b| b == pattern((0, 0))), "slot overwritten under a read");
@@ -298,7 +298,7 @@ mod tests {
             seed = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
             let layer = (seed >> 40) as i64 % 2;
             let e = (seed >> 20) as i64 % 8;
-            cache.note_routed(layer, &[e, (e + 1) % 8]).unwrap();
+            cache.note_routed(layer, &[e, (e + 1) % 8], None).unwrap();
         }
         cache.synchronize().unwrap();
         stop.store(true, std::sync::atomic::Ordering::Relaxed);

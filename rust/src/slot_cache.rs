@@ -541,6 +541,11 @@ impl SlotCache {
     pub fn slots_addr(&self) -> u64 {
         self.shared.slots_addr
     }
+    /// Whether `addr` lies in the slot memory (an expert-table entry pointing at a slot).
+    pub fn is_slot_address(&self, addr: u64) -> bool {
+        let sh = &*self.shared;
+        addr >= sh.slots_addr && addr < sh.slots_addr + (self.num_slots * sh.slot_nbytes) as u64
+    }
     pub fn policy(&self) -> PolicyKind {
         self.policy
     }
@@ -794,18 +799,22 @@ impl SlotCache {
         self.shared.experts.get().map_or(0, ExpertTable::reads_in_progress)
     }
 
-    /// A layer computed `experts` through the expert table (a decode step): count hits and misses,
-    /// tell the policy, and queue demand loads of the misses so that later steps hit. Loads queued
-    /// here are never cancelled by a newer forward. Returns how many were queued.
-    pub fn note_routed(&self, layer: i64, experts: &[i64]) -> Result<usize> {
+    /// A layer computed `experts` (distinct) through the expert table (a decode step): count hits
+    /// and misses, tell the policy, and queue demand loads of the experts not resident so that
+    /// later steps hit. `slot_reads`: how many of them the step read from a slot (known from the
+    /// table entries it read); None counts the resident ones, which overstates hits whose copy
+    /// had not landed when the layer ran. Loads queued here are never cancelled by a newer
+    /// forward. Returns how many were queued.
+    pub fn note_routed(&self, layer: i64, experts: &[i64], slot_reads: Option<u64>) -> Result<usize> {
         let _g = self.open_guard()?;
         let mut keys = self.keys(layer, experts)?;
         dedup_in_order(&mut keys);
         let sh = &*self.shared;
         let touch = sh.table.lock().touch(&keys);
         let s = &sh.stats;
-        Stats::add(&s.hits, touch.hits);
-        Stats::add(&s.misses, touch.missing.len() as u64);
+        let hits = slot_reads.map_or(touch.hits, |n| n.min(keys.len() as u64));
+        Stats::add(&s.hits, hits);
+        Stats::add(&s.misses, keys.len() as u64 - hits);
         Stats::add(&s.prefetch_used, touch.prefetch_used);
         Stats::add(&s.routed_visits, 1);
         let mut queued = 0;

@@ -1,0 +1,155 @@
+"""Decode of a trained checkpoint with and without SiDA's predictor: tokens/s, hit rate, the
+predictor's recall, and whether the greedy tokens equal the original model's, in one process.
+
+Systems (each through ``model.generate``, greedy; on CUDA the decode step is one graph replay):
+- ``resident_graphed``: the checkpoint loaded by transformers, all on the device, the same graphed
+  greedy loop (``sida_moe.decode_graph.greedy_generate``);
+- ``none_lru``: ``from_pretrained`` at ``--budget``, no prefetch, LRU;
+- ``sida``: the same with the checkpoint's trained predictor and the predictive policy.
+Prompts are held-out text (the Python standard library's sources), ``--prompt-len`` tokens each.
+Every system is warmed up, then timed over ``--rounds`` interleaved rounds; decode time per token =
+(t(N new tokens) - t(1 new token)) / (N - 1) within a round; median and spread to ``--out``.
+
+    python benches/sida_decode.py --out h200_sida_decode.json            # the bundled checkpoint
+    python benches/sida_decode.py --model /path/ckpt --budget 25% --batches 1,8 --out ...
+"""
+
+from __future__ import annotations
+
+import argparse
+import glob
+import json
+import os
+import sys
+import sysconfig
+import time
+
+import torch
+
+sys.path.insert(0, os.path.dirname(__file__))
+from host_free_decode import enqueue_ms, summary, timed  # noqa: E402
+
+import sida_moe  # noqa: E402
+from sida_moe.decode_graph import greedy_generate  # noqa: E402
+from sida_moe.offload import from_pretrained  # noqa: E402
+from sida_moe.predictor import load_prefetcher  # noqa: E402
+
+BUNDLED = os.path.join(os.path.dirname(sida_moe.__file__), "models", "qwen3-moe-stdlib")
+
+
+def prompts(tokenizer, batch: int, length: int, seed: int) -> torch.Tensor:
+    """``batch`` prompts of ``length`` tokens from standard-library files (sorted, then every
+    ``k``-th from ``seed``: the same files on every machine with this Python)."""
+    files = sorted(glob.glob(os.path.join(sysconfig.get_paths()["stdlib"], "*.py")))
+    rows: list[list[int]] = []
+    for path in files[seed % 7 :: 7]:
+        with open(path, encoding="utf-8", errors="replace") as f:
+            ids = tokenizer(f.read()[:20000]).input_ids
+        if len(ids) >= 2 * length:
+            rows.append(ids[length : 2 * length])  # past the license header
+        if len(rows) == batch:
+            break
+    if len(rows) < batch:
+        raise SystemExit(f"only {len(rows)} standard-library files have {2 * length} tokens")
+    return torch.tensor(rows)
+
+
+def _agree(a: list[int], b: list[int]) -> int:
+    """Leading tokens two greedy continuations share."""
+    n = 0
+    while n < min(len(a), len(b)) and a[n] == b[n]:
+        n += 1
+    return n
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default=BUNDLED, help="checkpoint directory with a trained predictor (default: bundled)")
+    ap.add_argument("--budget", default="25%")
+    ap.add_argument("--batches", default="1,8")
+    ap.add_argument("--dtype", default="bfloat16")
+    ap.add_argument("--prompt-len", type=int, default=64)
+    ap.add_argument("--new-tokens", type=int, default=128)
+    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--out", required=True)
+    args = ap.parse_args()
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    device = torch.device("cuda")
+    dtype = getattr(torch, args.dtype)
+    tokenizer = AutoTokenizer.from_pretrained(args.model)
+    resident = AutoModelForCausalLM.from_pretrained(args.model, dtype=dtype).to(device).eval()
+    none = from_pretrained(args.model, args.budget, args.dtype, device, "lru", "none")
+    sida = from_pretrained(args.model, args.budget, args.dtype, device, "predictive", load_prefetcher(args.model))
+    engines = {"none_lru": sida_moe.engine_of(none), "sida": sida_moe.engine_of(sida)}
+    report: dict = {"args": vars(args), "device": torch.cuda.get_device_name(device),
+                    "engine": engines["sida"].describe(), "rows": {}}
+    print(report["engine"], flush=True)
+    for batch in [int(b) for b in args.batches.split(",")]:
+        ids = prompts(tokenizer, batch, args.prompt_len, seed=batch).to(device)
+        systems = {
+            "resident_graphed": lambda n, ids=ids: greedy_generate(resident, ids, n, graphs=True),
+            "none_lru": lambda n, ids=ids: none.generate(ids, max_new_tokens=n, do_sample=False, sida_graphs=True),
+            "sida": lambda n, ids=ids: sida.generate(ids, max_new_tokens=n, do_sample=False, sida_graphs=True),
+        }
+        n = args.new_tokens
+        rows = {name: {"decode_ms": [], "hit_rate": [], "recall": [], "precision": [], "copied": [], "misses": []}
+                for name in systems}
+        tokens = {}
+        for fn in systems.values():  # warm-up: kernels, graph capture, cache contents
+            fn(4)
+            fn(n)
+        for r in range(args.rounds):
+            for name in (list(systems) if r % 2 == 0 else list(reversed(systems))):
+                engine = engines.get(name)
+                if engine is not None:
+                    engine.reset_stats()
+                w1, _, _, _ = timed(lambda: systems[name](1), device)
+                s1 = engine.stats() if engine is not None else None
+                wn, _, _, out = timed(lambda: systems[name](n), device)
+                row = rows[name]
+                row["decode_ms"].append((wn - w1) * 1e3 / (n - 1))
+                tokens[name] = out[:, args.prompt_len :].tolist()
+                if engine is not None:
+                    s = engine.stats()
+                    d = {k: s[k] - s1[k] for k in ("hits", "misses", "bytes_copied", "predicted_hits",
+                                                   "predicted_needed", "predicted_experts")}
+                    row["hit_rate"].append(d["hits"] / max(d["hits"] + d["misses"], 1))
+                    row["misses"].append(d["misses"] / (n - 1))
+                    row["copied"].append(d["bytes_copied"] / (n - 1))
+                    if d["predicted_needed"]:
+                        row["recall"].append(d["predicted_hits"] / d["predicted_needed"])
+                        row["precision"].append(d["predicted_hits"] / d["predicted_experts"])
+            print(f"[bs{batch}] round {r}: " + ", ".join(f"{k} {v['decode_ms'][-1]:.3f} ms" for k, v in rows.items()),
+                  flush=True)
+        out: dict = {}
+        for name, row in rows.items():
+            d = summary(row["decode_ms"])
+            out[name] = {"decode_ms_per_token": d,
+                         "decode_tokens_per_s": {k: (1e3 * batch / v if k != "n" else v) for k, v in d.items()},
+                         "same_tokens_as_resident": tokens[name] == tokens["resident_graphed"],
+                         "tokens_equal_to_resident_per_row": [_agree(a, b) for a, b in zip(tokens[name], tokens["resident_graphed"])],
+                         "same_tokens_as_none_lru": tokens[name] == tokens["none_lru"],
+                         "host_enqueue_ms_per_step": enqueue_ms(resident if name == "resident_graphed"
+                                                                else none if name == "none_lru" else sida)}
+            for key in ("hit_rate", "recall", "precision", "misses", "copied"):
+                if row[key]:
+                    out[name][{"misses": "misses_per_token", "copied": "copied_bytes_per_token"}.get(key, key)] = summary(row[key])
+        speed = {k: out[k]["decode_tokens_per_s"]["median"] for k in out}
+        out["sida_over_none"] = speed["sida"] / speed["none_lru"]
+        report["rows"][f"bs{batch}_{args.budget}"] = out
+        with open(args.out, "w") as f:
+            json.dump(report, f, indent=1)
+        for name in systems:
+            o = out[name]
+            extra = "".join(f", {k} {o[k]['median']:.3f}" for k in ("hit_rate", "recall", "precision") if k in o)
+            print(f"[bs{batch} {args.budget}] {name}: {o['decode_tokens_per_s']['median']:.1f} tok/s "
+                  f"({o['decode_tokens_per_s']['min']:.1f}-{o['decode_tokens_per_s']['max']:.1f}){extra}, "
+                  f"same tokens as resident {o['same_tokens_as_resident']} (equal prefix per row "
+                  f"{o['tokens_equal_to_resident_per_row']}), as none_lru {o['same_tokens_as_none_lru']}", flush=True)
+        print(f"[bs{batch} {args.budget}] sida / none_lru: {out['sida_over_none']:.3f}x", flush=True)
+
+
+if __name__ == "__main__":
+    main()
