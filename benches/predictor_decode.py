@@ -6,7 +6,8 @@ the numbers are decode-only:
 - cache ``hit_rate`` (acquired experts already resident or arriving),
 - ``stall_fraction``: GPU time the compute stream waited on slot-ready events of expert copies still
   in flight (the slot cache's ``stream_wait_seconds``) / decode wall time,
-- decode tokens/s, the prefetcher's own metrics (prediction hit rate, predictor ms per token),
+- decode tokens/s, the prefetcher's own metrics (prediction recall and precision over the decode
+  tokens),
 - whether the tokens equal the all-resident model's (exact mode must not change them).
 
 Used by ``predictor_pipeline.py --decode``; ``run_decode_bench`` takes a loaded model.
@@ -102,7 +103,7 @@ def run_decode_bench(
             same_resident = same_resident and torch.equal(tokens, ref_tokens)
             for k, v in s.items():
                 if k.startswith("prefetch_") and isinstance(v, float) and k[9:] in (
-                    "hit_rate", "precision", "late_fraction", "predictor_ms_per_token", "corrections"):
+                    "hit_rate", "precision", "scored_experts"):
                     pref_metrics[k] = pref_metrics.get(k, 0.0) + v / len(prompts)
         lookups = totals["hits"] + totals["misses"]
         n_tok = len(prompts) * (new_tokens - 1)

@@ -1,23 +1,17 @@
-"""Where the run-ahead predictor's decode slowdown comes from (run on the H100; JSON to --out).
+"""Where the SiDA predictor's decode slowdown comes from (run on the H100; JSON to --out).
 
-The bench's sida rows decode 15-20% fewer tokens/s than the rows without prediction on the small
-reference model, although the predictor step costs under 1 ms against a 14-20 ms decode step.
-Tokens/s of single rows vary by up to ~25% run to run, so this script decodes the same held-out
-prompts under each configuration in turn, for several rounds in one process (one cache, reopened per
-configuration), and reports every round and the median:
+Tokens/s of single bench rows vary by up to ~25% run to run, so this script decodes the same
+held-out prompts under each configuration in turn, for several rounds in one process (one cache,
+reopened per configuration), and reports every round and the median:
 
 - ``none``: no prefetching (the baseline);
-- ``sida_dry``: the predictor thread runs (prompt, graphed decode steps, top-k to the host) but
-  queues no copies and feeds no future: its own cost to the decode loop (GIL, GPU);
-- ``sida_dry_corrected``: the same plus the default next-layer correction on the inference thread;
-- ``sida_no_correction``: real prefetches of the run-ahead prediction only;
-- ``sida``: the full prefetcher as the bench runs it (default correction; decode tokens predicted
-  inline on the inference thread where that applies -- ``RunAheadPrefetcher(inline_decode=None)``);
-- ``sida_thread``: the same with every token on the predictor thread (``inline_decode=False``).
+- ``sida_dry``: the prefetcher predicts every token (prompt, the decoder's step per decode token)
+  but hands nothing to the cache (no ``prefetch_deferred``: no copies, no future, nothing scored):
+  its own cost to the decode loop (GIL, GPU);
+- ``sida``: the full prefetcher (``SidaPrefetcher``) as the bench runs it.
 
-The dry configurations predict inline too where that applies; their deferred prefetches are
-dropped (Python inline path: no ids reach the host; native programs: the ids do, and the requests
-are queued with a cancelled generation, which the copy workers discard).
+The loop is ``predictor_decode.greedy_decode``: transformers-style cached forwards (an eager loop,
+the prediction runs in ``begin_forward``), not the graphed greedy loop of ``sida_moe.decode_graph``.
 
     python benches/predictor_overhead.py --model REF --predictor-path P --prompt-file held.txt --out o.json
 
@@ -46,78 +40,43 @@ import_predictor_package()
 
 from predictor_decode import greedy_decode  # noqa: E402
 
-from sida_moe.predictor import HashPredictor, RunAheadPrefetcher  # noqa: E402
+from sida_moe.predictor import HashPredictor, SidaPrefetcher  # noqa: E402
 
 
-class _NoCopies:
-    """The engine as a prefetcher sees it, minus the copies and the future: ``prefetch`` and
-    ``set_future`` do nothing, everything else is the engine's."""
+class _NoHandOver:
+    """The engine as the prefetcher sees it, minus the hand-over: ``prefetch_deferred`` does
+    nothing, everything else is the engine's."""
 
     def __init__(self, engine) -> None:
         self._engine = engine
-        self._dry: _DryCache | None = None
-
-    def prefetch(self, *args, **kwargs) -> None:
-        return None
-
-    def set_future(self, *args, **kwargs) -> None:
-        return None
 
     def prefetch_deferred(self, *args, **kwargs) -> None:
-        return None  # inline decode: the programs still run; no ids reach the host
+        return None
 
     def __getattr__(self, name: str):
         return getattr(self._engine, name)
 
-    @property
-    def cache(self):
-        real = self._engine.cache
-        if self._dry is None or self._dry._cache is not real:
-            self._dry = _DryCache(real)  # one proxy per cache: the prefetcher keys its programs on it
-        return self._dry
 
-
-class _DryCache:
-    """The engine's cache, except that native programs (inline decode) queue their prefetches with
-    generation 0, which the engine cancelled already: the programs, the copies of their ids and the
-    native thread run; the workers discard the requests."""
-
-    def __init__(self, cache) -> None:
-        self._cache = cache
-
-    def run_program(self, program, inputs, stream, generation=0, *args) -> None:
-        return self._cache.run_program(program, inputs, stream, 0, *args)
-
-    def __getattr__(self, name: str):
-        return getattr(self._cache, name)
-
-
-class DryRunAhead(RunAheadPrefetcher):
-    """A run-ahead prefetcher whose predictions are computed and thrown away (measurement only)."""
+class DrySida(SidaPrefetcher):
+    """A SiDA prefetcher whose predictions are computed and thrown away (measurement only)."""
 
     name = "sida_dry"
 
     def attach(self, engine) -> None:
-        super().attach(_NoCopies(engine))
+        super().attach(_NoHandOver(engine))
 
 
 def make(name: str, predictor: HashPredictor):
     if name == "none":
         return None
     if name == "sida_dry":
-        return DryRunAhead(predictor, correction="none", feed_future=False)
-    if name == "sida_dry_corrected":
-        return DryRunAhead(predictor, feed_future=False)
-    if name == "sida_no_correction":
-        return RunAheadPrefetcher(predictor, correction="none")
+        return DrySida(predictor, feed_future=False)
     if name == "sida":
-        return RunAheadPrefetcher(predictor)
-    if name == "sida_thread":
-        return RunAheadPrefetcher(predictor, inline_decode=False)
+        return SidaPrefetcher(predictor)
     raise SystemExit(f"unknown configuration {name!r}")
 
 
-CONFIGS = ("none", "sida_dry", "sida_dry_corrected", "sida_no_correction", "sida", "sida_thread")
+CONFIGS = ("none", "sida_dry", "sida")
 
 
 def run(model, predictor: HashPredictor, prompts: list[torch.Tensor], new_tokens: int, budget: float,
@@ -131,7 +90,6 @@ def run(model, predictor: HashPredictor, prompts: list[torch.Tensor], new_tokens
     greedy_decode(model, prompts[0][:, :16], 4)  # warm-up
     out: dict = {"budget": budget, "policy": policy, "rounds": rounds, "prompts": len(prompts),
                  "new_tokens": new_tokens, "prompt_tokens": int(prompts[0].shape[1]), "engine": engine.describe(),
-                 "correction_default": RunAheadPrefetcher(predictor).correction,
                  "configs": {name: {"tokens_per_s": [], "hit_rate": [], "stall_fraction": []} for name in configs}}
     intervals = switch_intervals or (sys.getswitchinterval(),)
     default_interval = sys.getswitchinterval()
@@ -165,10 +123,9 @@ def run(model, predictor: HashPredictor, prompts: list[torch.Tensor], new_tokens
                 row["hit_rate"].append(hits / lookups if lookups else 0.0)
                 row["stall_fraction"].append(stall / decode_s)
                 if pf is not None:
-                    m = pf.metrics()
-                    row.setdefault("predictor_ms_per_token", []).append(m["predictor_ms_per_token"])
-                    row.setdefault("inline_forwards", []).append(m["inline_forwards"])
+                    m = pf.metrics()  # over the last prompt's decode tokens (reset after its prefill)
                     row.setdefault("prefetch_hit_rate", []).append(m["hit_rate"])
+                    row.setdefault("prefetch_precision", []).append(m["precision"])
                 print(f"round {r} {label}: {row['tokens_per_s'][-1]:.1f} tok/s, hit {row['hit_rate'][-1]:.3f}, "
                       f"stall {row['stall_fraction'][-1]:.4f}", flush=True)
     finally:
@@ -189,8 +146,7 @@ def run(model, predictor: HashPredictor, prompts: list[torch.Tensor], new_tokens
 
 def random_setup(num_prompts: int, prompt_tokens: int, dtype: torch.dtype, device: str):
     """An untrained model of the reference model's shape (``train_reference_model.build_model``), an
-    untrained predictor of the shipped variant with previous-token lookahead heads (random output
-    layers, so corrections run), and random prompts."""
+    untrained predictor of the shipped variant, and random prompts."""
     from train_reference_model import build_model
 
     from sida_moe.predictor import PredictorConfig, find_moe_layers
@@ -202,9 +158,6 @@ def random_setup(num_prompts: int, prompt_tokens: int, dtype: torch.dtype, devic
                           num_experts=layers[0].num_experts, top_k=model.config.num_experts_per_tok,
                           hidden=512, head_hidden=256, attn_blocks=2)
     predictor = HashPredictor(cfg)
-    heads = predictor.add_lookahead(1024, previous_token=True)
-    with torch.no_grad():
-        heads.w_out.normal_(0.0, 0.02)
     gen = torch.Generator().manual_seed(1)
     prompts = [torch.randint(0, 8192, (1, prompt_tokens), generator=gen) for _ in range(num_prompts)]
     return model, predictor.eval(), prompts

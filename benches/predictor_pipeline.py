@@ -427,28 +427,24 @@ def main() -> None:
         from predictor_decode import run_decode_bench
 
         from sida_moe.prefetchers import make_prefetcher
-        from sida_moe.predictor.runahead import RunAheadPrefetcher
+        from sida_moe.predictor.prefetcher import SidaPrefetcher
 
         def make(spec):
             if isinstance(spec, dict):
-                return RunAheadPrefetcher(best, **spec)
+                return SidaPrefetcher(best, **spec)  # moves the predictor to the model's device
             return make_prefetcher(spec)
 
-        best.to("cpu")
         configs = [
             {"name": "lru/none", "policy": "lru", "prefetch": "none"},
             {"name": "lru/next_layer_gate", "policy": "lru", "prefetch": "next_layer_gate"},
-            {"name": "lru/sida", "policy": "lru", "prefetch": {"device": "cpu", "correction": "none", "feed_future": False}},
-            {"name": "lru/sida+gate", "policy": "lru", "prefetch": {"device": "cpu", "correction": "gate", "feed_future": False}},
-            {"name": "predictive/sida+gate", "policy": "predictive", "prefetch": {"device": "cpu", "correction": "gate"}},
-            {"name": "predictive/sida+gate(gpu predictor)", "policy": "predictive",
-             "prefetch": {"device": device, "correction": "gate"}},
+            {"name": "lru/sida", "policy": "lru", "prefetch": {"feed_future": False}},
+            {"name": "predictive/sida", "policy": "predictive", "prefetch": {}},
         ]
         if args.prefetch_k:
             # more experts per layer than the router picks: the cache simulation says recall (and the
             # hit rate) climbs faster than the wasted copies cost at this budget
-            configs.append({"name": f"predictive/sida+gate(gpu predictor, k={args.prefetch_k})", "policy": "predictive",
-                            "prefetch": {"device": device, "correction": "gate", "k": args.prefetch_k}})
+            configs.append({"name": f"predictive/sida(k={args.prefetch_k})", "policy": "predictive",
+                            "prefetch": {"k": args.prefetch_k}})
         prompts = [held_ids[i : i + 1, : args.prompt_tokens] for i in range(args.decode_prompts)]
         results["decode"] = run_decode_bench(model, prompts, args.new_tokens, args.budget, configs, make)
         dump(results)

@@ -1,11 +1,14 @@
 """Host cost of one decode step of the SiDA predictor: eager ``HashPredictor.forward`` vs the
-CUDA-graphed ``GraphedDecoder`` (what ``RunAheadPrefetcher`` runs per decode token).
+CUDA-graphed ``GraphedDecoder`` (what ``SidaPrefetcher`` runs per decode token: on its own in an
+eager loop, inside the captured decode step in the greedy loop).
 
 A random predictor of the reference size (input 512, 8 MoE layers, 32 experts, top-4, hidden 512,
 MLP heads 256, 2 causal blocks) prefills a prompt, then decodes the same tokens both ways. Per step:
-wall time on the host including the top-k ids' copy to the host (pinned memory + event wait, as the
-prefetcher does), and the thread's CPU time (``time.thread_time``) -- the part that holds the GIL
-and competes with the model's decode. Prints JSON (and writes it to ``--out``). A few seconds.
+wall time on the host including a copy of the top-k ids to the host (pinned memory + event wait; the
+prefetcher itself hands the ids to the cache's native thread with ``prefetch_deferred`` and does
+not wait, so this is an upper bound), and the thread's CPU time (``time.thread_time``) -- the part
+that holds the GIL and competes with the model's decode. Prints JSON (and writes it to ``--out``).
+A few seconds.
 
     python benches/predictor_step_cost.py                 # the GPU
     python benches/predictor_step_cost.py --device cpu    # the fixed-shape step without a graph
@@ -34,7 +37,7 @@ REFERENCE = dict(input_dim=512, num_moe_layers=8, num_experts=32, top_k=4, hidde
 
 
 def _to_host(ids: torch.Tensor) -> torch.Tensor:
-    """The prefetcher's copy of the top-k ids: pinned memory, then an event wait (GIL released)."""
+    """A copy of the top-k ids to the host: pinned memory, then an event wait (GIL released)."""
     if ids.device.type != "cuda":
         return ids
     host = torch.empty(ids.shape, dtype=ids.dtype, pin_memory=True)
@@ -86,7 +89,7 @@ def main() -> None:
     embeds = torch.randn(args.batch, args.prompt + args.tokens, REFERENCE["input_dim"], generator=g).to(device)
     prompt, decode = embeds[:, : args.prompt], embeds[:, args.prompt :]
     k = REFERENCE["top_k"]
-    stream = torch.cuda.Stream(device) if device.type == "cuda" else None  # the prefetcher's own stream
+    stream = torch.cuda.Stream(device) if device.type == "cuda" else None  # a stream of its own
 
     with torch.inference_mode(), (torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext()):
         _, prefill_state = predictor(prompt)
@@ -109,7 +112,7 @@ def main() -> None:
 
         def graphed_step(x: torch.Tensor) -> torch.Tensor:
             logits, ids = decoder.step(x)
-            kept = logits.clone()  # as the prefetcher keeps job.logits
+            kept = logits.clone()  # static outputs: overwritten by the next step
             _to_host(ids)
             return kept
 

@@ -5,7 +5,7 @@
 #      held-out recall, hash-routing loss, predictor cost and a cache simulation;
 #   2. benches/predictor_overhead.py (when OVERHEAD_ROUNDS > 0): tokens/s with and without the
 #      predictor, alternated for several rounds in one process, split into the predictor's own cost
-#      and its copies;
+#      (predictions computed, nothing handed to the cache) and the full prefetcher;
 #   3. `sida-moe bench` on that model with the trained predictor, prompts cut from the held-out
 #      files: every policy (oracle Belady as the ceiling) x predictor at 10/25/50% expert budgets,
 #      plus the baselines.
@@ -42,7 +42,7 @@ if [ "${OVERHEAD_ROUNDS:-0}" -gt 0 ]; then
     suffix=$( [ "$policy" = lru ] && echo "" || echo "_$policy" )
     python3 benches/predictor_overhead.py --model "$work/ref-moe" --predictor-path "$work/predictor" \
       --prompt-file "$work/heldout.txt" --rounds "$OVERHEAD_ROUNDS" --out "$out/predictor_overhead$suffix.json" \
-      --policy "$policy" --configs "${OVERHEAD_CONFIGS:-none,sida_dry,sida_dry_corrected,sida_no_correction,sida,sida_thread}" 2>&1 \
+      --policy "$policy" --configs "${OVERHEAD_CONFIGS:-none,sida_dry,sida}" 2>&1 \
       | grep -v -i "warn" >> "$log"
   done
 fi

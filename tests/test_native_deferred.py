@@ -1,7 +1,8 @@
 """SlotCache.prefetch_deferred: expert ids still being computed on the device reach the prefetch
 queue through a native thread (host backend: host ids; ``gpu``: ids on the GPU written on a stream),
-with the bytes that land checked, the remembered prediction, exclusion, skipped routed rows, errors
-kept for ``take_deferred_error``, many submitting threads, and clear errors for bad arguments."""
+with the bytes that land checked, remembered predictions scored against the routed rows of
+``submit_routed``, skipped routed rows, errors kept for ``take_deferred_error``, many submitting
+threads, and clear errors for bad arguments."""
 
 import threading
 
@@ -47,29 +48,78 @@ def _check_bytes(cache):
         assert cache.read_slot(slot)[:NBYTES] == expert_bytes(layer, expert), (layer, expert, slot)
 
 
-def test_prediction_is_prefetched_remembered_and_fed_to_the_policy(pool, backend):
+def test_prediction_is_prefetched_and_fed_to_the_policy(pool, backend):
     with sm.SlotCache(pool, 12, policy="predictive") as c:
         ids, stream = _ids(backend, [[1, 2, 2, 1], [0, 5, 5, 7], [3, 4, 3, 4]])
         c.prefetch_deferred(ids.data_ptr(), [0, 1, 2], 4, stream, generation=4, future=True, remember=True)
         assert c.wait_deferred(10)
-        assert c.deferred_predicted(4, 0) == [1, 2]
-        assert c.deferred_predicted(4, 1) == [0, 5, 7]
-        assert c.deferred_predicted(4, 2) == [3, 4]
-        assert c.deferred_predicted(3, 0) is None  # not this generation's
         c.synchronize()
         assert set(c.resident()) == {(0, 1), (0, 2), (1, 0), (1, 5), (1, 7), (2, 3), (2, 4)}
         _check_bytes(c)
         s = c.stats()
         assert s["deferred_submitted"] == s["deferred_handled"] == 1 and s["deferred_queued"] == 7
-        # a correction that repeats a predicted expert queues only the new one, on the demand lane
+        # nothing routed yet: the remembered prediction is not scored
+        assert (s["predicted_hits"], s["predicted_needed"], s["predicted_experts"]) == (0, 0, 0)
+        # a later request on the demand lane queues only what is not resident
         fix, stream = _ids(backend, [[4, 6]])
-        c.prefetch_deferred(fix.data_ptr(), [2], 2, stream, generation=4, priority="demand", exclude_predicted=True)
+        c.prefetch_deferred(fix.data_ptr(), [2], 2, stream, generation=4, priority="demand")
         assert c.wait_deferred(10)
         c.synchronize()
         assert (2, 6) in c.resident()
         assert c.stats()["deferred_queued"] == 8
         assert c.take_deferred_error() is None
         _check_bytes(c)
+
+
+def _scores(cache) -> tuple[float, float, float]:
+    s = cache.stats()
+    return s["predicted_hits"], s["predicted_needed"], s["predicted_experts"]
+
+
+def test_remembered_predictions_are_scored_against_the_next_routed_rows(pool, backend):
+    """``remember=True`` keeps each layer's distinct predicted experts; the next routed row of that
+    layer (``submit_routed``, negative ids padding) is scored against it once: routed experts that
+    were predicted, routed experts, predicted experts. ``reset_stats`` zeroes the scores."""
+    with sm.SlotCache(pool, 12) as c:
+        pred, stream = _ids(backend, [[1, 2, 2, 3], [0, 5, 5, 0], [7, 6, 7, 6]])
+        c.prefetch_deferred(pred.data_ptr(), [0, 1, 2], 4, stream, generation=1, remember=True)
+        # the step's routing: layer 0 used 1 and 4 (one predicted), layer 1 used 0 and 5 (both); layer
+        # 2 is not routed yet and stays unscored
+        routed, stream = _ids(backend, [[1, 4, -1], [0, 5, -1]])
+        c.submit_routed(routed.data_ptr(), [0, 1], 3, stream)
+        assert c.wait_deferred(10)
+        assert _scores(c) == (3, 4, 5)  # predicted: 3 experts of layer 0, 2 of layer 1
+        # a prediction is scored once: layer 0's next routing has nothing to be scored against
+        again, stream = _ids(backend, [[1, 2]])
+        c.submit_routed(again.data_ptr(), [0], 2, stream)
+        assert c.wait_deferred(10)
+        assert _scores(c) == (3, 4, 5)
+        # layer 2, routed later, still meets its remembered prediction (6, 7): one hit of 2
+        late, stream = _ids(backend, [[6, 0]])
+        c.submit_routed(late.data_ptr(), [2], 2, stream)
+        assert c.wait_deferred(10)
+        assert _scores(c) == (4, 6, 7)
+        # a prediction without remember=True is prefetched, not scored
+        plain, stream = _ids(backend, [[3, 4]])
+        c.prefetch_deferred(plain.data_ptr(), [1], 2, stream, generation=2)
+        row, stream = _ids(backend, [[3, 4]])
+        c.submit_routed(row.data_ptr(), [1], 2, stream)
+        assert c.wait_deferred(10)
+        assert _scores(c) == (4, 6, 7)
+        c.reset_stats()
+        assert _scores(c) == (0, 0, 0)
+        s = c.stats()
+        assert s["deferred_submitted"] == s["deferred_handled"] == 6  # deferred_* counts keep running
+        # a newer remembered prediction replaces the older one of every layer; scoring starts from zero
+        old, stream = _ids(backend, [[1, 2], [1, 2]])
+        c.prefetch_deferred(old.data_ptr(), [0, 1], 2, stream, generation=3, remember=True)
+        new, stream = _ids(backend, [[3, 4]])
+        c.prefetch_deferred(new.data_ptr(), [0], 2, stream, generation=4, remember=True)
+        both, stream = _ids(backend, [[3, 5], [1, 2]])
+        c.submit_routed(both.data_ptr(), [0, 1], 2, stream)
+        assert c.wait_deferred(10)
+        assert _scores(c) == (1, 2, 2)  # layer 0 against (3, 4); layer 1's older prediction is gone
+        assert c.take_deferred_error() is None
 
 
 def test_skip_routed_counts_only_acquires_after_the_submission(pool, backend):
@@ -133,7 +183,7 @@ def test_many_threads_submit_and_every_slot_holds_its_expert(pool, backend):
                     rows = [[(t + i) % 8, (3 * t + i) % 8]]
                     ids, stream = _ids(backend, rows)
                     c.prefetch_deferred(ids.data_ptr(), [(t + i) % 3], 2, stream, generation=i,
-                                        remember=i % 5 == 0, exclude_predicted=i % 3 == 0,
+                                        remember=i % 5 == 0, skip_routed=i % 3 == 0,
                                         priority="demand" if i % 2 else "prefetch")
                     if backend.kind == "cuda":
                         torch.cuda.current_stream().synchronize()  # keep ids alive until copied
@@ -154,35 +204,3 @@ def test_many_threads_submit_and_every_slot_holds_its_expert(pool, backend):
         assert s["deferred_submitted"] == s["deferred_handled"] == 900
         assert c.take_deferred_error() is None
         _check_bytes(c)
-
-
-def test_programs_copy_inputs_and_prefetch_their_ids_host(pool, backend):
-    """``register_program`` / ``run_program`` without a graph (host backend): the inputs land in the
-    static buffer, the output ids are prefetched; bad ids and cleared programs raise."""
-    if backend.kind != "host":
-        pytest.skip("the graph-less program is the host backend's (GPU: tests/test_predictor_inline.py)")
-    with sm.SlotCache(pool, 8) as c:
-        static = torch.zeros(4, dtype=torch.int32)
-        out = torch.tensor([[2, 6]], dtype=torch.int64)
-        pid = c.register_program(0, [(static.data_ptr(), 16)], out.data_ptr(), [2], 2, 0)
-        src = torch.arange(4, dtype=torch.int32) + 7
-        c.run_program(pid, [src.data_ptr()], 0, generation=3, remember=True)
-        assert c.wait_deferred(10)
-        assert static.tolist() == [7, 8, 9, 10]
-        assert c.deferred_predicted(3, 2) == [2, 6]
-        c.synchronize()
-        assert {(2, 2), (2, 6)} <= set(c.resident())
-        with pytest.raises(InvalidArgumentError, match="takes 1"):
-            c.run_program(pid, [], 0)
-        with pytest.raises(InvalidArgumentError, match="non-null"):
-            c.run_program(pid, [0], 0)
-        with pytest.raises(InvalidArgumentError, match="priority"):
-            c.run_program(pid, [src.data_ptr()], 0, priority="later")
-        with pytest.raises(InvalidArgumentError, match="CUDA backend"):
-            c.register_program(1234, [(static.data_ptr(), 16)], out.data_ptr(), [2], 2, 0)
-        with pytest.raises(InvalidArgumentError, match="width"):
-            c.register_program(0, [(static.data_ptr(), 16)], out.data_ptr(), [2], 0, 0)
-        c.clear_programs()
-        with pytest.raises(InvalidArgumentError, match="unknown program"):
-            c.run_program(pid, [src.data_ptr()], 0)
-        assert c.register_program(0, [(static.data_ptr(), 16)], out.data_ptr(), [2], 2, 0) != pid  # ids not reused

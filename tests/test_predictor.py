@@ -207,7 +207,7 @@ def test_predictor_is_scale_free_in_its_input():
 
 
 def test_dropout_acts_in_training_only(trace_dir):
-    """Dropout (a training setting) changes nothing in eval mode -- the run-ahead prefetcher and the CUDA
+    """Dropout (a training setting) changes nothing in eval mode -- the SiDA prefetcher and the CUDA
     graph see the plain network -- and is stored with the config."""
     torch.manual_seed(0)
     cfg = dict(input_dim=16, num_moe_layers=2, num_experts=6, top_k=2, hidden=24, attn_blocks=1, attn_heads=4)

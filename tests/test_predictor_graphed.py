@@ -4,15 +4,11 @@ CPU the step runs eagerly on the static buffers; ``gpu``-marked tests capture it
 from __future__ import annotations
 
 import contextlib
-import threading
 
 import pytest
 import torch
 
-from sida_moe.offload import engine_of, offload
-from sida_moe.predictor import GraphedDecoder, HashPredictor, PredictorConfig, PredictorState, RunAheadPrefetcher
-
-from test_predictor import tiny_qwen3
+from sida_moe.predictor import GraphedDecoder, HashPredictor, PredictorConfig, PredictorState, SidaPrefetcher
 
 VARIANTS = [(blocks, head_hidden) for blocks in (0, 2) for head_hidden in (0, 256)]
 
@@ -195,165 +191,33 @@ def test_clear_errors():
     assert "overrides HashPredictor.forward" in GraphedDecoder.unsupported(custom)
     with pytest.raises(ValueError, match="overrides HashPredictor.forward"):
         GraphedDecoder(custom, 1)
-    with pytest.raises(ValueError, match="cuda_graph=True: .*overrides"):
-        RunAheadPrefetcher(custom, cuda_graph=True)
-    with pytest.raises(ValueError, match="graph_max_len"):
-        RunAheadPrefetcher(pred, graph_max_len=0)
+    with pytest.raises(ValueError, match="cannot be served: .*overrides"):
+        SidaPrefetcher(custom)  # the prefetcher decodes through the decoder only
 
 
-# ---------------------------------------------------------------------------- the prefetcher
-def _small_predictor(attn_blocks: int, seed: int, **kw) -> HashPredictor:
-    torch.manual_seed(seed)
-    return HashPredictor(PredictorConfig(input_dim=32, num_moe_layers=3, num_experts=8, top_k=2, hidden=16,
-                                         attn_blocks=attn_blocks, attn_heads=4, **kw)).eval()
-
-
-def _generate(model, x, n, mask=None):
-    with torch.no_grad():
-        return model.generate(input_ids=x, attention_mask=torch.ones_like(x) if mask is None else mask,
-                              max_new_tokens=n, min_new_tokens=n, do_sample=False, pad_token_id=0)
-
-
-def _run(prefetcher, seed, x, mask, n, on_time=True, hold=None):
-    """Generate ``n`` tokens with ``prefetcher``; returns the jobs (one per forward), the metrics
-    and the tokens. ``on_time``: each forward waits for its prediction (deterministic metrics).
-    ``hold``: a threading.Event the worker's first prediction waits for (to make it coalesce)."""
-    model = tiny_qwen3(seed=seed)
-    jobs = []
-    begin = prefetcher.begin_forward
-
-    def spy(embeds, m):
-        begin(embeds, m)
-        jobs.append(prefetcher._current)
-
-    prefetcher.begin_forward = spy
-    runs = []
-    if hold is not None:
-        predict = prefetcher._predict
-
-        def held(run):
-            assert hold.wait(10)
-            runs.append(len(run))
-            predict(run)
-
-        prefetcher._predict = held
-    offload(model, gpu_budget=0.5, policy="predictive", prefetch=prefetcher)
-    engine = engine_of(model)
-    handle = None
-    if on_time:
-        def wait(module, args):
-            if prefetcher._current is not None:
-                assert prefetcher._current.ready.wait(10)
-
-        handle = model.model.layers[0].register_forward_pre_hook(wait)
-    try:
-        tokens = _generate(model, x, n, mask)
-        if hold is not None:
-            hold.set()
-        for job in jobs:
-            assert job.ready.wait(10) and job.error is None, job.error
-        if hold is not None:
-            assert max(runs) > 1, f"expected coalesced decode tokens, got runs of {runs}"
-        return jobs, prefetcher.metrics(), tokens, model
-    finally:
-        if handle is not None:
-            handle.remove()
-        engine.close()
-
-
-@pytest.mark.parametrize("attn_blocks,batch", [(0, 1), (2, 1), (2, 2)])
-def test_prefetcher_graphed_path_equals_eager(attn_blocks, batch):
-    """The fixed-shape step (forced on, the CPU fallback) gives the eager path's predictions, metrics,
-    corrections and tokens; only ``graph_steps`` tells them apart."""
-    x = torch.randint(1, 64, (batch, 7), generator=torch.Generator().manual_seed(3))
-    mask = torch.ones_like(x)
-    if batch == 2:
-        mask[1, :3] = 0
-    pred = _small_predictor(attn_blocks, seed=11, gate_weights=[0.0, 1.0, 2.0])
-    runs = {}
-    for graph in (False, True):
-        prefetcher = RunAheadPrefetcher(pred, correction="fused", cuda_graph=graph, graph_max_len=32)
-        runs[graph] = _run(prefetcher, 12, x, mask, n=6)
-    (ejobs, em, etok, _), (gjobs, gm, gtok, _) = runs[False], runs[True]
-    assert torch.equal(etok, gtok)
-    assert len(ejobs) == len(gjobs) == 6
-    for e, g in zip(ejobs, gjobs):
-        assert torch.allclose(e.logits, g.logits, atol=1e-5)
-        assert e.predicted == g.predicted
-    assert gm["graph_steps"] == 5 and em["graph_steps"] == 0  # every decode token of the graphed run
-    for key in ("hit_rate", "precision", "late_fraction", "corrections", "forwards"):
-        assert gm[key] == em[key], key
-    assert gm["predictor_ms_per_token"] > 0
-
-
-def test_prefetcher_graphed_logits_are_copies_and_overflow_continues_eagerly():
-    """``job.logits`` of graphed tokens are not aliased by later replays; a sequence outgrowing
-    ``graph_max_len`` continues eagerly from the decoder's state, with the same predictions as one
-    full-sequence forward; a prompt that does not fit never uses the graph."""
-    pred = _small_predictor(2, seed=13, head_hidden=24)
-    x = torch.randint(1, 64, (1, 6), generator=torch.Generator().manual_seed(4))
-    prefetcher = RunAheadPrefetcher(pred, correction="none", cuda_graph=True, graph_max_len=9, inline_decode=False)
-    jobs, m, tokens, model = _run(prefetcher, 14, x, None, n=8)
-    assert m["graph_steps"] == 3  # positions 6, 7, 8; the rest past capacity
-    with torch.no_grad():
-        full, _ = pred(model.get_input_embeddings().weight[tokens[:, :-1]].float())
-    got = torch.cat([job.logits for job in jobs], dim=1)  # [L, T, E] in token order
-    assert torch.allclose(got, full[:, 0], atol=1e-5)
-
-    small = RunAheadPrefetcher(pred, correction="none", cuda_graph=True, graph_max_len=6, inline_decode=False)
-    _, m, _, _ = _run(small, 14, x, None, n=4)
-    assert m["graph_steps"] == 0 and m["forwards"] == 4
-
-
-def test_prefetcher_coalesced_decode_tokens_replay_once_each():
-    """A worker that fell behind predicts the queued decode tokens in one run: one step per token,
-    the predictions still those of the whole sequence."""
-    pred = _small_predictor(2, seed=15)
-    calls = []
-
-    class Counting(GraphedDecoder):
-        def step(self, embeds, prev_token_routing=None):
-            calls.append(embeds.shape)
-            return super().step(embeds, prev_token_routing)
-
-    import sida_moe.predictor.runahead as runahead
-
-    prefetcher = RunAheadPrefetcher(pred, correction="none", cuda_graph=True, graph_max_len=32, inline_decode=False)
-    hold = threading.Event()
-    original = runahead.GraphedDecoder
-    runahead.GraphedDecoder = Counting
-    try:
-        x = torch.randint(1, 64, (1, 5), generator=torch.Generator().manual_seed(6))
-        jobs, m, tokens, model = _run(prefetcher, 16, x, None, n=7, on_time=False, hold=hold)
-    finally:
-        runahead.GraphedDecoder = original
-    assert len(calls) == 6 and m["graph_steps"] == 6
-    with torch.no_grad():
-        full, _ = pred(model.get_input_embeddings().weight[tokens[:, :-1]].float())
-    assert torch.allclose(torch.cat([job.logits for job in jobs], dim=1), full[:, 0], atol=1e-5)
-
-
-def test_prefetcher_graphed_hash_routing_and_prev_routing_variant():
-    """Hash routing reads ``job.logits`` of graphed tokens: same tokens as the eager path. A
-    ``prev_token_routing`` predictor gets the previous token's routing in the graphed step too."""
-    x = torch.randint(1, 64, (1, 6), generator=torch.Generator().manual_seed(7))
-    for pred, kwargs in [(_small_predictor(2, seed=17), {"hash_routing": True, "correction": "none"}),
-                         (_small_predictor(0, seed=18, prev_token_routing=True), {"correction": "gate"})]:
-        out = {}
-        for graph in (False, True):
-            prefetcher = RunAheadPrefetcher(pred, cuda_graph=graph, graph_max_len=32, **kwargs)
-            out[graph] = _run(prefetcher, 19, x, None, n=5)
-        assert torch.equal(out[False][2], out[True][2])
-        for e, g in zip(out[False][0], out[True][0]):
-            assert torch.allclose(e.logits, g.logits, atol=1e-5)
-        assert out[True][1]["graph_steps"] == 4
-
-
-def test_prefetcher_default_is_eager_on_the_cpu():
-    prefetcher = RunAheadPrefetcher(_small_predictor(0, seed=20), correction="none")
-    assert prefetcher.cuda_graph is None
-    _, m, _, _ = _run(prefetcher, 21, torch.randint(1, 64, (1, 5)), None, n=3)
-    assert m["graph_steps"] == 0
+def test_advance_counts_steps_run_outside_step_and_raises_when_full():
+    """``advance`` accounts for a step replayed as part of an enclosing graph (one per replay): the
+    length grows as with ``step``, and an unloaded or full decoder refuses it."""
+    pred = _predictor(2, seed=8)
+    decoder = GraphedDecoder(pred, 1, max_len=6)
+    with pytest.raises(RuntimeError, match="unloaded or full"):
+        decoder.advance()
+    embeds, _ = _prompt(1, False, 3, 3, seed=5)
+    with torch.inference_mode():
+        _, state = pred(embeds[:, :3])
+        assert decoder.load(state)
+        decoder.step(embeds[:, 3:4])
+        assert decoder.length == 4
+        decoder.advance()
+        assert (decoder.length, decoder.remaining, decoder.full) == (5, 1, False)
+        decoder.advance()
+        assert decoder.full and decoder.remaining == 0
+        with pytest.raises(RuntimeError, match="unloaded or full"):
+            decoder.advance()
+        with pytest.raises(RuntimeError, match="full"):
+            decoder.step(embeds[:, 5:6])
+        assert decoder.to_state().length == 6
+        assert decoder.load(state) and decoder.length == 3  # a new load starts the count again
 
 
 # ----------------------------------------------------------------------------------- the GPU
@@ -403,41 +267,27 @@ def test_cuda_graph_capture_keeps_a_loaded_state():
 
 
 @pytest.mark.gpu
-def test_prefetcher_on_cuda_uses_the_graph():
-    pred = _small_predictor(2, seed=22, head_hidden=24)
-    model = tiny_qwen3(seed=23).half().cuda()
-    prefetcher = RunAheadPrefetcher(pred, correction="gate")
-    assert prefetcher.cuda_graph is None
-    jobs = []
-    begin = prefetcher.begin_forward
-
-    def spy(embeds, m):
-        begin(embeds, m)
-        jobs.append(prefetcher._current)
-
-    prefetcher.begin_forward = spy
-    offload(model, gpu_budget=0.5, policy="predictive", prefetch=prefetcher)
-    engine = engine_of(model)
-
-    def wait(module, args):
-        if prefetcher._current is not None:
-            assert prefetcher._current.ready.wait(10)
-
-    model.model.layers[0].register_forward_pre_hook(wait)
-    x = torch.randint(1, 64, (1, 7), device="cuda")
-    try:
-        with _full_fp32():
-            tokens = _generate(model, x, 9)
-            m = prefetcher.metrics()
-            for job in jobs:
-                assert job.ready.wait(10) and job.error is None, job.error
-            assert m["graph_steps"] == 8 and m["forwards"] == 9
-            assert prefetcher._decoders[1].graphed
-            with torch.no_grad():
-                full, _ = pred(model.get_input_embeddings().weight[tokens[:, :-1]].float())
-            got = torch.cat([job.logits for job in jobs], dim=1)
-            assert got.device.type == "cuda"
-            assert torch.allclose(got, full[:, 0], atol=1e-4)
-            assert 0.0 <= m["hit_rate"] <= 1.0 and m["predictor_ms_per_token"] > 0
-    finally:
-        engine.close()
+def test_step_inside_an_enclosing_capture_is_recorded_there_and_counted_by_advance():
+    """A step called while a whole decode step is being captured runs into that graph (no replay of
+    its own, ``length`` unchanged); each replay of the enclosing graph is one step, counted by
+    ``advance``, and equals the eager forward."""
+    pred = _predictor(2, 256, device="cuda")
+    embeds, _ = _prompt(1, False, 6, 4, device="cuda")
+    with _full_fp32(), torch.inference_mode():
+        decoder = GraphedDecoder(pred, 1, max_len=32)
+        _, state = pred(embeds[:, :6])
+        assert decoder.load(state) and decoder.graphed  # its own graph, captured at the first load
+        static = embeds[:, 6:7].clone()
+        torch.cuda.synchronize()
+        outer = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(outer):
+            logits, _ = decoder.step(static)
+        assert decoder.length == 6
+        for t in range(6, 10):
+            static.copy_(embeds[:, t : t + 1])
+            outer.replay()
+            decoder.advance()
+            want, state = pred(embeds[:, t : t + 1], state)
+            assert torch.allclose(logits, want, atol=1e-4), t
+        assert decoder.length == 10
+        _assert_states_equal(decoder.to_state(), state, 1e-4)

@@ -1,21 +1,18 @@
-"""The lookahead heads: router inputs in traces, training, evaluation, persistence, the run-ahead
-prefetcher's ``correction="lookahead"`` and the command line (CPU, tiny Qwen3-MoE)."""
+"""The lookahead heads (a research variant, not used by the serving prefetcher): router inputs in
+traces, training, evaluation, persistence and the command line (CPU, tiny Qwen3-MoE)."""
 
 from __future__ import annotations
 
 import json
 import re
-import threading
 
 import pytest
 import torch
 
-from sida_moe.offload import engine_of, offload
 from sida_moe.predictor import (
     HashPredictor,
     LookaheadConfig,
     PredictorConfig,
-    RunAheadPrefetcher,
     TrainConfig,
     evaluate_lookahead,
     find_moe_layers,
@@ -293,100 +290,6 @@ def test_lookahead_errors(full_trace_dir):
         train_lookahead(other, traces, LookaheadConfig(steps=2))
 
 
-def _demand_prefetches(prefetcher: RunAheadPrefetcher) -> tuple[list, torch.Tensor, torch.Tensor]:
-    """Greedy generation through an offloaded tiny model: the demand-lane prefetches, the tokens and
-    the tokens of the same model without offloading."""
-    model = tiny_qwen3(seed=4)
-    x = torch.randint(0, 64, (1, 8), generator=torch.Generator().manual_seed(5))
-
-    def generate():
-        with torch.no_grad():
-            return model.generate(input_ids=x, attention_mask=torch.ones_like(x), max_new_tokens=4,
-                                  min_new_tokens=4, do_sample=False, pad_token_id=0)
-
-    reference = generate()
-    offload(model, gpu_budget=0.5, prefetch=prefetcher)
-    engine = engine_of(model)
-    calls = []
-    prefetch = engine.prefetch
-
-    def spy(layer, experts, priority="prefetch", generation=None):
-        if priority == "demand":
-            # corrections are computed and queued by the predictor thread, not the inference thread
-            assert threading.current_thread().name == "sida-predictor"
-            calls.append((layer, tuple(experts)))
-        return prefetch(layer, experts, priority, generation)
-
-    engine.prefetch = spy
-
-    def wait(module, args):  # each forward waits for its prediction: counts independent of timing
-        job = prefetcher._current
-        if job is not None:
-            assert job.ready.wait(10)
-
-    model.model.layers[0].register_forward_pre_hook(wait)
-    # corrections run on the predictor thread: let them land before the next forward makes them stale
-    model.register_forward_hook(lambda module, args, out: None if prefetcher.wait_idle(10) else None)
-    try:
-        tokens = generate()
-    finally:
-        engine.close()
-    return calls, tokens, reference
-
-
-def test_runahead_lookahead_correction(full_trace_dir):
-    """With heads the correction defaults to 'lookahead'; zero heads correct nothing (the prediction is
-    the run-ahead one); trained heads queue corrections; outputs stay exact either way."""
-    traces = load_traces(full_trace_dir)
-    pred = _trained_predictor(traces, steps=3)
-    with pytest.raises(ValueError, match="lookahead heads"):
-        RunAheadPrefetcher(pred, correction="lookahead")
-    pred.add_lookahead(16)
-    zero = RunAheadPrefetcher(pred)
-    assert zero.correction == "lookahead"
-    calls, tokens, reference = _demand_prefetches(zero)
-    assert calls == [] and torch.equal(tokens, reference)
-    train_lookahead(pred, traces, LookaheadConfig(hidden=32, steps=150, batch_tokens=256, lr=3e-3), progress=False)
-    trained = RunAheadPrefetcher(pred)
-    calls, tokens, reference = _demand_prefetches(trained)
-    assert torch.equal(tokens, reference)
-    assert calls and all(layer >= 1 for layer, _ in calls)
-    assert trained.metrics()["corrections"] == sum(len(e) for _, e in calls)
-
-
-def test_a_correction_of_a_finished_forward_is_dropped(full_trace_dir):
-    from sida_moe.predictor.runahead import _Correction
-
-    traces = load_traces(full_trace_dir)
-    pred = _trained_predictor(traces, steps=3)
-    pred.add_lookahead(16)
-    for p in pred.lookahead.parameters():
-        torch.nn.init.normal_(p, std=1.0)  # corrects plenty
-    model = tiny_qwen3(seed=4)
-    prefetcher = RunAheadPrefetcher(pred)
-    offload(model, gpu_budget=0.5, prefetch=prefetcher)
-    engine = engine_of(model)
-    calls = []
-    engine.prefetch = lambda layer, experts, priority="prefetch", generation=None: calls.append(layer) or 0
-    try:
-        with torch.no_grad():
-            model(input_ids=traces.input_ids[:1].long())
-        assert prefetcher.wait_idle(10)
-        job = prefetcher._current
-        hidden = traces.moe_inputs[0, 0].float()
-        fix = _Correction(job, 0, hidden, traces.topk_ids[0, 0], None)
-        calls.clear()
-        prefetcher._correct(fix)
-        assert calls == [1], "the current forward's correction is queued"
-        calls.clear()
-        engine.generation += 1  # a newer forward began
-        prefetcher._correct(fix)
-        assert calls == []
-    finally:
-        engine.generation -= 1
-        engine.close()
-
-
 def test_cli_trains_the_heads_when_the_trace_has_router_inputs(tmp_path, capsys):
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
@@ -429,45 +332,3 @@ def test_cli_trains_the_heads_when_the_trace_has_router_inputs(tmp_path, capsys)
     assert "argument --moe-inputs-every: must be an integer >= 0" in capsys.readouterr().err
     assert main(["train-predictor", "--trace", str(tmp_path / "missing"), "--out", str(tmp_path / "x")]) == 2
     assert re.search("train-predictor: error: --trace: .*not a trace directory", capsys.readouterr().err)
-
-
-def test_runahead_previous_token_heads(full_trace_dir):
-    """Decode: each forward's job carries the previous token's layer L-2 router input (the prompt's
-    forward none), layer 0's prefetch comes from its head on the embedding and that state, and the
-    later heads read it too; outputs stay exact."""
-    traces = load_traces(full_trace_dir)
-    pred = _trained_predictor(traces, steps=3)
-    pred.add_lookahead(16, previous_token=True)
-    torch.manual_seed(0)
-    with torch.no_grad():
-        for p in pred.lookahead.parameters():
-            p.normal_(0.0, 0.5)  # corrects plenty, layer 0 included
-    prefetcher = RunAheadPrefetcher(pred)
-    assert prefetcher._reads_previous
-    jobs, routed = [], []
-    put, after = prefetcher._put, prefetcher.after_routing
-
-    def spy_put(item):
-        if not isinstance(item, type(None)) and hasattr(item, "embeds"):
-            jobs.append(item)
-        return put(item)
-
-    def spy_after(layer, hidden, topk_ids):
-        routed.append((len(jobs) - 1, layer, hidden.detach().clone()))
-        return after(layer, hidden, topk_ids)
-
-    prefetcher._put, prefetcher.after_routing = spy_put, spy_after
-    calls, tokens, reference = _demand_prefetches(prefetcher)
-    assert torch.equal(tokens, reference)
-    assert len(jobs) == 4 and jobs[0].fresh and jobs[0].previous is None
-    for n, job in enumerate(jobs[1:], start=1):
-        (state,) = [h for j, layer, h in routed if j == n - 1 and layer == 1]  # layer L-2 of the forward before
-        assert torch.equal(job.previous, state.reshape(1, -1, 32)[:, -1])
-        with torch.no_grad():
-            looked = pred.look_ahead(job.logits[0], 0, job.embeds.reshape(1, -1), job.previous)
-        assert job.predicted[0] == set(looked.topk(prefetcher.k, dim=-1).indices.reshape(-1).tolist())
-    # the prompt's layer 0: the head on the embeddings alone
-    with torch.no_grad():
-        first = pred.look_ahead(jobs[0].logits[0], 0, jobs[0].embeds.reshape(8, -1))
-    assert jobs[0].predicted[0] == set(first.topk(prefetcher.k, dim=-1).indices.reshape(-1).tolist())
-    assert calls and all(layer >= 1 for layer, _ in calls)
