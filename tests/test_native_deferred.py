@@ -71,6 +71,12 @@ def test_prediction_is_prefetched_and_fed_to_the_policy(pool, backend):
         _check_bytes(c)
 
 
+def _routed(backend, rows):
+    """Routed rows as a decode step hands them over: each row's ids, then the table entry each
+    pair read (0 here: not a slot, so every visit counts as a miss)."""
+    return _ids(backend, [list(r) + [0] * len(r) for r in rows])
+
+
 def _scores(cache) -> tuple[float, float, float]:
     s = cache.stats()
     return s["predicted_hits"], s["predicted_needed"], s["predicted_experts"]
@@ -85,24 +91,24 @@ def test_remembered_predictions_are_scored_against_the_next_routed_rows(pool, ba
         c.prefetch_deferred(pred.data_ptr(), [0, 1, 2], 4, stream, generation=1, remember=True)
         # the step's routing: layer 0 used 1 and 4 (one predicted), layer 1 used 0 and 5 (both); layer
         # 2 is not routed yet and stays unscored
-        routed, stream = _ids(backend, [[1, 4, -1], [0, 5, -1]])
+        routed, stream = _routed(backend, [[1, 4, -1], [0, 5, -1]])
         c.submit_routed(routed.data_ptr(), [0, 1], 3, stream)
         assert c.wait_deferred(10)
         assert _scores(c) == (3, 4, 5)  # predicted: 3 experts of layer 0, 2 of layer 1
         # a prediction is scored once: layer 0's next routing has nothing to be scored against
-        again, stream = _ids(backend, [[1, 2]])
+        again, stream = _routed(backend, [[1, 2]])
         c.submit_routed(again.data_ptr(), [0], 2, stream)
         assert c.wait_deferred(10)
         assert _scores(c) == (3, 4, 5)
         # layer 2, routed later, still meets its remembered prediction (6, 7): one hit of 2
-        late, stream = _ids(backend, [[6, 0]])
+        late, stream = _routed(backend, [[6, 0]])
         c.submit_routed(late.data_ptr(), [2], 2, stream)
         assert c.wait_deferred(10)
         assert _scores(c) == (4, 6, 7)
         # a prediction without remember=True is prefetched, not scored
         plain, stream = _ids(backend, [[3, 4]])
         c.prefetch_deferred(plain.data_ptr(), [1], 2, stream, generation=2)
-        row, stream = _ids(backend, [[3, 4]])
+        row, stream = _routed(backend, [[3, 4]])
         c.submit_routed(row.data_ptr(), [1], 2, stream)
         assert c.wait_deferred(10)
         assert _scores(c) == (4, 6, 7)
@@ -115,7 +121,7 @@ def test_remembered_predictions_are_scored_against_the_next_routed_rows(pool, ba
         c.prefetch_deferred(old.data_ptr(), [0, 1], 2, stream, generation=3, remember=True)
         new, stream = _ids(backend, [[3, 4]])
         c.prefetch_deferred(new.data_ptr(), [0], 2, stream, generation=4, remember=True)
-        both, stream = _ids(backend, [[3, 5], [1, 2]])
+        both, stream = _routed(backend, [[3, 5], [1, 2]])
         c.submit_routed(both.data_ptr(), [0, 1], 2, stream)
         assert c.wait_deferred(10)
         assert _scores(c) == (1, 2, 2)  # layer 0 against (3, 4); layer 1's older prediction is gone
