@@ -23,17 +23,17 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 
 def decode_rate(model, ids: torch.Tensor, new_tokens: int) -> dict:
-    """Decode tokens/s from per-token host times of ``generate`` (greedy, after a warm-up)."""
-    from sida_moe.bench.timing import TokenTimer
+    """Decode tokens/s of ``generate`` (greedy, batch 1, after a warm-up), timed as the bench does:
+    (t(N new tokens) - t(1)) / (N - 1)."""
+    from sida_moe.bench.timing import DecodeTiming, two_calls
 
-    model.generate(input_ids=ids, max_new_tokens=2, do_sample=False, pad_token_id=0)
-    timer = TokenTimer(ids.device)
-    with torch.inference_mode():
-        timer.begin()
-        model.generate(input_ids=ids, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
-                       pad_token_id=0, streamer=timer)
-    s = timer.result(1, ids.shape[1]).summary()
-    return {k: s[k] for k in ("decode_tokens_per_s", "p50_token_ms", "p99_token_ms", "ttft_ms")}
+    def generate(n: int):
+        with torch.inference_mode():
+            return model.generate(input_ids=ids, max_new_tokens=n, do_sample=False, eos_token_id=None, pad_token_id=0)
+
+    generate(new_tokens)
+    s = DecodeTiming(1, ids.shape[1], new_tokens, [two_calls(generate, new_tokens, ids.device)]).summary()
+    return {k: s[k] for k in ("decode_tokens_per_s", "decode_ms_per_step", "ttft_ms")}
 
 
 def main() -> None:

@@ -15,13 +15,19 @@ _SMALL = ["--device", "cpu", "--budgets", "50%", "--policies", "lru", "--predict
           "--new-tokens", "3", "--accelerate-new-tokens", "2"]
 
 
+_CPU_NOTE = "skipping the resident_graphed baseline: CUDA graphs need a CUDA device"
+
+
 def test_default_baselines_run_on_the_cpu(tmp_path, capsys):
-    """Every default baseline, accelerate's CPU offload included, gives a row; the plots are written."""
-    assert cli.main(["bench", *_SMALL, "--out", str(tmp_path)]) == 0
+    """Every default baseline that a CPU runs, accelerate's CPU offload included, gives a row (the
+    graphed resident one is skipped with a note); the plots are written."""
+    assert cli.main(["bench", *_SMALL, "--rounds", "2", "--out", str(tmp_path)]) == 0
     out, err = capsys.readouterr()
     rows = json.loads((tmp_path / "bench.json").read_text())["results"]
-    assert {r["system"] for r in rows} == {"sida", *BASELINES}
-    assert "note:" not in err and "(bench.json, bench.md, plots)" in out
+    assert {r["system"] for r in rows} == {"sida", *BASELINES} - {"resident_graphed"}
+    assert [line for line in err.splitlines() if "note:" in line] == [f"sida-moe bench: note: {_CPU_NOTE}"]
+    assert "(bench.json, bench.md, plots)" in out
+    assert all(r["rounds"] == (1 if r["system"] == "accelerate_cpu" else 2) for r in rows)
     assert (tmp_path / "tokens_per_s_vs_budget.png").stat().st_size > 1000
 
 
@@ -31,8 +37,9 @@ def test_missing_optional_parts_are_skipped_with_one_note(tmp_path, capsys, monk
     cfg = BenchConfig(model="qwen3-moe-tiny", device="cpu", budgets=(0.5,), policies=("lru",), predictors=("none",),
                       prompt_tokens=6, new_tokens=3, accelerate_new_tokens=2, out_dir=str(tmp_path), progress=False)
     baselines, plots, note = optional_parts(cfg)
-    assert "accelerate_cpu" not in baselines and set(baselines) == set(BASELINES) - {"accelerate_cpu"} and not plots
-    assert note.startswith("skipping the accelerate_cpu baseline and the plots")
+    assert "accelerate_cpu" not in baselines and not plots
+    assert set(baselines) == set(BASELINES) - {"accelerate_cpu", "resident_graphed"}
+    assert note.startswith("skipping the accelerate_cpu baseline and the plots") and note.endswith(f"; {_CPU_NOTE}")
     assert "accelerate and matplotlib are not installed" in note and '".[bench]"' in note
     rows = run_bench(cfg)
     err = capsys.readouterr().err

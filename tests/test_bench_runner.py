@@ -3,6 +3,7 @@ the offloaded systems reproduce the resident model's tokens, and the oracle is a
 
 import json
 
+import pytest
 import torch
 
 from sida_moe.bench.runner import BenchConfig, run_bench
@@ -12,9 +13,10 @@ def test_bench_runs_all_systems_and_oracle_bounds_lru(tmp_path):
     cfg = BenchConfig(
         model="qwen3-moe-tiny", device="cpu", budgets=(0.25,), policies=("lru", "fifo", "belady"),
         predictors=("none", "next_layer_gate"), baselines=("resident", "ondemand_lru", "sida_sync"),
-        prompt_tokens=6, new_tokens=4, timeline=False, out_dir=str(tmp_path), progress=False,
+        prompt_tokens=6, new_tokens=4, rounds=2, timeline=False, out_dir=str(tmp_path), progress=False,
     )
     rows = run_bench(cfg)
+    _check_timing_and_decode_columns(rows, cfg)
     systems = {(r["system"], r["policy"], r["predictor"]) for r in rows}
     assert ("resident", "-", "-") in systems
     assert ("ondemand_lru", "lru", "none") in systems and ("sida_sync", "fifo", "none") in systems
@@ -38,6 +40,41 @@ def test_bench_runs_all_systems_and_oracle_bounds_lru(tmp_path):
     assert len(saved["results"]) == len(rows)
     assert (tmp_path / "bench.md").read_text().count("| sida |") == 6
     assert (tmp_path / "tokens_per_s_vs_budget.png").stat().st_size > 1000
+
+
+def _check_timing_and_decode_columns(rows, cfg):
+    """Every row has its timing columns, computed from its rounds; every offloaded row its decode
+    cache columns, consistent with each other; on the CPU the bound stays empty."""
+    import math
+
+    import sida_moe
+    from sida_moe.presets import build_model
+
+    engine = sida_moe.offload(build_model(cfg.model), gpu_budget=0.5, prefetch="none").sida_engine
+    expert_nbytes = engine.expert_nbytes
+    engine.close()
+    assert rows and not any(r["system"] == "resident_graphed" for r in rows)  # CPU: skipped
+    for r in rows:
+        name = (r["system"], r["policy"], r["predictor"], r["budget_fraction"])
+        assert r["rounds"] == cfg.rounds and len(r["decode_ms_per_step_rounds"]) == cfg.rounds, name
+        for key in ("decode_ms_per_step", "host_ms_per_step", "ttft_ms", "prefill_tokens_per_s"):
+            assert math.isfinite(r[key]) and r[key] > 0, (name, key, r[key])
+        assert r["decode_ms_per_step_min"] <= r["decode_ms_per_step"] <= r["decode_ms_per_step_max"], name
+        assert r["decode_tokens_per_s"] == pytest.approx(r["batch_size"] * 1e3 / r["decode_ms_per_step"]), name
+        assert r["decode_spread"] == pytest.approx(
+            (r["decode_ms_per_step_max"] - r["decode_ms_per_step_min"]) / r["decode_ms_per_step"]), name
+        assert r["host_ms_method"] == "process CPU time", name
+    offloaded = [r for r in rows if r["system"] != "resident"]
+    for r in offloaded:
+        name = (r["system"], r["policy"], r["predictor"], r["budget_fraction"])
+        assert r["decode_loop"] == "eager" and r["decode_eager_steps"] == cfg.new_tokens - 1, name  # no graphs on a CPU
+        assert r["decode_misses_served"] == "in place (zero-copy)", name  # the host backend decodes on the table
+        assert 0.0 <= r["decode_hit_rate"] <= 1.0, name
+        assert r["decode_miss_mb_per_step"] == pytest.approx(r["decode_misses_per_step"] * expert_nbytes / 1e6), name
+        assert r["decode_copied_mb_per_step"] >= 0, name
+        for key in ("bound_tokens_per_s", "fraction_of_bound", "zero_copy_gbps"):
+            assert key in r and r[key] is None, (name, key)
+    assert any(r["decode_misses_per_step"] > 0 for r in offloaded)  # the column measures something
 
 
 def test_bench_config_rejects_unknown_names():
@@ -191,22 +228,18 @@ def test_engine_metrics_stall_is_the_gpu_wait_and_acquire_is_reported_beside_it(
     import pytest
 
     from sida_moe.bench.runner import _engine_metrics
-    from sida_moe.bench.timing import GenerationTiming
 
-    class Engine:
-        def __init__(self, stats):
-            self._stats = stats
-
-        def stats(self):
-            return self._stats
-
-    timing = GenerationTiming(batch_size=1, prompt_tokens=4, new_tokens=3, ttft_s=0.5, token_latencies_s=[0.25, 0.25])
-    cuda = _engine_metrics(Engine({"stream_wait_seconds": 0.1, "acquire_stream_seconds": 0.3,
-                                   "host_stall_seconds": 0.7, "stream_waits": 5.0}), timing)
+    cuda = _engine_metrics({"stream_wait_seconds": 0.1, "acquire_stream_seconds": 0.3,
+                            "host_stall_seconds": 0.7, "stream_waits": 5.0, "bytes_copied": 7e6}, 7, 1.0)
     assert cuda["stall_seconds"] == 0.1 and cuda["stall_fraction"] == pytest.approx(0.1)
     assert cuda["acquire_stream_seconds"] == 0.3 and cuda["acquire_stream_fraction"] == pytest.approx(0.3)
-    assert cuda["stream_waits"] == 5.0
-    host = _engine_metrics(Engine({"host_stall_seconds": 0.2, "stream_waits": 0.0}), timing)
+    assert cuda["stream_waits"] == 5.0 and cuda["pcie_mb_per_token"] == pytest.approx(1.0)
+    # the predictor's figures it reports, and none of those it does not (its metrics change)
+    assert "predictor_corrections" not in cuda
+    sida = _engine_metrics({"prefetch_late_fraction": 0.25, "prefetch_hit_rate": 0.5}, 7, 1.0)
+    assert sida["predictor_late_fraction"] == 0.25 and sida["predictor_recall"] == 0.5
+    assert "predictor_graph_steps" not in sida and "predictor_precision" not in sida
+    host = _engine_metrics({"host_stall_seconds": 0.2, "stream_waits": 0.0}, 7, 1.0)
     assert host["stall_seconds"] == 0.2 and host["stall_fraction"] == pytest.approx(0.2)
     assert host["acquire_stream_seconds"] is None and host["acquire_stream_fraction"] is None
 
@@ -229,4 +262,144 @@ def test_measure_stalls_on_the_host_backend_times_nothing():
     stats = engine.stats()
     assert stats["stream_waits"] == 0 and stats["misses"] > 0
     assert "stream_wait_seconds" not in stats and "acquire_stream_seconds" not in stats
+    engine.close()
+
+
+def test_decode_cache_metrics_are_the_n_token_call_less_the_one_token_call():
+    from sida_moe.bench.runner import decode_cache_metrics
+
+    first = {"hits": 10.0, "misses": 30.0, "bytes_copied": 3e6, "forwards": 1.0}  # prefill + first token
+    full = {"hits": 100.0, "misses": 60.0, "bytes_copied": 9e6, "forwards": 1.0}  # ... + 3 replayed steps
+    got = decode_cache_metrics(first, full, 3, expert_nbytes=2_000_000)
+    assert got["decode_hit_rate"] == pytest.approx(90 / 120)
+    assert got["decode_misses_per_step"] == pytest.approx(10.0)
+    assert got["decode_miss_mb_per_step"] == pytest.approx(20.0)  # 10 misses x 2 MB
+    assert got["decode_copied_mb_per_step"] == pytest.approx(2.0)
+    assert got["decode_eager_steps"] == 0.0
+    eager = decode_cache_metrics(first, dict(full, forwards=4.0), 3, 1)
+    assert eager["decode_eager_steps"] == 3.0
+    assert decode_cache_metrics(first, first, 3, 1)["decode_hit_rate"] is None  # no lookup: no rate
+
+
+def test_the_bound_and_each_rows_fraction_of_it():
+    """1 / (t_step at 100% + miss bytes / zero-copy GB/s), batch rows per step; the 100% step is the
+    fastest offloaded row at 100% of that batch size; empty without a 100% row or a bandwidth."""
+    from sida_moe.bench.bound import attach_bounds, decode_bound
+
+    # the session-9 H200 row: 8.3 ms at 100%, 2.5 GB of zero-copy misses per token at 47 GB/s
+    assert decode_bound(1, 8.3, 2.5e9, 47.0) == pytest.approx(1 / (0.0083 + 2.5 / 47), rel=1e-9)
+    assert decode_bound(8, 10.0, 0.0, 47.0) == pytest.approx(800.0)
+    for bad in ((None, 0.0, 47.0), (8.3, None, 47.0), (8.3, 0.0, None), (0.0, 0.0, 47.0), (8.3, -1.0, 47.0),
+                (float("nan"), 0.0, 47.0), (8.3, 0.0, 0.0)):
+        assert decode_bound(1, *bad) is None, bad
+
+    def row(system, budget, ms, miss, batch=1):
+        return {"system": system, "batch_size": batch, "budget_fraction": budget, "decode_ms_per_step": ms,
+                "decode_tokens_per_s": batch * 1e3 / ms, "decode_miss_mb_per_step": miss}
+
+    rows = [{"system": "resident", "batch_size": 1, "budget_fraction": None, "decode_ms_per_step": 10.3,
+             "decode_tokens_per_s": 97.0},
+            row("sida", 1.0, 9.0, 0.0), row("ondemand_lru", 1.0, 8.3, 0.0), row("sida", 0.25, 87.0, 2500.0),
+            row("sida", 0.25, 40.0, 100.0, batch=8)]
+    attach_bounds(rows, {1: 47.0, 8: 47.0})
+    assert "bound_tokens_per_s" not in rows[0]  # not an offloaded row
+    assert all(r["bound_step_ms_at_full"] == 8.3 and r["zero_copy_gbps"] == 47.0 for r in rows[1:4])
+    assert rows[1]["bound_tokens_per_s"] == pytest.approx(1e3 / 8.3)
+    assert rows[1]["fraction_of_bound"] == pytest.approx(8.3 / 9.0) and rows[2]["fraction_of_bound"] == pytest.approx(1.0)
+    slow = rows[3]
+    assert slow["bound_tokens_per_s"] == pytest.approx(1 / (0.0083 + 2.5 / 47))
+    assert slow["fraction_of_bound"] == pytest.approx((1e3 / 87.0) / slow["bound_tokens_per_s"])
+    assert rows[4]["bound_step_ms_at_full"] is None and rows[4]["bound_tokens_per_s"] is None  # no 100% row at batch 8
+    attach_bounds(rows, {1: None})  # the CPU: no link to bound by
+    assert rows[1]["bound_tokens_per_s"] is None and rows[1]["fraction_of_bound"] is None
+
+
+def test_zero_copy_probe_reads_the_pool_through_the_table_kernels():
+    """On the host backend the probe runs the same calls (it measures host memory there; the bench
+    uses it on CUDA only)."""
+    import math
+
+    import sida_moe
+    from sida_moe.bench.bound import zero_copy_gbps
+    from sida_moe.presets import build_model
+
+    engine = sida_moe.offload(build_model("qwen3-moe-tiny"), gpu_budget=0.25, prefetch="none").sida_engine
+    for batch in (1, 16):  # 16 x top-8 pairs > 64 experts: experts repeat
+        gbps = zero_copy_gbps(engine, batch, calls=4)
+        assert gbps is not None and math.isfinite(gbps) and gbps > 0
+    engine.close()
+
+
+def test_host_ms_is_the_enqueue_probe_of_replayed_steps_else_process_time():
+    from sida_moe.bench.runner import _host_ms
+    from sida_moe.bench.timing import Call, DecodeTiming, Round
+
+    def rnd(cpu_full, enqueue):
+        return Round(Call(0.1, 0.05), Call(0.5, cpu_full), extra={"enqueue_ms": enqueue})
+
+    replayed = [rnd(0.4, 0.07), rnd(0.4, 0.05), rnd(0.4, 0.06)]
+    timing = DecodeTiming(1, 4, 5, replayed)
+    got = _host_ms(replayed, timing, torch.device("cuda"))
+    assert got["host_ms_per_step"] == pytest.approx(0.06) and got["host_ms_method"].startswith("enqueue")
+    eager = [rnd(0.45, None), rnd(0.45, 0.05)]  # not every round replayed: process time
+    got = _host_ms(eager, DecodeTiming(1, 4, 5, eager), torch.device("cuda"))
+    assert got["host_ms_per_step"] == pytest.approx(100.0) and "spin-waits" in got["host_ms_method"]
+    got = _host_ms(eager, DecodeTiming(1, 4, 5, eager), torch.device("cpu"))
+    assert got["host_ms_method"] == "process CPU time"
+
+
+def test_offload_drops_decode_steps_captured_on_the_resident_model():
+    """resident_graphed runs the graphed loop on the model the bench offloads next: a step captured
+    then would replay the original experts' kernels on freed memory."""
+    import sida_moe
+    from sida_moe.decode_graph import greedy_generate
+    from sida_moe.presets import build_model
+
+    model = build_model("qwen3-moe-tiny")
+    greedy_generate(model, torch.randint(3, 200, (1, 5)), 3, graphs=False)
+    assert model.__dict__.get("_sida_decode_steps")
+    sida_moe.offload(model, gpu_budget=0.5, prefetch="none")
+    assert "_sida_decode_steps" not in model.__dict__
+    model.sida_engine.close()
+
+
+def test_resident_graphed_needs_cuda_and_unpadded_prompts():
+    from sida_moe.bench.runner import optional_parts
+
+    cpu = optional_parts(BenchConfig(device="cpu", baselines=("resident", "resident_graphed")))
+    assert cpu == (("resident",), False, "skipping the resident_graphed baseline: CUDA graphs need a CUDA device")
+    # on CUDA (the device is only named here, never used) batches of several rows are left-padded
+    mixed = optional_parts(BenchConfig(device="cuda", batch_sizes=(1, 4), baselines=("resident_graphed",)))
+    assert mixed[0] == ("resident_graphed",) and mixed[2].startswith("resident_graphed runs at batch 1 only")
+    assert optional_parts(BenchConfig(device="cuda", batch_sizes=(4,), baselines=("resident_graphed",)))[0] == ()
+    assert optional_parts(BenchConfig(device="cuda", baselines=("resident_graphed",))) == (("resident_graphed",), False, None)
+
+
+def test_replay_probe_times_launch_and_hand_over_of_the_captured_step():
+    """The host-cost probe of a replayed step: each replay is a launch and one routing hand-over to
+    the engine, from positions reset so that extra replays stay inside the static cache (the
+    graph here is a stand-in: a CPU captures none)."""
+    import sida_moe
+    from sida_moe.decode_graph import greedy_generate, replay_host_seconds
+    from sida_moe.presets import build_model
+
+    model = sida_moe.offload(build_model("qwen3-moe-tiny"), gpu_budget=0.5, prefetch="none")
+    engine = model.sida_engine
+    assert replay_host_seconds(model, 1) is None  # nothing captured
+    greedy_generate(model, torch.randint(3, 200, (1, 5)), 6, graphs=False)
+    (step,) = model._sida_decode_steps.values()
+    calls = []
+
+    class Graph:
+        def replay(self):
+            calls.append(("replay", int(step.position), int(step.index)))
+
+    step.graph = Graph()
+    step.visits = ([0, 1], 8)
+    handed = []
+    engine.end_replayed_forward = lambda visits, width: handed.append((visits, width))
+    seconds = replay_host_seconds(model, 1, steps=5)
+    assert seconds is not None and 0 < seconds < 1
+    assert calls == [("replay", 0, 0)] * 5 and handed == [([0, 1], 8)] * 5
+    assert replay_host_seconds(model, 2) is None  # no step of that batch size
     engine.close()

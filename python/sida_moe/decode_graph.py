@@ -14,6 +14,8 @@ test oracle). ``sida_moe.offload`` routes ``model.generate`` here for the calls 
 from __future__ import annotations
 
 import functools
+import statistics
+import time
 from dataclasses import dataclass
 
 import torch
@@ -132,9 +134,7 @@ def greedy_generate(
             remaining -= 1
     for _ in range(remaining):
         if graphs:
-            step.graph.replay()
-            if engine is not None:
-                engine.end_replayed_forward(*step.visits)
+            _replay(engine, step)
         else:
             _forward_step(model, step)
     out = torch.cat([input_ids, step.tokens[:, :max_new_tokens]], dim=1)
@@ -174,9 +174,49 @@ def _capture(model: nn.Module, engine, step: _Step) -> None:
     step.graph = graph
     if engine is not None:
         engine.cache.set_reader_stream(torch.cuda.current_stream(engine.device).cuda_stream)
-    graph.replay()
+    _replay(engine, step)
+
+
+def _replay(engine, step: _Step) -> None:
+    """One decode step: the graph's launch, then its routing handed to the engine."""
+    step.graph.replay()
     if engine is not None:
         engine.end_replayed_forward(*step.visits)
+
+
+def forget_captured_steps(model: nn.Module) -> None:
+    """Drop the static caches and captured decode steps kept on ``model``: a captured step replays
+    the kernels chosen when it was captured, so after a change of how the model computes (e.g.
+    transformers' experts implementation) the next call must capture again."""
+    model.__dict__.pop("_sida_decode_steps", None)
+
+
+@torch.inference_mode()  # the step's buffers are inference tensors
+def replay_host_seconds(model: nn.Module, batch_size: int, steps: int = 16) -> float | None:
+    """Median host time to launch one replay of the decode step captured for ``batch_size`` and
+    hand its routing to the engine, the device idle before each (None if no step of that batch
+    size was captured). This is the host's cost of a replayed token: the inference thread's CPU
+    time is not, since it busy-waits on the full launch queue while the device works."""
+    captured = [s for (b, _), s in model.__dict__.get("_sida_decode_steps", {}).items()
+                if b == batch_size and s.graph is not None]
+    if not captured:
+        return None
+    step, engine = captured[0], getattr(model, "sida_engine", None)
+    # these replays would write past the last call's positions: start them at 0 (a later call
+    # resets the cache and prefills again)
+    step.position.zero_()
+    step.index.zero_()
+    device = step.token.device
+    times = []
+    for _ in range(steps):
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        t0 = time.perf_counter()
+        _replay(engine, step)
+        times.append(time.perf_counter() - t0)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return statistics.median(times)
 
 
 def _pad_after_eos(out: torch.Tensor, prompt_len: int, eos: int | list[int] | None, pad: int | None) -> torch.Tensor:
@@ -239,6 +279,7 @@ def install_generate(model: nn.Module) -> None:
     """Route ``model.generate`` through :func:`greedy_generate` with graphs for the calls it
     serves (plain greedy, unpadded, on CUDA with every layer on the table path); every other
     call, and any call with ``sida_graphs=False``, goes to transformers' own ``generate``."""
+    forget_captured_steps(model)  # steps captured before offloading replay the original experts
     original = model.generate
 
     @functools.wraps(original)
@@ -256,4 +297,4 @@ def install_generate(model: nn.Module) -> None:
     model._sida_original_generate = original
 
 
-__all__ = ["graphs_supported", "greedy_generate", "install_generate"]
+__all__ = ["forget_captured_steps", "graphs_supported", "greedy_generate", "install_generate", "replay_host_seconds"]

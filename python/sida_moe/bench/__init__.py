@@ -1,6 +1,7 @@
 """End-to-end serving benchmark (``sida-moe bench``): sida-moe in every policy / predictor /
-budget configuration against all-resident, accelerate CPU offload, on-demand LRU and the SiDA
-paper's synchronous loading, on the same prompts in one process."""
+budget configuration against all-resident (transformers' loop, and its decode step in a CUDA
+graph), accelerate CPU offload, on-demand LRU and the SiDA paper's synchronous loading, on the
+same prompts in one process."""
 
 from sida_moe.bench.runner import BenchConfig, run_bench
 

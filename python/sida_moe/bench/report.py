@@ -8,20 +8,28 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
-# Columns of the markdown table, in order: (key in a result row, header, format)
+# Columns of the markdown table, in order: (key in a result row, header, format). Decode figures
+# are per step (one token per row of the batch); see runner.decode_cache_metrics and bound.py.
 _COLUMNS = [
     ("system", "system", "{}"),
     ("policy", "policy", "{}"),
     ("predictor", "predictor", "{}"),
     ("budget_fraction", "budget", "{:.0%}"),
     ("batch_size", "batch", "{}"),
-    ("decode_tokens_per_s", "decode tok/s", "{:.2f}"),
+    ("decode_tokens_per_s", "decode tok/s", "{:.2f}"),  # median over rounds
+    ("decode_spread", "spread", "{:.1%}"),  # (slowest - fastest round) / median
+    ("decode_ms_per_step", "ms/step", "{:.2f}"),
+    ("host_ms_per_step", "host ms/step", "{:.3f}"),  # how: host_ms_method in bench.json
+    ("decode_loop", "decode", "{}"),  # graph replay or eager forwards
     ("prefill_tokens_per_s", "prefill tok/s", "{:.1f}"),
     ("ttft_ms", "TTFT ms", "{:.1f}"),
-    ("p50_token_ms", "p50 ms", "{:.2f}"),
-    ("p99_token_ms", "p99 ms", "{:.2f}"),
     ("peak_gpu_gib", "peak GPU GiB", "{:.2f}"),
-    ("hit_rate", "hit rate", "{:.1%}"),
+    ("hit_rate", "hit rate", "{:.1%}"),  # the N-token call, prefill included
+    ("decode_hit_rate", "decode hit", "{:.1%}"),
+    ("decode_miss_mb_per_step", "miss MB/step", "{:.1f}"),  # misses x expert bytes
+    ("decode_copied_mb_per_step", "copied MB/step", "{:.1f}"),
+    ("bound_tokens_per_s", "bound tok/s", "{:.2f}"),
+    ("fraction_of_bound", "of bound", "{:.1%}"),
     ("prefetch_precision", "prefetch prec.", "{:.1%}"),
     ("pcie_mb_per_token", "PCIe MB/tok", "{:.1f}"),
     ("achieved_gbps", "GB/s", "{:.1f}"),

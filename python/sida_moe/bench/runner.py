@@ -1,7 +1,9 @@
 """The end-to-end serving benchmark: one model, the same prompts, every system and configuration.
 
 ``run_bench(BenchConfig(...))`` returns the result rows (one per system / configuration and batch
-size) and writes JSON, a markdown table and PNG plots when an output directory is given.
+size) and writes JSON, a markdown table and PNG plots when an output directory is given. Every
+system is timed the same way (``timing``): warmed up, then a 1-token and an N-token call per
+round, over interleaved rounds; offloaded rows are also held to their decode bound (``bound``).
 """
 
 from __future__ import annotations
@@ -9,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import importlib
 import platform
+import statistics
 import sys
 import time
 from dataclasses import asdict, dataclass, field
@@ -18,13 +21,18 @@ from typing import Any
 import torch
 from torch import nn
 
+from sida_moe.bench.bound import attach_bounds, zero_copy_gbps
 from sida_moe.bench.report import markdown_table, plot_timeline, plot_vs_budget, write_json
-from sida_moe.bench.systems import experts_on_cpu_with_accelerate, set_fastest_experts_implementation
-from sida_moe.bench.timing import TokenTimer
+from sida_moe.bench.systems import (
+    GraphedResident,
+    experts_on_cpu_with_accelerate,
+    set_fastest_experts_implementation,
+)
+from sida_moe.bench.timing import DecodeTiming, Round, decode_seconds_per_step, interleave, two_calls
 
 POLICIES = ("lru", "lfu", "fifo", "predictive", "belady")
 PREDICTORS = ("none", "next_layer_gate", "sida")
-BASELINES = ("resident", "accelerate_cpu", "ondemand_lru", "sida_sync")
+BASELINES = ("resident", "resident_graphed", "accelerate_cpu", "ondemand_lru", "sida_sync")
 #: how to get the optional parts: the ``bench`` extra declares accelerate and matplotlib
 INSTALL_HINT = 'python3 -m pip install ".[bench]" in the sida-moe checkout'
 
@@ -49,6 +57,7 @@ class BenchConfig:
     batch_sizes: tuple[int, ...] = (1,)
     prompt_tokens: int = 32
     new_tokens: int = 32
+    rounds: int = 3  # interleaved timing rounds per system (accelerate_cpu: one)
     baselines: tuple[str, ...] = BASELINES
     accelerate_new_tokens: int = 4
     seed: int = 0
@@ -77,6 +86,8 @@ class BenchConfig:
             raise BenchInputError(f"budgets must be fractions in (0, 1], got {self.budgets}")
         if not self.batch_sizes or any(b < 1 for b in self.batch_sizes) or self.prompt_tokens < 1 or self.new_tokens < 2:
             raise BenchInputError("batch sizes and prompt_tokens must be >= 1 and new_tokens >= 2")
+        if self.rounds < 1:
+            raise BenchInputError(f"rounds must be >= 1, got {self.rounds}")
         if self.prompt_file is not None and not Path(self.prompt_file).is_file():
             raise BenchInputError(f"prompt file {self.prompt_file!r} is not a file")
         if self.predictor_path is not None and any(p.startswith("sida") for p in self.predictors):
@@ -87,9 +98,13 @@ class BenchConfig:
                                       "(predictor.json + predictor.safetensors from sida-moe train-predictor)")
 
 
+def bench_device(cfg: BenchConfig) -> torch.device:
+    return torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+
+
 def optional_parts(cfg: BenchConfig) -> tuple[tuple[str, ...], bool, str | None]:
-    """What of ``cfg`` this installation can run: the baselines, whether to plot, and a one-line
-    note naming what is skipped and how to install it (None when nothing is)."""
+    """What of ``cfg`` this installation and device can run: the baselines, whether to plot, and a
+    one-line note naming what is skipped and why (None when nothing is)."""
     def importable(name: str) -> bool:
         try:
             importlib.import_module(name)
@@ -106,10 +121,21 @@ def optional_parts(cfg: BenchConfig) -> tuple[tuple[str, ...], bool, str | None]
         plots = False
         missing.append("matplotlib")
         skipped.append("the plots (bench.json and bench.md are still written)")
-    if not missing:
-        return baselines, plots, None
-    return baselines, plots, (f"skipping {' and '.join(skipped)}: {' and '.join(missing)} "
-                              f"{'is' if len(missing) == 1 else 'are'} not installed ({INSTALL_HINT})")
+    notes = []
+    if missing:
+        notes.append(f"skipping {' and '.join(skipped)}: {' and '.join(missing)} "
+                     f"{'is' if len(missing) == 1 else 'are'} not installed ({INSTALL_HINT})")
+    if "resident_graphed" in baselines:
+        if bench_device(cfg).type != "cuda":
+            baselines = tuple(b for b in baselines if b != "resident_graphed")
+            notes.append("skipping the resident_graphed baseline: CUDA graphs need a CUDA device")
+        elif any(b > 1 for b in cfg.batch_sizes):
+            # the graphed loop takes unpadded prompts; the bench's prompts of several rows are ragged
+            if 1 not in cfg.batch_sizes:
+                baselines = tuple(b for b in baselines if b != "resident_graphed")
+            notes.append("resident_graphed runs at batch 1 only: the bench left-pads batches of more rows and "
+                         "the graphed loop takes unpadded prompts")
+    return baselines, plots, "; ".join(notes) or None
 
 
 # ----------------------------------------------------------------------------- building blocks
@@ -206,17 +232,24 @@ def logit_agreement(logits: torch.Tensor, reference_logits: torch.Tensor, first_
     return out
 
 
-def _generate(model: nn.Module, prompts: dict[str, torch.Tensor], new_tokens: int, device: torch.device,
-              sample: bool = False, seed: int = 0):
-    timer = TokenTimer(device)
-    sampling = {"do_sample": True, "top_k": 0, "top_p": 1.0, "temperature": 1.0} if sample else {"do_sample": False}
+def _generate(model: nn.Module, prompts: dict[str, torch.Tensor], new_tokens: int, sample: bool = False,
+              seed: int = 0, graphs: bool | None = None) -> torch.Tensor:
+    """The ``[B, new_tokens]`` ids ``model.generate`` produces (on the model's device). Greedy calls
+    are plain -- EOS off instead of ``min_new_tokens`` -- so an offloaded model serves them from its
+    graphed loop where it can; ``graphs=False`` keeps them on transformers' loop."""
+    if sample:
+        kwargs = {"do_sample": True, "top_k": 0, "top_p": 1.0, "temperature": 1.0, "min_new_tokens": new_tokens}
+    else:
+        kwargs = {"do_sample": False, "eos_token_id": None}
+    if graphs is False:
+        kwargs["sida_graphs"] = False
     torch.manual_seed(seed)  # the same sampled sequence for every system (given the same logits)
     with torch.inference_mode():
-        timer.begin()
-        out = model.generate(**prompts, max_new_tokens=new_tokens, min_new_tokens=new_tokens, streamer=timer,
-                             pad_token_id=0, **sampling)
-    timing = timer.result(prompts["input_ids"].shape[0], prompts["input_ids"].shape[1])
-    return out[:, prompts["input_ids"].shape[1]:].cpu(), timing
+        out = model.generate(**prompts, max_new_tokens=new_tokens, pad_token_id=0, **kwargs)
+    out = out[:, prompts["input_ids"].shape[1]:]
+    if out.shape[1] != new_tokens:  # the decode time per step divides by new_tokens - 1
+        raise RuntimeError(f"generate returned {out.shape[1]} new tokens, not the {new_tokens} asked for")
+    return out
 
 
 def _peak_gib(device: torch.device) -> float | None:
@@ -229,18 +262,17 @@ def _reset_peak(device: torch.device) -> None:
         torch.cuda.reset_peak_memory_stats(device)
 
 
-def _engine_metrics(engine, timing) -> dict[str, Any]:
-    """Cache and copy metrics of one run. The stall is, on CUDA (``engine.measure_stalls``), the GPU
-    time the compute stream waited on slot-ready events of copies still in flight
-    (``stream_wait_seconds``); on the host backend, where copies are synchronous memcpy, the host
-    time of the acquire calls that had to load or wait (``host_stall_seconds``). The acquire
-    fraction (CUDA only) is the older, wider measurement: compute-stream time between CUDA events
-    recorded just before and after each acquire call, which in a host-bound decode also counts the
-    host's bookkeeping inside acquire. Both fractions are over prefill + decode time."""
-    s = engine.stats()
+def _engine_metrics(s: dict[str, Any], tokens: int, seconds: float) -> dict[str, Any]:
+    """Cache and copy metrics of one call (``s``: the engine's stats after it, reset before it;
+    ``tokens`` prompt and generated of the whole batch; ``seconds`` its wall time). The stall is,
+    on CUDA (``engine.measure_stalls``), the GPU time the compute stream waited on slot-ready
+    events of copies still in flight (``stream_wait_seconds``); on the host backend, where copies
+    are synchronous memcpy, the host time of the acquire calls that had to load or wait
+    (``host_stall_seconds``). The acquire fraction (CUDA only) is the older, wider measurement:
+    compute-stream time between CUDA events recorded just before and after each acquire call,
+    which in a host-bound decode also counts the host's bookkeeping inside acquire. Both
+    fractions are over the call's time (prefill + decode)."""
     issued = s.get("prefetch_issued", 0.0)
-    tokens = timing.batch_size * timing.new_tokens
-    decode_s = sum(timing.token_latencies_s) + timing.ttft_s
     stall = s.get("stream_wait_seconds", s.get("host_stall_seconds", 0.0))
     acquire = s.get("acquire_stream_seconds")
     return {
@@ -253,20 +285,60 @@ def _engine_metrics(engine, timing) -> dict[str, Any]:
         "pcie_mb_per_token": s.get("bytes_copied", 0.0) / 1e6 / max(tokens, 1),
         "achieved_gbps": s.get("achieved_gbps"),
         "stall_seconds": stall,
-        "stall_fraction": stall / decode_s if decode_s > 0 else None,
+        "stall_fraction": stall / seconds if seconds > 0 else None,
         "stream_waits": s.get("stream_waits"),
         "acquire_stream_seconds": acquire,
-        "acquire_stream_fraction": acquire / decode_s if acquire is not None and decode_s > 0 else None,
+        "acquire_stream_fraction": acquire / seconds if acquire is not None and seconds > 0 else None,
         "num_slots": s.get("num_slots"),
         "slot_gib": s.get("slot_bytes", 0.0) / 2**30,
-        # the run-ahead predictor's own figures (absent for other prefetchers): share of layers that
-        # ran before its prediction was ready, its hit rate on the rest, its time per token
+        # the run-ahead predictor's own figures, those it reports (absent for other prefetchers):
+        # share of layers that ran before its prediction was ready, its hit rate on the rest, ...
         **{name: s[f"prefetch_{key}"] for key, name in (
             ("late_fraction", "predictor_late_fraction"), ("hit_rate", "predictor_recall"),
             ("precision", "predictor_precision"), ("predictor_ms_per_token", "predictor_ms_per_token"),
             ("corrections", "predictor_corrections"), ("graph_steps", "predictor_graph_steps"))
             if f"prefetch_{key}" in s},
     }
+
+
+def decode_cache_metrics(first: dict[str, Any], full: dict[str, Any], steps: int, expert_nbytes: int) -> dict[str, Any]:
+    """Decode-only cache figures of one round: the engine's counters after the N-token call less
+    those after the 1-token call (each reset before its call: prefill and the first token cancel),
+    per decode step (``steps`` = N - 1; a step makes one token per row). Each miss reads its
+    expert's bytes once over the host link: in place (zero-copy) on the expert-table path, as a
+    copy into a slot on the acquire path; ``copied`` is what the copy engines moved (demand loads
+    of misses, prefetches). ``decode_eager_steps``: steps run as model forwards, not graph replays."""
+    d = {k: float(full.get(k, 0.0)) - float(first.get(k, 0.0)) for k in ("hits", "misses", "bytes_copied", "forwards")}
+    lookups = d["hits"] + d["misses"]
+    return {
+        "decode_hit_rate": d["hits"] / lookups if lookups > 0 else None,
+        "decode_misses_per_step": d["misses"] / steps,
+        "decode_miss_mb_per_step": d["misses"] * expert_nbytes / steps / 1e6,
+        "decode_copied_mb_per_step": d["bytes_copied"] / steps / 1e6,
+        "decode_eager_steps": d["forwards"],
+    }
+
+
+def _median_of(dicts: list[dict[str, Any]]) -> dict[str, Any]:
+    """Key by key, the median over rounds of the numbers (None where a round has none)."""
+    out: dict[str, Any] = {}
+    for k in dicts[0]:
+        vals = [d[k] for d in dicts if isinstance(d.get(k), (int, float)) and not isinstance(d.get(k), bool)]
+        out[k] = statistics.median(vals) if len(vals) == len(dicts) else None
+    return out
+
+
+def _host_ms(rounds: list[Round], timing: DecodeTiming, device: torch.device) -> dict[str, Any]:
+    """Host CPU per decode step. A replayed decode step is one launch: on CUDA the inference thread
+    busy-waits on the full launch queue meanwhile, so its CPU time is the decode time, not the
+    host's cost; that is the host time of one replay with the device idle (``enqueue_ms``).
+    Otherwise the process CPU time per step (every thread); on CUDA it includes the spin-waits
+    on the device's work (an upper bound)."""
+    probes = [r.extra.get("enqueue_ms") for r in rounds]
+    if probes and all(p is not None for p in probes):
+        return {"host_ms_per_step": statistics.median(probes), "host_ms_method": "enqueue of one graph replay, device idle"}
+    return {"host_ms_per_step": statistics.median(timing.cpu_seconds_per_step()) * 1e3,
+            "host_ms_method": "process CPU time" + (" (includes spin-waits on the device)" if device.type == "cuda" else "")}
 
 
 def _sida_k(name: str) -> int | None:
@@ -321,17 +393,19 @@ def _timeline(model: nn.Module, prompts, device: torch.device, steps: int = 4) -
 # ------------------------------------------------------------------------------------- the run
 def run_bench(cfg: BenchConfig) -> list[dict[str, Any]]:
     """Run every requested system and configuration; returns the result rows. Inputs are checked
-    before the first row (:class:`BenchInputError`); an optional part that is not installed (the
-    accelerate baseline, the plots) is skipped with a one-line note on stderr."""
+    before the first row (:class:`BenchInputError`); an optional part this installation or device
+    cannot run (the accelerate baseline, the plots, resident_graphed off CUDA) is skipped with a
+    one-line note on stderr."""
     from tqdm.auto import tqdm
 
+    from sida_moe.decode_graph import replay_host_seconds
     from sida_moe.offload import engine_of, offload
 
     cfg.validate()
     baselines, plots, note = optional_parts(cfg)
     if note:
         print(f"sida-moe bench: note: {note}", file=sys.stderr, flush=True)
-    device = torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = bench_device(cfg)
     dtype = getattr(torch, cfg.dtype) if cfg.dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)
     rows: list[dict[str, Any]] = []
     from sida_moe.presets import PRESETS
@@ -341,62 +415,128 @@ def run_bench(cfg: BenchConfig) -> list[dict[str, Any]]:
     out_dir = Path(cfg.out_dir) if cfg.out_dir else None
     if out_dir:
         out_dir.mkdir(parents=True, exist_ok=True)
+    n_new = cfg.new_tokens
     meta: dict[str, Any] = {
         "config": dict(asdict(cfg)),
         "decoding": f"sampled (seed {cfg.seed})" if sample else "greedy",
+        "timing": (f"each visit of a system: a warm-up call, then a 1-token and a {n_new}-token call; decode ms per step = "
+                   f"(t({n_new}) - t(1)) / {n_new - 1}; median (and min, max) over {cfg.rounds} interleaved rounds"),
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
         "torch": torch.__version__,
         "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         **({"skipped": note} if note else {}),
     }
 
-    def gen(b: int, n: int):
-        return _generate(model, prompts[b], n, device, sample, cfg.seed)
+    def gen(b: int, n: int, graphs: bool | None = None) -> torch.Tensor:
+        return _generate(model, prompts[b], n, sample, cfg.seed, graphs)
 
     vocab = model.get_input_embeddings().num_embeddings
     text_ids = _text_ids(cfg, vocab) if cfg.prompt_file else None
     prompts = {b: _prompts(model, b, cfg.prompt_tokens, cfg.seed, device, text_ids) for b in cfg.batch_sizes}
+    unpadded = [b for b in cfg.batch_sizes if bool(prompts[b]["attention_mask"].all())]
     reference: dict[int, torch.Tensor] = {}
     reference_logits: dict[int, torch.Tensor] = {}  # the resident model's, teacher-forced on its tokens
-    total = len(cfg.batch_sizes) * (len(cfg.budgets) * len(cfg.policies) * len(cfg.predictors) + len(baselines))
-    bar = tqdm(total=total, desc="bench", unit="run", disable=not cfg.progress)
+    configs_per_budget = len(cfg.policies) * len(cfg.predictors) + sum(b in baselines for b in ("ondemand_lru", "sida_sync"))
+    total = len(cfg.batch_sizes) * (len(cfg.budgets) * configs_per_budget + sum(
+        b in baselines for b in ("resident", "accelerate_cpu"))) + len(unpadded) * ("resident_graphed" in baselines)
+    bar = tqdm(total=total, desc="bench", unit="row", disable=not cfg.progress)
 
-    def record(system: str, batch: int, timing, extra: dict[str, Any], tokens: torch.Tensor | None = None) -> None:
-        row = {"system": system, "policy": "-", "predictor": "-", "budget_fraction": None, **timing.summary(), **extra}
+    def record(system: str, batch: int, rounds: list[Round], n: int, extra: dict[str, Any], tokens: bool = True,
+               compare: bool = True) -> dict[str, Any]:
+        timing = DecodeTiming(batch, cfg.prompt_tokens, n, rounds)
+        row = {"system": system, "policy": "-", "predictor": "-", "budget_fraction": None, **timing.summary(),
+               **_host_ms(rounds, timing, device), **extra}
         row["batch_size"] = batch
-        if tokens is not None:
-            row.update(token_agreement(tokens, reference.get(batch) if system != "resident" else None))
+        peaks = [r.extra.get("peak_gpu_gib") for r in rounds]
+        row["peak_gpu_gib"] = max(peaks) if None not in peaks else None
+        if tokens:
+            row.update(token_agreement(rounds[-1].full.out.cpu(),
+                                       reference.get(batch) if compare and system != "resident" else None))
         if device.type == "cuda":
             row["gpu_allocated_gib"] = torch.cuda.memory_allocated(device) / 2**30
         rows.append(row)
         if out_dir:  # partial results survive a later failure
-            write_json(out_dir / "bench.json", meta, [r for r in rows if r["system"] != "_trace"])
+            write_json(out_dir / "bench.json", meta, rows)
         bar.set_postfix_str(f"{system} {extra.get('policy', '')} {row['decode_tokens_per_s']:.2f} tok/s")
         bar.update(1)
+        return row
 
-    # 1. all resident (also the reference tokens)
+    def visit(generate, n: int, before_timing=None, after_timing=None, engine=None):
+        """A visit: ``before_timing()`` (configure), a warm-up call, the two timed calls (the
+        engine's counters reset before and read after each), ``after_timing(round)``."""
+        def run() -> Round:
+            if before_timing is not None:
+                before_timing()
+            _reset_peak(device)
+            generate(n)  # warm-up: kernels chosen, the decode step captured, the cache in its steady state
+            rnd = two_calls(generate, n, device, before=engine.reset_stats if engine is not None else None,
+                            after=engine.stats if engine is not None else None)
+            rnd.extra["peak_gpu_gib"] = _peak_gib(device)
+            if after_timing is not None:
+                after_timing(rnd)
+            return rnd
+        return run
+
+    # 1. all resident (also the reference tokens), and the same model with a graphed decode step
+    resident_impl = None
     if "resident" in baselines:
         b0 = cfg.batch_sizes[0]
-
-        def seconds_per_decode_token() -> float:  # the bench's headline is decode tokens/s
-            return 1.0 / gen(b0, min(cfg.new_tokens, 12))[1].summary()["decode_tokens_per_s"]
-
-        impl, impl_cost = set_fastest_experts_implementation(model, seconds_per_decode_token)
+        resident_impl, impl_cost = set_fastest_experts_implementation(
+            model, lambda: decode_seconds_per_step(lambda n: gen(b0, n), min(n_new, 12), device))
         meta["experts_implementation_s_per_decode_token"] = impl_cost
-        for b in cfg.batch_sizes:
-            gen(b, 2)  # warm-up (kernel selection, allocator)
-            _reset_peak(device)
-            tokens, timing = gen(b, cfg.new_tokens)
-            reference[b] = tokens
-            reference_logits[b] = teacher_forced_logits(model, prompts[b], tokens)
-            record("resident", b, timing, {"experts_implementation": impl, "peak_gpu_gib": _peak_gib(device)}, tokens)
-    # 2. transformers + accelerate, experts on the CPU (slow: fewer tokens)
+    graphed = GraphedResident(model) if "resident_graphed" in baselines and unpadded else None
+    graphed_impl = None
+    if graphed is not None:
+        bg = unpadded[0]
+        # eager's per-expert loop reads routing on the host: it cannot be captured
+        graphed_impl, graphed_cost = set_fastest_experts_implementation(
+            model, lambda: decode_seconds_per_step(lambda n: graphed.generate(prompts[bg]["input_ids"], n), min(n_new, 12),
+                                                   device), candidates=["grouped_mm", "batched_mm"])
+        meta["resident_graphed_experts_implementation_s_per_decode_token"] = graphed_cost
+        if not graphed_cost:
+            print("sida-moe bench: note: skipping resident_graphed: no experts implementation could be captured",
+                  file=sys.stderr, flush=True)
+            graphed = None
+
+    def uses(impl: str | None):
+        return (lambda: model.set_experts_implementation(impl)) if impl is not None else None
+
+    def add_enqueue(b: int):
+        def after(rnd: Round) -> None:
+            probe = replay_host_seconds(model, b)
+            rnd.extra["enqueue_ms"] = probe * 1e3 if probe is not None else None
+        return after
+
+    for b in cfg.batch_sizes:
+        visits = {}
+        if "resident" in baselines:
+            visits["resident"] = visit(lambda n, b=b: gen(b, n), n_new, uses(resident_impl))
+        if graphed is not None and b in unpadded:
+            visits["resident_graphed"] = visit(lambda n, b=b: graphed.generate(prompts[b]["input_ids"], n), n_new,
+                                               uses(graphed_impl), add_enqueue(b))
+        if not visits:
+            continue
+        timed_rounds = interleave(visits, cfg.rounds)
+        if "resident" in timed_rounds:
+            model.set_experts_implementation(resident_impl)
+            reference[b] = timed_rounds["resident"][-1].full.out.cpu()
+            reference_logits[b] = teacher_forced_logits(model, prompts[b], reference[b])
+            record("resident", b, timed_rounds["resident"], n_new, {"experts_implementation": resident_impl,
+                                                                    "decode_loop": "eager"})
+        if "resident_graphed" in timed_rounds:
+            extra = {"experts_implementation": graphed_impl, "decode_loop": "graph replay"}
+            if sample:  # the graphed loop is greedy: its tokens are not comparable with sampled ones
+                extra["decoding"] = "greedy"
+            record("resident_graphed", b, timed_rounds["resident_graphed"], n_new, extra, compare=not sample)
+    if resident_impl is not None:
+        model.set_experts_implementation(resident_impl)
+    # 2. transformers + accelerate, experts on the CPU (slow: fewer tokens, one round)
     if "accelerate_cpu" in baselines:
+        n_acc = max(2, cfg.accelerate_new_tokens)
         with experts_on_cpu_with_accelerate(model, device):
             for b in cfg.batch_sizes:
-                _reset_peak(device)
-                _, timing = gen(b, max(2, cfg.accelerate_new_tokens))
-                record("accelerate_cpu", b, timing, {"peak_gpu_gib": _peak_gib(device)})
+                rnd = visit(lambda n, b=b: gen(b, n), n_acc)()
+                record("accelerate_cpu", b, [rnd], n_acc, {"decode_loop": "eager"}, tokens=False)
     # 3. sida-moe
     budgets = sorted(cfg.budgets, reverse=True)  # largest slot memory first, while the GPU is emptiest
     t0 = time.perf_counter()
@@ -409,45 +549,74 @@ def run_bench(cfg: BenchConfig) -> list[dict[str, Any]]:
     engine.measure_stalls = device.type == "cuda"
     for b in cfg.batch_sizes:  # warm-up: kernels compiled and selected before anything is timed
         gen(b, 2)
+    # the bound's link term: only on CUDA is the pool read over a link
+    gbps = {b: zero_copy_gbps(engine, b) if device.type == "cuda" else None for b in cfg.batch_sizes}
+    meta["zero_copy_gbps"] = {str(b): v for b, v in gbps.items()}
 
-    def run_config(system: str, b: int, budget: float, policy: str, predictor: str, sync: bool = False,
-                   trace: list | None = None) -> None:
-        num_slots = engine.slots_for(budget)
-        engine.reopen_cache(num_slots, "predictive" if policy == "belady" else policy)
-        engine.set_prefetcher(_make_prefetcher(predictor, cfg, oracle=policy == "belady"))
-        engine.sync_loads = sync
-        if policy == "belady":
-            engine.set_future(trace or [])
-        engine.reset_stats()
-        _reset_peak(device)
-        tokens, timing = gen(b, cfg.new_tokens)
-        extra = {"policy": policy, "predictor": predictor, "budget_fraction": budget, "peak_gpu_gib": _peak_gib(device),
-                 **_engine_metrics(engine, timing)}
-        if b in reference_logits:  # after the metrics: this extra forward must not count in them
-            agree = token_agreement(tokens, reference[b])
-            extra.update(logit_agreement(teacher_forced_logits(model, prompts[b], reference[b]), reference_logits[b],
-                                         agree.get("first_token_differing_from_resident")))
-        record(system, b, timing, extra, tokens)
-        engine.sync_loads = False
+    def configure(budget: float, policy: str, predictor: str, sync: bool, future: list | None):
+        def before() -> None:
+            engine.reopen_cache(engine.slots_for(budget), "predictive" if policy == "belady" else policy)
+            engine.set_prefetcher(_make_prefetcher(predictor, cfg, oracle=policy == "belady"))
+            engine.sync_loads = sync
+            if future is not None:
+                engine.set_future(future)
+        return before
+
+    def observe(b: int, agreement: dict[str, Any]):
+        def after(rnd: Round) -> None:
+            engine.sync_loads = False
+            rnd.extra["decode"] = decode_cache_metrics(rnd.first_seen, rnd.full_seen, n_new - 1, engine.expert_nbytes)
+            rnd.extra["table_decode"] = all(engine.uses_table(layer.ordinal, b) for layer in engine.layers)
+            graph_replays = rnd.extra["decode"]["decode_eager_steps"] == 0
+            probe = replay_host_seconds(model, b) if graph_replays else None
+            rnd.extra["enqueue_ms"] = probe * 1e3 if probe is not None else None
+            if not agreement and b in reference_logits:  # once per configuration; untimed
+                agree = token_agreement(rnd.full.out.cpu(), reference[b])
+                agreement.update(logit_agreement(teacher_forced_logits(model, prompts[b], reference[b]),
+                                                 reference_logits[b], agree.get("first_token_differing_from_resident")))
+        return after
 
     for b in cfg.batch_sizes:
         for budget in budgets:
-            # the acquire sequence of this (batch, budget) is the same under every policy and
-            # prefetcher (exact mode): record it once, then feed it to the oracle
-            with engine.recording_acquires() as trace:
-                run_config("sida", b, budget, "lru", "none")
-            rows[-1]["system"] = "sida" if ("lru" in cfg.policies and "none" in cfg.predictors) else "_trace"
-            for policy in cfg.policies:
-                for predictor in cfg.predictors:
-                    if policy == "lru" and predictor == "none":
-                        continue
-                    run_config("sida", b, budget, policy, predictor, trace=list(trace))
+            future = None
+            if "belady" in cfg.policies:
+                # Belady's future: the visit sequence of one visit (warm-up, 1-token and N-token
+                # calls), the same under every policy and prefetcher in exact mode; recorded on
+                # transformers' loop (a replayed step makes its visits off the host)
+                configure(budget, "lru", "none", False, None)()
+                with engine.recording_acquires() as trace:
+                    for n in (n_new, 1, n_new):
+                        gen(b, n, graphs=False)
+                future = list(trace)
+            configs = [("sida", p, q, False) for p in cfg.policies for q in cfg.predictors]
             if "ondemand_lru" in baselines:
-                run_config("ondemand_lru", b, budget, "lru", "none")
+                configs.append(("ondemand_lru", "lru", "none", False))
             if "sida_sync" in baselines:
-                run_config("sida_sync", b, budget, "fifo", "none", sync=True)
-    rows = [r for r in rows if r["system"] != "_trace"]
+                configs.append(("sida_sync", "fifo", "none", True))
+            visits, agreements = {}, {}
+            for system, policy, predictor, sync in configs:
+                key = f"{system} {policy} {predictor}"
+                agreements[key] = {}
+                visits[key] = visit(lambda n, b=b: gen(b, n), n_new,
+                                    configure(budget, policy, predictor, sync, future if policy == "belady" else None),
+                                    observe(b, agreements[key]), engine)
+            timed_rounds = interleave(visits, cfg.rounds)
+            for system, policy, predictor, sync in configs:
+                key = f"{system} {policy} {predictor}"
+                rr = timed_rounds[key]
+                last = rr[-1]
+                decode = _median_of([r.extra["decode"] for r in rr])
+                graph_replays = decode["decode_eager_steps"] == 0
+                extra = {"policy": policy, "predictor": predictor, "budget_fraction": budget,
+                         "decode_loop": "graph replay" if graph_replays else "eager",
+                         "decode_misses_served": ("in place (zero-copy)" if last.extra["table_decode"]
+                                                  else "copied into slots"),
+                         **decode,
+                         **_engine_metrics(last.full_seen, b * (cfg.prompt_tokens + n_new), last.full.wall_s),
+                         **agreements[key]}
+                record(system, b, rr, n_new, extra)
     bar.close()
+    attach_bounds(rows, gbps)
 
     if out_dir:
         out = out_dir

@@ -4,7 +4,8 @@ Models of the size this benchmark is for (tens of GB) can be held once, not once
 the systems are visited in an order that moves the expert weights instead of copying them:
 
 1. ``resident``: every weight on the GPU, transformers' fastest experts implementation (timed on
-   the bench's own prompt);
+   the bench's own prompt); ``resident_graphed``: the same model decoded by the graphed greedy loop
+   (CUDA only), with the fastest implementation that can be captured;
 2. ``accelerate_cpu``: transformers + accelerate with the experts offloaded to the CPU (weights
    copied to the GPU on every forward, synchronously);
 3. after ``offload``: the sida-moe engine in every (budget, policy, predictor) configuration, plus
@@ -122,3 +123,24 @@ def experts_on_cpu_with_accelerate(model: nn.Module, device: torch.device) -> It
                 owner._parameters[attr] = nn.Parameter(tensor.to(device), requires_grad=False)
         if hasattr(model, "hf_device_map"):
             del model.hf_device_map
+
+
+class GraphedResident:
+    """``resident_graphed``: transformers' all-resident model decoded by the graphed greedy loop
+    (``sida_moe.decode_graph``: StaticCache, the decode step captured in one CUDA graph and
+    replayed). A captured step replays the experts implementation it was captured with, so a
+    change of implementation captures again."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.model = model
+        self._captured_with: str | None = None
+
+    def generate(self, input_ids: torch.Tensor, new_tokens: int) -> torch.Tensor:
+        """The ``[B, new_tokens]`` greedy ids after ``input_ids`` (unpadded)."""
+        from sida_moe.decode_graph import forget_captured_steps, greedy_generate
+
+        impl = getattr(self.model.config, "_experts_implementation", None)
+        if impl != self._captured_with:
+            forget_captured_steps(self.model)
+            self._captured_with = impl
+        return greedy_generate(self.model, input_ids, new_tokens, graphs=True)[:, input_ids.shape[1]:]

@@ -1,9 +1,15 @@
-"""Per-token timing of ``model.generate``: time to first token, per-token latencies, tokens/s."""
+"""Decode timing of a generate call, one way for every system: per round, a call for 1 new token
+and one for N, back to back; decode time per step = (t(N) - t(1)) / (N - 1), so prefill and the
+first token cancel whatever loop produces the tokens (transformers' own, a replayed CUDA graph).
+Several rounds, the systems interleaved, give a median and a spread."""
 
 from __future__ import annotations
 
+import statistics
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -17,87 +23,113 @@ def _sync(device: torch.device | None) -> None:
         torch.cuda.current_stream(device).synchronize()
 
 
-class TokenTimer:
-    """A ``generate`` streamer that stamps the time each new token is produced.
+@dataclass
+class Call:
+    """One timed call: wall time and process CPU time (every thread: the engine's copy and
+    routing threads too), and what the call returned."""
 
-    ``generate`` calls ``put`` once with the prompt, then once per generated step. The current
-    stream is synchronized before each stamp so the times are those of the token's finished work,
-    not of launches (work on other streams -- prefetch copies, the predictor -- is not waited for).
-    """
-
-    def __init__(self, device: torch.device | None = None) -> None:
-        self.device = device
-        self.start = 0.0
-        self.stamps: list[float] = []
-        self._saw_prompt = False
-
-    def begin(self) -> None:
-        _sync(self.device)
-        self.stamps.clear()
-        self._saw_prompt = False
-        self.start = time.perf_counter()
-
-    def put(self, value: torch.Tensor) -> None:
-        if not self._saw_prompt:  # the first put is the prompt itself
-            self._saw_prompt = True
-            return
-        _sync(self.device)
-        self.stamps.append(time.perf_counter())
-
-    def end(self) -> None:
-        pass
-
-    def result(self, batch_size: int, prompt_tokens: int) -> GenerationTiming:
-        if not self.stamps:
-            raise RuntimeError("no token was generated: was the streamer passed to generate()?")
-        ttft = self.stamps[0] - self.start
-        gaps = [b - a for a, b in zip(self.stamps, self.stamps[1:])]
-        return GenerationTiming(
-            batch_size=batch_size,
-            prompt_tokens=prompt_tokens,
-            new_tokens=len(self.stamps),
-            ttft_s=ttft,
-            token_latencies_s=gaps,
-        )
+    wall_s: float
+    cpu_s: float
+    out: Any = None
 
 
-def percentile(values: list[float], q: float) -> float:
-    """Linear-interpolated percentile (q in [0, 100]); NaN for an empty list."""
-    if not values:
-        return float("nan")
-    xs = sorted(values)
-    pos = (len(xs) - 1) * q / 100.0
-    lo = int(pos)
-    hi = min(lo + 1, len(xs) - 1)
-    return xs[lo] + (xs[hi] - xs[lo]) * (pos - lo)
+def timed(fn: Callable[[], Any], device: torch.device | None) -> Call:
+    _sync(device)
+    w0, c0 = time.perf_counter(), time.process_time()
+    out = fn()
+    _sync(device)
+    return Call(time.perf_counter() - w0, time.process_time() - c0, out)
 
 
 @dataclass
-class GenerationTiming:
+class Round:
+    """One visit of a system: the 1-token and the N-token call, and what ``after`` observed right
+    after each (untimed; e.g. the engine's counters)."""
+
+    first: Call
+    full: Call
+    first_seen: dict = field(default_factory=dict)
+    full_seen: dict = field(default_factory=dict)
+    extra: dict = field(default_factory=dict)  # per-visit figures the caller adds
+
+
+def two_calls(generate: Callable[[int], Any], n: int, device: torch.device | None,
+              before: Callable[[], None] | None = None, after: Callable[[], dict] | None = None) -> Round:
+    """``generate(1)`` then ``generate(n)``, each timed; ``before`` runs (untimed) ahead of each
+    call, ``after`` after it."""
+    if n < 2:
+        raise ValueError(f"n must be at least 2 (a first token and one decode step), got {n}")
+    seen = []
+    calls = []
+    for k in (1, n):
+        if before is not None:
+            before()
+        calls.append(timed(lambda k=k: generate(k), device))
+        seen.append(after() if after is not None else {})
+    return Round(calls[0], calls[1], seen[0], seen[1])
+
+
+def interleave(visits: dict[str, Callable[[], Round]], rounds: int) -> dict[str, list[Round]]:
+    """``rounds`` rounds of every visit, in the given order in even rounds and reversed in odd ones
+    (no system always runs first, after the same neighbour)."""
+    out: dict[str, list[Round]] = {name: [] for name in visits}
+    for r in range(rounds):
+        for name in (list(visits) if r % 2 == 0 else list(reversed(visits))):
+            out[name].append(visits[name]())
+    return out
+
+
+def _spread(values: list[float]) -> dict[str, float]:
+    return {"median": statistics.median(values), "min": min(values), "max": max(values)}
+
+
+@dataclass
+class DecodeTiming:
+    """The rounds of one system at one batch size, N = ``new_tokens``."""
+
     batch_size: int
     prompt_tokens: int
     new_tokens: int
-    ttft_s: float
-    token_latencies_s: list[float] = field(default_factory=list)
+    rounds: list[Round]
 
-    @property
-    def decode_tokens_per_s(self) -> float:
-        """Generated tokens per second over the decode steps (after the first token), whole batch."""
-        total = sum(self.token_latencies_s)
-        return self.batch_size * len(self.token_latencies_s) / total if total > 0 else float("nan")
+    def step_seconds(self) -> list[float]:
+        """Decode time per step of each round."""
+        return [(r.full.wall_s - r.first.wall_s) / (self.new_tokens - 1) for r in self.rounds]
 
-    @property
-    def prefill_tokens_per_s(self) -> float:
-        return self.batch_size * self.prompt_tokens / self.ttft_s if self.ttft_s > 0 else float("nan")
+    def cpu_seconds_per_step(self) -> list[float]:
+        """Process CPU time per decode step of each round (same difference as the wall time)."""
+        return [(r.full.cpu_s - r.first.cpu_s) / (self.new_tokens - 1) for r in self.rounds]
 
-    def summary(self) -> dict[str, float]:
+    def summary(self) -> dict[str, Any]:
+        if not self.rounds:
+            raise RuntimeError("no round was timed")
+        b = self.batch_size
+        step = _spread(self.step_seconds())
+        first = statistics.median(r.first.wall_s for r in self.rounds)
+
+        def rate(seconds: float) -> float:  # tokens of the whole batch per second
+            return b / seconds if seconds > 0 else float("nan")
+
         return {
-            "batch_size": self.batch_size,
+            "batch_size": b,
             "prompt_tokens": self.prompt_tokens,
             "new_tokens": self.new_tokens,
-            "ttft_ms": 1e3 * self.ttft_s,
-            "decode_tokens_per_s": self.decode_tokens_per_s,
-            "prefill_tokens_per_s": self.prefill_tokens_per_s,
-            "p50_token_ms": 1e3 * percentile(self.token_latencies_s, 50),
-            "p99_token_ms": 1e3 * percentile(self.token_latencies_s, 99),
+            "rounds": len(self.rounds),
+            "ttft_ms": 1e3 * first,  # the 1-token call: prefill and the first token
+            "prefill_tokens_per_s": b * self.prompt_tokens / first if first > 0 else float("nan"),
+            "decode_ms_per_step": 1e3 * step["median"],
+            "decode_ms_per_step_min": 1e3 * step["min"],
+            "decode_ms_per_step_max": 1e3 * step["max"],
+            "decode_ms_per_step_rounds": [1e3 * s for s in self.step_seconds()],
+            "decode_tokens_per_s": rate(step["median"]),
+            "decode_tokens_per_s_min": rate(step["max"]),
+            "decode_tokens_per_s_max": rate(step["min"]),
+            # (slowest - fastest round) / median: how far one round can be from another
+            "decode_spread": (step["max"] - step["min"]) / step["median"] if step["median"] > 0 else float("nan"),
+            "process_cpu_ms_per_step": 1e3 * statistics.median(self.cpu_seconds_per_step()),
         }
+
+
+def decode_seconds_per_step(generate: Callable[[int], Any], n: int, device: torch.device | None) -> float:
+    """One round's decode time per step (a quick probe: choosing an implementation)."""
+    return DecodeTiming(1, 0, n, [two_calls(generate, n, device)]).step_seconds()[0]
