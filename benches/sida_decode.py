@@ -68,6 +68,9 @@ def main() -> None:
     ap.add_argument("--budget", default="25%")
     ap.add_argument("--batches", default="1,8")
     ap.add_argument("--dtype", default="bfloat16")
+    ap.add_argument("--resident-experts", default=None,
+                    help="transformers experts implementation of the resident model (eager: the op-by-op "
+                         "twin of the offloaded kernels, for a token-by-token comparison)")
     ap.add_argument("--prompt-len", type=int, default=64)
     ap.add_argument("--new-tokens", type=int, default=128)
     ap.add_argument("--rounds", type=int, default=5)
@@ -80,6 +83,8 @@ def main() -> None:
     dtype = getattr(torch, args.dtype)
     tokenizer = AutoTokenizer.from_pretrained(args.model)
     resident = AutoModelForCausalLM.from_pretrained(args.model, dtype=dtype).to(device).eval()
+    if args.resident_experts:
+        resident.set_experts_implementation(args.resident_experts)
     none = from_pretrained(args.model, args.budget, args.dtype, device, "lru", "none")
     sida = from_pretrained(args.model, args.budget, args.dtype, device, "predictive", load_prefetcher(args.model))
     engines = {"none_lru": sida_moe.engine_of(none), "sida": sida_moe.engine_of(sida)}

@@ -12,6 +12,7 @@ import re
 import pytest
 import torch
 
+from _moe_models import eager_experts
 import sida_moe
 from sida_moe import cli
 from sida_moe.predictor import HashPredictor, load_prefetcher
@@ -86,7 +87,9 @@ def tokenizer():
 def original():
     from transformers import AutoModelForCausalLM
 
-    return AutoModelForCausalLM.from_pretrained(PATH).eval()
+    # transformers' eager experts loop: the op-by-op twin of the reference kernels, so bf16 tokens
+    # compare exactly (its grouped_mm path rounds in another order)
+    return eager_experts(AutoModelForCausalLM.from_pretrained(PATH)).eval()
 
 
 @pytest.fixture(scope="module")

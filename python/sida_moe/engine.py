@@ -146,6 +146,7 @@ class OffloadEngine:
         future: bool = False,
         skip_routed: bool = False,
         remember: bool = False,
+        forget: bool = False,
     ) -> None:
         """Prefetch expert ids the device is still computing, without waiting for them:
         ``ids`` (int64, contiguous, ``[len(layers), ...]``: row i holds experts of MoE layer
@@ -166,7 +167,7 @@ class OffloadEngine:
         stream = torch.cuda.current_stream(ids.device).cuda_stream if on_cuda else None
         cache.prefetch_deferred(ids.data_ptr(), layers, ids.numel() // len(layers), stream,
                                 self.generation if generation is None else generation, priority,
-                                future, skip_routed, remember)
+                                future, skip_routed, remember, forget)
 
     def wait_deferred(self, timeout: float | None = None) -> bool:
         """Wait until every ``prefetch_deferred`` so far was handled (False on timeout)."""

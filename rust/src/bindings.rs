@@ -539,7 +539,7 @@ impl PySlotCache {
     }
 
     #[pyo3(signature = (ids_ptr, layers, width, stream = None, generation = 0, priority = "prefetch",
-                        future = false, skip_routed = false, remember = false))]
+                        future = false, skip_routed = false, remember = false, forget = false))]
     #[allow(clippy::too_many_arguments)]
     fn prefetch_deferred(
         &self,
@@ -553,6 +553,7 @@ impl PySlotCache {
         future: bool,
         skip_routed: bool,
         remember: bool,
+        forget: bool,
     ) -> PyResult<()> {
         let layers = int_list(layers, "layers")?;
         let (ids_ptr, width) = id_rows(ids_ptr, width)?;
@@ -566,6 +567,7 @@ impl PySlotCache {
             future,
             skip_routed,
             remember,
+            forget,
             routed: false,
         };
         let d = &self.deferred;

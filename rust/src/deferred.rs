@@ -57,6 +57,9 @@ pub struct DeferredOptions {
     pub skip_routed: bool,
     /// Remember the rows as the prediction that each layer's next routed row is scored against.
     pub remember: bool,
+    /// Forget the remembered prediction first (a new sequence: what the last one left unused is
+    /// not scored against the new one's routing).
+    pub forget: bool,
     /// The rows are what each layer computed through the expert table (a decode step): they go to
     /// `SlotCache::note_routed` (hits, policy, demand loads of the misses) instead of `prefetch`.
     /// Each row is `width` ids (negative: padding) then the `width` table entries (addresses) the
@@ -384,9 +387,9 @@ fn handle(req: &Request, cache: &SlotCache, device: &SharedDevice, state: &State
         p.pending_routed_rows -= rows.len() as u64;
         return result.map(|()| queued);
     }
-    if o.remember {
+    if o.remember || o.forget {
         let mut p = state.progress.lock();
-        p.predicted = rows.iter().cloned().collect();
+        p.predicted = if o.remember { rows.iter().cloned().collect() } else { HashMap::new() };
     }
     if o.future || o.skip_routed {
         // row i is acquire call `acquires_at + i`; those already made need nothing any more
@@ -472,8 +475,13 @@ mod tests {
         submit(&d, &[1, 2, 0, 0], DeferredOptions { layers: vec![0], width: 2, routed: true, ..Default::default() }).unwrap();
         assert!(d.wait_idle(Some(Duration::from_secs(10))));
         assert_eq!(d.prediction_counts(), (3, 4, 5));
+        // a request that forgets: layer 2's remembered prediction is not scored any more
+        submit(&d, &[1], DeferredOptions { layers: vec![0], width: 1, forget: true, ..Default::default() }).unwrap();
+        submit(&d, &[6, 7, 0, 0], DeferredOptions { layers: vec![2], width: 2, routed: true, ..Default::default() }).unwrap();
+        assert!(d.wait_idle(Some(Duration::from_secs(10))));
+        assert_eq!(d.prediction_counts(), (3, 4, 5));
         let (submitted, handled, _) = d.counts();
-        assert_eq!((submitted, handled), (3, 3));
+        assert_eq!((submitted, handled), (5, 5));
         assert_eq!(d.take_error(), None);
     }
 

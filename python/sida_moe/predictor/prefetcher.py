@@ -79,7 +79,7 @@ class SidaPrefetcher:
         self._layers = list(range(cfg.num_moe_layers))
         self._engine: OffloadEngine | None = None
         self._decoders: dict[tuple[int, int], GraphedDecoder] = {}  # (batch, capacity)
-        self._capacity = DEFAULT_CAPACITY
+        self._next_capacity: int | None = None  # set by begin_sequence for its prompt only
         self._reset_sequence()
 
     # ------------------------------------------------------------------------------ protocol
@@ -102,7 +102,7 @@ class SidaPrefetcher:
         """A new sequence of ``batch`` rows and at most ``length`` tokens starts with the next
         forward (the greedy loop says so; an eager loop is recognised in ``begin_forward``)."""
         self._reset_sequence()
-        self._capacity = max(int(length), 1)
+        self._next_capacity = max(int(length), 1)
 
     def begin_forward(self, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor | None) -> None:
         engine = self._require_engine()
@@ -223,12 +223,14 @@ class SidaPrefetcher:
         self._logits = logits.reshape(L, batch * seq, E)
         self._fresh, self._batch, self._ahead, self._decode_forwards = False, batch, False, 0
         self._rows = None
-        decoder = self._decoder_for(batch)
+        capacity, self._next_capacity = self._next_capacity or DEFAULT_CAPACITY, None
+        decoder = self._decoder_for(batch, capacity)
         self._decoder = decoder if decoder.load(state) else None
         self._state = None if self._decoder is not None else state
-        # the prompt's layers acquire their experts: rows feed the policy and prefetch, unscored
+        # the prompt's rows feed the policy and prefetch, unscored; the prediction the last sequence
+        # left unused (the greedy loop predicts one token past its end) is forgotten
         engine.prefetch_deferred(ids.reshape(L, -1).contiguous(), self._layers, generation=engine.generation,
-                                 future=self.feed_future)
+                                 future=self.feed_future, forget=True)
 
     def _predict_token(self, x: torch.Tensor) -> torch.Tensor:
         """One decode token's prediction ``[L, B * k]`` (``x``: ``[B, 1, H]``); sets ``_logits``."""
@@ -262,13 +264,13 @@ class SidaPrefetcher:
         hot.scatter_add_(-1, ids.clamp(min=0), (ids >= 0).float())
         return hot.clamp_(max=1.0).movedim(0, 1).reshape(batch, 1, -1)
 
-    def _decoder_for(self, batch: int) -> GraphedDecoder:
-        key = (batch, self._capacity)
+    def _decoder_for(self, batch: int, capacity: int) -> GraphedDecoder:
+        key = (batch, capacity)
         decoder = self._decoders.get(key)
         if decoder is None:
             if len(self._decoders) >= 8:  # calls of many shapes: keep the newest few
                 self._decoders.pop(next(iter(self._decoders)))
-            decoder = self._decoders[key] = GraphedDecoder(self.predictor, batch, self._capacity, k=self.k)
+            decoder = self._decoders[key] = GraphedDecoder(self.predictor, batch, capacity, k=self.k)
         return decoder
 
     def _submit(self, engine: OffloadEngine, rows: torch.Tensor) -> None:
