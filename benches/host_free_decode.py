@@ -8,30 +8,148 @@ decode layers still on the expert table). Every system is warmed up, then timed 
 interleaved rounds; decode time per token = (t(N new tokens) - t(1 new token)) / (N - 1), both
 calls in the same round, so prefill and the first token cancel. JSON (median and spread) to --out.
 
+Routing (``--routings``): the routers' own (``model``), uniform random experts (``random``), or a
+trained model's recorded routing replayed (``replay:PATH``, ``routing_replay.py``: the preset's
+layers mapped onto the trace's, all on the device, so captured steps replay it too). For every
+routing but ``model`` each budget also gets ``cache_sim``: an untimed pass of the eager greedy loop
+(``--sim-tokens`` new tokens) through a cold cache of the same slots, recording every visit (a host
+sync per layer), then that visit sequence replayed through host-backend slot caches of the same
+slots (the cache's own policy code, no GPU): Belady (the predictive policy fed the sequence
+itself), LRU and FIFO (with the per-layer fair share, as the cache runs them) and LFU, next to the
+real cache's hit rate in that pass (``real``; it differs from the replayed one of its policy only
+by loads still in flight at a later visit).
+
     python benches/host_free_decode.py --preset qwen3-30b-a3b --budgets 25%,100% --out h200_host_free_decode.json
+    python benches/host_free_decode.py --routings replay:benches/data/qwen3moe_128x8_stdlib_routing.npz,random \\
+        --batches 1,8 --budgets 25%,100% --out replay.json
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
+import sys
 import time
 
 import torch
 
 import sida_moe
 from sida_moe.decode_graph import greedy_generate
-from sida_moe.presets import build_model, build_offloaded
+from sida_moe.presets import PRESETS, build_model, build_offloaded
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from routing_replay import ReplayRouting, RoutingTraceError, load_routing_trace  # noqa: E402
 
 
-def route_randomly(model, num_experts: int) -> None:
+def route_randomly(model, num_experts: int) -> list:
     """Replace every MoE layer's routing by uniform random experts (drawn on the device, inside
-    captured steps too): no locality for any cache, the worst case for misses."""
-    for name, module in model.named_modules():
-        if name.endswith("mlp.experts"):
-            module.register_forward_pre_hook(
+    captured steps too): no locality for any cache, the worst case for misses. Returns the hooks."""
+    return [module.register_forward_pre_hook(
                 lambda m, a: (a[0], torch.randint(0, num_experts, a[1].shape, device=a[1].device, dtype=a[1].dtype), a[2]))
+            for name, module in model.named_modules() if name.endswith("mlp.experts")]
+
+
+def parse_routings(spec: str, preset: str) -> list[tuple[str, object]]:
+    """``(label, trace or None)`` per routing; a replay trace is read and checked against the
+    preset here, before minutes of model building."""
+    out = []
+    for item in spec.split(","):
+        if item in ("model", "random"):
+            out.append((item, None))
+        elif item.startswith("replay:"):
+            if any(label == "replay" for label, _ in out):
+                raise SystemExit("--routings: one replay trace per run (its rows are labelled 'replay')")
+            try:
+                trace = load_routing_trace(item.removeprefix("replay:"))
+            except RoutingTraceError as e:
+                raise SystemExit(str(e)) from None
+            cfg = PRESETS[preset].config if preset in PRESETS else {}
+            want = (cfg.get("num_experts"), cfg.get("num_experts_per_tok"))
+            if None not in want and want != (trace.num_experts, trace.top_k):
+                raise SystemExit(f"{trace.path}: recorded with {trace.num_experts} experts top-{trace.top_k}; preset "
+                                 f"{preset} has {want[0]} experts top-{want[1]}")
+            out.append(("replay", trace))
+        else:
+            raise SystemExit(f"--routings: unknown routing {item!r} (model, random or replay:PATH)")
+    return out
+
+
+def set_routing(label: str, trace, models: list, num_experts: int) -> list:
+    """Hooks that give ``models`` the routing ``label``; each model gets its own replay counter."""
+    if label == "random":
+        return [h for m in models for h in route_randomly(m, num_experts)]
+    if label == "replay":
+        return [ReplayRouting(m, trace) for m in models]
+    return []
+
+
+def cache_sim(engine, offloaded, ids: torch.Tensor, new_tokens: int, policy: str) -> dict:
+    """Untimed: the eager greedy loop through a cold cache of the same slots with every visit
+    recorded, then that visit sequence replayed through host-backend caches (module docstring)."""
+    slots = engine.num_slots
+    engine.reopen_cache(slots, policy)  # cold: the real cache and the replayed ones start alike
+    t0 = time.perf_counter()
+    forwards: list[tuple[int, int]] = []  # (first visit, tokens) of each forward
+    with torch.inference_mode(), engine.recording_acquires() as visits:
+        hook = offloaded.register_forward_pre_hook(
+            lambda m, a, kw: forwards.append((len(visits), kw["input_ids"].numel())), with_kwargs=True)
+        try:
+            greedy_generate(offloaded, ids, new_tokens, graphs=False)
+        finally:
+            hook.remove()
+    real = engine.stats()
+    record_s = time.perf_counter() - t0
+    ends = [start for start, _ in forwards[1:]] + [len(visits)]
+    steps = [(layer, experts, engine.uses_table(layer, tokens))
+             for (start, tokens), end in zip(forwards, ends) for layer, experts in visits[start:end]]
+    keys = [(layer.ordinal, e) for layer in engine.layers for e in range(layer.num_experts)]
+    rates = {"real": real["hits"] / max(1, real["hits"] + real["misses"])}
+    lookups = None
+    for name, pol in (("belady", "predictive"), ("lru", "lru"), ("fifo", "fifo"), ("lfu", "lfu")):
+        hits, misses = replay_visits(keys, slots, pol, steps, future=pol == "predictive")
+        rates[name], lookups = hits / max(1, hits + misses), hits + misses
+    return {
+        "hit_rate": rates,
+        "real_over_belady": rates["real"] / rates["belady"] if rates["belady"] else None,
+        "real_policy": policy,
+        "slots": slots,
+        "visits": len(visits),
+        "table_visits": sum(t for _, _, t in steps),
+        "lookups": lookups,
+        "real_lookups": int(real["hits"] + real["misses"]),  # the same: same visits, each expert once per visit
+        "distinct_experts": len({(l, e) for l, es in visits for e in es}),  # misses every policy pays from cold
+        "real_dropped_loads": int(real.get("routed_dropped", 0)),
+        "tokens_per_row": ids.shape[1] + new_tokens - 1,
+        "record_s": record_s,
+        "replay_s": time.perf_counter() - t0 - record_s,
+    }
+
+
+def replay_visits(keys: list, slots: int, policy: str, steps: list, future: bool) -> tuple[int, int]:
+    """(hits, misses) of a visit sequence replayed through a host-backend SlotCache (the cache's
+    own code, copies of 1-byte records done in the calling thread): ``(layer, experts, table)``
+    steps are table visits (``note_routed``: every expert counted, then each miss loaded on its
+    own, as decode layers hand them over) or acquires (prefill layers). ``future``: the
+    sequence is fed to the policy first (the predictive policy is then Belady's). ``simulate_policy``
+    runs acquires only: a decode visit's hits would not be counted before its misses evict."""
+    pool = sida_moe.ExpertPool(sida_moe.Backend("host"), [("w", 1)], keys)
+    cache = sida_moe.SlotCache(pool, slots, policy, copy_workers=0)
+    try:
+        if future:
+            cache.set_future([(layer, experts) for layer, experts, _ in steps])
+        for layer, experts, table in steps:
+            if table:
+                cache.note_routed(layer, experts)
+                cache.synchronize()  # the misses' loads, before the next visit
+            else:
+                cache.release(cache.acquire(layer, experts))
+        s = cache.stats()
+        return int(s["hits"]), int(s["misses"])
+    finally:
+        cache.close()
+        pool.close()
 
 
 def enqueue_ms(model, steps: int = 16) -> float:
@@ -69,7 +187,10 @@ def main() -> None:
     ap.add_argument("--budgets", default="25%,100%")
     ap.add_argument("--batches", default="1", help="comma-separated batch sizes")
     ap.add_argument("--routings", default="model",
-                    help="comma-separated: 'model' (the routers), 'random' (uniform random experts per token and layer: no locality)")
+                    help="comma-separated: 'model' (the routers), 'random' (uniform random experts per token and layer: "
+                         "no locality), 'replay:PATH' (a trained model's recorded routing, routing_replay.py)")
+    ap.add_argument("--sim-tokens", type=int, default=None,
+                    help="new tokens of the untimed cache-simulation pass (default --new-tokens; 0: no pass)")
     ap.add_argument("--same-weights", action="store_true",
                     help="offload a second build of the resident model (same weights) instead of building in place")
     ap.add_argument("--prompt-len", type=int, default=32)
@@ -79,6 +200,7 @@ def main() -> None:
     ap.add_argument("--experts-impl", default="batched_mm", help="resident model's transformers experts implementation")
     ap.add_argument("--out", required=True)
     args = ap.parse_args()
+    routings = parse_routings(args.routings, args.preset)
 
     device = torch.device("cuda")
     torch.manual_seed(0)
@@ -103,15 +225,21 @@ def main() -> None:
 
     print(f"built in {report['build_resident_s']:.0f} + {report['build_offloaded_s']:.0f} s; {engine.describe()}", flush=True)
 
-    for routing in args.routings.split(","):
-        if routing == "random":
-            num_experts = engine.layers[0].num_experts
-            route_randomly(resident_model, num_experts)
-            route_randomly(offloaded, num_experts)
+    for routing, trace in routings:
+        hooks = set_routing(routing, trace, [resident_model, offloaded], engine.layers[0].num_experts)
+        if trace is not None:
+            report["replay"] = {"path": trace.path, "metadata": trace.metadata, "layer_map": hooks[0].layer_map,
+                                "copies": hooks[0].copies, "weights": "the routers' top-k weights (ids replaced)"}
         args.routing = routing
         for batch in [int(b) for b in args.batches.split(",")]:
             ids = torch.randint(3, 1000, (batch, args.prompt_len), device=device, generator=torch.Generator(device).manual_seed(batch))
             run_batch(args, report, budgets, engine, resident_model, offloaded, ids)
+        for h in hooks:
+            h.remove()
+        # captured steps keep the routing they were captured with: the next routing captures anew
+        torch.cuda.synchronize(device)
+        for m in (resident_model, offloaded):
+            m.__dict__.pop("_sida_decode_steps", None)
 
 
 def run_batch(args, report, budgets, engine, resident_model, offloaded, ids) -> None:
@@ -187,6 +315,9 @@ def run_batch(args, report, budgets, engine, resident_model, offloaded, ids) -> 
         out["sida_graphed"]["zero_copy_miss_bytes_per_token"] = summary([m * expert_bytes for m in misses_per_token])
         out["sida_graphed"]["copied_bytes_per_token"] = summary(copied_per_token)
         out["engine"] = engine.describe()
+        sim_tokens = n if args.sim_tokens is None else args.sim_tokens
+        if args.routing != "model" and sim_tokens > 0:
+            out["cache_sim"] = cache_sim(engine, offloaded, ids, sim_tokens, args.policy)
         report["rows"][f"{args.routing}_bs{batch}_{budget}"] = out
         with open(args.out, "w") as f:
             json.dump(report, f, indent=1)
@@ -202,6 +333,11 @@ def run_batch(args, report, budgets, engine, resident_model, offloaded, ids) -> 
         print(f"[{args.routing} bs{batch} {budget}] sida_graphed hit rate {g['hit_rate']['median']:.3f}, zero-copy misses "
               f"{g['zero_copy_miss_bytes_per_token']['median'] / 1e6:.1f} MB/token, copied "
               f"{g['copied_bytes_per_token']['median'] / 1e6:.1f} MB/token; logits {logit_check}", flush=True)
+        if "cache_sim" in out:
+            c = out["cache_sim"]
+            print(f"[{args.routing} bs{batch} {budget}] cold-cache pass of {c['tokens_per_row']} tokens/row, {c['slots']} slots: "
+                  + ", ".join(f"{k} {v:.3f}" for k, v in c["hit_rate"].items())
+                  + f"; real/Belady {c['real_over_belady'] or 0:.2f} ({c['record_s']:.0f} s)", flush=True)
 
 
 if __name__ == "__main__":

@@ -12,6 +12,14 @@ On one H100 it trains in about three minutes. Output: ``save_pretrained`` model 
 ``split.json`` naming the held-out files.
 
     python benches/train_reference_model.py --out /tmp/ref-moe --seconds 180
+
+The 128-experts top-8 variant whose routing the 30B-shape benchmark replays
+(``record_routing_trace.py``): experts of intermediate 192, so that the active experts' width over
+the hidden size (8 x 192 / 512 = 3) is Qwen3-30B-A3B's (8 x 768 / 2048):
+
+    python benches/train_reference_model.py --out /tmp/ref-moe-128x8 --experts 128 --top-k 8 --expert-size 192 --seconds 150
+
+``--device cpu --steps N --max-files M`` is a smoke run (float32, a few files).
 """
 
 from __future__ import annotations
@@ -126,17 +134,22 @@ def tokenize(tokenizer, docs: list[tuple[str, str]], seq_len: int) -> torch.Tens
     return chunk_token_ids(ids, seq_len, separator=tokenizer.eos_token_id)
 
 
-def build_model(vocab_size: int, eos_id: int, layers: int = 8, experts: int = 32, top_k: int = 4):
+def build_model(vocab_size: int, eos_id: int, layers: int = 8, experts: int = 32, top_k: int = 4,
+                hidden: int = 512, expert_size: int = 512):
+    """Heads of 64 (``hidden // 64`` of them, half as many key-value heads)."""
     from transformers import Qwen3MoeConfig, Qwen3MoeForCausalLM
 
+    if hidden % 64:
+        raise ValueError(f"hidden must be a multiple of the head size 64, got {hidden}")
+    heads = hidden // 64
     config = Qwen3MoeConfig(
         vocab_size=vocab_size,
-        hidden_size=512,
-        intermediate_size=1024,
-        moe_intermediate_size=512,
+        hidden_size=hidden,
+        intermediate_size=2 * hidden,  # dense MLP width; unused (every layer is MoE)
+        moe_intermediate_size=expert_size,
         num_hidden_layers=layers,
-        num_attention_heads=8,
-        num_key_value_heads=4,
+        num_attention_heads=heads,
+        num_key_value_heads=max(1, heads // 2),
         head_dim=64,
         num_experts=experts,
         num_experts_per_tok=top_k,
@@ -230,14 +243,25 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--layers", type=int, default=8)
     ap.add_argument("--experts", type=int, default=32)
     ap.add_argument("--top-k", type=int, default=4)
+    ap.add_argument("--hidden", type=int, default=512, help="hidden size (a multiple of 64: heads of 64)")
+    ap.add_argument("--expert-size", type=int, default=512, help="each expert's intermediate width")
+    ap.add_argument("--vocab-size", type=int, default=8192)
+    ap.add_argument("--device", default="cuda", help="cuda, or cpu for a smoke run (float32)")
+    ap.add_argument("--steps", type=int, default=None, help="train exactly this many steps instead of --seconds")
+    ap.add_argument("--max-files", type=int, default=None,
+                    help="use at most this many train (and a tenth as many held-out) files: a smoke run")
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)
-    if not torch.cuda.is_available():
-        raise SystemExit("train_reference_model.py needs a CUDA GPU (it trains in minutes on one H100)")
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("train_reference_model.py needs a CUDA GPU (it trains in minutes on one H100); "
+                         "--device cpu is a smoke run")
 
     t0 = time.perf_counter()
     train_docs, held_docs = load_stdlib_split()
-    tokenizer = train_tokenizer([text for _, text in train_docs])
+    if args.max_files is not None:
+        train_docs, held_docs = train_docs[: args.max_files], held_docs[: max(1, args.max_files // 10)]
+    tokenizer = train_tokenizer([text for _, text in train_docs], vocab_size=args.vocab_size)
     train_ids = tokenize(tokenizer, train_docs, args.seq_len)
     held_ids = tokenize(tokenizer, held_docs, args.seq_len)
     prep_seconds = time.perf_counter() - t0
@@ -245,12 +269,13 @@ def main(argv: list[str] | None = None) -> dict:
           f"({held_ids.numel()} tokens); tokenizer in {prep_seconds:.0f}s", flush=True)
 
     torch.manual_seed(args.seed)
-    model = build_model(len(tokenizer), tokenizer.eos_token_id, args.layers, args.experts, args.top_k)
-    info = train(model, train_ids, args.seconds, args.batch_size, seed=args.seed)
+    model = build_model(len(tokenizer), tokenizer.eos_token_id, args.layers, args.experts, args.top_k,
+                        args.hidden, args.expert_size)
+    info = train(model, train_ids, args.seconds, args.batch_size, seed=args.seed, device=str(device), steps=args.steps)
 
     model.eval()
-    with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
-        held_losses = [float(model(input_ids=held_ids[i : i + 16].cuda(), labels=held_ids[i : i + 16].cuda()).loss)
+    with torch.no_grad(), _autocast(device):
+        held_losses = [float(model(input_ids=held_ids[i : i + 16].to(device), labels=held_ids[i : i + 16].to(device)).loss)
                        for i in range(0, min(len(held_ids), 256), 16)]
     info["held_out_loss"] = sum(held_losses) / len(held_losses)
     model.config.output_router_logits = False
@@ -263,6 +288,8 @@ def main(argv: list[str] | None = None) -> dict:
         "train_tokens": int(train_ids.numel()),
         "held_out_tokens": int(held_ids.numel()),
         "seq_len": args.seq_len,
+        "model": {"layers": args.layers, "experts": args.experts, "top_k": args.top_k, "hidden": args.hidden,
+                  "expert_size": args.expert_size, "vocab_size": len(tokenizer)},
         "num_parameters": sum(p.numel() for p in model.parameters()),
         "prep_seconds": prep_seconds,
         **info,
@@ -274,4 +301,8 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    from predictor_common import import_predictor_package
+
+    import_predictor_package()  # the split needs sida_moe.predictor only: runs without the native runtime too
     main()
