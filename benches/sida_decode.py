@@ -68,9 +68,9 @@ def main() -> None:
     ap.add_argument("--budget", default="25%")
     ap.add_argument("--batches", default="1,8")
     ap.add_argument("--dtype", default="bfloat16")
-    ap.add_argument("--resident-experts", default=None,
-                    help="transformers experts implementation of the resident model (eager: the op-by-op "
-                         "twin of the offloaded kernels, for a token-by-token comparison)")
+    ap.add_argument("--reference", action="store_true",
+                    help="also compare every system's tokens with transformers' own generate on the checkpoint "
+                         "with its eager experts loop (the op-by-op twin of the offloaded kernels)")
     ap.add_argument("--prompt-len", type=int, default=64)
     ap.add_argument("--new-tokens", type=int, default=128)
     ap.add_argument("--rounds", type=int, default=5)
@@ -83,8 +83,10 @@ def main() -> None:
     dtype = getattr(torch, args.dtype)
     tokenizer = AutoTokenizer.from_pretrained(args.model)
     resident = AutoModelForCausalLM.from_pretrained(args.model, dtype=dtype).to(device).eval()
-    if args.resident_experts:
-        resident.set_experts_implementation(args.resident_experts)
+    reference = None
+    if args.reference:
+        reference = AutoModelForCausalLM.from_pretrained(args.model, dtype=dtype).to(device).eval()
+        reference.set_experts_implementation("eager")
     none = from_pretrained(args.model, args.budget, args.dtype, device, "lru", "none")
     sida = from_pretrained(args.model, args.budget, args.dtype, device, "predictive", load_prefetcher(args.model))
     engines = {"none_lru": sida_moe.engine_of(none), "sida": sida_moe.engine_of(sida)}
@@ -99,6 +101,10 @@ def main() -> None:
             "sida": lambda n, ids=ids: sida.generate(ids, max_new_tokens=n, do_sample=False, sida_graphs=True),
         }
         n = args.new_tokens
+        want = None
+        if reference is not None:
+            with torch.inference_mode():
+                want = reference.generate(ids, max_new_tokens=n, do_sample=False)[:, args.prompt_len :].tolist()
         rows = {name: {"decode_ms": [], "hit_rate": [], "recall": [], "precision": [], "copied": [], "misses": []}
                 for name in systems}
         tokens = {}
@@ -136,6 +142,9 @@ def main() -> None:
                          "same_tokens_as_resident": tokens[name] == tokens["resident_graphed"],
                          "tokens_equal_to_resident_per_row": [_agree(a, b) for a, b in zip(tokens[name], tokens["resident_graphed"])],
                          "same_tokens_as_none_lru": tokens[name] == tokens["none_lru"],
+                         "same_tokens_as_reference": None if want is None else tokens[name] == want,
+                         "tokens_equal_to_reference_per_row": None if want is None else
+                         [_agree(a, b) for a, b in zip(tokens[name], want)],
                          "host_enqueue_ms_per_step": enqueue_ms(resident if name == "resident_graphed"
                                                                 else none if name == "none_lru" else sida)}
             for key in ("hit_rate", "recall", "precision", "misses", "copied"):
@@ -152,7 +161,8 @@ def main() -> None:
             print(f"[bs{batch} {args.budget}] {name}: {o['decode_tokens_per_s']['median']:.1f} tok/s "
                   f"({o['decode_tokens_per_s']['min']:.1f}-{o['decode_tokens_per_s']['max']:.1f}){extra}, "
                   f"same tokens as resident {o['same_tokens_as_resident']} (equal prefix per row "
-                  f"{o['tokens_equal_to_resident_per_row']}), as none_lru {o['same_tokens_as_none_lru']}", flush=True)
+                  f"{o['tokens_equal_to_resident_per_row']}), as none_lru {o['same_tokens_as_none_lru']}, as the eager "
+                  f"reference {o['same_tokens_as_reference']} {o['tokens_equal_to_reference_per_row']}", flush=True)
         print(f"[bs{batch} {args.budget}] sida / none_lru: {out['sida_over_none']:.3f}x", flush=True)
 
 

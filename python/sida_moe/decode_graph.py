@@ -14,6 +14,7 @@ test oracle). ``sida_moe.offload`` routes ``model.generate`` here for the calls 
 from __future__ import annotations
 
 import functools
+import gc
 import statistics
 import time
 from dataclasses import dataclass
@@ -167,10 +168,19 @@ def _capture(model: nn.Module, engine, step: _Step) -> None:
     if engine is not None:
         engine.quiesce()
     graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph, capture_error_mode="thread_local"):
-        _forward_step(model, step)
-        if engine is not None:
-            step.visits = engine.take_captured_visits()
+    # no garbage collection while capturing: a collected native object (an engine nobody closed)
+    # would synchronize or free pinned memory on this thread and invalidate the capture
+    gc.collect()
+    collecting = gc.isenabled()
+    gc.disable()
+    try:
+        with torch.cuda.graph(graph, capture_error_mode="thread_local"):
+            _forward_step(model, step)
+            if engine is not None:
+                step.visits = engine.take_captured_visits()
+    finally:
+        if collecting:
+            gc.enable()
     step.graph = graph
     if engine is not None:
         engine.cache.set_reader_stream(torch.cuda.current_stream(engine.device).cuda_stream)
