@@ -68,6 +68,8 @@ def main() -> None:
     ap.add_argument("--budget", default="25%")
     ap.add_argument("--batches", default="1,8")
     ap.add_argument("--dtype", default="bfloat16")
+    ap.add_argument("--experts-impl", default="batched_mm",
+                    help="resident model's transformers experts implementation (batched_mm captures in every dtype)")
     ap.add_argument("--reference", action="store_true",
                     help="also compare every system's tokens with transformers' own generate on the checkpoint "
                          "with its eager experts loop (the op-by-op twin of the offloaded kernels)")
@@ -83,6 +85,7 @@ def main() -> None:
     dtype = getattr(torch, args.dtype)
     tokenizer = AutoTokenizer.from_pretrained(args.model)
     resident = AutoModelForCausalLM.from_pretrained(args.model, dtype=dtype).to(device).eval()
+    resident.set_experts_implementation(args.experts_impl)
     reference = None
     if args.reference:
         reference = AutoModelForCausalLM.from_pretrained(args.model, dtype=dtype).to(device).eval()
