@@ -235,10 +235,10 @@ def test_engine_metrics_stall_is_the_gpu_wait_and_acquire_is_reported_beside_it(
     assert cuda["acquire_stream_seconds"] == 0.3 and cuda["acquire_stream_fraction"] == pytest.approx(0.3)
     assert cuda["stream_waits"] == 5.0 and cuda["pcie_mb_per_token"] == pytest.approx(1.0)
     # the predictor's figures it reports, and none of those it does not (its metrics change)
-    assert "predictor_corrections" not in cuda
-    sida = _engine_metrics({"prefetch_late_fraction": 0.25, "prefetch_hit_rate": 0.5}, 7, 1.0)
-    assert sida["predictor_late_fraction"] == 0.25 and sida["predictor_recall"] == 0.5
-    assert "predictor_graph_steps" not in sida and "predictor_precision" not in sida
+    assert "predictor_recall" not in cuda
+    sida = _engine_metrics({"prefetch_scored_experts": 12.0, "prefetch_hit_rate": 0.5}, 7, 1.0)
+    assert sida["predictor_scored_experts"] == 12.0 and sida["predictor_recall"] == 0.5
+    assert "predictor_precision" not in sida
     host = _engine_metrics({"host_stall_seconds": 0.2, "stream_waits": 0.0}, 7, 1.0)
     assert host["stall_seconds"] == 0.2 and host["stall_fraction"] == pytest.approx(0.2)
     assert host["acquire_stream_seconds"] is None and host["acquire_stream_fraction"] is None

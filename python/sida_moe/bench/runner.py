@@ -291,12 +291,10 @@ def _engine_metrics(s: dict[str, Any], tokens: int, seconds: float) -> dict[str,
         "acquire_stream_fraction": acquire / seconds if acquire is not None and seconds > 0 else None,
         "num_slots": s.get("num_slots"),
         "slot_gib": s.get("slot_bytes", 0.0) / 2**30,
-        # the run-ahead predictor's own figures, those it reports (absent for other prefetchers):
-        # share of layers that ran before its prediction was ready, its hit rate on the rest, ...
+        # the prefetcher's own scores of its predictions, those it reports (absent for others)
         **{name: s[f"prefetch_{key}"] for key, name in (
-            ("late_fraction", "predictor_late_fraction"), ("hit_rate", "predictor_recall"),
-            ("precision", "predictor_precision"), ("predictor_ms_per_token", "predictor_ms_per_token"),
-            ("corrections", "predictor_corrections"), ("graph_steps", "predictor_graph_steps"))
+            ("hit_rate", "predictor_recall"), ("precision", "predictor_precision"),
+            ("scored_experts", "predictor_scored_experts"))
             if f"prefetch_{key}" in s},
     }
 

@@ -127,7 +127,7 @@ class HashRouting:
             if x.dim() == 2:
                 x = x.unsqueeze(0)
             mask = self._attention_mask
-            # the prompt's padding is masked out of the predictor's attention (as in the run-ahead thread)
+            # the prompt's padding is masked out of the predictor's attention (as the prefetcher does)
             mask = mask[..., -x.shape[1]:].to(x.device) if mask is not None and mask.dim() == 2 and x.shape[1] > 1 else None
             logits, state = p(x, self._state if self.stateful else None, mask)
         if self.stateful:
