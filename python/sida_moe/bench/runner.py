@@ -306,7 +306,10 @@ def decode_cache_metrics(first: dict[str, Any], full: dict[str, Any], steps: int
     expert's bytes once over the host link: in place (zero-copy) on the expert-table path, as a
     copy into a slot on the acquire path; ``copied`` is what the copy engines moved (demand loads
     of misses, prefetches). ``decode_eager_steps``: steps run as model forwards, not graph replays."""
-    d = {k: float(full.get(k, 0.0)) - float(first.get(k, 0.0)) for k in ("hits", "misses", "bytes_copied", "forwards")}
+    # the two prefills meet different cache contents, so a difference can dip below zero when the
+    # decode part is small: counted as zero
+    d = {k: max(float(full.get(k, 0.0)) - float(first.get(k, 0.0)), 0.0)
+         for k in ("hits", "misses", "bytes_copied", "forwards")}
     lookups = d["hits"] + d["misses"]
     return {
         "decode_hit_rate": d["hits"] / lookups if lookups > 0 else None,
@@ -401,8 +404,6 @@ def run_bench(cfg: BenchConfig) -> list[dict[str, Any]]:
 
     cfg.validate()
     baselines, plots, note = optional_parts(cfg)
-    if note:
-        print(f"sida-moe bench: note: {note}", file=sys.stderr, flush=True)
     device = bench_device(cfg)
     dtype = getattr(torch, cfg.dtype) if cfg.dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)
     rows: list[dict[str, Any]] = []
@@ -410,6 +411,8 @@ def run_bench(cfg: BenchConfig) -> list[dict[str, Any]]:
 
     sample = cfg.model in PRESETS if cfg.sample is None else cfg.sample
     model = _load_model(cfg, device, dtype)
+    if note:  # once the model loaded: a bad checkpoint stays one line
+        print(f"sida-moe bench: note: {note}", file=sys.stderr, flush=True)
     out_dir = Path(cfg.out_dir) if cfg.out_dir else None
     if out_dir:
         out_dir.mkdir(parents=True, exist_ok=True)
