@@ -92,7 +92,9 @@ class NextLayerGate:
     the experts it picks.
 
     Needs no training. Costs one router call and one host sync per layer; it is skipped when the
-    cache holds every expert (nothing left to prefetch). Its hit rate (fraction of the experts layer
+    cache holds every expert (nothing left to prefetch). Its syncs cannot be captured, so in a
+    decode step replayed from a CUDA graph it does nothing (it still prefetches for prompts and
+    for eager decode steps). Its hit rate (fraction of the experts layer
     L+1 really used that were predicted) and precision are counted on the host from the expert
     lists the engine already has (``engine.routed_experts``) and read by ``metrics()``.
     """
