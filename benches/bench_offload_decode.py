@@ -101,6 +101,10 @@ def test_decode_stall_vs_acquire_window(benchmark, setup):
     rows.clear()
     benchmark.pedantic(one_round, rounds=10)
     engine.close()
+    # what the engine guarantees of the measured seconds (moved from tests/test_offload_gpu.py):
+    # never negative, and no wait seconds without a timed wait
+    assert all(r["stream_wait_seconds"] >= 0.0 and r["acquire_stream_seconds"] >= 0.0 for r in rows), rows
+    assert all(r["stream_waits"] > 0 or r["stream_wait_seconds"] == 0.0 for r in rows), rows
     stall = [1e3 * r["stream_wait_seconds"] for r in rows]
     window = [1e3 * r["acquire_stream_seconds"] for r in rows]
     benchmark.extra_info.update(

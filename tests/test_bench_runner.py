@@ -9,7 +9,34 @@ import torch
 from sida_moe.bench.runner import BenchConfig, run_bench
 
 
-def test_bench_runs_all_systems_and_oracle_bounds_lru(tmp_path):
+class FakeClock:
+    """A clock for the timing code under test: read number i returns i**2 ms, so each timed
+    interval is positive and a later call lasts longer than an earlier one (t(N) > t(1)) -- every
+    figure is then a fixed function of the reads, not of how fast this machine ran (speed is
+    measured by the benchmarks, not asserted here)."""
+
+    def __init__(self) -> None:
+        self.reads = 0
+
+    def perf_counter(self) -> float:
+        self.reads += 1
+        return 1e-3 * self.reads**2
+
+    process_time = perf_counter
+
+
+@pytest.fixture
+def fake_clock(monkeypatch):
+    import sida_moe.bench.timing as timing
+    import sida_moe.decode_graph as decode_graph
+
+    clock = FakeClock()
+    monkeypatch.setattr(timing, "time", clock)
+    monkeypatch.setattr(decode_graph, "time", clock)
+    return clock
+
+
+def test_bench_runs_all_systems_and_oracle_bounds_lru(tmp_path, fake_clock):
     cfg = BenchConfig(
         model="qwen3-moe-tiny", device="cpu", budgets=(0.25,), policies=("lru", "fifo", "belady"),
         predictors=("none", "next_layer_gate"), baselines=("resident", "ondemand_lru", "sida_sync"),
@@ -314,7 +341,7 @@ def test_the_bound_and_each_rows_fraction_of_it():
     assert rows[1]["bound_tokens_per_s"] is None and rows[1]["fraction_of_bound"] is None
 
 
-def test_zero_copy_probe_reads_the_pool_through_the_table_kernels():
+def test_zero_copy_probe_reads_the_pool_through_the_table_kernels(fake_clock):
     """On the host backend the probe runs the same calls (it measures host memory there; the bench
     uses it on CUDA only)."""
     import math
@@ -375,7 +402,7 @@ def test_resident_graphed_needs_cuda_and_unpadded_prompts():
     assert optional_parts(BenchConfig(device="cuda", baselines=("resident_graphed",))) == (("resident_graphed",), False, None)
 
 
-def test_replay_probe_times_launch_and_hand_over_of_the_captured_step():
+def test_replay_probe_times_launch_and_hand_over_of_the_captured_step(fake_clock):
     """The host-cost probe of a replayed step: each replay is a launch and one routing hand-over to
     the engine, from positions reset so that extra replays stay inside the static cache (the
     graph here is a stand-in: a CPU captures none)."""
@@ -398,8 +425,11 @@ def test_replay_probe_times_launch_and_hand_over_of_the_captured_step():
     step.visits = ([0, 1], 8)
     handed = []
     engine.end_replayed_forward = lambda visits, width: handed.append((visits, width))
+    reads = fake_clock.reads
     seconds = replay_host_seconds(model, 1, steps=5)
-    assert seconds is not None and 0 < seconds < 1
+    # two clock reads around each replay: intervals (2j+1) ms for read pairs (reads + 2i, + 1); median
+    intervals = sorted(1e-3 * ((reads + 2 * i + 2) ** 2 - (reads + 2 * i + 1) ** 2) for i in range(5))
+    assert seconds == pytest.approx(intervals[2])
     assert calls == [("replay", 0, 0)] * 5 and handed == [([0, 1], 8)] * 5
     assert replay_host_seconds(model, 2) is None  # no step of that batch size
     engine.close()
