@@ -66,29 +66,9 @@ EXCLUDED_DIRS = ("test", "tests", "idle_test")
 
 
 def build_model(vocab_size: int, eos_id: int, layers: int, hidden: int, experts: int, top_k: int, expert_size: int):
-    from transformers import Qwen3MoeConfig, Qwen3MoeForCausalLM
-
-    config = Qwen3MoeConfig(
-        vocab_size=vocab_size,
-        hidden_size=hidden,
-        intermediate_size=4 * hidden,  # dense MLP width; unused (every layer is MoE)
-        moe_intermediate_size=expert_size,
-        num_hidden_layers=layers,
-        num_attention_heads=max(1, hidden // 32),
-        num_key_value_heads=max(1, hidden // 64),
-        head_dim=32,
-        num_experts=experts,
-        num_experts_per_tok=top_k,
-        norm_topk_prob=True,
-        max_position_embeddings=1024,
-        output_router_logits=True,
-        router_aux_loss_coef=0.01,
-        tie_word_embeddings=True,
-        bos_token_id=eos_id,
-        eos_token_id=eos_id,
-        pad_token_id=eos_id,
-    )
-    return Qwen3MoeForCausalLM(config)
+    """The reference model's recipe at this size: heads of 32, tied embeddings."""
+    return ref.build_model(vocab_size, eos_id, layers=layers, experts=experts, top_k=top_k, hidden=hidden,
+                           expert_size=expert_size, head_dim=32, dense_width=4 * hidden, tie_embeddings=True)
 
 
 def mean_loss(model, ids: torch.Tensor, device: torch.device, batch: int = 32) -> float:

@@ -135,29 +135,31 @@ def tokenize(tokenizer, docs: list[tuple[str, str]], seq_len: int) -> torch.Tens
 
 
 def build_model(vocab_size: int, eos_id: int, layers: int = 8, experts: int = 32, top_k: int = 4,
-                hidden: int = 512, expert_size: int = 512):
-    """Heads of 64 (``hidden // 64`` of them, half as many key-value heads)."""
+                hidden: int = 512, expert_size: int = 512, head_dim: int = 64, dense_width: int | None = None,
+                tie_embeddings: bool = False):
+    """Heads of ``head_dim`` (``hidden // head_dim`` of them, half as many key-value heads);
+    ``dense_width``: the config's dense MLP width (default 2 x hidden; unused, every layer is MoE)."""
     from transformers import Qwen3MoeConfig, Qwen3MoeForCausalLM
 
-    if hidden % 64:
-        raise ValueError(f"hidden must be a multiple of the head size 64, got {hidden}")
-    heads = hidden // 64
+    if hidden % head_dim:
+        raise ValueError(f"hidden must be a multiple of the head size {head_dim}, got {hidden}")
+    heads = hidden // head_dim
     config = Qwen3MoeConfig(
         vocab_size=vocab_size,
         hidden_size=hidden,
-        intermediate_size=2 * hidden,  # dense MLP width; unused (every layer is MoE)
+        intermediate_size=dense_width or 2 * hidden,
         moe_intermediate_size=expert_size,
         num_hidden_layers=layers,
         num_attention_heads=heads,
         num_key_value_heads=max(1, heads // 2),
-        head_dim=64,
+        head_dim=head_dim,
         num_experts=experts,
         num_experts_per_tok=top_k,
         norm_topk_prob=True,
         max_position_embeddings=1024,
         output_router_logits=True,
         router_aux_loss_coef=0.01,
-        tie_word_embeddings=False,
+        tie_word_embeddings=tie_embeddings,
         bos_token_id=eos_id,
         eos_token_id=eos_id,
         pad_token_id=eos_id,

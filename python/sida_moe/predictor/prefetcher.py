@@ -119,10 +119,10 @@ class SidaPrefetcher:
             return
         if self._ahead:
             self._ahead = False  # predicted at the end of the previous step
-            self._decode_forwards += 1
+            self._decoded = True
             return
         rows = self._predict_token(x)
-        self._decode_forwards += 1
+        self._decoded = True
         self._submit(engine, rows)
 
     def predict_ahead(self, next_embeds: torch.Tensor) -> None:
@@ -143,7 +143,7 @@ class SidaPrefetcher:
                 raise RuntimeError("a replayed step predicted through a decoder this prefetcher no longer holds")
             self._decoder.advance()
             self._seen += 1
-            self._decode_forwards += 1
+            self._decoded = True
         self._submit(engine, self._rows)
 
     def after_routing(self, moe_layer: int, hidden: torch.Tensor, topk_ids: torch.Tensor) -> None:
@@ -209,7 +209,7 @@ class SidaPrefetcher:
         self._logits: torch.Tensor | None = None  # [L, T, E] of the forward being run
         self._rows: torch.Tensor | None = None  # [L, T * k] ids of the last predict_ahead
         self._ahead = False
-        self._decode_forwards = 0  # decode forwards of this sequence (their routing is in the ring)
+        self._decoded = False  # a decode forward of this sequence ran: its routing is in the ring
 
     def _predict_prompt(self, engine: OffloadEngine, x: torch.Tensor, attention_mask: torch.Tensor | None) -> None:
         batch, seq = x.shape[:2]
@@ -221,7 +221,7 @@ class SidaPrefetcher:
             ids = logits.topk(self.k, dim=-1).indices
         L, E = logits.shape[0], logits.shape[-1]
         self._logits = logits.reshape(L, batch * seq, E)
-        self._fresh, self._batch, self._ahead, self._decode_forwards = False, batch, False, 0
+        self._fresh, self._batch, self._ahead, self._decoded = False, batch, False, False
         self._rows = None
         capacity, self._next_capacity = self._next_capacity or DEFAULT_CAPACITY, None
         decoder = self._decoder_for(batch, capacity)
@@ -255,7 +255,7 @@ class SidaPrefetcher:
         input), read from the engine's routing ring; None for other predictors or before any
         decode forward of the sequence."""
         cfg = self.predictor.config
-        if not cfg.prev_token_routing or self._decode_forwards == 0:
+        if not cfg.prev_token_routing or not self._decoded:
             return None
         ids = self._require_engine().routed_ids(batch)  # [L, B, k], -1 for skipped pairs
         if ids is None:
