@@ -92,3 +92,17 @@ def greedy(model: torch.nn.Module, ids: torch.Tensor, mask: torch.Tensor, new_to
 
 # documented logit tolerances, relative to the largest |logit|, offloaded vs eager original
 LOGIT_RTOL = {torch.float32: 1e-5, torch.bfloat16: 2e-2, torch.float16: 5e-3}
+
+
+def save_with_letter_tokenizer(model: torch.nn.Module, directory):
+    """Save ``model`` with a one-letter-per-token tokenizer (a-z, then ``<eos>``) beside it: a
+    checkpoint the CLI can trace text through. Returns ``directory``."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {chr(ord("a") + i): i for i in range(26)} | {"<eos>": 26}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<eos>"))
+    tok.pre_tokenizer = pre_tokenizers.Split("", "isolated")
+    model.save_pretrained(directory)
+    PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>", unk_token="<eos>").save_pretrained(directory)
+    return directory

@@ -11,24 +11,15 @@ import math
 import pytest
 import torch
 
+from _moe_models import save_with_letter_tokenizer
 from sida_moe.predictor import TrainConfig, load_traces, record_traces, train_predictor
 from sida_moe.predictor.model import HashPredictor, PredictorConfig
 from sida_moe.predictor.train import TRAIN_PRESETS, hash_routing_loss, scaled_widths
+from test_predictor import tiny_qwen3
 
 
-def _model(hidden: int = 32, seed: int = 0):
-    from transformers import Qwen3MoeConfig, Qwen3MoeForCausalLM
-
-    cfg = Qwen3MoeConfig(vocab_size=64, hidden_size=hidden, intermediate_size=64, moe_intermediate_size=16,
-                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=8,
-                         num_experts=8, num_experts_per_tok=2, norm_topk_prob=True, max_position_embeddings=128)
-    torch.manual_seed(seed)
-    model = Qwen3MoeForCausalLM(cfg).eval()
-    with torch.no_grad():  # larger weights: routing without ties
-        for p in model.parameters():
-            if p.dim() >= 2:
-                p.normal_(0.0, 0.2)
-    return model
+def _model(seed: int = 0):
+    return tiny_qwen3(seed=seed, layers=2)
 
 
 @pytest.fixture(scope="module")
@@ -180,18 +171,9 @@ def test_train_report_and_cli_give_hash_routing_loss(model, traces, tmp_path, ca
 
 
 def test_train_predictor_cli_reports_limits_presets_and_hash_routing(tmp_path, capsys):
-    from transformers import PreTrainedTokenizerFast
-    from tokenizers import Tokenizer, models, pre_tokenizers
-
     from sida_moe.cli import main
 
-    model = _model(seed=3)
-    vocab = {chr(ord("a") + i): i for i in range(26)} | {"<eos>": 26}
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="<eos>"))
-    tok.pre_tokenizer = pre_tokenizers.Split("", "isolated")
-    model_dir = tmp_path / "model"
-    model.save_pretrained(model_dir)
-    PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>", unk_token="<eos>").save_pretrained(model_dir)
+    model_dir = save_with_letter_tokenizer(_model(seed=3), tmp_path / "model")
     corpus = tmp_path / "corpus"
     corpus.mkdir()
     for i in range(4):

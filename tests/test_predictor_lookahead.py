@@ -22,6 +22,7 @@ from sida_moe.predictor import (
     train_predictor,
 )
 
+from _moe_models import save_with_letter_tokenizer
 from test_predictor import tiny_qwen3
 
 
@@ -291,18 +292,9 @@ def test_lookahead_errors(full_trace_dir):
 
 
 def test_cli_trains_the_heads_when_the_trace_has_router_inputs(tmp_path, capsys):
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
     from sida_moe.cli import main
 
-    model = tiny_qwen3(seed=3)
-    vocab = {chr(ord("a") + i): i for i in range(26)} | {"<eos>": 26}
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="<eos>"))
-    tok.pre_tokenizer = pre_tokenizers.Split("", "isolated")
-    model_dir = tmp_path / "model"
-    model.save_pretrained(model_dir)
-    PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>", unk_token="<eos>").save_pretrained(model_dir)
+    model_dir = save_with_letter_tokenizer(tiny_qwen3(seed=3), tmp_path / "model")
     corpus = tmp_path / "corpus"
     corpus.mkdir()
     for i in range(6):
