@@ -142,6 +142,23 @@ def layer_map(num_layers: int, trace_layers: int) -> list[tuple[int, int]]:
     return out
 
 
+def decode_visits(trace: RoutingTrace, num_layers: int, batch: int, steps: int, start: int = 0) -> list[tuple[int, list[int]]]:
+    """The cache's visits of ``steps`` replayed decode steps of ``batch`` rows, computed on the
+    host: ``(layer, distinct experts)`` per MoE layer per step, the union of the rows' ids, with
+    the mapping of the module docstring from position ``start``. For policy studies without a
+    model (``simulate_policy``); ``ReplayRouting`` gives a model the same ids."""
+    mapping = layer_map(num_layers, trace.layers)
+    copies = max(c for _, c in mapping) + 1
+    offsets = np.arange(batch)[:, None] * copies + np.arange(copies)[None, :]  # [B, C]
+    offsets = offsets * trace.tokens // (batch * copies)
+    out = []
+    for s in range(steps):
+        rows = (start + s + offsets) % trace.tokens
+        for layer, (t, c) in enumerate(mapping):
+            out.append((layer, np.unique(trace.topk_ids[rows[:, c], t]).tolist()))
+    return out
+
+
 class ReplayRouting:
     """Forward pre-hooks on a model's MoE blocks: every experts module gets the trace's ids
     (mapping in the module docstring). ``position`` ([1] int64 on the model's device) counts the

@@ -22,11 +22,12 @@ import routing_replay as rr  # noqa: E402
 
 
 def test_a_table_visit_counts_its_hits_before_its_misses_evict():
-    """Decode layers hand a visit over whole: its hits stay, its misses then load one by one
-    (an acquire would need every expert resident at once)."""
+    """Decode layers hand a visit over whole: its hits stay, its admitted misses then load (an
+    acquire would need every expert resident at once)."""
     keys = [(0, e) for e in range(4)]
     table = [(0, [0, 1, 2, 3], True), (0, [0, 1], True)]
-    assert bench.replay_visits(keys, 3, "lru", table, future=False) == (1, 5)  # 1 survives 3's load
+    # 3 slots: 0, 1, 2 take the free ones; 3, used no more than they were, evicts none of them
+    assert bench.replay_visits(keys, 3, "lru", table, future=False) == (2, 4)
     assert bench.replay_visits(keys, 4, "lru", [(0, [0, 1, 2, 3], False), (0, [3, 1], False)], future=False) == (2, 4)
 
 

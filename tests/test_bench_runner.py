@@ -257,16 +257,19 @@ def test_engine_metrics_stall_is_the_gpu_wait_and_acquire_is_reported_beside_it(
     from sida_moe.bench.runner import _engine_metrics
 
     cuda = _engine_metrics({"stream_wait_seconds": 0.1, "acquire_stream_seconds": 0.3,
-                            "host_stall_seconds": 0.7, "stream_waits": 5.0, "bytes_copied": 7e6}, 7, 1.0)
+                            "host_stall_seconds": 0.7, "stream_waits": 5.0, "bytes_copied": 7e6}, 7, 1.0, 10**6)
     assert cuda["stall_seconds"] == 0.1 and cuda["stall_fraction"] == pytest.approx(0.1)
     assert cuda["acquire_stream_seconds"] == 0.3 and cuda["acquire_stream_fraction"] == pytest.approx(0.3)
     assert cuda["stream_waits"] == 5.0 and cuda["pcie_mb_per_token"] == pytest.approx(1.0)
     # the predictor's figures it reports, and none of those it does not (its metrics change)
     assert "predictor_recall" not in cuda
-    sida = _engine_metrics({"prefetch_scored_experts": 12.0, "prefetch_hit_rate": 0.5}, 7, 1.0)
+    # the link carries copies and the experts that table misses read in place
+    zero_copy = _engine_metrics({"bytes_copied": 7e6, "routed_misses": 2.0}, 7, 1.0, 35 * 10**5)
+    assert zero_copy["pcie_mb_per_token"] == pytest.approx(2.0)
+    sida = _engine_metrics({"prefetch_scored_experts": 12.0, "prefetch_hit_rate": 0.5}, 7, 1.0, 10**6)
     assert sida["predictor_scored_experts"] == 12.0 and sida["predictor_recall"] == 0.5
     assert "predictor_precision" not in sida
-    host = _engine_metrics({"host_stall_seconds": 0.2, "stream_waits": 0.0}, 7, 1.0)
+    host = _engine_metrics({"host_stall_seconds": 0.2, "stream_waits": 0.0}, 7, 1.0, 10**6)
     assert host["stall_seconds"] == 0.2 and host["stall_fraction"] == pytest.approx(0.2)
     assert host["acquire_stream_seconds"] is None and host["acquire_stream_fraction"] is None
 
@@ -421,7 +424,15 @@ def test_replay_probe_times_launch_and_hand_over_of_the_captured_step(fake_clock
         def replay(self):
             calls.append(("replay", int(step.position), int(step.index)))
 
+    class Fence:  # the completion events that bound the replays in flight
+        def synchronize(self):
+            calls.append("wait")
+
+        def record(self):
+            calls.append("record")
+
     step.graph = Graph()
+    step.fences = [Fence(), Fence()]
     step.visits = ([0, 1], 8)
     handed = []
     engine.end_replayed_forward = lambda visits, width: handed.append((visits, width))
@@ -430,6 +441,6 @@ def test_replay_probe_times_launch_and_hand_over_of_the_captured_step(fake_clock
     # two clock reads around each replay: intervals (2j+1) ms for read pairs (reads + 2i, + 1); median
     intervals = sorted(1e-3 * ((reads + 2 * i + 2) ** 2 - (reads + 2 * i + 1) ** 2) for i in range(5))
     assert seconds == pytest.approx(intervals[2])
-    assert calls == [("replay", 0, 0)] * 5 and handed == [([0, 1], 8)] * 5
+    assert calls == ["wait", ("replay", 0, 0), "record"] * 5 and handed == [([0, 1], 8)] * 5
     assert replay_host_seconds(model, 2) is None  # no step of that batch size
     engine.close()

@@ -237,3 +237,40 @@ def test_recorded_visits_include_table_layers_and_make_the_predictive_policy_bel
     assert len(trace) == 12 * len(sida_moe.engine_of(sida_moe.offload(copy.deepcopy(original), gpu_budget=1.0)).layers)
     belady, _ = run("predictive", trace)
     assert belady["misses"] <= lru["misses"]
+
+
+class _SlowGraph:
+    """A captured step made slow on the device (a spin kernel before each replay), recording at
+    each launch how many earlier replays had not finished yet."""
+
+    def __init__(self, graph, cycles):
+        self.graph, self.cycles, self.done, self.unfinished = graph, cycles, [], []
+
+    def replay(self):
+        self.unfinished.append(sum(not e.query() for e in self.done))
+        torch.cuda._sleep(self.cycles)
+        self.graph.replay()
+        e = torch.cuda.Event()
+        e.record()
+        self.done.append(e)
+
+
+@pytest.mark.gpu
+def test_graphed_decode_queues_at_most_two_replays():
+    """An evicted slot is refilled only after every replay queued when it was evicted: the loop
+    keeps two replays queued (one running, the next waiting), never the whole call, so copies
+    land within the call however slow a step is."""
+    from sida_moe import decode_graph
+
+    original = tiny_model("qwen3_moe", torch.float16).cuda()
+    offloaded = sida_moe.offload(copy.deepcopy(original), gpu_budget="25%", policy="lru", prefetch="none")
+    ids = _prompt(length=6).cuda()
+    with torch.inference_mode():
+        want = offloaded.generate(ids, max_new_tokens=12, do_sample=False, sida_graphs=True)
+        (step,) = [s for s in offloaded._sida_decode_steps.values() if s.graph is not None]
+        slow = step.graph = _SlowGraph(step.graph, cycles=20_000_000)  # ~10 ms per replay
+        got = offloaded.generate(ids, max_new_tokens=12, do_sample=False, sida_graphs=True)
+    torch.cuda.synchronize()
+    assert torch.equal(got, want)
+    assert len(slow.unfinished) == 11  # every decode step after the first token is a replay
+    assert max(slow.unfinished) <= decode_graph.REPLAYS_IN_FLIGHT - 1, slow.unfinished

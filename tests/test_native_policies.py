@@ -75,7 +75,7 @@ def test_predictive_without_future_still_counts_correctly():
 def test_evictions_equal_misses_beyond_capacity():
     trace = [(0, [i]) for i in range(10)]
     r = sm.simulate_policy("lru", 3, trace)
-    assert r == {"hits": 0, "misses": 10, "evictions": 7}
+    assert r == {"hits": 0, "misses": 10, "evictions": 7, "loads": 10}
 
 
 def _filled_pool(backend, layers, experts, nbytes=512):

@@ -330,8 +330,12 @@ def simulate_policy(
     num_slots: int,
     trace: Sequence[tuple[int, Sequence[int]]],
     future: bool = True,
+    path: Literal["acquire", "table"] = "acquire",
 ) -> dict[str, int]:
-    """Run the eviction policy alone over a trace of acquire calls (no copies). For "predictive"
-    with ``future=True`` the policy is fed the trace itself (Belady's optimum). Returns hits,
-    misses, evictions. Same policy code as SlotCache. ``num_slots`` >= 1; slots beyond the trace's
-    distinct experts change nothing, so any larger budget is accepted."""
+    """Run the eviction policy alone over a trace of visits (no copies). ``path="acquire"``
+    loads every miss before its visit (prefill, the eager path); ``path="table"`` reads misses in
+    place and loads the ones the cache admits (decode through the expert table, copies taken
+    to land before the next visit). For "predictive" with ``future=True`` the policy is fed the
+    trace itself (Belady's optimum on the acquire path). Returns hits, misses, evictions and
+    loads (experts copied into a slot). Same policy code as SlotCache. ``num_slots`` >= 1; slots
+    beyond the trace's distinct experts change nothing, so any larger budget is accepted."""

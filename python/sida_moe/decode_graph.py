@@ -35,6 +35,17 @@ class _Step:
     index: torch.Tensor  # [1] column of `tokens` the step writes; the step increments it
     graph: torch.cuda.CUDAGraph | None = None
     visits: tuple[list[int], int, bool] = ([], 0, False)  # engine.take_captured_visits()
+    # completion of the last REPLAYS_IN_FLIGHT replays (see _replay), created with the graph
+    fences: list | None = None
+    replays: int = 0
+
+
+# Replays queued at once. The cache overwrites an evicted slot only after every step queued on
+# the reader stream when it pointed that expert back at the pool: with a whole call's replays
+# queued up front, no copy into an evicted slot could land before the call ended. Two keep the
+# device busy (the next replay is queued while one runs) and let admitted copies land within
+# about two steps.
+REPLAYS_IN_FLIGHT = 2
 
 
 def _cache_length(needed: int) -> int:
@@ -182,14 +193,21 @@ def _capture(model: nn.Module, engine, step: _Step) -> None:
         if collecting:
             gc.enable()
     step.graph = graph
+    # blocking: waiting for a fence sleeps instead of spinning a core
+    step.fences = [torch.cuda.Event(blocking=True) for _ in range(REPLAYS_IN_FLIGHT)]
     if engine is not None:
         engine.cache.set_reader_stream(torch.cuda.current_stream(engine.device).cuda_stream)
     _replay(engine, step)
 
 
 def _replay(engine, step: _Step) -> None:
-    """One decode step: the graph's launch, then its routing handed to the engine."""
+    """One decode step: the graph's launch (once the replay ``REPLAYS_IN_FLIGHT`` before it has
+    finished), then its routing handed to the engine."""
+    fence = step.fences[step.replays % len(step.fences)]
+    fence.synchronize()  # the replay that recorded it; returns at once if never recorded
     step.graph.replay()
+    fence.record()
+    step.replays += 1
     if engine is not None:
         engine.end_replayed_forward(*step.visits)
 

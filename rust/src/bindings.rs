@@ -758,16 +758,18 @@ impl PySlotCache {
 
 // -------------------------------------------------------------------------------- functions
 #[pyfunction]
-#[pyo3(signature = (policy, num_slots, trace, future = true))]
+#[pyo3(signature = (policy, num_slots, trace, future = true, path = "acquire"))]
 fn simulate_policy<'py>(
     py: Python<'py>,
     policy: &str,
     num_slots: i64,
     trace: &Bound<'py, PyAny>,
     future: bool,
+    path: &str,
 ) -> PyResult<Bound<'py, PyDict>> {
     let trace = visit_list(trace, "trace")?;
     let kind = PolicyKind::parse(policy).py_err()?;
+    let path = cache::SimPath::parse(path).py_err()?;
     let mut keys: Vec<Vec<Key>> = Vec::with_capacity(trace.len());
     for (i, (layer, experts)) in trace.iter().enumerate() {
         if *layer < 0 || experts.iter().any(|&e| e < 0) {
@@ -777,11 +779,12 @@ fn simulate_policy<'py>(
         }
         keys.push(experts.iter().map(|&e| (*layer as u64, e as u64)).collect());
     }
-    let (h, m, e) = py.detach(|| cache::simulate(kind, num_slots, &keys, future)).py_err()?;
+    let c = py.detach(|| cache::simulate(kind, num_slots, &keys, future, path)).py_err()?;
     let d = PyDict::new(py);
-    d.set_item("hits", h)?;
-    d.set_item("misses", m)?;
-    d.set_item("evictions", e)?;
+    d.set_item("hits", c.hits)?;
+    d.set_item("misses", c.misses)?;
+    d.set_item("evictions", c.evictions)?;
+    d.set_item("loads", c.loads)?;
     Ok(d)
 }
 

@@ -168,7 +168,7 @@ impl SlotTable {
     /// order evicts exactly the experts of the layers coming next (the cyclic-scan failure of LRU).
     /// A layer holding at least its share (slots / layers seen) replaces its own experts instead;
     /// one below its share takes from the layers above theirs first.
-    fn pick_victims(&mut self, n: usize, spare_prefetched: bool, layer: u64) -> Vec<usize> {
+    fn pick_victims(&self, n: usize, spare_prefetched: bool, layer: u64) -> Vec<usize> {
         if n == 0 {
             return Vec::new();
         }
@@ -190,15 +190,25 @@ impl SlotTable {
         let share = (slots.len() / layers).max(1);
         let mut counts = self.per_layer.clone();
         let mut mine = counts.get(&layer).copied().unwrap_or(0) + out.len();
+        let mut taken = vec![false; slots.len()];
+        for &i in &out {
+            taken[i] = true;
+        }
+        // One cursor per kind of victim, each walking its order once: a slot a cursor passes
+        // cannot qualify later in this call (taken stays taken, layer counts only fall).
+        let mut own = self.policy.layer_victims(layer);
+        let mut over = self.policy.victims();
+        let mut any = self.policy.victims();
         while out.len() < n {
-            let taken = |i: usize| out.contains(&i);
-            let own = |i: usize| slots[i].key.is_some_and(|k| k.0 == layer);
-            let over = |i: usize| slots[i].key.is_some_and(|k| k.0 != layer && counts.get(&k.0).copied().unwrap_or(0) > share);
-            let pick = |f: &dyn Fn(usize) -> bool| {
-                self.policy.choose_victims(1, |i| usable(i) && !taken(i) && f(i)).first().copied()
-            };
-            let victim = if mine >= share { pick(&own) } else { pick(&over) }
-                .or_else(|| pick(&|i| slots[i].key.is_some()));
+            let free = |i: usize, taken: &[bool]| usable(i) && !taken[i];
+            let victim = if mine >= share {
+                own.find(|&i| free(i, &taken))
+            } else {
+                over.find(|&i| {
+                    free(i, &taken) && slots[i].key.is_some_and(|k| k.0 != layer && counts.get(&k.0).copied().unwrap_or(0) > share)
+                })
+            }
+            .or_else(|| any.find(|&i| free(i, &taken) && slots[i].key.is_some()));
             let Some(v) = victim else { break };
             if let Some(k) = slots[v].key {
                 if let Some(c) = counts.get_mut(&k.0) {
@@ -209,6 +219,7 @@ impl SlotTable {
                 }
             }
             mine += 1;
+            taken[v] = true;
             out.push(v);
         }
         out
@@ -325,6 +336,27 @@ impl SlotTable {
         out
     }
 
+    /// Which of a table visit's `missing` keys (not resident, read in place) to load: a load
+    /// costs a transfer as large as the read it saves, so a miss is admitted only into a free
+    /// slot or in place of an expert the policy values less (`PolicyState::prefers`). The misses
+    /// the policy values most are paired with the victims it would take first. Without this,
+    /// every miss of a cyclic layer walk is copied and evicted before its next visit.
+    pub fn admit(&self, missing: &[Key]) -> Vec<Key> {
+        let Some(layer) = missing.first().map(|k| k.0) else { return Vec::new() };
+        let mut ranked = missing.to_vec();
+        ranked.sort_by_key(|&k| std::cmp::Reverse(self.policy.frequency(k)));
+        if self.policy.kind() == PolicyKind::Predictive {
+            ranked.sort_by_key(|&k| self.policy.next_use(k).unwrap_or(u64::MAX)); // stable: frequency breaks ties
+        }
+        let victims = self.pick_victims(ranked.len(), false, layer);
+        ranked
+            .into_iter()
+            .zip(victims)
+            .filter(|&(key, slot)| self.slots[slot].key.is_none_or(|old| self.policy.prefers(key, old)))
+            .map(|(key, _)| key)
+            .collect()
+    }
+
     /// Reserve a slot for a queued load of `key`. Speculative loads (`demand == false`) never
     /// evict a slot that was prefetched and not used yet; demand loads may.
     pub fn reserve_prefetch(&mut self, key: Key, demand: bool) -> PrefetchOutcome {
@@ -426,9 +458,39 @@ impl SlotTable {
     }
 }
 
-/// Hits, misses and evictions of `policy` over a trace of acquire calls (each released at once).
-/// With `future`, the predictive policy is told the whole trace first (Belady's optimum).
-pub fn simulate(policy: PolicyKind, num_slots: i64, trace: &[Vec<Key>], future: bool) -> Result<(u64, u64, u64)> {
+/// What `simulate` counted over a trace.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct SimCounts {
+    pub hits: u64,
+    pub misses: u64,
+    pub evictions: u64,
+    /// Experts copied into a slot (every miss on the acquire path; admitted misses on the table path).
+    pub loads: u64,
+}
+
+/// How `simulate` replays each visit.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SimPath {
+    /// `try_acquire`: every miss is loaded before the visit (prefill, the eager path).
+    Acquire,
+    /// `touch` + `admit`: misses are read in place, admitted ones loaded for later visits
+    /// (decode through the expert table), with copies taken to land before the next visit.
+    Table,
+}
+
+impl SimPath {
+    pub fn parse(name: &str) -> Result<Self> {
+        match name {
+            "acquire" => Ok(Self::Acquire),
+            "table" => Ok(Self::Table),
+            other => Err(Error::InvalidArgument(format!("unknown path {other:?}; allowed: \"acquire\", \"table\""))),
+        }
+    }
+}
+
+/// Counts of `policy` over a trace of visits (each released at once). With `future`, the
+/// predictive policy is told the whole trace first (Belady's optimum on the acquire path).
+pub fn simulate(policy: PolicyKind, num_slots: i64, trace: &[Vec<Key>], future: bool, path: SimPath) -> Result<SimCounts> {
     if num_slots <= 0 {
         return Err(Error::Budget(format!("num_slots must be >= 1, got {num_slots}")));
     }
@@ -439,10 +501,23 @@ pub fn simulate(policy: PolicyKind, num_slots: i64, trace: &[Vec<Key>], future: 
     if future {
         table.set_future(0, trace);
     }
-    let (mut hits, mut misses, mut evictions) = (0, 0, 0);
+    let mut c = SimCounts::default();
     for (i, step) in trace.iter().enumerate() {
         let mut keys = step.clone();
         dedup_in_order(&mut keys);
+        if path == SimPath::Table {
+            let touch = table.touch(&keys);
+            c.hits += touch.hits;
+            c.misses += touch.missing.len() as u64;
+            for key in table.admit(&touch.missing) {
+                if let PrefetchOutcome::Reserved { slot, evicted, .. } = table.reserve_load(key, true, false) {
+                    table.finish_load(slot, true);
+                    c.evictions += evicted.is_some() as u64;
+                    c.loads += 1;
+                }
+            }
+            continue;
+        }
         let plan = match table.try_acquire(&keys) {
             Ok(AcquireOutcome::Planned(p)) => p,
             Ok(AcquireOutcome::NoRoom { .. }) => {
@@ -455,11 +530,12 @@ pub fn simulate(policy: PolicyKind, num_slots: i64, trace: &[Vec<Key>], future: 
             table.finish_load(slot, true);
         }
         table.release(&plan.slots)?;
-        hits += plan.hits;
-        misses += plan.misses;
-        evictions += plan.evictions;
+        c.hits += plan.hits;
+        c.misses += plan.misses;
+        c.evictions += plan.evictions;
+        c.loads += plan.loads.len() as u64;
     }
-    Ok((hits, misses, evictions))
+    Ok(c)
 }
 
 /// Remove repeated keys, keeping first occurrences in order.
@@ -599,9 +675,9 @@ mod tests {
         for seed in 0..20 {
             let trace = random_trace(seed, 300, 3, 16, 3);
             for slots in [3, 5, 8, 13, 24] {
-                let (_, opt, _) = simulate(PolicyKind::Predictive, slots, &trace, true).unwrap();
+                let opt = simulate(PolicyKind::Predictive, slots, &trace, true, SimPath::Acquire).unwrap().misses;
                 for p in [PolicyKind::Lru, PolicyKind::Lfu, PolicyKind::Fifo] {
-                    let (h, m, _) = simulate(p, slots, &trace, false).unwrap();
+                    let SimCounts { hits: h, misses: m, .. } = simulate(p, slots, &trace, false, SimPath::Acquire).unwrap();
                     assert!(opt <= m, "seed {seed} slots {slots}: belady {opt} > {p:?} {m}");
                     assert_eq!(h + m, trace.iter().map(|s| s.len() as u64).sum::<u64>());
                 }
@@ -613,8 +689,8 @@ mod tests {
     fn lru_thrashes_on_a_cycle_belady_does_not() {
         // Cyclic access over capacity+1 experts: the adversarial trace for LRU and FIFO.
         let trace: Vec<Vec<Key>> = (0..100).map(|i| vec![(0, i % 5)]).collect();
-        let (_, lru, _) = simulate(PolicyKind::Lru, 4, &trace, false).unwrap();
-        let (_, opt, _) = simulate(PolicyKind::Predictive, 4, &trace, true).unwrap();
+        let lru = simulate(PolicyKind::Lru, 4, &trace, false, SimPath::Acquire).unwrap().misses;
+        let opt = simulate(PolicyKind::Predictive, 4, &trace, true, SimPath::Acquire).unwrap().misses;
         assert_eq!(lru, 100);
         assert!(opt < 35, "belady misses {opt}");
     }
@@ -667,7 +743,7 @@ mod tests {
             let hit = |m: u64| 1.0 - m as f64 / lookups;
             let global = hit(misses(PolicyKind::Lru, slots, &trace, false));
             let shared = hit(misses(PolicyKind::Lru, slots, &trace, true));
-            let (_, opt, _) = simulate(PolicyKind::Predictive, slots as i64, &trace, true).unwrap();
+            let opt = simulate(PolicyKind::Predictive, slots as i64, &trace, true, SimPath::Acquire).unwrap().misses;
             let belady = hit(opt);
             let lfu = hit(misses(PolicyKind::Lfu, slots, &trace, true));
             let lfu_global = hit(misses(PolicyKind::Lfu, slots, &trace, false));
@@ -684,10 +760,80 @@ mod tests {
     #[test]
     fn simulate_with_more_slots_than_experts_allocates_no_more_than_it_needs() {
         let trace: Vec<Vec<Key>> = (0..50).map(|i| vec![(0, i % 5), (1, i % 3)]).collect();
-        let fit = simulate(PolicyKind::Lru, 8, &trace, false).unwrap();
-        assert_eq!(fit, (92, 8, 0));
-        assert_eq!(simulate(PolicyKind::Lru, i64::MAX, &trace, false).unwrap(), fit);
-        assert_eq!(simulate(PolicyKind::Fifo, 1 << 40, &[], false).unwrap(), (0, 0, 0));
-        assert!(matches!(simulate(PolicyKind::Lru, -2, &trace, false), Err(Error::Budget(_))));
+        for path in [SimPath::Acquire, SimPath::Table] {
+            let fit = simulate(PolicyKind::Lru, 8, &trace, false, path).unwrap();
+            assert_eq!(fit, SimCounts { hits: 92, misses: 8, evictions: 0, loads: 8 });
+            assert_eq!(simulate(PolicyKind::Lru, i64::MAX, &trace, false, path).unwrap(), fit);
+            assert_eq!(simulate(PolicyKind::Fifo, 1 << 40, &[], false, path).unwrap(), SimCounts::default());
+            assert!(matches!(simulate(PolicyKind::Lru, -2, &trace, false, path), Err(Error::Budget(_))));
+        }
+    }
+
+    #[test]
+    fn admission_loads_a_miss_only_over_a_less_valued_expert() {
+        let mut t = SlotTable::new(2, PolicyKind::Lru).unwrap();
+        let load = |t: &mut SlotTable, keys: &[Key]| {
+            let touch = t.touch(keys);
+            let admitted = t.admit(&touch.missing);
+            for &k in &admitted {
+                let PrefetchOutcome::Reserved { slot, .. } = t.reserve_load(k, true, false) else { panic!("no room") };
+                t.finish_load(slot, true);
+            }
+            admitted
+        };
+        // Free slots take any miss.
+        assert_eq!(load(&mut t, &[(0, 1), (0, 2)]), vec![(0, 1), (0, 2)]);
+        load(&mut t, &[(0, 1)]);
+        // (0, 3) seen once does not replace (0, 2) (seen once; a tie keeps the resident) ...
+        assert_eq!(load(&mut t, &[(0, 3)]), vec![]);
+        // ... seen twice, it replaces the least recent expert (0, 2), not the frequent (0, 1).
+        assert_eq!(load(&mut t, &[(0, 3)]), vec![(0, 3)]);
+        assert_eq!(t.lookup((0, 2)), None);
+        assert!(t.lookup((0, 1)).is_some() && t.lookup((0, 3)).is_some());
+        // Several misses of one visit are paired with distinct victims, most frequent first.
+        let mut u = SlotTable::new(2, PolicyKind::Lru).unwrap();
+        load(&mut u, &[(0, 1), (0, 2)]);
+        for _ in 0..3 {
+            u.touch(&[(0, 5)]);
+        }
+        u.touch(&[(0, 6)]);
+        assert_eq!(load(&mut u, &[(0, 6), (0, 5)]), vec![(0, 5), (0, 6)]);
+        // Nothing evictable (all pinned): nothing admitted.
+        let mut v = SlotTable::new(1, PolicyKind::Lru).unwrap();
+        let AcquireOutcome::Planned(p) = v.try_acquire(&[(0, 0)]).unwrap() else { panic!() };
+        v.finish_load(p.slots[0], true);
+        v.touch(&[(0, 4)]);
+        assert_eq!(v.admit(&[(0, 4)]), vec![]);
+    }
+
+    #[test]
+    fn table_path_admission_nears_the_best_static_placement_on_the_layer_walk() {
+        // The 48-layer walk at 25% with working sets above the share (bs8-like), drawn i.i.d.:
+        // no online policy can do better than holding each layer's most popular experts.
+        // Admitting every miss thrashes; admission converges on that placement and copies far less.
+        let (layers, experts, slots) = (48u64, 128, 48 * 128 / 4);
+        let trace = layer_walk(7, 256, layers, experts, 48);
+        let lookups = (trace.len() * 48) as f64;
+        let share = slots as usize / layers as usize;
+        let mut counts: HashMap<Key, u64> = HashMap::new();
+        for k in trace.iter().flatten() {
+            *counts.entry(*k).or_insert(0) += 1;
+        }
+        let static_best: u64 = (0..layers)
+            .map(|l| {
+                let mut c: Vec<u64> = counts.iter().filter(|(k, _)| k.0 == l).map(|(_, &n)| n).collect();
+                c.sort_unstable_by(|a, b| b.cmp(a));
+                c.iter().take(share).sum::<u64>()
+            })
+            .sum();
+        let table = simulate(PolicyKind::Lru, slots, &trace, false, SimPath::Table).unwrap();
+        let every = simulate(PolicyKind::Lru, slots, &trace, false, SimPath::Acquire).unwrap();
+        let hit = |c: SimCounts| c.hits as f64 / lookups;
+        let link = |c: SimCounts| (c.misses + c.loads) as f64 / lookups;
+        let best = static_best as f64 / lookups;
+        println!("admission {:.3} ({:.3} link), every miss {:.3} ({:.3}), best static {best:.3}",
+                 hit(table), link(table), hit(every), link(every));
+        assert!(hit(table) >= 0.9 * best, "{} vs best static {best}", hit(table));
+        assert!(hit(table) > 2.0 * hit(every) && link(table) < 0.6 * link(every));
     }
 }

@@ -366,26 +366,29 @@ fn handle(req: &Request, cache: &SlotCache, device: &SharedDevice, state: &State
         rows.push((layer, pairs.into_iter().map(|(e, _)| e).collect()));
     }
     if o.routed {
-        // the progress lock orders these acquire-count advances with `submit`'s reading
-        let mut p = state.progress.lock();
         let mut queued = 0;
-        let mut result = Ok(());
-        for ((layer, experts), &reads) in rows.iter().zip(&slot_reads) {
+        for (i, ((layer, experts), &reads)) in rows.iter().zip(&slot_reads).enumerate() {
+            // per row, under the progress lock: `submit` reads the acquire count and the pending
+            // rows together, and waits for at most one row's bookkeeping
+            let mut p = state.progress.lock();
             if let Some(pred) = p.predicted.remove(layer) {
                 p.predicted_hits += experts.iter().filter(|e| pred.binary_search(e).is_ok()).count() as u64;
                 p.predicted_needed += experts.len() as u64;
                 p.predicted_total += pred.len() as u64;
             }
-            match cache.note_routed(*layer, experts, Some(reads)) {
-                Ok(n) => queued += n,
+            let noted = cache.note_routed(*layer, experts, Some(reads));
+            match noted {
+                Ok(n) => {
+                    p.pending_routed_rows -= 1;
+                    queued += n;
+                }
                 Err(e) => {
-                    result = Err(e);
-                    break;
+                    p.pending_routed_rows -= (rows.len() - i) as u64;
+                    return Err(e);
                 }
             }
         }
-        p.pending_routed_rows -= rows.len() as u64;
-        return result.map(|()| queued);
+        return Ok(queued);
     }
     if o.remember || o.forget {
         let mut p = state.progress.lock();

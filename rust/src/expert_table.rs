@@ -232,14 +232,19 @@ mod tests {
         assert!(bytes_at(slot_addr).iter().all(|&b| b == pattern((0, 2))));
         // a hit queues nothing
         assert_eq!(cache.note_routed(0, &[2], None).unwrap(), 0);
-        // expert 3 takes the only slot: 2 goes back to the pool before the slot is overwritten
+        // expert 3 is read in place until it is used more often than 2 (admission) ...
+        assert_eq!(cache.note_routed(0, &[3], None).unwrap(), 0);
+        assert_eq!(cache.note_routed(0, &[3], None).unwrap(), 0);
+        assert_eq!(entry(&table, 3), pool.record_addr((0, 3)).unwrap() as u64);
+        // ... then takes the only slot: 2 goes back to the pool before the slot is overwritten
         assert_eq!(cache.note_routed(0, &[3], None).unwrap(), 1);
         cache.synchronize().unwrap();
         assert_eq!(entry(&table, 2), pool.record_addr((0, 2)).unwrap() as u64);
         assert_eq!(entry(&table, 3), slot_addr);
         assert!(bytes_at(slot_addr).iter().all(|&b| b == pattern((0, 3))));
         let stats: std::collections::HashMap<_, _> = cache.stats().into_iter().collect();
-        assert_eq!((stats["hits"], stats["misses"], stats["routed_visits"]), (1.0, 2.0, 3.0));
+        assert_eq!((stats["hits"], stats["misses"], stats["routed_visits"]), (1.0, 4.0, 5.0));
+        assert_eq!(stats["routed_declined"], 2.0);
     }
 
     #[test]
@@ -251,8 +256,9 @@ mod tests {
         let ticket = cache.begin_table_read().unwrap();
         let seen = entry(&table, 0);
         assert_eq!(seen, cache.slots_addr());
-        // a miss of expert 1 evicts expert 0 on the worker thread ...
-        cache.note_routed(0, &[1], None).unwrap();
+        // a miss of expert 1 (used more often than 0, so admitted) evicts 0 on the worker thread ...
+        assert_eq!(cache.note_routed(0, &[1], None).unwrap(), 0);
+        assert_eq!(cache.note_routed(0, &[1], None).unwrap(), 1);
         std::thread::sleep(Duration::from_millis(100));
         // ... which may unpublish but must not overwrite the slot while this read is open
         assert!(bytes_at(seen).iter().all(|&b| b == pattern((0, 0))), "slot overwritten under a read");

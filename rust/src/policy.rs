@@ -39,6 +39,12 @@ impl PolicyKind {
     }
 }
 
+/// A layer's counts are halved after this many times its share of slots in accesses (the
+/// sample window of frequency-based admission: long enough to tell popular experts from a
+/// passing burst, short enough to follow a change of text). Hit rates on replayed routing are
+/// flat from 10 to 100 (NOTES.md, session 11).
+const DECAY_WINDOW: u64 = 32;
+
 /// Per-slot policy metadata (what the slot's expert looked like to the policy).
 #[derive(Clone, Copy, Debug, Default)]
 struct SlotMeta {
@@ -61,12 +67,18 @@ pub struct PolicyState {
     kind: PolicyKind,
     /// Event clock: every access/insert gets a unique tick, so recency never ties.
     clock: u64,
-    /// Access counts kept across evictions (an expert's popularity outlives its residency).
+    /// Access counts kept across evictions (an expert's popularity outlives its residency),
+    /// halved per layer every `DECAY_WINDOW` shares of that layer's accesses so that they follow
+    /// the text being served rather than its history.
     freq: HashMap<Key, u64>,
+    /// Accesses per layer since that layer's counts were last halved.
+    since_decay: HashMap<u64, u64>,
     meta: Vec<SlotMeta>,
     slot_of: HashMap<Key, usize>,
     /// (rank, slot) of every resident slot; the largest rank is evicted first.
     order: BTreeSet<((u64, u64), usize)>,
+    /// The same entries per MoE layer: a layer's own victims without a scan of the others.
+    by_layer: HashMap<u64, BTreeSet<((u64, u64), usize)>>,
     now: u64,
     future_by_index: BTreeMap<u64, Vec<Key>>,
     future_by_key: HashMap<Key, BTreeSet<u64>>,
@@ -78,9 +90,11 @@ impl PolicyState {
             kind,
             clock: 0,
             freq: HashMap::new(),
+            since_decay: HashMap::new(),
             meta: vec![SlotMeta::default(); num_slots],
             slot_of: HashMap::new(),
             order: BTreeSet::new(),
+            by_layer: HashMap::new(),
             now: 0,
             future_by_index: BTreeMap::new(),
             future_by_key: HashMap::new(),
@@ -111,13 +125,22 @@ impl PolicyState {
 
     /// Re-file `slot` in `order` after its metadata or predictions changed.
     fn rerank(&mut self, slot: usize) {
-        if let Some(old) = self.meta[slot].rank.take() {
-            self.order.remove(&(old, slot));
-        }
-        if self.meta[slot].key.is_some() {
+        self.unrank(slot);
+        if let Some(key) = self.meta[slot].key {
             let r = self.compute_rank(&self.meta[slot]);
             self.meta[slot].rank = Some(r);
             self.order.insert((r, slot));
+            self.by_layer.entry(key.0).or_default().insert((r, slot));
+        }
+    }
+
+    /// Take `slot` out of the orders (its key stays).
+    fn unrank(&mut self, slot: usize) {
+        if let Some(old) = self.meta[slot].rank.take() {
+            self.order.remove(&(old, slot));
+            if let Some(set) = self.meta[slot].key.and_then(|k| self.by_layer.get_mut(&k.0)) {
+                set.remove(&(old, slot));
+            }
         }
     }
 
@@ -149,13 +172,60 @@ impl PolicyState {
             m.freq = f;
             self.rerank(slot);
         }
+        let since = {
+            let s = self.since_decay.entry(key.0).or_insert(0);
+            *s += 1;
+            *s
+        };
+        let share = (self.meta.len() / self.since_decay.len()).max(1) as u64;
+        if since >= DECAY_WINDOW.saturating_mul(share) {
+            self.since_decay.insert(key.0, 0);
+            self.decay(key.0);
+        }
+    }
+
+    /// Halve the counts of `layer`'s experts (dropping those that reach zero).
+    fn decay(&mut self, layer: u64) {
+        self.freq.retain(|k, f| {
+            if k.0 == layer {
+                *f /= 2;
+            }
+            *f > 0
+        });
+        let slots: Vec<usize> = self.by_layer.get(&layer).map_or(Vec::new(), |set| set.iter().map(|&(_, s)| s).collect());
+        for slot in slots {
+            if let Some(k) = self.meta[slot].key {
+                self.meta[slot].freq = self.frequency(k);
+                self.rerank(slot);
+            }
+        }
+    }
+
+    /// Decayed access count of `key` (0 when never accessed or decayed away).
+    pub fn frequency(&self, key: Key) -> u64 {
+        self.freq.get(&key).copied().unwrap_or(0)
+    }
+
+    /// Whether a miss of `new` is worth a slot now held by `resident` (admission of misses
+    /// that were read in place): the predictive policy prefers the expert predicted to be used
+    /// sooner; every policy (and the predictive one without predictions for either) prefers
+    /// the expert accessed more often in the recent window. Ties keep the resident expert: a
+    /// copy costs link time and pays only if the new expert is read again before the old one.
+    pub fn prefers(&self, new: Key, resident: Key) -> bool {
+        if self.kind == PolicyKind::Predictive {
+            match (self.next_use(new), self.next_use(resident)) {
+                (Some(a), Some(b)) => return a < b,
+                (Some(_), None) => return true,
+                (None, Some(_)) => return false,
+                (None, None) => {}
+            }
+        }
+        self.frequency(new) > self.frequency(resident)
     }
 
     /// `slot`'s expert left the cache.
     pub fn on_evict(&mut self, slot: usize) {
-        if let Some(old) = self.meta[slot].rank.take() {
-            self.order.remove(&(old, slot));
-        }
+        self.unrank(slot);
         if let Some(k) = self.meta[slot].key.take() {
             if self.slot_of.get(&k) == Some(&slot) {
                 self.slot_of.remove(&k);
@@ -238,7 +308,17 @@ impl PolicyState {
         if n == 0 {
             return Vec::new();
         }
-        self.order.iter().rev().map(|&(_, slot)| slot).filter(|&s| evictable(s)).take(n).collect()
+        self.victims().filter(|&s| evictable(s)).take(n).collect()
+    }
+
+    /// Every resident slot, the one to evict first first.
+    pub fn victims(&self) -> impl Iterator<Item = usize> + '_ {
+        self.order.iter().rev().map(|&(_, slot)| slot)
+    }
+
+    /// The resident slots of MoE layer `layer`, the one to evict first first.
+    pub fn layer_victims(&self, layer: u64) -> impl Iterator<Item = usize> + '_ {
+        self.by_layer.get(&layer).into_iter().flat_map(|set| set.iter().rev().map(|&(_, slot)| slot))
     }
 
     /// Eviction rank of `slot` (None when it holds nothing); larger is evicted first.
@@ -317,6 +397,63 @@ mod tests {
         // A new prediction for (0, 2) re-ranks it.
         p.set_future(1, &[vec![(0, 2)]]);
         assert_eq!(p.choose_victims(1, |_| true), vec![0]);
+    }
+
+    #[test]
+    fn counts_are_halved_per_layer_after_the_window() {
+        // One slot and one layer seen: the window is DECAY_WINDOW accesses of that layer.
+        let mut p = PolicyState::new(PolicyKind::Lfu, 1);
+        for _ in 0..DECAY_WINDOW - 1 {
+            p.on_access((0, 0));
+        }
+        assert_eq!(p.frequency((0, 0)), DECAY_WINDOW - 1);
+        p.on_access((0, 1));
+        assert_eq!((p.frequency((0, 0)), p.frequency((0, 1))), ((DECAY_WINDOW - 1) / 2, 0));
+        // Another layer's accesses leave layer 0 alone until its own window is full.
+        let mut q = PolicyState::new(PolicyKind::Lfu, 2);
+        for _ in 0..2 * DECAY_WINDOW - 1 {
+            q.on_access((1, 0));
+        }
+        q.on_access((0, 3));
+        assert_eq!((q.frequency((1, 0)), q.frequency((0, 3))), (2 * DECAY_WINDOW - 1, 1));
+    }
+
+    #[test]
+    fn a_decayed_resident_expert_is_reranked() {
+        let mut p = PolicyState::new(PolicyKind::Lfu, 4);
+        p.on_insert(0, (0, 0));
+        p.on_insert(1, (1, 0));
+        for _ in 0..6 {
+            p.on_access((0, 0));
+        }
+        for _ in 0..4 {
+            p.on_access((1, 0));
+        }
+        assert_eq!(p.choose_victims(1, |_| true), vec![1]);
+        // Layer 0 fills its window (4 slots / 2 layers = 2, x DECAY_WINDOW) and is halved below layer 1.
+        for _ in 0..(2 * DECAY_WINDOW - 6) {
+            p.on_access((0, 7));
+        }
+        assert_eq!(p.frequency((0, 0)), 3);
+        assert_eq!(p.choose_victims(1, |_| true), vec![0]);
+    }
+
+    #[test]
+    fn admission_prefers_frequent_and_then_sooner_predicted_experts() {
+        let mut p = PolicyState::new(PolicyKind::Lru, 2);
+        p.on_access((0, 1));
+        p.on_access((0, 1));
+        p.on_access((0, 2));
+        assert!(p.prefers((0, 1), (0, 2)));
+        assert!(!p.prefers((0, 2), (0, 1)));
+        assert!(!p.prefers((0, 2), (0, 2)), "a tie keeps the resident expert");
+        let mut q = PolicyState::new(PolicyKind::Predictive, 2);
+        q.on_access((0, 1));
+        q.on_access((0, 1));
+        assert!(q.prefers((0, 1), (0, 2)), "no predictions: frequency");
+        q.set_future(0, &[vec![(0, 2)], vec![(0, 1)]]);
+        assert!(q.prefers((0, 2), (0, 1)) && !q.prefers((0, 1), (0, 2)));
+        assert!(q.prefers((0, 2), (0, 9)) && !q.prefers((0, 9), (0, 1)));
     }
 
     #[test]

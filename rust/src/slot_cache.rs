@@ -800,8 +800,8 @@ impl SlotCache {
     }
 
     /// A layer computed `experts` (distinct) through the expert table (a decode step): count hits
-    /// and misses, tell the policy, and queue demand loads of the experts not resident so that
-    /// later steps hit. `slot_reads`: how many of them the step read from a slot (known from the
+    /// and misses, tell the policy, and queue demand loads of the misses it admits
+    /// (`SlotTable::admit`) so that later steps hit. `slot_reads`: how many of them the step read from a slot (known from the
     /// table entries it read); None counts the resident ones, which overstates hits whose copy
     /// had not landed when the layer ran. Loads queued here are never cancelled by a newer
     /// forward. Returns how many were queued.
@@ -810,15 +810,22 @@ impl SlotCache {
         let mut keys = self.keys(layer, experts)?;
         dedup_in_order(&mut keys);
         let sh = &*self.shared;
-        let touch = sh.table.lock().touch(&keys);
+        let (touch, admitted) = {
+            let mut t = sh.table.lock();
+            let touch = t.touch(&keys);
+            let admitted = t.admit(&touch.missing);
+            (touch, admitted)
+        };
         let s = &sh.stats;
+        Stats::add(&s.routed_declined, (touch.missing.len() - admitted.len()) as u64);
         let hits = slot_reads.map_or(touch.hits, |n| n.min(keys.len() as u64));
         Stats::add(&s.hits, hits);
         Stats::add(&s.misses, keys.len() as u64 - hits);
+        Stats::add(&s.routed_misses, keys.len() as u64 - hits);
         Stats::add(&s.prefetch_used, touch.prefetch_used);
         Stats::add(&s.routed_visits, 1);
         let mut queued = 0;
-        for key in touch.missing {
+        for key in admitted {
             if sh.queue.push(Request { key, generation: ROUTED_MISS, demand: true }) {
                 queued += 1;
             } else {

@@ -25,9 +25,13 @@ pub struct Stats {
     pub host_stall_ns: AtomicU64,
     /// Layer visits computed through the expert table (`note_routed`).
     pub routed_visits: AtomicU64,
+    /// Experts those visits read from the pinned pool in place (the link traffic of table misses).
+    pub routed_misses: AtomicU64,
     /// Loads of table-visit misses that found the expert already loaded, or no slot to evict.
     pub routed_redundant: AtomicU64,
     pub routed_dropped: AtomicU64,
+    /// Table-visit misses not admitted: read in place and not copied (`SlotTable::admit`).
+    pub routed_declined: AtomicU64,
 }
 
 impl Stats {
@@ -47,8 +51,10 @@ impl Stats {
             ("misses", g(&self.misses)),
             ("acquires", g(&self.acquires)),
             ("routed_visits", g(&self.routed_visits)),
+            ("routed_misses", g(&self.routed_misses)),
             ("routed_redundant", g(&self.routed_redundant)),
             ("routed_dropped", g(&self.routed_dropped)),
+            ("routed_declined", g(&self.routed_declined)),
             ("releases", g(&self.releases)),
             ("prefetch_queued", g(&self.prefetch_queued)),
             ("prefetch_issued", g(&self.prefetch_issued)),
@@ -89,8 +95,10 @@ impl Stats {
             &self.copy_ns,
             &self.host_stall_ns,
             &self.routed_visits,
+            &self.routed_misses,
             &self.routed_redundant,
             &self.routed_dropped,
+            &self.routed_declined,
         ] {
             c.store(0, Relaxed);
         }

@@ -262,7 +262,7 @@ def _reset_peak(device: torch.device) -> None:
         torch.cuda.reset_peak_memory_stats(device)
 
 
-def _engine_metrics(s: dict[str, Any], tokens: int, seconds: float) -> dict[str, Any]:
+def _engine_metrics(s: dict[str, Any], tokens: int, seconds: float, expert_nbytes: int) -> dict[str, Any]:
     """Cache and copy metrics of one call (``s``: the engine's stats after it, reset before it;
     ``tokens`` prompt and generated of the whole batch; ``seconds`` its wall time). The stall is,
     on CUDA (``engine.measure_stalls``), the GPU time the compute stream waited on slot-ready
@@ -271,7 +271,8 @@ def _engine_metrics(s: dict[str, Any], tokens: int, seconds: float) -> dict[str,
     (``host_stall_seconds``). The acquire fraction (CUDA only) is the older, wider measurement:
     compute-stream time between CUDA events recorded just before and after each acquire call,
     which in a host-bound decode also counts the host's bookkeeping inside acquire. Both
-    fractions are over the call's time (prefill + decode)."""
+    fractions are over the call's time (prefill + decode). PCIe bytes are the copies into slots
+    plus the experts that table-path misses read in place from the pinned pool."""
     issued = s.get("prefetch_issued", 0.0)
     stall = s.get("stream_wait_seconds", s.get("host_stall_seconds", 0.0))
     acquire = s.get("acquire_stream_seconds")
@@ -282,7 +283,7 @@ def _engine_metrics(s: dict[str, Any], tokens: int, seconds: float) -> dict[str,
         "prefetch_issued": issued,
         "prefetch_used": s.get("prefetch_used"),
         "prefetch_precision": s.get("prefetch_used", 0.0) / issued if issued else None,
-        "pcie_mb_per_token": s.get("bytes_copied", 0.0) / 1e6 / max(tokens, 1),
+        "pcie_mb_per_token": (s.get("bytes_copied", 0.0) + s.get("routed_misses", 0.0) * expert_nbytes) / 1e6 / max(tokens, 1),
         "achieved_gbps": s.get("achieved_gbps"),
         "stall_seconds": stall,
         "stall_fraction": stall / seconds if seconds > 0 else None,
@@ -613,7 +614,7 @@ def run_bench(cfg: BenchConfig) -> list[dict[str, Any]]:
                          "decode_misses_served": ("in place (zero-copy)" if last.extra["table_decode"]
                                                   else "copied into slots"),
                          **decode,
-                         **_engine_metrics(last.full_seen, b * (cfg.prompt_tokens + n_new), last.full.wall_s),
+                         **_engine_metrics(last.full_seen, b * (cfg.prompt_tokens + n_new), last.full.wall_s, engine.expert_nbytes),
                          **agreements[key]}
                 record(system, b, rr, n_new, extra)
     bar.close()
