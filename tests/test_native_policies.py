@@ -56,14 +56,23 @@ def test_belady_never_worse_on_adversarial_traces(name):
     opt = sm.simulate_policy("predictive", slots, trace, future=True)
     others = {p: sm.simulate_policy(p, slots, trace)["misses"] for p in ["lru", "lfu", "fifo"]}
     assert all(opt["misses"] <= m for m in others.values()), (opt, others)
-    # Each trace defeats at least one heuristic by a wide margin.
-    assert max(others.values()) >= 1.5 * opt["misses"], (opt, others)
+    worst = max(others.values())
+    if name == "scan":
+        # admission: a cold expert seen once borrows a transient slot, the hot pair stays
+        assert worst <= 1.1 * opt["misses"], (opt, others)
+    elif name == "cycle":
+        # no longer every access (see below), still well above the optimum
+        assert opt["misses"] * 1.2 <= worst < len(trace) / 2, (opt, others)
+    else:
+        # the price of admission by frequency: a new hot set must out-count the old one first
+        assert worst >= 1.5 * opt["misses"], (opt, others)
 
 
-def test_lru_thrashes_on_a_cycle():
+def test_admission_keeps_lru_from_thrashing_on_a_cycle():
+    # a cycle just over capacity: LRU that keeps every miss misses every access
     trace = adversarial_traces(experts=12, slots=4)["cycle"]
-    assert sm.simulate_policy("lru", 4, trace)["misses"] == len(trace)
-    assert sm.simulate_policy("fifo", 4, trace)["misses"] == len(trace)
+    for policy in ("lru", "fifo"):
+        assert sm.simulate_policy(policy, 4, trace)["misses"] < len(trace) / 2
 
 
 def test_predictive_without_future_still_counts_correctly():

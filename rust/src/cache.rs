@@ -4,6 +4,9 @@
 //! States: `Free` -> `Loading` (a thread is issuing the copy; never evictable) -> `Ready`
 //! (copy issued; on CUDA its ready event says when it lands). `refcount > 0` = pinned by readers:
 //! never evicted. A slot prefetched but not yet acquired is never evicted by another prefetch.
+//! A transient slot holds a miss that an acquire had to load but that admission declined (a long
+//! prompt reads nearly every expert once): it is evicted before any admitted expert, so a prefill
+//! recycles a few slots instead of flushing what decode keeps.
 
 use std::collections::HashMap;
 
@@ -40,6 +43,8 @@ pub struct Slot {
     pub prefetched_unused: bool,
     /// Bumped each time a load is reserved, so a waiter can tell its load from a later one.
     pub seq: u64,
+    /// Loaded by an acquire without being admitted, and not used since (see the module doc).
+    pub transient: bool,
 }
 
 /// What one `try_acquire` decided. `slots[i]` serves `keys[i]`; every entry is pinned once.
@@ -55,6 +60,8 @@ pub struct AcquirePlan {
     pub evictions: u64,
     pub prefetch_used: u64,
     pub prefetch_wasted: u64,
+    /// Loads of misses that admission declined (into transient slots).
+    pub transient: u64,
 }
 
 /// What one `touch` found: a layer visit computed through the expert table, not pinned.
@@ -98,6 +105,8 @@ pub struct SlotTable {
     acquires: u64,
     /// Slots holding nothing.
     free: std::collections::BTreeSet<usize>,
+    /// Slots whose `transient` flag is set.
+    transient: std::collections::BTreeSet<usize>,
     /// Resident slots per MoE layer, for the fair share (see `pick_victims`).
     per_layer: HashMap<u64, usize>,
     /// Recency and insertion order keep a per-layer fair share (they thrash on the layer walk
@@ -111,7 +120,7 @@ impl SlotTable {
         if !(1..=MAX_SLOTS).contains(&num_slots) {
             return Err(Error::Budget(format!("num_slots must be in 1..={MAX_SLOTS}, got {num_slots}")));
         }
-        let slot = Slot { state: SlotState::Free, key: None, refcount: 0, prefetched_unused: false, seq: 0 };
+        let slot = Slot { state: SlotState::Free, key: None, refcount: 0, prefetched_unused: false, seq: 0, transient: false };
         let mut slots = try_vec(num_slots, "the slot table")?;
         slots.resize(num_slots, slot);
         Ok(Self {
@@ -119,6 +128,7 @@ impl SlotTable {
             map: HashMap::new(),
             policy: PolicyState::new(policy, num_slots),
             free: (0..num_slots).collect(),
+            transient: std::collections::BTreeSet::new(),
             acquires: 0,
             per_layer: HashMap::new(),
             fair_share: matches!(policy, PolicyKind::Lru | PolicyKind::Fifo),
@@ -161,27 +171,38 @@ impl SlotTable {
         self.policy.set_future(start, visits);
     }
 
-    /// Free slots first (lowest index), then policy victims among evictable resident slots, for
-    /// `n` loads of MoE layer `layer`.
+    /// Free slots first (lowest index), then transient slots, then `regular_victims`, for `n`
+    /// loads of MoE layer `layer`.
+    fn pick_victims(&self, n: usize, spare_prefetched: bool, layer: u64) -> Vec<usize> {
+        // A freed slot can still be pinned for a moment by waiters of a failed load: skip it.
+        let mut out: Vec<usize> = self.free.iter().copied().filter(|&i| self.usable(i, spare_prefetched)).take(n).collect();
+        out.extend(self.transient.iter().copied().filter(|&i| self.usable(i, spare_prefetched)).take(n - out.len()));
+        let more = n - out.len();
+        out.extend(self.regular_victims(more, spare_prefetched, layer, out.len()));
+        out
+    }
+
+    /// Whether `slot` may take a new load now (not loading, not pinned, and not a prefetch that
+    /// waits for its use when `spare_prefetched`).
+    fn usable(&self, slot: usize, spare_prefetched: bool) -> bool {
+        let s = &self.slots[slot];
+        s.state != SlotState::Loading && s.refcount == 0 && !(spare_prefetched && s.prefetched_unused)
+    }
+
+    /// `n` policy victims among resident slots that are not transient, for loads of MoE layer
+    /// `layer` of which `placed` already have a free or transient slot.
     ///
     /// Fair share: a walk over many layers visits each layer once per step, so a global recency
     /// order evicts exactly the experts of the layers coming next (the cyclic-scan failure of LRU).
     /// A layer holding at least its share (slots / layers seen) replaces its own experts instead;
     /// one below its share takes from the layers above theirs first.
-    fn pick_victims(&self, n: usize, spare_prefetched: bool, layer: u64) -> Vec<usize> {
+    fn regular_victims(&self, n: usize, spare_prefetched: bool, layer: u64, placed: usize) -> Vec<usize> {
+        let mut out = Vec::new();
         if n == 0 {
-            return Vec::new();
-        }
-        let slots = &self.slots;
-        let usable = |i: usize| {
-            let s = &slots[i];
-            s.state != SlotState::Loading && s.refcount == 0 && !(spare_prefetched && s.prefetched_unused)
-        };
-        // A freed slot can still be pinned for a moment by waiters of a failed load: skip it.
-        let mut out: Vec<usize> = self.free.iter().copied().filter(|&i| usable(i)).take(n).collect();
-        if out.len() == n {
             return out;
         }
+        let slots = &self.slots;
+        let usable = |i: usize| !slots[i].transient && self.usable(i, spare_prefetched);
         if !self.fair_share {
             out.extend(self.policy.choose_victims(n - out.len(), |i| slots[i].key.is_some() && usable(i)));
             return out;
@@ -189,11 +210,8 @@ impl SlotTable {
         let layers = self.per_layer.len().max(1) + usize::from(!self.per_layer.contains_key(&layer));
         let share = (slots.len() / layers).max(1);
         let mut counts = self.per_layer.clone();
-        let mut mine = counts.get(&layer).copied().unwrap_or(0) + out.len();
+        let mut mine = counts.get(&layer).copied().unwrap_or(0) + placed;
         let mut taken = vec![false; slots.len()];
-        for &i in &out {
-            taken[i] = true;
-        }
         // One cursor per kind of victim, each walking its order once: a slot a cursor passes
         // cannot qualify later in this call (taken stays taken, layer counts only fall).
         let mut own = self.policy.layer_victims(layer);
@@ -232,7 +250,7 @@ impl SlotTable {
     }
 
     /// Put `key` into `slot` (state Loading), evicting what it held. Returns (evicted, wasted).
-    fn reserve(&mut self, slot: usize, key: Key, refcount: u32, prefetched: bool) -> (Option<Key>, bool) {
+    fn reserve(&mut self, slot: usize, key: Key, refcount: u32, prefetched: bool, transient: bool) -> (Option<Key>, bool) {
         let s = &mut self.slots[slot];
         let evicted = s.key.take();
         let wasted = evicted.is_some() && s.prefetched_unused;
@@ -241,7 +259,13 @@ impl SlotTable {
         s.refcount = refcount;
         s.prefetched_unused = prefetched;
         s.seq += 1;
+        s.transient = transient;
         self.free.remove(&slot);
+        if transient {
+            self.transient.insert(slot);
+        } else {
+            self.transient.remove(&slot);
+        }
         if let Some(old) = evicted {
             self.map.remove(&old);
             self.policy.on_evict(slot);
@@ -265,16 +289,19 @@ impl SlotTable {
         }
         // Pin the hits first so victim selection cannot pick them.
         let mut plan = AcquirePlan::default();
-        let mut missing = 0;
+        let mut missing_keys = Vec::new();
         for &key in keys {
             match self.map.get(&key) {
                 Some(&slot) => self.slots[slot].refcount += 1,
-                None => missing += 1,
+                None => missing_keys.push(key),
             }
         }
+        let missing = missing_keys.len();
         // This call is number `acquires`: its predictions are being consumed now.
         self.policy.advance(self.acquires + 1);
         let layer = keys.first().map_or(0, |k| k.0);
+        let admitted: std::collections::HashSet<Key> =
+            if self.policy.kind() == PolicyKind::Predictive { Default::default() } else { self.admitted(&missing_keys).into_iter().collect() };
         let victims = self.pick_victims(missing, false, layer);
         if victims.len() < missing {
             for &key in keys {
@@ -287,6 +314,7 @@ impl SlotTable {
         let mut victims = victims.into_iter();
         for &key in keys {
             if let Some(&slot) = self.map.get(&key) {
+                self.used_again(slot);
                 let s = &mut self.slots[slot];
                 if s.prefetched_unused {
                     s.prefetched_unused = false;
@@ -300,7 +328,10 @@ impl SlotTable {
             } else {
                 // Counted above: there is one victim per missing key.
                 let slot = victims.next().ok_or_else(|| Error::SlotState("internal: victim list short".into()))?;
-                let (evicted, wasted) = self.reserve(slot, key, 1, false);
+                // the predictive policy already ranks an expert it expects no use of first
+                let transient = !admitted.contains(&key) && self.policy.kind() != PolicyKind::Predictive;
+                let (evicted, wasted) = self.reserve(slot, key, 1, false, transient);
+                plan.transient += transient as u64;
                 plan.evictions += evicted.is_some() as u64;
                 plan.prefetch_wasted += wasted as u64;
                 plan.misses += 1;
@@ -321,6 +352,7 @@ impl SlotTable {
         for &key in keys {
             match self.map.get(&key) {
                 Some(&slot) => {
+                    self.used_again(slot);
                     let s = &mut self.slots[slot];
                     if s.prefetched_unused {
                         s.prefetched_unused = false;
@@ -336,25 +368,41 @@ impl SlotTable {
         out
     }
 
+    /// A transient slot that is read again has earned its place.
+    fn used_again(&mut self, slot: usize) {
+        if std::mem::take(&mut self.slots[slot].transient) {
+            self.transient.remove(&slot);
+        }
+    }
+
     /// Which of a table visit's `missing` keys (not resident, read in place) to load: a load
     /// costs a transfer as large as the read it saves, so a miss is admitted only into a free
-    /// slot or in place of an expert the policy values less (`PolicyState::prefers`). The misses
-    /// the policy values most are paired with the victims it would take first. Without this,
-    /// every miss of a cyclic layer walk is copied and evicted before its next visit.
+    /// slot or in place of an expert the policy values less (`PolicyState::prefers`). Without
+    /// this, every miss of a cyclic layer walk is copied and evicted before its next visit.
     pub fn admit(&self, missing: &[Key]) -> Vec<Key> {
-        let Some(layer) = missing.first().map(|k| k.0) else { return Vec::new() };
+        self.admitted(missing)
+    }
+
+    /// The admission decision of `admit` (also made for the misses an acquire must load). The
+    /// misses the policy values most fill the free slots, then each is paired with the admitted
+    /// expert it would displace in the end (transient slots are only borrowed), most valued
+    /// miss with the first victim. Returned most valued first.
+    fn admitted(&self, missing: &[Key]) -> Vec<Key> {
+        let Some(layer) = missing.first().map(|k| k.0) else { return Default::default() };
         let mut ranked = missing.to_vec();
         ranked.sort_by_key(|&k| std::cmp::Reverse(self.policy.frequency(k)));
         if self.policy.kind() == PolicyKind::Predictive {
             ranked.sort_by_key(|&k| self.policy.next_use(k).unwrap_or(u64::MAX)); // stable: frequency breaks ties
         }
-        let victims = self.pick_victims(ranked.len(), false, layer);
-        ranked
-            .into_iter()
-            .zip(victims)
-            .filter(|&(key, slot)| self.slots[slot].key.is_none_or(|old| self.policy.prefers(key, old)))
-            .map(|(key, _)| key)
-            .collect()
+        let free = self.free.iter().filter(|&&i| self.usable(i, false)).count().min(ranked.len());
+        let victims = self.regular_victims(ranked.len() - free, false, layer, free);
+        let mut out = ranked[..free].to_vec();
+        for (&key, slot) in ranked[free..].iter().zip(victims) {
+            if self.slots[slot].key.is_none_or(|old| self.policy.prefers(key, old)) {
+                out.push(key);
+            }
+        }
+        out
     }
 
     /// Reserve a slot for a queued load of `key`. Speculative loads (`demand == false`) never
@@ -373,7 +421,7 @@ impl SlotTable {
         let Some(&slot) = victims.first() else {
             return PrefetchOutcome::NoRoom;
         };
-        let (evicted, wasted) = self.reserve(slot, key, 0, prefetched);
+        let (evicted, wasted) = self.reserve(slot, key, 0, prefetched, false);
         PrefetchOutcome::Reserved { slot, evicted, wasted }
     }
 
@@ -388,7 +436,9 @@ impl SlotTable {
         } else {
             s.state = SlotState::Free;
             s.prefetched_unused = false;
+            s.transient = false;
             s.seq += 1;
+            self.transient.remove(&slot);
             if let Some(k) = s.key.take() {
                 self.map.remove(&k);
                 self.policy.on_evict(slot);
@@ -686,13 +736,15 @@ mod tests {
     }
 
     #[test]
-    fn lru_thrashes_on_a_cycle_belady_does_not() {
-        // Cyclic access over capacity+1 experts: the adversarial trace for LRU and FIFO.
+    fn admission_keeps_lru_from_thrashing_on_a_cycle() {
+        // Cyclic access over capacity+1 experts: the adversarial trace for LRU and FIFO. Without
+        // admission every access misses; with it the newcomer borrows a transient slot and the
+        // four resident experts stay, so LRU nears Belady.
         let trace: Vec<Vec<Key>> = (0..100).map(|i| vec![(0, i % 5)]).collect();
         let lru = simulate(PolicyKind::Lru, 4, &trace, false, SimPath::Acquire).unwrap().misses;
         let opt = simulate(PolicyKind::Predictive, 4, &trace, true, SimPath::Acquire).unwrap().misses;
-        assert_eq!(lru, 100);
         assert!(opt < 35, "belady misses {opt}");
+        assert!(lru < 50 && opt <= lru, "lru misses {lru}, belady {opt}");
     }
 
     /// Decode over many layers: each step visits every layer once, each layer routing a few of
@@ -748,11 +800,10 @@ mod tests {
             let lfu = hit(misses(PolicyKind::Lfu, slots, &trace, true));
             let lfu_global = hit(misses(PolicyKind::Lfu, slots, &trace, false));
             println!("per visit {per_visit}: LRU global {global:.3}, LRU fair share {shared:.3}, LFU global {lfu_global:.3}, LFU fair share {lfu:.3}, Belady {belady:.3}");
-            assert!(shared >= global, "the share lost hits: {shared} < {global}");
-            if per_visit == 48 {
-                // working sets above the share: global LRU evicts each layer just before its visit
-                assert!(global < 0.05 && shared > global + 0.1, "{shared} vs {global}");
-            }
+            assert!(shared >= global - 0.01, "the share lost hits: {shared} < {global}");
+            // working sets above the share: a global LRU that kept every miss would evict each
+            // layer just before its visit (hit rate ~0); admission keeps what is used most
+            assert!(global > 0.3 && shared > 0.3, "{shared} vs {global}");
             assert!(belady > shared && lfu > 0.0, "{belady} {lfu}");
         }
     }
@@ -807,10 +858,47 @@ mod tests {
     }
 
     #[test]
+    fn a_long_prompt_borrows_transient_slots_instead_of_flushing_the_decode_set() {
+        // 16 layers, each with a decode set of 2 experts used often; 32 slots hold all of them.
+        let (layers, slots) = (16u64, 32);
+        let mut t = SlotTable::new(slots, PolicyKind::Lru).unwrap();
+        for _ in 0..4 {
+            for l in 0..layers {
+                let touch = t.touch(&[(l, 0), (l, 1)]);
+                for k in t.admit(&touch.missing) {
+                    let PrefetchOutcome::Reserved { slot, .. } = t.reserve_load(k, true, false) else { panic!() };
+                    t.finish_load(slot, true);
+                }
+            }
+        }
+        assert_eq!(t.resident().len(), slots);
+        // A prefill reads experts 0..4 of every layer once: 2 misses per layer never seen before.
+        // Loading each into an evicted decode expert would leave none of the decode sets.
+        for l in 0..layers {
+            let AcquireOutcome::Planned(p) = t.try_acquire(&[(l, 0), (l, 1), (l, 2), (l, 3)]).unwrap() else { panic!() };
+            assert_eq!(p.transient, p.misses, "layer {l}: a miss seen once was admitted");
+            for &(slot, _) in &p.loads {
+                t.finish_load(slot, true);
+            }
+            t.release(&p.slots).unwrap();
+        }
+        // The first layers' misses took decode slots (layer 1's and 2's sets, the least recent);
+        // from then on each layer's misses reused the transient slots.
+        let kept = (0..layers).flat_map(|l| [(l, 0), (l, 1)]).filter(|&k| t.lookup(k).is_some_and(|s| !t.slot(s).transient)).count();
+        assert!(kept >= 28, "the prompt flushed the decode sets: {kept} of 32 kept");
+        assert!(t.slots().iter().filter(|s| s.transient).count() <= 4);
+        // A transient expert read again becomes an ordinary resident.
+        let slot = t.lookup((layers - 1, 2)).expect("the last layer's miss is still there");
+        assert!(t.slot(slot).transient);
+        t.touch(&[(layers - 1, 2)]);
+        assert!(!t.slot(slot).transient);
+    }
+
+    #[test]
     fn table_path_admission_nears_the_best_static_placement_on_the_layer_walk() {
         // The 48-layer walk at 25% with working sets above the share (bs8-like), drawn i.i.d.:
         // no online policy can do better than holding each layer's most popular experts.
-        // Admitting every miss thrashes; admission converges on that placement and copies far less.
+        // The acquire path must copy every miss; the table path copies only the admitted ones.
         let (layers, experts, slots) = (48u64, 128, 48 * 128 / 4);
         let trace = layer_walk(7, 256, layers, experts, 48);
         let lookups = (trace.len() * 48) as f64;
@@ -834,6 +922,6 @@ mod tests {
         println!("admission {:.3} ({:.3} link), every miss {:.3} ({:.3}), best static {best:.3}",
                  hit(table), link(table), hit(every), link(every));
         assert!(hit(table) >= 0.9 * best, "{} vs best static {best}", hit(table));
-        assert!(hit(table) > 2.0 * hit(every) && link(table) < 0.6 * link(every));
+        assert!(hit(table) >= hit(every) && link(table) < 0.6 * link(every));
     }
 }

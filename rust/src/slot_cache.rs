@@ -615,6 +615,7 @@ impl SlotCache {
             };
             Stats::add(&sh.stats.evictions, plan.evictions);
             Stats::add(&sh.stats.prefetch_wasted, plan.prefetch_wasted);
+            Stats::add(&sh.stats.acquire_transient, plan.transient);
             // Demand loads of the misses.
             let mut finished = Vec::with_capacity(plan.loads.len());
             let mut load_err = None;

@@ -32,6 +32,8 @@ pub struct Stats {
     pub routed_dropped: AtomicU64,
     /// Table-visit misses not admitted: read in place and not copied (`SlotTable::admit`).
     pub routed_declined: AtomicU64,
+    /// Acquire misses loaded into transient slots (loaded for the call, not admitted).
+    pub acquire_transient: AtomicU64,
 }
 
 impl Stats {
@@ -55,6 +57,7 @@ impl Stats {
             ("routed_redundant", g(&self.routed_redundant)),
             ("routed_dropped", g(&self.routed_dropped)),
             ("routed_declined", g(&self.routed_declined)),
+            ("acquire_transient", g(&self.acquire_transient)),
             ("releases", g(&self.releases)),
             ("prefetch_queued", g(&self.prefetch_queued)),
             ("prefetch_issued", g(&self.prefetch_issued)),
@@ -99,6 +102,7 @@ impl Stats {
             &self.routed_redundant,
             &self.routed_dropped,
             &self.routed_declined,
+            &self.acquire_transient,
         ] {
             c.store(0, Relaxed);
         }
