@@ -9,7 +9,7 @@ interleaved rounds; decode time per token = (t(N new tokens) - t(1 new token)) /
 calls in the same round, so prefill and the first token cancel. JSON (median and spread) to --out.
 
 Routing (``--routings``): the routers' own (``model``), uniform random experts (``random``), or a
-trained model's recorded routing replayed (``replay:PATH``, ``routing_replay.py``: the preset's
+trained model's recorded routing replayed (``replay:PATH``, ``sida_moe/bench/replay.py``: the preset's
 layers mapped onto the trace's, all on the device, so captured steps replay it too). For every
 routing but ``model`` each budget also gets ``cache_sim``: an untimed pass of the eager greedy loop
 (``--sim-tokens`` new tokens) through a cold cache of the same slots, recording every visit (a host
@@ -28,9 +28,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
-import sys
 import time
 
 import torch
@@ -39,8 +37,7 @@ import sida_moe
 from sida_moe.decode_graph import greedy_generate
 from sida_moe.presets import PRESETS, build_model, build_offloaded
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from routing_replay import ReplayRouting, RoutingTraceError, load_routing_trace  # noqa: E402
+from sida_moe.bench.replay import ReplayRouting, RoutingTraceError, load_routing_trace
 
 
 def route_randomly(model, num_experts: int) -> list:
@@ -188,7 +185,7 @@ def main() -> None:
     ap.add_argument("--batches", default="1", help="comma-separated batch sizes")
     ap.add_argument("--routings", default="model",
                     help="comma-separated: 'model' (the routers), 'random' (uniform random experts per token and layer: "
-                         "no locality), 'replay:PATH' (a trained model's recorded routing, routing_replay.py)")
+                         "no locality), 'replay:PATH' (a trained model's recorded routing, sida_moe/bench/replay.py)")
     ap.add_argument("--sim-tokens", type=int, default=None,
                     help="new tokens of the untimed cache-simulation pass (default --new-tokens; 0: no pass)")
     ap.add_argument("--same-weights", action="store_true",

@@ -18,7 +18,7 @@ from _moe_models import eager_experts, tiny_model
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "benches"))
 import host_free_decode as bench  # noqa: E402
-import routing_replay as rr  # noqa: E402
+from sida_moe.bench import replay as rr  # noqa: E402
 
 
 def test_a_table_visit_counts_its_hits_before_its_misses_evict():

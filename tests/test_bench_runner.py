@@ -444,3 +444,42 @@ def test_replay_probe_times_launch_and_hand_over_of_the_captured_step(fake_clock
     assert calls == ["wait", ("replay", 0, 0), "record"] * 5 and handed == [([0, 1], 8)] * 5
     assert replay_host_seconds(model, 2) is None  # no step of that batch size
     engine.close()
+
+
+def _constant_trace(path, experts=64, k=8, layers=2, tokens=64):
+    """Every token of every recorded layer routes to experts 0..k-1."""
+    import numpy as np
+
+    from sida_moe.bench import replay
+
+    ids = np.broadcast_to(np.arange(k, dtype=np.uint8), (tokens, layers, k)).copy()
+    replay.save_routing_trace(str(path), ids, {"num_experts": experts, "seq_len": tokens, "source": {"test": True}})
+    return str(path)
+
+
+def test_bench_replays_a_routing_trace_for_every_system(tmp_path, fake_clock):
+    """With a trace that sends every token to the same 8 experts, an offloaded row holding 8
+    slots per layer hits every decode visit (the tiny preset's own routers spread over 64 experts),
+    every system sees the same routing (same tokens as resident), and bench.json says which trace."""
+    trace = _constant_trace(tmp_path / "trace.npz")
+    common = dict(model="qwen3-moe-tiny", device="cpu", budgets=(0.125,), policies=("lru",), predictors=("none",),
+                  baselines=("resident",), prompt_tokens=6, new_tokens=6, rounds=1, timeline=False, progress=False)
+    replayed = run_bench(BenchConfig(**common, routing_trace=trace, out_dir=str(tmp_path / "replayed")))
+    routers = run_bench(BenchConfig(**common, out_dir=str(tmp_path / "routers")))
+    sida = {name: next(r for r in rows if r["system"] == "sida") for name, rows in (("replayed", replayed), ("routers", routers))}
+    assert sida["replayed"]["decode_hit_rate"] == 1.0
+    assert sida["routers"]["decode_hit_rate"] < 0.9
+    assert all(r["same_tokens_as_resident"] for r in replayed if r["system"] != "resident")
+    meta = json.loads((tmp_path / "replayed" / "bench.json").read_text())["meta"]
+    assert meta["routing"]["trace"] == trace and len(meta["routing"]["layer_map"]) == 4
+
+
+def test_bench_refuses_a_routing_trace_it_cannot_replay(tmp_path):
+    from sida_moe.bench.runner import BenchInputError
+
+    with pytest.raises(BenchInputError, match="no such routing trace file"):
+        run_bench(BenchConfig(device="cpu", routing_trace=str(tmp_path / "missing.npz"), progress=False))
+    wrong = _constant_trace(tmp_path / "wrong.npz", experts=32, k=4)
+    with pytest.raises(BenchInputError, match="32 experts top-4.*64 experts top-8"):
+        run_bench(BenchConfig(device="cpu", routing_trace=wrong, budgets=(0.5,), policies=("lru",), predictors=("none",),
+                              baselines=(), new_tokens=2, rounds=1, timeline=False, progress=False))

@@ -173,6 +173,7 @@ def test_corpus_shorter_than_one_sequence(tmp_path, capsys):
     (["--policies", "mru"], r"sida-moe bench: error: unknown policies \['mru'\]"),
     (["--predictors", "sida"], r"the 'sida' predictor needs predictor_path"),
     (["--prompt-file", "/nonexistent/prompts.txt"], r"prompt file '/nonexistent/prompts.txt' is not a file"),
+    (["--routing-trace", "/nonexistent/trace.npz"], r"/nonexistent/trace.npz: no such routing trace file"),
 ])
 def test_bad_bench_arguments(capsys, args, pattern):
     _fails(capsys, ["bench", "--device", "cpu", *args], pattern)

@@ -1,4 +1,4 @@
-"""Routing replay (``benches/routing_replay.py``): each MoE layer gets the recorded ids of its
+"""Routing replay (``sida_moe.bench.replay``): each MoE layer gets the recorded ids of its
 mapped trace layer at its own offset, the device counter advances by each forward's tokens, the
 cache sees those ids as its visits, and bad trace files fail in one line naming the file."""
 
@@ -14,8 +14,7 @@ import torch
 
 from _moe_models import eager_experts, tiny_model
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "benches"))
-import routing_replay as rr  # noqa: E402
+from sida_moe.bench import replay as rr
 
 E, K = 8, 3  # tiny qwen3_moe: 8 experts, top-3
 

@@ -56,6 +56,10 @@ def _configure(p: argparse.ArgumentParser) -> None:
     p.add_argument("--predictor-path", default=None, help="trained SiDA predictor directory (enables the 'sida' predictor)")
     p.add_argument("--baselines", type=_words, default=BASELINES, help=f"comma list of {','.join(BASELINES)} (or 'none')")
     p.add_argument("--prompt-file", default=None, help="text file the prompts are cut from (default: seeded random token ids)")
+    p.add_argument("--routing-trace", default=None, metavar="PATH",
+                   help="a trained model's recorded routing (.npz from benches/record_routing_trace.py) replayed by every "
+                        "system instead of the routers' choices (same experts count and top-k); random-weight presets then "
+                        "route with a trained model's locality")
     p.add_argument("--batch-sizes", type=_ints, default=(1,))
     p.add_argument("--prompt-tokens", type=positive_int, default=32)
     p.add_argument("--new-tokens", type=_new_tokens, default=32)
@@ -80,6 +84,7 @@ def _run(args: argparse.Namespace) -> int:
     cfg = BenchConfig(
         model=args.model, device=args.device, dtype=args.dtype, budgets=args.budgets, policies=args.policies,
         predictors=args.predictors, predictor_path=args.predictor_path, prompt_file=args.prompt_file,
+        routing_trace=args.routing_trace,
         baselines=() if args.baselines == ("none",) else args.baselines, batch_sizes=args.batch_sizes,
         prompt_tokens=args.prompt_tokens, new_tokens=args.new_tokens, rounds=args.rounds,
         accelerate_new_tokens=args.accelerate_new_tokens,

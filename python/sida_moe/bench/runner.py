@@ -54,6 +54,9 @@ class BenchConfig:
     predictors: tuple[str, ...] = ("none", "next_layer_gate")
     predictor_path: str | None = None
     prompt_file: str | None = None  # real text for the prompts (trained models); default random ids
+    # a trained model's recorded routing (.npz, sida_moe.bench.replay) replayed by every system
+    # instead of the routers' choices: random-weight presets then see a trained router's locality
+    routing_trace: str | None = None
     batch_sizes: tuple[int, ...] = (1,)
     prompt_tokens: int = 32
     new_tokens: int = 32
@@ -88,6 +91,13 @@ class BenchConfig:
             raise BenchInputError("batch sizes and prompt_tokens must be >= 1 and new_tokens >= 2")
         if self.rounds < 1:
             raise BenchInputError(f"rounds must be >= 1, got {self.rounds}")
+        if self.routing_trace is not None:
+            from sida_moe.bench.replay import RoutingTraceError, load_routing_trace
+
+            try:
+                load_routing_trace(self.routing_trace)
+            except RoutingTraceError as e:
+                raise BenchInputError(str(e)) from None
         if self.prompt_file is not None and not Path(self.prompt_file).is_file():
             raise BenchInputError(f"prompt file {self.prompt_file!r} is not a file")
         if self.predictor_path is not None and any(p.startswith("sida") for p in self.predictors):
@@ -154,6 +164,18 @@ def _load_model(cfg: BenchConfig, device: torch.device, dtype: torch.dtype) -> n
         return AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device).eval()
     except (OSError, ValueError, KeyError, SafetensorError) as e:
         raise BenchInputError(f"cannot load the checkpoint {cfg.model}: {e}") from e
+
+
+def _replay_routing(cfg: BenchConfig, model: nn.Module):
+    """The routing-trace hooks of ``cfg.routing_trace`` on ``model`` (None without a trace)."""
+    if cfg.routing_trace is None:
+        return None
+    from sida_moe.bench.replay import ReplayRouting, RoutingTraceError, load_routing_trace
+
+    try:
+        return ReplayRouting(model, load_routing_trace(cfg.routing_trace))
+    except RoutingTraceError as e:  # recorded with another experts count or top-k
+        raise BenchInputError(str(e)) from None
 
 
 def _text_ids(cfg: BenchConfig, vocab: int) -> torch.Tensor:
@@ -429,8 +451,26 @@ def run_bench(cfg: BenchConfig) -> list[dict[str, Any]]:
         **({"skipped": note} if note else {}),
     }
 
+    replay = _replay_routing(cfg, model)
+    if replay is not None:
+        meta["routing"] = {"trace": cfg.routing_trace, "metadata": replay.trace.metadata, "layer_map": replay.layer_map,
+                           "every call": "replays the trace from position 0 (the same routing for every system)"}
+
+    def from_start() -> None:
+        if replay is not None:
+            replay.reset(0)
+
     def gen(b: int, n: int, graphs: bool | None = None) -> torch.Tensor:
+        from_start()
         return _generate(model, prompts[b], n, sample, cfg.seed, graphs)
+
+    def gen_graphed(b: int, n: int) -> torch.Tensor:
+        from_start()
+        return graphed.generate(prompts[b]["input_ids"], n)
+
+    def forced_logits(b: int) -> torch.Tensor:
+        from_start()
+        return teacher_forced_logits(model, prompts[b], reference[b])
 
     vocab = model.get_input_embeddings().num_embeddings
     text_ids = _text_ids(cfg, vocab) if cfg.prompt_file else None
@@ -492,7 +532,7 @@ def run_bench(cfg: BenchConfig) -> list[dict[str, Any]]:
         bg = unpadded[0]
         # eager's per-expert loop reads routing on the host: it cannot be captured
         graphed_impl, graphed_cost = set_fastest_experts_implementation(
-            model, lambda: decode_seconds_per_step(lambda n: graphed.generate(prompts[bg]["input_ids"], n), min(n_new, 12),
+            model, lambda: decode_seconds_per_step(lambda n: gen_graphed(bg, n), min(n_new, 12),
                                                    device), candidates=["grouped_mm", "batched_mm"])
         meta["resident_graphed_experts_implementation_s_per_decode_token"] = graphed_cost
         if not graphed_cost:
@@ -514,7 +554,7 @@ def run_bench(cfg: BenchConfig) -> list[dict[str, Any]]:
         if "resident" in baselines:
             visits["resident"] = visit(lambda n, b=b: gen(b, n), n_new, uses(resident_impl))
         if graphed is not None and b in unpadded:
-            visits["resident_graphed"] = visit(lambda n, b=b: graphed.generate(prompts[b]["input_ids"], n), n_new,
+            visits["resident_graphed"] = visit(lambda n, b=b: gen_graphed(b, n), n_new,
                                                uses(graphed_impl), add_enqueue(b))
         if not visits:
             continue
@@ -522,7 +562,7 @@ def run_bench(cfg: BenchConfig) -> list[dict[str, Any]]:
         if "resident" in timed_rounds:
             model.set_experts_implementation(resident_impl)
             reference[b] = timed_rounds["resident"][-1].full.out.cpu()
-            reference_logits[b] = teacher_forced_logits(model, prompts[b], reference[b])
+            reference_logits[b] = forced_logits(b)
             record("resident", b, timed_rounds["resident"], n_new, {"experts_implementation": resident_impl,
                                                                     "decode_loop": "eager"})
         if "resident_graphed" in timed_rounds:
@@ -542,7 +582,10 @@ def run_bench(cfg: BenchConfig) -> list[dict[str, Any]]:
     # 3. sida-moe
     budgets = sorted(cfg.budgets, reverse=True)  # largest slot memory first, while the GPU is emptiest
     t0 = time.perf_counter()
+    if replay is not None:
+        replay.remove()  # its hooks sit on the experts modules that offload replaces
     offload(model, gpu_budget=min(budgets), policy="lru", prefetch="none", progress=cfg.progress)
+    replay = _replay_routing(cfg, model)
     engine = engine_of(model)
     meta["offload_seconds"] = time.perf_counter() - t0
     meta["engine"] = engine.describe()
@@ -574,7 +617,7 @@ def run_bench(cfg: BenchConfig) -> list[dict[str, Any]]:
             rnd.extra["enqueue_ms"] = probe * 1e3 if probe is not None else None
             if not agreement and b in reference_logits:  # once per configuration; untimed
                 agree = token_agreement(rnd.full.out.cpu(), reference[b])
-                agreement.update(logit_agreement(teacher_forced_logits(model, prompts[b], reference[b]),
+                agreement.update(logit_agreement(forced_logits(b),
                                                  reference_logits[b], agree.get("first_token_differing_from_resident")))
         return after
 

@@ -2,7 +2,7 @@
 
 Random weights route near uniformly, with none of a trained router's locality, so cache hit rates
 and miss bytes of a random-weight preset say little. A routing trace (written by
-``record_routing_trace.py``: a trained model's top-k expert ids for each token of held-out text
+``benches/record_routing_trace.py``: a trained model's top-k expert ids for each token of held-out text
 and each MoE layer) replaces every layer's top-k ids instead.
 
 Trace file (``.npz``):
