@@ -503,6 +503,14 @@ def run_bench(cfg: BenchConfig) -> list[dict[str, Any]]:
         bar.update(1)
         return row
 
+    def settled(engine):
+        def before() -> None:
+            # copies and routing the previous call left in flight would land inside the next
+            # timed call (slowing its prefill, the 1-token call's most): drained first
+            engine.quiesce()
+            engine.reset_stats()
+        return before
+
     def visit(generate, n: int, before_timing=None, after_timing=None, engine=None):
         """A visit: ``before_timing()`` (configure), a warm-up call, the two timed calls (the
         engine's counters reset before and read after each), ``after_timing(round)``."""
@@ -511,7 +519,7 @@ def run_bench(cfg: BenchConfig) -> list[dict[str, Any]]:
                 before_timing()
             _reset_peak(device)
             generate(n)  # warm-up: kernels chosen, the decode step captured, the cache in its steady state
-            rnd = two_calls(generate, n, device, before=engine.reset_stats if engine is not None else None,
+            rnd = two_calls(generate, n, device, before=settled(engine) if engine is not None else None,
                             after=engine.stats if engine is not None else None)
             rnd.extra["peak_gpu_gib"] = _peak_gib(device)
             if after_timing is not None:
