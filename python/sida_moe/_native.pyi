@@ -294,7 +294,11 @@ class SlotCache:
         and ``submit_routed`` requests so far, those handled, and the loads they queued;
         ``predicted_hits`` / ``predicted_needed`` / ``predicted_experts``: over the layers whose
         remembered prediction was scored, routed experts that were predicted, routed experts, and
-        predicted experts (recall = hits / needed, precision = hits / predicted)."""
+        predicted experts (recall = hits / needed, precision = hits / predicted). Table visits
+        (``note_routed`` / ``submit_routed``): ``routed_visits``, ``routed_misses`` (experts read
+        in place from the pool), ``routed_declined`` (misses not admitted, so not copied),
+        ``routed_redundant``, ``routed_dropped``; ``acquire_transient``: acquire misses admission
+        declined, loaded into transient slots (evicted before any admitted expert)."""
     def reset_stats(self) -> None:
         """Zero every counter, including ``stream_waits``, ``stream_wait_seconds()`` and the
         prediction scores (``deferred_*`` counts keep running); stream-wait
