@@ -204,8 +204,7 @@ impl SlotTable {
         let slots = &self.slots;
         let usable = |i: usize| !slots[i].transient && self.usable(i, spare_prefetched);
         if !self.fair_share {
-            out.extend(self.policy.choose_victims(n - out.len(), |i| slots[i].key.is_some() && usable(i)));
-            return out;
+            return self.policy.choose_victims(n, |i| slots[i].key.is_some() && usable(i));
         }
         let layers = self.per_layer.len().max(1) + usize::from(!self.per_layer.contains_key(&layer));
         let share = (slots.len() / layers).max(1);
@@ -218,15 +217,15 @@ impl SlotTable {
         let mut over = self.policy.victims();
         let mut any = self.policy.victims();
         while out.len() < n {
-            let free = |i: usize, taken: &[bool]| usable(i) && !taken[i];
+            let eligible = |i: usize, taken: &[bool]| usable(i) && !taken[i];
             let victim = if mine >= share {
-                own.find(|&i| free(i, &taken))
+                own.find(|&i| eligible(i, &taken))
             } else {
                 over.find(|&i| {
-                    free(i, &taken) && slots[i].key.is_some_and(|k| k.0 != layer && counts.get(&k.0).copied().unwrap_or(0) > share)
+                    eligible(i, &taken) && slots[i].key.is_some_and(|k| k.0 != layer && counts.get(&k.0).copied().unwrap_or(0) > share)
                 })
             }
-            .or_else(|| any.find(|&i| free(i, &taken) && slots[i].key.is_some()));
+            .or_else(|| any.find(|&i| eligible(i, &taken) && slots[i].key.is_some()));
             let Some(v) = victim else { break };
             if let Some(k) = slots[v].key {
                 if let Some(c) = counts.get_mut(&k.0) {
@@ -300,8 +299,11 @@ impl SlotTable {
         // This call is number `acquires`: its predictions are being consumed now.
         self.policy.advance(self.acquires + 1);
         let layer = keys.first().map_or(0, |k| k.0);
+        // Misses admission declines go to transient slots; not for the predictive policy, which
+        // already ranks an expert it expects no use of first.
+        let transients = self.policy.kind() != PolicyKind::Predictive;
         let admitted: std::collections::HashSet<Key> =
-            if self.policy.kind() == PolicyKind::Predictive { Default::default() } else { self.admitted(&missing_keys).into_iter().collect() };
+            if transients { self.admit(&missing_keys).into_iter().collect() } else { Default::default() };
         let victims = self.pick_victims(missing, false, layer);
         if victims.len() < missing {
             for &key in keys {
@@ -328,8 +330,7 @@ impl SlotTable {
             } else {
                 // Counted above: there is one victim per missing key.
                 let slot = victims.next().ok_or_else(|| Error::SlotState("internal: victim list short".into()))?;
-                // the predictive policy already ranks an expert it expects no use of first
-                let transient = !admitted.contains(&key) && self.policy.kind() != PolicyKind::Predictive;
+                let transient = transients && !admitted.contains(&key);
                 let (evicted, wasted) = self.reserve(slot, key, 1, false, transient);
                 plan.transient += transient as u64;
                 plan.evictions += evicted.is_some() as u64;
@@ -375,19 +376,15 @@ impl SlotTable {
         }
     }
 
-    /// Which of a table visit's `missing` keys (not resident, read in place) to load: a load
+    /// Which of a visit's `missing` keys deserve a place in the cache, most valued first: a load
     /// costs a transfer as large as the read it saves, so a miss is admitted only into a free
     /// slot or in place of an expert the policy values less (`PolicyState::prefers`). Without
     /// this, every miss of a cyclic layer walk is copied and evicted before its next visit.
+    /// The misses the policy values most fill the free slots, then each is paired with the
+    /// admitted expert it would displace in the end (transient slots are only borrowed), most
+    /// valued miss with the first victim. Table visits load only these; an acquire loads every
+    /// miss but puts the others in transient slots.
     pub fn admit(&self, missing: &[Key]) -> Vec<Key> {
-        self.admitted(missing)
-    }
-
-    /// The admission decision of `admit` (also made for the misses an acquire must load). The
-    /// misses the policy values most fill the free slots, then each is paired with the admitted
-    /// expert it would displace in the end (transient slots are only borrowed), most valued
-    /// miss with the first victim. Returned most valued first.
-    fn admitted(&self, missing: &[Key]) -> Vec<Key> {
         let Some(layer) = missing.first().map(|k| k.0) else { return Default::default() };
         let mut ranked = missing.to_vec();
         ranked.sort_by_key(|&k| std::cmp::Reverse(self.policy.frequency(k)));

@@ -41,8 +41,7 @@ impl PolicyKind {
 
 /// A layer's counts are halved after this many times its share of slots in accesses (the
 /// sample window of frequency-based admission: long enough to tell popular experts from a
-/// passing burst, short enough to follow a change of text). Hit rates on replayed routing are
-/// flat from 10 to 100 (NOTES.md, session 11).
+/// passing burst, short enough to follow a change of text).
 const DECAY_WINDOW: u64 = 32;
 
 /// Per-slot policy metadata (what the slot's expert looked like to the policy).

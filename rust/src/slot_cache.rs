@@ -820,9 +820,10 @@ impl SlotCache {
         let s = &sh.stats;
         Stats::add(&s.routed_declined, (touch.missing.len() - admitted.len()) as u64);
         let hits = slot_reads.map_or(touch.hits, |n| n.min(keys.len() as u64));
+        let misses = keys.len() as u64 - hits;
         Stats::add(&s.hits, hits);
-        Stats::add(&s.misses, keys.len() as u64 - hits);
-        Stats::add(&s.routed_misses, keys.len() as u64 - hits);
+        Stats::add(&s.misses, misses);
+        Stats::add(&s.routed_misses, misses);
         Stats::add(&s.prefetch_used, touch.prefetch_used);
         Stats::add(&s.routed_visits, 1);
         let mut queued = 0;

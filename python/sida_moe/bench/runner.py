@@ -166,14 +166,14 @@ def _load_model(cfg: BenchConfig, device: torch.device, dtype: torch.dtype) -> n
         raise BenchInputError(f"cannot load the checkpoint {cfg.model}: {e}") from e
 
 
-def _replay_routing(cfg: BenchConfig, model: nn.Module):
-    """The routing-trace hooks of ``cfg.routing_trace`` on ``model`` (None without a trace)."""
-    if cfg.routing_trace is None:
+def _replay_routing(trace, model: nn.Module):
+    """The hooks replaying ``trace`` (a ``RoutingTrace``, or None: no hooks) on ``model``."""
+    if trace is None:
         return None
-    from sida_moe.bench.replay import ReplayRouting, RoutingTraceError, load_routing_trace
+    from sida_moe.bench.replay import ReplayRouting, RoutingTraceError
 
     try:
-        return ReplayRouting(model, load_routing_trace(cfg.routing_trace))
+        return ReplayRouting(model, trace)
     except RoutingTraceError as e:  # recorded with another experts count or top-k
         raise BenchInputError(str(e)) from None
 
@@ -451,7 +451,13 @@ def run_bench(cfg: BenchConfig) -> list[dict[str, Any]]:
         **({"skipped": note} if note else {}),
     }
 
-    replay = _replay_routing(cfg, model)
+    if cfg.routing_trace is not None:
+        from sida_moe.bench.replay import load_routing_trace
+
+        trace = load_routing_trace(cfg.routing_trace)  # checked by validate()
+    else:
+        trace = None
+    replay = _replay_routing(trace, model)
     if replay is not None:
         meta["routing"] = {"trace": cfg.routing_trace, "metadata": replay.trace.metadata, "layer_map": replay.layer_map,
                            "every call": "replays the trace from position 0 (the same routing for every system)"}
@@ -593,7 +599,7 @@ def run_bench(cfg: BenchConfig) -> list[dict[str, Any]]:
     if replay is not None:
         replay.remove()  # its hooks sit on the experts modules that offload replaces
     offload(model, gpu_budget=min(budgets), policy="lru", prefetch="none", progress=cfg.progress)
-    replay = _replay_routing(cfg, model)
+    replay = _replay_routing(trace, model)
     engine = engine_of(model)
     meta["offload_seconds"] = time.perf_counter() - t0
     meta["engine"] = engine.describe()
