@@ -4,7 +4,8 @@ captured (StaticCache + torch.cuda.CUDAGraph: `resident_graphed`), in one proces
 
 Systems per budget: `resident_graphed`, `sida_graphed` (``model.generate``, routed to the graphed
 greedy loop), `sida_eager` (``model.generate(..., sida_graphs=False)``: transformers' own loop,
-decode layers still on the expert table). Every system is warmed up, then timed over ``--rounds``
+decode layers still on the expert table); with ``--compile`` also `resident_compiled` and
+`sida_compiled` (the graphed loops with the step under ``torch.compile`` first). Every system is warmed up, then timed over ``--rounds``
 interleaved rounds; decode time per token = (t(N new tokens) - t(1 new token)) / (N - 1), both
 calls in the same round, so prefill and the first token cancel. JSON (median and spread) to --out.
 
@@ -149,11 +150,11 @@ def replay_visits(keys: list, slots: int, policy: str, steps: list, future: bool
         pool.close()
 
 
-def enqueue_ms(model, steps: int = 16) -> float:
+def enqueue_ms(model, compiled: bool, steps: int = 16) -> float:
     """Host time to launch one captured decode step and hand its routing over (the device idle
     before each launch), from the step the last greedy call left cached."""
     engine = getattr(model, "sida_engine", None)
-    step = next(s for s in model._sida_decode_steps.values() if s.graph is not None)
+    step = next(s for (_, _, c), s in model._sida_decode_steps.items() if c == compiled and s.graph is not None)
     times = []
     for _ in range(steps):
         torch.cuda.synchronize()
@@ -166,12 +167,40 @@ def enqueue_ms(model, steps: int = 16) -> float:
     return statistics.median(times) * 1e3
 
 
-def timed(fn, device) -> tuple[float, float, float, object]:
+def thread_cpu_by_name() -> dict[str, float]:
+    """CPU seconds of this process's threads so far, summed by thread name (Linux /proc; the
+    native cache names its threads sida-copy-N and sida-deferred-prefetch): which thread the
+    process CPU column goes to."""
+    import os
+
+    tick, out = os.sysconf("SC_CLK_TCK"), {}
+    try:
+        tasks = os.listdir("/proc/self/task")
+    except OSError:
+        return out
+    for tid in tasks:
+        try:
+            with open(f"/proc/self/task/{tid}/comm") as f:
+                name = f.read().strip()
+            with open(f"/proc/self/task/{tid}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue  # the thread ended meanwhile
+        name = name.rstrip("0123456789") or name  # sida-copy-0, sida-copy-1 -> sida-copy-
+        out[name] = out.get(name, 0.0) + (int(fields[11]) + int(fields[12])) / tick  # utime + stime
+    return out
+
+
+def timed(fn, device) -> tuple[float, float, float, object, dict[str, float]]:
     torch.cuda.synchronize(device)
+    before = thread_cpu_by_name()
     w0, p0, t0 = time.perf_counter(), time.process_time(), time.thread_time()
     result = fn()
     torch.cuda.synchronize(device)
-    return time.perf_counter() - w0, time.process_time() - p0, time.thread_time() - t0, result
+    wall, proc, thread = time.perf_counter() - w0, time.process_time() - p0, time.thread_time() - t0
+    after = thread_cpu_by_name()
+    by_name = {k: v - before.get(k, 0.0) for k, v in after.items() if v - before.get(k, 0.0) > 0}
+    return wall, proc, thread, result, by_name
 
 
 def summary(values: list[float]) -> dict:
@@ -195,6 +224,8 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--policy", default="lru")
     ap.add_argument("--experts-impl", default="batched_mm", help="resident model's transformers experts implementation")
+    ap.add_argument("--compile", action="store_true",
+                    help="also time both graphed loops with the step compiled first (resident_compiled, sida_compiled)")
     ap.add_argument("--out", required=True)
     args = ap.parse_args()
     routings = parse_routings(args.routings, args.preset)
@@ -248,6 +279,12 @@ def run_batch(args, report, budgets, engine, resident_model, offloaded, ids) -> 
         "sida_eager": lambda n: offloaded.generate(ids, max_new_tokens=n, min_new_tokens=n, do_sample=False,
                                                    sida_graphs=False),
     }
+    if args.compile:
+        # the same graphed loops with the step compiled first (torch.compile, inductor)
+        systems["resident_compiled"] = lambda n: greedy_generate(resident_model, ids, n, graphs=True, compile=True)
+        systems["sida_compiled"] = lambda n: offloaded.generate(ids, max_new_tokens=n, do_sample=False, sida_compile=True)
+    graphed = [name for name in systems if name != "sida_eager"]
+    offloaded_graphed = [name for name in graphed if name.startswith("sida_")]
     n = args.new_tokens
     for bi, budget in enumerate(budgets):
         if bi or engine.num_slots != engine.slots_for(budget):
@@ -262,31 +299,37 @@ def run_batch(args, report, budgets, engine, resident_model, offloaded, ids) -> 
                            "same_argmax": bool(torch.equal(want.argmax(-1), got.argmax(-1)))}
         else:
             logit_check = None
-        rows = {name: {"decode_ms": [], "host_cpu_ms": [], "thread_cpu_ms": [], "tokens": None} for name in systems}
-        misses_per_token, copied_per_token, hit_rates, enqueue = [], [], [], {"resident_graphed": [], "sida_graphed": []}
+        rows = {name: {"decode_ms": [], "host_cpu_ms": [], "thread_cpu_ms": [], "threads_cpu_s": {}, "tokens": None}
+                for name in systems}
+        misses = {name: {"misses": [], "copied": [], "hit_rate": []} for name in offloaded_graphed}
+        enqueue = {name: [] for name in graphed}
         for name, fn in systems.items():  # warm-up: compile kernels, capture graphs, fill the cache
+            t0 = time.perf_counter()
             fn(4)
             fn(n)
+            report.setdefault("warmup_s", {})[f"{args.routing}_bs{batch}_{budget}_{name}"] = time.perf_counter() - t0
         for r in range(args.rounds):
             order = list(systems) if r % 2 == 0 else list(reversed(systems))
             for name in order:
-                fn = systems[name]
+                fn, row = systems[name], rows[name]
                 engine.reset_stats()
-                w1, p1, t1, _ = timed(lambda: fn(1), device)
+                w1, p1, t1, _, c1 = timed(lambda: fn(1), device)
                 s1 = engine.stats()
                 engine.reset_stats()
-                wn, pn, tn, tokens = timed(lambda: fn(n), device)
-                if name == "sida_graphed":
+                wn, pn, tn, tokens, cn = timed(lambda: fn(n), device)
+                for k in set(c1) | set(cn):  # jiffies: meaningful summed over rounds, not per call
+                    row["threads_cpu_s"][k] = row["threads_cpu_s"].get(k, 0.0) + cn.get(k, 0.0) - c1.get(k, 0.0)
+                if name in misses:
                     # decode only: the N-token call's counters less the 1-token call's (prefill)
                     sn = engine.stats()
                     d = {k: sn[k] - s1[k] for k in ("hits", "misses", "bytes_copied")}
                     lookups = d["hits"] + d["misses"]
-                    misses_per_token.append(d["misses"] / (n - 1))
-                    copied_per_token.append(d["bytes_copied"] / (n - 1))
-                    hit_rates.append(d["hits"] / lookups if lookups else 0.0)
+                    misses[name]["misses"].append(d["misses"] / (n - 1))
+                    misses[name]["copied"].append(d["bytes_copied"] / (n - 1))
+                    misses[name]["hit_rate"].append(d["hits"] / lookups if lookups else 0.0)
                 if name in enqueue:
-                    enqueue[name].append(enqueue_ms(resident_model if name == "resident_graphed" else offloaded))
-                row = rows[name]
+                    enqueue[name].append(enqueue_ms(resident_model if name.startswith("resident") else offloaded,
+                                                    compiled=name.endswith("compiled")))
                 row["decode_ms"].append((wn - w1) * 1e3 / (n - 1))
                 row["host_cpu_ms"].append((pn - p1) * 1e3 / (n - 1))
                 row["thread_cpu_ms"].append((tn - t1) * 1e3 / (n - 1))
@@ -297,10 +340,12 @@ def run_batch(args, report, budgets, engine, resident_model, offloaded, ids) -> 
         for name, row in rows.items():
             d = summary(row["decode_ms"])
             out[name] = {
-                "decode_ms_per_token": d,
+                "decode_ms_per_step": d,
                 "decode_tokens_per_s": {k: (1e3 * batch / v if k != "n" else v) for k, v in d.items()},
-                "host_cpu_ms_per_token": summary(row["host_cpu_ms"]),
-                "inference_thread_cpu_ms_per_token": summary(row["thread_cpu_ms"]),
+                "host_cpu_ms_per_step": summary(row["host_cpu_ms"]),
+                "inference_thread_cpu_ms_per_step": summary(row["thread_cpu_ms"]),
+                # decode CPU per step by thread name, over all rounds ((N-token - 1-token calls) / steps)
+                "threads_cpu_ms_per_step": {k: v * 1e3 / (args.rounds * (n - 1)) for k, v in row["threads_cpu_s"].items()},
                 "same_tokens_as_resident_graphed": row["tokens"] == ref,
                 "same_tokens_as_sida_eager": row["tokens"] == rows["sida_eager"]["tokens"],
                 "first_tokens": row["tokens"][0][:16],
@@ -308,9 +353,10 @@ def run_batch(args, report, budgets, engine, resident_model, offloaded, ids) -> 
             if name in enqueue:
                 out[name]["host_enqueue_ms_per_step"] = summary(enqueue[name])
         expert_bytes = engine.pool.expert_nbytes
-        out["sida_graphed"]["hit_rate"] = summary(hit_rates)
-        out["sida_graphed"]["zero_copy_miss_bytes_per_token"] = summary([m * expert_bytes for m in misses_per_token])
-        out["sida_graphed"]["copied_bytes_per_token"] = summary(copied_per_token)
+        for name, m in misses.items():
+            out[name]["hit_rate"] = summary(m["hit_rate"])
+            out[name]["zero_copy_miss_bytes_per_step"] = summary([x * expert_bytes for x in m["misses"]])
+            out[name]["copied_bytes_per_step"] = summary(m["copied"])
         out["engine"] = engine.describe()
         sim_tokens = n if args.sim_tokens is None else args.sim_tokens
         if args.routing != "model" and sim_tokens > 0:
@@ -323,13 +369,16 @@ def run_batch(args, report, budgets, engine, resident_model, offloaded, ids) -> 
             extra = f", enqueue {r['host_enqueue_ms_per_step']['median']:.3f} ms/step" if name in enqueue else ""
             print(f"[{args.routing} bs{batch} {budget}] {name}: {r['decode_tokens_per_s']['median']:.1f} tok/s "
                   f"({r['decode_tokens_per_s']['min']:.1f}-{r['decode_tokens_per_s']['max']:.1f}), process CPU "
-                  f"{r['host_cpu_ms_per_token']['median']:.2f} ms/token (thread {r['inference_thread_cpu_ms_per_token']['median']:.2f})"
-                  f"{extra}, same tokens as resident {r['same_tokens_as_resident_graphed']} / as sida_eager "
+                  f"{r['host_cpu_ms_per_step']['median']:.2f} ms/step (thread {r['inference_thread_cpu_ms_per_step']['median']:.2f})"
+                  f"{extra}, by thread " + ", ".join(f"{k} {v:.2f}" for k, v in sorted(r["threads_cpu_ms_per_step"].items()))
+                  + f", same tokens as resident {r['same_tokens_as_resident_graphed']} / as sida_eager "
                   f"{r['same_tokens_as_sida_eager']}", flush=True)
-        g = out["sida_graphed"]
-        print(f"[{args.routing} bs{batch} {budget}] sida_graphed hit rate {g['hit_rate']['median']:.3f}, zero-copy misses "
-              f"{g['zero_copy_miss_bytes_per_token']['median'] / 1e6:.1f} MB/token, copied "
-              f"{g['copied_bytes_per_token']['median'] / 1e6:.1f} MB/token; logits {logit_check}", flush=True)
+        for name in misses:
+            g = out[name]
+            print(f"[{args.routing} bs{batch} {budget}] {name} hit rate {g['hit_rate']['median']:.3f}, zero-copy misses "
+                  f"{g['zero_copy_miss_bytes_per_step']['median'] / 1e6:.1f} MB/step, copied "
+                  f"{g['copied_bytes_per_step']['median'] / 1e6:.1f} MB/step", flush=True)
+        print(f"[{args.routing} bs{batch} {budget}] logits {logit_check}", flush=True)
         if "cache_sim" in out:
             c = out["cache_sim"]
             print(f"[{args.routing} bs{batch} {budget}] cold-cache pass of {c['tokens_per_row']} tokens/row, {c['slots']} slots: "

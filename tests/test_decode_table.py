@@ -128,7 +128,7 @@ def test_model_generate_keeps_transformers_loop_off_cuda():
     with torch.inference_mode():
         want = original.generate(ids, max_new_tokens=6, do_sample=False, pad_token_id=0)
         assert torch.equal(offloaded.generate(ids, max_new_tokens=6, do_sample=False, pad_token_id=0), want)
-        with pytest.raises(ValueError, match="cannot use them"):
+        with pytest.raises(ValueError, match="cannot use the graphed decode step"):
             offloaded.generate(ids, max_new_tokens=6, do_sample=False, sida_graphs=True)
 
 
@@ -162,6 +162,59 @@ def test_eos_pads_like_transformers():
         want = original.generate(ids, max_new_tokens=8, do_sample=False, eos_token_id=eos, pad_token_id=0)
         got = greedy_generate(offloaded, ids, 8, eos_token_id=eos, pad_token_id=0, graphs=False)
     assert torch.equal(want, got)
+
+
+def test_compiled_decode_step_gives_the_eager_tokens_and_feeds_the_cache():
+    # fp32: inductor's fused reductions round within ~1e-6 of eager, far from any greedy tie here
+    original, offloaded = _pair("qwen3_moe", "30%")
+    engine = sida_moe.engine_of(offloaded)
+    ids = _prompt(batch=2)
+    with torch.inference_mode():
+        want = greedy_generate(offloaded, ids, 8, graphs=False)
+        engine.reset_stats()
+        got = greedy_generate(offloaded, ids, 8, graphs=False, compile=True)
+        assert torch.equal(got, want)
+        stats = engine.stats()
+        # the compiled step's layers are the custom op: each still read through the table and
+        # handed its routing to the cache
+        prefill = len(engine.layers) if engine.uses_table(0, ids.numel()) else 0
+        assert stats["table_layer_calls"] == 7 * len(engine.layers) + prefill
+        assert stats["routed_visits"] == stats["table_layer_calls"]
+        assert torch.equal(greedy_generate(offloaded, ids, 8, graphs=False, compile=True), want)  # reused
+        assert torch.equal(original.generate(ids, max_new_tokens=8, do_sample=False), want)
+
+
+def test_compile_switch_is_checked():
+    _, offloaded = _pair("qwen3_moe", "50%")
+    with pytest.raises(TypeError, match="compile must be a bool"):
+        greedy_generate(offloaded, _prompt(), 4, compile="yes")
+    with pytest.raises(ValueError, match="sida_compile=True"):
+        offloaded.generate(_prompt(), max_new_tokens=4, do_sample=False, sida_compile=True)  # CPU: no graphs
+    with pytest.raises(ValueError, match="needs sida_graphs"):
+        offloaded.generate(_prompt(), max_new_tokens=4, sida_compile=True, sida_graphs=False)
+
+
+def test_offloaded_experts_op_refuses_a_closed_engine():
+    from sida_moe.experts import offloaded_experts
+
+    with pytest.raises(RuntimeError, match="no live engine"):
+        offloaded_experts(torch.zeros(1, 8), torch.zeros(1, 2, dtype=torch.long), torch.ones(1, 2), 10**9, 0)
+
+
+@pytest.mark.gpu
+def test_compiled_cuda_graph_decode_replays_the_compiled_step():
+    original = tiny_model("qwen3_moe", torch.float16).cuda()
+    offloaded = sida_moe.offload(copy.deepcopy(original), gpu_budget="25%", policy="lru", prefetch="none")
+    ids = _prompt(batch=2, length=6).cuda()
+    with torch.inference_mode():
+        eager = greedy_generate(offloaded, ids, 24, graphs=False, compile=True)
+        graphed = offloaded.generate(ids, max_new_tokens=24, do_sample=False, sida_compile=True)
+        again = offloaded.generate(ids, max_new_tokens=24, do_sample=False, sida_compile=True)
+        plain = offloaded.generate(ids, max_new_tokens=24, do_sample=False)
+    assert torch.equal(eager, graphed) and torch.equal(graphed, again)
+    # compiled and uncompiled steps are captured apart and both kept
+    assert {key[2] for key in offloaded._sida_decode_steps} == {False, True}
+    assert plain.shape == graphed.shape
 
 
 @pytest.mark.gpu

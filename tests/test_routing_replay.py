@@ -105,6 +105,29 @@ def test_the_cache_visits_are_the_replayed_ids(tmp_path):
     assert s["hits"] + s["misses"] == sum(len(e) for _, e in want)
 
 
+def test_a_compiled_decode_step_keeps_the_replay_hooks(tmp_path):
+    """torch.compile runs the replay hooks eagerly around its graphs: the compiled loop routes by
+    the trace exactly as the eager one."""
+    import sida_moe
+    from sida_moe.decode_graph import greedy_generate
+
+    _trace(tmp_path / "t.npz", 17, 2, seed=2)
+    model = sida_moe.offload(copy.deepcopy(eager_experts(tiny_model("qwen3_moe"))), gpu_budget="50%", policy="lru",
+                             prefetch="none")
+    engine = sida_moe.engine_of(model)
+    replay = rr.ReplayRouting(model, rr.load_routing_trace(str(tmp_path / "t.npz")))
+    ids = torch.randint(3, 90, (2, 3), generator=torch.Generator().manual_seed(0))
+    runs = []
+    for compile in (False, True):
+        replay.reset(0)
+        with torch.inference_mode(), engine.recording_acquires() as visits:
+            tokens = greedy_generate(model, ids, 5, graphs=False, compile=compile)
+        runs.append((tokens, list(visits), int(replay.position)))
+    assert runs[0][0].tolist() == runs[1][0].tolist()
+    assert runs[0][1] == runs[1][1]  # the same replayed visits
+    assert runs[0][2] == runs[1][2] == 3 + 5 - 1
+
+
 @pytest.mark.parametrize("num_layers,trace_layers,batch", [(6, 2, 1), (6, 4, 3), (3, 5, 2)])
 def test_decode_visits_are_the_replayed_decode_steps(tmp_path, num_layers, trace_layers, batch):
     ids = _trace(tmp_path / "t.npz", 13, trace_layers)
@@ -265,6 +288,7 @@ def test_train_and_record_pipeline_runs_on_the_cpu(tmp_path):
     split = json.loads((model_dir / "split.json").read_text())
     docs = [(p, open(os.path.join(split["corpus"], p), encoding="utf-8", errors="replace").read())
             for p in split["held_out_files"]]
+    sys.path.insert(0, benches)  # the bench scripts are not a package
     import train_reference_model as ref
 
     seqs = ref.tokenize(AutoTokenizer.from_pretrained(model_dir), docs, 32)

@@ -25,8 +25,8 @@ from torch import nn
 
 @dataclass
 class _Step:
-    """A static KV cache and the static inputs and outputs of one decode step, kept per batch size
-    and cache length: its graph is captured once and replayed by every later call."""
+    """A static KV cache and the static inputs and outputs of one decode step, kept per batch size,
+    cache length and compilation: its graph is captured once and replayed by every later call."""
 
     cache: object  # transformers StaticCache
     token: torch.Tensor  # [B, 1] input token of the step; the step writes the next one here
@@ -54,9 +54,10 @@ def _cache_length(needed: int) -> int:
     return max(256, 1 << (needed - 1).bit_length())
 
 
-def _forward_step(model: nn.Module, step: _Step) -> None:
-    """One decode step on the static buffers (what is captured)."""
-    logits = model(input_ids=step.token, past_key_values=step.cache, cache_position=step.position, use_cache=True).logits
+def _forward_step(model: nn.Module, step: _Step, forward: nn.Module) -> None:
+    """One decode step on the static buffers (what is captured); ``forward`` is ``model`` or its
+    compiled form (:func:`_compiled`)."""
+    logits = forward(input_ids=step.token, past_key_values=step.cache, cache_position=step.position, use_cache=True).logits
     nxt = logits[:, -1].argmax(dim=-1, keepdim=True)
     step.tokens.index_copy_(1, step.index, nxt)
     step.token.copy_(nxt)
@@ -97,17 +98,27 @@ def greedy_generate(
     eos_token_id: int | list[int] | None = None,
     pad_token_id: int | None = None,
     graphs: bool | None = None,
+    compile: bool = False,
 ) -> torch.Tensor:
     """Greedy tokens of ``model`` after ``input_ids`` (``[B, T]``, no padding), ``[B, T + n]``
     like ``model.generate(..., do_sample=False)``: prefill eagerly into a static KV cache, then
     ``max_new_tokens - 1`` decode steps, replayed from a CUDA graph when ``graphs`` (default: on
     CUDA when :func:`graphs_supported`). Rows that produced an EOS token are padded after it, and
     the result ends once every row has (as transformers does). Works for any transformers causal
-    LM; on an offloaded one each replay also hands the step's routing to its engine."""
+    LM; on an offloaded one each replay also hands the step's routing to its engine.
+
+    ``compile=True`` runs the decode step through ``torch.compile`` (inductor; an offloaded layer
+    is one opaque custom op in it), so the dense part of the step -- norms, rotary embeddings,
+    attention, the routers -- is fused into fewer kernels before it is captured. The first call
+    of each batch size and cache length compiles (tens of seconds for a large model); later
+    calls reuse it. Compiled kernels round differently from eager ones (fused reductions), so
+    near-tied greedy picks can differ from the eager loop's."""
     engine = getattr(model, "sida_engine", None)
     if input_ids.dim() != 2 or input_ids.shape[1] < 1 or input_ids.dtype not in (torch.int32, torch.int64):
         raise ValueError(f"input_ids must be a [batch, tokens] integer tensor with tokens >= 1, got "
                          f"{input_ids.dtype} {tuple(input_ids.shape)}")
+    if not isinstance(compile, bool):
+        raise TypeError(f"compile must be a bool, got {compile!r}")
     if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be an int >= 1, got {max_new_tokens!r}")
     batch, prompt_len = input_ids.shape
@@ -122,7 +133,8 @@ def greedy_generate(
         raise ValueError(f"cannot capture the decode step: {reason}")
     device = engine.device if engine is not None else next(model.parameters()).device
     input_ids = input_ids.to(device=device, dtype=torch.long)
-    step = _step_for(model, batch, prompt_len + max_new_tokens, device)
+    step = _step_for(model, batch, prompt_len + max_new_tokens, device, compile)
+    forward = _compiled(model) if compile else model
     if engine is not None:
         engine.begin_sequence(batch, step.tokens.shape[1])
 
@@ -138,30 +150,31 @@ def greedy_generate(
     if remaining > 0:
         _predict_ahead(model, first)
     if remaining > 0 and graphs and step.graph is None:
-        # one eager step first: kernels compile and every lazy state exists before the capture
-        _forward_step(model, step)
+        # one uncaptured step first: kernels compile and every lazy state exists before the capture
+        _forward_step(model, step, forward)
         remaining -= 1
         if remaining > 0:
-            _capture(model, engine, step)
+            _capture(model, engine, step, forward)
             remaining -= 1
     for _ in range(remaining):
         if graphs:
             _replay(engine, step)
         else:
-            _forward_step(model, step)
+            _forward_step(model, step, forward)
     out = torch.cat([input_ids, step.tokens[:, :max_new_tokens]], dim=1)
     return _pad_after_eos(out, prompt_len, eos_token_id, pad_token_id)
 
 
-def _step_for(model: nn.Module, batch: int, needed: int, device: torch.device) -> _Step:
-    """This batch size's static cache and step buffers (reset), created on first use."""
+def _step_for(model: nn.Module, batch: int, needed: int, device: torch.device, compiled: bool) -> _Step:
+    """This batch size's static cache and step buffers (reset), created on first use; compiled
+    and eager steps are captured apart."""
     from transformers import StaticCache
 
     length = _cache_length(needed)
     steps = model.__dict__.setdefault("_sida_decode_steps", {})
-    step = steps.get((batch, length))
+    step = steps.get((batch, length, compiled))
     if step is None:
-        step = steps[(batch, length)] = _Step(
+        step = steps[(batch, length, compiled)] = _Step(
             cache=StaticCache(config=model.config, max_cache_len=length),
             token=torch.zeros((batch, 1), dtype=torch.long, device=device),
             position=torch.zeros(1, dtype=torch.long, device=device),
@@ -173,7 +186,16 @@ def _step_for(model: nn.Module, batch: int, needed: int, device: torch.device) -
     return step
 
 
-def _capture(model: nn.Module, engine, step: _Step) -> None:
+def _compiled(model: nn.Module) -> nn.Module:
+    """``model`` under ``torch.compile``, made once per model (it recompiles per batch size and
+    cache length, the shapes of a decode step)."""
+    compiled = model.__dict__.get("_sida_compiled")
+    if compiled is None:
+        compiled = model.__dict__["_sida_compiled"] = torch.compile(model, dynamic=False)
+    return compiled
+
+
+def _capture(model: nn.Module, engine, step: _Step, forward: nn.Module) -> None:
     """Capture one decode step, then replay it once (capturing runs nothing). Nothing else may
     touch the device meanwhile: the engine's copy workers and routing thread are drained first."""
     if engine is not None:
@@ -186,7 +208,7 @@ def _capture(model: nn.Module, engine, step: _Step) -> None:
     gc.disable()
     try:
         with torch.cuda.graph(graph, capture_error_mode="thread_local"):
-            _forward_step(model, step)
+            _forward_step(model, step, forward)
             if engine is not None:
                 step.visits = engine.take_captured_visits()
     finally:
@@ -217,16 +239,17 @@ def forget_captured_steps(model: nn.Module) -> None:
     the kernels chosen when it was captured, so after a change of how the model computes (e.g.
     transformers' experts implementation) the next call must capture again."""
     model.__dict__.pop("_sida_decode_steps", None)
+    model.__dict__.pop("_sida_compiled", None)
 
 
 @torch.inference_mode()  # the step's buffers are inference tensors
-def replay_host_seconds(model: nn.Module, batch_size: int, steps: int = 16) -> float | None:
-    """Median host time to launch one replay of the decode step captured for ``batch_size`` and
-    hand its routing to the engine, the device idle before each (None if no step of that batch
-    size was captured). This is the host's cost of a replayed token: the inference thread's CPU
-    time is not, since it busy-waits on the full launch queue while the device works."""
-    captured = [s for (b, _), s in model.__dict__.get("_sida_decode_steps", {}).items()
-                if b == batch_size and s.graph is not None]
+def replay_host_seconds(model: nn.Module, batch_size: int, steps: int = 16, compiled: bool = False) -> float | None:
+    """Median host time to launch one replay of the decode step captured for ``batch_size`` (and
+    ``compiled``) and hand its routing to the engine, the device idle before each (None if no
+    such step was captured). This is the host's cost of a replayed token: the inference thread's
+    CPU time is not, since it busy-waits on the full launch queue while the device works."""
+    captured = [s for (b, _, c), s in model.__dict__.get("_sida_decode_steps", {}).items()
+                if b == batch_size and c == compiled and s.graph is not None]
     if not captured:
         return None
     step, engine = captured[0], getattr(model, "sida_engine", None)
@@ -306,20 +329,26 @@ def _plain_greedy(model: nn.Module, args: tuple, kwargs: dict):
 def install_generate(model: nn.Module) -> None:
     """Route ``model.generate`` through :func:`greedy_generate` with graphs for the calls it
     serves (plain greedy, unpadded, on CUDA with every layer on the table path); every other
-    call, and any call with ``sida_graphs=False``, goes to transformers' own ``generate``."""
+    call, and any call with ``sida_graphs=False``, goes to transformers' own ``generate``.
+    ``sida_compile=True`` compiles the graphed step first (:func:`greedy_generate`'s ``compile``)."""
     forget_captured_steps(model)  # steps captured before offloading replay the original experts
     original = model.generate
 
     @functools.wraps(original)
-    def generate(*args, sida_graphs: bool | None = None, **kwargs):
+    def generate(*args, sida_graphs: bool | None = None, sida_compile: bool = False, **kwargs):
+        if not isinstance(sida_compile, bool):
+            raise TypeError(f"sida_compile must be a bool, got {sida_compile!r}")
+        if sida_compile and sida_graphs is False:
+            raise ValueError("sida_compile=True compiles the graphed decode step: it needs sida_graphs left on")
         call = None if sida_graphs is False else _plain_greedy(model, args, kwargs)
         if call is None or graphs_supported(model, call[0].shape[0]) is not None:
-            if sida_graphs:
+            if sida_graphs or sida_compile:
+                flag = "sida_graphs" if sida_graphs else "sida_compile"
                 why = "not a plain greedy call" if call is None else graphs_supported(model, call[0].shape[0])
-                raise ValueError(f"sida_graphs=True, but this generate call cannot use them: {why}")
+                raise ValueError(f"{flag}=True, but this generate call cannot use the graphed decode step: {why}")
             return original(*args, **kwargs)
         ids, new, eos, pad = call
-        return greedy_generate(model, ids, new, eos_token_id=eos, pad_token_id=pad, graphs=True)
+        return greedy_generate(model, ids, new, eos_token_id=eos, pad_token_id=pad, graphs=True, compile=sida_compile)
 
     model.generate = generate
     model._sida_original_generate = original

@@ -15,6 +15,7 @@ import torch
 from sida_moe import _native
 from sida_moe.adapters.base import MoELayer
 from sida_moe.budget import BudgetSpec, format_bytes, parse_budget, slots_for_budget
+from sida_moe.experts import register_engine
 from sida_moe.format import ExpertAddresses, ExpertFormat, SlotWeights, slot_views
 from sida_moe.kernels import fused_experts, fused_experts_table, table_kernels_usable
 from sida_moe.kernels.configs import MMA_MAX_PAIRS_PER_EXPERT
@@ -67,6 +68,7 @@ class OffloadEngine:
         self.views: SlotWeights | None = None
         self.prefetcher: Prefetcher = NoPrefetch()
         self.generation = 0
+        self.handle = register_engine(self)  # how the compiled model's custom op finds this engine
         self._counters = {"forwards": 0, "tokens": 0, "layer_calls": 0, "chunked_layer_calls": 0, "table_layer_calls": 0}
         self._skip_zero_weight = any(layer.adapter.routing_kind == "onehot" for layer in layers)
         self._hooks: list = []

@@ -80,6 +80,9 @@ def _install_hooks(model: nn.Module, engine: OffloadEngine) -> None:
     else:
         stacks = [model.get_decoder() if hasattr(model, "get_decoder") else model.base_model]
 
+    # the hooks run eagerly in a compiled model (torch.compile breaks its graph around them):
+    # they talk to the native cache, which it cannot trace
+    @torch.compiler.disable
     def stack_pre_hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
         state["mask"] = kwargs.get("attention_mask")
         embeds = kwargs.get("inputs_embeds")
@@ -87,11 +90,13 @@ def _install_hooks(model: nn.Module, engine: OffloadEngine) -> None:
         if embeds is not None:
             engine.begin_forward(embeds, state["mask"])
 
+    @torch.compiler.disable
     def embed_hook(module: nn.Module, args: tuple, output: torch.Tensor) -> None:
         if not state["given"]:
             engine.begin_forward(output, state["mask"])
 
     embeddings = []
+    @torch.compiler.disable
     def stack_post_hook(module: nn.Module, args: tuple, output: object) -> None:
         engine.end_forward()
 

@@ -186,9 +186,12 @@ class ReplayRouting:
         self._relative: dict[tuple[int, int], torch.Tensor] = {}
         self._shape: tuple[int, int] | None = None
         self._index: torch.Tensor | None = None  # [copies, B*S] trace rows of this forward
-        self._handles = [layers[0].block.register_forward_pre_hook(self._begin, with_kwargs=True)]
+        # the hooks run eagerly in a compiled model (torch.compile breaks its graph around them):
+        # their host state (this forward's shape, the memo of offsets) is not for tracing
+        begin = torch.compiler.disable(self._begin)
+        self._handles = [layers[0].block.register_forward_pre_hook(begin, with_kwargs=True)]
         for layer, (t, c) in zip(layers, self.layer_map):
-            self._handles.append(layer.experts.register_forward_pre_hook(self._route(t, c)))
+            self._handles.append(layer.experts.register_forward_pre_hook(torch.compiler.disable(self._route(t, c))))
 
     def reset(self, position: int = 0) -> None:
         self.position.fill_(position)
