@@ -35,7 +35,7 @@ import time
 import torch
 
 import sida_moe
-from sida_moe.decode_graph import greedy_generate
+from sida_moe.decode_graph import static_generate
 from sida_moe.presets import PRESETS, build_model, build_offloaded
 
 from sida_moe.bench.replay import ReplayRouting, RoutingTraceError, load_routing_trace
@@ -94,7 +94,7 @@ def cache_sim(engine, offloaded, ids: torch.Tensor, new_tokens: int, policy: str
         hook = offloaded.register_forward_pre_hook(
             lambda m, a, kw: forwards.append((len(visits), kw["input_ids"].numel())), with_kwargs=True)
         try:
-            greedy_generate(offloaded, ids, new_tokens, graphs=False)
+            static_generate(offloaded, ids, new_tokens, graphs=False)
         finally:
             hook.remove()
     real = engine.stats()
@@ -154,7 +154,7 @@ def enqueue_ms(model, compiled: bool, steps: int = 16) -> float:
     """Host time to launch one captured decode step and hand its routing over (the device idle
     before each launch), from the step the last greedy call left cached."""
     engine = getattr(model, "sida_engine", None)
-    step = next(s for (_, _, c), s in model._sida_decode_steps.items() if c == compiled and s.graph is not None)
+    step = next(s for (_, _, c, _), s in model._sida_decode_steps.items() if c == compiled and s.graph is not None)
     times = []
     for _ in range(steps):
         torch.cuda.synchronize()
@@ -274,14 +274,14 @@ def run_batch(args, report, budgets, engine, resident_model, offloaded, ids) -> 
     device, batch = ids.device, ids.shape[0]
     systems = {
         # the same graphed greedy loop over transformers' own resident model
-        "resident_graphed": lambda n: greedy_generate(resident_model, ids, n, graphs=True),
+        "resident_graphed": lambda n: static_generate(resident_model, ids, n, graphs=True),
         "sida_graphed": lambda n: offloaded.generate(ids, max_new_tokens=n, do_sample=False, sida_graphs=True),
         "sida_eager": lambda n: offloaded.generate(ids, max_new_tokens=n, min_new_tokens=n, do_sample=False,
                                                    sida_graphs=False),
     }
     if args.compile:
         # the same graphed loops with the step compiled first (torch.compile, inductor)
-        systems["resident_compiled"] = lambda n: greedy_generate(resident_model, ids, n, graphs=True, compile=True)
+        systems["resident_compiled"] = lambda n: static_generate(resident_model, ids, n, graphs=True, compile=True)
         systems["sida_compiled"] = lambda n: offloaded.generate(ids, max_new_tokens=n, do_sample=False, sida_compile=True)
     graphed = [name for name in systems if name != "sida_eager"]
     offloaded_graphed = [name for name in graphed if name.startswith("sida_")]

@@ -3,7 +3,7 @@ predictor's recall, and whether the greedy tokens equal the original model's, in
 
 Systems (each through ``model.generate``, greedy; on CUDA the decode step is one graph replay):
 - ``resident_graphed``: the checkpoint loaded by transformers, all on the device, the same graphed
-  greedy loop (``sida_moe.decode_graph.greedy_generate``);
+  greedy loop (``sida_moe.decode_graph.static_generate``);
 - ``none_lru``: ``from_pretrained`` at ``--budget``, no prefetch, LRU;
 - ``sida``: the same with the checkpoint's trained predictor and the predictive policy.
 Prompts are held-out text (the Python standard library's sources), ``--prompt-len`` tokens each.
@@ -30,7 +30,7 @@ sys.path.insert(0, os.path.dirname(__file__))
 from host_free_decode import enqueue_ms, summary, timed  # noqa: E402
 
 import sida_moe  # noqa: E402
-from sida_moe.decode_graph import greedy_generate  # noqa: E402
+from sida_moe.decode_graph import static_generate  # noqa: E402
 from sida_moe.offload import from_pretrained  # noqa: E402
 from sida_moe.predictor import load_prefetcher  # noqa: E402
 
@@ -99,7 +99,7 @@ def main() -> None:
     for batch in [int(b) for b in args.batches.split(",")]:
         ids = prompts(tokenizer, batch, args.prompt_len, seed=batch).to(device)
         systems = {
-            "resident_graphed": lambda n, ids=ids: greedy_generate(resident, ids, n, graphs=True),
+            "resident_graphed": lambda n, ids=ids: static_generate(resident, ids, n, graphs=True),
             "none_lru": lambda n, ids=ids: none.generate(ids, max_new_tokens=n, do_sample=False, sida_graphs=True),
             "sida": lambda n, ids=ids: sida.generate(ids, max_new_tokens=n, do_sample=False, sida_graphs=True),
         }

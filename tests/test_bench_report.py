@@ -91,7 +91,7 @@ def test_generate_makes_exactly_the_tokens_asked_for_and_greedy_calls_stay_plain
     """EOS never ends a timed call early (greedy: EOS off; sampled: min_new_tokens), and a greedy call
     is one the offloaded model's generate serves from its graphed loop (a plain greedy call)."""
     from sida_moe.bench.runner import _generate
-    from sida_moe.decode_graph import _plain_greedy
+    from sida_moe.decode_graph import _plain_call
 
     model = _tiny_moe()
     prompts = {"input_ids": torch.randint(0, 64, (1, 5)), "attention_mask": torch.ones(1, 5, dtype=torch.long)}
@@ -111,7 +111,7 @@ def test_generate_makes_exactly_the_tokens_asked_for_and_greedy_calls_stay_plain
 
     model.generate = spy
     _generate(model, prompts, 4)
-    call = _plain_greedy(model, (), seen)
+    call = _plain_call(model, (), seen)
     assert call is not None and call[1] == 4 and call[2] is None  # 4 new tokens, no EOS
     _generate(model, prompts, 4, graphs=False)
     assert seen["sida_graphs"] is False

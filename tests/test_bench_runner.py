@@ -382,11 +382,11 @@ def test_offload_drops_decode_steps_captured_on_the_resident_model():
     """resident_graphed runs the graphed loop on the model the bench offloads next: a step captured
     then would replay the original experts' kernels on freed memory."""
     import sida_moe
-    from sida_moe.decode_graph import greedy_generate
+    from sida_moe.decode_graph import static_generate
     from sida_moe.presets import build_model
 
     model = build_model("qwen3-moe-tiny")
-    greedy_generate(model, torch.randint(3, 200, (1, 5)), 3, graphs=False)
+    static_generate(model, torch.randint(3, 200, (1, 5)), 3, graphs=False)
     assert model.__dict__.get("_sida_decode_steps")
     sida_moe.offload(model, gpu_budget=0.5, prefetch="none")
     assert "_sida_decode_steps" not in model.__dict__
@@ -410,13 +410,13 @@ def test_replay_probe_times_launch_and_hand_over_of_the_captured_step(fake_clock
     the engine, from positions reset so that extra replays stay inside the static cache (the
     graph here is a stand-in: a CPU captures none)."""
     import sida_moe
-    from sida_moe.decode_graph import greedy_generate, replay_host_seconds
+    from sida_moe.decode_graph import static_generate, replay_host_seconds
     from sida_moe.presets import build_model
 
     model = sida_moe.offload(build_model("qwen3-moe-tiny"), gpu_budget=0.5, prefetch="none")
     engine = model.sida_engine
     assert replay_host_seconds(model, 1) is None  # nothing captured
-    greedy_generate(model, torch.randint(3, 200, (1, 5)), 6, graphs=False)
+    static_generate(model, torch.randint(3, 200, (1, 5)), 6, graphs=False)
     (step,) = model._sida_decode_steps.values()
     calls = []
 

@@ -9,7 +9,7 @@ import torch
 
 from _moe_models import eager_experts, tiny_model
 import sida_moe
-from sida_moe.decode_graph import greedy_generate
+from sida_moe.decode_graph import static_generate
 
 DECODER_FAMILIES = ["mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v3", "gpt_oss"]
 
@@ -31,7 +31,7 @@ def test_greedy_loop_matches_transformers_generate(family):
     ids = _prompt()
     with torch.inference_mode():
         want = original.generate(ids, max_new_tokens=10, do_sample=False, pad_token_id=0)
-        got = greedy_generate(offloaded, ids, 10, pad_token_id=0, graphs=False)
+        got = static_generate(offloaded, ids, 10, pad_token_id=0, graphs=False)
     assert torch.equal(want, got)
     stats = sida_moe.engine_of(offloaded).stats()
     # decode steps (one token) went through the table, and the cache heard of every visit
@@ -45,7 +45,7 @@ def test_decode_misses_are_loaded_so_later_steps_hit():
     engine = sida_moe.engine_of(offloaded)
     ids = _prompt(length=1)  # the prompt itself is a one-token (table) forward
     with torch.inference_mode():
-        greedy_generate(offloaded, ids, 1, graphs=False)
+        static_generate(offloaded, ids, 1, graphs=False)
         first = engine.stats()
         assert first["hits"] == 0 and first["misses"] > 0 and first["acquires"] == 0
         engine.quiesce()
@@ -106,7 +106,7 @@ def test_prefill_still_acquires_and_decode_uses_the_table():
     assert not engine.uses_table(0, 64) and engine.uses_table(0, 1)
     with torch.inference_mode():
         want = original.generate(long_prompt, max_new_tokens=4, do_sample=False, pad_token_id=0)
-        got = greedy_generate(offloaded, long_prompt, 4, pad_token_id=0, graphs=False)
+        got = static_generate(offloaded, long_prompt, 4, pad_token_id=0, graphs=False)
     assert torch.equal(want, got)
     stats = engine.stats()
     assert stats["acquires"] > 0 and stats["table_layer_calls"] == 3 * len(engine.layers)
@@ -118,7 +118,7 @@ def test_the_loop_and_transformers_generate_share_an_engine_in_and_out_of_infere
     ids = _prompt()
     with torch.inference_mode():
         want = original.generate(ids, max_new_tokens=5, do_sample=False, pad_token_id=0)
-        assert torch.equal(greedy_generate(offloaded, ids, 5, pad_token_id=0, graphs=False), want)
+        assert torch.equal(static_generate(offloaded, ids, 5, pad_token_id=0, graphs=False), want)
     assert torch.equal(offloaded.generate(ids, max_new_tokens=5, do_sample=False, pad_token_id=0), want)
 
 
@@ -132,14 +132,14 @@ def test_model_generate_keeps_transformers_loop_off_cuda():
             offloaded.generate(ids, max_new_tokens=6, do_sample=False, sida_graphs=True)
 
 
-def test_greedy_generate_rejects_bad_input():
+def test_static_generate_rejects_bad_input():
     _, offloaded = _pair("mixtral", "50%")
     with pytest.raises(ValueError, match="max_new_tokens"):
-        greedy_generate(offloaded, _prompt(), 0)
+        static_generate(offloaded, _prompt(), 0)
     with pytest.raises(ValueError, match="input_ids"):
-        greedy_generate(offloaded, torch.zeros(3, dtype=torch.long), 4)
+        static_generate(offloaded, torch.zeros(3, dtype=torch.long), 4)
     with pytest.raises(ValueError, match="context"):
-        greedy_generate(offloaded, _prompt(), 10**6)
+        static_generate(offloaded, _prompt(), 10**6)
 
 
 
@@ -149,7 +149,7 @@ def test_greedy_loop_serves_a_plain_transformers_model_and_reuses_its_static_cac
         for seed, new in ((1, 7), (2, 5), (3, 9)):  # one cache-length bucket, reset between calls
             ids = _prompt(seed=seed)
             want = model.generate(ids, max_new_tokens=new, do_sample=False, pad_token_id=0)
-            assert torch.equal(greedy_generate(model, ids, new, graphs=False), want)
+            assert torch.equal(static_generate(model, ids, new, graphs=False), want)
     assert len(model._sida_decode_steps) == 1
 
 
@@ -160,7 +160,7 @@ def test_eos_pads_like_transformers():
         free = original.generate(ids, max_new_tokens=8, do_sample=False, pad_token_id=0)
         eos = int(free[0, ids.shape[1] + 2])  # a token row 0 produces early
         want = original.generate(ids, max_new_tokens=8, do_sample=False, eos_token_id=eos, pad_token_id=0)
-        got = greedy_generate(offloaded, ids, 8, eos_token_id=eos, pad_token_id=0, graphs=False)
+        got = static_generate(offloaded, ids, 8, eos_token_id=eos, pad_token_id=0, graphs=False)
     assert torch.equal(want, got)
 
 
@@ -170,9 +170,9 @@ def test_compiled_decode_step_gives_the_eager_tokens_and_feeds_the_cache():
     engine = sida_moe.engine_of(offloaded)
     ids = _prompt(batch=2)
     with torch.inference_mode():
-        want = greedy_generate(offloaded, ids, 8, graphs=False)
+        want = static_generate(offloaded, ids, 8, graphs=False)
         engine.reset_stats()
-        got = greedy_generate(offloaded, ids, 8, graphs=False, compile=True)
+        got = static_generate(offloaded, ids, 8, graphs=False, compile=True)
         assert torch.equal(got, want)
         stats = engine.stats()
         # the compiled step's layers are the custom op: each still read through the table and
@@ -180,14 +180,14 @@ def test_compiled_decode_step_gives_the_eager_tokens_and_feeds_the_cache():
         prefill = len(engine.layers) if engine.uses_table(0, ids.numel()) else 0
         assert stats["table_layer_calls"] == 7 * len(engine.layers) + prefill
         assert stats["routed_visits"] == stats["table_layer_calls"]
-        assert torch.equal(greedy_generate(offloaded, ids, 8, graphs=False, compile=True), want)  # reused
+        assert torch.equal(static_generate(offloaded, ids, 8, graphs=False, compile=True), want)  # reused
         assert torch.equal(original.generate(ids, max_new_tokens=8, do_sample=False), want)
 
 
 def test_compile_switch_is_checked():
     _, offloaded = _pair("qwen3_moe", "50%")
     with pytest.raises(TypeError, match="compile must be a bool"):
-        greedy_generate(offloaded, _prompt(), 4, compile="yes")
+        static_generate(offloaded, _prompt(), 4, compile="yes")
     with pytest.raises(ValueError, match="sida_compile=True"):
         offloaded.generate(_prompt(), max_new_tokens=4, do_sample=False, sida_compile=True)  # CPU: no graphs
     with pytest.raises(ValueError, match="needs sida_graphs"):
@@ -207,7 +207,7 @@ def test_compiled_cuda_graph_decode_replays_the_compiled_step():
     offloaded = sida_moe.offload(copy.deepcopy(original), gpu_budget="25%", policy="lru", prefetch="none")
     ids = _prompt(batch=2, length=6).cuda()
     with torch.inference_mode():
-        eager = greedy_generate(offloaded, ids, 24, graphs=False, compile=True)
+        eager = static_generate(offloaded, ids, 24, graphs=False, compile=True)
         graphed = offloaded.generate(ids, max_new_tokens=24, do_sample=False, sida_compile=True)
         again = offloaded.generate(ids, max_new_tokens=24, do_sample=False, sida_compile=True)
         plain = offloaded.generate(ids, max_new_tokens=24, do_sample=False)
@@ -224,7 +224,7 @@ def test_cuda_graph_decode_matches_eager(family):
     offloaded = sida_moe.offload(copy.deepcopy(original), gpu_budget="25%", policy="lru", prefetch="none")
     ids = _prompt(length=6).cuda()
     with torch.inference_mode():
-        eager = greedy_generate(offloaded, ids, 24, graphs=False)
+        eager = static_generate(offloaded, ids, 24, graphs=False)
         graphed = offloaded.generate(ids, max_new_tokens=24, do_sample=False, sida_graphs=True)
         want = original.generate(ids, max_new_tokens=24, do_sample=False)
     assert torch.equal(eager, graphed)
@@ -254,7 +254,7 @@ def test_cuda_graph_decode_with_the_sida_predictor_is_exact_and_prefetches(prev_
     ids = _prompt(length=6).cuda()
     new = 24
     with torch.inference_mode():
-        eager = greedy_generate(offloaded, ids, new, graphs=False)
+        eager = static_generate(offloaded, ids, new, graphs=False)
         engine.reset_stats()
         graphed = offloaded.generate(ids, max_new_tokens=new, do_sample=False, sida_graphs=True)
         want = original.generate(ids, max_new_tokens=new, do_sample=False)

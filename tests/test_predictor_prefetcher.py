@@ -1,5 +1,5 @@
 """``SidaPrefetcher`` against a real offloaded tiny model (host backend on the CPU), in both decode
-loops: the greedy loop (``sida_moe.decode_graph.greedy_generate``, eager here: each decode token is
+loops: the greedy loop (``sida_moe.decode_graph.static_generate``, eager here: each decode token is
 predicted at the end of the step before it, ``predict_ahead``) and transformers' ``generate`` (an
 eager loop: the token is predicted in ``begin_forward``). Predictions reach the cache through
 ``engine.prefetch_deferred`` and are scored natively against each decode step's routing."""
@@ -9,7 +9,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from sida_moe.decode_graph import greedy_generate
+from sida_moe.decode_graph import static_generate
 from sida_moe.offload import engine_of, offload
 from sida_moe.predictor import (
     GraphedDecoder,
@@ -46,11 +46,11 @@ def _constant(scores: torch.Tensor, **kw) -> HashPredictor:
 
 
 def _generate(model, x, n=5, mask=None, loop="eager"):
-    """``n`` greedy tokens after ``x``: through ``greedy_generate`` (``loop="greedy"``, eager steps)
+    """``n`` greedy tokens after ``x``: through ``static_generate`` (``loop="greedy"``, eager steps)
     or transformers' ``generate``."""
     if loop == "greedy":
         assert mask is None, "the greedy loop takes unpadded prompts"
-        return greedy_generate(model, x, n, pad_token_id=0, graphs=False)
+        return static_generate(model, x, n, pad_token_id=0, graphs=False)
     with torch.no_grad():
         return model.generate(input_ids=x, attention_mask=torch.ones_like(x) if mask is None else mask,
                               max_new_tokens=n, min_new_tokens=n, do_sample=False, pad_token_id=0)
@@ -562,12 +562,12 @@ def test_prefetcher_on_cuda_steps_the_decoder_inside_the_captured_step():
     try:
         if engine.expert_table is None:
             pytest.skip("no expert-table kernels here: decode acquires, and nothing is captured or scored")
-        graphed = greedy_generate(model, x, 9, graphs=True)
+        graphed = static_generate(model, x, 9, graphs=True)
         m = prefetcher.metrics()
         assert m["scored_experts"] == 8 * L * K and 0.0 <= m["hit_rate"] <= 1.0
         assert prefetcher.predictor.compress.weight.device.type == "cuda"  # moved at attach
         decoder = prefetcher._decoder
         assert decoder is not None and decoder.graphed and decoder.length == 7 + 9
-        assert torch.equal(greedy_generate(model, x, 9, graphs=False), graphed)
+        assert torch.equal(static_generate(model, x, 9, graphs=False), graphed)
     finally:
         engine.close()

@@ -85,7 +85,7 @@ def test_the_cache_visits_are_the_replayed_ids(tmp_path):
     through the expert table -- are the trace's experts, so a cache simulation of the recorded
     visits simulates the replayed routing."""
     import sida_moe
-    from sida_moe.decode_graph import greedy_generate
+    from sida_moe.decode_graph import static_generate
 
     ids = _trace(tmp_path / "t.npz", 17, 2, seed=1)
     model = sida_moe.offload(copy.deepcopy(eager_experts(tiny_model("qwen3_moe"))), gpu_budget="50%", policy="lru",
@@ -94,7 +94,7 @@ def test_the_cache_visits_are_the_replayed_ids(tmp_path):
     replay = rr.ReplayRouting(model, rr.load_routing_trace(str(tmp_path / "t.npz")))
     batch, prompt, new = 2, 3, 4
     with torch.inference_mode(), engine.recording_acquires() as visits:
-        greedy_generate(model, torch.randint(3, 90, (batch, prompt)), new, graphs=False)
+        static_generate(model, torch.randint(3, 90, (batch, prompt)), new, graphs=False)
     assert int(replay.position) == prompt + new - 1
     layers = len(engine.layers)
     want = []
@@ -109,7 +109,7 @@ def test_a_compiled_decode_step_keeps_the_replay_hooks(tmp_path):
     """torch.compile runs the replay hooks eagerly around its graphs: the compiled loop routes by
     the trace exactly as the eager one."""
     import sida_moe
-    from sida_moe.decode_graph import greedy_generate
+    from sida_moe.decode_graph import static_generate
 
     _trace(tmp_path / "t.npz", 17, 2, seed=2)
     model = sida_moe.offload(copy.deepcopy(eager_experts(tiny_model("qwen3_moe"))), gpu_budget="50%", policy="lru",
@@ -121,7 +121,7 @@ def test_a_compiled_decode_step_keeps_the_replay_hooks(tmp_path):
     for compile in (False, True):
         replay.reset(0)
         with torch.inference_mode(), engine.recording_acquires() as visits:
-            tokens = greedy_generate(model, ids, 5, graphs=False, compile=compile)
+            tokens = static_generate(model, ids, 5, graphs=False, compile=compile)
         runs.append((tokens, list(visits), int(replay.position)))
     assert runs[0][0].tolist() == runs[1][0].tolist()
     assert runs[0][1] == runs[1][1]  # the same replayed visits
@@ -224,7 +224,7 @@ def test_a_captured_decode_step_reads_the_next_trace_position_on_every_replay(tm
     """The counter lives on the device: each replay of the captured step routes by the next
     position (logged on the device by a hook captured with the step), as the eager loop does."""
     import sida_moe
-    from sida_moe.decode_graph import greedy_generate
+    from sida_moe.decode_graph import static_generate
 
     ids = _trace(tmp_path / "t.npz", 29, 2, seed=2)
     model = sida_moe.offload(copy.deepcopy(tiny_model("qwen3_moe", torch.float16).cuda()), gpu_budget="25%",
@@ -244,12 +244,12 @@ def test_a_captured_decode_step_reads_the_next_trace_position_on_every_replay(tm
         m.register_forward_pre_hook(logger(i))
     ids_in = torch.randint(3, 90, (batch, prompt), device="cuda")
     with torch.inference_mode():
-        eager = greedy_generate(model, ids_in, new, graphs=False)
+        eager = static_generate(model, ids_in, new, graphs=False)
         eager_log = log.clone()
         assert int(replay.position) == prompt + new - 1
         log.fill_(-1)
         replay.reset(0)
-        graphed = greedy_generate(model, ids_in, new, graphs=True)
+        graphed = static_generate(model, ids_in, new, graphs=True)
         assert model._sida_decode_steps and all(s.graph is not None for s in model._sida_decode_steps.values())
         assert int(replay.position) == prompt + new - 1
     assert torch.equal(log, eager_log)

@@ -1,14 +1,16 @@
-"""Greedy generation of an offloaded model with each decode step replayed from one CUDA graph.
+"""Generation of an offloaded model with each decode step replayed from one CUDA graph.
 
 The decode step of an offloaded model does nothing on the host but launch kernels: its MoE layers
 compute through the engine's expert table (slot or pinned pool, no acquire, no sync), and their
 routing reaches the cache through one native call after the step. So the whole step -- every
-layer, attention over a static KV cache, the greedy pick, the next step's inputs -- is captured
-once per batch size and replayed; the host's work per token is one replay and one native call.
+layer, attention over a static KV cache, the next token (greedy or sampled, ``sampling.py``),
+the next step's inputs -- is captured once per batch size and replayed; the host's work per
+token is one replay and one native call.
 
-``greedy_generate`` is that loop (``graphs=False`` runs the same steps eagerly: the CPU and the
+``static_generate`` is that loop (``graphs=False`` runs the same steps eagerly: the CPU and the
 test oracle). ``sida_moe.offload`` routes ``model.generate`` here for the calls it can serve
-(greedy, no streamer or processors) and to transformers' own ``generate`` otherwise.
+(greedy or sampled with temperature / top-k / top-p, unpadded, no streamer or processors) and to
+transformers' own ``generate`` otherwise.
 """
 
 from __future__ import annotations
@@ -22,17 +24,21 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from sida_moe.sampling import SamplerState, SamplingParams, next_tokens
+
 
 @dataclass
 class _Step:
     """A static KV cache and the static inputs and outputs of one decode step, kept per batch size,
-    cache length and compilation: its graph is captured once and replayed by every later call."""
+    cache length, compilation and token choice: its graph is captured once and replayed by every
+    later call."""
 
     cache: object  # transformers StaticCache
     token: torch.Tensor  # [B, 1] input token of the step; the step writes the next one here
     position: torch.Tensor  # [1] cache position of the step; the step increments it
     tokens: torch.Tensor  # [B, cache length] every step's greedy token
     index: torch.Tensor  # [1] column of `tokens` the step writes; the step increments it
+    sampler: SamplerState | None = None  # None: greedy steps
     graph: torch.cuda.CUDAGraph | None = None
     visits: tuple[list[int], int, bool] = ([], 0, False)  # engine.take_captured_visits()
     # completion of the last REPLAYS_IN_FLIGHT replays (see _replay), created with the graph
@@ -58,7 +64,7 @@ def _forward_step(model: nn.Module, step: _Step, forward: nn.Module) -> None:
     """One decode step on the static buffers (what is captured); ``forward`` is ``model`` or its
     compiled form (:func:`_compiled`)."""
     logits = forward(input_ids=step.token, past_key_values=step.cache, cache_position=step.position, use_cache=True).logits
-    nxt = logits[:, -1].argmax(dim=-1, keepdim=True)
+    nxt = next_tokens(logits[:, -1], step.sampler)
     step.tokens.index_copy_(1, step.index, nxt)
     step.token.copy_(nxt)
     step.position.add_(1)
@@ -91,7 +97,7 @@ def graphs_supported(model: nn.Module, batch_size: int) -> str | None:
 
 
 @torch.inference_mode()
-def greedy_generate(
+def static_generate(
     model: nn.Module,
     input_ids: torch.Tensor,
     max_new_tokens: int,
@@ -99,9 +105,12 @@ def greedy_generate(
     pad_token_id: int | None = None,
     graphs: bool | None = None,
     compile: bool = False,
+    sampling: SamplingParams | None = None,
 ) -> torch.Tensor:
-    """Greedy tokens of ``model`` after ``input_ids`` (``[B, T]``, no padding), ``[B, T + n]``
-    like ``model.generate(..., do_sample=False)``: prefill eagerly into a static KV cache, then
+    """Tokens of ``model`` after ``input_ids`` (``[B, T]``, no padding), ``[B, T + n]`` like
+    ``model.generate``: greedy (``sampling=None``, as ``do_sample=False``) or drawn with
+    ``sampling``'s temperature, top-k and top-p (as ``do_sample=True``; ``sida_moe.sampling``
+    says how the draws relate to transformers'). Prefill eagerly into a static KV cache, then
     ``max_new_tokens - 1`` decode steps, replayed from a CUDA graph when ``graphs`` (default: on
     CUDA when :func:`graphs_supported`). Rows that produced an EOS token are padded after it, and
     the result ends once every row has (as transformers does). Works for any transformers causal
@@ -119,6 +128,8 @@ def greedy_generate(
                          f"{input_ids.dtype} {tuple(input_ids.shape)}")
     if not isinstance(compile, bool):
         raise TypeError(f"compile must be a bool, got {compile!r}")
+    if sampling is not None and not isinstance(sampling, SamplingParams):
+        raise TypeError(f"sampling must be a sida_moe.sampling.SamplingParams or None, got {type(sampling).__name__}")
     if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be an int >= 1, got {max_new_tokens!r}")
     batch, prompt_len = input_ids.shape
@@ -133,7 +144,9 @@ def greedy_generate(
         raise ValueError(f"cannot capture the decode step: {reason}")
     device = engine.device if engine is not None else next(model.parameters()).device
     input_ids = input_ids.to(device=device, dtype=torch.long)
-    step = _step_for(model, batch, prompt_len + max_new_tokens, device, compile)
+    step = _step_for(model, batch, prompt_len + max_new_tokens, device, compile, sampling is not None)
+    if sampling is not None:
+        step.sampler.set(sampling)
     forward = _compiled(model) if compile else model
     if engine is not None:
         engine.begin_sequence(batch, step.tokens.shape[1])
@@ -141,7 +154,7 @@ def greedy_generate(
     # prefill: eager (offloaded models: through the acquire path for long prompts)
     logits = model(input_ids=input_ids, past_key_values=step.cache,
                    cache_position=torch.arange(prompt_len, device=device), use_cache=True).logits
-    first = logits[:, -1].argmax(dim=-1, keepdim=True)
+    first = next_tokens(logits[:, -1], step.sampler)
     step.token.copy_(first)
     step.tokens[:, :1] = first
     step.position.fill_(prompt_len)
@@ -165,21 +178,23 @@ def greedy_generate(
     return _pad_after_eos(out, prompt_len, eos_token_id, pad_token_id)
 
 
-def _step_for(model: nn.Module, batch: int, needed: int, device: torch.device, compiled: bool) -> _Step:
+def _step_for(model: nn.Module, batch: int, needed: int, device: torch.device, compiled: bool, sampled: bool) -> _Step:
     """This batch size's static cache and step buffers (reset), created on first use; compiled
-    and eager steps are captured apart."""
+    and eager, greedy and sampled steps are captured apart."""
     from transformers import StaticCache
 
     length = _cache_length(needed)
     steps = model.__dict__.setdefault("_sida_decode_steps", {})
-    step = steps.get((batch, length, compiled))
+    key = (batch, length, compiled, sampled)
+    step = steps.get(key)
     if step is None:
-        step = steps[(batch, length, compiled)] = _Step(
+        step = steps[key] = _Step(
             cache=StaticCache(config=model.config, max_cache_len=length),
             token=torch.zeros((batch, 1), dtype=torch.long, device=device),
             position=torch.zeros(1, dtype=torch.long, device=device),
             tokens=torch.zeros((batch, length), dtype=torch.long, device=device),
             index=torch.zeros(1, dtype=torch.long, device=device),
+            sampler=SamplerState(device) if sampled else None,
         )
     else:
         step.cache.reset()
@@ -248,7 +263,7 @@ def replay_host_seconds(model: nn.Module, batch_size: int, steps: int = 16, comp
     ``compiled``) and hand its routing to the engine, the device idle before each (None if no
     such step was captured). This is the host's cost of a replayed token: the inference thread's
     CPU time is not, since it busy-waits on the full launch queue while the device works."""
-    captured = [s for (b, _, c), s in model.__dict__.get("_sida_decode_steps", {}).items()
+    captured = [s for (b, _, c, _), s in model.__dict__.get("_sida_decode_steps", {}).items()
                 if b == batch_size and c == compiled and s.graph is not None]
     if not captured:
         return None
@@ -288,19 +303,36 @@ def _pad_after_eos(out: torch.Tensor, prompt_len: int, eos: int | list[int] | No
 
 
 _PLAIN_KWARGS = {"input_ids", "attention_mask", "max_new_tokens", "do_sample", "num_beams", "eos_token_id",
-                 "pad_token_id", "use_cache"}
-# generation settings under which transformers' greedy search is a plain argmax loop
+                 "pad_token_id", "use_cache", "temperature", "top_k", "top_p"}
+# generation settings under which transformers' search is a plain argmax loop, or with do_sample
+# a plain draw after temperature, top-k and top-p
 _NEUTRAL = {"num_beams": (None, 1), "repetition_penalty": (None, 1.0), "no_repeat_ngram_size": (None, 0),
             "bad_words_ids": (None,), "min_length": (None, 0), "min_new_tokens": (None, 0),
             "forced_bos_token_id": (None,), "forced_eos_token_id": (None,), "suppress_tokens": (None,),
             "begin_suppress_tokens": (None,), "sequence_bias": (None,), "num_return_sequences": (None, 1),
             "encoder_repetition_penalty": (None, 1.0), "penalty_alpha": (None,), "guidance_scale": (None, 1.0),
-            "stop_strings": (None,), "assistant_model": (None,), "prompt_lookup_num_tokens": (None,)}
+            "stop_strings": (None,), "assistant_model": (None,), "prompt_lookup_num_tokens": (None,),
+            "min_p": (None,), "top_h": (None,), "typical_p": (None, 1.0), "epsilon_cutoff": (None, 0.0),
+            "eta_cutoff": (None, 0.0), "watermarking_config": (None,)}
+# transformers' values for sampling settings a generation config leaves unset
+_SAMPLING_DEFAULTS = {"temperature": 1.0, "top_k": 50, "top_p": 1.0}
 
 
-def _plain_greedy(model: nn.Module, args: tuple, kwargs: dict):
-    """(input_ids, max_new_tokens, eos, pad) when this ``generate`` call is a plain greedy search
-    that :func:`greedy_generate` reproduces, else None."""
+def _sampling_of(cfg, kwargs: dict) -> SamplingParams:
+    """The call's temperature, top-k and top-p as transformers resolves them: the call's
+    arguments, then the generation config, then transformers' defaults (ValueError if invalid)."""
+    values = {}
+    for name, default in _SAMPLING_DEFAULTS.items():
+        value = kwargs.get(name)
+        if value is None:
+            value = getattr(cfg, name, None)
+        values[name] = default if value is None else value
+    return SamplingParams(**values)
+
+
+def _plain_call(model: nn.Module, args: tuple, kwargs: dict):
+    """(input_ids, max_new_tokens, eos, pad, sampling) when this ``generate`` call is a plain
+    greedy search or plain sampling that :func:`static_generate` serves, else None."""
     if len(args) > 1 or set(kwargs) - _PLAIN_KWARGS or kwargs.get("use_cache", True) is False:
         return None
     ids = args[0] if args else kwargs.get("input_ids")
@@ -310,7 +342,7 @@ def _plain_greedy(model: nn.Module, args: tuple, kwargs: dict):
     if mask is not None and not bool(mask.all()):
         return None  # padded batches keep transformers' generate
     cfg = model.generation_config
-    if kwargs.get("do_sample", cfg.do_sample) or kwargs.get("num_beams", cfg.num_beams) not in (None, 1):
+    if kwargs.get("num_beams", cfg.num_beams) not in (None, 1):
         return None
     if any(getattr(cfg, name, None) not in allowed for name, allowed in _NEUTRAL.items()):
         return None
@@ -323,14 +355,16 @@ def _plain_greedy(model: nn.Module, args: tuple, kwargs: dict):
     pad = kwargs.get("pad_token_id", cfg.pad_token_id)
     if pad is None and eos is not None:
         pad = eos if isinstance(eos, int) else list(eos)[0]
-    return ids, new, eos, pad
+    sample = kwargs.get("do_sample")
+    sampling = _sampling_of(cfg, kwargs) if (cfg.do_sample if sample is None else sample) else None
+    return ids, new, eos, pad, sampling
 
 
 def install_generate(model: nn.Module) -> None:
-    """Route ``model.generate`` through :func:`greedy_generate` with graphs for the calls it
-    serves (plain greedy, unpadded, on CUDA with every layer on the table path); every other
+    """Route ``model.generate`` through :func:`static_generate` with graphs for the calls it
+    serves (plain greedy or sampling, unpadded, on CUDA with every layer on the table path); every other
     call, and any call with ``sida_graphs=False``, goes to transformers' own ``generate``.
-    ``sida_compile=True`` compiles the graphed step first (:func:`greedy_generate`'s ``compile``)."""
+    ``sida_compile=True`` compiles the graphed step first (:func:`static_generate`'s ``compile``)."""
     forget_captured_steps(model)  # steps captured before offloading replay the original experts
     original = model.generate
 
@@ -340,18 +374,20 @@ def install_generate(model: nn.Module) -> None:
             raise TypeError(f"sida_compile must be a bool, got {sida_compile!r}")
         if sida_compile and sida_graphs is False:
             raise ValueError("sida_compile=True compiles the graphed decode step: it needs sida_graphs left on")
-        call = None if sida_graphs is False else _plain_greedy(model, args, kwargs)
+        call = None if sida_graphs is False else _plain_call(model, args, kwargs)
         if call is None or graphs_supported(model, call[0].shape[0]) is not None:
             if sida_graphs or sida_compile:
                 flag = "sida_graphs" if sida_graphs else "sida_compile"
-                why = "not a plain greedy call" if call is None else graphs_supported(model, call[0].shape[0])
+                why = ("not a plain greedy or sampling call" if call is None
+                       else graphs_supported(model, call[0].shape[0]))
                 raise ValueError(f"{flag}=True, but this generate call cannot use the graphed decode step: {why}")
             return original(*args, **kwargs)
-        ids, new, eos, pad = call
-        return greedy_generate(model, ids, new, eos_token_id=eos, pad_token_id=pad, graphs=True, compile=sida_compile)
+        ids, new, eos, pad, sampling = call
+        return static_generate(model, ids, new, eos_token_id=eos, pad_token_id=pad, graphs=True, compile=sida_compile,
+                               sampling=sampling)
 
     model.generate = generate
     model._sida_original_generate = original
 
 
-__all__ = ["forget_captured_steps", "graphs_supported", "greedy_generate", "install_generate", "replay_host_seconds"]
+__all__ = ["forget_captured_steps", "graphs_supported", "static_generate", "install_generate", "replay_host_seconds"]
