@@ -117,6 +117,9 @@ def test_a_compiled_decode_step_keeps_the_replay_hooks(tmp_path):
     engine = sida_moe.engine_of(model)
     replay = rr.ReplayRouting(model, rr.load_routing_trace(str(tmp_path / "t.npz")))
     ids = torch.randint(3, 90, (2, 3), generator=torch.Generator().manual_seed(0))
+    from torch._dynamo.utils import counters
+
+    counters.clear()
     runs = []
     for compile in (False, True):
         replay.reset(0)
@@ -126,6 +129,9 @@ def test_a_compiled_decode_step_keeps_the_replay_hooks(tmp_path):
     assert runs[0][0].tolist() == runs[1][0].tolist()
     assert runs[0][1] == runs[1][1]  # the same replayed visits
     assert runs[0][2] == runs[1][2] == 3 + 5 - 1
+    # the replay hooks are traced into the compiled graph: its only breaks are the engine's hooks
+    # (a break inside a decoder layer would compile every layer apart, up to the recompile limit)
+    assert counters["graph_break"] and all("_install_hooks" in reason for reason in counters["graph_break"])
 
 
 @pytest.mark.parametrize("num_layers,trace_layers,batch", [(6, 2, 1), (6, 4, 3), (3, 5, 2)])

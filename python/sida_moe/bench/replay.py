@@ -186,12 +186,12 @@ class ReplayRouting:
         self._relative: dict[tuple[int, int], torch.Tensor] = {}
         self._shape: tuple[int, int] | None = None
         self._index: torch.Tensor | None = None  # [copies, B*S] trace rows of this forward
-        # the hooks run eagerly in a compiled model (torch.compile breaks its graph around them):
-        # their host state (this forward's shape, the memo of offsets) is not for tracing
-        begin = torch.compiler.disable(self._begin)
-        self._handles = [layers[0].block.register_forward_pre_hook(begin, with_kwargs=True)]
+        # plain ints and tensor ops only in the hooks: torch.compile traces them into its graph (a
+        # graph break inside a decoder layer would make it compile every layer apart)
+        self.top_k = trace.top_k
+        self._handles = [layers[0].block.register_forward_pre_hook(self._begin, with_kwargs=True)]
         for layer, (t, c) in zip(layers, self.layer_map):
-            self._handles.append(layer.experts.register_forward_pre_hook(torch.compiler.disable(self._route(t, c))))
+            self._handles.append(layer.experts.register_forward_pre_hook(self._route(t, c)))
 
     def reset(self, position: int = 0) -> None:
         self.position.fill_(position)
@@ -203,19 +203,24 @@ class ReplayRouting:
 
     def relative(self, batch: int, seq: int) -> torch.Tensor:
         """``[copies, batch * seq]``: trace offset of each (copy, row b, token s) from ``pos``."""
+        if torch.compiler.is_compiling():
+            return self._offsets(batch, seq)  # traced into the compiled graph: no memo
         rel = self._relative.get((batch, seq))
-        if rel is not None:
-            return rel
-        dev = self.position.device
-        with torch.inference_mode(False):
-            b = torch.arange(batch, device=dev).view(1, batch, 1)
-            c = torch.arange(self.copies, device=dev).view(-1, 1, 1)
-            s = torch.arange(seq, device=dev).view(1, 1, seq)
-            rel = (s + (b * self.copies + c) * self.tokens // (batch * self.copies)).reshape(self.copies, -1)
-        if not (dev.type == "cuda" and torch.cuda.is_current_stream_capturing()):
-            # made while capturing, it would live in the graph's pool: kept only as that graph's kernels
-            self._relative[(batch, seq)] = rel
+        if rel is None:
+            with torch.inference_mode(False):
+                rel = self._offsets(batch, seq)
+            dev = self.position.device
+            if not (dev.type == "cuda" and torch.cuda.is_current_stream_capturing()):
+                # made while capturing, it would live in the graph's pool: kept only as that graph's kernels
+                self._relative[(batch, seq)] = rel
         return rel
+
+    def _offsets(self, batch: int, seq: int) -> torch.Tensor:
+        dev = self.position.device
+        b = torch.arange(batch, device=dev).view(1, batch, 1)
+        c = torch.arange(self.copies, device=dev).view(-1, 1, 1)
+        s = torch.arange(seq, device=dev).view(1, 1, seq)
+        return (s + (b * self.copies + c) * self.tokens // (batch * self.copies)).reshape(self.copies, -1)
 
     def _begin(self, module, args, kwargs):
         hidden = args[0] if args else kwargs.get("hidden_states")
@@ -234,9 +239,9 @@ class ReplayRouting:
                                    "(hidden, top_k_index, top_k_weights), or before its MoE block")
             hidden, ids, weights = args[:3]
             batch, seq = self._shape
-            if ids.shape != (batch * seq, self.trace.top_k):
+            if ids.shape != (batch * seq, self.top_k):
                 raise RuntimeError(f"routing replay: top_k_index of shape {tuple(ids.shape)} for a forward of "
-                                   f"{batch} x {seq} tokens, top-{self.trace.top_k}")
+                                   f"{batch} x {seq} tokens, top-{self.top_k}")
             replayed = self.ids[trace_layer].index_select(0, self._index[copy])
             return (hidden, replayed if replayed.dtype == ids.dtype else replayed.to(ids.dtype), weights, *args[3:])
 
