@@ -4,7 +4,7 @@
 use std::ffi::c_void;
 
 use crate::cuda_driver::*;
-use crate::device::{Device, DeviceKind, EventHandle, StreamHandle};
+use crate::device::{Device, DeviceKind, EventHandle, EventKind, StreamHandle};
 use crate::error::{Error, Result};
 
 pub struct CudaDevice {
@@ -120,10 +120,14 @@ impl Device for CudaDevice {
         let _ = self.bind_thread();
         unsafe { (self.driver.cu_stream_destroy)(stream as usize as CuStream) };
     }
-    fn create_event(&self, timing: bool) -> Result<EventHandle> {
+    fn create_event(&self, kind: EventKind) -> Result<EventHandle> {
         self.bind_thread()?;
         let mut e: CuEvent = std::ptr::null_mut();
-        let flags = if timing { 0 } else { CU_EVENT_DISABLE_TIMING };
+        let flags = match kind {
+            EventKind::Plain => CU_EVENT_DISABLE_TIMING,
+            EventKind::Timing => 0,
+            EventKind::BlockingWait => CU_EVENT_DISABLE_TIMING | CU_EVENT_BLOCKING_SYNC,
+        };
         self.driver.check(unsafe { (self.driver.cu_event_create)(&mut e, flags) }, "cuEventCreate")?;
         Ok(e as u64)
     }

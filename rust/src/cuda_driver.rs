@@ -18,6 +18,7 @@ pub type CuDevicePtr = u64;
 pub const CUDA_SUCCESS: CuResult = 0;
 pub const CUDA_ERROR_NOT_READY: CuResult = 600;
 pub const CU_STREAM_NON_BLOCKING: c_uint = 1;
+pub const CU_EVENT_BLOCKING_SYNC: c_uint = 1;
 pub const CU_EVENT_DISABLE_TIMING: c_uint = 2;
 pub const CU_MEMHOSTALLOC_PORTABLE: c_uint = 1;
 

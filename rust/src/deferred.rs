@@ -30,7 +30,7 @@ use std::time::{Duration, Instant};
 
 use parking_lot::{Condvar, Mutex};
 
-use crate::device::{EventHandle, SharedDevice, StreamHandle};
+use crate::device::{EventHandle, EventKind, SharedDevice, StreamHandle};
 use crate::error::{Error, Result};
 use crate::slot_cache::SlotCache;
 
@@ -275,7 +275,7 @@ impl DeferredPrefetcher {
             .checked_next_power_of_two()
             .ok_or_else(|| Error::InvalidArgument(format!("{nbytes} bytes of ids are too many to stage")))?;
         let addr = self.device.alloc_pool(capacity)?;
-        match self.device.create_event(false) {
+        match self.device.create_event(EventKind::BlockingWait) {
             Ok(event) => Ok(Staging { addr, capacity, event }),
             Err(e) => {
                 self.device.free_pool(addr, capacity);
@@ -332,20 +332,10 @@ fn run(rx: Receiver<Request>, cache: &SlotCache, device: &SharedDevice, state: &
     }
 }
 
-/// Wait for `event` without spinning a core for the whole step (a blocking event synchronize
-/// busy-waits on CUDA): poll, sleeping a little longer each time, up to 100 us between polls.
-fn wait_politely(device: &SharedDevice, event: EventHandle) -> Result<()> {
-    let mut nap = Duration::from_micros(5);
-    while !device.event_done(event)? {
-        std::thread::sleep(nap);
-        nap = (nap * 2).min(Duration::from_micros(100));
-    }
-    Ok(())
-}
-
 /// Read one request's ids (after its event) and act on them; returns the experts queued.
 fn handle(req: &Request, cache: &SlotCache, device: &SharedDevice, state: &State) -> Result<usize> {
-    wait_politely(device, req.staging.event)?;
+    // a blocking-wait event (`take_staging`): the thread sleeps until the step's copy lands
+    device.event_synchronize(req.staging.event)?;
     let o = &req.opts;
     // SAFETY: the copy into the staging buffer has landed (event above); it holds `nbytes` bytes
     // and the allocation is 8-byte aligned (page-aligned host or pinned memory).

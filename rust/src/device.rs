@@ -26,6 +26,18 @@ impl DeviceKind {
 pub type StreamHandle = u64;
 pub type EventHandle = u64;
 
+/// What an event is for, which decides how it is created.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum EventKind {
+    /// Ordering and completion queries only (timing disabled: cheaper to record).
+    Plain,
+    /// Usable with `elapsed_ms`.
+    Timing,
+    /// A thread waits on it with `event_synchronize` for a whole step: the wait sleeps instead
+    /// of spinning a core (CUDA's blocking-sync events).
+    BlockingWait,
+}
+
 /// Operations the cache needs from a device. Addresses: `usize` for host memory, `u64` for slot
 /// memory (a CUdeviceptr on CUDA, a host address on the host backend).
 pub trait Device: Send + Sync {
@@ -41,8 +53,7 @@ pub trait Device: Send + Sync {
     fn free_slots(&self, addr: u64, bytes: usize);
     fn create_stream(&self, high_priority: bool) -> Result<StreamHandle>;
     fn destroy_stream(&self, stream: StreamHandle);
-    /// `timing`: an event usable with `elapsed_ms` (otherwise created with timing disabled).
-    fn create_event(&self, timing: bool) -> Result<EventHandle>;
+    fn create_event(&self, kind: EventKind) -> Result<EventHandle>;
     fn destroy_event(&self, event: EventHandle);
     /// Queue a host-to-slot copy on `stream` (the host backend copies before returning).
     ///
@@ -163,7 +174,7 @@ impl Device for HostDevice {
         Ok(self.next_handle.fetch_add(1, Ordering::Relaxed))
     }
     fn destroy_stream(&self, _stream: StreamHandle) {}
-    fn create_event(&self, _timing: bool) -> Result<EventHandle> {
+    fn create_event(&self, _kind: EventKind) -> Result<EventHandle> {
         Ok(self.next_handle.fetch_add(1, Ordering::Relaxed))
     }
     fn destroy_event(&self, _event: EventHandle) {}

@@ -20,7 +20,7 @@ use std::time::{Duration, Instant};
 use parking_lot::{Condvar, Mutex, RwLock};
 
 use crate::cache::{dedup_in_order, AcquireOutcome, PrefetchOutcome, SlotState, SlotTable, WaitStatus};
-use crate::device::{DeviceKind, EventHandle, SharedDevice, StreamHandle};
+use crate::device::{DeviceKind, EventHandle, EventKind, SharedDevice, StreamHandle};
 use crate::error::{try_vec, Error, Result};
 use crate::expert_table::ExpertTable;
 use crate::policy::{Key, PolicyKind};
@@ -264,7 +264,7 @@ impl Shared {
             return Ok(Some(p));
         }
         drop(t);
-        Ok(Some((self.device.create_event(true)?, self.device.create_event(true)?)))
+        Ok(Some((self.device.create_event(EventKind::Timing)?, self.device.create_event(EventKind::Timing)?)))
     }
 
     fn resolve_timings(&self, t: &mut CopyTimer) {
@@ -370,8 +370,8 @@ impl Shared {
             return Ok(p);
         }
         drop(w);
-        let start = self.device.create_event(true)?;
-        match self.device.create_event(true) {
+        let start = self.device.create_event(EventKind::Timing)?;
+        match self.device.create_event(EventKind::Timing) {
             Ok(end) => Ok((start, end)),
             Err(e) => {
                 self.device.destroy_event(start);
@@ -411,7 +411,7 @@ impl Shared {
     fn take_event(&self) -> Result<EventHandle> {
         match self.spare_events.lock().pop() {
             Some(e) => Ok(e),
-            None => self.device.create_event(false),
+            None => self.device.create_event(EventKind::Plain),
         }
     }
 }
@@ -451,7 +451,7 @@ impl SlotCache {
             };
             let mut events = try_vec(cfg.num_slots, "the slot events")?;
             for _ in 0..cfg.num_slots {
-                let e = device.create_event(false)?;
+                let e = device.create_event(EventKind::Plain)?;
                 created_events.push(e);
                 events.push(Mutex::new(SlotEvents { ready: e, published: None, unpublished: None, done_reading: Vec::new() }));
             }
@@ -1240,9 +1240,9 @@ mod tests {
             self.host.create_stream(high_priority)
         }
         fn destroy_stream(&self, _stream: StreamHandle) {}
-        fn create_event(&self, timing: bool) -> Result<EventHandle> {
-            let e = self.host.create_event(timing)?;
-            if timing {
+        fn create_event(&self, kind: EventKind) -> Result<EventHandle> {
+            let e = self.host.create_event(kind)?;
+            if kind == EventKind::Timing {
                 self.timing_events.lock().push(e);
             }
             Ok(e)
