@@ -483,3 +483,10 @@ def test_bench_refuses_a_routing_trace_it_cannot_replay(tmp_path):
     with pytest.raises(BenchInputError, match="32 experts top-4.*64 experts top-8"):
         run_bench(BenchConfig(device="cpu", routing_trace=wrong, budgets=(0.5,), policies=("lru",), predictors=("none",),
                               baselines=(), new_tokens=2, rounds=1, timeline=False, progress=False))
+
+
+def test_bench_compile_needs_cuda():
+    from sida_moe.bench.runner import BenchInputError
+
+    with pytest.raises(BenchInputError, match="compile: .* needs a CUDA device"):
+        run_bench(BenchConfig(device="cpu", compile=True, progress=False))

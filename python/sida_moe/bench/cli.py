@@ -73,6 +73,9 @@ def _configure(p: argparse.ArgumentParser) -> None:
     g.add_argument("--sample", dest="sample", action="store_true", default=None,
                    help="seeded sampling, the same for every system (default for presets: random weights decode greedily into one repeated token)")
     g.add_argument("--greedy", dest="sample", action="store_false", help="greedy decoding (default for checkpoints)")
+    p.add_argument("--compile", action="store_true",
+                   help="compile the graphed decode step (torch.compile) for sida-moe's rows and resident_graphed; "
+                        "greedy calls only, the first call per batch size compiles for up to a minute or two")
     p.add_argument("--no-timeline", action="store_true", help="skip the profiler timeline plot")
     p.add_argument("--out", default="bench-results", help="output directory for bench.json, bench.md and plots")
 
@@ -88,7 +91,7 @@ def _run(args: argparse.Namespace) -> int:
         baselines=() if args.baselines == ("none",) else args.baselines, batch_sizes=args.batch_sizes,
         prompt_tokens=args.prompt_tokens, new_tokens=args.new_tokens, rounds=args.rounds,
         accelerate_new_tokens=args.accelerate_new_tokens,
-        seed=args.seed, timeline=not args.no_timeline, sample=args.sample, out_dir=args.out,
+        seed=args.seed, timeline=not args.no_timeline, sample=args.sample, compile=args.compile, out_dir=args.out,
     )
     try:
         _, plots, _ = optional_parts(cfg)

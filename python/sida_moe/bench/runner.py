@@ -68,6 +68,8 @@ class BenchConfig:
     # Random-weight presets decode greedily into one repeated token, whose routing never changes
     # (a cache's best case). Sampling (seeded, identical for every system) gives varied tokens.
     sample: bool | None = None  # None: sample for presets, greedy for checkpoints
+    # graphed greedy steps (sida-moe's rows, resident_graphed) compiled with torch.compile first
+    compile: bool = False
     out_dir: str | None = None
     progress: bool = True
     extra: dict[str, Any] = field(default_factory=dict)
@@ -91,6 +93,9 @@ class BenchConfig:
             raise BenchInputError("batch sizes and prompt_tokens must be >= 1 and new_tokens >= 2")
         if self.rounds < 1:
             raise BenchInputError(f"rounds must be >= 1, got {self.rounds}")
+        if self.compile and bench_device(self).type != "cuda":
+            raise BenchInputError("compile: the compiled decode step is replayed from a CUDA graph; it needs a CUDA "
+                                  f"device, not {bench_device(self)}")
         if self.routing_trace is not None:
             from sida_moe.bench.replay import RoutingTraceError, load_routing_trace
 
@@ -255,16 +260,19 @@ def logit_agreement(logits: torch.Tensor, reference_logits: torch.Tensor, first_
 
 
 def _generate(model: nn.Module, prompts: dict[str, torch.Tensor], new_tokens: int, sample: bool = False,
-              seed: int = 0, graphs: bool | None = None) -> torch.Tensor:
+              seed: int = 0, graphs: bool | None = None, compile: bool = False) -> torch.Tensor:
     """The ``[B, new_tokens]`` ids ``model.generate`` produces (on the model's device). Greedy calls
     are plain -- EOS off instead of ``min_new_tokens`` -- so an offloaded model serves them from its
-    graphed loop where it can; ``graphs=False`` keeps them on transformers' loop."""
+    graphed loop where it can, compiled first with ``compile``; ``graphs=False`` keeps them on
+    transformers' loop."""
     if sample:
         kwargs = {"do_sample": True, "top_k": 0, "top_p": 1.0, "temperature": 1.0, "min_new_tokens": new_tokens}
     else:
         kwargs = {"do_sample": False, "eos_token_id": None}
     if graphs is False:
         kwargs["sida_graphs"] = False
+    elif compile and not sample and getattr(model, "sida_engine", None) is not None:
+        kwargs["sida_compile"] = True
     torch.manual_seed(seed)  # the same sampled sequence for every system (given the same logits)
     with torch.inference_mode():
         out = model.generate(**prompts, max_new_tokens=new_tokens, pad_token_id=0, **kwargs)
@@ -468,11 +476,11 @@ def run_bench(cfg: BenchConfig) -> list[dict[str, Any]]:
 
     def gen(b: int, n: int, graphs: bool | None = None) -> torch.Tensor:
         from_start()
-        return _generate(model, prompts[b], n, sample, cfg.seed, graphs)
+        return _generate(model, prompts[b], n, sample, cfg.seed, graphs, cfg.compile)
 
     def gen_graphed(b: int, n: int) -> torch.Tensor:
         from_start()
-        return graphed.generate(prompts[b]["input_ids"], n)
+        return graphed.generate(prompts[b]["input_ids"], n, cfg.compile)
 
     def forced_logits(b: int) -> torch.Tensor:
         from_start()
@@ -559,7 +567,7 @@ def run_bench(cfg: BenchConfig) -> list[dict[str, Any]]:
 
     def add_enqueue(b: int):
         def after(rnd: Round) -> None:
-            probe = replay_host_seconds(model, b)
+            probe = replay_host_seconds(model, b, compiled=cfg.compile)
             rnd.extra["enqueue_ms"] = probe * 1e3 if probe is not None else None
         return after
 
@@ -627,7 +635,7 @@ def run_bench(cfg: BenchConfig) -> list[dict[str, Any]]:
             rnd.extra["decode"] = decode_cache_metrics(rnd.first_seen, rnd.full_seen, n_new - 1, engine.expert_nbytes)
             rnd.extra["table_decode"] = all(engine.uses_table(layer.ordinal, b) for layer in engine.layers)
             graph_replays = rnd.extra["decode"]["decode_eager_steps"] == 0
-            probe = replay_host_seconds(model, b) if graph_replays else None
+            probe = replay_host_seconds(model, b, compiled=cfg.compile and not sample) if graph_replays else None
             rnd.extra["enqueue_ms"] = probe * 1e3 if probe is not None else None
             if not agreement and b in reference_logits:  # once per configuration; untimed
                 agree = token_agreement(rnd.full.out.cpu(), reference[b])
