@@ -184,6 +184,21 @@ def test_compiled_decode_step_gives_the_eager_tokens_and_feeds_the_cache():
         assert torch.equal(original.generate(ids, max_new_tokens=8, do_sample=False), want)
 
 
+def test_torch_compile_of_an_offloaded_model_runs_prefill_through_the_acquire_path():
+    original, offloaded = _pair("qwen3_moe", "30%")
+    engine = sida_moe.engine_of(offloaded)
+    length = 4
+    while engine.uses_table(0, 2 * length):
+        length *= 2  # long enough for prefill's acquire path
+    ids = _prompt(batch=2, length=length)
+    with torch.inference_mode():
+        want = original(input_ids=ids).logits
+        engine.reset_stats()
+        got = torch.compile(offloaded)(input_ids=ids).logits
+    torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+    assert engine.stats()["acquires"] > 0
+
+
 def test_compile_switch_is_checked():
     _, offloaded = _pair("qwen3_moe", "50%")
     with pytest.raises(TypeError, match="compile must be a bool"):

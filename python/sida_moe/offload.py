@@ -172,6 +172,11 @@ def offload(
     Routers, attention, norms, embeddings and shared experts stay where they are; each experts module
     is replaced by :class:`~sida_moe.experts.OffloadedExperts` and its weights are freed. Exact: the
     outputs equal the original model's within the dtype's rounding.
+
+    On CUDA, ``model.generate`` then replays each decode step of a plain greedy or sampled call
+    from a CUDA graph (``sida_moe.decode_graph``); ``sida_graphs=False`` keeps transformers' loop,
+    ``sida_compile=True`` compiles the step first (``torch.compile``: faster steps, a compile of
+    about a minute per batch size on a large model).
     """
     prefetcher = _check_options(policy, prefetch, backend, copy_workers)
     adapter, layers, fmt = _discover(model)
