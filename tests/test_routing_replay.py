@@ -119,6 +119,7 @@ def test_a_compiled_decode_step_keeps_the_replay_hooks(tmp_path):
     ids = torch.randint(3, 90, (2, 3), generator=torch.Generator().manual_seed(0))
     from torch._dynamo.utils import counters
 
+    torch._dynamo.reset()  # trace afresh: code compiled by an earlier test would record no breaks
     counters.clear()
     runs = []
     for compile in (False, True):
