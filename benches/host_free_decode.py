@@ -155,7 +155,7 @@ def enqueue_ms(model, compiled: bool, steps: int = 16) -> tuple[float, float]:
     device idle before each launch), from the step the last greedy call left cached: median ms
     of each."""
     engine = getattr(model, "sida_engine", None)
-    step = next(s for (_, _, c, _), s in model._sida_decode_steps.items() if c == compiled and s.graph is not None)
+    step = next(s for key, s in model._sida_decode_steps.items() if key.compiled == compiled and s.graph is not None)
     launch, handover = [], []
     for _ in range(steps):
         torch.cuda.synchronize()

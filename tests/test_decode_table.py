@@ -228,7 +228,7 @@ def test_compiled_cuda_graph_decode_replays_the_compiled_step():
         plain = offloaded.generate(ids, max_new_tokens=24, do_sample=False)
     assert torch.equal(eager, graphed) and torch.equal(graphed, again)
     # compiled and uncompiled steps are captured apart and both kept
-    assert {key[2] for key in offloaded._sida_decode_steps} == {False, True}
+    assert {key.compiled for key in offloaded._sida_decode_steps} == {False, True}
     assert plain.shape == graphed.shape
 
 
@@ -342,3 +342,53 @@ def test_graphed_decode_queues_at_most_two_replays():
     assert torch.equal(got, want)
     assert len(slow.unfinished) == 11  # every decode step after the first token is a replay
     assert max(slow.unfinished) <= decode_graph.REPLAYS_IN_FLIGHT - 1, slow.unfinished
+
+
+def _left_padded(batch_lengths, length, seed=5):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(3, 90, (len(batch_lengths), length), generator=g)
+    mask = torch.zeros_like(ids)
+    for row, n in enumerate(batch_lengths):
+        mask[row, length - n:] = 1
+        ids[row, : length - n] = 0  # the pad token
+    return ids, mask
+
+
+@pytest.mark.parametrize("family", ["qwen3_moe", "mixtral"])
+def test_left_padded_batches_give_transformers_tokens(family):
+    original, offloaded = _pair(family, "30%")
+    ids, mask = _left_padded([7, 3, 5], 7)
+    with torch.inference_mode():
+        want = original.generate(ids, attention_mask=mask, max_new_tokens=8, do_sample=False, pad_token_id=0)
+        got = static_generate(offloaded, ids, 8, attention_mask=mask, graphs=False)
+        assert torch.equal(got, want)
+        # a later unpadded call gets an unpadded step of its own
+        plain = _prompt(batch=3, length=7)
+        assert torch.equal(static_generate(offloaded, plain, 8, graphs=False),
+                           original.generate(plain, max_new_tokens=8, do_sample=False, pad_token_id=0))
+    assert {key.padded for key in offloaded._sida_decode_steps} == {False, True}
+
+
+def test_bad_attention_masks_are_refused():
+    _, offloaded = _pair("qwen3_moe", "50%")
+    ids, mask = _left_padded([4, 2], 4)
+    with pytest.raises(ValueError, match="left padding"):
+        static_generate(offloaded, ids, 4, attention_mask=mask.flip(1), graphs=False)  # right padding
+    with pytest.raises(ValueError, match="shape"):
+        static_generate(offloaded, ids, 4, attention_mask=mask[:, 1:], graphs=False)
+    assert torch.equal(static_generate(offloaded, ids, 4, attention_mask=torch.ones_like(ids), graphs=False),
+                       static_generate(offloaded, ids, 4, graphs=False))  # all ones: the unpadded step
+
+
+@pytest.mark.gpu
+def test_graphed_left_padded_batch_matches_the_eager_loop():
+    original = tiny_model("qwen3_moe", torch.float16).cuda()
+    offloaded = sida_moe.offload(copy.deepcopy(original), gpu_budget="25%", policy="lru", prefetch="none")
+    ids, mask = _left_padded([6, 2, 4], 6)
+    ids, mask = ids.cuda(), mask.cuda()
+    with torch.inference_mode():
+        eager = static_generate(offloaded, ids, 24, attention_mask=mask, graphs=False)
+        graphed = static_generate(offloaded, ids, 24, attention_mask=mask, graphs=True)
+        want = original.generate(ids, attention_mask=mask, max_new_tokens=24, do_sample=False, pad_token_id=0)
+    assert torch.equal(eager, graphed)
+    assert torch.equal(graphed, want)

@@ -113,4 +113,4 @@ def test_graphed_sampling_repeats_under_a_seed_and_is_greedy_at_top_k_1():
     assert torch.equal(top1, greedy)
     assert torch.equal(runs[0], runs[1]) and not torch.equal(runs[0], runs[2])
     # greedy and sampled steps are captured apart; each replayed
-    assert {key[3] for key, step in offloaded._sida_decode_steps.items() if step.graph is not None} == {False, True}
+    assert {key.sampled for key, step in offloaded._sida_decode_steps.items() if step.graph is not None} == {False, True}

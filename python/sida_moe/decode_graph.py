@@ -20,11 +20,22 @@ import gc
 import statistics
 import time
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 from torch import nn
 
 from sida_moe.sampling import SamplerState, SamplingParams, next_tokens
+
+
+class StepKey(NamedTuple):
+    """What a captured decode step is specialised for (``model._sida_decode_steps`` keys)."""
+
+    batch: int
+    length: int  # static cache length
+    compiled: bool  # torch.compile first
+    sampled: bool  # sampled tokens (else greedy)
+    padded: bool  # left-padded rows: an attention mask and per-row positions
 
 
 @dataclass
@@ -39,6 +50,9 @@ class _Step:
     tokens: torch.Tensor  # [B, cache length] every step's greedy token
     index: torch.Tensor  # [1] column of `tokens` the step writes; the step increments it
     sampler: SamplerState | None = None  # None: greedy steps
+    # padded steps: [B, cache length] attention mask (the prompt's, then ones) and [B, 1] pad count
+    mask: torch.Tensor | None = None
+    pads: torch.Tensor | None = None
     graph: torch.cuda.CUDAGraph | None = None
     visits: tuple[list[int], int, bool] = ([], 0, False)  # engine.take_captured_visits()
     # completion of the last REPLAYS_IN_FLIGHT replays (see _replay), created with the graph
@@ -63,7 +77,9 @@ def _cache_length(needed: int) -> int:
 def _forward_step(model: nn.Module, step: _Step, forward: nn.Module) -> None:
     """One decode step on the static buffers (what is captured); ``forward`` is ``model`` or its
     compiled form (:func:`_compiled`)."""
-    logits = forward(input_ids=step.token, past_key_values=step.cache, cache_position=step.position, use_cache=True).logits
+    padding = {} if step.mask is None else {"attention_mask": step.mask, "position_ids": step.position - step.pads}
+    logits = forward(input_ids=step.token, past_key_values=step.cache, cache_position=step.position, use_cache=True,
+                     **padding).logits
     nxt = next_tokens(logits[:, -1], step.sampler)
     step.tokens.index_copy_(1, step.index, nxt)
     step.token.copy_(nxt)
@@ -106,8 +122,11 @@ def static_generate(
     graphs: bool | None = None,
     compile: bool = False,
     sampling: SamplingParams | None = None,
+    attention_mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Tokens of ``model`` after ``input_ids`` (``[B, T]``, no padding), ``[B, T + n]`` like
+    """Tokens of ``model`` after ``input_ids`` (``[B, T]``; rows left-padded where
+    ``attention_mask`` has zeros, positions counted from each row's first token as transformers
+    does), ``[B, T + n]`` like
     ``model.generate``: greedy (``sampling=None``, as ``do_sample=False``) or drawn with
     ``sampling``'s temperature, top-k and top-p (as ``do_sample=True``; ``sida_moe.sampling``
     says how the draws relate to transformers'). Prefill eagerly into a static KV cache, then
@@ -130,6 +149,11 @@ def static_generate(
         raise TypeError(f"compile must be a bool, got {compile!r}")
     if sampling is not None and not isinstance(sampling, SamplingParams):
         raise TypeError(f"sampling must be a sida_moe.sampling.SamplingParams or None, got {type(sampling).__name__}")
+    padded = _left_padding(attention_mask, input_ids)
+    if padded is not None and engine is not None and engine.prefetcher.name == "sida":
+        # it tells a new sequence from a continued one by the mask's length, which a static mask hides
+        raise ValueError("left-padded batches with the SiDA prefetcher need transformers' generate "
+                         "(model.generate(..., sida_graphs=False))")
     if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be an int >= 1, got {max_new_tokens!r}")
     batch, prompt_len = input_ids.shape
@@ -144,7 +168,8 @@ def static_generate(
         raise ValueError(f"cannot capture the decode step: {reason}")
     device = engine.device if engine is not None else next(model.parameters()).device
     input_ids = input_ids.to(device=device, dtype=torch.long)
-    step = _step_for(model, batch, prompt_len + max_new_tokens, device, compile, sampling is not None)
+    step = _step_for(model, StepKey(batch, _cache_length(prompt_len + max_new_tokens), compile, sampling is not None,
+                                    padded is not None), device)
     if sampling is not None:
         step.sampler.set(sampling)
     forward = _compiled(model) if compile else model
@@ -152,8 +177,16 @@ def static_generate(
         engine.begin_sequence(batch, step.tokens.shape[1])
 
     # prefill: eager (offloaded models: through the acquire path for long prompts)
+    padding = {}
+    if padded is not None:
+        padded = padded.to(device=device, dtype=torch.long)
+        step.mask.fill_(1)
+        step.mask[:, :prompt_len] = padded
+        step.pads.copy_((1 - padded).sum(dim=1, keepdim=True))
+        positions = (padded.cumsum(dim=1) - 1).masked_fill(padded == 0, 0)
+        padding = {"attention_mask": step.mask, "position_ids": positions}
     logits = model(input_ids=input_ids, past_key_values=step.cache,
-                   cache_position=torch.arange(prompt_len, device=device), use_cache=True).logits
+                   cache_position=torch.arange(prompt_len, device=device), use_cache=True, **padding).logits
     first = next_tokens(logits[:, -1], step.sampler)
     step.token.copy_(first)
     step.tokens[:, :1] = first
@@ -178,14 +211,29 @@ def static_generate(
     return _pad_after_eos(out, prompt_len, eos_token_id, pad_token_id)
 
 
-def _step_for(model: nn.Module, batch: int, needed: int, device: torch.device, compiled: bool, sampled: bool) -> _Step:
-    """This batch size's static cache and step buffers (reset), created on first use; compiled
-    and eager, greedy and sampled steps are captured apart."""
+def _left_padding(mask: torch.Tensor | None, input_ids: torch.Tensor) -> torch.Tensor | None:
+    """``mask`` if it pads some row on the left; None for no mask or one of all ones; ValueError
+    for any other mask (right or inner padding, an empty row, another shape)."""
+    if mask is None:
+        return None
+    if not isinstance(mask, torch.Tensor) or tuple(mask.shape) != tuple(input_ids.shape):
+        got = tuple(mask.shape) if isinstance(mask, torch.Tensor) else type(mask).__name__
+        raise ValueError(f"attention_mask must have input_ids' shape {tuple(input_ids.shape)}, got {got}")
+    if bool(mask.all()):
+        return None
+    m = mask.long()
+    if not bool(((m == 0) | (m == 1)).all()) or not bool((m[:, 1:] >= m[:, :-1]).all()) or not bool(m[:, -1].all()):
+        raise ValueError("attention_mask must be 0/1 with each row's zeros on the left (left padding) and its last "
+                         "token real; right-padded batches need transformers' generate (sida_graphs=False)")
+    return m
+
+
+def _step_for(model: nn.Module, key: StepKey, device: torch.device) -> _Step:
+    """The static cache and step buffers of ``key`` (reset), created on first use."""
     from transformers import StaticCache
 
-    length = _cache_length(needed)
+    batch, length = key.batch, key.length
     steps = model.__dict__.setdefault("_sida_decode_steps", {})
-    key = (batch, length, compiled, sampled)
     step = steps.get(key)
     if step is None:
         step = steps[key] = _Step(
@@ -194,7 +242,9 @@ def _step_for(model: nn.Module, batch: int, needed: int, device: torch.device, c
             position=torch.zeros(1, dtype=torch.long, device=device),
             tokens=torch.zeros((batch, length), dtype=torch.long, device=device),
             index=torch.zeros(1, dtype=torch.long, device=device),
-            sampler=SamplerState(device) if sampled else None,
+            sampler=SamplerState(device) if key.sampled else None,
+            mask=torch.ones((batch, length), dtype=torch.long, device=device) if key.padded else None,
+            pads=torch.zeros((batch, 1), dtype=torch.long, device=device) if key.padded else None,
         )
     else:
         step.cache.reset()
@@ -263,8 +313,8 @@ def replay_host_seconds(model: nn.Module, batch_size: int, steps: int = 16, comp
     ``compiled``) and hand its routing to the engine, the device idle before each (None if no
     such step was captured). This is the host's cost of a replayed token: the inference thread's
     CPU time is not, since it busy-waits on the full launch queue while the device works."""
-    captured = [s for (b, _, c, _), s in model.__dict__.get("_sida_decode_steps", {}).items()
-                if b == batch_size and c == compiled and s.graph is not None]
+    captured = [s for key, s in model.__dict__.get("_sida_decode_steps", {}).items()
+                if key.batch == batch_size and key.compiled == compiled and s.graph is not None]
     if not captured:
         return None
     step, engine = captured[0], getattr(model, "sida_engine", None)
