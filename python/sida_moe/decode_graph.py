@@ -47,7 +47,7 @@ class _Step:
     cache: object  # transformers StaticCache
     token: torch.Tensor  # [B, 1] input token of the step; the step writes the next one here
     position: torch.Tensor  # [1] cache position of the step; the step increments it
-    tokens: torch.Tensor  # [B, cache length] every step's greedy token
+    tokens: torch.Tensor  # [B, cache length] every step's token
     index: torch.Tensor  # [1] column of `tokens` the step writes; the step increments it
     sampler: SamplerState | None = None  # None: greedy steps
     # padded steps: [B, cache length] attention mask (the prompt's, then ones) and [B, 1] pad count
@@ -124,12 +124,12 @@ def static_generate(
     sampling: SamplingParams | None = None,
     attention_mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Tokens of ``model`` after ``input_ids`` (``[B, T]``; rows left-padded where
-    ``attention_mask`` has zeros, positions counted from each row's first token as transformers
-    does), ``[B, T + n]`` like
-    ``model.generate``: greedy (``sampling=None``, as ``do_sample=False``) or drawn with
-    ``sampling``'s temperature, top-k and top-p (as ``do_sample=True``; ``sida_moe.sampling``
-    says how the draws relate to transformers'). Prefill eagerly into a static KV cache, then
+    """Tokens of ``model`` after ``input_ids``, ``[B, T + n]`` like ``model.generate``: greedy
+    (``sampling=None``, as ``do_sample=False``) or drawn with ``sampling``'s temperature, top-k
+    and top-p (as ``do_sample=True``; ``sida_moe.sampling`` says how the draws relate to
+    transformers'). ``input_ids`` is ``[B, T]``, its rows left-padded where ``attention_mask``
+    has zeros (positions then count from each row's first real token, as transformers does).
+    Prefill eagerly into a static KV cache, then
     ``max_new_tokens - 1`` decode steps, replayed from a CUDA graph when ``graphs`` (default: on
     CUDA when :func:`graphs_supported`). Rows that produced an EOS token are padded after it, and
     the result ends once every row has (as transformers does). Works for any transformers causal
@@ -363,7 +363,8 @@ _NEUTRAL = {"num_beams": (None, 1), "repetition_penalty": (None, 1.0), "no_repea
             "encoder_repetition_penalty": (None, 1.0), "penalty_alpha": (None,), "guidance_scale": (None, 1.0),
             "stop_strings": (None,), "assistant_model": (None,), "prompt_lookup_num_tokens": (None,),
             "min_p": (None,), "top_h": (None,), "typical_p": (None, 1.0), "epsilon_cutoff": (None, 0.0),
-            "eta_cutoff": (None, 0.0), "watermarking_config": (None,)}
+            "eta_cutoff": (None, 0.0), "watermarking_config": (None,), "exponential_decay_length_penalty": (None,),
+            "remove_invalid_values": (None, False)}
 # transformers' values for sampling settings a generation config leaves unset
 _SAMPLING_DEFAULTS = {"temperature": 1.0, "top_k": 50, "top_p": 1.0}
 
@@ -440,4 +441,5 @@ def install_generate(model: nn.Module) -> None:
     model._sida_original_generate = original
 
 
-__all__ = ["forget_captured_steps", "graphs_supported", "static_generate", "install_generate", "replay_host_seconds"]
+__all__ = ["StepKey", "forget_captured_steps", "graphs_supported", "install_generate", "replay_host_seconds",
+           "static_generate"]
