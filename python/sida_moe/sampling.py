@@ -1,14 +1,15 @@
 """The next token of a decode step, greedy or sampled, computed on the device without a host sync
 so that it is part of the captured step.
 
-Sampling follows transformers' warpers for ``do_sample=True``: temperature, then top-k (every
-token tied with the k-th best kept), then top-p (the smallest set of most likely tokens whose
-mass reaches p), then a draw from what remains. The parameters live in device tensors of the
-step, so one captured step serves calls with any values; the draw is the exponential race
-(``argmax(p / q)`` with ``q ~ Exp(1)``, which picks token i with probability p_i), so it needs no
-``multinomial``. Draws come from the device's default generator: ``torch.manual_seed`` makes a
-run repeatable, but the random stream is not transformers', so sampled text differs from its
-``generate`` token by token while following the same distribution.
+Sampling repeats transformers' ``do_sample=True`` path op for op: the float32 logits divided by
+the temperature, top-k (every token below the k-th best score masked), top-p (ascending sort,
+tokens whose cumulative probability is at most 1 - p masked, the best always kept), softmax, and
+the draw ``torch.multinomial`` makes for one sample -- ``argmax(p / q)`` with ``q`` drawn by
+``exponential_`` over the whole ``[B, V]`` -- without multinomial's host-side check of the
+probabilities, which a captured step cannot run. The parameters live in device tensors of the
+step, so one captured step serves calls with any values. With the same seed and the same logits
+the draws are transformers' own (eager steps; a replayed step draws from the device generator
+the same way, advanced per replay).
 """
 
 from __future__ import annotations
@@ -45,12 +46,13 @@ class SamplerState:
     def __init__(self, device: torch.device) -> None:
         self.temperature = torch.ones(1, dtype=torch.float32, device=device)
         self.top_k = torch.zeros(1, dtype=torch.long, device=device)
-        self.top_p = torch.ones(1, dtype=torch.float32, device=device)
+        # 1 - top_p, computed in Python's float as transformers does before comparing in float32
+        self.top_p_rest = torch.zeros(1, dtype=torch.float32, device=device)
 
     def set(self, params: SamplingParams) -> None:
         self.temperature.fill_(float(params.temperature))
         self.top_k.fill_(params.top_k)
-        self.top_p.fill_(float(params.top_p))
+        self.top_p_rest.fill_(1 - float(params.top_p))
 
 
 def next_tokens(logits: torch.Tensor, sampler: SamplerState | None) -> torch.Tensor:
@@ -58,35 +60,25 @@ def next_tokens(logits: torch.Tensor, sampler: SamplerState | None) -> torch.Ten
     ``sampler`` is None, else a draw (module docstring)."""
     if sampler is None:
         return logits.argmax(dim=-1, keepdim=True)
-    probs, order = _filtered(logits, sampler)
-    # a zero draw of q would divide 0 by 0 for a filtered token
-    q = torch.empty_like(probs).exponential_().clamp_min_(torch.finfo(probs.dtype).tiny)
-    return order.gather(-1, (probs / q).argmax(dim=-1, keepdim=True))
+    probs = sampling_probs(logits, sampler)
+    return (probs / torch.empty_like(probs).exponential_()).argmax(dim=-1, keepdim=True)
 
 
 def sampling_probs(logits: torch.Tensor, sampler: SamplerState) -> torch.Tensor:
-    """``[B, V]`` probability of each token under ``sampler`` (what :func:`next_tokens` draws
-    from), in the vocabulary's order."""
-    probs, order = _filtered(logits, sampler)
-    probs = probs / probs.sum(dim=-1, keepdim=True)
-    return torch.empty_like(probs).scatter_(-1, order, probs)
-
-
-def _filtered(logits: torch.Tensor, sampler: SamplerState) -> tuple[torch.Tensor, torch.Tensor]:
-    """Unnormalised probabilities after temperature, top-k and top-p, in descending order of
-    score, and that order."""
+    """``[B, V]`` float32 probability of each token under ``sampler``: what :func:`next_tokens`
+    draws from (transformers' warpers, then softmax)."""
     scores = logits.float() / sampler.temperature
     vocab = scores.shape[-1]
-    ordered, order = scores.sort(dim=-1, descending=True)
-    # top-k: keep what is at least the k-th best score (ties with it too); k = 0 keeps all
+    # top-k; k = 0 keeps all
     k = torch.where(sampler.top_k > 0, sampler.top_k.clamp(max=vocab), vocab)
-    kth = ordered.gather(-1, (k - 1).expand(ordered.shape[0], 1))
-    ordered = ordered.masked_fill(ordered < kth, float("-inf"))
-    probs = ordered.softmax(dim=-1)
-    # top-p: drop a token once the mass before it reaches p (the best one always stays)
-    drop = (probs.cumsum(dim=-1) - probs) >= sampler.top_p
-    drop[:, 0] = False
-    return probs.masked_fill(drop, 0.0), order
+    kth = scores.sort(dim=-1, descending=True).values.gather(-1, (k - 1).expand(scores.shape[0], 1))
+    scores = scores.masked_fill(scores < kth, float("-inf"))
+    # top-p; p = 1 masks only what is already masked
+    ordered, order = torch.sort(scores, descending=False)
+    remove = ordered.softmax(dim=-1).cumsum(dim=-1) <= sampler.top_p_rest
+    remove[..., -1:] = False
+    scores = scores.masked_fill(remove.scatter(1, order, remove), float("-inf"))
+    return scores.softmax(dim=-1)
 
 
 __all__ = ["SamplerState", "SamplingParams", "next_tokens", "sampling_probs"]
