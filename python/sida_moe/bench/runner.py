@@ -29,6 +29,7 @@ from sida_moe.bench.systems import (
     set_fastest_experts_implementation,
 )
 from sida_moe.bench.timing import DecodeTiming, Round, decode_seconds_per_step, interleave, two_calls
+from sida_moe.sampling import SamplingParams
 
 POLICIES = ("lru", "lfu", "fifo", "predictive", "belady")
 PREDICTORS = ("none", "next_layer_gate", "sida")
@@ -259,19 +260,22 @@ def logit_agreement(logits: torch.Tensor, reference_logits: torch.Tensor, first_
     return out
 
 
+# the bench's sampling: the model's distribution itself, no filter
+_SAMPLING = {"temperature": 1.0, "top_k": 0, "top_p": 1.0}
+
+
 def _generate(model: nn.Module, prompts: dict[str, torch.Tensor], new_tokens: int, sample: bool = False,
               seed: int = 0, graphs: bool | None = None, compile: bool = False) -> torch.Tensor:
-    """The ``[B, new_tokens]`` ids ``model.generate`` produces (on the model's device). Greedy calls
-    are plain -- EOS off instead of ``min_new_tokens`` -- so an offloaded model serves them from its
-    graphed loop where it can, compiled first with ``compile``; ``graphs=False`` keeps them on
-    transformers' loop."""
+    """The ``[B, new_tokens]`` ids ``model.generate`` produces (on the model's device). Calls are
+    plain -- EOS off instead of ``min_new_tokens`` -- so an offloaded model serves them from its
+    graphed loop where it can (greedy or sampled), compiled first with ``compile``;
+    ``graphs=False`` keeps them on transformers' loop."""
+    kwargs = {"do_sample": sample, "eos_token_id": None}
     if sample:
-        kwargs = {"do_sample": True, "top_k": 0, "top_p": 1.0, "temperature": 1.0, "min_new_tokens": new_tokens}
-    else:
-        kwargs = {"do_sample": False, "eos_token_id": None}
+        kwargs.update(_SAMPLING)
     if graphs is False:
         kwargs["sida_graphs"] = False
-    elif compile and not sample and getattr(model, "sida_engine", None) is not None:
+    elif compile and getattr(model, "sida_engine", None) is not None:
         kwargs["sida_compile"] = True
     torch.manual_seed(seed)  # the same sampled sequence for every system (given the same logits)
     with torch.inference_mode():
@@ -480,7 +484,8 @@ def run_bench(cfg: BenchConfig) -> list[dict[str, Any]]:
 
     def gen_graphed(b: int, n: int) -> torch.Tensor:
         from_start()
-        return graphed.generate(prompts[b]["input_ids"], n, cfg.compile)
+        torch.manual_seed(cfg.seed)  # as _generate: the same sampled sequence for every system
+        return graphed.generate(prompts[b]["input_ids"], n, cfg.compile, SamplingParams(**_SAMPLING) if sample else None)
 
     def forced_logits(b: int) -> torch.Tensor:
         from_start()
@@ -497,8 +502,8 @@ def run_bench(cfg: BenchConfig) -> list[dict[str, Any]]:
         b in baselines for b in ("resident", "accelerate_cpu"))) + len(unpadded) * ("resident_graphed" in baselines)
     bar = tqdm(total=total, desc="bench", unit="row", disable=not cfg.progress)
 
-    def record(system: str, batch: int, rounds: list[Round], n: int, extra: dict[str, Any], tokens: bool = True,
-               compare: bool = True) -> dict[str, Any]:
+    def record(system: str, batch: int, rounds: list[Round], n: int, extra: dict[str, Any],
+               tokens: bool = True) -> dict[str, Any]:
         timing = DecodeTiming(batch, cfg.prompt_tokens, n, rounds)
         row = {"system": system, "policy": "-", "predictor": "-", "budget_fraction": None, **timing.summary(),
                **_host_ms(rounds, timing, device), **extra}
@@ -507,7 +512,7 @@ def run_bench(cfg: BenchConfig) -> list[dict[str, Any]]:
         row["peak_gpu_gib"] = max(peaks) if None not in peaks else None
         if tokens:
             row.update(token_agreement(rounds[-1].full.out.cpu(),
-                                       reference.get(batch) if compare and system != "resident" else None))
+                                       reference.get(batch) if system != "resident" else None))
         if device.type == "cuda":
             row["gpu_allocated_gib"] = torch.cuda.memory_allocated(device) / 2**30
         rows.append(row)
@@ -589,9 +594,7 @@ def run_bench(cfg: BenchConfig) -> list[dict[str, Any]]:
                                                                     "decode_loop": "eager"})
         if "resident_graphed" in timed_rounds:
             extra = {"experts_implementation": graphed_impl, "decode_loop": "graph replay"}
-            if sample:  # the graphed loop is greedy: its tokens are not comparable with sampled ones
-                extra["decoding"] = "greedy"
-            record("resident_graphed", b, timed_rounds["resident_graphed"], n_new, extra, compare=not sample)
+            record("resident_graphed", b, timed_rounds["resident_graphed"], n_new, extra)
     if resident_impl is not None:
         model.set_experts_implementation(resident_impl)
     # 2. transformers + accelerate, experts on the CPU (slow: fewer tokens, one round)
@@ -635,7 +638,7 @@ def run_bench(cfg: BenchConfig) -> list[dict[str, Any]]:
             rnd.extra["decode"] = decode_cache_metrics(rnd.first_seen, rnd.full_seen, n_new - 1, engine.expert_nbytes)
             rnd.extra["table_decode"] = all(engine.uses_table(layer.ordinal, b) for layer in engine.layers)
             graph_replays = rnd.extra["decode"]["decode_eager_steps"] == 0
-            probe = replay_host_seconds(model, b, compiled=cfg.compile and not sample) if graph_replays else None
+            probe = replay_host_seconds(model, b, compiled=cfg.compile) if graph_replays else None
             rnd.extra["enqueue_ms"] = probe * 1e3 if probe is not None else None
             if not agreement and b in reference_logits:  # once per configuration; untimed
                 agree = token_agreement(rnd.full.out.cpu(), reference[b])

@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 from sida_moe.adapters import adapter_for
+from sida_moe.sampling import SamplingParams
 
 
 def expert_module_names(model: nn.Module) -> list[str]:
@@ -135,13 +136,15 @@ class GraphedResident:
         self.model = model
         self._captured_with: str | None = None
 
-    def generate(self, input_ids: torch.Tensor, new_tokens: int, compile: bool = False) -> torch.Tensor:
-        """The ``[B, new_tokens]`` greedy ids after ``input_ids`` (unpadded), the step compiled
-        first with ``compile``."""
+    def generate(self, input_ids: torch.Tensor, new_tokens: int, compile: bool = False,
+                 sampling: SamplingParams | None = None) -> torch.Tensor:
+        """The ``[B, new_tokens]`` ids after ``input_ids`` (unpadded), greedy or drawn with
+        ``sampling``, the step compiled first with ``compile``."""
         from sida_moe.decode_graph import forget_captured_steps, static_generate
 
         impl = getattr(self.model.config, "_experts_implementation", None)
         if impl != self._captured_with:
             forget_captured_steps(self.model)
             self._captured_with = impl
-        return static_generate(self.model, input_ids, new_tokens, graphs=True, compile=compile)[:, input_ids.shape[1]:]
+        return static_generate(self.model, input_ids, new_tokens, graphs=True, compile=compile,
+                               sampling=sampling)[:, input_ids.shape[1]:]
