@@ -153,6 +153,16 @@ def test_greedy_loop_serves_a_plain_transformers_model_and_reuses_its_static_cac
     assert len(model._sida_decode_steps) == 1
 
 
+def test_a_call_reuses_the_shortest_longer_step_instead_of_making_one():
+    model = eager_experts(tiny_model("olmoe"))
+    ids = _prompt(length=4)
+    with torch.inference_mode():
+        for new in (296, 60, 700, 400):  # needs 300 (-> 512), 64, 704 (-> 1024), 404
+            want = model.generate(ids, max_new_tokens=new, do_sample=False, pad_token_id=0)
+            assert torch.equal(static_generate(model, ids, new, graphs=False), want)
+    assert sorted(key.length for key in model._sida_decode_steps) == [512, 1024]
+
+
 def test_eos_pads_like_transformers():
     original, offloaded = _pair("qwen3_moe", "50%")
     ids = _prompt(batch=2)

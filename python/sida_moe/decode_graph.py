@@ -32,7 +32,7 @@ class StepKey(NamedTuple):
     """What a captured decode step is specialised for (``model._sida_decode_steps`` keys)."""
 
     batch: int
-    length: int  # static cache length
+    length: int  # static cache length (a power of two; a call may use a longer one)
     compiled: bool  # torch.compile first
     sampled: bool  # sampled tokens (else greedy)
     padded: bool  # left-padded rows: an attention mask and per-row positions
@@ -168,7 +168,7 @@ def static_generate(
         raise ValueError(f"cannot capture the decode step: {reason}")
     device = engine.device if engine is not None else next(model.parameters()).device
     input_ids = input_ids.to(device=device, dtype=torch.long)
-    step = _step_for(model, StepKey(batch, _cache_length(prompt_len + max_new_tokens), compile, sampling is not None,
+    step = _step_for(model, StepKey(batch, prompt_len + max_new_tokens, compile, sampling is not None,
                                     padded is not None), device)
     if sampling is not None:
         step.sampler.set(sampling)
@@ -228,12 +228,17 @@ def _left_padding(mask: torch.Tensor | None, input_ids: torch.Tensor) -> torch.T
     return m
 
 
-def _step_for(model: nn.Module, key: StepKey, device: torch.device) -> _Step:
-    """The static cache and step buffers of ``key`` (reset), created on first use."""
+def _step_for(model: nn.Module, want: StepKey, device: torch.device) -> _Step:
+    """Static cache and step buffers (reset) for ``want``, whose ``length`` is the tokens the
+    call needs: the shortest kept step of that kind at least that long (a longer cache only masks
+    more positions, and reusing it saves a capture and, compiled, a compile), else a new one of
+    the next power-of-two length."""
     from transformers import StaticCache
 
-    batch, length = key.batch, key.length
     steps = model.__dict__.setdefault("_sida_decode_steps", {})
+    fits = [k for k in steps if k._replace(length=0) == want._replace(length=0) and k.length >= want.length]
+    key = min(fits, key=lambda k: k.length) if fits else want._replace(length=_cache_length(want.length))
+    batch, length = key.batch, key.length
     step = steps.get(key)
     if step is None:
         step = steps[key] = _Step(
