@@ -402,3 +402,20 @@ def test_graphed_left_padded_batch_matches_the_eager_loop():
         want = original.generate(ids, attention_mask=mask, max_new_tokens=24, do_sample=False, pad_token_id=0)
     assert torch.equal(eager, graphed)
     assert torch.equal(graphed, want)
+
+
+def test_compiled_decode_with_the_sida_prefetcher_gives_the_uncompiled_tokens():
+    # the bundled trained model and its predictor, fp32 on the host backend
+    from sida_moe.predictor import load_prefetcher
+    from sida_moe.presets import bundled_model_path
+
+    path = bundled_model_path()
+    model = sida_moe.from_pretrained(path, gpu_budget="25%", device="cpu", dtype=torch.float32,
+                                     prefetch=load_prefetcher(path), policy="predictive")
+    engine = sida_moe.engine_of(model)
+    ids = torch.randint(3, 200, (2, 12), generator=torch.Generator().manual_seed(0))
+    with torch.inference_mode():
+        want = static_generate(model, ids, 10, graphs=False)
+        engine.reset_stats()
+        assert torch.equal(static_generate(model, ids, 10, graphs=False, compile=True), want)
+    assert engine.stats()["predicted_needed"] > 0  # the predictor ran and was scored in the compiled loop
