@@ -278,14 +278,17 @@ def run_batch(args, report, budgets, engine, resident_model, offloaded, ids) -> 
     systems = {
         # the same graphed greedy loop over transformers' own resident model
         "resident_graphed": lambda n: static_generate(resident_model, ids, n, graphs=True),
-        "sida_graphed": lambda n: offloaded.generate(ids, max_new_tokens=n, do_sample=False, sida_graphs=True),
+        # EOS off: every timed call makes its N tokens (the loop stops early once every row has finished)
+        "sida_graphed": lambda n: offloaded.generate(ids, max_new_tokens=n, do_sample=False, sida_graphs=True,
+                                                     eos_token_id=None),
         "sida_eager": lambda n: offloaded.generate(ids, max_new_tokens=n, min_new_tokens=n, do_sample=False,
                                                    sida_graphs=False),
     }
     if args.compile:
         # the same graphed loops with the step compiled first (torch.compile, inductor)
         systems["resident_compiled"] = lambda n: static_generate(resident_model, ids, n, graphs=True, compile=True)
-        systems["sida_compiled"] = lambda n: offloaded.generate(ids, max_new_tokens=n, do_sample=False, sida_compile=True)
+        systems["sida_compiled"] = lambda n: offloaded.generate(ids, max_new_tokens=n, do_sample=False, sida_compile=True,
+                                                                eos_token_id=None)
     graphed = [name for name in systems if name != "sida_eager"]
     offloaded_graphed = [name for name in graphed if name.startswith("sida_")]
     n = args.new_tokens

@@ -22,7 +22,6 @@ import json
 import os
 import sys
 import sysconfig
-import time
 
 import torch
 
@@ -100,14 +99,18 @@ def main() -> None:
         ids = prompts(tokenizer, batch, args.prompt_len, seed=batch).to(device)
         systems = {
             "resident_graphed": lambda n, ids=ids: static_generate(resident, ids, n, graphs=True),
-            "none_lru": lambda n, ids=ids: none.generate(ids, max_new_tokens=n, do_sample=False, sida_graphs=True),
-            "sida": lambda n, ids=ids: sida.generate(ids, max_new_tokens=n, do_sample=False, sida_graphs=True),
+            # EOS off: every timed call makes its N tokens (the loop stops early once every row has finished)
+            "none_lru": lambda n, ids=ids: none.generate(ids, max_new_tokens=n, do_sample=False, sida_graphs=True,
+                                                         eos_token_id=None),
+            "sida": lambda n, ids=ids: sida.generate(ids, max_new_tokens=n, do_sample=False, sida_graphs=True,
+                                                     eos_token_id=None),
         }
         n = args.new_tokens
         want = None
         if reference is not None:
             with torch.inference_mode():
-                want = reference.generate(ids, max_new_tokens=n, do_sample=False)[:, args.prompt_len :].tolist()
+                want = reference.generate(ids, max_new_tokens=n, do_sample=False,
+                                          eos_token_id=None)[:, args.prompt_len :].tolist()
         rows = {name: {"decode_ms": [], "hit_rate": [], "recall": [], "precision": [], "copied": [], "misses": []}
                 for name in systems}
         tokens = {}

@@ -242,6 +242,47 @@ def test_compiled_cuda_graph_decode_replays_the_compiled_step():
     assert plain.shape == graphed.shape
 
 
+def test_the_loop_stops_soon_after_every_row_has_finished():
+    from sida_moe.decode_graph import FINISHED_CHECK_EVERY
+
+    original, offloaded = _pair("qwen3_moe", "50%")
+    ids = _prompt(batch=2)
+    with torch.inference_mode():
+        free = original.generate(ids, max_new_tokens=8, do_sample=False, pad_token_id=0)
+        eos = [int(free[0, ids.shape[1] + 1]), int(free[1, ids.shape[1] + 2])]  # row 0 ends at 2, row 1 by 3
+        want = original.generate(ids, max_new_tokens=200, do_sample=False, eos_token_id=eos, pad_token_id=0)
+        forwards = []
+        hook = offloaded.register_forward_pre_hook(lambda m, a, kw: forwards.append(1), with_kwargs=True)
+        got = static_generate(offloaded, ids, 200, eos_token_id=eos, pad_token_id=0, graphs=False)
+        hook.remove()
+    assert torch.equal(got, want)
+    assert want.shape[1] - ids.shape[1] <= 3
+    assert len(forwards) <= 3 + FINISHED_CHECK_EVERY  # not the 200 asked for
+    with torch.inference_mode():  # without EOS ids the call runs to its length
+        assert static_generate(offloaded, ids, 20, graphs=False).shape[1] == ids.shape[1] + 20
+
+
+@pytest.mark.gpu
+def test_graphed_loop_stops_soon_after_every_row_has_finished():
+    from sida_moe.decode_graph import FINISHED_CHECK_EVERY, REPLAYS_IN_FLIGHT
+
+    original = tiny_model("qwen3_moe", torch.float16).cuda()
+    offloaded = sida_moe.offload(copy.deepcopy(original), gpu_budget="25%", policy="lru", prefetch="none")
+    ids = _prompt(batch=2, length=6).cuda()
+    with torch.inference_mode():
+        free = offloaded.generate(ids, max_new_tokens=12, do_sample=False, sida_graphs=True, eos_token_id=None)
+        eos = [int(free[0, ids.shape[1] + 4]), int(free[1, ids.shape[1] + 5])]
+        want = original.generate(ids, max_new_tokens=300, do_sample=False, eos_token_id=eos, pad_token_id=0)
+        engine = sida_moe.engine_of(offloaded)
+        engine.reset_stats()
+        got = offloaded.generate(ids, max_new_tokens=300, do_sample=False, eos_token_id=eos, pad_token_id=0,
+                                 sida_graphs=True)
+    assert torch.equal(got, want)
+    layers = len(engine.layers)
+    # the look at the finished flag lands a check or two (and the queued replays) late, not 300 steps
+    assert engine.stats()["routed_visits"] <= layers * (6 + 3 * FINISHED_CHECK_EVERY + REPLAYS_IN_FLIGHT)
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("family", ["qwen3_moe", "mixtral", "olmoe"])
 def test_cuda_graph_decode_matches_eager(family):
@@ -344,10 +385,11 @@ def test_graphed_decode_queues_at_most_two_replays():
     offloaded = sida_moe.offload(copy.deepcopy(original), gpu_budget="25%", policy="lru", prefetch="none")
     ids = _prompt(length=6).cuda()
     with torch.inference_mode():
-        want = offloaded.generate(ids, max_new_tokens=12, do_sample=False, sida_graphs=True)
+        # EOS off: every call runs its 11 decode steps
+        want = offloaded.generate(ids, max_new_tokens=12, do_sample=False, sida_graphs=True, eos_token_id=None)
         (step,) = [s for s in offloaded._sida_decode_steps.values() if s.graph is not None]
         slow = step.graph = _SlowGraph(step.graph, cycles=20_000_000)  # ~10 ms per replay
-        got = offloaded.generate(ids, max_new_tokens=12, do_sample=False, sida_graphs=True)
+        got = offloaded.generate(ids, max_new_tokens=12, do_sample=False, sida_graphs=True, eos_token_id=None)
     torch.cuda.synchronize()
     assert torch.equal(got, want)
     assert len(slow.unfinished) == 11  # every decode step after the first token is a replay

@@ -49,6 +49,8 @@ class _Step:
     position: torch.Tensor  # [1] cache position of the step; the step increments it
     tokens: torch.Tensor  # [B, cache length] every step's token
     index: torch.Tensor  # [1] column of `tokens` the step writes; the step increments it
+    eos: torch.Tensor  # [EOS_IDS] the call's EOS ids, -1 past them (never a token)
+    finished: torch.Tensor  # [B] bool: the row has produced an EOS token; the step updates it
     sampler: SamplerState | None = None  # None: greedy steps
     # padded steps: [B, cache length] attention mask (the prompt's, then ones) and [B, 1] pad count
     mask: torch.Tensor | None = None
@@ -67,6 +69,11 @@ class _Step:
 # about two steps.
 REPLAYS_IN_FLIGHT = 2
 
+# EOS ids a step recognises (a call with more never stops early), and the steps between looks at
+# whether every row has finished (a look copies one flag to the host without waiting for it)
+EOS_IDS = 8
+FINISHED_CHECK_EVERY = 8
+
 
 def _cache_length(needed: int) -> int:
     """Static cache lengths come in powers of two (>= 256), so calls of similar lengths share a
@@ -81,11 +88,43 @@ def _forward_step(model: nn.Module, step: _Step, forward: nn.Module) -> None:
     logits = forward(input_ids=step.token, past_key_values=step.cache, cache_position=step.position, use_cache=True,
                      **padding).logits
     nxt = next_tokens(logits[:, -1], step.sampler)
+    step.finished.logical_or_(_is_eos(nxt, step))
     step.tokens.index_copy_(1, step.index, nxt)
     step.token.copy_(nxt)
     step.position.add_(1)
     step.index.add_(1)
     _predict_ahead(model, nxt)
+
+
+def _is_eos(tokens: torch.Tensor, step: _Step) -> torch.Tensor:
+    """``[B]``: whether each row's ``[B, 1]`` token is one of the call's EOS ids."""
+    return (tokens == step.eos).any(dim=1)
+
+
+class _FinishedWatch:
+    """Tells the loop, a few steps late and without waiting for the device, that every row has
+    produced an EOS token, so a call stops soon after transformers' would (the extra tokens are
+    cut by ``_pad_after_eos``)."""
+
+    def __init__(self, step: _Step) -> None:
+        self.step = step
+        self.cuda = step.finished.device.type == "cuda"
+        self.host = torch.zeros(1, dtype=torch.bool, pin_memory=self.cuda)
+        self.event = torch.cuda.Event() if self.cuda else None
+        self.pending = False
+
+    def all_finished(self, steps_done: int) -> bool:
+        if not self.cuda:
+            return steps_done % FINISHED_CHECK_EVERY == 0 and bool(self.step.finished.all())
+        if self.pending and self.event.query():
+            self.pending = False
+            if bool(self.host[0]):
+                return True
+        if not self.pending and steps_done % FINISHED_CHECK_EVERY == 0:
+            self.host.copy_(self.step.finished.all().view(1), non_blocking=True)
+            self.event.record()
+            self.pending = True
+        return False
 
 
 def _predict_ahead(model: nn.Module, token: torch.Tensor) -> None:
@@ -132,7 +171,8 @@ def static_generate(
     Prefill eagerly into a static KV cache, then
     ``max_new_tokens - 1`` decode steps, replayed from a CUDA graph when ``graphs`` (default: on
     CUDA when :func:`graphs_supported`). Rows that produced an EOS token are padded after it, and
-    the result ends once every row has (as transformers does). Works for any transformers causal
+    the result ends once every row has (as transformers does; the loop itself stops within
+    ``FINISHED_CHECK_EVERY`` steps of that). Works for any transformers causal
     LM; on an offloaded one each replay also hands the step's routing to its engine.
 
     ``compile=True`` runs the decode step through ``torch.compile`` (inductor; an offloaded layer
@@ -188,26 +228,35 @@ def static_generate(
     logits = model(input_ids=input_ids, past_key_values=step.cache,
                    cache_position=torch.arange(prompt_len, device=device), use_cache=True, **padding).logits
     first = next_tokens(logits[:, -1], step.sampler)
+    eos_ids = [] if eos_token_id is None else [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id)
+    step.eos.fill_(-1)
+    if 0 < len(eos_ids) <= EOS_IDS:
+        step.eos[: len(eos_ids)] = torch.tensor(eos_ids, dtype=torch.long)
+    step.finished.copy_(_is_eos(first, step))
     step.token.copy_(first)
     step.tokens[:, :1] = first
     step.position.fill_(prompt_len)
     step.index.fill_(1)
-    remaining = max_new_tokens - 1
-    if remaining > 0:
+    produced = 1
+    if produced < max_new_tokens:
         _predict_ahead(model, first)
-    if remaining > 0 and graphs and step.graph is None:
+    if produced < max_new_tokens and graphs and step.graph is None:
         # one uncaptured step first: kernels compile and every lazy state exists before the capture
         _forward_step(model, step, forward)
-        remaining -= 1
-        if remaining > 0:
+        produced += 1
+        if produced < max_new_tokens:
             _capture(model, engine, step, forward)
-            remaining -= 1
-    for _ in range(remaining):
+            produced += 1
+    watch = _FinishedWatch(step) if 0 < len(eos_ids) <= EOS_IDS else None
+    while produced < max_new_tokens:
         if graphs:
             _replay(engine, step)
         else:
             _forward_step(model, step, forward)
-    out = torch.cat([input_ids, step.tokens[:, :max_new_tokens]], dim=1)
+        produced += 1
+        if watch is not None and watch.all_finished(produced):
+            break
+    out = torch.cat([input_ids, step.tokens[:, :produced]], dim=1)
     return _pad_after_eos(out, prompt_len, eos_token_id, pad_token_id)
 
 
@@ -247,6 +296,8 @@ def _step_for(model: nn.Module, want: StepKey, device: torch.device) -> _Step:
             position=torch.zeros(1, dtype=torch.long, device=device),
             tokens=torch.zeros((batch, length), dtype=torch.long, device=device),
             index=torch.zeros(1, dtype=torch.long, device=device),
+            eos=torch.full((EOS_IDS,), -1, dtype=torch.long, device=device),
+            finished=torch.zeros(batch, dtype=torch.bool, device=device),
             sampler=SamplerState(device) if key.sampled else None,
             mask=torch.ones((batch, length), dtype=torch.long, device=device) if key.padded else None,
             pads=torch.zeros((batch, 1), dtype=torch.long, device=device) if key.padded else None,
