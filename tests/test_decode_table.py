@@ -20,6 +20,12 @@ def _pair(family, budget, policy="lru", prefetch="none", **kw):
     return original, offloaded
 
 
+def _cuda_pair(family="qwen3_moe"):
+    """A tiny fp16 model on the GPU and its offloaded copy at 25%, LRU, no prefetch."""
+    original = tiny_model(family, torch.float16).cuda()
+    return original, sida_moe.offload(copy.deepcopy(original), gpu_budget="25%", policy="lru", prefetch="none")
+
+
 def _prompt(batch=1, length=5, seed=1):
     g = torch.Generator().manual_seed(seed)
     return torch.randint(3, 90, (batch, length), generator=g)
@@ -228,8 +234,7 @@ def test_offloaded_experts_op_refuses_a_closed_engine():
 
 @pytest.mark.gpu
 def test_compiled_cuda_graph_decode_replays_the_compiled_step():
-    original = tiny_model("qwen3_moe", torch.float16).cuda()
-    offloaded = sida_moe.offload(copy.deepcopy(original), gpu_budget="25%", policy="lru", prefetch="none")
+    original, offloaded = _cuda_pair()
     ids = _prompt(batch=2, length=6).cuda()
     with torch.inference_mode():
         eager = static_generate(offloaded, ids, 24, graphs=False, compile=True)
@@ -266,8 +271,7 @@ def test_the_loop_stops_soon_after_every_row_has_finished():
 def test_graphed_loop_stops_soon_after_every_row_has_finished():
     from sida_moe.decode_graph import FINISHED_CHECK_EVERY, REPLAYS_IN_FLIGHT
 
-    original = tiny_model("qwen3_moe", torch.float16).cuda()
-    offloaded = sida_moe.offload(copy.deepcopy(original), gpu_budget="25%", policy="lru", prefetch="none")
+    original, offloaded = _cuda_pair()
     ids = _prompt(batch=2, length=6).cuda()
     with torch.inference_mode():
         free = offloaded.generate(ids, max_new_tokens=12, do_sample=False, sida_graphs=True, eos_token_id=None)
@@ -286,8 +290,7 @@ def test_graphed_loop_stops_soon_after_every_row_has_finished():
 @pytest.mark.gpu
 @pytest.mark.parametrize("family", ["qwen3_moe", "mixtral", "olmoe"])
 def test_cuda_graph_decode_matches_eager(family):
-    original = tiny_model(family, torch.float16).cuda()
-    offloaded = sida_moe.offload(copy.deepcopy(original), gpu_budget="25%", policy="lru", prefetch="none")
+    original, offloaded = _cuda_pair(family)
     ids = _prompt(length=6).cuda()
     with torch.inference_mode():
         eager = static_generate(offloaded, ids, 24, graphs=False)
@@ -381,8 +384,7 @@ def test_graphed_decode_queues_at_most_two_replays():
     land within the call however slow a step is."""
     from sida_moe import decode_graph
 
-    original = tiny_model("qwen3_moe", torch.float16).cuda()
-    offloaded = sida_moe.offload(copy.deepcopy(original), gpu_budget="25%", policy="lru", prefetch="none")
+    original, offloaded = _cuda_pair()
     ids = _prompt(length=6).cuda()
     with torch.inference_mode():
         # EOS off: every call runs its 11 decode steps
@@ -434,8 +436,7 @@ def test_bad_attention_masks_are_refused():
 
 @pytest.mark.gpu
 def test_graphed_left_padded_batch_matches_the_eager_loop():
-    original = tiny_model("qwen3_moe", torch.float16).cuda()
-    offloaded = sida_moe.offload(copy.deepcopy(original), gpu_budget="25%", policy="lru", prefetch="none")
+    original, offloaded = _cuda_pair()
     ids, mask = _left_padded([6, 2, 4], 6)
     ids, mask = ids.cuda(), mask.cuda()
     with torch.inference_mode():
