@@ -35,7 +35,7 @@ import time
 import torch
 
 import sida_moe
-from sida_moe.decode_graph import static_generate
+from sida_moe.decode_graph import replay_host_seconds, static_generate
 from sida_moe.presets import PRESETS, build_model, build_offloaded
 
 from sida_moe.bench.replay import ReplayRouting, RoutingTraceError, load_routing_trace
@@ -150,24 +150,11 @@ def replay_visits(keys: list, slots: int, policy: str, steps: list, future: bool
         pool.close()
 
 
-def enqueue_ms(model, compiled: bool, steps: int = 16) -> tuple[float, float]:
-    """Host time to launch one captured decode step, and to hand its routing over after it (the
-    device idle before each launch), from the step the last greedy call left cached: median ms
-    of each."""
-    engine = getattr(model, "sida_engine", None)
-    step = next(s for key, s in model._sida_decode_steps.items() if key.compiled == compiled and s.graph is not None)
-    launch, handover = [], []
-    for _ in range(steps):
-        torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        step.graph.replay()
-        t1 = time.perf_counter()
-        if engine is not None:
-            engine.end_replayed_forward(*step.visits)
-        launch.append(t1 - t0)
-        handover.append(time.perf_counter() - t1)
-    torch.cuda.synchronize()
-    return statistics.median(launch) * 1e3, statistics.median(handover) * 1e3
+def enqueue_ms(model, batch: int, compiled: bool = False) -> float:
+    """Host ms to launch one replay of the step the greedy calls of ``batch`` rows captured and
+    hand its routing over, the device idle before each (``decode_graph.replay_host_seconds``)."""
+    seconds = replay_host_seconds(model, batch, compiled=compiled)
+    return float("nan") if seconds is None else seconds * 1e3
 
 
 def thread_cpu_by_name() -> dict[str, float]:
@@ -309,7 +296,6 @@ def run_batch(args, report, budgets, engine, resident_model, offloaded, ids) -> 
                 for name in systems}
         misses = {name: {"misses": [], "copied": [], "hit_rate": []} for name in offloaded_graphed}
         enqueue = {name: [] for name in graphed}
-        enqueue_split = {name: [] for name in graphed}  # (graph launch, routing hand-over) ms
         for name, fn in systems.items():  # warm-up: compile kernels, capture graphs, fill the cache
             t0 = time.perf_counter()
             fn(4)
@@ -335,10 +321,8 @@ def run_batch(args, report, budgets, engine, resident_model, offloaded, ids) -> 
                     misses[name]["copied"].append(d["bytes_copied"] / (n - 1))
                     misses[name]["hit_rate"].append(d["hits"] / lookups if lookups else 0.0)
                 if name in enqueue:
-                    launch, handover = enqueue_ms(resident_model if name.startswith("resident") else offloaded,
-                                                  compiled=name.endswith("compiled"))
-                    enqueue[name].append(launch + handover)
-                    enqueue_split[name].append((launch, handover))
+                    enqueue[name].append(enqueue_ms(resident_model if name.startswith("resident") else offloaded,
+                                                    batch, compiled=name.endswith("compiled")))
                 row["decode_ms"].append((wn - w1) * 1e3 / (n - 1))
                 row["host_cpu_ms"].append((pn - p1) * 1e3 / (n - 1))
                 row["thread_cpu_ms"].append((tn - t1) * 1e3 / (n - 1))
@@ -361,8 +345,6 @@ def run_batch(args, report, budgets, engine, resident_model, offloaded, ids) -> 
             }
             if name in enqueue:
                 out[name]["host_enqueue_ms_per_step"] = summary(enqueue[name])
-                out[name]["host_enqueue_launch_ms"] = summary([a for a, _ in enqueue_split[name]])
-                out[name]["host_enqueue_handover_ms"] = summary([b for _, b in enqueue_split[name]])
         expert_bytes = engine.pool.expert_nbytes
         for name, m in misses.items():
             out[name]["hit_rate"] = summary(m["hit_rate"])
@@ -377,9 +359,7 @@ def run_batch(args, report, budgets, engine, resident_model, offloaded, ids) -> 
             json.dump(report, f, indent=1)
         for name in systems:
             r = out[name]
-            extra = (f", enqueue {r['host_enqueue_ms_per_step']['median']:.3f} ms/step (launch "
-                     f"{r['host_enqueue_launch_ms']['median']:.3f} + hand-over {r['host_enqueue_handover_ms']['median']:.3f})"
-                     if name in enqueue else "")
+            extra = f", enqueue {r['host_enqueue_ms_per_step']['median']:.3f} ms/step" if name in enqueue else ""
             print(f"[{args.routing} bs{batch} {budget}] {name}: {r['decode_tokens_per_s']['median']:.1f} tok/s "
                   f"({r['decode_tokens_per_s']['min']:.1f}-{r['decode_tokens_per_s']['max']:.1f}), process CPU "
                   f"{r['host_cpu_ms_per_step']['median']:.2f} ms/step (thread {r['inference_thread_cpu_ms_per_step']['median']:.2f})"

@@ -152,7 +152,7 @@ def main() -> None:
                          "tokens_equal_to_reference_per_row": None if want is None else
                          [_agree(a, b) for a, b in zip(tokens[name], want)],
                          "host_enqueue_ms_per_step": enqueue_ms(resident if name == "resident_graphed"
-                                                                else none if name == "none_lru" else sida)}
+                                                                else none if name == "none_lru" else sida, batch)}
             for key in ("hit_rate", "recall", "precision", "misses", "copied"):
                 if row[key]:
                     out[name][{"misses": "misses_per_token", "copied": "copied_bytes_per_token"}.get(key, key)] = summary(row[key])

@@ -70,6 +70,8 @@ pub struct Touch {
     pub hits: u64,
     /// Keys not resident (the step read them from the pool), in the order given.
     pub missing: Vec<Key>,
+    /// The missing keys worth a copy into a slot for later visits (`admit`), most valued first.
+    pub admitted: Vec<Key>,
     pub prefetch_used: u64,
 }
 
@@ -346,7 +348,8 @@ impl SlotTable {
     }
 
     /// Record a visit of `keys` (distinct) that read them wherever they were: a policy access for
-    /// each, like an acquire call (it consumes one prediction index), but nothing is pinned.
+    /// each, like an acquire call (it consumes one prediction index), but nothing is pinned; the
+    /// misses admission accepts are for the caller to load.
     pub fn touch(&mut self, keys: &[Key]) -> Touch {
         let mut out = Touch::default();
         self.policy.advance(self.acquires + 1);
@@ -366,6 +369,7 @@ impl SlotTable {
             self.policy.on_access(key);
         }
         self.acquires += 1;
+        out.admitted = self.admit(&out.missing);
         out
     }
 
@@ -556,7 +560,7 @@ pub fn simulate(policy: PolicyKind, num_slots: i64, trace: &[Vec<Key>], future: 
             let touch = table.touch(&keys);
             c.hits += touch.hits;
             c.misses += touch.missing.len() as u64;
-            for key in table.admit(&touch.missing) {
+            for key in touch.admitted {
                 if let PrefetchOutcome::Reserved { slot, evicted, .. } = table.reserve_load(key, true, false) {
                     table.finish_load(slot, true);
                     c.evictions += evicted.is_some() as u64;
@@ -821,8 +825,7 @@ mod tests {
     fn admission_loads_a_miss_only_over_a_less_valued_expert() {
         let mut t = SlotTable::new(2, PolicyKind::Lru).unwrap();
         let load = |t: &mut SlotTable, keys: &[Key]| {
-            let touch = t.touch(keys);
-            let admitted = t.admit(&touch.missing);
+            let admitted = t.touch(keys).admitted;
             for &k in &admitted {
                 let PrefetchOutcome::Reserved { slot, .. } = t.reserve_load(k, true, false) else { panic!("no room") };
                 t.finish_load(slot, true);
@@ -861,8 +864,7 @@ mod tests {
         let mut t = SlotTable::new(slots, PolicyKind::Lru).unwrap();
         for _ in 0..4 {
             for l in 0..layers {
-                let touch = t.touch(&[(l, 0), (l, 1)]);
-                for k in t.admit(&touch.missing) {
+                for k in t.touch(&[(l, 0), (l, 1)]).admitted {
                     let PrefetchOutcome::Reserved { slot, .. } = t.reserve_load(k, true, false) else { panic!() };
                     t.finish_load(slot, true);
                 }

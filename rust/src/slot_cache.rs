@@ -811,14 +811,9 @@ impl SlotCache {
         let mut keys = self.keys(layer, experts)?;
         dedup_in_order(&mut keys);
         let sh = &*self.shared;
-        let (touch, admitted) = {
-            let mut t = sh.table.lock();
-            let touch = t.touch(&keys);
-            let admitted = t.admit(&touch.missing);
-            (touch, admitted)
-        };
+        let touch = sh.table.lock().touch(&keys);
         let s = &sh.stats;
-        Stats::add(&s.routed_declined, (touch.missing.len() - admitted.len()) as u64);
+        Stats::add(&s.routed_declined, (touch.missing.len() - touch.admitted.len()) as u64);
         let hits = slot_reads.map_or(touch.hits, |n| n.min(keys.len() as u64));
         let misses = keys.len() as u64 - hits;
         Stats::add(&s.hits, hits);
@@ -827,7 +822,7 @@ impl SlotCache {
         Stats::add(&s.prefetch_used, touch.prefetch_used);
         Stats::add(&s.routed_visits, 1);
         let mut queued = 0;
-        for key in admitted {
+        for key in touch.admitted {
             if sh.queue.push(Request { key, generation: ROUTED_MISS, demand: true }) {
                 queued += 1;
             } else {

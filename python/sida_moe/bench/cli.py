@@ -74,8 +74,8 @@ def _configure(p: argparse.ArgumentParser) -> None:
                    help="seeded sampling, the same for every system (default for presets: random weights decode greedily into one repeated token)")
     g.add_argument("--greedy", dest="sample", action="store_false", help="greedy decoding (default for checkpoints)")
     p.add_argument("--compile", action="store_true",
-                   help="compile the graphed decode step (torch.compile) for sida-moe's rows and resident_graphed; "
-                        "greedy calls only, the first call per batch size compiles for up to a minute or two")
+                   help="compile the graphed decode step (torch.compile) for sida-moe's rows and resident_graphed "
+                        "(CUDA only; the first call per batch size compiles for up to a minute or two)")
     p.add_argument("--no-timeline", action="store_true", help="skip the profiler timeline plot")
     p.add_argument("--out", default="bench-results", help="output directory for bench.json, bench.md and plots")
 

@@ -69,7 +69,7 @@ class BenchConfig:
     # Random-weight presets decode greedily into one repeated token, whose routing never changes
     # (a cache's best case). Sampling (seeded, identical for every system) gives varied tokens.
     sample: bool | None = None  # None: sample for presets, greedy for checkpoints
-    # graphed greedy steps (sida-moe's rows, resident_graphed) compiled with torch.compile first
+    # the graphed decode steps (sida-moe's rows, resident_graphed) compiled with torch.compile first
     compile: bool = False
     out_dir: str | None = None
     progress: bool = True
