@@ -44,6 +44,16 @@ impl PolicyKind {
 /// passing burst, short enough to follow a change of text).
 const DECAY_WINDOW: u64 = 32;
 
+/// One MoE layer's access counts, halved every `DECAY_WINDOW` shares of that layer's accesses so
+/// that they follow the text being served rather than its history.
+#[derive(Debug, Default)]
+struct LayerCounts {
+    /// Decayed accesses per expert (absent: zero).
+    counts: HashMap<u64, u64>,
+    /// Accesses of the layer since its counts were last halved.
+    since_decay: u64,
+}
+
 /// Per-slot policy metadata (what the slot's expert looked like to the policy).
 #[derive(Clone, Copy, Debug, Default)]
 struct SlotMeta {
@@ -66,12 +76,9 @@ pub struct PolicyState {
     kind: PolicyKind,
     /// Event clock: every access/insert gets a unique tick, so recency never ties.
     clock: u64,
-    /// Access counts kept across evictions (an expert's popularity outlives its residency),
-    /// halved per layer every `DECAY_WINDOW` shares of that layer's accesses so that they follow
-    /// the text being served rather than its history.
-    freq: HashMap<Key, u64>,
-    /// Accesses per layer since that layer's counts were last halved.
-    since_decay: HashMap<u64, u64>,
+    /// Access counts per MoE layer, kept across evictions (an expert's popularity outlives its
+    /// residency).
+    freq: HashMap<u64, LayerCounts>,
     meta: Vec<SlotMeta>,
     slot_of: HashMap<Key, usize>,
     /// (rank, slot) of every resident slot; the largest rank is evicted first.
@@ -89,7 +96,6 @@ impl PolicyState {
             kind,
             clock: 0,
             freq: HashMap::new(),
-            since_decay: HashMap::new(),
             meta: vec![SlotMeta::default(); num_slots],
             slot_of: HashMap::new(),
             order: BTreeSet::new(),
@@ -153,7 +159,7 @@ impl PolicyState {
     pub fn on_insert(&mut self, slot: usize, key: Key) {
         self.on_evict(slot);
         let t = self.tick();
-        let freq = self.freq.get(&key).copied().unwrap_or(0);
+        let freq = self.frequency(key);
         self.meta[slot] = SlotMeta { key: Some(key), last_use: t, inserted: t, freq, rank: None };
         self.slot_of.insert(key, slot);
         self.rerank(slot);
@@ -162,35 +168,33 @@ impl PolicyState {
     /// `key` was requested by an acquire call (after `on_insert` when it was a miss).
     pub fn on_access(&mut self, key: Key) {
         let t = self.tick();
-        let f = self.freq.entry(key).or_insert(0);
+        let layer = self.freq.entry(key.0).or_default();
+        let f = layer.counts.entry(key.1).or_insert(0);
         *f += 1;
         let f = *f;
+        layer.since_decay += 1;
+        let since = layer.since_decay;
         if let Some(&slot) = self.slot_of.get(&key) {
             let m = &mut self.meta[slot];
             m.last_use = t;
             m.freq = f;
             self.rerank(slot);
         }
-        let since = {
-            let s = self.since_decay.entry(key.0).or_insert(0);
-            *s += 1;
-            *s
-        };
-        let share = (self.meta.len() / self.since_decay.len()).max(1) as u64;
+        let share = (self.meta.len() / self.freq.len()).max(1) as u64;
         if since >= DECAY_WINDOW.saturating_mul(share) {
-            self.since_decay.insert(key.0, 0);
             self.decay(key.0);
         }
     }
 
     /// Halve the counts of `layer`'s experts (dropping those that reach zero).
     fn decay(&mut self, layer: u64) {
-        self.freq.retain(|k, f| {
-            if k.0 == layer {
+        if let Some(c) = self.freq.get_mut(&layer) {
+            c.since_decay = 0;
+            c.counts.retain(|_, f| {
                 *f /= 2;
-            }
-            *f > 0
-        });
+                *f > 0
+            });
+        }
         let slots: Vec<usize> = self.by_layer.get(&layer).map_or(Vec::new(), |set| set.iter().map(|&(_, s)| s).collect());
         for slot in slots {
             if let Some(k) = self.meta[slot].key {
@@ -202,7 +206,7 @@ impl PolicyState {
 
     /// Decayed access count of `key` (0 when never accessed or decayed away).
     pub fn frequency(&self, key: Key) -> u64 {
-        self.freq.get(&key).copied().unwrap_or(0)
+        self.freq.get(&key.0).and_then(|c| c.counts.get(&key.1)).copied().unwrap_or(0)
     }
 
     /// Whether a miss of `new` is worth a slot now held by `resident` (admission of misses
