@@ -5,9 +5,14 @@ captured (StaticCache + torch.cuda.CUDAGraph: `resident_graphed`), in one proces
 Systems per budget: `resident_graphed`, `sida_graphed` (``model.generate``, routed to the graphed
 greedy loop), `sida_eager` (``model.generate(..., sida_graphs=False)``: transformers' own loop,
 decode layers still on the expert table); with ``--compile`` also `resident_compiled` and
-`sida_compiled` (the graphed loops with the step under ``torch.compile`` first). Every system is warmed up, then timed over ``--rounds``
+`sida_compiled` (the graphed loops with the step under ``torch.compile`` first); with
+``--sampled`` also `resident_*_sampled` and `sida_*_sampled` (seeded sampling in the graphed,
+or with ``--compile`` the compiled, loops). Every system is warmed up, then timed over ``--rounds``
 interleaved rounds; decode time per token = (t(N new tokens) - t(1 new token)) / (N - 1), both
-calls in the same round, so prefill and the first token cancel. JSON (median and spread) to --out.
+calls in the same round, so prefill and the first token cancel. CPU per step of the graphed
+systems: ``CPU_PROBE_STEPS`` back-to-back replays of the captured step after each round, by
+thread (``decode_graph.replay_back_to_back``); of ``sida_eager``: the calls' difference, like
+the time. JSON (median and spread) to --out.
 
 Routing (``--routings``): the routers' own (``model``), uniform random experts (``random``), or a
 trained model's recorded routing replayed (``replay:PATH``, ``sida_moe/bench/replay.py``: the preset's
@@ -35,8 +40,17 @@ import time
 import torch
 
 import sida_moe
-from sida_moe.decode_graph import replay_host_seconds, static_generate
+from sida_moe.decode_graph import replay_back_to_back, replay_host_seconds, static_generate
 from sida_moe.presets import PRESETS, build_model, build_offloaded
+from sida_moe.sampling import SamplingParams
+
+CPU_PROBE_STEPS = 32
+SAMPLING = {"temperature": 0.7, "top_k": 50, "top_p": 0.9}  # the sampled rows (--sampled)
+
+
+def _seeded(call):
+    torch.manual_seed(0)  # every sampled call draws the same tokens for the same logits
+    return call()
 
 from sida_moe.bench.replay import ReplayRouting, RoutingTraceError, load_routing_trace
 
@@ -150,10 +164,10 @@ def replay_visits(keys: list, slots: int, policy: str, steps: list, future: bool
         pool.close()
 
 
-def enqueue_ms(model, batch: int, compiled: bool = False) -> float:
-    """Host ms to launch one replay of the step the greedy calls of ``batch`` rows captured and
-    hand its routing over, the device idle before each (``decode_graph.replay_host_seconds``)."""
-    seconds = replay_host_seconds(model, batch, compiled=compiled)
+def enqueue_ms(model, batch: int, compiled: bool = False, sampled: bool = False) -> float:
+    """Host ms to launch one replay of the step the calls of ``batch`` rows captured and hand its
+    routing over, the device idle before each (``decode_graph.replay_host_seconds``)."""
+    seconds = replay_host_seconds(model, batch, compiled=compiled, sampled=sampled)
     return float("nan") if seconds is None else seconds * 1e3
 
 
@@ -216,6 +230,8 @@ def main() -> None:
     ap.add_argument("--experts-impl", default="batched_mm", help="resident model's transformers experts implementation")
     ap.add_argument("--compile", action="store_true",
                     help="also time both graphed loops with the step compiled first (resident_compiled, sida_compiled)")
+    ap.add_argument("--sampled", action="store_true",
+                    help=f"also time seeded sampling ({SAMPLING}) in the graphed (or with --compile the compiled) loops")
     ap.add_argument("--out", required=True)
     args = ap.parse_args()
     routings = parse_routings(args.routings, args.preset)
@@ -276,6 +292,13 @@ def run_batch(args, report, budgets, engine, resident_model, offloaded, ids) -> 
         systems["resident_compiled"] = lambda n: static_generate(resident_model, ids, n, graphs=True, compile=True)
         systems["sida_compiled"] = lambda n: offloaded.generate(ids, max_new_tokens=n, do_sample=False, sida_compile=True,
                                                                 eos_token_id=None)
+    if args.sampled:
+        # seeded sampling (SAMPLING) in the same loops, compiled when --compile
+        compiled = "compiled" if args.compile else "graphed"
+        systems[f"resident_{compiled}_sampled"] = lambda n: _seeded(lambda: static_generate(
+            resident_model, ids, n, graphs=True, compile=args.compile, sampling=SamplingParams(**SAMPLING)))
+        systems[f"sida_{compiled}_sampled"] = lambda n: _seeded(lambda: offloaded.generate(
+            ids, max_new_tokens=n, do_sample=True, **SAMPLING, sida_compile=args.compile, eos_token_id=None))
     graphed = [name for name in systems if name != "sida_eager"]
     offloaded_graphed = [name for name in graphed if name.startswith("sida_")]
     n = args.new_tokens
@@ -310,8 +333,6 @@ def run_batch(args, report, budgets, engine, resident_model, offloaded, ids) -> 
                 s1 = engine.stats()
                 engine.reset_stats()
                 wn, pn, tn, tokens, cn = timed(lambda: fn(n), device)
-                for k in set(c1) | set(cn):  # jiffies: meaningful summed over rounds, not per call
-                    row["threads_cpu_s"][k] = row["threads_cpu_s"].get(k, 0.0) + cn.get(k, 0.0) - c1.get(k, 0.0)
                 if name in misses:
                     # decode only: the N-token call's counters less the 1-token call's (prefill)
                     sn = engine.stats()
@@ -320,12 +341,22 @@ def run_batch(args, report, budgets, engine, resident_model, offloaded, ids) -> 
                     misses[name]["misses"].append(d["misses"] / (n - 1))
                     misses[name]["copied"].append(d["bytes_copied"] / (n - 1))
                     misses[name]["hit_rate"].append(d["hits"] / lookups if lookups else 0.0)
-                if name in enqueue:
-                    enqueue[name].append(enqueue_ms(resident_model if name.startswith("resident") else offloaded,
-                                                    batch, compiled=name.endswith("compiled")))
                 row["decode_ms"].append((wn - w1) * 1e3 / (n - 1))
-                row["host_cpu_ms"].append((pn - p1) * 1e3 / (n - 1))
-                row["thread_cpu_ms"].append((tn - t1) * 1e3 / (n - 1))
+                if name in enqueue:
+                    model = resident_model if name.startswith("resident") else offloaded
+                    kind = {"compiled": "_compiled" in name, "sampled": name.endswith("_sampled")}
+                    enqueue[name].append(enqueue_ms(model, batch, **kind))
+                    # CPU of decode steps alone: back-to-back replays (a call's prefill is not in it)
+                    _, pb, tb, _, cb = timed(lambda: replay_back_to_back(model, batch, CPU_PROBE_STEPS, **kind), device)
+                    row["host_cpu_ms"].append(pb * 1e3 / CPU_PROBE_STEPS)
+                    row["thread_cpu_ms"].append(tb * 1e3 / CPU_PROBE_STEPS)
+                    for k, v in cb.items():
+                        row["threads_cpu_s"][k] = row["threads_cpu_s"].get(k, 0.0) + v / CPU_PROBE_STEPS * (n - 1)
+                else:
+                    row["host_cpu_ms"].append((pn - p1) * 1e3 / (n - 1))
+                    row["thread_cpu_ms"].append((tn - t1) * 1e3 / (n - 1))
+                    for k in set(c1) | set(cn):  # jiffies: meaningful summed over rounds, not per call
+                        row["threads_cpu_s"][k] = row["threads_cpu_s"].get(k, 0.0) + cn.get(k, 0.0) - c1.get(k, 0.0)
                 row["tokens"] = tokens[:, args.prompt_len:].tolist()
             print(f"[{args.routing} bs{batch} {budget}] round {r}: " + ", ".join(f"{k} {v['decode_ms'][-1]:.2f} ms" for k, v in rows.items()), flush=True)
         out = {"logit_check": logit_check}
@@ -337,8 +368,11 @@ def run_batch(args, report, budgets, engine, resident_model, offloaded, ids) -> 
                 "decode_tokens_per_s": {k: (1e3 * batch / v if k != "n" else v) for k, v in d.items()},
                 "host_cpu_ms_per_step": summary(row["host_cpu_ms"]),
                 "inference_thread_cpu_ms_per_step": summary(row["thread_cpu_ms"]),
-                # decode CPU per step by thread name, over all rounds ((N-token - 1-token calls) / steps)
+                # decode CPU per step by thread name, over all rounds
                 "threads_cpu_ms_per_step": {k: v * 1e3 / (args.rounds * (n - 1)) for k, v in row["threads_cpu_s"].items()},
+                "cpu_method": (f"{CPU_PROBE_STEPS} back-to-back replays of the captured step between two drains "
+                               "(decode_graph.replay_back_to_back)" if name in enqueue
+                               else "(N-token call - 1-token call) / (N - 1)"),
                 "same_tokens_as_resident_graphed": row["tokens"] == ref,
                 "same_tokens_as_sida_eager": row["tokens"] == rows["sida_eager"]["tokens"],
                 "first_tokens": row["tokens"][0][:16],

@@ -5,7 +5,11 @@ Systems (each through ``model.generate``, greedy; on CUDA the decode step is one
 - ``resident_graphed``: the checkpoint loaded by transformers, all on the device, the same graphed
   greedy loop (``sida_moe.decode_graph.static_generate``);
 - ``none_lru``: ``from_pretrained`` at ``--budget``, no prefetch, LRU;
-- ``sida``: the same with the checkpoint's trained predictor and the predictive policy.
+- ``sida``: the same with the checkpoint's trained predictor and the predictive policy;
+- with ``--dry``, also ``sida_dry``: ``none_lru`` (LRU) with the predictor run in every decode step
+  but its predictions never handed to the cache (``_ComputeOnly``): the predictor's own cost;
+- with ``--compile``, also ``resident_compiled``, ``none_lru_compiled`` and ``sida_compiled``: the
+  same loops with the step (the predictor's included) under ``torch.compile`` first.
 Prompts are held-out text (the Python standard library's sources), ``--prompt-len`` tokens each.
 Every system is warmed up, then timed over ``--rounds`` interleaved rounds; decode time per token =
 (t(N new tokens) - t(1 new token)) / (N - 1) within a round; median and spread to ``--out``.
@@ -31,7 +35,7 @@ from host_free_decode import enqueue_ms, summary, timed  # noqa: E402
 import sida_moe  # noqa: E402
 from sida_moe.decode_graph import static_generate  # noqa: E402
 from sida_moe.offload import from_pretrained  # noqa: E402
-from sida_moe.predictor import load_prefetcher  # noqa: E402
+from sida_moe.predictor import HashPredictor, SidaPrefetcher, load_prefetcher  # noqa: E402
 
 BUNDLED = os.path.join(os.path.dirname(sida_moe.__file__), "models", "qwen3-moe-stdlib")
 
@@ -51,6 +55,14 @@ def prompts(tokenizer, batch: int, length: int, seed: int) -> torch.Tensor:
     if len(rows) < batch:
         raise SystemExit(f"only {len(rows)} standard-library files have {2 * length} tokens")
     return torch.tensor(rows)
+
+
+class _ComputeOnly(SidaPrefetcher):
+    """The SiDA prefetcher with its decode predictions computed (captured in the step) and dropped:
+    what the predictor's step costs a decode step, without any effect on the cache."""
+
+    def _submit(self, engine, rows) -> None:
+        return None
 
 
 def _agree(a: list[int], b: list[int]) -> int:
@@ -75,6 +87,8 @@ def main() -> None:
     ap.add_argument("--prompt-len", type=int, default=64)
     ap.add_argument("--new-tokens", type=int, default=128)
     ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--compile", action="store_true", help="also the compiled loops (sida_compile=True)")
+    ap.add_argument("--dry", action="store_true", help="also sida_dry: the predictor's cost alone")
     ap.add_argument("--out", required=True)
     args = ap.parse_args()
 
@@ -92,11 +106,16 @@ def main() -> None:
     none = from_pretrained(args.model, args.budget, args.dtype, device, "lru", "none")
     sida = from_pretrained(args.model, args.budget, args.dtype, device, "predictive", load_prefetcher(args.model))
     engines = {"none_lru": sida_moe.engine_of(none), "sida": sida_moe.engine_of(sida)}
+    dry = None
+    if args.dry:
+        dry = from_pretrained(args.model, args.budget, args.dtype, device, "lru", _ComputeOnly(HashPredictor.load(args.model)))
+        engines["sida_dry"] = sida_moe.engine_of(dry)
     report: dict = {"args": vars(args), "device": torch.cuda.get_device_name(device),
                     "engine": engines["sida"].describe(), "rows": {}}
     print(report["engine"], flush=True)
     for batch in [int(b) for b in args.batches.split(",")]:
         ids = prompts(tokenizer, batch, args.prompt_len, seed=batch).to(device)
+        models = {"resident_graphed": resident, "none_lru": none, "sida": sida}
         systems = {
             "resident_graphed": lambda n, ids=ids: static_generate(resident, ids, n, graphs=True),
             # EOS off: every timed call makes its N tokens (the loop stops early once every row has finished)
@@ -105,6 +124,22 @@ def main() -> None:
             "sida": lambda n, ids=ids: sida.generate(ids, max_new_tokens=n, do_sample=False, sida_graphs=True,
                                                      eos_token_id=None),
         }
+        if dry is not None:
+            models["sida_dry"] = dry
+            systems["sida_dry"] = lambda n, ids=ids: dry.generate(ids, max_new_tokens=n, do_sample=False, sida_graphs=True,
+                                                                  eos_token_id=None)
+        if args.compile:
+            if dry is not None:
+                models["sida_dry_compiled"] = dry
+                systems["sida_dry_compiled"] = lambda n, ids=ids: dry.generate(
+                    ids, max_new_tokens=n, do_sample=False, sida_compile=True, eos_token_id=None)
+            models.update(resident_compiled=resident, none_lru_compiled=none, sida_compiled=sida)
+            systems.update(
+                resident_compiled=lambda n, ids=ids: static_generate(resident, ids, n, graphs=True, compile=True),
+                none_lru_compiled=lambda n, ids=ids: none.generate(ids, max_new_tokens=n, do_sample=False,
+                                                                   sida_compile=True, eos_token_id=None),
+                sida_compiled=lambda n, ids=ids: sida.generate(ids, max_new_tokens=n, do_sample=False,
+                                                               sida_compile=True, eos_token_id=None))
         n = args.new_tokens
         want = None
         if reference is not None:
@@ -119,12 +154,12 @@ def main() -> None:
             fn(n)
         for r in range(args.rounds):
             for name in (list(systems) if r % 2 == 0 else list(reversed(systems))):
-                engine = engines.get(name)
+                engine = engines.get(name.removesuffix("_compiled"))
                 if engine is not None:
                     engine.reset_stats()
-                w1, _, _, _ = timed(lambda: systems[name](1), device)
+                w1, _, _, _, _ = timed(lambda: systems[name](1), device)
                 s1 = engine.stats() if engine is not None else None
-                wn, _, _, out = timed(lambda: systems[name](n), device)
+                wn, _, _, out, _ = timed(lambda: systems[name](n), device)
                 row = rows[name]
                 row["decode_ms"].append((wn - w1) * 1e3 / (n - 1))
                 tokens[name] = out[:, args.prompt_len :].tolist()
@@ -151,13 +186,14 @@ def main() -> None:
                          "same_tokens_as_reference": None if want is None else tokens[name] == want,
                          "tokens_equal_to_reference_per_row": None if want is None else
                          [_agree(a, b) for a, b in zip(tokens[name], want)],
-                         "host_enqueue_ms_per_step": enqueue_ms(resident if name == "resident_graphed"
-                                                                else none if name == "none_lru" else sida, batch)}
+                         "host_enqueue_ms_per_step": enqueue_ms(models[name], batch, compiled=name.endswith("_compiled"))}
             for key in ("hit_rate", "recall", "precision", "misses", "copied"):
                 if row[key]:
                     out[name][{"misses": "misses_per_token", "copied": "copied_bytes_per_token"}.get(key, key)] = summary(row[key])
         speed = {k: out[k]["decode_tokens_per_s"]["median"] for k in out}
         out["sida_over_none"] = speed["sida"] / speed["none_lru"]
+        if args.compile:
+            out["sida_over_none_compiled"] = speed["sida_compiled"] / speed["none_lru_compiled"]
         report["rows"][f"bs{batch}_{args.budget}"] = out
         with open(args.out, "w") as f:
             json.dump(report, f, indent=1)
@@ -169,7 +205,8 @@ def main() -> None:
                   f"same tokens as resident {o['same_tokens_as_resident']} (equal prefix per row "
                   f"{o['tokens_equal_to_resident_per_row']}), as none_lru {o['same_tokens_as_none_lru']}, as the eager "
                   f"reference {o['same_tokens_as_reference']} {o['tokens_equal_to_reference_per_row']}", flush=True)
-        print(f"[bs{batch} {args.budget}] sida / none_lru: {out['sida_over_none']:.3f}x", flush=True)
+        print(f"[bs{batch} {args.budget}] sida / none_lru: {out['sida_over_none']:.3f}x"
+              + (f", compiled {out['sida_over_none_compiled']:.3f}x" if args.compile else ""), flush=True)
 
 
 if __name__ == "__main__":

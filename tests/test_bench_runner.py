@@ -446,6 +446,58 @@ def test_replay_probe_times_launch_and_hand_over_of_the_captured_step(fake_clock
     engine.close()
 
 
+def test_back_to_back_replays_run_the_decode_loop_between_two_drains():
+    """The CPU probe of decode steps: ``steps`` replays as the decode loop makes them (each waits
+    for the fence of the replay ``REPLAYS_IN_FLIGHT`` before it), from position 0, with the
+    engine drained before and after so that its threads' work on those steps is inside."""
+    import sida_moe
+    from sida_moe.decode_graph import replay_back_to_back, static_generate
+    from sida_moe.presets import build_model
+
+    model = sida_moe.offload(build_model("qwen3-moe-tiny"), gpu_budget=0.5, prefetch="none")
+    engine = model.sida_engine
+    assert replay_back_to_back(model, 1) is None  # nothing captured
+    static_generate(model, torch.randint(3, 200, (1, 5)), 6, graphs=False)
+    (step,) = model._sida_decode_steps.values()
+    calls = []
+
+    class Graph:
+        def replay(self):
+            calls.append(("replay", int(step.position), int(step.index)))
+            step.position.add_(1)
+
+    class Fence:
+        def __init__(self, n):
+            self.n = n
+
+        def synchronize(self):
+            calls.append(("wait", self.n))
+
+        def record(self):
+            calls.append(("record", self.n))
+
+    step.graph, step.fences, step.replays = Graph(), [Fence(0), Fence(1)], 0
+    step.visits = ([0, 1], 8)
+    engine.end_replayed_forward = lambda visits, width: calls.append("hand over")
+    engine.quiesce = lambda: calls.append("drain")
+    for bad in (0, -1, 2.0, True):
+        with pytest.raises(ValueError, match="steps must be an int >= 1"):
+            replay_back_to_back(model, 1, steps=bad)
+    with pytest.raises(ValueError, match="at most the captured step's cache length 256"):
+        replay_back_to_back(model, 1, steps=257)
+    assert calls == []  # refused before anything ran
+    seconds = replay_back_to_back(model, 1, steps=3)
+    assert seconds is not None and seconds >= 0
+    assert calls == ["drain",
+                     ("wait", 0), ("replay", 0, 0), ("record", 0), "hand over",
+                     ("wait", 1), ("replay", 1, 0), ("record", 1), "hand over",
+                     ("wait", 0), ("replay", 2, 0), ("record", 0), "hand over",
+                     "drain"]
+    assert replay_back_to_back(model, 2) is None  # no step of that batch size
+    del engine.quiesce
+    engine.close()
+
+
 def _constant_trace(path, experts=64, k=8, layers=2, tokens=64):
     """Every token of every recorded layer routes to experts 0..k-1."""
     import numpy as np

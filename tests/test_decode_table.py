@@ -337,6 +337,34 @@ def test_cuda_graph_decode_with_the_sida_predictor_is_exact_and_prefetches(prev_
     assert stats["prefetch_issued"] > 0
 
 
+@pytest.mark.gpu
+def test_compiled_cuda_graph_decode_with_the_sida_predictor_compiles_its_step_too():
+    """sida_compile=True: the predictor's step is compiled into the captured step as well; tokens
+    equal the compiled eager loop's, every decode token's prediction is scored."""
+    from sida_moe.predictor import HashPredictor, PredictorConfig, SidaPrefetcher
+
+    original = tiny_model("qwen3_moe", torch.float16).cuda()
+    cfg = original.config
+    torch.manual_seed(3)
+    prefetcher = SidaPrefetcher(HashPredictor(PredictorConfig(
+        input_dim=cfg.hidden_size, num_moe_layers=cfg.num_hidden_layers, num_experts=cfg.num_experts,
+        top_k=cfg.num_experts_per_tok, hidden=32, attn_blocks=1, attn_heads=4)))
+    offloaded = sida_moe.offload(copy.deepcopy(original), gpu_budget="25%", policy="predictive", prefetch=prefetcher)
+    engine = sida_moe.engine_of(offloaded)
+    ids = _prompt(length=6).cuda()
+    new = 24
+    with torch.inference_mode():
+        eager = static_generate(offloaded, ids, new, graphs=False, compile=True)
+        engine.reset_stats()
+        graphed = offloaded.generate(ids, max_new_tokens=new, do_sample=False, sida_compile=True)
+    assert torch.equal(eager, graphed)
+    assert all(d._compiled is not None for d in prefetcher._decoders.values())
+    stats = engine.stats()
+    layers, k = len(engine.layers), cfg.num_experts_per_tok
+    assert stats["predicted_needed"] >= (new - 2) * layers * k * 0.9
+    assert 0 < stats["predicted_hits"] <= stats["predicted_needed"]
+
+
 def test_recorded_visits_include_table_layers_and_make_the_predictive_policy_belady():
     """The visit sequence a benchmark records covers decode layers too, and fed back as the
     future it makes the predictive policy miss no more than LRU on the same steps."""

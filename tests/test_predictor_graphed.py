@@ -41,7 +41,7 @@ def _assert_states_equal(got: PredictorState, want: PredictorState, atol: float)
         assert torch.allclose(gk, wk, atol=atol) and torch.allclose(gv, wv, atol=atol)
 
 
-def _decode_both(pred, decoder, embeds, mask, prompt_len, atol, prev=None):
+def _decode_both(pred, decoder, embeds, mask, prompt_len, atol, prev=None, compiled=False):
     """Prefill eagerly, load, then decode every further token eagerly and with the decoder: equal."""
     with torch.inference_mode():
         _, state = pred(embeds[:, :prompt_len], None, mask)
@@ -50,7 +50,7 @@ def _decode_both(pred, decoder, embeds, mask, prompt_len, atol, prev=None):
             x = embeds[:, t : t + 1]
             p = None if prev is None else prev[:, t : t + 1]
             want, state = pred(x, state, prev_token_routing=p)
-            got, ids = decoder.step(x, p)
+            got, ids = decoder.step(x, p, compiled=compiled)
             assert got.shape == want.shape
             assert torch.allclose(got, want, atol=atol), (t, (got - want).abs().max().item())
             # the top-k ids pick the eager top-k logits (ids themselves could differ on exact ties)
@@ -70,6 +70,18 @@ def test_step_equals_eager_forward(attn_blocks, head_hidden, batch, padded):
     decoder = GraphedDecoder(pred, batch, max_len=48)
     assert not decoder.use_graph and not decoder.graphed  # the CPU: no capture
     _decode_both(pred, decoder, embeds, mask, 7, atol=1e-5)
+
+
+def test_compiled_step_equals_eager_forward():
+    """``compiled=True``: the same step through torch.compile (fused kernels), the same state."""
+    torch._dynamo.reset()
+    pred = _predictor(2, 256, seed=6, prev_token_routing=True)
+    embeds, mask = _prompt(2, True, length=5, decode=6)
+    hot = (torch.rand(2, 11, 3 * 8, generator=torch.Generator().manual_seed(1)) < 0.25).float()
+    decoder = GraphedDecoder(pred, 2, max_len=16)
+    _decode_both(pred, decoder, embeds, mask, 5, atol=1e-4, prev=hot, compiled=True)
+    # a new sequence in the same buffers reuses the compiled step
+    _decode_both(pred, decoder, *_prompt(2, False, 3, 4, seed=2), 3, atol=1e-4, prev=hot[:, :7], compiled=True)
 
 
 def test_conditioned_and_prev_token_routing_variants():
@@ -290,4 +302,33 @@ def test_step_inside_an_enclosing_capture_is_recorded_there_and_counted_by_advan
             want, state = pred(embeds[:, t : t + 1], state)
             assert torch.allclose(logits, want, atol=1e-4), t
         assert decoder.length == 10
+        _assert_states_equal(decoder.to_state(), state, 1e-4)
+
+
+@pytest.mark.gpu
+def test_compiled_step_inside_an_enclosing_capture_is_recorded_there():
+    """The compiled step (compiled before the capture) records its fused kernels into an enclosing
+    graph, whose replays equal the eager forward."""
+    torch._dynamo.reset()
+    pred = _predictor(2, 256, device="cuda")
+    embeds, _ = _prompt(1, False, 6, 5, device="cuda")
+    with _full_fp32(), torch.inference_mode():
+        decoder = GraphedDecoder(pred, 1, max_len=32)
+        _, state = pred(embeds[:, :6])
+        assert decoder.load(state)
+        want, state = pred(embeds[:, 6:7], state)
+        got, _ = decoder.step(embeds[:, 6:7], compiled=True)  # compiles, outside any capture
+        assert torch.allclose(got, want, atol=1e-4)
+        static = embeds[:, 7:8].clone()
+        torch.cuda.synchronize()
+        outer = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(outer):
+            logits, _ = decoder.step(static, compiled=True)
+        assert decoder.length == 7
+        for t in range(7, 11):
+            static.copy_(embeds[:, t : t + 1])
+            outer.replay()
+            decoder.advance()
+            want, state = pred(embeds[:, t : t + 1], state)
+            assert torch.allclose(logits, want, atol=1e-4), t
         _assert_states_equal(decoder.to_state(), state, 1e-4)

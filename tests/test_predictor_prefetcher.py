@@ -62,8 +62,8 @@ def _record_predictions(prefetcher: SidaPrefetcher) -> list[torch.Tensor]:
     out: list[torch.Tensor] = []
     predict = prefetcher._predict_token
 
-    def spy(x):
-        rows = predict(x)
+    def spy(x, compiled=False):
+        rows = predict(x, compiled)
         out.append(prefetcher._logits.clone())
         return rows
 
@@ -444,7 +444,7 @@ def test_a_sequence_past_the_decoders_capacity_continues_eagerly(loop, monkeypat
     monkeypatch.setattr(prefetcher_module, "DEFAULT_CAPACITY", 9)  # the eager loop's size
     steps = []
     step = GraphedDecoder.step
-    monkeypatch.setattr(GraphedDecoder, "step", lambda self, *a: steps.append(self.length) or step(self, *a))
+    monkeypatch.setattr(GraphedDecoder, "step", lambda self, *a, **kw: steps.append(self.length) or step(self, *a, **kw))
     pred = _predictor(seed=13, attn_blocks=2, head_hidden=24)
     model = tiny_qwen3(seed=14)
     prefetcher = SidaPrefetcher(pred)

@@ -93,7 +93,7 @@ def _forward_step(model: nn.Module, step: _Step, forward: nn.Module) -> None:
     step.token.copy_(nxt)
     step.position.add_(1)
     step.index.add_(1)
-    _predict_ahead(model, nxt)
+    _predict_ahead(model, nxt, compiled=forward is not model)
 
 
 def _is_eos(tokens: torch.Tensor, step: _Step) -> torch.Tensor:
@@ -127,12 +127,13 @@ class _FinishedWatch:
         return False
 
 
-def _predict_ahead(model: nn.Module, token: torch.Tensor) -> None:
-    """The next step's input is known: let the engine's prefetcher predict its experts now."""
+def _predict_ahead(model: nn.Module, token: torch.Tensor, compiled: bool) -> None:
+    """The next step's input is known: let the engine's prefetcher predict its experts now
+    (``compiled``: in a compiled decode step)."""
     engine = getattr(model, "sida_engine", None)
     if engine is not None:
         # forward() itself: the embedding's hooks mark the start of a model forward
-        engine.predict_ahead(model.get_input_embeddings().forward(token))
+        engine.predict_ahead(model.get_input_embeddings().forward(token), compiled=compiled)
 
 
 def graphs_supported(model: nn.Module, batch_size: int) -> str | None:
@@ -239,7 +240,7 @@ def static_generate(
     step.index.fill_(1)
     produced = 1
     if produced < max_new_tokens:
-        _predict_ahead(model, first)
+        _predict_ahead(model, first, compiled=compile)
     if produced < max_new_tokens and graphs and step.graph is None:
         # one uncaptured step first: kernels compile and every lazy state exists before the capture
         _forward_step(model, step, forward)
@@ -363,21 +364,38 @@ def forget_captured_steps(model: nn.Module) -> None:
     model.__dict__.pop("_sida_compiled", None)
 
 
-@torch.inference_mode()  # the step's buffers are inference tensors
-def replay_host_seconds(model: nn.Module, batch_size: int, steps: int = 16, compiled: bool = False) -> float | None:
-    """Median host time to launch one replay of the decode step captured for ``batch_size`` (and
-    ``compiled``) and hand its routing to the engine, the device idle before each (None if no
-    such step was captured). This is the host's cost of a replayed token: the inference thread's
-    CPU time is not, since it busy-waits on the full launch queue while the device works."""
+def _captured_step(model: nn.Module, batch_size: int, compiled: bool, sampled: bool) -> _Step | None:
+    """A captured unpadded decode step of ``batch_size`` (``compiled``, ``sampled``), rewound to
+    position 0 for replays outside a call (they would write past the last call's positions; a
+    later call resets the cache and prefills again); None if there is none."""
     captured = [s for key, s in model.__dict__.get("_sida_decode_steps", {}).items()
-                if key.batch == batch_size and key.compiled == compiled and s.graph is not None]
+                if key.batch == batch_size and key.compiled == compiled and key.sampled == sampled
+                and not key.padded and s.graph is not None]
     if not captured:
         return None
-    step, engine = captured[0], getattr(model, "sida_engine", None)
-    # these replays would write past the last call's positions: start them at 0 (a later call
-    # resets the cache and prefills again)
+    step = captured[0]
     step.position.zero_()
     step.index.zero_()
+    return step
+
+
+def _drain(engine, device: torch.device) -> None:
+    if engine is not None:
+        engine.quiesce()
+    elif device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+@torch.inference_mode()  # the step's buffers are inference tensors
+def replay_host_seconds(model: nn.Module, batch_size: int, steps: int = 16, compiled: bool = False,
+                        sampled: bool = False) -> float | None:
+    """Median host time to launch one replay of the decode step captured for ``batch_size`` (and
+    ``compiled``, ``sampled``) and hand its routing to the engine, the device idle before each
+    (None if no such step was captured): the latency of the host's part of a replayed token."""
+    step = _captured_step(model, batch_size, compiled, sampled)
+    if step is None:
+        return None
+    engine = getattr(model, "sida_engine", None)
     device = step.token.device
     times = []
     for _ in range(steps):
@@ -389,6 +407,31 @@ def replay_host_seconds(model: nn.Module, batch_size: int, steps: int = 16, comp
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     return statistics.median(times)
+
+
+@torch.inference_mode()
+def replay_back_to_back(model: nn.Module, batch_size: int, steps: int = 32, compiled: bool = False,
+                        sampled: bool = False) -> float | None:
+    """Replay the decode step captured for ``batch_size`` (and ``compiled``, ``sampled``)
+    ``steps`` times as the decode loop does, with the device and the engine's threads drained before and after;
+    returns the wall seconds per step (None if no such step was captured). A benchmark reads
+    thread CPU times around it: the host's cost of decode steps alone, without a call's
+    prefill."""
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+        raise ValueError(f"steps must be an int >= 1, got {steps!r}")
+    step = _captured_step(model, batch_size, compiled, sampled)
+    if step is None:
+        return None
+    if steps > step.tokens.shape[1]:
+        raise ValueError(f"steps must be at most the captured step's cache length {step.tokens.shape[1]}, got {steps}")
+    engine = getattr(model, "sida_engine", None)
+    device = step.token.device
+    _drain(engine, device)
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        _replay(engine, step)
+    _drain(engine, device)
+    return (time.perf_counter() - t0) / steps
 
 
 def _pad_after_eos(out: torch.Tensor, prompt_len: int, eos: int | list[int] | None, pad: int | None) -> torch.Tensor:
@@ -497,5 +540,5 @@ def install_generate(model: nn.Module) -> None:
     model._sida_original_generate = original
 
 
-__all__ = ["StepKey", "forget_captured_steps", "graphs_supported", "install_generate", "replay_host_seconds",
-           "static_generate"]
+__all__ = ["StepKey", "forget_captured_steps", "graphs_supported", "install_generate", "replay_back_to_back",
+           "replay_host_seconds", "static_generate"]

@@ -328,15 +328,16 @@ class OffloadEngine:
         if begin is not None:
             begin(batch, length)
 
-    def predict_ahead(self, next_embeds: torch.Tensor) -> None:
+    def predict_ahead(self, next_embeds: torch.Tensor, compiled: bool = False) -> None:
         """End of a decode step whose next input is known (the greedy loop): a prefetcher that
         predicts from the token (``predict_ahead``) predicts the next step now, so the cache loads
         its experts while that step runs. Inside a captured step the prediction is captured too
-        and handed over after each replay (``end_replayed_forward``)."""
+        and handed over after each replay (``end_replayed_forward``). ``compiled``: the decode
+        step is compiled, and so may the prediction be."""
         predict = getattr(self.prefetcher, "predict_ahead", None)
         if predict is None:
             return
-        predict(next_embeds)
+        predict(next_embeds, compiled=compiled)
         if self.device.type == "cuda" and torch.cuda.is_current_stream_capturing():
             self._ahead_captured = True
         else:

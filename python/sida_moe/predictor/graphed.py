@@ -88,6 +88,7 @@ class GraphedDecoder:
             self._topk_values = torch.zeros(L, B, 1, k, **opts)
             self._topk_ids = torch.zeros(L, B, 1, k, dtype=torch.long, device=self.device)
         self._graph: torch.cuda.CUDAGraph | None = None
+        self._compiled = None  # _step under torch.compile (_compiled_step)
         self._length = 0  # host mirror of _pos: no sync to know when the buffers are full
         self._masked = False  # the loaded state had a key mask (to_state gives it back)
         self._loaded = False
@@ -192,12 +193,18 @@ class GraphedDecoder:
             )
 
     # ------------------------------------------------------------------------------- step
-    def step(self, embeds: torch.Tensor, prev_token_routing: torch.Tensor | None = None
+    def step(self, embeds: torch.Tensor, prev_token_routing: torch.Tensor | None = None, compiled: bool = False
              ) -> tuple[torch.Tensor, torch.Tensor]:
         """One decode token: ``embeds [B, 1, input_dim]`` (and, for a ``prev_token_routing``
         predictor, ``[B, 1, L*E]`` or None for zeros). Returns the logits ``[L, B, 1, E]`` and
         top-k ids ``[L, B, 1, k]``: static buffers, overwritten by the next step (clone to keep).
-        Equals ``HashPredictor.forward(embeds, state)`` on the loaded state."""
+        Equals ``HashPredictor.forward(embeds, state)`` on the loaded state (``compiled``: up to
+        the rounding of fused kernels).
+
+        ``compiled=True`` runs the step through ``torch.compile`` (inductor fuses its ~45 small
+        kernels), run as is rather than replayed from the decoder's own graph: for an enclosing
+        capture of a compiled decode step, which should record the fused kernels. The first
+        compiled step compiles (seconds), so it must not be inside a capture."""
         if not self._loaded:
             raise RuntimeError("GraphedDecoder.step() before load(): load a prefill's PredictorState first")
         if self.full:
@@ -225,14 +232,17 @@ class GraphedDecoder:
             if self.device.type == "cuda" and torch.cuda.is_current_stream_capturing():
                 # inside an enclosing capture (a whole decode step): recorded there, and counted
                 # by advance() at each of its replays
-                self._step()
+                (self._compiled_step() if compiled else self._step)()
                 return self._logits, self._topk_ids
-            if self.use_graph and self._graph is None:
-                self.capture()
-            if self._graph is not None:
-                self._graph.replay()
+            if compiled:
+                self._compiled_step()()
             else:
-                self._step()
+                if self.use_graph and self._graph is None:
+                    self.capture()
+                if self._graph is not None:
+                    self._graph.replay()
+                else:
+                    self._step()
         self._length += 1
         return self._logits, self._topk_ids
 
@@ -273,6 +283,13 @@ class GraphedDecoder:
         self._loaded = False
         if saved is not None:
             self.load(saved)
+
+    def _compiled_step(self):
+        """``_step`` under ``torch.compile``, made on first use (one compile per decoder: its
+        buffers are the compiled graph's inputs)."""
+        if self._compiled is None:
+            self._compiled = torch.compile(self._step, dynamic=False, fullgraph=True)
+        return self._compiled
 
     def _step(self) -> None:
         """The decode step on the static buffers: fixed shapes, no host syncs, no data-dependent

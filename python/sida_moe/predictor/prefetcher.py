@@ -125,11 +125,13 @@ class SidaPrefetcher:
         self._decoded = True
         self._submit(engine, rows)
 
-    def predict_ahead(self, next_embeds: torch.Tensor) -> None:
+    def predict_ahead(self, next_embeds: torch.Tensor, compiled: bool = False) -> None:
         """At the end of a decode step: predict the next step's token (``[B, 1, H]`` embeddings)
-        now, on the device only (captured with the step). ``hand_over_ahead`` submits the ids."""
+        now, on the device only (captured with the step). ``hand_over_ahead`` submits the ids.
+        ``compiled``: the step is compiled (``torch.compile``), so the predictor's is too."""
         self._require_engine()
-        self._rows = self._predict_token(next_embeds if next_embeds.dim() == 3 else next_embeds.unsqueeze(1))
+        x = next_embeds if next_embeds.dim() == 3 else next_embeds.unsqueeze(1)
+        self._rows = self._predict_token(x, compiled)
         self._ahead = True
 
     def hand_over_ahead(self, replayed: bool) -> None:
@@ -232,7 +234,7 @@ class SidaPrefetcher:
         engine.prefetch_deferred(ids.reshape(L, -1).contiguous(), self._layers, generation=engine.generation,
                                  future=self.feed_future, forget=True)
 
-    def _predict_token(self, x: torch.Tensor) -> torch.Tensor:
+    def _predict_token(self, x: torch.Tensor, compiled: bool = False) -> torch.Tensor:
         """One decode token's prediction ``[L, B * k]`` (``x``: ``[B, 1, H]``); sets ``_logits``."""
         prev = self._previous_routing(x.shape[0])
         decoder = self._decoder
@@ -240,7 +242,7 @@ class SidaPrefetcher:
             self._state, self._decoder, decoder = decoder.to_state(), None, None
         with torch.inference_mode():
             if decoder is not None:
-                logits, ids = decoder.step(x.detach(), prev)
+                logits, ids = decoder.step(x.detach(), prev, compiled=compiled)
             else:
                 if self._state is None:
                     raise RuntimeError("SidaPrefetcher: a decode token before any prompt of its sequence")
