@@ -9,8 +9,8 @@ token is one replay and one native call.
 
 ``static_generate`` is that loop (``graphs=False`` runs the same steps eagerly: the CPU and the
 test oracle). ``sida_moe.offload`` routes ``model.generate`` here for the calls it can serve
-(greedy or sampled with temperature / top-k / top-p, unpadded, no streamer or processors) and to
-transformers' own ``generate`` otherwise.
+(greedy or sampled with temperature / top-k / top-p, unpadded or left-padded, no streamer or
+processors) and to transformers' own ``generate`` otherwise.
 """
 
 from __future__ import annotations
@@ -481,16 +481,18 @@ def _sampling_of(cfg, kwargs: dict) -> SamplingParams:
 
 
 def _plain_call(model: nn.Module, args: tuple, kwargs: dict):
-    """(input_ids, max_new_tokens, eos, pad, sampling) when this ``generate`` call is a plain
-    greedy search or plain sampling that :func:`static_generate` serves, else None."""
+    """(input_ids, max_new_tokens, eos, pad, sampling, left-padding mask or None) when this
+    ``generate`` call is a plain greedy search or plain sampling, unpadded or left-padded, that
+    :func:`static_generate` serves, else None."""
     if len(args) > 1 or set(kwargs) - _PLAIN_KWARGS or kwargs.get("use_cache", True) is False:
         return None
     ids = args[0] if args else kwargs.get("input_ids")
     if not isinstance(ids, torch.Tensor) or ids.dim() != 2:
         return None
-    mask = kwargs.get("attention_mask")
-    if mask is not None and not bool(mask.all()):
-        return None  # padded batches keep transformers' generate
+    try:
+        mask = _left_padding(kwargs.get("attention_mask"), ids)
+    except ValueError:
+        return None  # right or inner padding, another shape: transformers' generate
     cfg = model.generation_config
     if kwargs.get("num_beams", cfg.num_beams) not in (None, 1):
         return None
@@ -507,13 +509,23 @@ def _plain_call(model: nn.Module, args: tuple, kwargs: dict):
         pad = eos if isinstance(eos, int) else list(eos)[0]
     sample = kwargs.get("do_sample")
     sampling = _sampling_of(cfg, kwargs) if (cfg.do_sample if sample is None else sample) else None
-    return ids, new, eos, pad, sampling
+    return ids, new, eos, pad, sampling, mask
+
+
+def _graphs_refused(model: nn.Module, call: tuple) -> str | None:
+    """Why the plain call ``call`` cannot use the graphed decode step (None: it can)."""
+    ids, mask = call[0], call[5]
+    engine = getattr(model, "sida_engine", None)
+    if mask is not None and engine is not None and engine.prefetcher.name == "sida":
+        return "left-padded batches with the SiDA prefetcher need transformers' generate"
+    return graphs_supported(model, ids.shape[0])
 
 
 def install_generate(model: nn.Module) -> None:
     """Route ``model.generate`` through :func:`static_generate` with graphs for the calls it
-    serves (plain greedy or sampling, unpadded, on CUDA with every layer on the table path); every other
-    call, and any call with ``sida_graphs=False``, goes to transformers' own ``generate``.
+    serves (plain greedy or sampling, unpadded or left-padded, on CUDA with every layer on the
+    table path); every other call, and any call with ``sida_graphs=False``, goes to transformers'
+    own ``generate``.
     ``sida_compile=True`` compiles the graphed step first (:func:`static_generate`'s ``compile``)."""
     forget_captured_steps(model)  # steps captured before offloading replay the original experts
     original = model.generate
@@ -525,16 +537,15 @@ def install_generate(model: nn.Module) -> None:
         if sida_compile and sida_graphs is False:
             raise ValueError("sida_compile=True compiles the graphed decode step: it needs sida_graphs left on")
         call = None if sida_graphs is False else _plain_call(model, args, kwargs)
-        if call is None or graphs_supported(model, call[0].shape[0]) is not None:
+        refused = "not a plain greedy or sampling call" if call is None else _graphs_refused(model, call)
+        if refused is not None:
             if sida_graphs or sida_compile:
                 flag = "sida_graphs" if sida_graphs else "sida_compile"
-                why = ("not a plain greedy or sampling call" if call is None
-                       else graphs_supported(model, call[0].shape[0]))
-                raise ValueError(f"{flag}=True, but this generate call cannot use the graphed decode step: {why}")
+                raise ValueError(f"{flag}=True, but this generate call cannot use the graphed decode step: {refused}")
             return original(*args, **kwargs)
-        ids, new, eos, pad, sampling = call
+        ids, new, eos, pad, sampling, mask = call
         return static_generate(model, ids, new, eos_token_id=eos, pad_token_id=pad, graphs=True, compile=sida_compile,
-                               sampling=sampling)
+                               sampling=sampling, attention_mask=mask)
 
     model.generate = generate
     model._sida_original_generate = original
