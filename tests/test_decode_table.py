@@ -267,6 +267,37 @@ def test_the_loop_stops_soon_after_every_row_has_finished():
         assert static_generate(offloaded, ids, 20, graphs=False).shape[1] == ids.shape[1] + 20
 
 
+@pytest.mark.parametrize("sample", [False, True])
+def test_min_new_tokens_forbids_eos_as_transformers_does(sample):
+    """min_new_tokens: the EOS ids are masked until that many tokens are out (the prefill's token
+    included), greedy and sampled, then the loop stops as before; generate calls carry it."""
+    from sida_moe.decode_graph import _plain_call
+    from sida_moe.sampling import SamplingParams
+
+    original, offloaded = _pair("qwen3_moe", "50%")
+    ids = _prompt(batch=2)
+    params = SamplingParams(0.8, 20, 0.9) if sample else None
+    kw = dict(do_sample=True, temperature=0.8, top_k=20, top_p=0.9) if sample else dict(do_sample=False)
+    with torch.inference_mode():
+        torch.manual_seed(5)
+        free = original.generate(ids, max_new_tokens=8, pad_token_id=0, **kw)
+        eos = [int(free[0, ids.shape[1]]), int(free[1, ids.shape[1] + 1])]  # what rows 0 and 1 make first / second
+        for min_new in (0, 1, 4):
+            torch.manual_seed(5)
+            want = original.generate(ids, max_new_tokens=12, eos_token_id=eos, pad_token_id=0,
+                                     min_new_tokens=min_new, **kw)
+            torch.manual_seed(5)
+            got = static_generate(offloaded, ids, 12, eos_token_id=eos, pad_token_id=0, graphs=False, sampling=params,
+                                  min_new_tokens=min_new)
+            assert torch.equal(got, want), min_new
+            if min_new == 4:
+                assert not torch.isin(got[:, ids.shape[1]: ids.shape[1] + 4], torch.tensor(eos)).any()
+    call = _plain_call(offloaded, (ids,), {"max_new_tokens": 6, "min_new_tokens": 3, "eos_token_id": eos})
+    assert call is not None and call.min_new_tokens == 3
+    with pytest.raises(ValueError, match="min_new_tokens must be an int >= 0"):
+        static_generate(offloaded, ids, 4, graphs=False, min_new_tokens=-1)
+
+
 @pytest.mark.gpu
 def test_graphed_loop_stops_soon_after_every_row_has_finished():
     from sida_moe.decode_graph import FINISHED_CHECK_EVERY, REPLAYS_IN_FLIGHT

@@ -51,7 +51,9 @@ class _Step:
     index: torch.Tensor  # [1] column of `tokens` the step writes; the step increments it
     eos: torch.Tensor  # [EOS_IDS] the call's EOS ids, -1 past them (never a token)
     finished: torch.Tensor  # [B] bool: the row has produced an EOS token; the step updates it
+    min_new: torch.Tensor  # [1] the call's min_new_tokens: EOS ids are masked while index < min_new
     sampler: SamplerState | None = None  # None: greedy steps
+    eos_hot: torch.Tensor | None = None  # [V] bool, the call's EOS ids (made at the first prefill)
     # padded steps: [B, cache length] attention mask (the prompt's, then ones) and [B, 1] pad count
     mask: torch.Tensor | None = None
     pads: torch.Tensor | None = None
@@ -87,13 +89,19 @@ def _forward_step(model: nn.Module, step: _Step, forward: nn.Module) -> None:
     padding = {} if step.mask is None else {"attention_mask": step.mask, "position_ids": step.position - step.pads}
     logits = forward(input_ids=step.token, past_key_values=step.cache, cache_position=step.position, use_cache=True,
                      **padding).logits
-    nxt = next_tokens(logits[:, -1], step.sampler)
+    nxt = next_tokens(_min_new_mask(logits[:, -1], step), step.sampler)
     step.finished.logical_or_(_is_eos(nxt, step))
     step.tokens.index_copy_(1, step.index, nxt)
     step.token.copy_(nxt)
     step.position.add_(1)
     step.index.add_(1)
     _predict_ahead(model, nxt, compiled=forward is not model)
+
+
+def _min_new_mask(logits: torch.Tensor, step: _Step) -> torch.Tensor:
+    """``logits [B, V]`` with the EOS ids at -inf while fewer than ``min_new`` tokens have been
+    produced (``index``): transformers' ``MinNewTokensLengthLogitsProcessor``, on the device."""
+    return logits.masked_fill(step.eos_hot & (step.index < step.min_new), float("-inf"))
 
 
 def _is_eos(tokens: torch.Tensor, step: _Step) -> torch.Tensor:
@@ -163,6 +171,7 @@ def static_generate(
     compile: bool = False,
     sampling: SamplingParams | None = None,
     attention_mask: torch.Tensor | None = None,
+    min_new_tokens: int = 0,
 ) -> torch.Tensor:
     """Tokens of ``model`` after ``input_ids``, ``[B, T + n]`` like ``model.generate``: greedy
     (``sampling=None``, as ``do_sample=False``) or drawn with ``sampling``'s temperature, top-k
@@ -173,7 +182,8 @@ def static_generate(
     ``max_new_tokens - 1`` decode steps, replayed from a CUDA graph when ``graphs`` (default: on
     CUDA when :func:`graphs_supported`). Rows that produced an EOS token are padded after it, and
     the result ends once every row has (as transformers does; the loop itself stops within
-    ``FINISHED_CHECK_EVERY`` steps of that). Works for any transformers causal
+    ``FINISHED_CHECK_EVERY`` steps of that); ``min_new_tokens`` forbids the EOS ids before that
+    many new tokens, as transformers' ``min_new_tokens``. Works for any transformers causal
     LM; on an offloaded one each replay also hands the step's routing to its engine.
 
     ``compile=True`` runs the decode step through ``torch.compile`` (inductor; an offloaded layer
@@ -197,6 +207,8 @@ def static_generate(
                          "(model.generate(..., sida_graphs=False))")
     if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be an int >= 1, got {max_new_tokens!r}")
+    if isinstance(min_new_tokens, bool) or not isinstance(min_new_tokens, int) or min_new_tokens < 0:
+        raise ValueError(f"min_new_tokens must be an int >= 0, got {min_new_tokens!r}")
     batch, prompt_len = input_ids.shape
     limit = getattr(model.config, "max_position_embeddings", None)
     if limit is not None and prompt_len + max_new_tokens > limit:
@@ -228,11 +240,21 @@ def static_generate(
         padding = {"attention_mask": step.mask, "position_ids": positions}
     logits = model(input_ids=input_ids, past_key_values=step.cache,
                    cache_position=torch.arange(prompt_len, device=device), use_cache=True, **padding).logits
-    first = next_tokens(logits[:, -1], step.sampler)
     eos_ids = [] if eos_token_id is None else [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id)
     step.eos.fill_(-1)
     if 0 < len(eos_ids) <= EOS_IDS:
         step.eos[: len(eos_ids)] = torch.tensor(eos_ids, dtype=torch.long)
+    vocab = logits.shape[-1]
+    if step.eos_hot is None or step.eos_hot.shape[0] != vocab:
+        step.eos_hot = torch.zeros(vocab, dtype=torch.bool, device=device)
+        step.graph = None  # a capture reads the buffer it was captured with
+    step.eos_hot.zero_()
+    in_vocab = [e for e in eos_ids if 0 <= e < vocab]
+    if in_vocab:
+        step.eos_hot[torch.tensor(in_vocab, dtype=torch.long)] = True
+    step.min_new.fill_(min_new_tokens)
+    step.index.zero_()  # no new token yet
+    first = next_tokens(_min_new_mask(logits[:, -1], step), step.sampler)
     step.finished.copy_(_is_eos(first, step))
     step.token.copy_(first)
     step.tokens[:, :1] = first
@@ -299,6 +321,7 @@ def _step_for(model: nn.Module, want: StepKey, device: torch.device) -> _Step:
             index=torch.zeros(1, dtype=torch.long, device=device),
             eos=torch.full((EOS_IDS,), -1, dtype=torch.long, device=device),
             finished=torch.zeros(batch, dtype=torch.bool, device=device),
+            min_new=torch.zeros(1, dtype=torch.long, device=device),
             sampler=SamplerState(device) if key.sampled else None,
             mask=torch.ones((batch, length), dtype=torch.long, device=device) if key.padded else None,
             pads=torch.zeros((batch, 1), dtype=torch.long, device=device) if key.padded else None,
@@ -451,12 +474,12 @@ def _pad_after_eos(out: torch.Tensor, prompt_len: int, eos: int | list[int] | No
     return torch.cat([out[:, :prompt_len], new], dim=1)
 
 
-_PLAIN_KWARGS = {"input_ids", "attention_mask", "max_new_tokens", "do_sample", "num_beams", "eos_token_id",
-                 "pad_token_id", "use_cache", "temperature", "top_k", "top_p"}
+_PLAIN_KWARGS = {"input_ids", "attention_mask", "max_new_tokens", "min_new_tokens", "do_sample", "num_beams",
+                 "eos_token_id", "pad_token_id", "use_cache", "temperature", "top_k", "top_p"}
 # generation settings under which transformers' search is a plain argmax loop, or with do_sample
 # a plain draw after temperature, top-k and top-p
 _NEUTRAL = {"num_beams": (None, 1), "repetition_penalty": (None, 1.0), "no_repeat_ngram_size": (None, 0),
-            "bad_words_ids": (None,), "min_length": (None, 0), "min_new_tokens": (None, 0),
+            "bad_words_ids": (None,), "min_length": (None, 0),
             "forced_bos_token_id": (None,), "forced_eos_token_id": (None,), "suppress_tokens": (None,),
             "begin_suppress_tokens": (None,), "sequence_bias": (None,), "num_return_sequences": (None, 1),
             "encoder_repetition_penalty": (None, 1.0), "penalty_alpha": (None,), "guidance_scale": (None, 1.0),
@@ -480,10 +503,22 @@ def _sampling_of(cfg, kwargs: dict) -> SamplingParams:
     return SamplingParams(**values)
 
 
-def _plain_call(model: nn.Module, args: tuple, kwargs: dict):
-    """(input_ids, max_new_tokens, eos, pad, sampling, left-padding mask or None) when this
-    ``generate`` call is a plain greedy search or plain sampling, unpadded or left-padded, that
-    :func:`static_generate` serves, else None."""
+class _PlainCall(NamedTuple):
+    """A ``generate`` call :func:`static_generate` serves, its settings resolved as transformers
+    resolves them (the call's arguments, then the generation config)."""
+
+    ids: torch.Tensor
+    max_new_tokens: int
+    eos: int | list[int] | None
+    pad: int | None
+    sampling: SamplingParams | None  # None: greedy
+    mask: torch.Tensor | None  # left padding, else None
+    min_new_tokens: int
+
+
+def _plain_call(model: nn.Module, args: tuple, kwargs: dict) -> _PlainCall | None:
+    """This ``generate`` call's settings when it is a plain greedy search or plain sampling,
+    unpadded or left-padded, that :func:`static_generate` serves, else None."""
     if len(args) > 1 or set(kwargs) - _PLAIN_KWARGS or kwargs.get("use_cache", True) is False:
         return None
     ids = args[0] if args else kwargs.get("input_ids")
@@ -503,18 +538,21 @@ def _plain_call(model: nn.Module, args: tuple, kwargs: dict):
         new = (cfg.max_length or 20) - ids.shape[1]
     if not isinstance(new, int) or new < 1:
         return None
+    min_new = kwargs.get("min_new_tokens", cfg.min_new_tokens) or 0
+    if isinstance(min_new, bool) or not isinstance(min_new, int) or min_new < 0:
+        return None  # transformers' own check says what is wrong
     eos = kwargs.get("eos_token_id", cfg.eos_token_id)
     pad = kwargs.get("pad_token_id", cfg.pad_token_id)
     if pad is None and eos is not None:
         pad = eos if isinstance(eos, int) else list(eos)[0]
     sample = kwargs.get("do_sample")
     sampling = _sampling_of(cfg, kwargs) if (cfg.do_sample if sample is None else sample) else None
-    return ids, new, eos, pad, sampling, mask
+    return _PlainCall(ids, new, eos, pad, sampling, mask, min_new)
 
 
-def _graphs_refused(model: nn.Module, call: tuple) -> str | None:
+def _graphs_refused(model: nn.Module, call: _PlainCall) -> str | None:
     """Why the plain call ``call`` cannot use the graphed decode step (None: it can)."""
-    ids, mask = call[0], call[5]
+    ids, mask = call.ids, call.mask
     engine = getattr(model, "sida_engine", None)
     if mask is not None and engine is not None and engine.prefetcher.name == "sida":
         return "left-padded batches with the SiDA prefetcher need transformers' generate"
@@ -543,9 +581,9 @@ def install_generate(model: nn.Module) -> None:
                 flag = "sida_graphs" if sida_graphs else "sida_compile"
                 raise ValueError(f"{flag}=True, but this generate call cannot use the graphed decode step: {refused}")
             return original(*args, **kwargs)
-        ids, new, eos, pad, sampling, mask = call
-        return static_generate(model, ids, new, eos_token_id=eos, pad_token_id=pad, graphs=True, compile=sida_compile,
-                               sampling=sampling, attention_mask=mask)
+        return static_generate(model, call.ids, call.max_new_tokens, eos_token_id=call.eos, pad_token_id=call.pad,
+                               graphs=True, compile=sida_compile, sampling=call.sampling, attention_mask=call.mask,
+                               min_new_tokens=call.min_new_tokens)
 
     model.generate = generate
     model._sida_original_generate = original
