@@ -493,31 +493,20 @@ def test_bad_attention_masks_are_refused():
                        static_generate(offloaded, ids, 4, graphs=False))  # all ones: the unpadded step
 
 
-def test_left_padded_generate_calls_are_plain_calls_unless_the_sida_prefetcher_runs():
-    """model.generate routes left-padded calls to the graphed loop (with their mask); right
-    padding stays with transformers, and so does a left-padded call when the SiDA prefetcher runs
-    (it tells sequences apart by the mask's length)."""
-    from sida_moe.decode_graph import _graphs_refused, _plain_call
-    from sida_moe.predictor import load_prefetcher
-    from sida_moe.presets import bundled_model_path
+def test_left_padded_generate_calls_are_plain_calls():
+    """model.generate routes left-padded calls to the graphed loop, with their mask; right
+    padding stays with transformers."""
+    from sida_moe.decode_graph import _plain_call
 
     _, offloaded = _pair("qwen3_moe", "50%")
     ids, mask = _left_padded([4, 2], 4)
     call = _plain_call(offloaded, (ids,), {"attention_mask": mask, "max_new_tokens": 3, "do_sample": False})
-    assert call is not None and torch.equal(call[5], mask)
-    assert _plain_call(offloaded, (ids,), {"attention_mask": torch.ones_like(mask), "max_new_tokens": 3})[5] is None
+    assert call is not None and torch.equal(call.mask, mask)
+    assert _plain_call(offloaded, (ids,), {"attention_mask": torch.ones_like(mask), "max_new_tokens": 3}).mask is None
     assert _plain_call(offloaded, (ids,), {"attention_mask": mask.flip(1), "max_new_tokens": 3}) is None
-    # on the CPU nothing is captured: the reason is the device's
-    assert "CUDA" in _graphs_refused(offloaded, call)
+    # on the CPU nothing is captured
     with pytest.raises(ValueError, match="sida_graphs=True, but .* CUDA"):
         offloaded.generate(ids, attention_mask=mask, max_new_tokens=3, do_sample=False, sida_graphs=True)
-
-    path = bundled_model_path()
-    sida = sida_moe.from_pretrained(path, gpu_budget="25%", device="cpu", dtype=torch.float32,
-                                    prefetch=load_prefetcher(path), policy="predictive", progress=False)
-    call = _plain_call(sida, (ids,), {"attention_mask": mask, "max_new_tokens": 3})
-    assert "SiDA prefetcher" in _graphs_refused(sida, call)
-    assert _graphs_refused(sida, _plain_call(sida, (ids,), {"max_new_tokens": 3})) == _graphs_refused(offloaded, call)
 
 
 @pytest.mark.gpu

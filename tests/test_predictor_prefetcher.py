@@ -429,11 +429,41 @@ def test_decode_predictions_equal_one_full_sequence_forward(loop, attn_blocks, b
         assert torch.allclose(logits, full[:, :, 7 + i], atol=1e-5), i
 
 
+def test_left_padded_greedy_loop_predicts_from_each_rows_real_tokens():
+    """The greedy loop's static mask (the prompt's columns, then ones, one length for every
+    forward): the prompt is predicted under its padding, decode continues the sequence, and each
+    decode token's prediction equals one masked forward over the whole sequence."""
+    pred = _predictor(seed=15, attn_blocks=2, head_hidden=24)
+    model = tiny_qwen3(seed=16)
+    prefetcher = SidaPrefetcher(pred)
+    offload(model, gpu_budget=0.5, policy="predictive", prefetch=prefetcher)
+    engine = engine_of(model)
+    got = _record_predictions(prefetcher)
+    x = torch.randint(1, 64, (2, 7), generator=torch.Generator().manual_seed(4))
+    mask = torch.ones_like(x)
+    mask[1, :3] = 0
+    x[1, :3] = 0
+    prompts = []
+    predict_prompt = prefetcher._predict_prompt
+    prefetcher._predict_prompt = lambda *a: prompts.append(1) or predict_prompt(*a)
+    try:
+        tokens = static_generate(model, x, 6, pad_token_id=0, graphs=False, attention_mask=mask)
+        assert engine.stats()["predicted_needed"] > 0
+    finally:
+        engine.close()
+    assert len(prompts) == 1  # one sequence: decode forwards were not taken for new prompts
+    assert len(got) == 6
+    full_mask = torch.cat([mask, torch.ones(2, len(got), dtype=mask.dtype)], dim=1)
+    full = _full_logits(pred, model, tokens[:, : 7 + len(got)], mask=full_mask)
+    for i, logits in enumerate(got):
+        assert torch.allclose(logits, full[:, :, 7 + i], atol=1e-5), i
+
+
 def _capped(prefetcher: SidaPrefetcher, capacity: int) -> None:
     """Let the greedy loop size the decoder at ``capacity`` tokens (it asks for its static cache's
     length, at least 256, more than the tiny model's 128 positions)."""
     begin = prefetcher.begin_sequence
-    prefetcher.begin_sequence = lambda batch, length: begin(batch, capacity)
+    prefetcher.begin_sequence = lambda batch, length, **kw: begin(batch, capacity, **kw)
 
 
 @pytest.mark.parametrize("loop", LOOPS)

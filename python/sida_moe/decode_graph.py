@@ -201,10 +201,6 @@ def static_generate(
     if sampling is not None and not isinstance(sampling, SamplingParams):
         raise TypeError(f"sampling must be a sida_moe.sampling.SamplingParams or None, got {type(sampling).__name__}")
     padded = _left_padding(attention_mask, input_ids)
-    if padded is not None and engine is not None and engine.prefetcher.name == "sida":
-        # it tells a new sequence from a continued one by the mask's length, which a static mask hides
-        raise ValueError("left-padded batches with the SiDA prefetcher need transformers' generate "
-                         "(model.generate(..., sida_graphs=False))")
     if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be an int >= 1, got {max_new_tokens!r}")
     if isinstance(min_new_tokens, bool) or not isinstance(min_new_tokens, int) or min_new_tokens < 0:
@@ -227,7 +223,7 @@ def static_generate(
         step.sampler.set(sampling)
     forward = _compiled(model) if compile else model
     if engine is not None:
-        engine.begin_sequence(batch, step.tokens.shape[1])
+        engine.begin_sequence(batch, step.tokens.shape[1], static_mask=padded is not None)
 
     # prefill: eager (offloaded models: through the acquire path for long prompts)
     padding = {}
@@ -550,13 +546,6 @@ def _plain_call(model: nn.Module, args: tuple, kwargs: dict) -> _PlainCall | Non
     return _PlainCall(ids, new, eos, pad, sampling, mask, min_new)
 
 
-def _graphs_refused(model: nn.Module, call: _PlainCall) -> str | None:
-    """Why the plain call ``call`` cannot use the graphed decode step (None: it can)."""
-    ids, mask = call.ids, call.mask
-    engine = getattr(model, "sida_engine", None)
-    if mask is not None and engine is not None and engine.prefetcher.name == "sida":
-        return "left-padded batches with the SiDA prefetcher need transformers' generate"
-    return graphs_supported(model, ids.shape[0])
 
 
 def install_generate(model: nn.Module) -> None:
@@ -575,7 +564,7 @@ def install_generate(model: nn.Module) -> None:
         if sida_compile and sida_graphs is False:
             raise ValueError("sida_compile=True compiles the graphed decode step: it needs sida_graphs left on")
         call = None if sida_graphs is False else _plain_call(model, args, kwargs)
-        refused = "not a plain greedy or sampling call" if call is None else _graphs_refused(model, call)
+        refused = "not a plain greedy or sampling call" if call is None else graphs_supported(model, call.ids.shape[0])
         if refused is not None:
             if sida_graphs or sida_compile:
                 flag = "sida_graphs" if sida_graphs else "sida_compile"

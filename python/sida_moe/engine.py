@@ -321,12 +321,13 @@ class OffloadEngine:
         if ahead:
             self.prefetcher.hand_over_ahead(replayed=True)
 
-    def begin_sequence(self, batch: int, length: int) -> None:
+    def begin_sequence(self, batch: int, length: int, static_mask: bool = False) -> None:
         """A decode loop starts a new sequence of ``batch`` rows and at most ``length`` tokens
-        (the prefetcher sizes its per-sequence state by it)."""
+        (the prefetcher sizes its per-sequence state by it); ``static_mask``: its forwards take
+        one attention mask of ``length`` columns."""
         begin = getattr(self.prefetcher, "begin_sequence", None)
         if begin is not None:
-            begin(batch, length)
+            begin(batch, length, static_mask=static_mask)
 
     def predict_ahead(self, next_embeds: torch.Tensor, compiled: bool = False) -> None:
         """End of a decode step whose next input is known (the greedy loop): a prefetcher that

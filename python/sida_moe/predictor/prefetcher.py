@@ -80,6 +80,7 @@ class SidaPrefetcher:
         self._engine: OffloadEngine | None = None
         self._decoders: dict[tuple[int, int], GraphedDecoder] = {}  # (batch, capacity)
         self._next_capacity: int | None = None  # set by begin_sequence for its prompt only
+        self._static_mask = False  # set by begin_sequence for its sequence only
         self._reset_sequence()
 
     # ------------------------------------------------------------------------------ protocol
@@ -98,17 +99,22 @@ class SidaPrefetcher:
         self._engine = engine
         self._reset_sequence()
 
-    def begin_sequence(self, batch: int, length: int) -> None:
+    def begin_sequence(self, batch: int, length: int, static_mask: bool = False) -> None:
         """A new sequence of ``batch`` rows and at most ``length`` tokens starts with the next
-        forward (the greedy loop says so; an eager loop is recognised in ``begin_forward``)."""
+        forward (the greedy loop says so; an eager loop is recognised in ``begin_forward``).
+        ``static_mask``: its forwards take one attention mask of the whole length (the prompt's
+        columns first, then ones), so the mask's length says nothing about continuity."""
         self._reset_sequence()
         self._next_capacity = max(int(length), 1)
+        self._static_mask = bool(static_mask)
 
     def begin_forward(self, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor | None) -> None:
         engine = self._require_engine()
         x = inputs_embeds if inputs_embeds.dim() == 3 else inputs_embeds.unsqueeze(0)
         batch, seq = x.shape[:2]
-        total = attention_mask.shape[-1] if attention_mask is not None else None
+        if seq > 1 and self._next_capacity is None:
+            self._static_mask = False  # a prompt no greedy loop announced: an eager loop's
+        total = attention_mask.shape[-1] if attention_mask is not None and not self._static_mask else None
         # a new sequence unless this forward continues the one predicted so far (cached decode: one
         # token, and a mask -- when given -- one longer than the tokens seen)
         fresh = (seq > 1 or self._batch != batch or self._fresh
@@ -215,7 +221,9 @@ class SidaPrefetcher:
 
     def _predict_prompt(self, engine: OffloadEngine, x: torch.Tensor, attention_mask: torch.Tensor | None) -> None:
         batch, seq = x.shape[:2]
-        mask = attention_mask[..., -seq:] if attention_mask is not None else None
+        mask = None
+        if attention_mask is not None:  # the prompt's columns: the first of a static mask, else the last
+            mask = attention_mask[..., :seq] if self._static_mask else attention_mask[..., -seq:]
         if mask is not None and bool(mask.all()):
             mask = None  # no padding: the unmasked path
         with torch.inference_mode():
