@@ -520,6 +520,14 @@ def test_left_padded_generate_uses_the_graphed_loop():
     assert torch.equal(got, want)
     assert [key.padded for key in offloaded._sida_decode_steps] == [True]
     assert all(step.graph is not None for step in offloaded._sida_decode_steps.values())
+    # min_new_tokens in the replayed step: EOS ids masked until then, as transformers does
+    eos = [int(t) for t in got[:, ids.shape[1]]]  # every row's first token
+    with torch.inference_mode():
+        got = offloaded.generate(ids, attention_mask=mask, max_new_tokens=16, min_new_tokens=6, eos_token_id=eos,
+                                 do_sample=False, pad_token_id=0)
+        want = original.generate(ids, attention_mask=mask, max_new_tokens=16, min_new_tokens=6, eos_token_id=eos,
+                                 do_sample=False, pad_token_id=0)
+    assert torch.equal(got, want)
 
 
 @pytest.mark.gpu
