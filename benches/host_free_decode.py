@@ -267,7 +267,16 @@ def main() -> None:
         args.routing = routing
         for batch in [int(b) for b in args.batches.split(",")]:
             ids = torch.randint(3, 1000, (batch, args.prompt_len), device=device, generator=torch.Generator(device).manual_seed(batch))
-            run_batch(args, report, budgets, engine, resident_model, offloaded, ids)
+            for budget in budgets:
+                try:
+                    run_batch(args, report, [budget], engine, resident_model, offloaded, ids)
+                except torch.OutOfMemoryError as e:  # e.g. bs8 at 100% beside the resident model: the rest goes on
+                    for m in (resident_model, offloaded):
+                        m.__dict__.pop("_sida_decode_steps", None)
+                    torch.cuda.empty_cache()
+                    reason = str(e).splitlines()[0][:160]
+                    print(f"[{routing} bs{batch} {budget}] skipped: out of device memory ({reason})", flush=True)
+                    report.setdefault("skipped_out_of_memory", []).append(f"{routing} bs{batch} {budget}: {reason}")
         for h in hooks:
             h.remove()
         # captured steps keep the routing they were captured with: the next routing captures anew

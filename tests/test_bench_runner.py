@@ -69,6 +69,31 @@ def test_bench_runs_all_systems_and_oracle_bounds_lru(tmp_path, fake_clock):
     assert (tmp_path / "tokens_per_s_vs_budget.png").stat().st_size > 1000
 
 
+def test_rows_that_run_out_of_memory_are_skipped_with_a_note(tmp_path, fake_clock, monkeypatch, capsys):
+    """A budget whose cache does not fit next to what the process holds is skipped with one line
+    and a note in bench.json; the smaller budget still runs (largest first)."""
+    from sida_moe.engine import OffloadEngine
+
+    reopen = OffloadEngine.reopen_cache
+
+    def tight(self, num_slots, *a, **kw):
+        if num_slots == self.slots_for(1.0):
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 6.00 GiB.")
+        return reopen(self, num_slots, *a, **kw)
+
+    monkeypatch.setattr(OffloadEngine, "reopen_cache", tight)
+    cfg = BenchConfig(model="qwen3-moe-tiny", device="cpu", budgets=(1.0, 0.25), policies=("lru",),
+                      predictors=("none",), baselines=(), prompt_tokens=6, new_tokens=4, rounds=1,
+                      timeline=False, out_dir=str(tmp_path), progress=False)
+    rows = run_bench(cfg)
+    assert [(r["system"], r["budget_fraction"]) for r in rows] == [("sida", 0.25)]
+    err = capsys.readouterr().err
+    assert "sida-moe bench: note: skipping batch 1 at a 100% budget: out of memory (CUDA out of memory." in err
+    saved = json.loads((tmp_path / "bench.json").read_text())
+    assert saved["meta"]["skipped_out_of_memory"] == [
+        {"rows": "batch 1 at a 100% budget", "error": "CUDA out of memory. Tried to allocate 6.00 GiB."}]
+
+
 def _check_timing_and_decode_columns(rows, cfg):
     """Every row has its timing columns, computed from its rounds; every offloaded row its decode
     cache columns, consistent with each other; on the CPU the bound stays empty."""

@@ -8,6 +8,7 @@ round, over interleaved rounds; offloaded rows are also held to their decode bou
 
 from __future__ import annotations
 
+import gc
 import hashlib
 import importlib
 import platform
@@ -377,6 +378,21 @@ def _host_ms(rounds: list[Round], timing: DecodeTiming, device: torch.device) ->
             "host_ms_method": "process CPU time" + (" (includes spin-waits on the device)" if device.type == "cuda" else "")}
 
 
+def _skip_out_of_memory(meta: dict[str, Any], model: nn.Module, device: torch.device, what: str,
+                        error: BaseException) -> None:
+    """One line on stderr and a note in the report for rows that ran out of memory; the steps
+    captured for them and the allocator's cache are released so that the next rows can run."""
+    from sida_moe.decode_graph import forget_captured_steps
+
+    forget_captured_steps(model)
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    reason = str(error).splitlines()[0][:160] if str(error) else type(error).__name__
+    print(f"sida-moe bench: note: skipping {what}: out of memory ({reason})", file=sys.stderr, flush=True)
+    meta.setdefault("skipped_out_of_memory", []).append({"rows": what, "error": reason})
+
+
 def _sida_k(name: str) -> int | None:
     """K of a ``sida@K`` predictor name (prefetch K predicted experts per token and layer), else None."""
     head, sep, tail = name.partition("@")
@@ -585,7 +601,12 @@ def run_bench(cfg: BenchConfig) -> list[dict[str, Any]]:
                                                uses(graphed_impl), add_enqueue(b))
         if not visits:
             continue
-        timed_rounds = interleave(visits, cfg.rounds)
+        try:
+            timed_rounds = interleave(visits, cfg.rounds)
+        except (torch.OutOfMemoryError, MemoryError) as e:
+            _skip_out_of_memory(meta, model, device, f"the resident baselines at batch {b}", e)
+            bar.update(len(visits))
+            continue
         if "resident" in timed_rounds:
             model.set_experts_implementation(resident_impl)
             reference[b] = timed_rounds["resident"][-1].full.out.cpu()
@@ -646,31 +667,45 @@ def run_bench(cfg: BenchConfig) -> list[dict[str, Any]]:
                                                  reference_logits[b], agree.get("first_token_differing_from_resident")))
         return after
 
+    def configs_for() -> list[tuple[str, str, str, bool]]:
+        configs = [("sida", p, q, False) for p in cfg.policies for q in cfg.predictors]
+        if "ondemand_lru" in baselines:
+            configs.append(("ondemand_lru", "lru", "none", False))
+        if "sida_sync" in baselines:
+            configs.append(("sida_sync", "fifo", "none", True))
+        return configs
+
+    def measure_budget(b: int, budget: float):
+        """Every configuration at batch ``b`` and ``budget``, interleaved: (rounds, configs, agreements)."""
+        future = None
+        if "belady" in cfg.policies:
+            # Belady's future: the visit sequence of one visit (warm-up, 1-token and N-token
+            # calls), the same under every policy and prefetcher in exact mode; recorded on
+            # transformers' loop (a replayed step makes its visits off the host)
+            configure(budget, "lru", "none", False, None)()
+            with engine.recording_acquires() as trace:
+                for n in (n_new, 1, n_new):
+                    gen(b, n, graphs=False)
+            future = list(trace)
+        configs = configs_for()
+        visits, agreements = {}, {}
+        for system, policy, predictor, sync in configs:
+            key = f"{system} {policy} {predictor}"
+            agreements[key] = {}
+            visits[key] = visit(lambda n, b=b: gen(b, n), n_new,
+                                configure(budget, policy, predictor, sync, future if policy == "belady" else None),
+                                observe(b, agreements[key]), engine)
+        return interleave(visits, cfg.rounds), configs, agreements
+
     for b in cfg.batch_sizes:
         for budget in budgets:
-            future = None
-            if "belady" in cfg.policies:
-                # Belady's future: the visit sequence of one visit (warm-up, 1-token and N-token
-                # calls), the same under every policy and prefetcher in exact mode; recorded on
-                # transformers' loop (a replayed step makes its visits off the host)
-                configure(budget, "lru", "none", False, None)()
-                with engine.recording_acquires() as trace:
-                    for n in (n_new, 1, n_new):
-                        gen(b, n, graphs=False)
-                future = list(trace)
-            configs = [("sida", p, q, False) for p in cfg.policies for q in cfg.predictors]
-            if "ondemand_lru" in baselines:
-                configs.append(("ondemand_lru", "lru", "none", False))
-            if "sida_sync" in baselines:
-                configs.append(("sida_sync", "fifo", "none", True))
-            visits, agreements = {}, {}
-            for system, policy, predictor, sync in configs:
-                key = f"{system} {policy} {predictor}"
-                agreements[key] = {}
-                visits[key] = visit(lambda n, b=b: gen(b, n), n_new,
-                                    configure(budget, policy, predictor, sync, future if policy == "belady" else None),
-                                    observe(b, agreements[key]), engine)
-            timed_rounds = interleave(visits, cfg.rounds)
+            try:
+                timed_rounds, configs, agreements = measure_budget(b, budget)
+            except (torch.OutOfMemoryError, MemoryError) as e:
+                # a large budget next to what the process already holds: the smaller budgets go on
+                _skip_out_of_memory(meta, model, device, f"batch {b} at a {budget:.0%} budget", e)
+                bar.update(len(configs_for()))
+                continue
             for system, policy, predictor, sync in configs:
                 key = f"{system} {policy} {predictor}"
                 rr = timed_rounds[key]
