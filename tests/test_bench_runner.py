@@ -551,6 +551,37 @@ def test_bench_replays_a_routing_trace_for_every_system(tmp_path, fake_clock):
     assert meta["routing"]["trace"] == trace and len(meta["routing"]["layer_map"]) == 4
 
 
+def test_each_round_replays_new_routing_and_belady_follows_it(tmp_path, fake_clock, monkeypatch):
+    """Round r of every system warms up at trace position 2 r S and times at (2 r + 1) S (S: the
+    tokens of one call), so a timed decode is not a repeat of its warm-up; Belady's future is
+    recorded at the same positions and stays at least as good as LRU."""
+    import numpy as np
+
+    from sida_moe.bench import replay
+
+    rng = np.random.default_rng(0)
+    ids = np.stack([rng.permutation(64)[:8] for _ in range(400 * 2)]).reshape(400, 2, 8).astype(np.uint8)
+    path = str(tmp_path / "random.npz")
+    replay.save_routing_trace(path, ids, {"num_experts": 64, "seq_len": 400, "source": {"test": True}})
+    resets = []
+    reset = replay.ReplayRouting.reset
+    monkeypatch.setattr(replay.ReplayRouting, "reset", lambda self, position=0: resets.append(position) or reset(self, position))
+    cfg = BenchConfig(model="qwen3-moe-tiny", device="cpu", budgets=(0.25,), policies=("lru", "belady"),
+                      predictors=("none",), baselines=("resident",), prompt_tokens=6, new_tokens=4, rounds=2,
+                      timeline=False, routing_trace=path, out_dir=str(tmp_path / "out"), progress=False)
+    rows = run_bench(cfg)
+    S = 10
+    # a visit: its warm-up, then the 1-token and N-token calls (round 0, then round 1)
+    runs = ",".join(map(str, resets))
+    assert f"0,{S},{S}" in runs and f"{2 * S},{3 * S},{3 * S}" in runs
+    assert set(resets) == {0, S, 2 * S, 3 * S}
+    hit = {r["policy"]: r["decode_hit_rate"] for r in rows if r["system"] == "sida"}
+    assert hit["belady"] >= hit["lru"]
+    assert all(r["same_tokens_as_resident"] for r in rows if r["system"] != "resident")
+    meta = json.loads((tmp_path / "out" / "bench.json").read_text())["meta"]
+    assert "2 r S" in meta["routing"]["positions"]
+
+
 def test_bench_refuses_a_routing_trace_it_cannot_replay(tmp_path):
     from sida_moe.bench.runner import BenchInputError
 

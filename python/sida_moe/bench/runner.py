@@ -488,11 +488,21 @@ def run_bench(cfg: BenchConfig) -> list[dict[str, Any]]:
     replay = _replay_routing(trace, model)
     if replay is not None:
         meta["routing"] = {"trace": cfg.routing_trace, "metadata": replay.trace.metadata, "layer_map": replay.layer_map,
-                           "every call": "replays the trace from position 0 (the same routing for every system)"}
+                           "positions": ("round r: the warm-up call replays from position 2 r S, the timed calls "
+                                         f"from (2 r + 1) S, S = {cfg.prompt_tokens + n_new} (prompt + new tokens), the "
+                                         "same for every system: each round decodes routing its warm-up did not show "
+                                         "the cache")}
+    # where in the trace the next call replays from; visit() moves it per round
+    replay_at = {"position": 0, "round": 0}
+    stride = cfg.prompt_tokens + n_new
+
+    def round_positions(r: int) -> tuple[int, int]:
+        """(warm-up, timed calls) trace positions of round ``r``."""
+        return 2 * r * stride, (2 * r + 1) * stride
 
     def from_start() -> None:
         if replay is not None:
-            replay.reset(0)
+            replay.reset(replay_at["position"])
 
     def gen(b: int, n: int, graphs: bool | None = None) -> torch.Tensor:
         from_start()
@@ -548,12 +558,20 @@ def run_bench(cfg: BenchConfig) -> list[dict[str, Any]]:
 
     def visit(generate, n: int, before_timing=None, after_timing=None, engine=None):
         """A visit: ``before_timing()`` (configure), a warm-up call, the two timed calls (the
-        engine's counters reset before and read after each), ``after_timing(round)``."""
+        engine's counters reset before and read after each), ``after_timing(round)``. Its k-th
+        run is round k: with a routing trace, the warm-up and the timed calls replay from that
+        round's positions (``round_positions``)."""
+        runs = [0]
+
         def run() -> Round:
+            replay_at["round"], runs[0] = runs[0], runs[0] + 1
+            warm, timed = round_positions(replay_at["round"])
             if before_timing is not None:
                 before_timing()
             _reset_peak(device)
+            replay_at["position"] = warm
             generate(n)  # warm-up: kernels chosen, the decode step captured, the cache in its steady state
+            replay_at["position"] = timed
             rnd = two_calls(generate, n, device, before=settled(engine) if engine is not None else None,
                             after=engine.stats if engine is not None else None)
             rnd.extra["peak_gpu_gib"] = _peak_gib(device)
@@ -644,13 +662,27 @@ def run_bench(cfg: BenchConfig) -> list[dict[str, Any]]:
     gbps = {b: zero_copy_gbps(engine, b) if device.type == "cuda" else None for b in cfg.batch_sizes}
     meta["zero_copy_gbps"] = {str(b): v for b, v in gbps.items()}
 
-    def configure(budget: float, policy: str, predictor: str, sync: bool, future: list | None):
+    def record_future(b: int, budget: float, r: int) -> list:
+        """Belady's future for round ``r`` of a visit at batch ``b``: the visit sequence of its
+        warm-up, 1-token and N-token calls, the same under every policy and prefetcher in exact
+        mode; recorded on transformers' loop (a replayed step makes its visits off the host)."""
+        configure(budget, "lru", "none", False, None)()
+        warm, timed = round_positions(r)
+        with engine.recording_acquires() as trace:
+            for n, at in ((n_new, warm), (1, timed), (n_new, timed)):
+                replay_at["position"] = at
+                gen(b, n, graphs=False)
+        return list(trace)
+
+    def configure(budget: float, policy: str, predictor: str, sync: bool, future: list | None, b: int = 0):
         def before() -> None:
+            # a replayed trace moves on every round: its future is recorded per round
+            seen = record_future(b, budget, replay_at["round"]) if policy == "belady" and replay is not None else future
             engine.reopen_cache(engine.slots_for(budget), "predictive" if policy == "belady" else policy)
             engine.set_prefetcher(_make_prefetcher(predictor, cfg, oracle=policy == "belady"))
             engine.sync_loads = sync
-            if future is not None:
-                engine.set_future(future)
+            if seen is not None:
+                engine.set_future(seen)
         return before
 
     def observe(b: int, agreement: dict[str, Any]):
@@ -661,7 +693,8 @@ def run_bench(cfg: BenchConfig) -> list[dict[str, Any]]:
             graph_replays = rnd.extra["decode"]["decode_eager_steps"] == 0
             probe = replay_host_seconds(model, b, compiled=cfg.compile) if graph_replays else None
             rnd.extra["enqueue_ms"] = probe * 1e3 if probe is not None else None
-            if not agreement and b in reference_logits:  # once per configuration; untimed
+            # once per configuration, untimed, in the last round: the reference's (a trace's positions move per round)
+            if not agreement and b in reference_logits and replay_at["round"] == cfg.rounds - 1:
                 agree = token_agreement(rnd.full.out.cpu(), reference[b])
                 agreement.update(logit_agreement(forced_logits(b),
                                                  reference_logits[b], agree.get("first_token_differing_from_resident")))
@@ -677,23 +710,15 @@ def run_bench(cfg: BenchConfig) -> list[dict[str, Any]]:
 
     def measure_budget(b: int, budget: float):
         """Every configuration at batch ``b`` and ``budget``, interleaved: (rounds, configs, agreements)."""
-        future = None
-        if "belady" in cfg.policies:
-            # Belady's future: the visit sequence of one visit (warm-up, 1-token and N-token
-            # calls), the same under every policy and prefetcher in exact mode; recorded on
-            # transformers' loop (a replayed step makes its visits off the host)
-            configure(budget, "lru", "none", False, None)()
-            with engine.recording_acquires() as trace:
-                for n in (n_new, 1, n_new):
-                    gen(b, n, graphs=False)
-            future = list(trace)
+        # without a trace every round makes the same visits: one recording serves them all
+        future = record_future(b, budget, 0) if "belady" in cfg.policies and replay is None else None
         configs = configs_for()
         visits, agreements = {}, {}
         for system, policy, predictor, sync in configs:
             key = f"{system} {policy} {predictor}"
             agreements[key] = {}
             visits[key] = visit(lambda n, b=b: gen(b, n), n_new,
-                                configure(budget, policy, predictor, sync, future if policy == "belady" else None),
+                                configure(budget, policy, predictor, sync, future if policy == "belady" else None, b),
                                 observe(b, agreements[key]), engine)
         return interleave(visits, cfg.rounds), configs, agreements
 
