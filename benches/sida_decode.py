@@ -8,6 +8,8 @@ Systems (each through ``model.generate``, greedy; on CUDA the decode step is one
 - ``sida``: the same with the checkpoint's trained predictor and the predictive policy;
 - with ``--dry``, also ``sida_dry``: ``none_lru`` (LRU) with the predictor run in every decode step
   but its predictions never handed to the cache (``_ComputeOnly``): the predictor's own cost;
+- with ``--policy-only``, also ``sida_policy_only``: the predictor with ``prefetch=False`` (its
+  predictions steer the predictive policy's eviction and admission, no copies of their own);
 - with ``--compile``, also ``resident_compiled``, ``none_lru_compiled`` and ``sida_compiled``: the
   same loops with the step (the predictor's included) under ``torch.compile`` first.
 Prompts are held-out text (the Python standard library's sources), ``--prompt-len`` tokens each.
@@ -89,8 +91,15 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--compile", action="store_true", help="also the compiled loops (sida_compile=True)")
     ap.add_argument("--dry", action="store_true", help="also sida_dry: the predictor's cost alone")
+    ap.add_argument("--policy-only", action="store_true", help="also sida_policy_only: SidaPrefetcher(prefetch=False)")
+    ap.add_argument("--in-flight", type=int, default=None,
+                    help="decode_graph.REPLAYS_IN_FLIGHT for every system (default: the library's)")
     ap.add_argument("--out", required=True)
     args = ap.parse_args()
+    if args.in_flight is not None:
+        from sida_moe import decode_graph
+
+        decode_graph.REPLAYS_IN_FLIGHT = args.in_flight  # read at each capture: before any
 
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -106,10 +115,14 @@ def main() -> None:
     none = from_pretrained(args.model, args.budget, args.dtype, device, "lru", "none")
     sida = from_pretrained(args.model, args.budget, args.dtype, device, "predictive", load_prefetcher(args.model))
     engines = {"none_lru": sida_moe.engine_of(none), "sida": sida_moe.engine_of(sida)}
-    dry = None
+    dry = policy_only = None
     if args.dry:
         dry = from_pretrained(args.model, args.budget, args.dtype, device, "lru", _ComputeOnly(HashPredictor.load(args.model)))
         engines["sida_dry"] = sida_moe.engine_of(dry)
+    if args.policy_only:
+        policy_only = from_pretrained(args.model, args.budget, args.dtype, device, "predictive",
+                                      load_prefetcher(args.model, prefetch=False))
+        engines["sida_policy_only"] = sida_moe.engine_of(policy_only)
     report: dict = {"args": vars(args), "device": torch.cuda.get_device_name(device),
                     "engine": engines["sida"].describe(), "rows": {}}
     print(report["engine"], flush=True)
@@ -128,7 +141,15 @@ def main() -> None:
             models["sida_dry"] = dry
             systems["sida_dry"] = lambda n, ids=ids: dry.generate(ids, max_new_tokens=n, do_sample=False, sida_graphs=True,
                                                                   eos_token_id=None)
+        if policy_only is not None:
+            models["sida_policy_only"] = policy_only
+            systems["sida_policy_only"] = lambda n, ids=ids: policy_only.generate(
+                ids, max_new_tokens=n, do_sample=False, sida_graphs=True, eos_token_id=None)
         if args.compile:
+            if policy_only is not None:
+                models["sida_policy_only_compiled"] = policy_only
+                systems["sida_policy_only_compiled"] = lambda n, ids=ids: policy_only.generate(
+                    ids, max_new_tokens=n, do_sample=False, sida_compile=True, eos_token_id=None)
             if dry is not None:
                 models["sida_dry_compiled"] = dry
                 systems["sida_dry_compiled"] = lambda n, ids=ids: dry.generate(

@@ -429,6 +429,31 @@ def test_decode_predictions_equal_one_full_sequence_forward(loop, attn_blocks, b
         assert torch.allclose(logits, full[:, :, 7 + i], atol=1e-5), i
 
 
+def test_prefetch_false_scores_and_feeds_decode_predictions_without_loading_them():
+    """prefetch=False: decode predictions are scored and fed to the policy, but queue no copies
+    (only the prompt's prediction prefetches); tokens are the same either way."""
+    x = torch.randint(1, 64, (1, 7), generator=torch.Generator().manual_seed(5))
+    queued, tokens = {}, {}
+    for prefetch in (True, False):
+        model = tiny_qwen3(seed=17)
+        offload(model, gpu_budget=0.25, policy="predictive", prefetch=SidaPrefetcher(_predictor(seed=18), prefetch=prefetch))
+        engine = engine_of(model)
+        try:
+            for n in (1, 12):
+                engine.reset_stats()
+                tokens[prefetch, n] = static_generate(model, x, n, pad_token_id=0, graphs=False)
+                engine.wait_deferred(10.0)
+                queued[prefetch, n] = engine.stats()["prefetch_queued"]
+            assert engine.stats()["predicted_needed"] > 0
+        finally:
+            engine.close()
+    assert torch.equal(tokens[True, 12], tokens[False, 12])
+    assert queued[False, 12] == queued[False, 1]  # the prompt's only
+    assert queued[True, 12] > queued[True, 1]
+    with pytest.raises(TypeError, match="prefetch must be a bool"):
+        SidaPrefetcher(_predictor(), prefetch="no")
+
+
 def test_left_padded_greedy_loop_predicts_from_each_rows_real_tokens():
     """The greedy loop's static mask (the prompt's columns, then ones, one length for every
     forward): the prompt is predicted under its padding, decode continues the sequence, and each

@@ -242,6 +242,7 @@ class SlotCache:
         skip_routed: bool = False,
         remember: bool = False,
         forget: bool = False,
+        feed_only: bool = False,
     ) -> None:
         """Prefetch expert ids that the device is still computing, without waiting for them.
 
@@ -256,7 +257,8 @@ class SlotCache:
         already happened are skipped (also with ``skip_routed``), the rest feed ``set_future``;
         ``remember``: keep the rows as the prediction that each layer's next routed row
         (``submit_routed``) is scored against (``stats``: ``predicted_*``); ``forget``: drop the
-        remembered prediction instead (a new sequence); then ``prefetch`` of each row. Requests are handled in submission order. Errors met by the thread
+        remembered prediction instead (a new sequence); then ``prefetch`` of each row, unless
+        ``feed_only`` (the rows only feed the policy and the scores: no loads). Requests are handled in submission order. Errors met by the thread
         (an expert out of range) are kept for ``take_deferred_error``. The pointer is not checked:
         a wrong address is undefined behaviour, as with ``ExpertPool.write_ptr``. At most 2**24 ids
         (``len(layers) * width``) per call, else InvalidArgumentError."""

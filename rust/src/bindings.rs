@@ -539,7 +539,7 @@ impl PySlotCache {
     }
 
     #[pyo3(signature = (ids_ptr, layers, width, stream = None, generation = 0, priority = "prefetch",
-                        future = false, skip_routed = false, remember = false, forget = false))]
+                        future = false, skip_routed = false, remember = false, forget = false, feed_only = false))]
     #[allow(clippy::too_many_arguments)]
     fn prefetch_deferred(
         &self,
@@ -554,6 +554,7 @@ impl PySlotCache {
         skip_routed: bool,
         remember: bool,
         forget: bool,
+        feed_only: bool,
     ) -> PyResult<()> {
         let layers = int_list(layers, "layers")?;
         let (ids_ptr, width) = id_rows(ids_ptr, width)?;
@@ -569,6 +570,7 @@ impl PySlotCache {
             remember,
             forget,
             routed: false,
+            feed_only,
         };
         let d = &self.deferred;
         // SAFETY: the caller passes the address of a live int64 tensor of len(layers) * width

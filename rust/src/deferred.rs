@@ -65,6 +65,9 @@ pub struct DeferredOptions {
     /// Each row is `width` ids (negative: padding) then the `width` table entries (addresses) the
     /// pairs read, which tell a hit (a slot) from a miss (the pool).
     pub routed: bool,
+    /// The rows only feed the policy (`future`) and the scores (`remember`): no loads are queued,
+    /// so predictions steer eviction and admission without copies of their own.
+    pub feed_only: bool,
 }
 
 struct Request {
@@ -392,6 +395,9 @@ fn handle(req: &Request, cache: &SlotCache, device: &SharedDevice, state: &State
             cache.set_future(&rows, 0)?;
         }
     }
+    if o.feed_only {
+        return Ok(0);
+    }
     let mut queued = 0;
     for (layer, experts) in &rows {
         if !experts.is_empty() {
@@ -475,6 +481,25 @@ mod tests {
         assert_eq!(d.prediction_counts(), (3, 4, 5));
         let (submitted, handled, _) = d.counts();
         assert_eq!((submitted, handled), (5, 5));
+        assert_eq!(d.take_error(), None);
+    }
+
+    #[test]
+    fn feed_only_rows_are_remembered_and_fed_to_the_policy_without_loads() {
+        let c = cache(2, 8, 8);
+        let d = DeferredPrefetcher::new(c.clone());
+        let opts = DeferredOptions { layers: vec![0, 1], width: 2, future: true, remember: true, feed_only: true, ..Default::default() };
+        submit(&d, &[1, 2, 3, 4], opts).unwrap();
+        assert!(d.wait_idle(Some(Duration::from_secs(10))));
+        c.synchronize().unwrap();
+        assert_eq!(resident(&c), vec![], "nothing loaded");
+        let stats: HashMap<_, _> = c.stats().into_iter().collect();
+        assert_eq!(stats["prefetch_queued"], 0.0);
+        // still scored against the next routing
+        let pool = 4096;
+        submit(&d, &[1, 5, pool, pool], DeferredOptions { layers: vec![0], width: 2, routed: true, ..Default::default() }).unwrap();
+        assert!(d.wait_idle(Some(Duration::from_secs(10))));
+        assert_eq!(d.prediction_counts(), (1, 2, 2));
         assert_eq!(d.take_error(), None);
     }
 

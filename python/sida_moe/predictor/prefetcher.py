@@ -54,13 +54,16 @@ class SidaPrefetcher:
       it is moved to the model's device at ``attach``.
     - ``k``: experts prefetched per token and layer (default: the predictor's top-k).
     - ``feed_future``: feed the predictions to the predictive policy (``set_future``).
+    - ``prefetch``: queue copies of the predicted experts (default). False: decode predictions only
+      feed the policy (with the predictive policy: eviction and admission by predicted next use)
+      and the scores; no copies of their own (the prompt's predictions still prefetch).
     - ``hash_routing`` / ``hash_weights``: the opt-in lossy mode (module docstring).
     """
 
     name = "sida"
 
     def __init__(self, predictor: HashPredictor, k: int | None = None, feed_future: bool = True,
-                 hash_routing: bool = False, hash_weights: WeightSource = "predicted") -> None:
+                 hash_routing: bool = False, hash_weights: WeightSource = "predicted", prefetch: bool = True) -> None:
         if not isinstance(predictor, HashPredictor):
             raise TypeError(f"predictor must be a HashPredictor, got {type(predictor).__name__}")
         reason = GraphedDecoder.unsupported(predictor)
@@ -73,7 +76,10 @@ class SidaPrefetcher:
             raise ValueError(f"k must be an int in [1, {cfg.num_experts}], got {k!r}")
         self.predictor = predictor.eval()
         self.k = k or cfg.top_k
+        if not isinstance(prefetch, bool):
+            raise TypeError(f"prefetch must be a bool, got {prefetch!r}")
         self.feed_future = bool(feed_future)
+        self.prefetch = prefetch
         self.hash_routing = bool(hash_routing)
         self.hash_weights = hash_weights
         self._layers = list(range(cfg.num_moe_layers))
@@ -285,7 +291,7 @@ class SidaPrefetcher:
 
     def _submit(self, engine: OffloadEngine, rows: torch.Tensor) -> None:
         engine.prefetch_deferred(rows, self._layers, generation=engine.generation, future=self.feed_future,
-                                 remember=True)
+                                 remember=True, feed_only=not self.prefetch)
 
 
 def load_prefetcher(path: str | os.PathLike, **kwargs) -> SidaPrefetcher:
