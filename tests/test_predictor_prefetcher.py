@@ -354,7 +354,7 @@ def test_every_prediction_goes_through_prefetch_deferred(feed_future):
         finally:
             engine.close()
     assert calls["eager"][0] == ((L, 5 * K), [0, 1, 2], {"future": feed_future, "forget": True})  # the prompt: unscored, and the last sequence's leftover forgotten
-    decode = ((L, K), [0, 1, 2], {"future": feed_future, "remember": True})
+    decode = ((L, K), [0, 1, 2], {"future": feed_future, "remember": True, "feed_only": False})
     assert calls["eager"][1:] == [decode] * 3  # 3 decode forwards
     # the greedy loop also predicts the token after the last step (its step is the same every time)
     assert calls["greedy"] == calls["eager"] + [decode]
