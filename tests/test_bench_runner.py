@@ -430,19 +430,27 @@ def test_resident_graphed_needs_cuda_and_unpadded_prompts():
     assert optional_parts(BenchConfig(device="cuda", baselines=("resident_graphed",))) == (("resident_graphed",), False, None)
 
 
+def _offloaded_with_a_decode_step(probe):
+    """The tiny preset offloaded, after one static-loop call (its step kept, uncaptured on a CPU);
+    ``probe`` (a replay probe) is checked to find nothing before that call."""
+    import sida_moe
+    from sida_moe.decode_graph import static_generate
+    from sida_moe.presets import build_model
+
+    model = sida_moe.offload(build_model("qwen3-moe-tiny"), gpu_budget=0.5, prefetch="none")
+    assert probe(model, 1) is None  # nothing captured
+    static_generate(model, torch.randint(3, 200, (1, 5)), 6, graphs=False)
+    (step,) = model._sida_decode_steps.values()
+    return model, model.sida_engine, step
+
+
 def test_replay_probe_times_launch_and_hand_over_of_the_captured_step(fake_clock):
     """The host-cost probe of a replayed step: each replay is a launch and one routing hand-over to
     the engine, from positions reset so that extra replays stay inside the static cache (the
     graph here is a stand-in: a CPU captures none)."""
-    import sida_moe
-    from sida_moe.decode_graph import static_generate, replay_host_seconds
-    from sida_moe.presets import build_model
+    from sida_moe.decode_graph import replay_host_seconds
 
-    model = sida_moe.offload(build_model("qwen3-moe-tiny"), gpu_budget=0.5, prefetch="none")
-    engine = model.sida_engine
-    assert replay_host_seconds(model, 1) is None  # nothing captured
-    static_generate(model, torch.randint(3, 200, (1, 5)), 6, graphs=False)
-    (step,) = model._sida_decode_steps.values()
+    model, engine, step = _offloaded_with_a_decode_step(replay_host_seconds)
     calls = []
 
     class Graph:
@@ -475,15 +483,9 @@ def test_back_to_back_replays_run_the_decode_loop_between_two_drains():
     """The CPU probe of decode steps: ``steps`` replays as the decode loop makes them (each waits
     for the fence of the replay ``REPLAYS_IN_FLIGHT`` before it), from position 0, with the
     engine drained before and after so that its threads' work on those steps is inside."""
-    import sida_moe
-    from sida_moe.decode_graph import replay_back_to_back, static_generate
-    from sida_moe.presets import build_model
+    from sida_moe.decode_graph import replay_back_to_back
 
-    model = sida_moe.offload(build_model("qwen3-moe-tiny"), gpu_budget=0.5, prefetch="none")
-    engine = model.sida_engine
-    assert replay_back_to_back(model, 1) is None  # nothing captured
-    static_generate(model, torch.randint(3, 200, (1, 5)), 6, graphs=False)
-    (step,) = model._sida_decode_steps.values()
+    model, engine, step = _offloaded_with_a_decode_step(replay_back_to_back)
     calls = []
 
     class Graph:

@@ -289,20 +289,26 @@ def test_step_inside_an_enclosing_capture_is_recorded_there_and_counted_by_advan
         decoder = GraphedDecoder(pred, 1, max_len=32)
         _, state = pred(embeds[:, :6])
         assert decoder.load(state) and decoder.graphed  # its own graph, captured at the first load
-        static = embeds[:, 6:7].clone()
-        torch.cuda.synchronize()
-        outer = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(outer):
-            logits, _ = decoder.step(static)
-        assert decoder.length == 6
-        for t in range(6, 10):
-            static.copy_(embeds[:, t : t + 1])
-            outer.replay()
-            decoder.advance()
-            want, state = pred(embeds[:, t : t + 1], state)
-            assert torch.allclose(logits, want, atol=1e-4), t
+        _replay_in_an_enclosing_graph(pred, decoder, embeds, state, 6, 10, compiled=False)
         assert decoder.length == 10
-        _assert_states_equal(decoder.to_state(), state, 1e-4)
+
+
+def _replay_in_an_enclosing_graph(pred, decoder, embeds, state, start, end, compiled):
+    """Capture one ``decoder.step`` inside an outer graph (recorded there: ``length`` unchanged),
+    then replay it for tokens ``start..end - 1``, each equal to the eager forward."""
+    static = embeds[:, start : start + 1].clone()
+    torch.cuda.synchronize()
+    outer = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(outer):
+        logits, _ = decoder.step(static, compiled=compiled)
+    assert decoder.length == start
+    for t in range(start, end):
+        static.copy_(embeds[:, t : t + 1])
+        outer.replay()
+        decoder.advance()
+        want, state = pred(embeds[:, t : t + 1], state)
+        assert torch.allclose(logits, want, atol=1e-4), t
+    _assert_states_equal(decoder.to_state(), state, 1e-4)
 
 
 @pytest.mark.gpu
@@ -319,16 +325,4 @@ def test_compiled_step_inside_an_enclosing_capture_is_recorded_there():
         want, state = pred(embeds[:, 6:7], state)
         got, _ = decoder.step(embeds[:, 6:7], compiled=True)  # compiles, outside any capture
         assert torch.allclose(got, want, atol=1e-4)
-        static = embeds[:, 7:8].clone()
-        torch.cuda.synchronize()
-        outer = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(outer):
-            logits, _ = decoder.step(static, compiled=True)
-        assert decoder.length == 7
-        for t in range(7, 11):
-            static.copy_(embeds[:, t : t + 1])
-            outer.replay()
-            decoder.advance()
-            want, state = pred(embeds[:, t : t + 1], state)
-            assert torch.allclose(logits, want, atol=1e-4), t
-        _assert_states_equal(decoder.to_state(), state, 1e-4)
+        _replay_in_an_enclosing_graph(pred, decoder, embeds, state, 7, 11, compiled=True)
