@@ -48,6 +48,18 @@ def _check_bytes(cache):
         assert cache.read_slot(slot)[:NBYTES] == expert_bytes(layer, expert), (layer, expert, slot)
 
 
+def test_feed_only_rows_load_nothing_and_are_remembered(pool, backend):
+    with sm.SlotCache(pool, 12, policy="predictive") as c:
+        ids, stream = _ids(backend, [[1, 2, 2, 1], [0, 5, 5, 7], [3, 4, 3, 4]])
+        c.prefetch_deferred(ids.data_ptr(), [0, 1, 2], 4, stream, future=True, remember=True, feed_only=True)
+        assert c.wait_deferred(10)
+        c.synchronize()
+        assert c.resident() == {}
+        s = c.stats()
+        assert s["deferred_handled"] == 1 and s["deferred_queued"] == 0 and s["prefetch_queued"] == 0
+        assert c.take_deferred_error() is None
+
+
 def test_prediction_is_prefetched_and_fed_to_the_policy(pool, backend):
     with sm.SlotCache(pool, 12, policy="predictive") as c:
         ids, stream = _ids(backend, [[1, 2, 2, 1], [0, 5, 5, 7], [3, 4, 3, 4]])
