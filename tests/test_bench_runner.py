@@ -418,16 +418,15 @@ def test_offload_drops_decode_steps_captured_on_the_resident_model():
     model.sida_engine.close()
 
 
-def test_resident_graphed_needs_cuda_and_unpadded_prompts():
+def test_resident_graphed_needs_cuda():
     from sida_moe.bench.runner import optional_parts
 
     cpu = optional_parts(BenchConfig(device="cpu", baselines=("resident", "resident_graphed")))
     assert cpu == (("resident",), False, "skipping the resident_graphed baseline: CUDA graphs need a CUDA device")
-    # on CUDA (the device is only named here, never used) batches of several rows are left-padded
-    mixed = optional_parts(BenchConfig(device="cuda", batch_sizes=(1, 4), baselines=("resident_graphed",)))
-    assert mixed[0] == ("resident_graphed",) and mixed[2].startswith("resident_graphed runs at batch 1 only")
-    assert optional_parts(BenchConfig(device="cuda", batch_sizes=(4,), baselines=("resident_graphed",)))[0] == ()
-    assert optional_parts(BenchConfig(device="cuda", baselines=("resident_graphed",))) == (("resident_graphed",), False, None)
+    # on CUDA (the device is only named here, never used) every batch size, left-padded ones too
+    for sizes in ((1,), (1, 4), (4,)):
+        got = optional_parts(BenchConfig(device="cuda", batch_sizes=sizes, baselines=("resident_graphed",)))
+        assert got == (("resident_graphed",), False, None)
 
 
 def _offloaded_with_a_decode_step(probe):

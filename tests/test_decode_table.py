@@ -475,6 +475,8 @@ def test_left_padded_batches_give_transformers_tokens(family):
         want = original.generate(ids, attention_mask=mask, max_new_tokens=8, do_sample=False, pad_token_id=0)
         got = static_generate(offloaded, ids, 8, attention_mask=mask, graphs=False)
         assert torch.equal(got, want)
+        # the same loop on transformers' own model (the bench's resident_graphed at batch > 1)
+        assert torch.equal(static_generate(original, ids, 8, attention_mask=mask, graphs=False), want)
         # a later unpadded call gets an unpadded step of its own
         plain = _prompt(batch=3, length=7)
         assert torch.equal(static_generate(offloaded, plain, 8, graphs=False),

@@ -146,12 +146,6 @@ def optional_parts(cfg: BenchConfig) -> tuple[tuple[str, ...], bool, str | None]
         if bench_device(cfg).type != "cuda":
             baselines = tuple(b for b in baselines if b != "resident_graphed")
             notes.append("skipping the resident_graphed baseline: CUDA graphs need a CUDA device")
-        elif any(b > 1 for b in cfg.batch_sizes):
-            # the graphed loop takes unpadded prompts; the bench's prompts of several rows are ragged
-            if 1 not in cfg.batch_sizes:
-                baselines = tuple(b for b in baselines if b != "resident_graphed")
-            notes.append("resident_graphed runs at batch 1 only: the bench left-pads batches of more rows and "
-                         "the graphed loop takes unpadded prompts")
     return baselines, plots, "; ".join(notes) or None
 
 
@@ -511,7 +505,8 @@ def run_bench(cfg: BenchConfig) -> list[dict[str, Any]]:
     def gen_graphed(b: int, n: int) -> torch.Tensor:
         from_start()
         torch.manual_seed(cfg.seed)  # as _generate: the same sampled sequence for every system
-        return graphed.generate(prompts[b]["input_ids"], n, cfg.compile, SamplingParams(**_SAMPLING) if sample else None)
+        return graphed.generate(prompts[b]["input_ids"], n, cfg.compile, SamplingParams(**_SAMPLING) if sample else None,
+                                prompts[b]["attention_mask"])
 
     def forced_logits(b: int) -> torch.Tensor:
         from_start()
@@ -520,12 +515,11 @@ def run_bench(cfg: BenchConfig) -> list[dict[str, Any]]:
     vocab = model.get_input_embeddings().num_embeddings
     text_ids = _text_ids(cfg, vocab) if cfg.prompt_file else None
     prompts = {b: _prompts(model, b, cfg.prompt_tokens, cfg.seed, device, text_ids) for b in cfg.batch_sizes}
-    unpadded = [b for b in cfg.batch_sizes if bool(prompts[b]["attention_mask"].all())]
     reference: dict[int, torch.Tensor] = {}
     reference_logits: dict[int, torch.Tensor] = {}  # the resident model's, teacher-forced on its tokens
     configs_per_budget = len(cfg.policies) * len(cfg.predictors) + sum(b in baselines for b in ("ondemand_lru", "sida_sync"))
     total = len(cfg.batch_sizes) * (len(cfg.budgets) * configs_per_budget + sum(
-        b in baselines for b in ("resident", "accelerate_cpu"))) + len(unpadded) * ("resident_graphed" in baselines)
+        b in baselines for b in ("resident", "accelerate_cpu", "resident_graphed")))
     bar = tqdm(total=total, desc="bench", unit="row", disable=not cfg.progress)
 
     def record(system: str, batch: int, rounds: list[Round], n: int, extra: dict[str, Any],
@@ -587,10 +581,10 @@ def run_bench(cfg: BenchConfig) -> list[dict[str, Any]]:
         resident_impl, impl_cost = set_fastest_experts_implementation(
             model, lambda: decode_seconds_per_step(lambda n: gen(b0, n), min(n_new, 12), device))
         meta["experts_implementation_s_per_decode_token"] = impl_cost
-    graphed = GraphedResident(model) if "resident_graphed" in baselines and unpadded else None
+    graphed = GraphedResident(model) if "resident_graphed" in baselines else None
     graphed_impl = None
     if graphed is not None:
-        bg = unpadded[0]
+        bg = cfg.batch_sizes[0]
         # eager's per-expert loop reads routing on the host: it cannot be captured
         graphed_impl, graphed_cost = set_fastest_experts_implementation(
             model, lambda: decode_seconds_per_step(lambda n: gen_graphed(bg, n), min(n_new, 12),
@@ -614,7 +608,7 @@ def run_bench(cfg: BenchConfig) -> list[dict[str, Any]]:
         visits = {}
         if "resident" in baselines:
             visits["resident"] = visit(lambda n, b=b: gen(b, n), n_new, uses(resident_impl))
-        if graphed is not None and b in unpadded:
+        if graphed is not None:
             visits["resident_graphed"] = visit(lambda n, b=b: gen_graphed(b, n), n_new,
                                                uses(graphed_impl), add_enqueue(b))
         if not visits:

@@ -137,9 +137,9 @@ class GraphedResident:
         self._captured_with: str | None = None
 
     def generate(self, input_ids: torch.Tensor, new_tokens: int, compile: bool = False,
-                 sampling: SamplingParams | None = None) -> torch.Tensor:
-        """The ``[B, new_tokens]`` ids after ``input_ids`` (unpadded), greedy or drawn with
-        ``sampling``, the step compiled first with ``compile``."""
+                 sampling: SamplingParams | None = None, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """The ``[B, new_tokens]`` ids after ``input_ids`` (left-padded where ``attention_mask``
+        has zeros), greedy or drawn with ``sampling``, the step compiled first with ``compile``."""
         from sida_moe.decode_graph import forget_captured_steps, static_generate
 
         impl = getattr(self.model.config, "_experts_implementation", None)
@@ -147,4 +147,4 @@ class GraphedResident:
             forget_captured_steps(self.model)
             self._captured_with = impl
         return static_generate(self.model, input_ids, new_tokens, graphs=True, compile=compile,
-                               sampling=sampling)[:, input_ids.shape[1]:]
+                               sampling=sampling, attention_mask=attention_mask)[:, input_ids.shape[1]:]
