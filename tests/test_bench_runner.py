@@ -478,7 +478,7 @@ def test_replay_probe_times_launch_and_hand_over_of_the_captured_step(fake_clock
     engine.close()
 
 
-def test_back_to_back_replays_run_the_decode_loop_between_two_drains():
+def test_back_to_back_replays_run_the_decode_loop_between_two_drains(fake_clock):
     """The CPU probe of decode steps: ``steps`` replays as the decode loop makes them (each waits
     for the fence of the replay ``REPLAYS_IN_FLIGHT`` before it), from position 0, with the
     engine drained before and after so that its threads' work on those steps is inside."""
@@ -512,8 +512,10 @@ def test_back_to_back_replays_run_the_decode_loop_between_two_drains():
     with pytest.raises(ValueError, match="at most the captured step's cache length 256"):
         replay_back_to_back(model, 1, steps=257)
     assert calls == []  # refused before anything ran
+    reads = fake_clock.reads
     seconds = replay_back_to_back(model, 1, steps=3)
-    assert seconds is not None and seconds >= 0
+    # one clock read before the replays and one after: the interval over the 3 steps
+    assert seconds == pytest.approx(1e-3 * ((reads + 2) ** 2 - (reads + 1) ** 2) / 3)
     assert calls == ["drain",
                      ("wait", 0), ("replay", 0, 0), ("record", 0), "hand over",
                      ("wait", 1), ("replay", 1, 0), ("record", 1), "hand over",
