@@ -263,6 +263,10 @@ def test_the_loop_stops_soon_after_every_row_has_finished():
     assert torch.equal(got, want)
     assert want.shape[1] - ids.shape[1] <= 3
     assert len(forwards) <= 3 + FINISHED_CHECK_EVERY  # not the 200 asked for
+    with torch.inference_mode():  # any number of EOS ids, ids past the vocabulary ignored
+        many = eos + [t for t in range(80, 100) if t not in eos][:9] + [10**9]
+        want = original.generate(ids, max_new_tokens=200, do_sample=False, eos_token_id=many, pad_token_id=0)
+        assert torch.equal(static_generate(offloaded, ids, 200, eos_token_id=many, pad_token_id=0, graphs=False), want)
     with torch.inference_mode():  # without EOS ids the call runs to its length
         assert static_generate(offloaded, ids, 20, graphs=False).shape[1] == ids.shape[1] + 20
 

@@ -49,11 +49,10 @@ class _Step:
     position: torch.Tensor  # [1] cache position of the step; the step increments it
     tokens: torch.Tensor  # [B, cache length] every step's token
     index: torch.Tensor  # [1] column of `tokens` the step writes; the step increments it
-    eos: torch.Tensor  # [EOS_IDS] the call's EOS ids, -1 past them (never a token)
+    eos: torch.Tensor  # [V] bool: the call's EOS ids
     finished: torch.Tensor  # [B] bool: the row has produced an EOS token; the step updates it
     min_new: torch.Tensor  # [1] the call's min_new_tokens: EOS ids are masked while index < min_new
     sampler: SamplerState | None = None  # None: greedy steps
-    eos_hot: torch.Tensor | None = None  # [V] bool, the call's EOS ids (made at the first prefill)
     # padded steps: [B, cache length] attention mask (the prompt's, then ones) and [B, 1] pad count
     mask: torch.Tensor | None = None
     pads: torch.Tensor | None = None
@@ -71,9 +70,8 @@ class _Step:
 # about two steps.
 REPLAYS_IN_FLIGHT = 2
 
-# EOS ids a step recognises (a call with more never stops early), and the steps between looks at
-# whether every row has finished (a look copies one flag to the host without waiting for it)
-EOS_IDS = 8
+# steps between looks at whether every row has finished (a look copies one flag to the host
+# without waiting for it)
 FINISHED_CHECK_EVERY = 8
 
 
@@ -101,12 +99,12 @@ def _forward_step(model: nn.Module, step: _Step, forward: nn.Module) -> None:
 def _min_new_mask(logits: torch.Tensor, step: _Step) -> torch.Tensor:
     """``logits [B, V]`` with the EOS ids at -inf while fewer than ``min_new`` tokens have been
     produced (``index``): transformers' ``MinNewTokensLengthLogitsProcessor``, on the device."""
-    return logits.masked_fill(step.eos_hot & (step.index < step.min_new), float("-inf"))
+    return logits.masked_fill(step.eos & (step.index < step.min_new), float("-inf"))
 
 
 def _is_eos(tokens: torch.Tensor, step: _Step) -> torch.Tensor:
     """``[B]``: whether each row's ``[B, 1]`` token is one of the call's EOS ids."""
-    return (tokens == step.eos).any(dim=1)
+    return step.eos[tokens[:, 0]]
 
 
 class _FinishedWatch:
@@ -237,17 +235,10 @@ def static_generate(
     logits = model(input_ids=input_ids, past_key_values=step.cache,
                    cache_position=torch.arange(prompt_len, device=device), use_cache=True, **padding).logits
     eos_ids = [] if eos_token_id is None else [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id)
-    step.eos.fill_(-1)
-    if 0 < len(eos_ids) <= EOS_IDS:
-        step.eos[: len(eos_ids)] = torch.tensor(eos_ids, dtype=torch.long)
-    vocab = logits.shape[-1]
-    if step.eos_hot is None or step.eos_hot.shape[0] != vocab:
-        step.eos_hot = torch.zeros(vocab, dtype=torch.bool, device=device)
-        step.graph = None  # a capture reads the buffer it was captured with
-    step.eos_hot.zero_()
-    in_vocab = [e for e in eos_ids if 0 <= e < vocab]
-    if in_vocab:
-        step.eos_hot[torch.tensor(in_vocab, dtype=torch.long)] = True
+    eos_ids = [e for e in eos_ids if 0 <= e < step.eos.shape[0]]  # an id past the vocabulary is never produced
+    step.eos.zero_()
+    if eos_ids:
+        step.eos[torch.tensor(eos_ids, dtype=torch.long)] = True
     step.min_new.fill_(min_new_tokens)
     step.index.zero_()  # no new token yet
     first = next_tokens(_min_new_mask(logits[:, -1], step), step.sampler)
@@ -266,7 +257,7 @@ def static_generate(
         if produced < max_new_tokens:
             _capture(model, engine, step, forward)
             produced += 1
-    watch = _FinishedWatch(step) if 0 < len(eos_ids) <= EOS_IDS else None
+    watch = _FinishedWatch(step) if eos_ids else None
     while produced < max_new_tokens:
         if graphs:
             _replay(engine, step)
@@ -315,7 +306,7 @@ def _step_for(model: nn.Module, want: StepKey, device: torch.device) -> _Step:
             position=torch.zeros(1, dtype=torch.long, device=device),
             tokens=torch.zeros((batch, length), dtype=torch.long, device=device),
             index=torch.zeros(1, dtype=torch.long, device=device),
-            eos=torch.full((EOS_IDS,), -1, dtype=torch.long, device=device),
+            eos=torch.zeros(model.get_output_embeddings().weight.shape[0], dtype=torch.bool, device=device),
             finished=torch.zeros(batch, dtype=torch.bool, device=device),
             min_new=torch.zeros(1, dtype=torch.long, device=device),
             sampler=SamplerState(device) if key.sampled else None,
@@ -432,10 +423,10 @@ def replay_host_seconds(model: nn.Module, batch_size: int, steps: int = 16, comp
 def replay_back_to_back(model: nn.Module, batch_size: int, steps: int = 32, compiled: bool = False,
                         sampled: bool = False) -> float | None:
     """Replay the decode step captured for ``batch_size`` (and ``compiled``, ``sampled``)
-    ``steps`` times as the decode loop does, with the device and the engine's threads drained before and after;
-    returns the wall seconds per step (None if no such step was captured). A benchmark reads
-    thread CPU times around it: the host's cost of decode steps alone, without a call's
-    prefill."""
+    ``steps`` times as the decode loop does, with the device and the engine's threads drained
+    before and after; returns the wall seconds per step (None if no such step was captured). A
+    benchmark reads thread CPU times around it: the host's cost of decode steps alone, without a
+    call's prefill."""
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
         raise ValueError(f"steps must be an int >= 1, got {steps!r}")
     step = _captured_step(model, batch_size, compiled, sampled)
@@ -544,8 +535,6 @@ def _plain_call(model: nn.Module, args: tuple, kwargs: dict) -> _PlainCall | Non
     sample = kwargs.get("do_sample")
     sampling = _sampling_of(cfg, kwargs) if (cfg.do_sample if sample is None else sample) else None
     return _PlainCall(ids, new, eos, pad, sampling, mask, min_new)
-
-
 
 
 def install_generate(model: nn.Module) -> None:
