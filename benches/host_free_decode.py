@@ -269,7 +269,7 @@ def main() -> None:
             ids = torch.randint(3, 1000, (batch, args.prompt_len), device=device, generator=torch.Generator(device).manual_seed(batch))
             for budget in budgets:
                 try:
-                    run_batch(args, report, [budget], engine, resident_model, offloaded, ids)
+                    run_batch(args, report, budget, engine, resident_model, offloaded, ids)
                 except torch.OutOfMemoryError as e:  # e.g. bs8 at 100% beside the resident model: the rest goes on
                     for m in (resident_model, offloaded):
                         m.__dict__.pop("_sida_decode_steps", None)
@@ -285,7 +285,7 @@ def main() -> None:
             m.__dict__.pop("_sida_decode_steps", None)
 
 
-def run_batch(args, report, budgets, engine, resident_model, offloaded, ids) -> None:
+def run_batch(args, report, budget, engine, resident_model, offloaded, ids) -> None:
     device, batch = ids.device, ids.shape[0]
     systems = {
         # the same graphed greedy loop over transformers' own resident model
@@ -311,115 +311,114 @@ def run_batch(args, report, budgets, engine, resident_model, offloaded, ids) -> 
     graphed = [name for name in systems if name != "sida_eager"]
     offloaded_graphed = [name for name in graphed if name.startswith("sida_")]
     n = args.new_tokens
-    for bi, budget in enumerate(budgets):
-        if bi or engine.num_slots != engine.slots_for(budget):
-            engine.reopen_cache(engine.slots_for(budget), args.policy)
-        if args.routing == "model":
-            with torch.inference_mode():
-                want = resident_model(input_ids=ids).logits[:, -1].float()
-                got = offloaded(input_ids=ids).logits[:, -1].float()
-            top2 = want.topk(2, dim=-1).values
-            logit_check = {"max_abs_diff": float((want - got).abs().max()), "max_abs_logit": float(want.abs().max()),
-                           "min_top2_margin": float((top2[:, 0] - top2[:, 1]).min()),
-                           "same_argmax": bool(torch.equal(want.argmax(-1), got.argmax(-1)))}
-        else:
-            logit_check = None
-        rows = {name: {"decode_ms": [], "host_cpu_ms": [], "thread_cpu_ms": [], "threads_cpu_s": {}, "tokens": None}
-                for name in systems}
-        misses = {name: {"misses": [], "copied": [], "hit_rate": []} for name in offloaded_graphed}
-        enqueue = {name: [] for name in graphed}
-        for name, fn in systems.items():  # warm-up: compile kernels, capture graphs, fill the cache
-            t0 = time.perf_counter()
-            fn(4)
-            fn(n)
-            report.setdefault("warmup_s", {})[f"{args.routing}_bs{batch}_{budget}_{name}"] = time.perf_counter() - t0
-        for r in range(args.rounds):
-            order = list(systems) if r % 2 == 0 else list(reversed(systems))
-            for name in order:
-                fn, row = systems[name], rows[name]
-                engine.reset_stats()
-                w1, p1, t1, _, c1 = timed(lambda: fn(1), device)
-                s1 = engine.stats()
-                engine.reset_stats()
-                wn, pn, tn, tokens, cn = timed(lambda: fn(n), device)
-                if name in misses:
-                    # decode only: the N-token call's counters less the 1-token call's (prefill)
-                    sn = engine.stats()
-                    d = {k: sn[k] - s1[k] for k in ("hits", "misses", "bytes_copied")}
-                    lookups = d["hits"] + d["misses"]
-                    misses[name]["misses"].append(d["misses"] / (n - 1))
-                    misses[name]["copied"].append(d["bytes_copied"] / (n - 1))
-                    misses[name]["hit_rate"].append(d["hits"] / lookups if lookups else 0.0)
-                row["decode_ms"].append((wn - w1) * 1e3 / (n - 1))
-                if name in enqueue:
-                    model = resident_model if name.startswith("resident") else offloaded
-                    kind = {"compiled": "_compiled" in name, "sampled": name.endswith("_sampled")}
-                    enqueue[name].append(enqueue_ms(model, batch, **kind))
-                    # CPU of decode steps alone: back-to-back replays (a call's prefill is not in it)
-                    _, pb, tb, _, cb = timed(lambda: replay_back_to_back(model, batch, CPU_PROBE_STEPS, **kind), device)
-                    row["host_cpu_ms"].append(pb * 1e3 / CPU_PROBE_STEPS)
-                    row["thread_cpu_ms"].append(tb * 1e3 / CPU_PROBE_STEPS)
-                    for k, v in cb.items():
-                        row["threads_cpu_s"][k] = row["threads_cpu_s"].get(k, 0.0) + v / CPU_PROBE_STEPS * (n - 1)
-                else:
-                    row["host_cpu_ms"].append((pn - p1) * 1e3 / (n - 1))
-                    row["thread_cpu_ms"].append((tn - t1) * 1e3 / (n - 1))
-                    for k in set(c1) | set(cn):  # jiffies: meaningful summed over rounds, not per call
-                        row["threads_cpu_s"][k] = row["threads_cpu_s"].get(k, 0.0) + cn.get(k, 0.0) - c1.get(k, 0.0)
-                row["tokens"] = tokens[:, args.prompt_len:].tolist()
-            print(f"[{args.routing} bs{batch} {budget}] round {r}: " + ", ".join(f"{k} {v['decode_ms'][-1]:.2f} ms" for k, v in rows.items()), flush=True)
-        out = {"logit_check": logit_check}
-        ref = rows["resident_graphed"]["tokens"]
-        for name, row in rows.items():
-            d = summary(row["decode_ms"])
-            out[name] = {
-                "decode_ms_per_step": d,
-                "decode_tokens_per_s": {k: (1e3 * batch / v if k != "n" else v) for k, v in d.items()},
-                "host_cpu_ms_per_step": summary(row["host_cpu_ms"]),
-                "inference_thread_cpu_ms_per_step": summary(row["thread_cpu_ms"]),
-                # decode CPU per step by thread name, over all rounds
-                "threads_cpu_ms_per_step": {k: v * 1e3 / (args.rounds * (n - 1)) for k, v in row["threads_cpu_s"].items()},
-                "cpu_method": (f"{CPU_PROBE_STEPS} back-to-back replays of the captured step between two drains "
-                               "(decode_graph.replay_back_to_back)" if name in enqueue
-                               else "(N-token call - 1-token call) / (N - 1)"),
-                "same_tokens_as_resident_graphed": row["tokens"] == ref,
-                "same_tokens_as_sida_eager": row["tokens"] == rows["sida_eager"]["tokens"],
-                "first_tokens": row["tokens"][0][:16],
-            }
+    if engine.num_slots != engine.slots_for(budget):
+        engine.reopen_cache(engine.slots_for(budget), args.policy)
+    if args.routing == "model":
+        with torch.inference_mode():
+            want = resident_model(input_ids=ids).logits[:, -1].float()
+            got = offloaded(input_ids=ids).logits[:, -1].float()
+        top2 = want.topk(2, dim=-1).values
+        logit_check = {"max_abs_diff": float((want - got).abs().max()), "max_abs_logit": float(want.abs().max()),
+                       "min_top2_margin": float((top2[:, 0] - top2[:, 1]).min()),
+                       "same_argmax": bool(torch.equal(want.argmax(-1), got.argmax(-1)))}
+    else:
+        logit_check = None
+    rows = {name: {"decode_ms": [], "host_cpu_ms": [], "thread_cpu_ms": [], "threads_cpu_s": {}, "tokens": None}
+            for name in systems}
+    misses = {name: {"misses": [], "copied": [], "hit_rate": []} for name in offloaded_graphed}
+    enqueue = {name: [] for name in graphed}
+    for name, fn in systems.items():  # warm-up: compile kernels, capture graphs, fill the cache
+        t0 = time.perf_counter()
+        fn(4)
+        fn(n)
+        report.setdefault("warmup_s", {})[f"{args.routing}_bs{batch}_{budget}_{name}"] = time.perf_counter() - t0
+    for r in range(args.rounds):
+        order = list(systems) if r % 2 == 0 else list(reversed(systems))
+        for name in order:
+            fn, row = systems[name], rows[name]
+            engine.reset_stats()
+            w1, p1, t1, _, c1 = timed(lambda: fn(1), device)
+            s1 = engine.stats()
+            engine.reset_stats()
+            wn, pn, tn, tokens, cn = timed(lambda: fn(n), device)
+            if name in misses:
+                # decode only: the N-token call's counters less the 1-token call's (prefill)
+                sn = engine.stats()
+                d = {k: sn[k] - s1[k] for k in ("hits", "misses", "bytes_copied")}
+                lookups = d["hits"] + d["misses"]
+                misses[name]["misses"].append(d["misses"] / (n - 1))
+                misses[name]["copied"].append(d["bytes_copied"] / (n - 1))
+                misses[name]["hit_rate"].append(d["hits"] / lookups if lookups else 0.0)
+            row["decode_ms"].append((wn - w1) * 1e3 / (n - 1))
             if name in enqueue:
-                out[name]["host_enqueue_ms_per_step"] = summary(enqueue[name])
-        expert_bytes = engine.pool.expert_nbytes
-        for name, m in misses.items():
-            out[name]["hit_rate"] = summary(m["hit_rate"])
-            out[name]["zero_copy_miss_bytes_per_step"] = summary([x * expert_bytes for x in m["misses"]])
-            out[name]["copied_bytes_per_step"] = summary(m["copied"])
-        out["engine"] = engine.describe()
-        sim_tokens = n if args.sim_tokens is None else args.sim_tokens
-        if args.routing != "model" and sim_tokens > 0:
-            out["cache_sim"] = cache_sim(engine, offloaded, ids, sim_tokens, args.policy)
-        report["rows"][f"{args.routing}_bs{batch}_{budget}"] = out
-        with open(args.out, "w") as f:
-            json.dump(report, f, indent=1)
-        for name in systems:
-            r = out[name]
-            extra = f", enqueue {r['host_enqueue_ms_per_step']['median']:.3f} ms/step" if name in enqueue else ""
-            print(f"[{args.routing} bs{batch} {budget}] {name}: {r['decode_tokens_per_s']['median']:.1f} tok/s "
-                  f"({r['decode_tokens_per_s']['min']:.1f}-{r['decode_tokens_per_s']['max']:.1f}), process CPU "
-                  f"{r['host_cpu_ms_per_step']['median']:.2f} ms/step (thread {r['inference_thread_cpu_ms_per_step']['median']:.2f})"
-                  f"{extra}, by thread " + ", ".join(f"{k} {v:.2f}" for k, v in sorted(r["threads_cpu_ms_per_step"].items()))
-                  + f", same tokens as resident {r['same_tokens_as_resident_graphed']} / as sida_eager "
-                  f"{r['same_tokens_as_sida_eager']}", flush=True)
-        for name in misses:
-            g = out[name]
-            print(f"[{args.routing} bs{batch} {budget}] {name} hit rate {g['hit_rate']['median']:.3f}, zero-copy misses "
-                  f"{g['zero_copy_miss_bytes_per_step']['median'] / 1e6:.1f} MB/step, copied "
-                  f"{g['copied_bytes_per_step']['median'] / 1e6:.1f} MB/step", flush=True)
-        print(f"[{args.routing} bs{batch} {budget}] logits {logit_check}", flush=True)
-        if "cache_sim" in out:
-            c = out["cache_sim"]
-            print(f"[{args.routing} bs{batch} {budget}] cold-cache pass of {c['tokens_per_row']} tokens/row, {c['slots']} slots: "
-                  + ", ".join(f"{k} {v:.3f}" for k, v in c["hit_rate"].items())
-                  + f"; real/Belady {c['real_over_belady'] or 0:.2f} ({c['record_s']:.0f} s)", flush=True)
+                model = resident_model if name.startswith("resident") else offloaded
+                kind = {"compiled": "_compiled" in name, "sampled": name.endswith("_sampled")}
+                enqueue[name].append(enqueue_ms(model, batch, **kind))
+                # CPU of decode steps alone: back-to-back replays (a call's prefill is not in it)
+                _, pb, tb, _, cb = timed(lambda: replay_back_to_back(model, batch, CPU_PROBE_STEPS, **kind), device)
+                row["host_cpu_ms"].append(pb * 1e3 / CPU_PROBE_STEPS)
+                row["thread_cpu_ms"].append(tb * 1e3 / CPU_PROBE_STEPS)
+                for k, v in cb.items():
+                    row["threads_cpu_s"][k] = row["threads_cpu_s"].get(k, 0.0) + v / CPU_PROBE_STEPS * (n - 1)
+            else:
+                row["host_cpu_ms"].append((pn - p1) * 1e3 / (n - 1))
+                row["thread_cpu_ms"].append((tn - t1) * 1e3 / (n - 1))
+                for k in set(c1) | set(cn):  # jiffies: meaningful summed over rounds, not per call
+                    row["threads_cpu_s"][k] = row["threads_cpu_s"].get(k, 0.0) + cn.get(k, 0.0) - c1.get(k, 0.0)
+            row["tokens"] = tokens[:, args.prompt_len:].tolist()
+        print(f"[{args.routing} bs{batch} {budget}] round {r}: " + ", ".join(f"{k} {v['decode_ms'][-1]:.2f} ms" for k, v in rows.items()), flush=True)
+    out = {"logit_check": logit_check}
+    ref = rows["resident_graphed"]["tokens"]
+    for name, row in rows.items():
+        d = summary(row["decode_ms"])
+        out[name] = {
+            "decode_ms_per_step": d,
+            "decode_tokens_per_s": {k: (1e3 * batch / v if k != "n" else v) for k, v in d.items()},
+            "host_cpu_ms_per_step": summary(row["host_cpu_ms"]),
+            "inference_thread_cpu_ms_per_step": summary(row["thread_cpu_ms"]),
+            # decode CPU per step by thread name, over all rounds
+            "threads_cpu_ms_per_step": {k: v * 1e3 / (args.rounds * (n - 1)) for k, v in row["threads_cpu_s"].items()},
+            "cpu_method": (f"{CPU_PROBE_STEPS} back-to-back replays of the captured step between two drains "
+                           "(decode_graph.replay_back_to_back)" if name in enqueue
+                           else "(N-token call - 1-token call) / (N - 1)"),
+            "same_tokens_as_resident_graphed": row["tokens"] == ref,
+            "same_tokens_as_sida_eager": row["tokens"] == rows["sida_eager"]["tokens"],
+            "first_tokens": row["tokens"][0][:16],
+        }
+        if name in enqueue:
+            out[name]["host_enqueue_ms_per_step"] = summary(enqueue[name])
+    expert_bytes = engine.pool.expert_nbytes
+    for name, m in misses.items():
+        out[name]["hit_rate"] = summary(m["hit_rate"])
+        out[name]["zero_copy_miss_bytes_per_step"] = summary([x * expert_bytes for x in m["misses"]])
+        out[name]["copied_bytes_per_step"] = summary(m["copied"])
+    out["engine"] = engine.describe()
+    sim_tokens = n if args.sim_tokens is None else args.sim_tokens
+    if args.routing != "model" and sim_tokens > 0:
+        out["cache_sim"] = cache_sim(engine, offloaded, ids, sim_tokens, args.policy)
+    report["rows"][f"{args.routing}_bs{batch}_{budget}"] = out
+    with open(args.out, "w") as f:
+        json.dump(report, f, indent=1)
+    for name in systems:
+        r = out[name]
+        extra = f", enqueue {r['host_enqueue_ms_per_step']['median']:.3f} ms/step" if name in enqueue else ""
+        print(f"[{args.routing} bs{batch} {budget}] {name}: {r['decode_tokens_per_s']['median']:.1f} tok/s "
+              f"({r['decode_tokens_per_s']['min']:.1f}-{r['decode_tokens_per_s']['max']:.1f}), process CPU "
+              f"{r['host_cpu_ms_per_step']['median']:.2f} ms/step (thread {r['inference_thread_cpu_ms_per_step']['median']:.2f})"
+              f"{extra}, by thread " + ", ".join(f"{k} {v:.2f}" for k, v in sorted(r["threads_cpu_ms_per_step"].items()))
+              + f", same tokens as resident {r['same_tokens_as_resident_graphed']} / as sida_eager "
+              f"{r['same_tokens_as_sida_eager']}", flush=True)
+    for name in misses:
+        g = out[name]
+        print(f"[{args.routing} bs{batch} {budget}] {name} hit rate {g['hit_rate']['median']:.3f}, zero-copy misses "
+              f"{g['zero_copy_miss_bytes_per_step']['median'] / 1e6:.1f} MB/step, copied "
+              f"{g['copied_bytes_per_step']['median'] / 1e6:.1f} MB/step", flush=True)
+    print(f"[{args.routing} bs{batch} {budget}] logits {logit_check}", flush=True)
+    if "cache_sim" in out:
+        c = out["cache_sim"]
+        print(f"[{args.routing} bs{batch} {budget}] cold-cache pass of {c['tokens_per_row']} tokens/row, {c['slots']} slots: "
+              + ", ".join(f"{k} {v:.3f}" for k, v in c["hit_rate"].items())
+              + f"; real/Belady {c['real_over_belady'] or 0:.2f} ({c['record_s']:.0f} s)", flush=True)
 
 
 if __name__ == "__main__":
