@@ -128,39 +128,20 @@ def main() -> None:
     print(report["engine"], flush=True)
     for batch in [int(b) for b in args.batches.split(",")]:
         ids = prompts(tokenizer, batch, args.prompt_len, seed=batch).to(device)
-        models = {"resident_graphed": resident, "none_lru": none, "sida": sida}
-        systems = {
-            "resident_graphed": lambda n, ids=ids: static_generate(resident, ids, n, graphs=True),
-            # EOS off: every timed call makes its N tokens (the loop stops early once every row has finished)
-            "none_lru": lambda n, ids=ids: none.generate(ids, max_new_tokens=n, do_sample=False, sida_graphs=True,
-                                                         eos_token_id=None),
-            "sida": lambda n, ids=ids: sida.generate(ids, max_new_tokens=n, do_sample=False, sida_graphs=True,
-                                                     eos_token_id=None),
-        }
-        if dry is not None:
-            models["sida_dry"] = dry
-            systems["sida_dry"] = lambda n, ids=ids: dry.generate(ids, max_new_tokens=n, do_sample=False, sida_graphs=True,
-                                                                  eos_token_id=None)
-        if policy_only is not None:
-            models["sida_policy_only"] = policy_only
-            systems["sida_policy_only"] = lambda n, ids=ids: policy_only.generate(
-                ids, max_new_tokens=n, do_sample=False, sida_graphs=True, eos_token_id=None)
+        models = {"resident_graphed": resident}
+        systems = {"resident_graphed": lambda n, ids=ids: static_generate(resident, ids, n, graphs=True)}
         if args.compile:
-            if policy_only is not None:
-                models["sida_policy_only_compiled"] = policy_only
-                systems["sida_policy_only_compiled"] = lambda n, ids=ids: policy_only.generate(
-                    ids, max_new_tokens=n, do_sample=False, sida_compile=True, eos_token_id=None)
-            if dry is not None:
-                models["sida_dry_compiled"] = dry
-                systems["sida_dry_compiled"] = lambda n, ids=ids: dry.generate(
-                    ids, max_new_tokens=n, do_sample=False, sida_compile=True, eos_token_id=None)
-            models.update(resident_compiled=resident, none_lru_compiled=none, sida_compiled=sida)
-            systems.update(
-                resident_compiled=lambda n, ids=ids: static_generate(resident, ids, n, graphs=True, compile=True),
-                none_lru_compiled=lambda n, ids=ids: none.generate(ids, max_new_tokens=n, do_sample=False,
-                                                                   sida_compile=True, eos_token_id=None),
-                sida_compiled=lambda n, ids=ids: sida.generate(ids, max_new_tokens=n, do_sample=False,
-                                                               sida_compile=True, eos_token_id=None))
+            models["resident_compiled"] = resident
+            systems["resident_compiled"] = lambda n, ids=ids: static_generate(resident, ids, n, graphs=True, compile=True)
+        offloaded = {k: m for k, m in [("none_lru", none), ("sida", sida), ("sida_dry", dry),
+                                       ("sida_policy_only", policy_only)] if m is not None}
+        loops = {"": {"sida_graphs": True}, **({"_compiled": {"sida_compile": True}} if args.compile else {})}
+        for name, model in offloaded.items():
+            for suffix, flags in loops.items():
+                models[name + suffix] = model
+                # EOS off: every timed call makes its N tokens (the loop stops once every row has finished)
+                systems[name + suffix] = lambda n, ids=ids, model=model, flags=flags: model.generate(
+                    ids, max_new_tokens=n, do_sample=False, eos_token_id=None, **flags)
         n = args.new_tokens
         want = None
         if reference is not None:
