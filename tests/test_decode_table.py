@@ -169,6 +169,38 @@ def test_a_call_reuses_the_shortest_longer_step_instead_of_making_one():
     assert sorted(key.length for key in model._sida_decode_steps) == [512, 1024]
 
 
+def test_kept_decode_steps_are_bounded_least_recently_used_first(monkeypatch):
+    from sida_moe import decode_graph
+
+    monkeypatch.setattr(decode_graph, "MAX_KEPT_STEPS", 2)
+    model = eager_experts(tiny_model("olmoe"))
+    with torch.inference_mode():
+        for batch in (1, 2, 1, 3):  # batch 1 used again before batch 3 arrives: batch 2 is the oldest
+            ids = _prompt(batch=batch, seed=batch)
+            want = model.generate(ids, max_new_tokens=5, do_sample=False, pad_token_id=0)
+            assert torch.equal(static_generate(model, ids, 5, graphs=False), want)
+    assert [key.batch for key in model._sida_decode_steps] == [1, 3]
+
+
+def test_compiled_decode_compiles_each_new_shape_past_dynamos_recompile_limit():
+    """torch._dynamo runs a function eagerly once it holds ``recompile_limit`` compiled versions;
+    the compiled decode step makes room, so a new batch size compiles instead of silently running
+    uncompiled."""
+    import torch._dynamo
+    from torch._dynamo.utils import counters
+
+    model = eager_experts(tiny_model("olmoe"))
+    # (the config's own patch: pytest's monkeypatch cannot restore a torch config entry)
+    with torch._dynamo.config.patch(recompile_limit=1), torch.inference_mode():
+        for batch in (1, 2):
+            ids = _prompt(batch=batch, seed=batch)
+            before = counters["stats"]["unique_graphs"]
+            want = model.generate(ids, max_new_tokens=4, do_sample=False, pad_token_id=0)
+            assert torch.equal(static_generate(model, ids, 4, graphs=False, compile=True), want)
+            assert counters["stats"]["unique_graphs"] > before, f"batch {batch} ran its step uncompiled"
+        assert torch._dynamo.config.recompile_limit == 1  # the room is only taken while a step runs
+
+
 def test_eos_pads_like_transformers():
     original, offloaded = _pair("qwen3_moe", "50%")
     ids = _prompt(batch=2)

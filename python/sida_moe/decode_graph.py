@@ -25,6 +25,7 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
+from sida_moe.compiling import recompile_room
 from sida_moe.sampling import SamplerState, SamplingParams, next_tokens
 
 
@@ -69,6 +70,11 @@ class _Step:
 # device busy (the next replay is queued while one runs) and let admitted copies land within
 # about two steps.
 REPLAYS_IN_FLIGHT = 2
+
+# Decode steps kept per model (least recently used dropped first): each holds a static KV cache of
+# its batch and length and, on CUDA, a captured graph, so a server seeing many shapes would
+# otherwise keep every one's memory.
+MAX_KEPT_STEPS = 8
 
 # steps between looks at whether every row has finished (a look copies one flag to the host
 # without waiting for it)
@@ -294,13 +300,14 @@ def _step_for(model: nn.Module, want: StepKey, device: torch.device) -> _Step:
     the next power-of-two length."""
     from transformers import StaticCache
 
-    steps = model.__dict__.setdefault("_sida_decode_steps", {})
+    steps = model.__dict__.setdefault("_sida_decode_steps", {})  # oldest use first
     fits = [k for k in steps if k._replace(length=0) == want._replace(length=0) and k.length >= want.length]
     key = min(fits, key=lambda k: k.length) if fits else want._replace(length=_cache_length(want.length))
     batch, length = key.batch, key.length
-    step = steps.get(key)
+    step = steps.pop(key, None)
     if step is None:
-        step = steps[key] = _Step(
+        _drop_oldest_steps(steps, MAX_KEPT_STEPS - 1, device)
+        step = _Step(
             cache=StaticCache(config=model.config, max_cache_len=length),
             token=torch.zeros((batch, 1), dtype=torch.long, device=device),
             position=torch.zeros(1, dtype=torch.long, device=device),
@@ -315,15 +322,32 @@ def _step_for(model: nn.Module, want: StepKey, device: torch.device) -> _Step:
         )
     else:
         step.cache.reset()
+    steps[key] = step  # the newest use last
     return step
 
 
-def _compiled(model: nn.Module) -> nn.Module:
-    """``model`` under ``torch.compile``, made once per model (it recompiles per batch size and
-    cache length, the shapes of a decode step)."""
+def _drop_oldest_steps(steps: dict, keep: int, device: torch.device) -> None:
+    """Drop the least recently used of ``steps`` until ``keep`` remain; a captured graph's last
+    replays may still run, so the device is drained before its memory goes."""
+    while len(steps) > max(keep, 0):
+        old = steps.pop(next(iter(steps)))
+        if old.graph is not None and device.type == "cuda":
+            torch.cuda.synchronize(device)
+
+
+def _compiled(model: nn.Module):
+    """``model``'s forward under ``torch.compile``, made once per model (it compiles once per
+    shape of a decode step: batch size, cache length, padding), called with room for the shapes
+    a model keeps (``sida_moe.compiling``)."""
     compiled = model.__dict__.get("_sida_compiled")
     if compiled is None:
-        compiled = model.__dict__["_sida_compiled"] = torch.compile(model, dynamic=False)
+        module = torch.compile(model, dynamic=False)
+
+        def compiled(**inputs):
+            with recompile_room():
+                return module(**inputs)
+
+        model.__dict__["_sida_compiled"] = compiled
     return compiled
 
 

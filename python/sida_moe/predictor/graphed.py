@@ -24,6 +24,7 @@ import math
 import torch
 import torch.nn.functional as F
 
+from sida_moe.compiling import recompile_room
 from sida_moe.predictor.model import _MASKED_SCORE, HashPredictor, PredictorState
 from sida_moe.predictor.sparsemax import sparsemax
 
@@ -288,7 +289,13 @@ class GraphedDecoder:
         """``_step`` under ``torch.compile``, made on first use (one compile per decoder: its
         buffers are the compiled graph's inputs)."""
         if self._compiled is None:
-            self._compiled = torch.compile(self._step, dynamic=False, fullgraph=True)
+            compiled = torch.compile(self._step, dynamic=False, fullgraph=True)
+
+            def run() -> None:
+                with recompile_room():  # decoders of many shapes: each keeps its compiled step
+                    compiled()
+
+            self._compiled = run
         return self._compiled
 
     def _step(self) -> None:
