@@ -10,6 +10,8 @@ Systems (each through ``model.generate``, greedy; on CUDA the decode step is one
   but its predictions never handed to the cache (``_ComputeOnly``): the predictor's own cost;
 - with ``--policy-only``, also ``sida_policy_only``: the predictor with ``prefetch=False`` (its
   predictions steer the predictive policy's eviction and admission, no copies of their own);
+- with ``--in-flight-variant N``, also ``none_lru_ifN`` and ``sida_ifN``: ``none_lru`` and ``sida`` as
+  models of their own whose steps are captured with ``N`` replays in flight (compiled with ``--compile``);
 - with ``--compile``, also ``resident_compiled``, ``none_lru_compiled`` and ``sida_compiled``: the
   same loops with the step (the predictor's included) under ``torch.compile`` first.
 Prompts are held-out text (the Python standard library's sources), ``--prompt-len`` tokens each.
@@ -67,6 +69,17 @@ class _ComputeOnly(SidaPrefetcher):
         return None
 
 
+def _in_flight(n: int, call):
+    """``call()`` with ``n`` replays in flight for any step it captures (read at each capture)."""
+    from sida_moe import decode_graph
+
+    saved, decode_graph.REPLAYS_IN_FLIGHT = decode_graph.REPLAYS_IN_FLIGHT, n
+    try:
+        return call()
+    finally:
+        decode_graph.REPLAYS_IN_FLIGHT = saved
+
+
 def _agree(a: list[int], b: list[int]) -> int:
     """Leading tokens two greedy continuations share."""
     n = 0
@@ -94,6 +107,10 @@ def main() -> None:
     ap.add_argument("--policy-only", action="store_true", help="also sida_policy_only: SidaPrefetcher(prefetch=False)")
     ap.add_argument("--in-flight", type=int, default=None,
                     help="decode_graph.REPLAYS_IN_FLIGHT for every system (default: the library's)")
+    ap.add_argument("--in-flight-variant", type=int, default=None, metavar="N",
+                    help="also none_lru_ifN and sida_ifN: the same systems as separate models whose steps are "
+                         "captured with decode_graph.REPLAYS_IN_FLIGHT = N (compiled with --compile), timed in "
+                         "the same rounds as the rest")
     ap.add_argument("--out", required=True)
     args = ap.parse_args()
     if args.in_flight is not None:
@@ -123,6 +140,13 @@ def main() -> None:
         policy_only = from_pretrained(args.model, args.budget, args.dtype, device, "predictive",
                                       load_prefetcher(args.model, prefetch=False))
         engines["sida_policy_only"] = sida_moe.engine_of(policy_only)
+    variants = {}
+    if args.in_flight_variant is not None:
+        n_if = args.in_flight_variant
+        variants[f"none_lru_if{n_if}"] = from_pretrained(args.model, args.budget, args.dtype, device, "lru", "none")
+        variants[f"sida_if{n_if}"] = from_pretrained(args.model, args.budget, args.dtype, device, "predictive",
+                                                     load_prefetcher(args.model))
+        engines.update({name: sida_moe.engine_of(m) for name, m in variants.items()})
     report: dict = {"args": vars(args), "device": torch.cuda.get_device_name(device),
                     "engine": engines["sida"].describe(), "rows": {}}
     print(report["engine"], flush=True)
@@ -142,6 +166,11 @@ def main() -> None:
                 # EOS off: every timed call makes its N tokens (the loop stops once every row has finished)
                 systems[name + suffix] = lambda n, ids=ids, model=model, flags=flags: model.generate(
                     ids, max_new_tokens=n, do_sample=False, eos_token_id=None, **flags)
+        for name, model in variants.items():
+            models[name] = model
+            systems[name] = lambda n, ids=ids, model=model: _in_flight(args.in_flight_variant, lambda: model.generate(
+                ids, max_new_tokens=n, do_sample=False, eos_token_id=None,
+                **({"sida_compile": True} if args.compile else {"sida_graphs": True})))
         n = args.new_tokens
         want = None
         if reference is not None:
@@ -188,7 +217,8 @@ def main() -> None:
                          "same_tokens_as_reference": None if want is None else tokens[name] == want,
                          "tokens_equal_to_reference_per_row": None if want is None else
                          [_agree(a, b) for a, b in zip(tokens[name], want)],
-                         "host_enqueue_ms_per_step": enqueue_ms(models[name], batch, compiled=name.endswith("_compiled"))}
+                         "host_enqueue_ms_per_step": enqueue_ms(models[name], batch, compiled=name.endswith("_compiled")
+                                                              or (name in variants and args.compile))}
             for key in ("hit_rate", "recall", "precision", "misses", "copied"):
                 if row[key]:
                     out[name][{"misses": "misses_per_token", "copied": "copied_bytes_per_token"}.get(key, key)] = summary(row[key])
@@ -196,6 +226,9 @@ def main() -> None:
         out["sida_over_none"] = speed["sida"] / speed["none_lru"]
         if args.compile:
             out["sida_over_none_compiled"] = speed["sida_compiled"] / speed["none_lru_compiled"]
+        if variants:
+            n_if = args.in_flight_variant
+            out[f"sida_over_none_if{n_if}"] = speed[f"sida_if{n_if}"] / speed[f"none_lru_if{n_if}"]
         report["rows"][f"bs{batch}_{args.budget}"] = out
         with open(args.out, "w") as f:
             json.dump(report, f, indent=1)
@@ -208,7 +241,9 @@ def main() -> None:
                   f"{o['tokens_equal_to_resident_per_row']}), as none_lru {o['same_tokens_as_none_lru']}, as the eager "
                   f"reference {o['same_tokens_as_reference']} {o['tokens_equal_to_reference_per_row']}", flush=True)
         print(f"[bs{batch} {args.budget}] sida / none_lru: {out['sida_over_none']:.3f}x"
-              + (f", compiled {out['sida_over_none_compiled']:.3f}x" if args.compile else ""), flush=True)
+              + (f", compiled {out['sida_over_none_compiled']:.3f}x" if args.compile else "")
+              + "".join(f", {k.removeprefix('sida_over_none_')} {v:.3f}x" for k, v in out.items()
+                        if k.startswith("sida_over_none_if")), flush=True)
 
 
 if __name__ == "__main__":
