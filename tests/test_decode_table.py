@@ -3,6 +3,7 @@ the cache learns of the visit after the forward, and the greedy loop (eager here
 the GPU) gives transformers' own tokens."""
 
 import copy
+import warnings
 
 import pytest
 import torch
@@ -566,6 +567,35 @@ def test_left_padded_generate_uses_the_graphed_loop():
         want = original.generate(ids, attention_mask=mask, max_new_tokens=16, min_new_tokens=6, eos_token_id=eos,
                                  do_sample=False, pad_token_id=0)
     assert torch.equal(got, want)
+
+
+@pytest.mark.gpu
+def test_a_decode_step_that_cannot_be_captured_runs_eagerly_with_a_warning():
+    """A step doing what a capture refuses (here a layer making a device tensor from a host scalar,
+    as some transformers versions' eager attention masks do) falls back to the eager loop: the
+    same tokens, one warning, no capture tried again; ``sida_graphs=True`` raises instead."""
+    original, offloaded = _cuda_pair()
+
+    def host_scalar(module, args):
+        torch.tensor(0.0, device=args[0].device)  # a copy from pageable host memory
+
+    for model in (original, offloaded):
+        model.model.layers[0].register_forward_pre_hook(host_scalar)
+    ids = _prompt(batch=2).cuda()
+    with torch.inference_mode():
+        want = original.generate(ids, max_new_tokens=12, do_sample=False, pad_token_id=0)
+        with pytest.warns(RuntimeWarning, match="cannot be captured"):
+            got = offloaded.generate(ids, max_new_tokens=12, do_sample=False, pad_token_id=0)
+        assert torch.equal(got, want)
+        (step,) = offloaded._sida_decode_steps.values()
+        assert step.graph is None and "pinned" in step.uncapturable
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", RuntimeWarning)  # known now: no second warning
+            assert torch.equal(offloaded.generate(ids, max_new_tokens=12, do_sample=False, pad_token_id=0), want)
+        with pytest.raises(ValueError, match="cannot capture the decode step"):
+            offloaded.generate(ids, max_new_tokens=12, do_sample=False, pad_token_id=0, sida_graphs=True)
+    stats = sida_moe.engine_of(offloaded).stats()
+    assert stats["routed_visits"] == stats["table_layer_calls"]  # the aborted capture left no visit behind
 
 
 @pytest.mark.gpu

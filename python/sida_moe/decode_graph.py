@@ -19,6 +19,7 @@ import functools
 import gc
 import statistics
 import time
+import warnings
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -58,6 +59,7 @@ class _Step:
     mask: torch.Tensor | None = None
     pads: torch.Tensor | None = None
     graph: torch.cuda.CUDAGraph | None = None
+    uncapturable: str | None = None  # why capturing this step failed: its calls run it eagerly
     visits: tuple[list[int], int, bool] = ([], 0, False)  # engine.take_captured_visits()
     # completion of the last REPLAYS_IN_FLIGHT replays (see _replay), created with the graph
     fences: list | None = None
@@ -184,7 +186,8 @@ def static_generate(
     has zeros (positions then count from each row's first real token, as transformers does).
     Prefill eagerly into a static KV cache, then
     ``max_new_tokens - 1`` decode steps, replayed from a CUDA graph when ``graphs`` (default: on
-    CUDA when :func:`graphs_supported`). Rows that produced an EOS token are padded after it, and
+    CUDA when :func:`graphs_supported`; a step whose capture fails then runs eagerly, with a
+    warning, in this call and later ones; ``graphs=True`` raises ValueError instead). Rows that produced an EOS token are padded after it, and
     the result ends once every row has (as transformers does; the loop itself stops within
     ``FINISHED_CHECK_EVERY`` steps of that); ``min_new_tokens`` forbids the EOS ids before that
     many new tokens, as transformers' ``min_new_tokens``. Works for any transformers causal
@@ -215,6 +218,7 @@ def static_generate(
         raise ValueError(f"prompt ({prompt_len}) + max_new_tokens ({max_new_tokens}) exceeds the model's "
                          f"context of {limit} tokens")
     reason = graphs_supported(model, batch)
+    graphs_asked = graphs
     if graphs is None:
         graphs = reason is None
     elif graphs and reason is not None:
@@ -223,6 +227,10 @@ def static_generate(
     input_ids = input_ids.to(device=device, dtype=torch.long)
     step = _step_for(model, StepKey(batch, prompt_len + max_new_tokens, compile, sampling is not None,
                                     padded is not None), device)
+    if graphs and step.uncapturable is not None:
+        if graphs_asked:
+            raise ValueError(f"cannot capture the decode step: {step.uncapturable}")
+        graphs = False
     if sampling is not None:
         step.sampler.set(sampling)
     forward = _compiled(model) if compile else model
@@ -261,7 +269,11 @@ def static_generate(
         _forward_step(model, step, forward)
         produced += 1
         if produced < max_new_tokens:
-            _capture(model, engine, step, forward)
+            if not _capture(model, engine, step, forward):
+                if graphs_asked:
+                    raise ValueError(f"cannot capture the decode step: {step.uncapturable}")
+                graphs = False
+                _forward_step(model, step, forward)  # the step the failed capture did not run
             produced += 1
     watch = _FinishedWatch(step) if eos_ids else None
     while produced < max_new_tokens:
@@ -351,9 +363,12 @@ def _compiled(model: nn.Module):
     return compiled
 
 
-def _capture(model: nn.Module, engine, step: _Step, forward: nn.Module) -> None:
+def _capture(model: nn.Module, engine, step: _Step, forward: nn.Module) -> bool:
     """Capture one decode step, then replay it once (capturing runs nothing). Nothing else may
-    touch the device meanwhile: the engine's copy workers and routing thread are drained first."""
+    touch the device meanwhile: the engine's copy workers and routing thread are drained first.
+    False (with a warning, and ``step.uncapturable`` set) if the step cannot be captured -- e.g. a
+    transformers version whose attention mask is built from a host tensor inside the step -- and
+    then nothing of it ran."""
     if engine is not None:
         engine.quiesce()
     graph = torch.cuda.CUDAGraph()
@@ -367,6 +382,15 @@ def _capture(model: nn.Module, engine, step: _Step, forward: nn.Module) -> None:
             _forward_step(model, step, forward)
             if engine is not None:
                 step.visits = engine.take_captured_visits()
+    except RuntimeError as e:  # torch refuses what a capture cannot record, before it is issued
+        if engine is not None:
+            engine.take_captured_visits()  # what the aborted capture recorded never ran
+        lines = str(e).strip().splitlines()
+        step.uncapturable = lines[0] if lines else type(e).__name__
+        warnings.warn(f"the decode step of {type(model).__name__} (batch {step.token.shape[0]}) cannot be captured "
+                      f"in a CUDA graph, so its calls run it eagerly: {step.uncapturable}", RuntimeWarning,
+                      stacklevel=3)
+        return False
     finally:
         if collecting:
             gc.enable()
@@ -376,6 +400,7 @@ def _capture(model: nn.Module, engine, step: _Step, forward: nn.Module) -> None:
     if engine is not None:
         engine.cache.set_reader_stream(torch.cuda.current_stream(engine.device).cuda_stream)
     _replay(engine, step)
+    return True
 
 
 def _replay(engine, step: _Step) -> None:
@@ -583,8 +608,9 @@ def install_generate(model: nn.Module) -> None:
                 flag = "sida_graphs" if sida_graphs else "sida_compile"
                 raise ValueError(f"{flag}=True, but this generate call cannot use the graphed decode step: {refused}")
             return original(*args, **kwargs)
+        # graphs=None unless asked: a step that turns out not to be capturable runs eagerly, with a warning
         return static_generate(model, call.ids, call.max_new_tokens, eos_token_id=call.eos, pad_token_id=call.pad,
-                               graphs=True, compile=sida_compile, sampling=call.sampling, attention_mask=call.mask,
+                               graphs=True if sida_graphs else None, compile=sida_compile, sampling=call.sampling, attention_mask=call.mask,
                                min_new_tokens=call.min_new_tokens)
 
     model.generate = generate
