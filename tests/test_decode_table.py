@@ -571,22 +571,27 @@ def test_left_padded_generate_uses_the_graphed_loop():
 
 @pytest.mark.gpu
 def test_a_decode_step_that_cannot_be_captured_runs_eagerly_with_a_warning():
-    """A step doing what a capture refuses (here a layer making a device tensor from a host scalar,
-    as some transformers versions' eager attention masks do) falls back to the eager loop: the
-    same tokens, one warning, no capture tried again; ``sida_graphs=True`` raises instead."""
-    original, offloaded = _cuda_pair()
+    """A step doing what a capture refuses (here the last layer making a device tensor from a host
+    scalar, as some transformers versions' eager attention masks do) falls back to the eager loop:
+    the same tokens, and the same routing handed to the cache (the aborted capture's visits
+    dropped), one warning, no capture tried again; ``sida_graphs=True`` raises instead."""
+    original = tiny_model("qwen3_moe", torch.float16).cuda()
 
-    def host_scalar(module, args):
-        torch.tensor(0.0, device=args[0].device)  # a copy from pageable host memory
+    def host_scalar(module, args, kwargs):
+        torch.tensor(0.0, device=next(module.parameters()).device)  # a copy from pageable host memory
 
-    for model in (original, offloaded):
-        model.model.layers[0].register_forward_pre_hook(host_scalar)
+    original.model.layers[-1].register_forward_pre_hook(host_scalar, with_kwargs=True)
+    offloaded, eager = (sida_moe.offload(copy.deepcopy(original), gpu_budget="25%", policy="lru", prefetch="none")
+                        for _ in range(2))
     ids = _prompt(batch=2).cuda()
     with torch.inference_mode():
         want = original.generate(ids, max_new_tokens=12, do_sample=False, pad_token_id=0)
+        assert torch.equal(static_generate(eager, ids, 12, pad_token_id=0, graphs=False), want)
         with pytest.warns(RuntimeWarning, match="cannot be captured"):
             got = offloaded.generate(ids, max_new_tokens=12, do_sample=False, pad_token_id=0)
         assert torch.equal(got, want)
+        visits = [sida_moe.engine_of(m).stats()["routed_visits"] for m in (offloaded, eager)]
+        assert visits[0] == visits[1]
         (step,) = offloaded._sida_decode_steps.values()
         assert step.graph is None and "pinned" in step.uncapturable
         with warnings.catch_warnings():
@@ -594,8 +599,6 @@ def test_a_decode_step_that_cannot_be_captured_runs_eagerly_with_a_warning():
             assert torch.equal(offloaded.generate(ids, max_new_tokens=12, do_sample=False, pad_token_id=0), want)
         with pytest.raises(ValueError, match="cannot capture the decode step"):
             offloaded.generate(ids, max_new_tokens=12, do_sample=False, pad_token_id=0, sida_graphs=True)
-    stats = sida_moe.engine_of(offloaded).stats()
-    assert stats["routed_visits"] == stats["table_layer_calls"]  # the aborted capture left no visit behind
 
 
 @pytest.mark.gpu
