@@ -1,0 +1,167 @@
+"""Can the hash function predict one token further ahead? Train it on each token's own routing
+(what the prefetcher serves) and on the next token's (its embedding paired with the routing of the
+token after it), for the same time on the same trace, and compare what each adds, once its copies
+land, to the last step's routing (``benches/prediction_horizon.py`` explains the measure).
+
+In the graphed loop a prediction made at the end of step t (input: token t+1) lands for step t+2;
+``beyond_last_step`` is the share of step t+2's routed experts the prediction names and step t+1
+did not route. The own-routing predictor predicts t+1 there, the shifted one t+2.
+
+Runs on the CPU (a few minutes): the bundled checkpoint, standard-library files split into
+training and held-out ones, traces recorded here.
+
+    python benches/predictor_shifted_target.py --seconds 150 --out shifted.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import glob
+import json
+import os
+import sysconfig
+import tempfile
+from collections import OrderedDict
+
+import torch
+
+from sida_moe.predictor.traces import Traces, chunk_token_ids, load_traces, record_traces
+from sida_moe.predictor.train import TrainConfig, evaluate, train_predictor
+from sida_moe.presets import bundled_model_path
+
+
+def shifted(tr: Traces, shift: int) -> Traces:
+    """``tr`` with token t's inputs paired with token t+shift's routing."""
+    if shift == 0:
+        return tr
+    return Traces(tr.manifest, tr.input_ids[:, :-shift], tr.topk_ids[:, :, shift:], tr.logit_ids[:, :, shift:],
+                  tr.logit_vals[:, :, shift:], tr.embeddings)
+
+
+def beyond_last_step(predictor, held: Traces, shift: int) -> dict:
+    """Shares of step t+2's routed experts: named by the prediction made with input t+1 (which
+    predicts token t+1+shift), and named by it but not routed at step t+1."""
+    routed = held.topk_ids.long()  # [L, N, S, k]
+    k = routed.shape[-1]
+    with torch.no_grad():
+        logits, _ = predictor(held.embeddings[held.input_ids.long()].float())  # [L, N, S, E]
+    pred = logits.topk(k, dim=-1).indices
+    E = logits.shape[-1]
+
+    def hot(ids):
+        return torch.zeros(*ids.shape[:-1], E, dtype=torch.bool).scatter_(-1, ids, True)
+
+    want, last, ahead = hot(routed[:, :, 2:]), hot(routed[:, :, 1:-1]), hot(pred[:, :, 1:-1])
+    total = want.sum().item()
+    return {"named": (want & ahead).sum().item() / total, "beyond_last_step": (want & ahead & ~last).sum().item() / total,
+            "last_step": (want & last).sum().item() / total}
+
+
+def lru_hit_rate(routed: torch.Tensor, prefetched: torch.Tensor | None, capacity: int) -> float:
+    """Hit rate of an LRU cache of ``capacity`` experts (all layers) over decode steps:
+    ``routed [S, L, k]`` is each step's routing, ``prefetched [S, L, k]`` (or None) the experts
+    whose copies land just before each step (inserted as most recent; demand misses too)."""
+    cache: OrderedDict = OrderedDict()
+
+    def insert(key) -> None:
+        cache[key] = None
+        cache.move_to_end(key)
+        while len(cache) > capacity:
+            cache.popitem(last=False)
+
+    hits = total = 0
+    for t in range(routed.shape[0]):
+        if prefetched is not None:
+            for layer, ids in enumerate(prefetched[t].tolist()):
+                for e in ids:
+                    if e >= 0:  # -1: no prediction has landed for this step
+                        insert((layer, e))
+        for layer, ids in enumerate(routed[t].tolist()):
+            for e in ids:
+                total += 1
+                if (layer, e) in cache:
+                    hits += 1
+                    cache.move_to_end((layer, e))
+                else:
+                    insert((layer, e))
+    return hits / total
+
+
+def simulated_hits(predictors: dict, held: Traces, budget: float) -> dict:
+    """LRU hit rates over the held-out sequences (each decoded from a cold cache), alone and with
+    each predictor's copies landing ``lag`` steps after the step they were predicted for: the own-
+    routing predictor in time (lag 0, the simulators' assumption) and one step late (lag 1: the
+    graphed loop, where a prediction for t+1 lands for t+2), the shifted one at lag 1 (in time for
+    the token it predicts)."""
+    routed = held.topk_ids.long().permute(1, 2, 0, 3)  # [N, S, L, k]
+    L, E, k = held.topk_ids.shape[0], held.manifest["num_experts"], routed.shape[-1]
+    capacity = max(1, round(budget * L * E))
+    preds = {}
+    with torch.no_grad():
+        for shift, predictor in predictors.items():
+            logits, _ = predictor(held.embeddings[held.input_ids.long()].float())  # [L, N, S, E]
+            preds[shift] = logits.topk(k, dim=-1).indices.permute(1, 2, 0, 3)  # [N, S, L, k]
+    runs = {"lru": (None, 0), "own_lag0": (0, 0), "own_lag1": (0, 1), "shifted_lag1": (1, 1)}
+    out = {}
+    for name, (shift, lag) in runs.items():
+        rates = []
+        for n in range(routed.shape[0]):
+            pf = None
+            if shift is not None:
+                # the prediction at input position j names token j + shift; it lands before step j + lag
+                p = preds[shift][n]
+                pf = torch.full_like(p, -1)
+                pf[lag:] = p[: p.shape[0] - lag]
+            rates.append(lru_hit_rate(routed[n], pf, capacity))
+        out[name] = sum(rates) / len(rates)
+    return {"capacity": capacity, **out}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default=bundled_model_path())
+    ap.add_argument("--seconds", type=float, default=150.0, help="training time of each predictor")
+    ap.add_argument("--seq-len", type=int, default=256)
+    ap.add_argument("--train-sequences", type=int, default=1024)
+    ap.add_argument("--held-sequences", type=int, default=128)
+    ap.add_argument("--out", default=None)
+    args = ap.parse_args()
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(args.model)
+    model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32).eval()
+    files = sorted(glob.glob(os.path.join(sysconfig.get_paths()["stdlib"], "*.py")))
+    streams = {"train": [], "held": []}
+    for i, path in enumerate(files):
+        with open(path, encoding="utf-8", errors="replace") as f:
+            streams["held" if i % 10 == 3 else "train"].append(tokenizer(f.read()).input_ids)
+    seqs = {name: chunk_token_ids(s, args.seq_len) for name, s in streams.items()}
+    seqs = {"train": seqs["train"][: args.train_sequences], "held": seqs["held"][: args.held_sequences]}
+    report: dict = {"model": os.path.basename(args.model.rstrip("/")), "seconds": args.seconds,
+                    "sequences": {k: int(v.shape[0]) for k, v in seqs.items()}, "seq_len": args.seq_len}
+    with tempfile.TemporaryDirectory() as work:
+        traces = {}
+        for name, ids in seqs.items():
+            record_traces(model, ids, os.path.join(work, name), batch_size=32, progress=False, next_layer_gate=False)
+            traces[name] = load_traces(os.path.join(work, name))
+        predictors = {}
+        for shift in (0, 1):
+            cfg = TrainConfig(max_seconds=args.seconds, fit_gate=False, fit_temperature=False, seed=0)
+            predictor, rep = train_predictor(shifted(traces["train"], shift), cfg, progress=False)
+            recall = evaluate(predictor, shifted(traces["held"], shift))
+            report[f"shift_{shift}"] = {"steps": rep["steps_run"], "stopped_by": rep["stopped_by"],
+                                        "held_out_recall": recall[f"mean_recall@{recall['k']}"],
+                                        **beyond_last_step(predictor, traces["held"], shift)}
+            predictors[shift] = predictor
+            print(shift, json.dumps(report[f"shift_{shift}"]), flush=True)
+        for budget in (0.25, 0.5):
+            report[f"lru_simulation_{budget:g}"] = simulated_hits(predictors, traces["held"], budget)
+            print(budget, json.dumps(report[f"lru_simulation_{budget:g}"]), flush=True)
+    print(json.dumps(report, indent=1))
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(report, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
