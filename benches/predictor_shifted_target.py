@@ -53,7 +53,8 @@ def beyond_last_step(predictor, held: Traces, shift: int) -> dict:
 
     want, last, ahead = hot(routed[:, :, 2:]), hot(routed[:, :, 1:-1]), hot(pred[:, :, 1:-1])
     total = want.sum().item()
-    return {"named": (want & ahead).sum().item() / total, "beyond_last_step": (want & ahead & ~last).sum().item() / total,
+    return {"named": (want & ahead).sum().item() / total,
+            "beyond_last_step": (want & ahead & ~last).sum().item() / total,
             "last_step": (want & last).sum().item() / total}
 
 

@@ -187,11 +187,12 @@ def static_generate(
     Prefill eagerly into a static KV cache, then
     ``max_new_tokens - 1`` decode steps, replayed from a CUDA graph when ``graphs`` (default: on
     CUDA when :func:`graphs_supported`; a step whose capture fails then runs eagerly, with a
-    warning, in this call and later ones; ``graphs=True`` raises ValueError instead). Rows that produced an EOS token are padded after it, and
-    the result ends once every row has (as transformers does; the loop itself stops within
-    ``FINISHED_CHECK_EVERY`` steps of that); ``min_new_tokens`` forbids the EOS ids before that
-    many new tokens, as transformers' ``min_new_tokens``. Works for any transformers causal
-    LM; on an offloaded one each replay also hands the step's routing to its engine.
+    warning, in this call and later ones; ``graphs=True`` raises ValueError instead). Rows that
+    produced an EOS token are padded after it, and the result ends once every row has (as
+    transformers does; the loop itself stops within ``FINISHED_CHECK_EVERY`` steps of that);
+    ``min_new_tokens`` forbids the EOS ids before that many new tokens, as transformers'
+    ``min_new_tokens``. Works for any transformers causal LM; on an offloaded one each replay
+    also hands the step's routing to its engine.
 
     ``compile=True`` runs the decode step through ``torch.compile`` (inductor; an offloaded layer
     is one opaque custom op in it), so the dense part of the step -- norms, rotary embeddings,
@@ -610,8 +611,8 @@ def install_generate(model: nn.Module) -> None:
             return original(*args, **kwargs)
         # graphs=None unless asked: a step that turns out not to be capturable runs eagerly, with a warning
         return static_generate(model, call.ids, call.max_new_tokens, eos_token_id=call.eos, pad_token_id=call.pad,
-                               graphs=True if sida_graphs else None, compile=sida_compile, sampling=call.sampling, attention_mask=call.mask,
-                               min_new_tokens=call.min_new_tokens)
+                               graphs=True if sida_graphs else None, compile=sida_compile, sampling=call.sampling,
+                               attention_mask=call.mask, min_new_tokens=call.min_new_tokens)
 
     model.generate = generate
     model._sida_original_generate = original
