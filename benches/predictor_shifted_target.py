@@ -1,7 +1,7 @@
 """Can the hash function predict one token further ahead? Train it on each token's own routing
-(what the prefetcher serves) and on the next token's (its embedding paired with the routing of the
-token after it), for the same time on the same trace, and compare what each adds, once its copies
-land, to the last step's routing (``benches/prediction_horizon.py`` explains the measure).
+(what the prefetcher serves) and on the next token's (``TrainConfig(target_shift=1)``), for the
+same time on the same trace, and compare what each adds, once its copies land, to the last
+step's routing (``benches/prediction_horizon.py`` explains the measure) and to an LRU cache.
 
 In the graphed loop a prediction made at the end of step t (input: token t+1) lands for step t+2;
 ``beyond_last_step`` is the share of step t+2's routed experts the prediction names and step t+1
@@ -28,14 +28,6 @@ import torch
 from sida_moe.predictor.traces import Traces, chunk_token_ids, load_traces, record_traces
 from sida_moe.predictor.train import TrainConfig, evaluate, train_predictor
 from sida_moe.presets import bundled_model_path
-
-
-def shifted(tr: Traces, shift: int) -> Traces:
-    """``tr`` with token t's inputs paired with token t+shift's routing."""
-    if shift == 0:
-        return tr
-    return Traces(tr.manifest, tr.input_ids[:, :-shift], tr.topk_ids[:, :, shift:], tr.logit_ids[:, :, shift:],
-                  tr.logit_vals[:, :, shift:], tr.embeddings)
 
 
 def beyond_last_step(predictor, held: Traces, shift: int) -> dict:
@@ -147,9 +139,10 @@ def main() -> None:
             traces[name] = load_traces(os.path.join(work, name))
         predictors = {}
         for shift in (0, 1):
-            cfg = TrainConfig(max_seconds=args.seconds, fit_gate=False, fit_temperature=False, seed=0)
-            predictor, rep = train_predictor(shifted(traces["train"], shift), cfg, progress=False)
-            recall = evaluate(predictor, shifted(traces["held"], shift))
+            cfg = TrainConfig(max_seconds=args.seconds, fit_gate=False, fit_temperature=False, seed=0,
+                              target_shift=shift)
+            predictor, rep = train_predictor(traces["train"], cfg, progress=False)
+            recall = evaluate(predictor, traces["held"])  # against the routing of the token it predicts
             report[f"shift_{shift}"] = {"steps": rep["steps_run"], "stopped_by": rep["stopped_by"],
                                         "held_out_recall": recall[f"mean_recall@{recall['k']}"],
                                         **beyond_last_step(predictor, traces["held"], shift)}

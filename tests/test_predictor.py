@@ -447,6 +447,69 @@ def test_training_lowers_the_loss_and_reports(trace_dir, head_hidden, prev_token
     assert again["mean_recall@2"] == pytest.approx(held["mean_recall@2"])
 
 
+def _routing_by_token(traces, lag: int, sequences: int = 96):
+    """A trace of ``traces``' model over new random ``sequences`` (every token id seen often) with
+    every layer routing token t to experts chosen by the id of token t - lag (the first ``lag``
+    tokens by their own), the router's logits ranking those two first."""
+    input_ids = torch.randint(0, 64, (sequences, traces.input_ids.shape[1]), generator=torch.Generator().manual_seed(1))
+    ids = input_ids.clone()
+    if lag:
+        ids[:, lag:] = input_ids[:, :-lag]
+    first = ids % 8
+    second = (first + 1 + (ids // 8) % 7) % 8
+    L, (N, S) = traces.topk_ids.shape[0], input_ids.shape
+    top = torch.stack([first, second], dim=-1).expand(L, N, S, 2)
+    rest = torch.stack([(first + j) % 8 for j in range(2, 8)], dim=-1)
+    rest = rest.masked_fill(rest == second[..., None], -1)  # ranked after the two, each expert once
+    order = torch.cat([top[0], rest], dim=-1)
+    order = torch.stack([row[row >= 0][:5] for row in order.reshape(-1, 8)]).reshape(N, S, 5).expand(L, N, S, 5)
+    vals = torch.tensor([5.0, 4.0, 3.0, 2.0, 1.0]).expand(L, N, S, 5)
+    from sida_moe.predictor.traces import Traces
+
+    return Traces(traces.manifest, input_ids, top.clone(), order.clone(), vals.clone(), traces.embeddings)
+
+
+def test_a_next_token_predictor_learns_the_next_tokens_routing(trace_dir):
+    """target_shift=1 pairs token t's inputs with token t+1's routing, in training and in
+    evaluate: routing set by the token before it is learned; routing set by the token itself is
+    not (the next token is unknown), while an own-routing predictor learns that one."""
+    traces = load_traces(trace_dir)
+    cfg = dict(steps=150, batch_size=8, warmup_steps=5, lr=3e-3, target="topk", head_hidden=32, fit_gate=False)
+    train, held = slice(0, 80), slice(80, 96)  # held-out sequences: a memorised one predicts anything
+    by_previous, by_own = _routing_by_token(traces, lag=1), _routing_by_token(traces, lag=0)
+    ahead, report = train_predictor(by_previous.subset(train), TrainConfig.preset("paper", target_shift=1, **cfg),
+                                    held_out=by_previous.subset(held), progress=False)
+    assert ahead.config.target_shift == 1
+    assert report["held_out"]["tokens"] == 16 * 15  # every token but each sequence's last
+    assert report["held_out"]["mean_recall@2"] > 0.8
+    blind, _ = train_predictor(by_own.subset(train), TrainConfig.preset("paper", target_shift=1, **cfg),
+                               progress=False)
+    own, _ = train_predictor(by_own.subset(train), TrainConfig.preset("paper", **cfg), progress=False)
+    assert evaluate(blind, by_own.subset(held))["mean_recall@2"] < 0.5
+    assert evaluate(own, by_own.subset(held))["mean_recall@2"] > 0.8
+
+
+def test_a_next_token_predictor_is_saved_and_refused_where_own_routing_is_served(model, trace_dir, tmp_path):
+    from sida_moe.predictor import SidaPrefetcher
+
+    traces = load_traces(trace_dir)
+    pred, report = train_predictor(traces, TrainConfig.preset("paper", steps=2, batch_size=4, target_shift=1),
+                                   progress=False)
+    assert "temperature_fit" not in report  # hash routing's weights are not for it
+    pred.save(tmp_path)
+    assert HashPredictor.load(tmp_path).config.target_shift == 1
+    with pytest.raises(ValueError, match="next token's routing"):
+        SidaPrefetcher(pred)
+    with pytest.raises(ValueError, match="target_shift=1"):
+        HashRouting(model, pred)
+    with pytest.raises(ValueError, match="target_shift must be 0"):
+        TrainConfig(target_shift=2)
+    with pytest.raises(ValueError, match="use one or the other"):
+        TrainConfig(target_shift=1, prev_token_routing=True)
+    with pytest.raises(ValueError, match="target_shift must be 0"):
+        PredictorConfig(input_dim=32, num_moe_layers=2, num_experts=8, top_k=2, target_shift=-1)
+
+
 def test_device_resident_batches_match_the_host_path(trace_dir):
     """The compact copy a GPU trains from (int16 ids, fp16 logits, top-T columns only) gives the same
     batches as gathering on the host, up to fp16 rounding of the logits."""

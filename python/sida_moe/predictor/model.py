@@ -96,6 +96,9 @@ class PredictorConfig:
     weight_temperature: list[float] = field(default_factory=list)
     moe_layer_ids: list[int] = field(default_factory=list)  # decoder-layer index of each MoE layer
     model_type: str = ""
+    # tokens ahead whose routing it predicts from the tokens so far: 0 (each token's own, what the
+    # prefetcher and hash routing serve) or 1 (the next token's; research, TrainConfig.target_shift)
+    target_shift: int = 0
 
     def __post_init__(self) -> None:
         for name in ("input_dim", "num_moe_layers", "num_experts", "top_k", "hidden", "lstm_layers"):
@@ -115,6 +118,9 @@ class PredictorConfig:
             )
         if self.top_k > self.num_experts:
             raise ValueError(f"top_k ({self.top_k}) cannot exceed num_experts ({self.num_experts})")
+        if isinstance(self.target_shift, bool) or self.target_shift not in (0, 1):
+            raise ValueError(f"PredictorConfig.target_shift must be 0 (each token's own routing) or 1 (the next "
+                             f"token's), got {self.target_shift!r}")
         if self.moe_layer_ids and len(self.moe_layer_ids) != self.num_moe_layers:
             raise ValueError(
                 f"moe_layer_ids has {len(self.moe_layer_ids)} entries but num_moe_layers is {self.num_moe_layers}"

@@ -67,6 +67,9 @@ class SidaPrefetcher:
         if not isinstance(predictor, HashPredictor):
             raise TypeError(f"predictor must be a HashPredictor, got {type(predictor).__name__}")
         reason = GraphedDecoder.unsupported(predictor)
+        if reason is None and predictor.config.target_shift:
+            reason = ("it predicts the next token's routing (target_shift=1); the prefetcher serves predictors "
+                      "of each token's own routing")
         if reason is not None:
             raise ValueError(f"this predictor cannot be served: {reason}")
         if hash_weights not in ("predicted", "router"):

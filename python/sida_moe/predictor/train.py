@@ -84,6 +84,10 @@ class TrainConfig:
     fit_gate: bool = True  # the trace holds the next-layer gate: fit the fused correction's weights
     fit_temperature: bool = True  # fit hash routing's per-layer weight temperature (fit_weight_temperature)
     grad_clip: float = 1.0
+    # 0: each token's own routing (served); 1: the next token's, from the tokens up to this one --
+    # research (PredictorConfig.target_shift): a prediction made at the end of a decode step then
+    # names the step its copies land for; the prefetcher and hash routing refuse it
+    target_shift: int = 0
     seed: int = 0
     device: str = "cpu"
     max_seconds: float | None = None  # wall-clock cap: the step count is cut to fit after 20 steps
@@ -126,6 +130,12 @@ class TrainConfig:
             raise ValueError(f"kd_weight must be >= 0, got {self.kd_weight}")
         if self.target not in ("top1", "topk"):
             raise ValueError(f"target must be 'top1' or 'topk', got {self.target!r}")
+        if isinstance(self.target_shift, bool) or self.target_shift not in (0, 1):
+            raise ValueError(f"target_shift must be 0 (each token's own routing) or 1 (the next token's), "
+                             f"got {self.target_shift!r}")
+        if self.target_shift and (self.conditioned or self.prev_token_routing):
+            raise ValueError("target_shift=1 trains on the next token's routing; the conditioned and "
+                             "prev_token_routing variants refine a token's own routing: use one or the other")
 
     def widths(self, input_dim: int) -> tuple[int, int]:
         """``(hidden, head_hidden)`` for a model of hidden size ``input_dim``: the given ones, or
@@ -140,6 +150,15 @@ class TrainConfig:
 
     def use_bf16(self) -> bool:
         return self.bf16 if self.bf16 is not None else torch.device(self.device).type == "cuda"
+
+
+def _shifted(batch: tuple[torch.Tensor, ...], shift: int) -> tuple[torch.Tensor, ...]:
+    """``(embeds [B, S, d], topk_ids, logit_ids, logit_vals [L, B, S, .])`` with token t's inputs
+    paired with token t+shift's routing (``[B, S - shift, d]`` and ``[L, B, S - shift, .]``)."""
+    if not shift:
+        return batch
+    embeds, *targets = batch
+    return (embeds[:, :-shift], *(t[:, :, shift:] for t in targets))
 
 
 def warmup_cosine(step: int, warmup: int, total: int) -> float:
@@ -160,6 +179,7 @@ def predictor_config_for(
     attn_blocks: int = 0,
     attn_heads: int = 8,
     dropout: float = 0.0,
+    target_shift: int = 0,
 ) -> PredictorConfig:
     """The hash-function sizes for the model a trace was recorded from."""
     return PredictorConfig(
@@ -174,6 +194,7 @@ def predictor_config_for(
         attn_blocks=attn_blocks,
         attn_heads=attn_heads,
         dropout=dropout,
+        target_shift=target_shift,
         moe_layer_ids=list(manifest["moe_layer_ids"]),
         model_type=manifest.get("model_type", ""),
     )
@@ -379,8 +400,15 @@ def _train(
     model = predictor or HashPredictor(
         predictor_config_for(traces.manifest, conditioned=config.conditioned, hidden=hidden,
                              head_hidden=head_hidden, prev_token_routing=config.prev_token_routing,
-                             attn_blocks=config.attn_blocks, attn_heads=config.attn_heads, dropout=config.dropout)
+                             attn_blocks=config.attn_blocks, attn_heads=config.attn_heads, dropout=config.dropout,
+                             target_shift=config.target_shift)
     )
+    if model.config.target_shift != config.target_shift:
+        raise ValueError(f"the predictor given predicts {model.config.target_shift} tokens ahead, the config "
+                         f"asks for {config.target_shift} (TrainConfig.target_shift)")
+    if config.target_shift and traces.input_ids.shape[1] <= config.target_shift:
+        raise ValueError(f"target_shift={config.target_shift} needs sequences longer than it, the trace's have "
+                         f"{traces.input_ids.shape[1]} tokens")
     if model.config.num_experts != traces.manifest["num_experts"] or model.config.num_moe_layers != traces.manifest["num_moe_layers"]:
         raise ValueError("predictor sizes do not match the trace's model (num_experts / num_moe_layers)")
     model.to(device).train()
@@ -416,7 +444,7 @@ def _train(
             total_steps = max(step + 1, min(step_cap, step + int(left / per_step)))
             bar.total = total_steps
         rows = torch.randint(0, n, (min(config.batch_size, n),), generator=gen)
-        embeds, topk_ids, logit_ids, logit_vals = batches(rows)
+        embeds, topk_ids, logit_ids, logit_vals = _shifted(batches(rows), config.target_shift)
         prev = None
         if model.config.prev_token_routing:
             prev = previous_token_routing(topk_ids, model.config.num_experts)
@@ -466,9 +494,12 @@ def _train(
     }
     # fitted on training sequences; the held-out report then measures them on unseen text
     fit_on = traces.subset(slice(0, min(512, traces.num_sequences)))
-    if config.fit_gate and traces.gate_ids is not None and traces.manifest["num_moe_layers"] > 1:
+    # the gate correction and hash routing's temperature refine a token's own routing: not for a
+    # predictor of the next token's
+    if config.fit_gate and traces.gate_ids is not None and traces.manifest["num_moe_layers"] > 1 \
+            and not config.target_shift:
         report["gate_fit"] = fit_gate_weights(model, fit_on, device=config.device)
-    if config.fit_temperature:
+    if config.fit_temperature and not config.target_shift:
         report["temperature_fit"] = fit_weight_temperature(model, fit_on, device=config.device)
     report["predictor_config"] = asdict(model.config)  # with what the fits stored in it
     if held_out is not None:
@@ -596,6 +627,8 @@ def evaluate(
     ran; layer 0 keeps the run-ahead one). For the decode
     variant (``prev_token_routing``) the metrics give it the previous token's true routing, as
     decode does; ``recall@k_no_routing`` is the same predictor without it (a prompt's tokens).
+    A predictor of the next token's routing (``target_shift=1``) is scored against it (every
+    token but the last), without the gate metrics.
     """
     top_k = traces.manifest["top_k"]
     k = top_k if k is None else k
@@ -610,14 +643,15 @@ def evaluate(
     sums = {name: torch.zeros(L, dtype=torch.float64)
             for name in ("hit_k", "hit_2k", "top1_in_top3", "hit_refined", "hit_k_no_routing", "hit_gate", "hit_fused")}
     with_routing = predictor.config.prev_token_routing
+    shift = predictor.config.target_shift  # scored against the routing of the token it predicts
     tokens = 0
     conditioned = predictor.prev_routing is not None
-    has_gate = traces.gate_ids is not None and L > 1
+    has_gate = traces.gate_ids is not None and L > 1 and not shift
     fused = has_gate and bool(predictor.config.gate_weights)
     with torch.no_grad():
         for start in range(0, traces.num_sequences, batch_size):
             rows = torch.arange(start, min(start + batch_size, traces.num_sequences))
-            embeds, topk_ids, logit_ids, _ = batches(rows)
+            embeds, topk_ids, logit_ids, _ = _shifted(batches(rows), shift)
             if with_routing:  # decode: the previous token's routing is known; a prompt: it is not
                 logits, _ = predictor(embeds, prev_token_routing=previous_token_routing(topk_ids, num_experts))
                 blind, _ = predictor(embeds)
@@ -644,7 +678,7 @@ def evaluate(
                 lg = torch.cat([logits[:1].float()] + [predictor.fuse(logits[l], l, gate[l - 1])[None] for l in range(1, L)])
                 pred = lg.topk(k, dim=-1).indices
                 sums["hit_fused"] += true_mask.gather(-1, pred).sum(dim=(1, 2, 3)).double().cpu()
-            tokens += rows.numel() * traces.input_ids.shape[1]
+            tokens += rows.numel() * (traces.input_ids.shape[1] - shift)
     per_layer = []
     for l in range(L):
         row = {
