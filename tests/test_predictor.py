@@ -489,7 +489,7 @@ def test_a_next_token_predictor_learns_the_next_tokens_routing(trace_dir):
     assert evaluate(own, by_own.subset(held))["mean_recall@2"] > 0.8
 
 
-def test_a_next_token_predictor_is_saved_and_refused_where_own_routing_is_served(model, trace_dir, tmp_path):
+def test_a_next_token_predictor_is_saved_and_refused_by_hash_routing(model, trace_dir, tmp_path):
     from sida_moe.predictor import SidaPrefetcher
 
     traces = load_traces(trace_dir)
@@ -498,8 +498,7 @@ def test_a_next_token_predictor_is_saved_and_refused_where_own_routing_is_served
     assert "temperature_fit" not in report  # hash routing's weights are not for it
     pred.save(tmp_path)
     assert HashPredictor.load(tmp_path).config.target_shift == 1
-    with pytest.raises(ValueError, match="next token's routing"):
-        SidaPrefetcher(pred)
+    assert SidaPrefetcher(pred).predictor is pred  # served, its predictions a step further on
     with pytest.raises(ValueError, match="target_shift=1"):
         HashRouting(model, pred)
     with pytest.raises(ValueError, match="target_shift must be 0"):

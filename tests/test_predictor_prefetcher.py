@@ -249,6 +249,41 @@ def test_scores_equal_a_hand_count_over_the_decode_tokens(loop, batch, k):
 
 
 @pytest.mark.parametrize("loop", LOOPS)
+def test_a_next_token_predictor_is_scored_against_the_token_it_names(loop):
+    """A predictor of the next token's routing (target_shift=1): the prediction made from decode
+    token j's input names token j+1 and is scored against that forward's routing (hand count over
+    the recorded predictions and routing); the tokens stay the original model's."""
+    prefetcher = SidaPrefetcher(_predictor(seed=21, target_shift=1))
+    model = tiny_qwen3(seed=5)
+    x = torch.randint(1, 64, (1, 6), generator=torch.Generator().manual_seed(6))
+    want = _generate(tiny_qwen3(seed=5), x, 8, loop=loop)
+    offload(model, gpu_budget=0.5, policy="predictive", prefetch=prefetcher)
+    engine = engine_of(model)
+    forwards, predictions = _record_routing(prefetcher), _record_predictions(prefetcher)
+    try:
+        got = _generate(model, x, 8, loop=loop)
+        engine.wait_deferred(10.0)
+        stats = engine.stats()
+    finally:
+        engine.close()
+    assert torch.equal(got, want)
+    decode = forwards[1:]  # after the prompt's forward
+    assert len(decode) == 7 and len(predictions) >= len(decode)
+    hits = needed = total = 0
+    for j in range(len(decode) - 1):  # prediction j (token j's input) against decode forward j + 1
+        for layer in range(L):
+            used = set(decode[j + 1][layer].flatten().tolist())
+            named = set(predictions[j][layer].topk(K, dim=-1).indices.flatten().tolist())
+            hits += len(used & named)
+            needed += len(used)
+            total += len(named)
+    assert (stats["predicted_hits"], stats["predicted_needed"], stats["predicted_experts"]) == (hits, needed, total)
+    assert needed == 6 * L * K
+    with pytest.raises(ValueError, match="target_shift=1"):
+        SidaPrefetcher(_predictor(target_shift=1), hash_routing=True)
+
+
+@pytest.mark.parametrize("loop", LOOPS)
 def test_hash_routing_matches_the_hook_version_in_generation(loop):
     """The engine path (route hook, predictor state carried across decode steps by the decoder) and
     the plain-model hooks give the same tokens; router-weighted hash routing too."""
@@ -354,7 +389,7 @@ def test_every_prediction_goes_through_prefetch_deferred(feed_future):
         finally:
             engine.close()
     assert calls["eager"][0] == ((L, 5 * K), [0, 1, 2], {"future": feed_future, "forget": True})  # the prompt: unscored, and the last sequence's leftover forgotten
-    decode = ((L, K), [0, 1, 2], {"future": feed_future, "remember": True, "feed_only": False})
+    decode = ((L, K), [0, 1, 2], {"future": feed_future, "remember": True, "feed_only": False, "after_next": False})
     assert calls["eager"][1:] == [decode] * 3  # 3 decode forwards
     # the greedy loop also predicts the token after the last step (its step is the same every time)
     assert calls["greedy"] == calls["eager"] + [decode]

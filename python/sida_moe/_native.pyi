@@ -243,6 +243,7 @@ class SlotCache:
         remember: bool = False,
         forget: bool = False,
         feed_only: bool = False,
+        after_next: bool = False,
     ) -> None:
         """Prefetch expert ids that the device is still computing, without waiting for them.
 
@@ -258,7 +259,11 @@ class SlotCache:
         ``remember``: keep the rows as the prediction that each layer's next routed row
         (``submit_routed``) is scored against (``stats``: ``predicted_*``); ``forget``: drop the
         remembered prediction instead (a new sequence); then ``prefetch`` of each row, unless
-        ``feed_only`` (the rows only feed the policy and the scores: no loads). Requests are handled in submission order. Errors met by the thread
+        ``feed_only`` (the rows only feed the policy and the scores: no loads). ``after_next``:
+        the rows are the step after the next one (a predictor of the next token's routing): for
+        ``future`` / ``skip_routed`` they count from one step (``len(layers)`` visits) later, and a
+        remembered row is scored against its layer's routed row after the next. Requests are
+        handled in submission order. Errors met by the thread
         (an expert out of range) are kept for ``take_deferred_error``. The pointer is not checked:
         a wrong address is undefined behaviour, as with ``ExpertPool.write_ptr``. At most 2**24 ids
         (``len(layers) * width``) per call, else InvalidArgumentError."""

@@ -150,6 +150,7 @@ class OffloadEngine:
         remember: bool = False,
         forget: bool = False,
         feed_only: bool = False,
+        after_next: bool = False,
     ) -> None:
         """Prefetch expert ids the device is still computing, without waiting for them:
         ``ids`` (int64, contiguous, ``[len(layers), ...]``: row i holds experts of MoE layer
@@ -157,7 +158,8 @@ class OffloadEngine:
         and an event are queued on that stream; a native thread does the rest (see
         ``SlotCache.prefetch_deferred``). ``ids`` must not be written by another stream until then:
         a static buffer rewritten only on this stream, or a tensor kept alive meanwhile.
-        ``feed_only``: the rows feed the policy (``future``) and the scores (``remember``) only."""
+        ``feed_only``: the rows feed the policy (``future``) and the scores (``remember``) only;
+        ``after_next``: they are the step after the next one (``SlotCache.prefetch_deferred``)."""
         cache = self._require_cache()
         if ids.dtype != torch.int64 or not ids.is_contiguous():
             raise ValueError(f"ids must be a contiguous int64 tensor, got {ids.dtype}"
@@ -171,7 +173,7 @@ class OffloadEngine:
         stream = torch.cuda.current_stream(ids.device).cuda_stream if on_cuda else None
         cache.prefetch_deferred(ids.data_ptr(), layers, ids.numel() // len(layers), stream,
                                 self.generation if generation is None else generation, priority,
-                                future, skip_routed, remember, forget, feed_only)
+                                future, skip_routed, remember, forget, feed_only, after_next)
 
     def wait_deferred(self, timeout: float | None = None) -> bool:
         """Wait until every ``prefetch_deferred`` so far was handled (False on timeout)."""

@@ -539,7 +539,8 @@ impl PySlotCache {
     }
 
     #[pyo3(signature = (ids_ptr, layers, width, stream = None, generation = 0, priority = "prefetch",
-                        future = false, skip_routed = false, remember = false, forget = false, feed_only = false))]
+                        future = false, skip_routed = false, remember = false, forget = false, feed_only = false,
+                        after_next = false))]
     #[allow(clippy::too_many_arguments)]
     fn prefetch_deferred(
         &self,
@@ -555,6 +556,7 @@ impl PySlotCache {
         remember: bool,
         forget: bool,
         feed_only: bool,
+        after_next: bool,
     ) -> PyResult<()> {
         let layers = int_list(layers, "layers")?;
         let (ids_ptr, width) = id_rows(ids_ptr, width)?;
@@ -571,6 +573,7 @@ impl PySlotCache {
             forget,
             routed: false,
             feed_only,
+            after_next,
         };
         let d = &self.deferred;
         // SAFETY: the caller passes the address of a live int64 tensor of len(layers) * width

@@ -68,6 +68,10 @@ pub struct DeferredOptions {
     /// The rows only feed the policy (`future`) and the scores (`remember`): no loads are queued,
     /// so predictions steer eviction and admission without copies of their own.
     pub feed_only: bool,
+    /// The rows are the step after the next one (a predictor of the next token's routing): they
+    /// are numbered one step (`layers.len()` acquire calls) later for `future` and `skip_routed`,
+    /// and a remembered row is scored against the routed row of its layer after the next.
+    pub after_next: bool,
 }
 
 struct Request {
@@ -83,6 +87,9 @@ struct Progress {
     handled: u64,
     /// Remembered prediction per layer, not yet scored against a routed row of that layer.
     predicted: HashMap<i64, Vec<i64>>,
+    /// Remembered `after_next` predictions: each becomes the layer's `predicted` once a routed
+    /// row of that layer has been scored (the row it names is then the layer's next).
+    predicted_after_next: HashMap<i64, Vec<i64>>,
     /// Routed rows submitted and not yet handled: they advance the acquire count when handled.
     pending_routed_rows: u64,
     /// Scoring of remembered predictions: routed experts that were predicted, routed experts,
@@ -369,6 +376,9 @@ fn handle(req: &Request, cache: &SlotCache, device: &SharedDevice, state: &State
                 p.predicted_needed += experts.len() as u64;
                 p.predicted_total += pred.len() as u64;
             }
+            if let Some(next) = p.predicted_after_next.remove(layer) {
+                p.predicted.insert(*layer, next);
+            }
             let noted = cache.note_routed(*layer, experts, Some(reads));
             match noted {
                 Ok(n) => {
@@ -383,16 +393,27 @@ fn handle(req: &Request, cache: &SlotCache, device: &SharedDevice, state: &State
         }
         return Ok(queued);
     }
-    if o.remember || o.forget {
+    if o.forget {
         let mut p = state.progress.lock();
-        p.predicted = if o.remember { rows.iter().cloned().collect() } else { HashMap::new() };
+        p.predicted.clear();
+        p.predicted_after_next.clear();
+    }
+    if o.remember {
+        let mut p = state.progress.lock();
+        let remembered: HashMap<i64, Vec<i64>> = rows.iter().cloned().collect();
+        if o.after_next {
+            p.predicted_after_next = remembered;
+        } else {
+            p.predicted = remembered;
+        }
     }
     if o.future || o.skip_routed {
-        // row i is acquire call `acquires_at + i`; those already made need nothing any more
-        let routed = cache.acquire_count().saturating_sub(req.acquires_at) as usize;
-        rows.drain(..routed.min(rows.len()));
+        // row i is acquire call `first + i`; those already made need nothing any more
+        let first = req.acquires_at + if o.after_next { o.layers.len() as u64 } else { 0 };
+        let now = cache.acquire_count();
+        rows.drain(..(now.saturating_sub(first) as usize).min(rows.len()));
         if o.future {
-            cache.set_future(&rows, 0)?;
+            cache.set_future(&rows, first.saturating_sub(now) as i64)?;
         }
     }
     if o.feed_only {
@@ -524,6 +545,40 @@ mod tests {
         let res = resident(&c);
         for key in [(0, 5), (0, 6), (1, 7), (1, 4)] {
             assert!(res.contains(&key), "predicted {key:?} was not prefetched: {res:?}");
+        }
+    }
+
+    #[test]
+    fn after_next_rows_are_numbered_a_step_later_and_scored_against_the_routing_after_next() {
+        let c = cache(2, 8, 16);
+        let d = DeferredPrefetcher::new(c.clone());
+        // a prediction of the step after next, then the next step's routing, then that step's
+        let opts = DeferredOptions { layers: vec![0, 1], width: 2, remember: true, after_next: true, ..Default::default() };
+        submit(&d, &[1, 2, 3, 4], opts).unwrap();
+        let pool = 4096;
+        let routed = || DeferredOptions { layers: vec![0, 1], width: 1, routed: true, ..Default::default() };
+        submit(&d, &[1, pool, 3, pool], routed()).unwrap();
+        assert!(d.wait_idle(Some(Duration::from_secs(10))));
+        assert_eq!(d.prediction_counts(), (0, 0, 0), "not scored against the next step");
+        submit(&d, &[2, pool, 5, pool], routed()).unwrap();
+        assert!(d.wait_idle(Some(Duration::from_secs(10))));
+        assert_eq!(d.prediction_counts(), (1, 2, 4), "scored against the step after next");
+        assert_eq!(d.take_error(), None);
+
+        // numbering: a step (two visits) is routed between submission and handling; the rows of
+        // the step after next are still ahead, so none is skipped as already routed
+        let acquires_at = c.acquire_count();
+        for layer in 0..2 {
+            let slots: Vec<i64> = c.acquire(layer, &[0], 0).unwrap().into_iter().map(|s| s as i64).collect();
+            c.release(&slots, 0).unwrap();
+        }
+        let state = State { free: Mutex::new(Vec::new()), progress: Mutex::new(Progress::default()), idle: Condvar::new() };
+        let ids: Vec<i64> = vec![6, 7, 6, 7];
+        for (after_next, want) in [(false, 0), (true, 4)] {
+            let staging = Staging { addr: ids.as_ptr() as usize, capacity: 32, event: 0 };
+            let opts = DeferredOptions { layers: vec![0, 1], width: 2, skip_routed: true, after_next, ..Default::default() };
+            let queued = handle(&Request { staging, nbytes: 32, acquires_at, opts }, &c, c.device(), &state).unwrap();
+            assert_eq!(queued, want, "after_next {after_next}");
         }
     }
 

@@ -96,8 +96,8 @@ class PredictorConfig:
     weight_temperature: list[float] = field(default_factory=list)
     moe_layer_ids: list[int] = field(default_factory=list)  # decoder-layer index of each MoE layer
     model_type: str = ""
-    # tokens ahead whose routing it predicts from the tokens so far: 0 (each token's own, what the
-    # prefetcher and hash routing serve) or 1 (the next token's; research, TrainConfig.target_shift)
+    # tokens ahead whose routing it predicts from the tokens so far: 0 (each token's own) or 1 (the
+    # next token's: research, TrainConfig.target_shift; the prefetcher serves both, hash routing 0)
     target_shift: int = 0
 
     def __post_init__(self) -> None:

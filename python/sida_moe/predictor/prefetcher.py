@@ -20,6 +20,12 @@ Where the prediction runs (nothing here waits for the device, and there is no th
 Every decode prediction is remembered by the cache and scored against the layer's routing when it
 arrives (``metrics``: recall and precision over decode tokens).
 
+A predictor trained on the next token's routing (``TrainConfig(target_shift=1)``) is served the
+same way, its decode predictions handed over for the step after the one their token feeds
+(``prefetch_deferred(after_next=True)``): in the greedy loop a prediction made at the end of step
+t names step t+2, which its copies can reach, where a prediction of step t+1 lands after it ran.
+Its prompt prediction covers the prompt's tokens but the first and the first decoded token.
+
 Hash routing (``hash_routing=True``, opt-in, lossy): ``route`` returns the predicted experts instead
 of the router's (device ops only, so it is captured with the step), weighted by the predictor's
 softmax (``hash_weights="predicted"``, the paper's mode) or by the router's softmax at those experts
@@ -67,11 +73,11 @@ class SidaPrefetcher:
         if not isinstance(predictor, HashPredictor):
             raise TypeError(f"predictor must be a HashPredictor, got {type(predictor).__name__}")
         reason = GraphedDecoder.unsupported(predictor)
-        if reason is None and predictor.config.target_shift:
-            reason = ("it predicts the next token's routing (target_shift=1); the prefetcher serves predictors "
-                      "of each token's own routing")
         if reason is not None:
             raise ValueError(f"this predictor cannot be served: {reason}")
+        if hash_routing and predictor.config.target_shift:
+            raise ValueError("hash routing routes each token by its own predicted experts; this predictor "
+                             "predicts the next token's (target_shift=1)")
         if hash_weights not in ("predicted", "router"):
             raise ValueError(f"hash_weights must be 'predicted' or 'router', got {hash_weights!r}")
         cfg = predictor.config
@@ -293,8 +299,11 @@ class SidaPrefetcher:
         return decoder
 
     def _submit(self, engine: OffloadEngine, rows: torch.Tensor) -> None:
+        # a decode prediction is of the step after the one its token feeds when the predictor names
+        # the next token's routing (target_shift=1): its copies then land in time for it
         engine.prefetch_deferred(rows, self._layers, generation=engine.generation, future=self.feed_future,
-                                 remember=True, feed_only=not self.prefetch)
+                                 remember=True, feed_only=not self.prefetch,
+                                 after_next=bool(self.predictor.config.target_shift))
 
 
 def load_prefetcher(path: str | os.PathLike, **kwargs) -> SidaPrefetcher:

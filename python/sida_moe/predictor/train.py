@@ -84,9 +84,9 @@ class TrainConfig:
     fit_gate: bool = True  # the trace holds the next-layer gate: fit the fused correction's weights
     fit_temperature: bool = True  # fit hash routing's per-layer weight temperature (fit_weight_temperature)
     grad_clip: float = 1.0
-    # 0: each token's own routing (served); 1: the next token's, from the tokens up to this one --
-    # research (PredictorConfig.target_shift): a prediction made at the end of a decode step then
-    # names the step its copies land for; the prefetcher and hash routing refuse it
+    # 0: each token's own routing; 1: the next token's, from the tokens up to this one (research,
+    # PredictorConfig.target_shift): a prediction made at the end of a decode step then names the
+    # step its copies land for (the prefetcher hands it over so); hash routing refuses it
     target_shift: int = 0
     seed: int = 0
     device: str = "cpu"
