@@ -11,6 +11,8 @@ Runs on the CPU (a few minutes): the bundled checkpoint, standard-library files 
 training and held-out ones, traces recorded here.
 
     python benches/predictor_shifted_target.py --seconds 150 --out shifted.json
+    python3 benches/predictor_shifted_target.py --model /tmp/ref-moe-8x32 --device cuda --seconds 45 \
+        --save-shifted /tmp/ref-moe-8x32-shifted      # then sida_decode.py --model /tmp/ref-moe-8x32-shifted
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import argparse
 import glob
 import json
 import os
+import shutil
 import sysconfig
 import tempfile
 from collections import OrderedDict
@@ -117,12 +120,16 @@ def main() -> None:
     ap.add_argument("--seq-len", type=int, default=256)
     ap.add_argument("--train-sequences", type=int, default=1024)
     ap.add_argument("--held-sequences", type=int, default=128)
+    ap.add_argument("--device", default="cpu", help="where the model is traced and the predictors trained")
+    ap.add_argument("--save-shifted", default=None, metavar="DIR",
+                    help="also write a copy of the checkpoint to DIR with the next-token predictor as its "
+                         "predictor (for benches/sida_decode.py --model DIR)")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(args.model)
-    model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32).eval()
+    model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32).to(args.device).eval()
     files = sorted(glob.glob(os.path.join(sysconfig.get_paths()["stdlib"], "*.py")))
     streams = {"train": [], "held": []}
     for i, path in enumerate(files):
@@ -140,8 +147,9 @@ def main() -> None:
         predictors = {}
         for shift in (0, 1):
             cfg = TrainConfig(max_seconds=args.seconds, fit_gate=False, fit_temperature=False, seed=0,
-                              target_shift=shift)
+                              target_shift=shift, device=args.device)
             predictor, rep = train_predictor(traces["train"], cfg, progress=False)
+            predictor = predictor.cpu()
             recall = evaluate(predictor, traces["held"])  # against the routing of the token it predicts
             report[f"shift_{shift}"] = {"steps": rep["steps_run"], "stopped_by": rep["stopped_by"],
                                         "held_out_recall": recall[f"mean_recall@{recall['k']}"],
@@ -151,6 +159,10 @@ def main() -> None:
         for budget in (0.25, 0.5):
             report[f"lru_simulation_{budget:g}"] = simulated_hits(predictors, traces["held"], budget)
             print(budget, json.dumps(report[f"lru_simulation_{budget:g}"]), flush=True)
+    if args.save_shifted:
+        shutil.copytree(args.model, args.save_shifted, dirs_exist_ok=True)
+        predictors[1].save(args.save_shifted)  # replaces the checkpoint's own predictor in the copy
+        report["saved_shifted"] = args.save_shifted
     print(json.dumps(report, indent=1))
     if args.out:
         with open(args.out, "w") as f:
