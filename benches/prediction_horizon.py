@@ -20,14 +20,17 @@ from __future__ import annotations
 
 import argparse
 import glob
-import json
 import os
+import sys
 import sysconfig
 
 import torch
 
-from sida_moe.predictor import HashPredictor
-from sida_moe.presets import bundled_model_path
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from predictor_common import emit_report  # noqa: E402
+
+from sida_moe.predictor import HashPredictor  # noqa: E402
+from sida_moe.presets import bundled_model_path  # noqa: E402
 
 
 def main() -> None:
@@ -73,10 +76,7 @@ def main() -> None:
         raise SystemExit(f"no standard-library file has {args.tokens + 100} tokens")
     report = {"model": args.model, "files": used, "tokens_per_file": args.tokens,
               **{name: n / counts["routed"] for name, n in counts.items() if name != "routed"}}
-    print(json.dumps(report, indent=1))
-    if args.out:
-        with open(args.out, "w") as f:
-            json.dump(report, f, indent=1)
+    emit_report(report, args.out)
 
 
 if __name__ == "__main__":

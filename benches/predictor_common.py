@@ -1,4 +1,4 @@
-"""Import helper shared by the predictor benches.
+"""Helpers shared by the predictor benches: the package import, and the report they print and save.
 
 The predictor package is pure Python/PyTorch. When the native runtime is not installed (a GPU
 machine given only the source tree), ``import sida_moe`` fails on ``sida_moe._native``; the
@@ -9,6 +9,7 @@ predictor benches then load ``sida_moe`` as a bare namespace over ``python/sida_
 from __future__ import annotations
 
 import importlib
+import json
 import os
 import sys
 import types
@@ -38,3 +39,11 @@ def import_predictor_package() -> bool:
     pkg.__path__ = [os.path.join(PYTHON_DIR, "sida_moe")]
     sys.modules["sida_moe"] = pkg
     return False
+
+
+def emit_report(report: dict, out: str | None) -> None:
+    """Print ``report`` as JSON and, with ``out``, write it there too."""
+    print(json.dumps(report, indent=1))
+    if out:
+        with open(out, "w") as f:
+            json.dump(report, f, indent=1)

@@ -14,7 +14,6 @@ so attention covers a realistic context. JSON (ms per step per variant) to stdou
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time
@@ -22,7 +21,7 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from predictor_common import import_predictor_package  # noqa: E402
+from predictor_common import emit_report, import_predictor_package  # noqa: E402
 
 import_predictor_package()
 
@@ -98,10 +97,7 @@ def main() -> None:
                 report["ms_per_step"][key] = ms
                 print(f"{key}: {ms:.4f} ms/step ({HashPredictor(cfg).num_parameters() / 1e6:.2f}M parameters)",
                       flush=True)
-    print(json.dumps(report, indent=1))
-    if args.out:
-        with open(args.out, "w") as f:
-            json.dump(report, f, indent=1)
+    emit_report(report, args.out)
 
 
 if __name__ == "__main__":

@@ -22,15 +22,19 @@ import glob
 import json
 import os
 import shutil
+import sys
 import sysconfig
 import tempfile
 from collections import OrderedDict
 
 import torch
 
-from sida_moe.predictor.traces import Traces, chunk_token_ids, load_traces, record_traces
-from sida_moe.predictor.train import TrainConfig, evaluate, train_predictor
-from sida_moe.presets import bundled_model_path
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from predictor_common import emit_report  # noqa: E402
+
+from sida_moe.predictor.traces import Traces, chunk_token_ids, load_traces, record_traces  # noqa: E402
+from sida_moe.predictor.train import TrainConfig, evaluate, train_predictor  # noqa: E402
+from sida_moe.presets import bundled_model_path  # noqa: E402
 
 
 def beyond_last_step(predictor, held: Traces, shift: int) -> dict:
@@ -163,10 +167,7 @@ def main() -> None:
         shutil.copytree(args.model, args.save_shifted, dirs_exist_ok=True)
         predictors[1].save(args.save_shifted)  # replaces the checkpoint's own predictor in the copy
         report["saved_shifted"] = args.save_shifted
-    print(json.dumps(report, indent=1))
-    if args.out:
-        with open(args.out, "w") as f:
-            json.dump(report, f, indent=1)
+    emit_report(report, args.out)
 
 
 if __name__ == "__main__":
