@@ -4,7 +4,9 @@
 # predictor: benches/train_default_model.py at the reference model's sizes) and time decode with and
 # without the predictor at 25% (benches/sida_decode.py), everything into $OUT.
 # Env: TESTS, TRAIN_SECONDS (model, default 90), PSEC (predictor, default 50), ARGS (sida_decode's, without --model/--out),
-# ARGS2 (a second sida_decode run's, e.g. another budget).
+# ARGS2 (a second sida_decode run's, e.g. another budget), SHIFTED=SECONDS (then also train a
+# next-token predictor for that long, benches/predictor_shifted_target.py, and run sida_decode with
+# ARGS on a copy of the checkpoint serving it: $OUT/sida_decode_shifted.*).
 set -uo pipefail
 export PYTHONUNBUFFERED=1
 python3 -m pip install -q --no-deps --no-index --force-reinstall dist/*.whl 2>&1 | tail -2
@@ -23,4 +25,11 @@ timeout "${DECODE_TIMEOUT:-280}" python3 benches/sida_decode.py --model "$ckpt" 
 if [ -n "${ARGS2:-}" ]; then
   timeout "${DECODE_TIMEOUT:-280}" python3 benches/sida_decode.py --model "$ckpt" $ARGS2 \
     --out "$OUT/sida_decode2.json" 2>&1 | grep -v -i warn | tee "$OUT/sida_decode2.log" | tail -16
+fi
+if [ -n "${SHIFTED:-}" ]; then
+  timeout "${SHIFTED_TIMEOUT:-200}" python3 benches/predictor_shifted_target.py --model "$ckpt" --device cuda \
+    --seconds "$SHIFTED" --save-shifted "$ckpt-shifted" --out "$OUT/predictor_shifted_target.json" \
+    2>&1 | grep -v -i warn | tail -4 | tee "$OUT/predictor_shifted_target.log"
+  timeout "${DECODE_TIMEOUT:-280}" python3 benches/sida_decode.py --model "$ckpt-shifted" ${ARGS:---budget 25% --batches 1,8 --compile} \
+    --out "$OUT/sida_decode_shifted.json" 2>&1 | grep -v -i warn | tee "$OUT/sida_decode_shifted.log" | tail -16
 fi
