@@ -13,7 +13,8 @@
 //! policy accesses, each consuming one prediction index of the predictive policy; a request's rows
 //! are numbered from the acquire count at submission plus the routed rows submitted before it and
 //! not yet handled, so a prediction submitted right after a step's routing lines up with the next
-//! step's visits. Remembered predictions are scored against the next routed rows of their layers
+//! step's visits (the step after it for `after_next` rows). Remembered predictions are scored
+//! against the next routed rows of their layers, or the ones after for `after_next` rows
 //! (`prediction_counts`).
 //!
 //! Ownership: staging buffers and their events belong to this struct; a buffer is in exactly one
