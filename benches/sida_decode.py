@@ -10,6 +10,8 @@ Systems (each through ``model.generate``, greedy; on CUDA the decode step is one
   but its predictions never handed to the cache (``_ComputeOnly``): the predictor's own cost;
 - with ``--policy-only``, also ``sida_policy_only``: the predictor with ``prefetch=False`` (its
   predictions steer the predictive policy's eviction and admission, no copies of their own);
+- with ``--late-copies``, also ``sida_late_copies``: ``sida`` with a replayed step's predictions
+  copied too (``_LateCopies``; the serving prefetcher feeds them to the policy only);
 - with ``--in-flight-variant N``, also ``none_lru_ifN`` and ``sida_ifN``: ``none_lru`` and ``sida`` as
   models of their own whose steps are captured with ``N`` replays in flight (compiled with ``--compile``);
 - with ``--compile``, also ``resident_compiled``, ``none_lru_compiled`` and ``sida_compiled``: the
@@ -65,8 +67,17 @@ class _ComputeOnly(SidaPrefetcher):
     """The SiDA prefetcher with its decode predictions computed (captured in the step) and dropped:
     what the predictor's step costs a decode step, without any effect on the cache."""
 
-    def _submit(self, engine, rows) -> None:
+    def _submit(self, engine, rows, late=False) -> None:
         return None
+
+
+class _LateCopies(SidaPrefetcher):
+    """The SiDA prefetcher copying a replayed step's own-token predictions too, though they land
+    after the step they name (the serving prefetcher only feeds them to the policy): what those
+    copies cost."""
+
+    def _submit(self, engine, rows, late=False) -> None:
+        super()._submit(engine, rows, late=False)
 
 
 def _in_flight(n: int, call):
@@ -105,6 +116,8 @@ def main() -> None:
     ap.add_argument("--compile", action="store_true", help="also the compiled loops (sida_compile=True)")
     ap.add_argument("--dry", action="store_true", help="also sida_dry: the predictor's cost alone")
     ap.add_argument("--policy-only", action="store_true", help="also sida_policy_only: SidaPrefetcher(prefetch=False)")
+    ap.add_argument("--late-copies", action="store_true",
+                    help="also sida_late_copies: the predictor's replayed predictions copied as well (_LateCopies)")
     ap.add_argument("--in-flight", type=int, default=None,
                     help="decode_graph.REPLAYS_IN_FLIGHT for every system (default: the library's)")
     ap.add_argument("--in-flight-variant", type=int, default=None, metavar="N",
@@ -140,6 +153,11 @@ def main() -> None:
         policy_only = from_pretrained(args.model, args.budget, args.dtype, device, "predictive",
                                       load_prefetcher(args.model, prefetch=False))
         engines["sida_policy_only"] = sida_moe.engine_of(policy_only)
+    late = None
+    if args.late_copies:
+        late = from_pretrained(args.model, args.budget, args.dtype, device, "predictive",
+                               _LateCopies(HashPredictor.load(args.model)))
+        engines["sida_late_copies"] = sida_moe.engine_of(late)
     variants = {}
     if args.in_flight_variant is not None:
         n_if = args.in_flight_variant
@@ -158,7 +176,8 @@ def main() -> None:
             models["resident_compiled"] = resident
             systems["resident_compiled"] = lambda n, ids=ids: static_generate(resident, ids, n, graphs=True, compile=True)
         offloaded = {k: m for k, m in [("none_lru", none), ("sida", sida), ("sida_dry", dry),
-                                       ("sida_policy_only", policy_only)] if m is not None}
+                                       ("sida_policy_only", policy_only), ("sida_late_copies", late)]
+                     if m is not None}
         loops = {"": {"sida_graphs": True}, **({"_compiled": {"sida_compile": True}} if args.compile else {})}
         for name, model in offloaded.items():
             for suffix, flags in loops.items():

@@ -283,6 +283,38 @@ def test_a_next_token_predictor_is_scored_against_the_token_it_names(loop):
         SidaPrefetcher(_predictor(target_shift=1), hash_routing=True)
 
 
+@pytest.mark.parametrize("shift", [0, 1])
+def test_a_replayed_steps_own_token_predictions_only_feed_the_policy(shift):
+    """A replayed step's predictions (``hand_over_ahead(replayed=True)``) reach the cache after the
+    step they name was launched: an own-token predictor's go as feed-only rows (copies would land
+    after that step read the experts), a next-token predictor's as after-next rows with copies;
+    the unreplayed greedy loop's (the CPU's) prefetch either way."""
+    prefetcher = SidaPrefetcher(_predictor(seed=23, target_shift=shift))
+    model = tiny_qwen3(seed=5)
+    offload(model, gpu_budget=0.5, policy="predictive", prefetch=prefetcher)
+    engine = engine_of(model)
+    deferred, seen = engine.prefetch_deferred, []
+
+    def spy(ids, layers, *a, **kw):
+        seen.append((kw["feed_only"], kw["after_next"]))
+        return deferred(ids, layers, *a, **kw)
+
+    try:
+        x = torch.randint(1, 64, (1, 6), generator=torch.Generator().manual_seed(6))
+        out = static_generate(model, x, 4, pad_token_id=0, graphs=False)
+        engine.prefetch_deferred = spy
+        with torch.inference_mode():  # as the greedy loop runs
+            embeds = model.get_input_embeddings().weight[out[:, -1:]].float()
+            prefetcher.predict_ahead(embeds)
+            prefetcher.hand_over_ahead(replayed=False)
+            prefetcher.predict_ahead(embeds)
+            prefetcher.hand_over_ahead(replayed=True)
+        engine.wait_deferred(10.0)
+    finally:
+        engine.close()
+    assert seen == [(False, bool(shift)), (not shift, bool(shift))]
+
+
 @pytest.mark.parametrize("loop", LOOPS)
 def test_hash_routing_matches_the_hook_version_in_generation(loop):
     """The engine path (route hook, predictor state carried across decode steps by the decoder) and

@@ -11,8 +11,12 @@ Where the prediction runs (nothing here waits for the device, and there is no th
   state in static buffers, so its step has fixed shapes.
   - In the greedy loop (``sida_moe.decode_graph``) the step runs at the end of each decode step, on
     the token just chosen (``predict_ahead``), inside the step's CUDA graph; after each replay the
-    engine hands the next token's predictions over (``hand_over_ahead``), so the cache loads them
-    while the next step runs, and the decode step itself never waits for a prediction.
+    engine hands the next token's predictions over (``hand_over_ahead``), and the decode step itself
+    never waits for a prediction. By then the host has launched the step they name (replays are
+    queued ahead), so copies of them would land after that step read those experts from the pool,
+    doubling their bytes on the link: a replayed step's predictions feed the predictive policy and
+    the scores only. A predictor of the next token's routing (below) names a step its copies can
+    reach, and its predictions are prefetched.
   - In an eager loop (transformers' ``generate``: sampling, processors) the step runs in
     ``begin_forward`` on the token being decoded, before its layers.
   Past the decoder's capacity a sequence continues with ``HashPredictor.forward`` on its state.
@@ -60,9 +64,10 @@ class SidaPrefetcher:
       it is moved to the model's device at ``attach``.
     - ``k``: experts prefetched per token and layer (default: the predictor's top-k).
     - ``feed_future``: feed the predictions to the predictive policy (``set_future``).
-    - ``prefetch``: queue copies of the predicted experts (default). False: decode predictions only
-      feed the policy (with the predictive policy: eviction and admission by predicted next use)
-      and the scores; no copies of their own (the prompt's predictions still prefetch).
+    - ``prefetch``: queue copies of the predicted experts (default; a replayed step's own-token
+      predictions never: module docstring). False: decode predictions only feed the policy (with
+      the predictive policy: eviction and admission by predicted next use) and the scores; no
+      copies of their own (the prompt's predictions still prefetch).
     - ``hash_routing`` / ``hash_weights``: the opt-in lossy mode (module docstring).
     """
 
@@ -167,7 +172,7 @@ class SidaPrefetcher:
             self._decoder.advance()
             self._seen += 1
             self._decoded = True
-        self._submit(engine, self._rows)
+        self._submit(engine, self._rows, late=replayed)
 
     def after_routing(self, moe_layer: int, hidden: torch.Tensor, topk_ids: torch.Tensor) -> None:
         return None  # decode predictions are scored by the cache, from the routed rows
@@ -298,12 +303,15 @@ class SidaPrefetcher:
             decoder = self._decoders[key] = GraphedDecoder(self.predictor, batch, capacity, k=self.k)
         return decoder
 
-    def _submit(self, engine: OffloadEngine, rows: torch.Tensor) -> None:
-        # a decode prediction is of the step after the one its token feeds when the predictor names
-        # the next token's routing (target_shift=1): its copies then land in time for it
+    def _submit(self, engine: OffloadEngine, rows: torch.Tensor, late: bool = False) -> None:
+        """Hand a decode prediction to the cache. ``late``: it reaches the cache after the step it
+        names was launched (a replayed step's), so an own-token prediction only feeds the policy
+        and the scores; a next-token one (target_shift=1) names the step after that one
+        (``after_next``), which its copies can still reach."""
+        shifted = bool(self.predictor.config.target_shift)
         engine.prefetch_deferred(rows, self._layers, generation=engine.generation, future=self.feed_future,
-                                 remember=True, feed_only=not self.prefetch,
-                                 after_next=bool(self.predictor.config.target_shift))
+                                 remember=True, feed_only=not self.prefetch or (late and not shifted),
+                                 after_next=shifted)
 
 
 def load_prefetcher(path: str | os.PathLike, **kwargs) -> SidaPrefetcher:
