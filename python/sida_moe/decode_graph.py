@@ -229,9 +229,7 @@ def static_generate(
     step = _step_for(model, StepKey(batch, prompt_len + max_new_tokens, compile, sampling is not None,
                                     padded is not None), device)
     if graphs and step.uncapturable is not None:
-        if graphs_asked:
-            raise ValueError(f"cannot capture the decode step: {step.uncapturable}")
-        graphs = False
+        graphs = _uncaptured(step, graphs_asked)
     if sampling is not None:
         step.sampler.set(sampling)
     forward = _compiled(model) if compile else model
@@ -271,9 +269,7 @@ def static_generate(
         produced += 1
         if produced < max_new_tokens:
             if not _capture(model, engine, step, forward):
-                if graphs_asked:
-                    raise ValueError(f"cannot capture the decode step: {step.uncapturable}")
-                graphs = False
+                graphs = _uncaptured(step, graphs_asked)
                 _forward_step(model, step, forward)  # the step the failed capture did not run
             produced += 1
     watch = _FinishedWatch(step) if eos_ids else None
@@ -287,6 +283,14 @@ def static_generate(
             break
     out = torch.cat([input_ids, step.tokens[:, :produced]], dim=1)
     return _pad_after_eos(out, prompt_len, eos_token_id, pad_token_id)
+
+
+def _uncaptured(step: _Step, asked: bool | None) -> bool:
+    """For a step that cannot be captured: False (its calls run it eagerly), or ValueError when
+    the caller asked for graphs."""
+    if asked:
+        raise ValueError(f"cannot capture the decode step: {step.uncapturable}")
+    return False
 
 
 def _left_padding(mask: torch.Tensor | None, input_ids: torch.Tensor) -> torch.Tensor | None:
@@ -342,10 +346,9 @@ def _step_for(model: nn.Module, want: StepKey, device: torch.device) -> _Step:
 def _drop_oldest_steps(steps: dict, keep: int, device: torch.device) -> None:
     """Drop the least recently used of ``steps`` until ``keep`` remain; a captured graph's last
     replays may still run, so the device is drained before its memory goes."""
-    while len(steps) > max(keep, 0):
-        old = steps.pop(next(iter(steps)))
-        if old.graph is not None and device.type == "cuda":
-            torch.cuda.synchronize(device)
+    dropped = [steps.pop(next(iter(steps))) for _ in range(len(steps) - max(keep, 0))]
+    if device.type == "cuda" and any(old.graph is not None for old in dropped):
+        torch.cuda.synchronize(device)  # before `dropped`, the last reference, goes
 
 
 def _compiled(model: nn.Module):

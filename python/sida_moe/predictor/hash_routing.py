@@ -78,9 +78,7 @@ class HashRouting:
     ) -> None:
         if weights not in ("predicted", "router"):
             raise ValueError(f"weights must be 'predicted' or 'router', got {weights!r}")
-        if predictor.config.target_shift:
-            raise ValueError("hash routing routes each token by its own predicted experts; this predictor "
-                             "predicts the next token's (target_shift=1)")
+        predictor.config.require_own_routing("hash routing")
         self.model = model
         self.predictor = predictor
         self.weights = weights

@@ -140,9 +140,8 @@ def train_lookahead(
     bases = list(base) if isinstance(base, (list, tuple)) else [base or predictor] * len(parts)
     if not parts or len(bases) != len(parts):
         raise ValueError(f"give one base network per trace part: got {len(parts)} parts and {len(bases)} networks")
-    if any(net.config.target_shift for net in [predictor, *bases]):
-        raise ValueError("lookahead heads refine a token's own routing; this predictor predicts the next "
-                         "token's (target_shift=1)")
+    for net in [predictor, *bases]:
+        net.config.require_own_routing("the lookahead heads")
     manifest = parts[0].manifest
     num_layers = manifest["num_moe_layers"]
     if num_layers < 2:

@@ -136,6 +136,13 @@ class PredictorConfig:
                 f"gate_weights has {len(self.gate_weights)} entries but num_moe_layers is {self.num_moe_layers}"
             )
 
+    def require_own_routing(self, user: str) -> None:
+        """ValueError naming ``user`` (something that refines or routes by a token's own predicted
+        experts) for a predictor of the next token's routing (``target_shift=1``)."""
+        if self.target_shift:
+            raise ValueError(f"{user} needs a predictor of each token's own routing; this one predicts the next "
+                             f"token's (target_shift=1)")
+
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2)
 

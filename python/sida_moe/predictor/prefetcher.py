@@ -80,9 +80,8 @@ class SidaPrefetcher:
         reason = GraphedDecoder.unsupported(predictor)
         if reason is not None:
             raise ValueError(f"this predictor cannot be served: {reason}")
-        if hash_routing and predictor.config.target_shift:
-            raise ValueError("hash routing routes each token by its own predicted experts; this predictor "
-                             "predicts the next token's (target_shift=1)")
+        if hash_routing:
+            predictor.config.require_own_routing("hash routing")
         if hash_weights not in ("predicted", "router"):
             raise ValueError(f"hash_weights must be 'predicted' or 'router', got {hash_weights!r}")
         cfg = predictor.config
