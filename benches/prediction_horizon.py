@@ -3,14 +3,11 @@
 In the graphed loop the SiDA predictor predicts token t+1's experts at the end of step t; the
 host launches step t+1 at once, so the copies the prediction asks for land for step t+2 at the
 earliest, when step t+1's own routing is known too. This measures, per MoE layer and token, over
-held-out text teacher-forced through a checkpoint and its trained predictor (CPU is enough):
+held-out text teacher-forced through a checkpoint and its trained predictor (CPU is enough).
 
-- ``last_step``: the share of step t+2's routed experts that step t+1 routed;
-- ``next_token_prediction``: the share the prediction for t+1 named;
-- ``next_token_prediction_beyond_last_step``: the share it named and step t+1 did not route --
-  what the prediction adds once its copies land;
-- ``own_prediction_beyond_last_step``: the same for a prediction of t+2 itself (made with token
-  t+2 known: an upper bound for a predictor trained to look one token further ahead).
+``predictor_common.horizon_shares`` says what each share is: ``beyond_last_step`` is what the
+prediction adds once its copies land, ``own_beyond_last_step`` the same for a prediction of
+t+2 itself (token t+2 known: an upper bound for a predictor looking one token further).
 
     python benches/prediction_horizon.py                      # the bundled checkpoint
     python benches/prediction_horizon.py --model /path/ckpt --files 16 --out horizon.json
@@ -27,7 +24,7 @@ import sysconfig
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from predictor_common import emit_report  # noqa: E402
+from predictor_common import emit_report, horizon_shares  # noqa: E402
 
 from sida_moe.predictor import HashPredictor  # noqa: E402
 from sida_moe.presets import bundled_model_path  # noqa: E402
@@ -47,35 +44,24 @@ def main() -> None:
     predictor = HashPredictor.load(args.model).eval()
     k = model.config.num_experts_per_tok
     files = sorted(glob.glob(os.path.join(sysconfig.get_paths()["stdlib"], "*.py")))[5::13]
-    counts = {"routed": 0, "last_step": 0, "next_token_prediction": 0,
-              "next_token_prediction_beyond_last_step": 0, "own_prediction_beyond_last_step": 0}
-    used = 0
+    routed, predicted = [], []  # per file: [L, 1, S, k]
     for path in files:
-        if used == args.files:
+        if len(routed) == args.files:
             break
         with open(path, encoding="utf-8", errors="replace") as f:
             ids = tokenizer(f.read()[:40000]).input_ids[100 : 100 + args.tokens]
         if len(ids) < args.tokens:
             continue
-        used += 1
         x = torch.tensor([ids])
         with torch.inference_mode():
-            routed = [r.topk(k, dim=-1).indices for r in model(x, output_router_logits=True).router_logits]
+            out = model(x, output_router_logits=True).router_logits  # per layer [S, E]
+            routed.append(torch.stack([r.topk(k, dim=-1).indices for r in out])[:, None])
             logits, _ = predictor(model.get_input_embeddings()(x).float(), None, None)  # [L, 1, S, E]
-            predicted = logits[:, 0].topk(k, dim=-1).indices  # [L, S, k]
-        for layer, rows in enumerate(routed):
-            for t in range(x.shape[1] - 2):
-                last, want = set(rows[t + 1].tolist()), set(rows[t + 2].tolist())
-                ahead, own = set(predicted[layer, t + 1].tolist()), set(predicted[layer, t + 2].tolist())
-                counts["routed"] += len(want)
-                counts["last_step"] += len(want & last)
-                counts["next_token_prediction"] += len(want & ahead)
-                counts["next_token_prediction_beyond_last_step"] += len((want & ahead) - last)
-                counts["own_prediction_beyond_last_step"] += len((want & own) - last)
-    if not used:
+            predicted.append(logits.topk(k, dim=-1).indices)
+    if not routed:
         raise SystemExit(f"no standard-library file has {args.tokens + 100} tokens")
-    report = {"model": args.model, "files": used, "tokens_per_file": args.tokens,
-              **{name: n / counts["routed"] for name, n in counts.items() if name != "routed"}}
+    report = {"model": args.model, "files": len(routed), "tokens_per_file": args.tokens,
+              **horizon_shares(torch.cat(routed, dim=1), torch.cat(predicted, dim=1), model.config.num_experts)}
     emit_report(report, args.out)
 
 

@@ -30,31 +30,18 @@ from collections import OrderedDict
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from predictor_common import emit_report  # noqa: E402
+from predictor_common import emit_report, horizon_shares  # noqa: E402
 
 from sida_moe.predictor.traces import Traces, chunk_token_ids, load_traces, record_traces  # noqa: E402
 from sida_moe.predictor.train import TrainConfig, evaluate, train_predictor  # noqa: E402
 from sida_moe.presets import bundled_model_path  # noqa: E402
 
 
-def beyond_last_step(predictor, held: Traces, shift: int) -> dict:
-    """Shares of step t+2's routed experts: named by the prediction made with input t+1 (which
-    predicts token t+1+shift), and named by it but not routed at step t+1."""
-    routed = held.topk_ids.long()  # [L, N, S, k]
-    k = routed.shape[-1]
+def beyond_last_step(predictor, held: Traces) -> dict:
+    """``horizon_shares`` of ``predictor``'s top-k over the held-out trace."""
     with torch.no_grad():
         logits, _ = predictor(held.embeddings[held.input_ids.long()].float())  # [L, N, S, E]
-    pred = logits.topk(k, dim=-1).indices
-    E = logits.shape[-1]
-
-    def hot(ids):
-        return torch.zeros(*ids.shape[:-1], E, dtype=torch.bool).scatter_(-1, ids, True)
-
-    want, last, ahead = hot(routed[:, :, 2:]), hot(routed[:, :, 1:-1]), hot(pred[:, :, 1:-1])
-    total = want.sum().item()
-    return {"named": (want & ahead).sum().item() / total,
-            "beyond_last_step": (want & ahead & ~last).sum().item() / total,
-            "last_step": (want & last).sum().item() / total}
+    return horizon_shares(held.topk_ids, logits.topk(held.topk_ids.shape[-1], dim=-1).indices, logits.shape[-1])
 
 
 def lru_hit_rate(routed: torch.Tensor, prefetched: torch.Tensor | None, capacity: int) -> float:
@@ -157,7 +144,7 @@ def main() -> None:
             recall = evaluate(predictor, traces["held"])  # against the routing of the token it predicts
             report[f"shift_{shift}"] = {"steps": rep["steps_run"], "stopped_by": rep["stopped_by"],
                                         "held_out_recall": recall[f"mean_recall@{recall['k']}"],
-                                        **beyond_last_step(predictor, traces["held"], shift)}
+                                        **beyond_last_step(predictor, traces["held"])}
             predictors[shift] = predictor
             print(shift, json.dumps(report[f"shift_{shift}"]), flush=True)
         for budget in (0.25, 0.5):
