@@ -118,19 +118,12 @@ def main() -> None:
     ap.add_argument("--policy-only", action="store_true", help="also sida_policy_only: SidaPrefetcher(prefetch=False)")
     ap.add_argument("--late-copies", action="store_true",
                     help="also sida_late_copies: the predictor's replayed predictions copied as well (_LateCopies)")
-    ap.add_argument("--in-flight", type=int, default=None,
-                    help="decode_graph.REPLAYS_IN_FLIGHT for every system (default: the library's)")
     ap.add_argument("--in-flight-variant", type=int, default=None, metavar="N",
                     help="also none_lru_ifN and sida_ifN: the same systems as separate models whose steps are "
                          "captured with decode_graph.REPLAYS_IN_FLIGHT = N (compiled with --compile), timed in "
                          "the same rounds as the rest")
     ap.add_argument("--out", required=True)
     args = ap.parse_args()
-    if args.in_flight is not None:
-        from sida_moe import decode_graph
-
-        decode_graph.REPLAYS_IN_FLIGHT = args.in_flight  # read at each capture: before any
-
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     device = torch.device("cuda")
