@@ -1,8 +1,8 @@
 """Device time of one decode step of the SiDA predictor as the greedy loop runs it: the
-``GraphedDecoder`` step captured inside an enclosing CUDA graph (as in a captured decode step),
-replayed back to back and timed with CUDA events, eagerly captured and compiled
-(``step(compiled=True)``), for a few network sizes and dtypes -- which serving predictor costs
-well under the ~0.6 ms decode step of the small reference checkpoint (NOTES.md, session 15).
+``GraphedDecoder`` step captured in its own CUDA graph (the side step the loop launches beside the
+next decode step, ``sida_moe.predictor.side_step``), of the eager and of the compiled step
+(``capture(compiled=True)``), replayed back to back and timed with CUDA events, for a few network
+sizes and dtypes.
 
 Random weights (the cost does not depend on them); a prompt of ``--prompt`` tokens loaded first,
 so attention covers a realistic context. JSON (ms per step per variant) to stdout and ``--out``.
@@ -43,31 +43,27 @@ def step_ms(cfg: PredictorConfig, dtype: torch.dtype, device: torch.device, comp
     """Milliseconds per replayed step (CPU: per eager step, a smoke value)."""
     torch.manual_seed(0)
     pred = HashPredictor(cfg).to(device=device, dtype=dtype).eval()
-    decoder = GraphedDecoder(pred, batch, max_len=prompt + 8 * steps + 64, use_graph=False)
+    decoder = GraphedDecoder(pred, batch, max_len=prompt + 8 * steps + 64, use_graph=device.type == "cuda")
     x = torch.randn(batch, prompt + 1, cfg.input_dim, device=device, dtype=dtype)
     with torch.inference_mode():
         _, state = pred(x[:, :prompt])
         decoder.load(state)
         static = x[:, prompt:].clone()
-        for _ in range(3):  # compiles (compiled) and warms up, outside any capture
+        for _ in range(3):  # compiles (compiled) and warms up
             decoder.step(static, compiled=compiled)
         if device.type != "cuda":
             t0 = time.perf_counter()
             for _ in range(steps):
                 decoder.step(static, compiled=compiled)
             return (time.perf_counter() - t0) * 1e3 / steps
-        torch.cuda.synchronize(device)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            decoder.step(static, compiled=compiled)
+        decoder.capture(compiled)
+        decoder.set_inputs(static)
         for _ in range(3):
-            graph.replay()
-            decoder.advance()
+            decoder.replay(compiled)
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()
         for _ in range(steps):
-            graph.replay()
-            decoder.advance()
+            decoder.replay(compiled)
         end.record()
         end.synchronize()
         return start.elapsed_time(end) / steps

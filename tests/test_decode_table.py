@@ -373,9 +373,10 @@ def test_cuda_graph_decode_matches_eager(family):
 @pytest.mark.gpu
 @pytest.mark.parametrize("prev_token_routing", [False, True])
 def test_cuda_graph_decode_with_the_sida_predictor_is_exact_and_prefetches(prev_token_routing):
-    """The predictor's step is captured at the end of each replayed decode step: tokens equal the
-    eager loop's and the original's, each decode token's prediction is scored, and the cache
-    loaded predicted experts that decode then used."""
+    """The predictor's step runs beside each replayed decode step (its side step): tokens equal
+    the eager loop's and the original's, each decode token's prediction is scored -- with the
+    eager loop's scores, so with its predictions -- and the cache loaded predicted experts that
+    decode then used."""
     from sida_moe.predictor import HashPredictor, PredictorConfig, SidaPrefetcher
 
     original = tiny_model("qwen3_moe", torch.float16).cuda()
@@ -390,24 +391,55 @@ def test_cuda_graph_decode_with_the_sida_predictor_is_exact_and_prefetches(prev_
     engine = sida_moe.engine_of(offloaded)
     ids = _prompt(length=6).cuda()
     new = 24
+    scores = ("predicted_hits", "predicted_needed", "predicted_experts")
     with torch.inference_mode():
+        engine.reset_stats()
         eager = static_generate(offloaded, ids, new, graphs=False)
+        engine.wait_deferred(10.0)
+        eager_scores = [engine.stats()[name] for name in scores]
         engine.reset_stats()
         graphed = offloaded.generate(ids, max_new_tokens=new, do_sample=False, sida_graphs=True)
         want = original.generate(ids, max_new_tokens=new, do_sample=False)
     assert torch.equal(eager, graphed)
     assert torch.equal(graphed, want)
+    engine.wait_deferred(10.0)
     stats = engine.stats()
     layers, k = len(engine.layers), cfg.num_experts_per_tok
     # every decode token but the first was predicted ahead and scored against its routing
     assert stats["predicted_needed"] >= (new - 2) * layers * k * 0.9
     assert 0 < stats["predicted_hits"] <= stats["predicted_needed"]
+    assert [stats[name] for name in scores] == eager_scores
     assert stats["prefetch_issued"] > 0
 
 
 @pytest.mark.gpu
-def test_compiled_cuda_graph_decode_with_the_sida_predictor_compiles_its_step_too():
-    """sida_compile=True: the predictor's step is compiled into the captured step as well; tokens
+@pytest.mark.parametrize("prev_token_routing", [False, True])
+def test_graphed_hash_routing_routes_each_step_by_the_prediction_beside_the_step_before(prev_token_routing):
+    """With hash routing decode step t+1 routes by the prediction the side step made after step
+    t: the graphed loop's tokens equal the eager loop's over many replays (a prediction read
+    before it was written, or staged inputs overwritten before the side step copied them, would
+    change them)."""
+    from sida_moe.predictor import HashPredictor, PredictorConfig, SidaPrefetcher
+
+    original = tiny_model("qwen3_moe", torch.float16).cuda()
+    cfg = original.config
+    torch.manual_seed(4)
+    predictor = HashPredictor(PredictorConfig(input_dim=cfg.hidden_size, num_moe_layers=cfg.num_hidden_layers,
+                                              num_experts=cfg.num_experts, top_k=cfg.num_experts_per_tok,
+                                              hidden=32, attn_blocks=1, attn_heads=4,
+                                              prev_token_routing=prev_token_routing))
+    offloaded = sida_moe.offload(copy.deepcopy(original), gpu_budget="25%", policy="predictive",
+                                 prefetch=SidaPrefetcher(predictor, hash_routing=True))
+    ids = _prompt(batch=2, length=6).cuda()
+    with torch.inference_mode():
+        eager = static_generate(offloaded, ids, 40, graphs=False)
+        graphed = static_generate(offloaded, ids, 40, graphs=True)
+    assert torch.equal(eager, graphed)
+
+
+@pytest.mark.gpu
+def test_compiled_cuda_graph_decode_with_the_sida_predictor_replays_its_compiled_step():
+    """sida_compile=True: the side step replays the compiled predictor step; tokens
     equal the compiled eager loop's, every decode token's prediction is scored."""
     from sida_moe.predictor import HashPredictor, PredictorConfig, SidaPrefetcher
 
@@ -427,6 +459,7 @@ def test_compiled_cuda_graph_decode_with_the_sida_predictor_compiles_its_step_to
         graphed = offloaded.generate(ids, max_new_tokens=new, do_sample=False, sida_compile=True)
     assert torch.equal(eager, graphed)
     assert all(d._compiled is not None for d in prefetcher._decoders.values())
+    engine.wait_deferred(10.0)
     stats = engine.stats()
     layers, k = len(engine.layers), cfg.num_experts_per_tok
     assert stats["predicted_needed"] >= (new - 2) * layers * k * 0.9

@@ -207,29 +207,23 @@ def test_clear_errors():
         SidaPrefetcher(custom)  # the prefetcher decodes through the decoder only
 
 
-def test_advance_counts_steps_run_outside_step_and_raises_when_full():
-    """``advance`` accounts for a step replayed as part of an enclosing graph (one per replay): the
-    length grows as with ``step``, and an unloaded or full decoder refuses it."""
+def test_replay_needs_a_captured_step_and_room_and_set_inputs_checks_its_inputs():
+    """``replay`` runs only a step ``capture`` made (there is none on the CPU), and ``set_inputs``
+    refuses what ``step`` refuses."""
     pred = _predictor(2, seed=8)
     decoder = GraphedDecoder(pred, 1, max_len=6)
-    with pytest.raises(RuntimeError, match="unloaded or full"):
-        decoder.advance()
     embeds, _ = _prompt(1, False, 3, 3, seed=5)
     with torch.inference_mode():
         _, state = pred(embeds[:, :3])
         assert decoder.load(state)
-        decoder.step(embeds[:, 3:4])
-        assert decoder.length == 4
-        decoder.advance()
-        assert (decoder.length, decoder.remaining, decoder.full) == (5, 1, False)
-        decoder.advance()
-        assert decoder.full and decoder.remaining == 0
-        with pytest.raises(RuntimeError, match="unloaded or full"):
-            decoder.advance()
-        with pytest.raises(RuntimeError, match="full"):
-            decoder.step(embeds[:, 5:6])
-        assert decoder.to_state().length == 6
-        assert decoder.load(state) and decoder.length == 3  # a new load starts the count again
+        with pytest.raises(RuntimeError, match=r"replay\(compiled=False\) before capture"):
+            decoder.replay()
+        with pytest.raises(ValueError, match="embeds must be"):
+            decoder.set_inputs(embeds[:, :2])
+        with pytest.raises(ValueError, match="prev_token_routing given"):
+            decoder.set_inputs(embeds[:, 3:4], torch.zeros(1, 1, 4))
+        decoder.set_inputs(embeds[:, 3:4])
+        assert decoder.length == 3  # inputs only: no step ran
 
 
 # ----------------------------------------------------------------------------------- the GPU
@@ -279,50 +273,38 @@ def test_cuda_graph_capture_keeps_a_loaded_state():
 
 
 @pytest.mark.gpu
-def test_step_inside_an_enclosing_capture_is_recorded_there_and_counted_by_advance():
-    """A step called while a whole decode step is being captured runs into that graph (no replay of
-    its own, ``length`` unchanged); each replay of the enclosing graph is one step, counted by
-    ``advance``, and equals the eager forward."""
+@pytest.mark.parametrize("compiled", [False, True])
+def test_replays_of_the_captured_step_on_a_side_stream_equal_the_eager_forward(compiled):
+    """The greedy loop's use (``SideStep``): inputs written and the step replayed on another
+    stream, token after token; each equals the eager forward, ``length`` counts the replays, and a
+    step called inside someone else's capture is refused."""
+    if compiled:
+        torch._dynamo.reset()
     pred = _predictor(2, 256, device="cuda")
-    embeds, _ = _prompt(1, False, 6, 4, device="cuda")
-    with _full_fp32(), torch.inference_mode():
-        decoder = GraphedDecoder(pred, 1, max_len=32)
-        _, state = pred(embeds[:, :6])
-        assert decoder.load(state) and decoder.graphed  # its own graph, captured at the first load
-        _replay_in_an_enclosing_graph(pred, decoder, embeds, state, 6, 10, compiled=False)
-        assert decoder.length == 10
-
-
-def _replay_in_an_enclosing_graph(pred, decoder, embeds, state, start, end, compiled):
-    """Capture one ``decoder.step`` inside an outer graph (recorded there: ``length`` unchanged),
-    then replay it for tokens ``start..end - 1``, each equal to the eager forward."""
-    static = embeds[:, start : start + 1].clone()
-    torch.cuda.synchronize()
-    outer = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(outer):
-        logits, _ = decoder.step(static, compiled=compiled)
-    assert decoder.length == start
-    for t in range(start, end):
-        static.copy_(embeds[:, t : t + 1])
-        outer.replay()
-        decoder.advance()
-        want, state = pred(embeds[:, t : t + 1], state)
-        assert torch.allclose(logits, want, atol=1e-4), t
-    _assert_states_equal(decoder.to_state(), state, 1e-4)
-
-
-@pytest.mark.gpu
-def test_compiled_step_inside_an_enclosing_capture_is_recorded_there():
-    """The compiled step (compiled before the capture) records its fused kernels into an enclosing
-    graph, whose replays equal the eager forward."""
-    torch._dynamo.reset()
-    pred = _predictor(2, 256, device="cuda")
-    embeds, _ = _prompt(1, False, 6, 5, device="cuda")
+    embeds, _ = _prompt(1, False, 6, 6, device="cuda")
+    side = torch.cuda.Stream()
     with _full_fp32(), torch.inference_mode():
         decoder = GraphedDecoder(pred, 1, max_len=32)
         _, state = pred(embeds[:, :6])
         assert decoder.load(state)
-        want, state = pred(embeds[:, 6:7], state)
-        got, _ = decoder.step(embeds[:, 6:7], compiled=True)  # compiles, outside any capture
-        assert torch.allclose(got, want, atol=1e-4)
-        _replay_in_an_enclosing_graph(pred, decoder, embeds, state, 7, 11, compiled=True)
+        if compiled:
+            want, state = pred(embeds[:, 6:7], state)
+            got, _ = decoder.step(embeds[:, 6:7], compiled=True)  # compiles, outside any capture
+            assert torch.allclose(got, want, atol=1e-4)
+        start = decoder.length
+        decoder.capture(compiled)
+        assert decoder.length == start  # capturing keeps the loaded state
+        for t in range(start, 12):
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                decoder.set_inputs(embeds[:, t : t + 1])
+                decoder.replay(compiled)
+            torch.cuda.current_stream().wait_stream(side)
+            want, state = pred(embeds[:, t : t + 1], state)
+            assert torch.allclose(decoder.logits, want, atol=1e-4), t
+        assert decoder.length == 12
+        _assert_states_equal(decoder.to_state(), state, 1e-4)
+        outer = torch.cuda.CUDAGraph()
+        with pytest.raises(RuntimeError, match="inside a CUDA graph capture"):
+            with torch.cuda.graph(outer):
+                decoder.step(embeds[:, 12:13])

@@ -305,10 +305,14 @@ def test_a_replayed_steps_own_token_predictions_only_feed_the_policy(shift):
         engine.prefetch_deferred = spy
         with torch.inference_mode():  # as the greedy loop runs
             embeds = model.get_input_embeddings().weight[out[:, -1:]].float()
-            prefetcher.predict_ahead(embeds)
+            assert prefetcher.predict_ahead(embeds)
             prefetcher.hand_over_ahead(replayed=False)
-            prefetcher.predict_ahead(embeds)
-            prefetcher.hand_over_ahead(replayed=True)
+            assert prefetcher.predict_ahead(embeds)
+            # no step is replayed on the CPU (no side step to launch): the replayed hand-over's
+            # submission itself, as hand_over_ahead(replayed=True) makes it after the launch
+            with pytest.raises(RuntimeError, match="no longer holds"):
+                prefetcher.hand_over_ahead(replayed=True)
+            prefetcher._submit(engine, prefetcher._rows, late=True)
         engine.wait_deferred(10.0)
     finally:
         engine.close()

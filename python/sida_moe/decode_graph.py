@@ -386,6 +386,8 @@ def _capture(model: nn.Module, engine, step: _Step, forward: nn.Module) -> bool:
             _forward_step(model, step, forward)
             if engine is not None:
                 step.visits = engine.take_captured_visits()
+        if engine is not None and step.visits[2]:
+            engine.capture_ahead()  # the prediction's own step, launched beside the next replay
     except RuntimeError as e:  # torch refuses what a capture cannot record, before it is issued
         if engine is not None:
             engine.take_captured_visits()  # what the aborted capture recorded never ran

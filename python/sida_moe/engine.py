@@ -336,17 +336,23 @@ class OffloadEngine:
     def predict_ahead(self, next_embeds: torch.Tensor, compiled: bool = False) -> None:
         """End of a decode step whose next input is known (the greedy loop): a prefetcher that
         predicts from the token (``predict_ahead``) predicts the next step now, so the cache loads
-        its experts while that step runs. Inside a captured step the prediction is captured too
-        and handed over after each replay (``end_replayed_forward``). ``compiled``: the decode
-        step is compiled, and so may the prediction be."""
+        its experts while that step runs. Inside a captured step the prediction is staged, its
+        own step captured after the decode step's (``capture_ahead``), launched and handed over
+        after each replay (``end_replayed_forward``). ``compiled``: the decode step is compiled,
+        and so may the prediction be."""
         predict = getattr(self.prefetcher, "predict_ahead", None)
-        if predict is None:
+        if predict is None or not predict(next_embeds, compiled=compiled):
             return
-        predict(next_embeds, compiled=compiled)
         if self.device.type == "cuda" and torch.cuda.is_current_stream_capturing():
             self._ahead_captured = True
         else:
             self.prefetcher.hand_over_ahead(replayed=False)
+
+    def capture_ahead(self) -> None:
+        """After capturing a decode step that predicted the next one (``take_captured_visits``
+        said so): capture the prefetcher's prediction step, which each replay's hand-over
+        launches."""
+        self.prefetcher.capture_ahead()
 
     def routed_ids(self, batch: int) -> torch.Tensor | None:
         """``[num MoE layers, batch, max top-k]`` experts of the last table forward of ``batch``

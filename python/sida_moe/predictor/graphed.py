@@ -88,7 +88,7 @@ class GraphedDecoder:
             self._logits = torch.zeros(L, B, 1, E, **opts)
             self._topk_values = torch.zeros(L, B, 1, k, **opts)
             self._topk_ids = torch.zeros(L, B, 1, k, dtype=torch.long, device=self.device)
-        self._graph: torch.cuda.CUDAGraph | None = None
+        self._graphs: dict[bool, torch.cuda.CUDAGraph] = {}  # the step captured, by compiled or not
         self._compiled = None  # _step under torch.compile (_compiled_step)
         self._length = 0  # host mirror of _pos: no sync to know when the buffers are full
         self._masked = False  # the loaded state had a key mask (to_state gives it back)
@@ -132,7 +132,7 @@ class GraphedDecoder:
     @property
     def graphed(self) -> bool:
         """True once the step is captured in a CUDA graph."""
-        return self._graph is not None
+        return bool(self._graphs)
 
     def load(self, state: PredictorState) -> bool:
         """Copy an eager state (e.g. after a prefill by ``HashPredictor.forward``) into the buffers.
@@ -155,7 +155,7 @@ class GraphedDecoder:
             raise ValueError(f"state key_mask must be [{B}, {P}], got {list(state.key_mask.shape)}")
         if P >= self.max_len:
             return False
-        if self.use_graph and self._graph is None:
+        if self.use_graph and not self._graphs:
             self.capture()  # first use; the warm-up scribbles on the buffers, so before the copy
         with torch.inference_mode():
             self._h.copy_(state.lstm[0])
@@ -203,14 +203,33 @@ class GraphedDecoder:
         the rounding of fused kernels).
 
         ``compiled=True`` runs the step through ``torch.compile`` (inductor fuses its ~45 small
-        kernels), run as is rather than replayed from the decoder's own graph: for an enclosing
-        capture of a compiled decode step, which should record the fused kernels. The first
-        compiled step compiles (seconds), so it must not be inside a capture."""
+        kernels), run as is rather than replayed from the decoder's own graph (``capture(True)``
+        and :meth:`replay` replay it). The first compiled step compiles (seconds)."""
         if not self._loaded:
             raise RuntimeError("GraphedDecoder.step() before load(): load a prefill's PredictorState first")
         if self.full:
             raise RuntimeError(f"GraphedDecoder is full ({self.max_len} tokens): continue from to_state() with "
                                "HashPredictor.forward, or load it into a decoder with a larger max_len")
+        if self.device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+            raise RuntimeError("GraphedDecoder.step() inside a CUDA graph capture: capture(compiled) the step "
+                               "once, then set_inputs() and replay() it where it should run")
+        with torch.inference_mode():
+            self.set_inputs(embeds, prev_token_routing)
+            if compiled:
+                self._compiled_step()()
+            else:
+                if self.use_graph and False not in self._graphs:
+                    self.capture()
+                if False in self._graphs:
+                    self._graphs[False].replay()
+                else:
+                    self._step()
+        self._length += 1
+        return self._logits, self._topk_ids
+
+    def set_inputs(self, embeds: torch.Tensor, prev_token_routing: torch.Tensor | None = None) -> None:
+        """Write the next step's inputs (``step``'s arguments, checked the same way) into the
+        step's input buffers, on the current stream; :meth:`replay` then runs the step on them."""
         cfg = self.predictor.config
         want = (self.batch, 1, cfg.input_dim)
         if tuple(embeds.shape) != want:
@@ -221,7 +240,7 @@ class GraphedDecoder:
             if tuple(prev_token_routing.shape) != tuple(self._prev.shape):
                 raise ValueError(f"prev_token_routing must be {list(self._prev.shape)}, got {list(prev_token_routing.shape)}")
         weight = self.predictor.compress.weight
-        if weight.device != self.device or (self._graph is not None and weight.data_ptr() != self._weight_ptr):
+        if weight.device != self.device or (self._graphs and weight.data_ptr() != self._weight_ptr):
             raise RuntimeError("the predictor's parameters moved since this decoder was built; build a new GraphedDecoder")
         with torch.inference_mode():
             self._x_in.copy_(embeds)
@@ -230,42 +249,44 @@ class GraphedDecoder:
                     self._prev.zero_()  # unknown routing: zeros, as in HashPredictor.features
                 else:
                     self._prev.copy_(prev_token_routing)
-            if self.device.type == "cuda" and torch.cuda.is_current_stream_capturing():
-                # inside an enclosing capture (a whole decode step): recorded there, and counted
-                # by advance() at each of its replays
-                (self._compiled_step() if compiled else self._step)()
-                return self._logits, self._topk_ids
-            if compiled:
-                self._compiled_step()()
-            else:
-                if self.use_graph and self._graph is None:
-                    self.capture()
-                if self._graph is not None:
-                    self._graph.replay()
-                else:
-                    self._step()
-        self._length += 1
-        return self._logits, self._topk_ids
 
-    def advance(self) -> None:
-        """Account for one step run outside :meth:`step`: a replay of an enclosing graph that
-        captured a :meth:`step`."""
+    def replay(self, compiled: bool = False) -> None:
+        """One decode step on the inputs :meth:`set_inputs` wrote, replayed on the current stream
+        from the step's graph (``compiled``: of the compiled step), which :meth:`capture` must
+        have made. Outputs as :meth:`step`'s (``logits``, ``topk_ids``)."""
+        graph = self._graphs.get(bool(compiled))
+        if graph is None:
+            raise RuntimeError(f"GraphedDecoder.replay(compiled={bool(compiled)}) before capture(compiled={bool(compiled)})")
         if not self._loaded or self.full:
-            raise RuntimeError("GraphedDecoder.advance() on an unloaded or full decoder")
+            raise RuntimeError("GraphedDecoder.replay() on an unloaded or full decoder")
+        graph.replay()
         self._length += 1
+
+    @property
+    def logits(self) -> torch.Tensor:
+        """The last step's logits ``[L, B, 1, E]`` (static, like ``step``'s outputs)."""
+        return self._logits
+
+    @property
+    def topk_ids(self) -> torch.Tensor:
+        """The last step's top-k ids ``[L, B, 1, k]`` (static, like ``step``'s outputs)."""
+        return self._topk_ids
 
     @property
     def topk_values(self) -> torch.Tensor:
         """The last step's top-k logits ``[L, B, 1, k]`` (static, like ``step``'s outputs)."""
         return self._topk_values
 
-    def capture(self) -> None:
-        """Capture the step in a CUDA graph now (``load``/``step`` do it on first use). A loaded
-        state is kept. Capture mode ``thread_local``: other threads may keep using the GPU, but none
-        may synchronize the whole device (``torch.cuda.synchronize``) meanwhile, so call this from
-        the thread that could."""
-        if not self.use_graph or self._graph is not None:
+    def capture(self, compiled: bool = False) -> None:
+        """Capture the step in a CUDA graph now (``load``/``step`` do it on first use; ``compiled``:
+        the compiled step, for :meth:`replay`, compiled first if it was not). A loaded state is kept.
+        Capture mode ``thread_local``: other threads may keep using the GPU, but none may
+        synchronize the whole device (``torch.cuda.synchronize``) meanwhile, so call this from the
+        thread that could."""
+        compiled = bool(compiled)
+        if not self.use_graph or compiled in self._graphs:
             return
+        run = self._compiled_step() if compiled else self._step
         saved = self.to_state() if self._loaded else None
         with torch.inference_mode():
             # warm up on a side stream (PyTorch's CUDA-graph recipe), always writing position 0
@@ -274,12 +295,12 @@ class GraphedDecoder:
             with torch.cuda.stream(stream):
                 for _ in range(_WARMUP_STEPS):
                     self._pos.zero_()
-                    self._step()
+                    run()
             torch.cuda.current_stream(self.device).wait_stream(stream)
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph, stream=stream, capture_error_mode="thread_local"):
-                self._step()
-        self._graph = graph
+                run()
+        self._graphs[compiled] = graph
         self._weight_ptr = self.predictor.compress.weight.data_ptr()
         self._loaded = False
         if saved is not None:

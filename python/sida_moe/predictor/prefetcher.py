@@ -9,13 +9,15 @@ Where the prediction runs (nothing here waits for the device, and there is no th
   reads them once computed and queues one row of prefetches per MoE layer).
 - **Decode**: a :class:`~sida_moe.predictor.graphed.GraphedDecoder` holds the sequence's predictor
   state in static buffers, so its step has fixed shapes.
-  - In the greedy loop (``sida_moe.decode_graph``) the step runs at the end of each decode step, on
-    the token just chosen (``predict_ahead``), inside the step's CUDA graph; after each replay the
-    engine hands the next token's predictions over (``hand_over_ahead``), and the decode step itself
-    never waits for a prediction. By then the host has launched the step they name (replays are
-    queued ahead), so copies of them would land after that step read those experts from the pool,
-    doubling their bytes on the link: a replayed step's predictions feed the predictive policy and
-    the scores only. A predictor of the next token's routing (below) names a step its copies can
+  - In the greedy loop (``sida_moe.decode_graph``) the step predicts from the token each decode
+    step has just chosen (``predict_ahead``). A captured decode step only stages the predictor's
+    inputs; after each replay the engine launches the predictor's own captured step on a side
+    stream (:class:`~sida_moe.predictor.side_step.SideStep`), where it runs beside the next decode
+    step, and hands its ids over (``hand_over_ahead``); the decode steps never wait for a
+    prediction (with hash routing, which routes by it, they do). By then the host has launched the
+    step they name (replays are queued ahead), so copies of them would land after that step read
+    those experts from the pool, doubling their bytes on the link: a replayed step's predictions
+    feed the predictive policy and the scores only. A predictor of the next token's routing (below) names a step its copies can
     reach, and its predictions are prefetched.
   - In an eager loop (transformers' ``generate``: sampling, processors) the step runs in
     ``begin_forward`` on the token being decoded, before its layers.
@@ -50,6 +52,7 @@ import torch
 from sida_moe.predictor.graphed import GraphedDecoder
 from sida_moe.predictor.hash_routing import WeightSource, hash_route, router_normalizes
 from sida_moe.predictor.model import HashPredictor, PredictorState
+from sida_moe.predictor.side_step import SideStep
 
 if TYPE_CHECKING:
     from sida_moe.engine import OffloadEngine
@@ -98,6 +101,7 @@ class SidaPrefetcher:
         self._layers = list(range(cfg.num_moe_layers))
         self._engine: OffloadEngine | None = None
         self._decoders: dict[tuple[int, int], GraphedDecoder] = {}  # (batch, capacity)
+        self._sides: dict[tuple[int, int], SideStep] = {}  # the decoders' side steps, on CUDA
         self._next_capacity: int | None = None  # set by begin_sequence for its prompt only
         self._static_mask = False  # set by begin_sequence for its sequence only
         self._reset_sequence()
@@ -113,7 +117,7 @@ class SidaPrefetcher:
                              f"{sorted({layer.num_experts for layer in layers})}")
         weight = self.predictor.compress.weight
         if weight.device != engine.device:
-            self._decoders = {}  # built on the parameters' old addresses
+            self._decoders, self._sides = {}, {}  # built on the parameters' old addresses
             self.predictor.to(engine.device)
         self._engine = engine
         self._reset_sequence()
@@ -150,28 +154,51 @@ class SidaPrefetcher:
         self._decoded = True
         self._submit(engine, rows)
 
-    def predict_ahead(self, next_embeds: torch.Tensor, compiled: bool = False) -> None:
-        """At the end of a decode step: predict the next step's token (``[B, 1, H]`` embeddings)
-        now, on the device only (captured with the step). ``hand_over_ahead`` submits the ids.
-        ``compiled``: the step is compiled (``torch.compile``), so the predictor's is too."""
+    def predict_ahead(self, next_embeds: torch.Tensor, compiled: bool = False) -> bool:
+        """At the end of a decode step: predict the next step's token (``[B, 1, H]`` embeddings),
+        on the device only; ``hand_over_ahead`` submits the ids. Inside the capture of a decode
+        step only the predictor's inputs are staged (:class:`~sida_moe.predictor.side_step.SideStep`:
+        its step runs beside the next decode step, launched at each hand-over). ``compiled``: the
+        step is compiled (``torch.compile``), so the predictor's is too. False if nothing was
+        predicted (a captured step of a sequence past the decoder's capacity)."""
         self._require_engine()
         x = next_embeds if next_embeds.dim() == 3 else next_embeds.unsqueeze(1)
-        self._rows = self._predict_token(x, compiled)
+        if x.device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+            decoder, side = self._decoder, self._side
+            if decoder is None or side is None or decoder.full:
+                self._rows, self._ahead = None, False
+                return False
+            side.stage(x.detach(), self._previous_routing(x.shape[0]), compiled)
+            self._rows = decoder.topk_ids.reshape(len(self._layers), -1)
+            self._logits = decoder.logits.reshape(len(self._layers), -1, decoder.logits.shape[-1])
+        else:
+            self._rows = self._predict_token(x, compiled)
         self._ahead = True
+        return True
+
+    def capture_ahead(self) -> None:
+        """After the capture of a decode step that staged a prediction: capture the predictor's
+        step that each hand-over launches."""
+        if self._side is None:
+            raise RuntimeError("capture_ahead() without a staged prediction")
+        self._side.capture()
 
     def hand_over_ahead(self, replayed: bool) -> None:
-        """Give the cache the ids of the last ``predict_ahead`` (after it ran; ``replayed``: it
-        ran as part of a replayed graph, whose decoder step is counted here)."""
+        """Give the cache the ids of the last ``predict_ahead`` (after it ran; ``replayed``: after a
+        replay of the captured step that staged it, whose predictor step is launched here)."""
         engine = self._require_engine()
         if self._rows is None:
             return
-        if replayed:
-            if self._decoder is None:
-                raise RuntimeError("a replayed step predicted through a decoder this prefetcher no longer holds")
-            self._decoder.advance()
-            self._seen += 1
-            self._decoded = True
-        self._submit(engine, self._rows, late=replayed)
+        if not replayed:
+            self._submit(engine, self._rows)
+            return
+        if self._decoder is None or self._side is None:
+            raise RuntimeError("a replayed step predicted through a decoder this prefetcher no longer holds")
+        stream = self._side.launch()
+        self._seen += 1
+        self._decoded = True
+        with torch.cuda.stream(stream):  # the ids are written there
+            self._submit(engine, self._rows, late=True)
 
     def after_routing(self, moe_layer: int, hidden: torch.Tensor, topk_ids: torch.Tensor) -> None:
         return None  # decode predictions are scored by the cache, from the routed rows
@@ -198,7 +225,7 @@ class SidaPrefetcher:
         return ids.to(topk_ids.dtype), weights
 
     def close(self) -> None:
-        self._decoders = {}
+        self._decoders, self._sides = {}, {}
         self._engine = None
         self._reset_sequence()
 
@@ -232,6 +259,7 @@ class SidaPrefetcher:
         self._batch: int | None = None
         self._seen = 0
         self._decoder: GraphedDecoder | None = None  # holds the sequence's state, else _state
+        self._side: SideStep | None = None  # runs _decoder's replayed steps (CUDA)
         self._state: PredictorState | None = None
         self._logits: torch.Tensor | None = None  # [L, T, E] of the forward being run
         self._rows: torch.Tensor | None = None  # [L, T * k] ids of the last predict_ahead
@@ -253,8 +281,10 @@ class SidaPrefetcher:
         self._fresh, self._batch, self._ahead, self._decoded = False, batch, False, False
         self._rows = None
         capacity, self._next_capacity = self._next_capacity or DEFAULT_CAPACITY, None
-        decoder = self._decoder_for(batch, capacity)
-        self._decoder = decoder if decoder.load(state) else None
+        decoder, side = self._decoder_for(batch, capacity)
+        if side is not None:
+            side.join()  # the last sequence's final prediction may still be running
+        self._decoder, self._side = (decoder, side) if decoder.load(state) else (None, None)
         self._state = None if self._decoder is not None else state
         # the prompt's rows feed the policy and prefetch, unscored; the prediction the last sequence
         # left unused (the greedy loop predicts one token past its end) is forgotten
@@ -265,8 +295,10 @@ class SidaPrefetcher:
         """One decode token's prediction ``[L, B * k]`` (``x``: ``[B, 1, H]``); sets ``_logits``."""
         prev = self._previous_routing(x.shape[0])
         decoder = self._decoder
+        if self._side is not None:
+            self._side.join()  # replayed steps' predictions ran on the side stream
         if decoder is not None and decoder.full:
-            self._state, self._decoder, decoder = decoder.to_state(), None, None
+            self._state, self._decoder, self._side, decoder = decoder.to_state(), None, None, None
         with torch.inference_mode():
             if decoder is not None:
                 logits, ids = decoder.step(x.detach(), prev, compiled=compiled)
@@ -293,14 +325,18 @@ class SidaPrefetcher:
         hot.scatter_add_(-1, ids.clamp(min=0), (ids >= 0).float())
         return hot.clamp_(max=1.0).movedim(0, 1).reshape(batch, 1, -1)
 
-    def _decoder_for(self, batch: int, capacity: int) -> GraphedDecoder:
+    def _decoder_for(self, batch: int, capacity: int) -> tuple[GraphedDecoder, SideStep | None]:
+        """The decoder of ``batch`` rows and ``capacity`` tokens, and on CUDA its side step."""
         key = (batch, capacity)
         decoder = self._decoders.get(key)
         if decoder is None:
             if len(self._decoders) >= 8:  # calls of many shapes: keep the newest few
+                self._sides.pop(next(iter(self._decoders)), None)
                 self._decoders.pop(next(iter(self._decoders)))
             decoder = self._decoders[key] = GraphedDecoder(self.predictor, batch, capacity, k=self.k)
-        return decoder
+            if decoder.device.type == "cuda":
+                self._sides[key] = SideStep(decoder, wait_for_prediction=self.hash_routing)
+        return decoder, self._sides.get(key)
 
     def _submit(self, engine: OffloadEngine, rows: torch.Tensor, late: bool = False) -> None:
         """Hand a decode prediction to the cache. ``late``: it reaches the cache after the step it
