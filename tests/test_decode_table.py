@@ -370,6 +370,22 @@ def test_cuda_graph_decode_matches_eager(family):
     assert stats["routed_visits"] > 20 * len(sida_moe.engine_of(offloaded).layers)
 
 
+def _tiny_sida_pair(seed, prev_token_routing=False, **prefetcher_kwargs):
+    """A tiny fp16 Qwen3-MoE on the GPU and its copy offloaded at 25% with a random SiDA
+    predictor (``prefetcher_kwargs`` to ``SidaPrefetcher``): (original, offloaded, prefetcher)."""
+    from sida_moe.predictor import HashPredictor, PredictorConfig, SidaPrefetcher
+
+    original = tiny_model("qwen3_moe", torch.float16).cuda()
+    cfg = original.config
+    torch.manual_seed(seed)
+    prefetcher = SidaPrefetcher(HashPredictor(PredictorConfig(
+        input_dim=cfg.hidden_size, num_moe_layers=cfg.num_hidden_layers, num_experts=cfg.num_experts,
+        top_k=cfg.num_experts_per_tok, hidden=32, attn_blocks=1, attn_heads=4,
+        prev_token_routing=prev_token_routing)), **prefetcher_kwargs)
+    offloaded = sida_moe.offload(copy.deepcopy(original), gpu_budget="25%", policy="predictive", prefetch=prefetcher)
+    return original, offloaded, prefetcher
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("prev_token_routing", [False, True])
 def test_cuda_graph_decode_with_the_sida_predictor_is_exact_and_prefetches(prev_token_routing):
@@ -377,17 +393,8 @@ def test_cuda_graph_decode_with_the_sida_predictor_is_exact_and_prefetches(prev_
     the eager loop's and the original's, each decode token's prediction is scored -- with the
     eager loop's scores, so with its predictions -- and the cache loaded predicted experts that
     decode then used."""
-    from sida_moe.predictor import HashPredictor, PredictorConfig, SidaPrefetcher
-
-    original = tiny_model("qwen3_moe", torch.float16).cuda()
+    original, offloaded, _ = _tiny_sida_pair(3, prev_token_routing)
     cfg = original.config
-    torch.manual_seed(3)
-    predictor = HashPredictor(PredictorConfig(input_dim=cfg.hidden_size, num_moe_layers=cfg.num_hidden_layers,
-                                              num_experts=cfg.num_experts, top_k=cfg.num_experts_per_tok,
-                                              hidden=32, attn_blocks=1, attn_heads=4,
-                                              prev_token_routing=prev_token_routing))
-    offloaded = sida_moe.offload(copy.deepcopy(original), gpu_budget="25%", policy="predictive",
-                                 prefetch=SidaPrefetcher(predictor))
     engine = sida_moe.engine_of(offloaded)
     ids = _prompt(length=6).cuda()
     new = 24
@@ -419,17 +426,7 @@ def test_graphed_hash_routing_routes_each_step_by_the_prediction_beside_the_step
     t: the graphed loop's tokens equal the eager loop's over many replays (a prediction read
     before it was written, or staged inputs overwritten before the side step copied them, would
     change them)."""
-    from sida_moe.predictor import HashPredictor, PredictorConfig, SidaPrefetcher
-
-    original = tiny_model("qwen3_moe", torch.float16).cuda()
-    cfg = original.config
-    torch.manual_seed(4)
-    predictor = HashPredictor(PredictorConfig(input_dim=cfg.hidden_size, num_moe_layers=cfg.num_hidden_layers,
-                                              num_experts=cfg.num_experts, top_k=cfg.num_experts_per_tok,
-                                              hidden=32, attn_blocks=1, attn_heads=4,
-                                              prev_token_routing=prev_token_routing))
-    offloaded = sida_moe.offload(copy.deepcopy(original), gpu_budget="25%", policy="predictive",
-                                 prefetch=SidaPrefetcher(predictor, hash_routing=True))
+    _, offloaded, _ = _tiny_sida_pair(4, prev_token_routing, hash_routing=True)
     ids = _prompt(batch=2, length=6).cuda()
     with torch.inference_mode():
         eager = static_generate(offloaded, ids, 40, graphs=False)
@@ -441,15 +438,8 @@ def test_graphed_hash_routing_routes_each_step_by_the_prediction_beside_the_step
 def test_compiled_cuda_graph_decode_with_the_sida_predictor_replays_its_compiled_step():
     """sida_compile=True: the side step replays the compiled predictor step; tokens
     equal the compiled eager loop's, every decode token's prediction is scored."""
-    from sida_moe.predictor import HashPredictor, PredictorConfig, SidaPrefetcher
-
-    original = tiny_model("qwen3_moe", torch.float16).cuda()
+    original, offloaded, prefetcher = _tiny_sida_pair(3)
     cfg = original.config
-    torch.manual_seed(3)
-    prefetcher = SidaPrefetcher(HashPredictor(PredictorConfig(
-        input_dim=cfg.hidden_size, num_moe_layers=cfg.num_hidden_layers, num_experts=cfg.num_experts,
-        top_k=cfg.num_experts_per_tok, hidden=32, attn_blocks=1, attn_heads=4)))
-    offloaded = sida_moe.offload(copy.deepcopy(original), gpu_budget="25%", policy="predictive", prefetch=prefetcher)
     engine = sida_moe.engine_of(offloaded)
     ids = _prompt(length=6).cuda()
     new = 24
