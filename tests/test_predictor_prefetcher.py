@@ -621,6 +621,41 @@ def test_a_sequence_past_the_decoders_capacity_continues_eagerly(loop, monkeypat
 
 
 @pytest.mark.parametrize("loop", LOOPS)
+def test_decode_steps_run_a_copy_of_the_predictor_in_decode_dtype(loop, monkeypatch):
+    """``decode_dtype=torch.bfloat16`` (CUDA's default; float32 is the CPU's): decode steps run a
+    bfloat16 copy of the predictor, the prompt the float32 predictor; predictions stay close to
+    one float32 forward over the sequence, tokens stay exact, and a sequence past the decoder's
+    capacity continues in float32 from the decoder's state."""
+    monkeypatch.setattr(prefetcher_module, "DEFAULT_CAPACITY", 9)
+    pred = _predictor(seed=13, attn_blocks=2, head_hidden=24)
+    model = tiny_qwen3(seed=14)
+    x = torch.randint(1, 64, (1, 6), generator=torch.Generator().manual_seed(4))
+    want = _generate(model, x, 8, loop=loop)
+    prefetcher = SidaPrefetcher(pred, decode_dtype=torch.bfloat16)
+    assert prefetcher.decode_dtype is None  # resolved at attach
+    if loop == "greedy":
+        _capped(prefetcher, 9)
+    offload(model, gpu_budget=0.5, prefetch=prefetcher)
+    engine = engine_of(model)
+    got = _record_predictions(prefetcher)
+    try:
+        assert prefetcher.decode_dtype == torch.bfloat16 and pred.compress.weight.dtype == torch.float32
+        tokens = _generate(model, x, 8, loop=loop)
+        assert torch.equal(tokens, want)
+        assert prefetcher._decoder is None and prefetcher._state.keys.dtype == torch.float32  # continued eagerly
+        full = _full_logits(pred, model, tokens[:, : 6 + len(got)])
+        for i, logits in enumerate(got):
+            assert torch.allclose(logits.float(), full[:, :, 6 + i], atol=0.1), i
+        assert any(lg.dtype == torch.bfloat16 for lg in got) and got[-1].dtype == torch.float32
+        assert engine.wait_deferred(10) and engine.cache.take_deferred_error() is None
+    finally:
+        engine.close()
+    assert SidaPrefetcher(_predictor()).decode_dtype is None
+    with pytest.raises(ValueError, match="decode_dtype must be one of"):
+        SidaPrefetcher(_predictor(), decode_dtype=torch.int8)
+
+
+@pytest.mark.parametrize("loop", LOOPS)
 def test_decode_variant_gets_the_previous_tokens_routing(loop):
     """A predictor built with ``prev_token_routing`` gets, for every decode token after the first,
     the multi-hot of the experts each MoE layer really used for the decode token before it (read
@@ -681,10 +716,11 @@ def test_a_new_greedy_sequence_scores_decode_tokens_only():
 
 
 @pytest.mark.gpu
-def test_prefetcher_on_cuda_steps_the_decoder_inside_the_captured_step():
-    """On the GPU, the greedy loop captures each decode step with the next token's prediction in
-    it; every replay hands the ids over and counts the decoder's step: every decode token is scored,
-    and the tokens are the eager loop's."""
+def test_prefetcher_on_cuda_steps_the_decoder_beside_each_replayed_step():
+    """On the GPU, each captured decode step stages the next token's prediction, and every replay
+    launches the decoder's step beside the next one and hands the ids over: every decode token is
+    scored, the decoder counts each step, it runs in bfloat16 (the CUDA default), and the tokens
+    are the eager loop's."""
     pred = _predictor(seed=22, attn_blocks=2, head_hidden=24)
     model = tiny_qwen3(seed=23).half().cuda()
     prefetcher = SidaPrefetcher(pred)
@@ -700,6 +736,7 @@ def test_prefetcher_on_cuda_steps_the_decoder_inside_the_captured_step():
         assert prefetcher.predictor.compress.weight.device.type == "cuda"  # moved at attach
         decoder = prefetcher._decoder
         assert decoder is not None and decoder.graphed and decoder.length == 7 + 9
+        assert decoder.dtype == torch.bfloat16 == prefetcher.decode_dtype
         assert torch.equal(static_generate(model, x, 9, graphs=False), graphed)
     finally:
         engine.close()

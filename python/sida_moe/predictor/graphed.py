@@ -178,19 +178,24 @@ class GraphedDecoder:
         self._loaded = True
         return True
 
-    def to_state(self) -> PredictorState:
-        """The buffers' state as an eager ``PredictorState`` (copies), to continue with
-        ``HashPredictor.forward`` -- e.g. once ``full``."""
+    def to_state(self, dtype: torch.dtype | None = None) -> PredictorState:
+        """The buffers' state as an eager ``PredictorState`` (copies; in ``dtype``, default the
+        decoder's), to continue with ``HashPredictor.forward`` -- e.g. once ``full``."""
         if not self._loaded:
             raise RuntimeError("GraphedDecoder.to_state() before load(): there is no state")
         P = self._length
+        dtype = self.dtype if dtype is None else dtype
+
+        def copy(t: torch.Tensor) -> torch.Tensor:
+            return t.to(dtype=dtype, copy=True)
+
         with torch.no_grad():  # not inference mode: normal tensors, usable wherever a forward's state is
             return PredictorState(
-                (self._h.clone(), self._c.clone()),
-                self._keys[:, :P].clone(),
-                self._values[:, :P].clone(),
+                (copy(self._h), copy(self._c)),
+                copy(self._keys[:, :P]),
+                copy(self._values[:, :P]),
                 self._valid[:, :P].clone() if self._masked else None,
-                [(bk[:, :, :P].clone(), bv[:, :, :P].clone()) for bk, bv in self._block_kv],
+                [(copy(bk[:, :, :P]), copy(bv[:, :, :P])) for bk, bv in self._block_kv],
             )
 
     # ------------------------------------------------------------------------------- step

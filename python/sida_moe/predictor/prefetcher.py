@@ -44,6 +44,7 @@ layer l + 1 has read its experts.
 
 from __future__ import annotations
 
+import copy
 import os
 from typing import TYPE_CHECKING
 
@@ -57,6 +58,7 @@ from sida_moe.predictor.side_step import SideStep
 if TYPE_CHECKING:
     from sida_moe.engine import OffloadEngine
 
+DECODE_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 DEFAULT_CAPACITY = 2048  # decoder tokens of an eager loop (the greedy loop sizes its own)
 
 
@@ -72,12 +74,17 @@ class SidaPrefetcher:
       the predictive policy: eviction and admission by predicted next use) and the scores; no
       copies of their own (the prompt's predictions still prefetch).
     - ``hash_routing`` / ``hash_weights``: the opt-in lossy mode (module docstring).
+    - ``decode_dtype``: the dtype of the decode steps' network (a copy of the predictor; the
+      prompt's forward stays in the predictor's float32). Default: bfloat16 on CUDA (half the
+      bytes and time of a step beside the decode step, the same held-out recall:
+      ``benches/predictor_dtype_recall.py``), float32 elsewhere.
     """
 
     name = "sida"
 
     def __init__(self, predictor: HashPredictor, k: int | None = None, feed_future: bool = True,
-                 hash_routing: bool = False, hash_weights: WeightSource = "predicted", prefetch: bool = True) -> None:
+                 hash_routing: bool = False, hash_weights: WeightSource = "predicted", prefetch: bool = True,
+                 decode_dtype: torch.dtype | None = None) -> None:
         if not isinstance(predictor, HashPredictor):
             raise TypeError(f"predictor must be a HashPredictor, got {type(predictor).__name__}")
         reason = GraphedDecoder.unsupported(predictor)
@@ -94,6 +101,11 @@ class SidaPrefetcher:
         self.k = k or cfg.top_k
         if not isinstance(prefetch, bool):
             raise TypeError(f"prefetch must be a bool, got {prefetch!r}")
+        if decode_dtype is not None and decode_dtype not in DECODE_DTYPES:
+            raise ValueError(f"decode_dtype must be one of {', '.join(map(str, DECODE_DTYPES))} or None (bfloat16 "
+                             f"on CUDA, else float32), got {decode_dtype!r}")
+        self._decode_dtype_asked = decode_dtype
+        self._decode_net: HashPredictor | None = None  # the decoders' network (attach)
         self.feed_future = bool(feed_future)
         self.prefetch = prefetch
         self.hash_routing = bool(hash_routing)
@@ -119,6 +131,11 @@ class SidaPrefetcher:
         if weight.device != engine.device:
             self._decoders, self._sides = {}, {}  # built on the parameters' old addresses
             self.predictor.to(engine.device)
+        dtype = self._decode_dtype_asked or (torch.bfloat16 if engine.device.type == "cuda" else torch.float32)
+        net = self._decode_net
+        if net is None or net.compress.weight.device != engine.device or net.compress.weight.dtype != dtype:
+            self._decoders, self._sides = {}, {}
+            self._decode_net = self.predictor if dtype == weight.dtype else copy.deepcopy(self.predictor).to(dtype).eval()
         self._engine = engine
         self._reset_sequence()
 
@@ -224,6 +241,11 @@ class SidaPrefetcher:
                                   dtype=topk_weights.dtype)
         return ids.to(topk_ids.dtype), weights
 
+    @property
+    def decode_dtype(self) -> torch.dtype | None:
+        """The dtype decode steps run in (None before ``attach``)."""
+        return None if self._decode_net is None else self._decode_net.compress.weight.dtype
+
     def close(self) -> None:
         self._decoders, self._sides = {}, {}
         self._engine = None
@@ -297,8 +319,9 @@ class SidaPrefetcher:
         decoder = self._decoder
         if self._side is not None:
             self._side.join()  # replayed steps' predictions ran on the side stream
-        if decoder is not None and decoder.full:
-            self._state, self._decoder, self._side, decoder = decoder.to_state(), None, None, None
+        if decoder is not None and decoder.full:  # on in the eager forward, in the predictor's dtype
+            state = decoder.to_state(self.predictor.compress.weight.dtype)
+            self._state, self._decoder, self._side, decoder = state, None, None, None
         with torch.inference_mode():
             if decoder is not None:
                 logits, ids = decoder.step(x.detach(), prev, compiled=compiled)
@@ -327,13 +350,15 @@ class SidaPrefetcher:
 
     def _decoder_for(self, batch: int, capacity: int) -> tuple[GraphedDecoder, SideStep | None]:
         """The decoder of ``batch`` rows and ``capacity`` tokens, and on CUDA its side step."""
+        if self._decode_net is None:
+            raise RuntimeError("SidaPrefetcher used before attach()")
         key = (batch, capacity)
         decoder = self._decoders.get(key)
         if decoder is None:
             if len(self._decoders) >= 8:  # calls of many shapes: keep the newest few
                 self._sides.pop(next(iter(self._decoders)), None)
                 self._decoders.pop(next(iter(self._decoders)))
-            decoder = self._decoders[key] = GraphedDecoder(self.predictor, batch, capacity, k=self.k)
+            decoder = self._decoders[key] = GraphedDecoder(self._decode_net, batch, capacity, k=self.k)
             if decoder.device.type == "cuda":
                 self._sides[key] = SideStep(decoder, wait_for_prediction=self.hash_routing)
         return decoder, self._sides.get(key)
