@@ -655,6 +655,35 @@ def test_decode_steps_run_a_copy_of_the_predictor_in_decode_dtype(loop, monkeypa
         SidaPrefetcher(_predictor(), decode_dtype=torch.int8)
 
 
+def test_a_dropped_decoder_is_found_again_while_a_captured_step_may_still_hold_it(monkeypatch):
+    """The prefetcher keeps its newest few decoders; one dropped is found again (not rebuilt)
+    while anything still holds it -- on CUDA a kept decode step's graph stages into its side
+    step, whose launches must step that very decoder -- and rebuilt once nothing does."""
+    import gc
+    import weakref
+
+    monkeypatch.setattr(prefetcher_module, "MAX_DECODERS", 2)
+    model = tiny_qwen3(seed=5)
+    prefetcher = SidaPrefetcher(_predictor(seed=23))
+    offload(model, gpu_budget=0.5, prefetch=prefetcher)
+    try:
+        held = prefetcher._decoder_for(1, 16)
+        others = [prefetcher._decoder_for(b, 16) for b in (2, 3)]
+        assert (1, 16) not in prefetcher._decoders and len(prefetcher._decoders) == 2
+        assert prefetcher._decoder_for(1, 16) is held  # found again, and the newest now
+        assert list(prefetcher._decoders) == [(3, 16), (1, 16)]
+        prefetcher._decoder_for(4, 16)
+        prefetcher._decoder_for(5, 16)
+        ref = weakref.ref(held)
+        del held, others
+        gc.collect()
+        assert ref() is None  # dropped and held by nothing: the prefetcher did not keep it
+        rebuilt = prefetcher._decoder_for(1, 16)
+        assert rebuilt.batch == 1 and rebuilt.max_len == 16 and list(prefetcher._decoders) == [(5, 16), (1, 16)]
+    finally:
+        engine_of(model).close()
+
+
 @pytest.mark.parametrize("loop", LOOPS)
 def test_decode_variant_gets_the_previous_tokens_routing(loop):
     """A predictor built with ``prev_token_routing`` gets, for every decode token after the first,

@@ -60,7 +60,9 @@ class _Step:
     pads: torch.Tensor | None = None
     graph: torch.cuda.CUDAGraph | None = None
     uncapturable: str | None = None  # why capturing this step failed: its calls run it eagerly
-    visits: tuple[list[int], int, bool] = ([], 0, False)  # engine.take_captured_visits()
+    # engine.take_captured_visits(): the last is what the step stages its prediction's inputs into,
+    # kept alive with the step (its graph writes there)
+    visits: tuple[list[int], int, object | None] = ([], 0, None)
     # completion of the last REPLAYS_IN_FLIGHT replays (see _replay), created with the graph
     fences: list | None = None
     replays: int = 0
@@ -386,8 +388,8 @@ def _capture(model: nn.Module, engine, step: _Step, forward: nn.Module) -> bool:
             _forward_step(model, step, forward)
             if engine is not None:
                 step.visits = engine.take_captured_visits()
-        if engine is not None and step.visits[2]:
-            engine.capture_ahead()  # the prediction's own step, launched beside the next replay
+        if engine is not None and step.visits[2] is not None:
+            engine.capture_ahead(step.visits[2])  # the prediction's own step, launched beside the next replay
     except RuntimeError as e:  # torch refuses what a capture cannot record, before it is issued
         if engine is not None:
             engine.take_captured_visits()  # what the aborted capture recorded never ran

@@ -81,7 +81,7 @@ class OffloadEngine:
         self._ring: dict[int, torch.Tensor] = {}
         self._visits: list[int] = []
         self._visit_width = 0
-        self._ahead_captured = False  # the step being captured ran the prefetcher's predict_ahead
+        self._ahead_captured = None  # what the step being captured staged for the prefetcher (predict_ahead)
         self.max_top_k = max(layer.top_k for layer in layers)
         # measurement switches used by the benchmark (off: nothing extra on the hot path)
         self._measure_stalls = False  # see the measure_stalls property
@@ -310,20 +310,21 @@ class OffloadEngine:
         self.cache.submit_routed(rows.data_ptr(), self._visits, self._visit_width, self._stream())
         self._visits = []
 
-    def take_captured_visits(self) -> tuple[list[int], int, bool]:
+    def take_captured_visits(self) -> tuple[list[int], int, object | None]:
         """What a decode step captured (it ran nothing yet): its table visits, their row width,
-        and whether it predicted the next step (``predict_ahead``)."""
+        and what its prediction of the next step (``predict_ahead``) staged into (None: none),
+        which the step's owner keeps as long as the step and hands back at each replay."""
         visits, self._visits = self._visits, []
-        ahead, self._ahead_captured = self._ahead_captured, False
+        ahead, self._ahead_captured = self._ahead_captured, None
         return visits, self._visit_width, ahead
 
-    def end_replayed_forward(self, visits: list[int], width: int, ahead: bool = False) -> None:
+    def end_replayed_forward(self, visits: list[int], width: int, ahead: object | None = None) -> None:
         """``end_forward`` for one replay of a captured step that made ``visits``; then the
-        next step's predictions it made, if ``ahead``."""
+        next step's prediction it staged into ``ahead``, if any."""
         self._visits, self._visit_width = list(visits), width
         self.end_forward()
-        if ahead:
-            self.prefetcher.hand_over_ahead(replayed=True)
+        if ahead is not None:
+            self.prefetcher.hand_over_ahead(replayed=True, staged=ahead)
 
     def begin_sequence(self, batch: int, length: int, static_mask: bool = False) -> None:
         """A decode loop starts a new sequence of ``batch`` rows and at most ``length`` tokens
@@ -341,18 +342,19 @@ class OffloadEngine:
         after each replay (``end_replayed_forward``). ``compiled``: the decode step is compiled,
         and so may the prediction be."""
         predict = getattr(self.prefetcher, "predict_ahead", None)
-        if predict is None or not predict(next_embeds, compiled=compiled):
+        made = None if predict is None else predict(next_embeds, compiled=compiled)
+        if not made:
             return
         if self.device.type == "cuda" and torch.cuda.is_current_stream_capturing():
-            self._ahead_captured = True
+            self._ahead_captured = made  # where the step staged the prediction's inputs
         else:
             self.prefetcher.hand_over_ahead(replayed=False)
 
-    def capture_ahead(self) -> None:
-        """After capturing a decode step that predicted the next one (``take_captured_visits``
-        said so): capture the prefetcher's prediction step, which each replay's hand-over
-        launches."""
-        self.prefetcher.capture_ahead()
+    def capture_ahead(self, staged: object) -> None:
+        """After capturing a decode step whose prediction of the next one staged into ``staged``
+        (``take_captured_visits``): capture the prefetcher's prediction step, which each
+        replay's hand-over launches."""
+        self.prefetcher.capture_ahead(staged)
 
     def routed_ids(self, batch: int) -> torch.Tensor | None:
         """``[num MoE layers, batch, max top-k]`` experts of the last table forward of ``batch``

@@ -46,6 +46,7 @@ from __future__ import annotations
 
 import copy
 import os
+import weakref
 from typing import TYPE_CHECKING
 
 import torch
@@ -59,7 +60,8 @@ if TYPE_CHECKING:
     from sida_moe.engine import OffloadEngine
 
 DECODE_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-DEFAULT_CAPACITY = 2048  # decoder tokens of an eager loop (the greedy loop sizes its own)
+DEFAULT_CAPACITY = 2048
+MAX_DECODERS = 8  # decoders kept per prefetcher, least recently used dropped first  # decoder tokens of an eager loop (the greedy loop sizes its own)
 
 
 class SidaPrefetcher:
@@ -112,8 +114,7 @@ class SidaPrefetcher:
         self.hash_weights = hash_weights
         self._layers = list(range(cfg.num_moe_layers))
         self._engine: OffloadEngine | None = None
-        self._decoders: dict[tuple[int, int], GraphedDecoder] = {}  # (batch, capacity)
-        self._sides: dict[tuple[int, int], SideStep] = {}  # the decoders' side steps, on CUDA
+        self._forget_decoders()
         self._next_capacity: int | None = None  # set by begin_sequence for its prompt only
         self._static_mask = False  # set by begin_sequence for its sequence only
         self._reset_sequence()
@@ -129,12 +130,12 @@ class SidaPrefetcher:
                              f"{sorted({layer.num_experts for layer in layers})}")
         weight = self.predictor.compress.weight
         if weight.device != engine.device:
-            self._decoders, self._sides = {}, {}  # built on the parameters' old addresses
+            self._forget_decoders()  # built on the parameters' old addresses
             self.predictor.to(engine.device)
         dtype = self._decode_dtype_asked or (torch.bfloat16 if engine.device.type == "cuda" else torch.float32)
         net = self._decode_net
         if net is None or net.compress.weight.device != engine.device or net.compress.weight.dtype != dtype:
-            self._decoders, self._sides = {}, {}
+            self._forget_decoders()
             self._decode_net = self.predictor if dtype == weight.dtype else copy.deepcopy(self.predictor).to(dtype).eval()
         self._engine = engine
         self._reset_sequence()
@@ -171,47 +172,51 @@ class SidaPrefetcher:
         self._decoded = True
         self._submit(engine, rows)
 
-    def predict_ahead(self, next_embeds: torch.Tensor, compiled: bool = False) -> bool:
+    def predict_ahead(self, next_embeds: torch.Tensor, compiled: bool = False) -> SideStep | bool:
         """At the end of a decode step: predict the next step's token (``[B, 1, H]`` embeddings),
         on the device only; ``hand_over_ahead`` submits the ids. Inside the capture of a decode
-        step only the predictor's inputs are staged (:class:`~sida_moe.predictor.side_step.SideStep`:
-        its step runs beside the next decode step, launched at each hand-over). ``compiled``: the
-        step is compiled (``torch.compile``), so the predictor's is too. False if nothing was
-        predicted (a captured step of a sequence past the decoder's capacity)."""
+        step only the predictor's inputs are staged, and the :class:`~sida_moe.predictor.side_step.SideStep`
+        they were staged into is returned: its step runs beside the next decode step, launched at
+        each replay's hand-over. ``compiled``: the step is compiled (``torch.compile``), so the
+        predictor's is too. True if it predicted now, False if nothing was predicted (a captured
+        step of a sequence past the decoder's capacity)."""
         self._require_engine()
         x = next_embeds if next_embeds.dim() == 3 else next_embeds.unsqueeze(1)
         if x.device.type == "cuda" and torch.cuda.is_current_stream_capturing():
-            decoder, side = self._decoder, self._side
-            if decoder is None or side is None or decoder.full:
+            decoder = self._decoder
+            if decoder is None or decoder.full:
                 self._rows, self._ahead = None, False
                 return False
-            side.stage(x.detach(), self._previous_routing(x.shape[0]), compiled)
+            side = self._sides[self._key_of(decoder), bool(compiled)]
+            side.stage(x.detach(), self._previous_routing(x.shape[0]))
             self._rows = decoder.topk_ids.reshape(len(self._layers), -1)
             self._logits = decoder.logits.reshape(len(self._layers), -1, decoder.logits.shape[-1])
-        else:
-            self._rows = self._predict_token(x, compiled)
+            self._ahead = True
+            return side
+        self._rows = self._predict_token(x, compiled)
         self._ahead = True
         return True
 
-    def capture_ahead(self) -> None:
-        """After the capture of a decode step that staged a prediction: capture the predictor's
-        step that each hand-over launches."""
-        if self._side is None:
-            raise RuntimeError("capture_ahead() without a staged prediction")
-        self._side.capture()
+    def capture_ahead(self, staged: SideStep) -> None:
+        """After the capture of a decode step that staged a prediction into ``staged``: capture
+        the predictor's step that each hand-over launches."""
+        if not isinstance(staged, SideStep):
+            raise TypeError(f"capture_ahead takes what predict_ahead staged into, got {type(staged).__name__}")
+        staged.capture()
 
-    def hand_over_ahead(self, replayed: bool) -> None:
+    def hand_over_ahead(self, replayed: bool, staged: SideStep | None = None) -> None:
         """Give the cache the ids of the last ``predict_ahead`` (after it ran; ``replayed``: after a
-        replay of the captured step that staged it, whose predictor step is launched here)."""
+        replay of the captured step that staged it into ``staged``, whose predictor step is
+        launched here)."""
         engine = self._require_engine()
         if self._rows is None:
             return
         if not replayed:
             self._submit(engine, self._rows)
             return
-        if self._decoder is None or self._side is None:
+        if staged is None or staged.decoder is not self._decoder:
             raise RuntimeError("a replayed step predicted through a decoder this prefetcher no longer holds")
-        stream = self._side.launch()
+        stream = staged.launch()
         self._seen += 1
         self._decoded = True
         with torch.cuda.stream(stream):  # the ids are written there
@@ -247,7 +252,7 @@ class SidaPrefetcher:
         return None if self._decode_net is None else self._decode_net.compress.weight.dtype
 
     def close(self) -> None:
-        self._decoders, self._sides = {}, {}
+        self._forget_decoders()
         self._engine = None
         self._reset_sequence()
 
@@ -281,7 +286,6 @@ class SidaPrefetcher:
         self._batch: int | None = None
         self._seen = 0
         self._decoder: GraphedDecoder | None = None  # holds the sequence's state, else _state
-        self._side: SideStep | None = None  # runs _decoder's replayed steps (CUDA)
         self._state: PredictorState | None = None
         self._logits: torch.Tensor | None = None  # [L, T, E] of the forward being run
         self._rows: torch.Tensor | None = None  # [L, T * k] ids of the last predict_ahead
@@ -303,10 +307,9 @@ class SidaPrefetcher:
         self._fresh, self._batch, self._ahead, self._decoded = False, batch, False, False
         self._rows = None
         capacity, self._next_capacity = self._next_capacity or DEFAULT_CAPACITY, None
-        decoder, side = self._decoder_for(batch, capacity)
-        if side is not None:
-            side.join()  # the last sequence's final prediction may still be running
-        self._decoder, self._side = (decoder, side) if decoder.load(state) else (None, None)
+        decoder = self._decoder_for(batch, capacity)
+        self._join_sides(decoder)  # the last sequence's final prediction may still be running
+        self._decoder = decoder if decoder.load(state) else None
         self._state = None if self._decoder is not None else state
         # the prompt's rows feed the policy and prefetch, unscored; the prediction the last sequence
         # left unused (the greedy loop predicts one token past its end) is forgotten
@@ -317,11 +320,11 @@ class SidaPrefetcher:
         """One decode token's prediction ``[L, B * k]`` (``x``: ``[B, 1, H]``); sets ``_logits``."""
         prev = self._previous_routing(x.shape[0])
         decoder = self._decoder
-        if self._side is not None:
-            self._side.join()  # replayed steps' predictions ran on the side stream
+        if decoder is not None:
+            self._join_sides(decoder)  # replayed steps' predictions ran on the side streams
         if decoder is not None and decoder.full:  # on in the eager forward, in the predictor's dtype
             state = decoder.to_state(self.predictor.compress.weight.dtype)
-            self._state, self._decoder, self._side, decoder = state, None, None, None
+            self._state, self._decoder, decoder = state, None, None
         with torch.inference_mode():
             if decoder is not None:
                 logits, ids = decoder.step(x.detach(), prev, compiled=compiled)
@@ -348,20 +351,49 @@ class SidaPrefetcher:
         hot.scatter_add_(-1, ids.clamp(min=0), (ids >= 0).float())
         return hot.clamp_(max=1.0).movedim(0, 1).reshape(batch, 1, -1)
 
-    def _decoder_for(self, batch: int, capacity: int) -> tuple[GraphedDecoder, SideStep | None]:
-        """The decoder of ``batch`` rows and ``capacity`` tokens, and on CUDA its side step."""
+    def _decoder_for(self, batch: int, capacity: int) -> GraphedDecoder:
+        """The decoder of ``batch`` rows and ``capacity`` tokens, made with its side steps on
+        CUDA. One dropped from the newest few is found again while a captured decode step still
+        holds one of its side steps: that step's graph stages into that side step, whose
+        launches step that decoder."""
         if self._decode_net is None:
             raise RuntimeError("SidaPrefetcher used before attach()")
         key = (batch, capacity)
-        decoder = self._decoders.get(key)
+        decoder = self._decoders.get(key) or self._dropped.get(key)
         if decoder is None:
-            if len(self._decoders) >= 8:  # calls of many shapes: keep the newest few
-                self._sides.pop(next(iter(self._decoders)), None)
-                self._decoders.pop(next(iter(self._decoders)))
-            decoder = self._decoders[key] = GraphedDecoder(self._decode_net, batch, capacity, k=self.k)
-            if decoder.device.type == "cuda":
-                self._sides[key] = SideStep(decoder, wait_for_prediction=self.hash_routing)
-        return decoder, self._sides.get(key)
+            decoder = GraphedDecoder(self._decode_net, batch, capacity, k=self.k)
+        if decoder.device.type == "cuda":
+            for compiled in (False, True):
+                if (key, compiled) not in self._sides:
+                    self._sides[key, compiled] = (self._dropped_sides.get((key, compiled))
+                                                  or SideStep(decoder, compiled, wait_for_prediction=self.hash_routing))
+        self._decoders.pop(key, None)
+        self._decoders[key] = decoder  # the newest use last
+        while len(self._decoders) > MAX_DECODERS:  # calls of many shapes: keep the newest few
+            old = next(iter(self._decoders))
+            self._dropped[old] = self._decoders.pop(old)
+            for compiled in (False, True):
+                side = self._sides.pop((old, compiled), None)
+                if side is not None:
+                    self._dropped_sides[old, compiled] = side
+        return decoder
+
+    def _forget_decoders(self) -> None:
+        self._decoders: dict[tuple[int, int], GraphedDecoder] = {}  # (batch, capacity), oldest use first
+        self._sides: dict[tuple[tuple[int, int], bool], SideStep] = {}  # theirs on CUDA, by compiled or not
+        # dropped ones, alive while a captured decode step holds a side step of theirs
+        self._dropped: weakref.WeakValueDictionary = weakref.WeakValueDictionary()
+        self._dropped_sides: weakref.WeakValueDictionary = weakref.WeakValueDictionary()
+
+    def _key_of(self, decoder: GraphedDecoder) -> tuple[int, int]:
+        return decoder.batch, decoder.max_len
+
+    def _join_sides(self, decoder: GraphedDecoder) -> None:
+        """The current stream waits for ``decoder``'s side steps, before it writes the decoder."""
+        for compiled in (False, True):
+            side = self._sides.get((self._key_of(decoder), compiled))
+            if side is not None:
+                side.join()
 
     def _submit(self, engine: OffloadEngine, rows: torch.Tensor, late: bool = False) -> None:
         """Hand a decode prediction to the cache. ``late``: it reaches the cache after the step it

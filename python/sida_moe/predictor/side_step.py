@@ -26,12 +26,13 @@ from sida_moe.predictor.graphed import GraphedDecoder
 
 
 class SideStep:
-    """Launches ``decoder``'s step on a side stream after each replay of a captured decode step
-    that staged its inputs (:meth:`stage`). ``wait_for_prediction``: the compute stream waits for
-    the prediction itself (a decode step that reads it), not only for its inputs to be copied.
-    CUDA only."""
+    """Launches ``decoder``'s step (``compiled``: its compiled step) on a side stream after each
+    replay of a captured decode step that staged its inputs here (:meth:`stage`); that decode
+    step's owner keeps this object as long as its graph, which writes into its buffers.
+    ``wait_for_prediction``: the compute stream waits for the prediction itself (a decode step
+    that reads it), not only for its inputs to be copied. CUDA only."""
 
-    def __init__(self, decoder: GraphedDecoder, wait_for_prediction: bool) -> None:
+    def __init__(self, decoder: GraphedDecoder, compiled: bool, wait_for_prediction: bool) -> None:
         if decoder.device.type != "cuda":
             raise ValueError(f"a side step needs a CUDA decoder, this one is on {decoder.device}")
         cfg = decoder.predictor.config
@@ -44,12 +45,12 @@ class SideStep:
                              if cfg.prev_token_routing else None)
         self.stream = torch.cuda.Stream(decoder.device)
         self._ready = torch.cuda.Event()  # what the compute stream waits for before its next step
-        self.compiled: bool | None = None  # the kind of step staged for (set by stage)
+        self.compiled = bool(compiled)
 
-    def stage(self, embeds: torch.Tensor, routing: torch.Tensor | None, compiled: bool) -> None:
+    def stage(self, embeds: torch.Tensor, routing: torch.Tensor | None) -> None:
         """Inside the capture of a decode step: copy the predictor's inputs for the next token
         (``embeds [B, 1, H]``; ``routing``, the decode variant's ``[B, 1, L*E]``, None for zeros)
-        into the staging buffers. ``compiled``: launches replay the compiled predictor step."""
+        into the staging buffers."""
         with torch.inference_mode():
             self._embeds.copy_(embeds)
             if self._routing is not None:
@@ -57,21 +58,16 @@ class SideStep:
                     self._routing.zero_()
                 else:
                     self._routing.copy_(routing)
-        self.compiled = bool(compiled)
 
     def capture(self) -> None:
-        """Capture the predictor's step of the staged kind (after the decode step's capture, while
+        """Capture the predictor's step of this kind (after the decode step's capture, while
         nothing else runs on the device)."""
-        if self.compiled is None:
-            raise RuntimeError("SideStep.capture() before stage(): no decode step staged its inputs")
         self.decoder.capture(self.compiled)
 
     def launch(self) -> torch.cuda.Stream:
         """After a replay of the decode step on the current stream: the predictor's step on the
         side stream, and the current stream's wait (see the module docstring). Returns the side
         stream, on which the prediction's outputs are written."""
-        if self.compiled is None:
-            raise RuntimeError("SideStep.launch() before stage(): no decode step staged its inputs")
         compute = torch.cuda.current_stream(self.decoder.device)
         self.stream.wait_stream(compute)
         with torch.cuda.stream(self.stream), torch.inference_mode():
