@@ -17,8 +17,8 @@ Where the prediction runs (nothing here waits for the device, and there is no th
     prediction (with hash routing, which routes by it, they do). By then the host has launched the
     step they name (replays are queued ahead), so copies of them would land after that step read
     those experts from the pool, doubling their bytes on the link: a replayed step's predictions
-    feed the predictive policy and the scores only. A predictor of the next token's routing (below) names a step its copies can
-    reach, and its predictions are prefetched.
+    feed the predictive policy and the scores only. A predictor of the next token's routing
+    (below) names a step its copies can reach, and its predictions are prefetched.
   - In an eager loop (transformers' ``generate``: sampling, processors) the step runs in
     ``begin_forward`` on the token being decoded, before its layers.
   Past the decoder's capacity a sequence continues with ``HashPredictor.forward`` on its state.
@@ -60,8 +60,8 @@ if TYPE_CHECKING:
     from sida_moe.engine import OffloadEngine
 
 DECODE_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-DEFAULT_CAPACITY = 2048
-MAX_DECODERS = 8  # decoders kept per prefetcher, least recently used dropped first  # decoder tokens of an eager loop (the greedy loop sizes its own)
+DEFAULT_CAPACITY = 2048  # decoder tokens of an eager loop (the greedy loop sizes its own)
+MAX_DECODERS = 8  # decoders kept per prefetcher, least recently used dropped first
 
 
 class SidaPrefetcher:
