@@ -12,10 +12,12 @@ Systems (each through ``model.generate``, greedy; on CUDA the decode step is one
   predictions steer the predictive policy's eviction and admission, no copies of their own);
 - with ``--late-copies``, also ``sida_late_copies``: ``sida`` with a replayed step's predictions
   copied too (``_LateCopies``; the serving prefetcher feeds them to the policy only);
+- with ``--fp32-decode``, also ``sida_fp32_decode``: ``sida`` with the predictor's decode steps in
+  float32 (``decode_dtype``; ``sida`` runs them in bfloat16, the CUDA default);
 - with ``--in-flight-variant N``, also ``none_lru_ifN`` and ``sida_ifN``: ``none_lru`` and ``sida`` as
   models of their own whose steps are captured with ``N`` replays in flight (compiled with ``--compile``);
 - with ``--compile``, also ``resident_compiled``, ``none_lru_compiled`` and ``sida_compiled``: the
-  same loops with the step (the predictor's included) under ``torch.compile`` first.
+  same loops with the step (and the predictor's step beside it) under ``torch.compile`` first.
 Prompts are held-out text (the Python standard library's sources), ``--prompt-len`` tokens each.
 Every system is warmed up, then timed over ``--rounds`` interleaved rounds; decode time per token =
 (t(N new tokens) - t(1 new token)) / (N - 1) within a round; median and spread to ``--out``.
@@ -118,6 +120,9 @@ def main() -> None:
     ap.add_argument("--policy-only", action="store_true", help="also sida_policy_only: SidaPrefetcher(prefetch=False)")
     ap.add_argument("--late-copies", action="store_true",
                     help="also sida_late_copies: the predictor's replayed predictions copied as well (_LateCopies)")
+    ap.add_argument("--fp32-decode", action="store_true",
+                    help="also sida_fp32_decode: the predictor's decode steps in float32 (decode_dtype), where "
+                         "sida runs them in bfloat16 (the CUDA default)")
     ap.add_argument("--in-flight-variant", type=int, default=None, metavar="N",
                     help="also none_lru_ifN and sida_ifN: the same systems as separate models whose steps are "
                          "captured with decode_graph.REPLAYS_IN_FLIGHT = N (compiled with --compile), timed in "
@@ -151,6 +156,11 @@ def main() -> None:
         late = from_pretrained(args.model, args.budget, args.dtype, device, "predictive",
                                _LateCopies(HashPredictor.load(args.model)))
         engines["sida_late_copies"] = sida_moe.engine_of(late)
+    fp32_decode = None
+    if args.fp32_decode:
+        fp32_decode = from_pretrained(args.model, args.budget, args.dtype, device, "predictive",
+                                      load_prefetcher(args.model, decode_dtype=torch.float32))
+        engines["sida_fp32_decode"] = sida_moe.engine_of(fp32_decode)
     variants = {}
     if args.in_flight_variant is not None:
         n_if = args.in_flight_variant
@@ -169,7 +179,8 @@ def main() -> None:
             models["resident_compiled"] = resident
             systems["resident_compiled"] = lambda n, ids=ids: static_generate(resident, ids, n, graphs=True, compile=True)
         offloaded = {k: m for k, m in [("none_lru", none), ("sida", sida), ("sida_dry", dry),
-                                       ("sida_policy_only", policy_only), ("sida_late_copies", late)]
+                                       ("sida_policy_only", policy_only), ("sida_late_copies", late),
+                                       ("sida_fp32_decode", fp32_decode)]
                      if m is not None}
         loops = {"": {"sida_graphs": True}, **({"_compiled": {"sida_compile": True}} if args.compile else {})}
         for name, model in offloaded.items():
