@@ -222,13 +222,11 @@ class GraphedDecoder:
             self.set_inputs(embeds, prev_token_routing)
             if compiled:
                 self._compiled_step()()
+            elif self.use_graph:
+                self.capture()  # first use only
+                self._graphs[False].replay()
             else:
-                if self.use_graph and False not in self._graphs:
-                    self.capture()
-                if False in self._graphs:
-                    self._graphs[False].replay()
-                else:
-                    self._step()
+                self._step()
         self._length += 1
         return self._logits, self._topk_ids
 

@@ -128,15 +128,13 @@ class SidaPrefetcher:
         if any(layer.num_experts != cfg.num_experts for layer in layers):
             raise ValueError(f"the predictor predicts {cfg.num_experts} experts per layer, the model has "
                              f"{sorted({layer.num_experts for layer in layers})}")
-        weight = self.predictor.compress.weight
-        if weight.device != engine.device:
-            self._forget_decoders()  # built on the parameters' old addresses
-            self.predictor.to(engine.device)
+        moved = self.predictor.compress.weight.device != engine.device
+        self.predictor.to(engine.device)
         dtype = self._decode_dtype_asked or (torch.bfloat16 if engine.device.type == "cuda" else torch.float32)
-        net = self._decode_net
-        if net is None or net.compress.weight.device != engine.device or net.compress.weight.dtype != dtype:
-            self._forget_decoders()
-            self._decode_net = self.predictor if dtype == weight.dtype else copy.deepcopy(self.predictor).to(dtype).eval()
+        if moved or self._decode_net is None or self.decode_dtype != dtype:
+            self._forget_decoders()  # built on the parameters' old addresses, or in another dtype
+            same = dtype == self.predictor.compress.weight.dtype
+            self._decode_net = self.predictor if same else copy.deepcopy(self.predictor).to(dtype).eval()
         self._engine = engine
         self._reset_sequence()
 

@@ -45,6 +45,7 @@ class SideStep:
                              if cfg.prev_token_routing else None)
         self.stream = torch.cuda.Stream(decoder.device)
         self._ready = torch.cuda.Event()  # what the compute stream waits for before its next step
+        self._launched = False  # since the last join
         self.compiled = bool(compiled)
 
     def stage(self, embeds: torch.Tensor, routing: torch.Tensor | None) -> None:
@@ -78,12 +79,15 @@ class SideStep:
             if self.wait_for_prediction:
                 self._ready.record()
         compute.wait_event(self._ready)
+        self._launched = True
         return self.stream
 
     def join(self) -> None:
         """Make the current stream wait for every step launched so far (before it writes the
-        decoder's buffers itself: a new sequence's load, an eager step)."""
-        torch.cuda.current_stream(self.decoder.device).wait_stream(self.stream)
+        decoder's buffers itself: a new sequence's load, an eager step); nothing if none was."""
+        if self._launched:
+            torch.cuda.current_stream(self.decoder.device).wait_stream(self.stream)
+            self._launched = False
 
 
 __all__ = ["SideStep"]
