@@ -40,6 +40,8 @@ import time
 import torch
 
 import sida_moe
+from sida_moe.bench.policy_replay import policy_hit_rates
+from sida_moe.bench.replay import ReplayRouting, RoutingTraceError, load_routing_trace
 from sida_moe.decode_graph import replay_back_to_back, replay_host_seconds, static_generate
 from sida_moe.presets import PRESETS, build_model, build_offloaded
 from sida_moe.sampling import SamplingParams
@@ -52,7 +54,6 @@ def _seeded(call):
     torch.manual_seed(0)  # every sampled call draws the same tokens for the same logits
     return call()
 
-from sida_moe.bench.replay import ReplayRouting, RoutingTraceError, load_routing_trace
 
 
 def route_randomly(model, num_experts: int) -> list:
@@ -103,33 +104,20 @@ def cache_sim(engine, offloaded, ids: torch.Tensor, new_tokens: int, policy: str
     slots = engine.num_slots
     engine.reopen_cache(slots, policy)  # cold: the real cache and the replayed ones start alike
     t0 = time.perf_counter()
-    forwards: list[tuple[int, int]] = []  # (first visit, tokens) of each forward
     with torch.inference_mode(), engine.recording_acquires() as visits:
-        hook = offloaded.register_forward_pre_hook(
-            lambda m, a, kw: forwards.append((len(visits), kw["input_ids"].numel())), with_kwargs=True)
-        try:
-            static_generate(offloaded, ids, new_tokens, graphs=False)
-        finally:
-            hook.remove()
+        static_generate(offloaded, ids, new_tokens, graphs=False)
     real = engine.stats()
     record_s = time.perf_counter() - t0
-    ends = [start for start, _ in forwards[1:]] + [len(visits)]
-    steps = [(layer, experts, engine.uses_table(layer, tokens))
-             for (start, tokens), end in zip(forwards, ends) for layer, experts in visits[start:end]]
-    keys = [(layer.ordinal, e) for layer in engine.layers for e in range(layer.num_experts)]
-    rates = {"real": real["hits"] / max(1, real["hits"] + real["misses"])}
-    lookups = None
-    for name, pol in (("belady", "predictive"), ("lru", "lru"), ("fifo", "fifo"), ("lfu", "lfu")):
-        hits, misses = replay_visits(keys, slots, pol, steps, future=pol == "predictive")
-        rates[name], lookups = hits / max(1, hits + misses), hits + misses
+    rates = {"real": real["hits"] / max(1, real["hits"] + real["misses"]),
+             **policy_hit_rates(engine, visits, ("belady", "lru", "fifo", "lfu"))}
     return {
         "hit_rate": rates,
         "real_over_belady": rates["real"] / rates["belady"] if rates["belady"] else None,
         "real_policy": policy,
         "slots": slots,
         "visits": len(visits),
-        "table_visits": sum(t for _, _, t in steps),
-        "lookups": lookups,
+        "table_visits": sum(visits.through_table),
+        "lookups": sum(len(set(experts)) for _, experts in visits),
         "real_lookups": int(real["hits"] + real["misses"]),  # the same: same visits, each expert once per visit
         "distinct_experts": len({(l, e) for l, es in visits for e in es}),  # misses every policy pays from cold
         "real_dropped_loads": int(real.get("routed_dropped", 0)),
@@ -137,31 +125,6 @@ def cache_sim(engine, offloaded, ids: torch.Tensor, new_tokens: int, policy: str
         "record_s": record_s,
         "replay_s": time.perf_counter() - t0 - record_s,
     }
-
-
-def replay_visits(keys: list, slots: int, policy: str, steps: list, future: bool) -> tuple[int, int]:
-    """(hits, misses) of a visit sequence replayed through a host-backend SlotCache (the cache's
-    own code, copies of 1-byte records done in the calling thread): ``(layer, experts, table)``
-    steps are table visits (``note_routed``: every expert counted, then each miss loaded on its
-    own, as decode layers hand them over) or acquires (prefill layers). ``future``: the
-    sequence is fed to the policy first (the predictive policy is then Belady's). ``simulate_policy``
-    runs acquires only: a decode visit's hits would not be counted before its misses evict."""
-    pool = sida_moe.ExpertPool(sida_moe.Backend("host"), [("w", 1)], keys)
-    cache = sida_moe.SlotCache(pool, slots, policy, copy_workers=0)
-    try:
-        if future:
-            cache.set_future([(layer, experts) for layer, experts, _ in steps])
-        for layer, experts, table in steps:
-            if table:
-                cache.note_routed(layer, experts)
-                cache.synchronize()  # the misses' loads, before the next visit
-            else:
-                cache.release(cache.acquire(layer, experts))
-        s = cache.stats()
-        return int(s["hits"]), int(s["misses"])
-    finally:
-        cache.close()
-        pool.close()
 
 
 def enqueue_ms(model, batch: int, compiled: bool = False, sampled: bool = False) -> float:

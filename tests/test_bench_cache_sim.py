@@ -1,12 +1,12 @@
 """The host-free decode benchmark's cache-simulation pass (``benches/host_free_decode.py``): the
-visit sequence of a replayed-routing run, replayed through host-backend slot caches, counts what
-the real cache counted, and Belady's (the predictive policy fed that sequence) is the best."""
+visit sequence of a replayed-routing run, replayed through host-backend slot caches
+(``sida_moe.bench.policy_replay``, tested in test_policy_replay.py), counts what the real cache
+counted, and Belady's (the predictive policy fed that sequence) is the best."""
 
 from __future__ import annotations
 
 import copy
 import os
-import random
 import sys
 
 import numpy as np
@@ -19,26 +19,6 @@ from _moe_models import eager_experts, tiny_model
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "benches"))
 import host_free_decode as bench  # noqa: E402
 from sida_moe.bench import replay as rr  # noqa: E402
-
-
-def test_a_table_visit_counts_its_hits_before_its_misses_evict():
-    """Decode layers hand a visit over whole: its hits stay, its admitted misses then load (an
-    acquire would need every expert resident at once)."""
-    keys = [(0, e) for e in range(4)]
-    table = [(0, [0, 1, 2, 3], True), (0, [0, 1], True)]
-    # 3 slots: 0, 1, 2 take the free ones; 3, used no more than they were, evicts none of them
-    assert bench.replay_visits(keys, 3, "lru", table, future=False) == (2, 4)
-    assert bench.replay_visits(keys, 4, "lru", [(0, [0, 1, 2, 3], False), (0, [3, 1], False)], future=False) == (2, 4)
-
-
-def test_belady_is_the_best_policy_on_a_random_layer_walk():
-    rng = random.Random(0)
-    keys = [(l, e) for l in range(4) for e in range(8)]
-    steps = [(l, rng.sample(range(8), rng.randint(1, 5)), True) for _ in range(30) for l in range(4)]
-    for slots in (4, 9, 20):
-        best = bench.replay_visits(keys, slots, "predictive", steps, future=True)[0]
-        for policy in ("lru", "fifo", "lfu"):
-            assert best >= bench.replay_visits(keys, slots, policy, steps, future=False)[0], (slots, policy)
 
 
 @pytest.mark.parametrize("batch,prompt", [(2, 4), (1, 20)])  # prefill through the table / through acquire

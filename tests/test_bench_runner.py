@@ -58,9 +58,12 @@ def test_bench_runs_all_systems_and_oracle_bounds_lru(tmp_path, fake_clock):
     # exact mode on the CPU (float32): the teacher-forced logits match the resident model's closely
     assert all(r["logits_max_abs_diff"] < 1e-3 for r in offloaded), [r["logits_max_abs_diff"] for r in offloaded]
     assert not any("resident_margin_at_first_difference" in r for r in rows)
-    hit = {(r["policy"], r["predictor"]): r["hit_rate"] for r in rows if r["system"] == "sida"}
-    assert hit[("belady", "none")] >= hit[("lru", "none")]
-    assert hit[("belady", "none")] >= hit[("fifo", "none")]
+    # the oracle bounds the others by the policy's choices alone (the served hit rates also carry
+    # copy timing on the host backend, so they do not order the same way every run)
+    alone = {r["policy"]: r["policy_hit_rate"] for r in offloaded}
+    assert set(alone) == {"lru", "fifo", "belady"} and all(0 < v <= 1 for v in alone.values()), alone
+    assert alone["belady"] >= alone["lru"] and alone["belady"] >= alone["fifo"], alone
+    assert len({r["policy_hit_rate"] for r in offloaded if r["policy"] == "lru"}) == 1  # one replay per policy
     for r in offloaded:
         assert r["decode_tokens_per_s"] > 0 and r["pcie_mb_per_token"] > 0
     saved = json.loads((tmp_path / "bench.json").read_text())
@@ -578,8 +581,9 @@ def test_each_round_replays_new_routing_and_belady_follows_it(tmp_path, fake_clo
     runs = ",".join(map(str, resets))
     assert f"0,{S},{S}" in runs and f"{2 * S},{3 * S},{3 * S}" in runs
     assert set(resets) == {0, S, 2 * S, 3 * S}
-    hit = {r["policy"]: r["decode_hit_rate"] for r in rows if r["system"] == "sida"}
-    assert hit["belady"] >= hit["lru"]
+    # the policies alone on the last round's recorded visits (served rates also carry copy timing)
+    hit = {r["policy"]: r["policy_hit_rate"] for r in rows if r["system"] == "sida"}
+    assert hit["belady"] >= hit["lru"] > 0, hit
     assert all(r["same_tokens_as_resident"] for r in rows if r["system"] != "resident")
     meta = json.loads((tmp_path / "out" / "bench.json").read_text())["meta"]
     assert "2 r S" in meta["routing"]["positions"]

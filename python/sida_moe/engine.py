@@ -20,6 +20,7 @@ from sida_moe.format import ExpertAddresses, ExpertFormat, SlotWeights, slot_vie
 from sida_moe.kernels import fused_experts, fused_experts_table, table_kernels_usable
 from sida_moe.kernels.configs import MMA_MAX_PAIRS_PER_EXPERT
 from sida_moe.prefetchers import NoPrefetch, Prefetcher
+from sida_moe.visit_trace import VisitTrace
 
 _POLICIES = ("lru", "lfu", "fifo", "predictive")
 
@@ -88,7 +89,7 @@ class OffloadEngine:
         self.sync_loads = False  # host waits for each layer's copies (the SiDA paper's loading)
         self._acquire_events: list[tuple[torch.cuda.Event, torch.cuda.Event]] = []
         self._acquire_seconds = 0.0
-        self._acquire_trace: list[tuple[int, list[int]]] | None = None
+        self._acquire_trace: VisitTrace | None = None
 
     @property
     def measure_stalls(self) -> bool:
@@ -268,12 +269,12 @@ class OffloadEngine:
         self.prefetcher.attach(self)
 
     @contextmanager
-    def recording_acquires(self) -> Iterator[list[tuple[int, list[int]]]]:
+    def recording_acquires(self) -> Iterator[VisitTrace]:
         """Record every cache visit made inside the block (acquire calls, and decode layers read
-        through the expert table, each a sync here) as ``(moe_layer, experts)``: in exact mode the
-        same input gives the same sequence, which fed to ``set_future`` makes the predictive policy
-        Belady's optimum."""
-        trace: list[tuple[int, list[int]]] = []
+        through the expert table, each a sync here) as ``(moe_layer, experts)``, with which of the
+        two it was: in exact mode the same input gives the same sequence, which fed to
+        ``set_future`` makes the predictive policy Belady's optimum."""
+        trace = VisitTrace()
         self._acquire_trace = trace
         try:
             yield trace
@@ -410,7 +411,7 @@ class OffloadEngine:
         self._record_visit(moe_layer, ids, table.base)
         self._routed = ids
         if self._acquire_trace is not None:  # a benchmark recording the visit sequence (syncs)
-            self._acquire_trace.append((moe_layer, torch.unique(ids[ids >= 0]).tolist()))
+            self._acquire_trace.add(moe_layer, torch.unique(ids[ids >= 0]).tolist(), through_table=True)
         if self.device.type == "cuda":
             out = fused_experts_table(x, ids, topk_weights, table, self.fmt)
         else:
@@ -463,7 +464,7 @@ class OffloadEngine:
         for start in range(0, len(distinct), step):
             chunk = distinct[start : start + step]
             if self._acquire_trace is not None:
-                self._acquire_trace.append((moe_layer, chunk))
+                self._acquire_trace.add(moe_layer, chunk, through_table=False)
             if self._measure_stalls and self.device.type == "cuda":
                 # acquire_stream_seconds: the stream passes `before`, then the slots' ready-event
                 # waits, then `after`; while the stream is idle `after` is only enqueued once the

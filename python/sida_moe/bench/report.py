@@ -25,6 +25,8 @@ _COLUMNS = [
     ("ttft_ms", "TTFT ms", "{:.1f}"),
     ("peak_gpu_gib", "peak GPU GiB", "{:.2f}"),
     ("hit_rate", "hit rate", "{:.1%}"),  # the N-token call, prefill included
+    # the row's policy alone on the same visits, every copy landed in time (bench.policy_replay)
+    ("policy_hit_rate", "policy alone", "{:.1%}"),
     ("decode_hit_rate", "decode hit", "{:.1%}"),
     ("decode_miss_mb_per_step", "miss MB/step", "{:.1f}"),  # misses x expert bytes
     ("decode_copied_mb_per_step", "copied MB/step", "{:.1f}"),

@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from sida_moe.bench.bound import attach_bounds, zero_copy_gbps
+from sida_moe.bench.policy_replay import policy_hit_rates
 from sida_moe.bench.report import markdown_table, plot_timeline, plot_vs_budget, write_json
 from sida_moe.bench.systems import (
     GraphedResident,
@@ -656,6 +657,8 @@ def run_bench(cfg: BenchConfig) -> list[dict[str, Any]]:
     gbps = {b: zero_copy_gbps(engine, b) if device.type == "cuda" else None for b in cfg.batch_sizes}
     meta["zero_copy_gbps"] = {str(b): v for b, v in gbps.items()}
 
+    recorded: dict[tuple[int, float], tuple[Any, int]] = {}  # (batch, budget): the last recording, where its N-token call starts
+
     def record_future(b: int, budget: float, r: int) -> list:
         """Belady's future for round ``r`` of a visit at batch ``b``: the visit sequence of its
         warm-up, 1-token and N-token calls, the same under every policy and prefetcher in exact
@@ -665,7 +668,9 @@ def run_bench(cfg: BenchConfig) -> list[dict[str, Any]]:
         with engine.recording_acquires() as trace:
             for n, at in ((n_new, warm), (1, timed), (n_new, timed)):
                 replay_at["position"] = at
+                start = len(trace)
                 gen(b, n, graphs=False)
+        recorded[b, budget] = (trace, start)
         return list(trace)
 
     def configure(budget: float, policy: str, predictor: str, sync: bool, future: list | None, b: int = 0):
@@ -725,6 +730,9 @@ def run_bench(cfg: BenchConfig) -> list[dict[str, Any]]:
                 _skip_out_of_memory(meta, model, device, f"batch {b} at a {budget:.0%} budget", e)
                 bar.update(len(configs_for()))
                 continue
+            # the policies alone on the visits the rows made (the last recorded round's)
+            trace, start = recorded.get((b, budget), (None, 0))
+            alone = policy_hit_rates(engine, trace, sorted({c[1] for c in configs}), start) if trace is not None else {}
             for system, policy, predictor, sync in configs:
                 key = f"{system} {policy} {predictor}"
                 rr = timed_rounds[key]
@@ -737,6 +745,7 @@ def run_bench(cfg: BenchConfig) -> list[dict[str, Any]]:
                                                   else "copied into slots"),
                          **decode,
                          **_engine_metrics(last.full_seen, b * (cfg.prompt_tokens + n_new), last.full.wall_s, engine.expert_nbytes),
+                         **({"policy_hit_rate": alone[policy]} if policy in alone else {}),
                          **agreements[key]}
                 record(system, b, rr, n_new, extra)
     bar.close()
