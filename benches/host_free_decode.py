@@ -19,8 +19,8 @@ trained model's recorded routing replayed (``replay:PATH``, ``sida_moe/bench/rep
 layers mapped onto the trace's, all on the device, so captured steps replay it too). For every
 routing but ``model`` each budget also gets ``cache_sim``: an untimed pass of the eager greedy loop
 (``--sim-tokens`` new tokens) through a cold cache of the same slots, recording every visit (a host
-sync per layer), then that visit sequence replayed through host-backend slot caches of the same
-slots (the cache's own policy code, no GPU): Belady (the predictive policy fed the sequence
+sync per layer), then that visit sequence run through each policy alone with the same slots
+(``simulate_policy``: the cache's own policy code, each visit on the path it took, no GPU): Belady (the predictive policy fed the sequence
 itself), LRU and FIFO (with the per-layer fair share, as the cache runs them) and LFU, next to the
 real cache's hit rate in that pass (``real``; it differs from the replayed one of its policy only
 by loads still in flight at a later visit).
@@ -100,7 +100,7 @@ def set_routing(label: str, trace, models: list, num_experts: int) -> list:
 
 def cache_sim(engine, offloaded, ids: torch.Tensor, new_tokens: int, policy: str) -> dict:
     """Untimed: the eager greedy loop through a cold cache of the same slots with every visit
-    recorded, then that visit sequence replayed through host-backend caches (module docstring)."""
+    recorded, then that visit sequence run through each policy alone (``policy_hit_rates``)."""
     slots = engine.num_slots
     engine.reopen_cache(slots, policy)  # cold: the real cache and the replayed ones start alike
     t0 = time.perf_counter()
@@ -109,7 +109,7 @@ def cache_sim(engine, offloaded, ids: torch.Tensor, new_tokens: int, policy: str
     real = engine.stats()
     record_s = time.perf_counter() - t0
     rates = {"real": real["hits"] / max(1, real["hits"] + real["misses"]),
-             **policy_hit_rates(engine, visits, ("belady", "lru", "fifo", "lfu"))}
+             **policy_hit_rates(slots, visits, ("belady", "lru", "fifo", "lfu"))}
     return {
         "hit_rate": rates,
         "real_over_belady": rates["real"] / rates["belady"] if rates["belady"] else None,

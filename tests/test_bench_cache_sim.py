@@ -1,5 +1,5 @@
 """The host-free decode benchmark's cache-simulation pass (``benches/host_free_decode.py``): the
-visit sequence of a replayed-routing run, replayed through host-backend slot caches
+visit sequence of a replayed-routing run, run through each policy alone
 (``sida_moe.bench.policy_replay``, tested in test_policy_replay.py), counts what the real cache
 counted, and Belady's (the predictive policy fed that sequence) is the best."""
 

@@ -762,19 +762,32 @@ impl PySlotCache {
 }
 
 // -------------------------------------------------------------------------------- functions
+/// `path` of simulate_policy: one name for every visit (default "acquire") or a sequence of one per visit.
+fn sim_paths(path: Option<&Bound<'_, PyAny>>) -> PyResult<Vec<cache::SimPath>> {
+    let Some(path) = path else { return Ok(vec![cache::SimPath::Acquire]) };
+    if let Ok(name) = path.extract::<String>() {
+        return Ok(vec![cache::SimPath::parse(&name).py_err()?]);
+    }
+    let names: Vec<String> = path.extract().map_err(|_| {
+        PyTypeError::new_err(format!("path must be \"acquire\", \"table\" or a sequence of them, got {}", type_name(path)))
+    })?;
+    names.iter().map(|n| cache::SimPath::parse(n).py_err()).collect()
+}
+
 #[pyfunction]
-#[pyo3(signature = (policy, num_slots, trace, future = true, path = "acquire"))]
+#[pyo3(signature = (policy, num_slots, trace, future = true, path = None, count_from = 0))]
 fn simulate_policy<'py>(
     py: Python<'py>,
     policy: &str,
     num_slots: i64,
     trace: &Bound<'py, PyAny>,
     future: bool,
-    path: &str,
+    path: Option<&Bound<'py, PyAny>>,
+    count_from: i64,
 ) -> PyResult<Bound<'py, PyDict>> {
     let trace = visit_list(trace, "trace")?;
     let kind = PolicyKind::parse(policy).py_err()?;
-    let path = cache::SimPath::parse(path).py_err()?;
+    let paths = sim_paths(path)?;
     let mut keys: Vec<Vec<Key>> = Vec::with_capacity(trace.len());
     for (i, (layer, experts)) in trace.iter().enumerate() {
         if *layer < 0 || experts.iter().any(|&e| e < 0) {
@@ -784,7 +797,7 @@ fn simulate_policy<'py>(
         }
         keys.push(experts.iter().map(|&e| (*layer as u64, e as u64)).collect());
     }
-    let c = py.detach(|| cache::simulate(kind, num_slots, &keys, future, path)).py_err()?;
+    let c = py.detach(|| cache::simulate_steps(kind, num_slots, &keys, future, &paths, count_from)).py_err()?;
     let d = PyDict::new(py);
     d.set_item("hits", c.hits)?;
     d.set_item("misses", c.misses)?;

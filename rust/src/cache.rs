@@ -542,9 +542,34 @@ impl SimPath {
 /// Counts of `policy` over a trace of visits (each released at once). With `future`, the
 /// predictive policy is told the whole trace first (Belady's optimum on the acquire path).
 pub fn simulate(policy: PolicyKind, num_slots: i64, trace: &[Vec<Key>], future: bool, path: SimPath) -> Result<SimCounts> {
+    simulate_steps(policy, num_slots, trace, future, &[path], 0)
+}
+
+/// `simulate` with a path per visit (`paths[i]`; one path serves every visit) that counts only
+/// the visits from `count_from` on: the earlier ones still fill the cache and feed the policy,
+/// as a recorded warm-up does before the part a benchmark times.
+pub fn simulate_steps(
+    policy: PolicyKind,
+    num_slots: i64,
+    trace: &[Vec<Key>],
+    future: bool,
+    paths: &[SimPath],
+    count_from: i64,
+) -> Result<SimCounts> {
     if num_slots <= 0 {
         return Err(Error::Budget(format!("num_slots must be >= 1, got {num_slots}")));
     }
+    if paths.len() != 1 && paths.len() != trace.len() {
+        return Err(Error::InvalidArgument(format!(
+            "give one path for every visit or one per visit: {} paths for {} visits",
+            paths.len(),
+            trace.len()
+        )));
+    }
+    let count_from = match usize::try_from(count_from) {
+        Ok(n) if n <= trace.len() => n,
+        _ => return Err(Error::InvalidArgument(format!("count_from must be in [0, {}], got {count_from}", trace.len()))),
+    };
     // Slots beyond the trace's distinct experts would stay empty and change no count, so the
     // table never needs more (a budget sweep may ask for any number).
     let distinct: std::collections::HashSet<Key> = trace.iter().flatten().copied().collect();
@@ -552,11 +577,13 @@ pub fn simulate(policy: PolicyKind, num_slots: i64, trace: &[Vec<Key>], future: 
     if future {
         table.set_future(0, trace);
     }
-    let mut c = SimCounts::default();
+    let mut counted = SimCounts::default();
+    let mut warm = SimCounts::default(); // the visits before count_from
     for (i, step) in trace.iter().enumerate() {
+        let c = if i < count_from { &mut warm } else { &mut counted };
         let mut keys = step.clone();
         dedup_in_order(&mut keys);
-        if path == SimPath::Table {
+        if paths[if paths.len() == 1 { 0 } else { i }] == SimPath::Table {
             let touch = table.touch(&keys);
             c.hits += touch.hits;
             c.misses += touch.missing.len() as u64;
@@ -586,7 +613,7 @@ pub fn simulate(policy: PolicyKind, num_slots: i64, trace: &[Vec<Key>], future: 
         c.evictions += plan.evictions;
         c.loads += plan.loads.len() as u64;
     }
-    Ok(c)
+    Ok(counted)
 }
 
 /// Remove repeated keys, keeping first occurrences in order.
@@ -818,6 +845,26 @@ mod tests {
             assert_eq!(simulate(PolicyKind::Lru, i64::MAX, &trace, false, path).unwrap(), fit);
             assert_eq!(simulate(PolicyKind::Fifo, 1 << 40, &[], false, path).unwrap(), SimCounts::default());
             assert!(matches!(simulate(PolicyKind::Lru, -2, &trace, false, path), Err(Error::Budget(_))));
+        }
+    }
+
+    #[test]
+    fn simulate_steps_counts_from_a_visit_after_a_warm_up_on_each_visits_path() {
+        let trace: Vec<Vec<Key>> = (0..40).map(|i| vec![(i % 2, i % 7), (i % 2, (i * 3) % 5)]).collect();
+        let paths: Vec<SimPath> = (0..40).map(|i| if i % 3 == 0 { SimPath::Acquire } else { SimPath::Table }).collect();
+        for (policy, future) in [(PolicyKind::Lru, false), (PolicyKind::Predictive, true)] {
+            let all = simulate_steps(policy, 4, &trace, future, &paths, 0).unwrap();
+            let tail = simulate_steps(policy, 4, &trace, future, &paths, 25).unwrap();
+            assert!(tail.hits + tail.misses > 0 && tail.hits + tail.misses < all.hits + all.misses);
+            assert_eq!(simulate_steps(policy, 4, &trace, future, &paths, 40).unwrap(), SimCounts::default());
+            // one path for every visit is `simulate`
+            for path in [SimPath::Acquire, SimPath::Table] {
+                assert_eq!(simulate_steps(policy, 4, &trace, future, &[path], 0).unwrap(), simulate(policy, 4, &trace, future, path).unwrap());
+            }
+        }
+        assert!(matches!(simulate_steps(PolicyKind::Lru, 4, &trace, false, &paths[..3], 0), Err(Error::InvalidArgument(_))));
+        for bad in [-1, 41] {
+            assert!(matches!(simulate_steps(PolicyKind::Lru, 4, &trace, false, &paths, bad), Err(Error::InvalidArgument(_))));
         }
     }
 

@@ -732,7 +732,7 @@ def run_bench(cfg: BenchConfig) -> list[dict[str, Any]]:
                 continue
             # the policies alone on the visits the rows made (the last recorded round's)
             trace, start = recorded.get((b, budget), (None, 0))
-            alone = policy_hit_rates(engine, trace, sorted({c[1] for c in configs}), start) if trace is not None else {}
+            alone = policy_hit_rates(engine.num_slots, trace, sorted({c[1] for c in configs}), start) if trace is not None else {}
             for system, policy, predictor, sync in configs:
                 key = f"{system} {policy} {predictor}"
                 rr = timed_rounds[key]
