@@ -16,6 +16,9 @@ Systems (each through ``model.generate``, greedy; on CUDA the decode step is one
   float32 (``decode_dtype``; ``sida`` runs them in bfloat16, the CUDA default);
 - with ``--in-flight-variant N``, also ``none_lru_ifN`` and ``sida_ifN``: ``none_lru`` and ``sida`` as
   models of their own whose steps are captured with ``N`` replays in flight (compiled with ``--compile``);
+- with ``--priority-variant``, also ``none_lru_hi`` and ``sida_hi``: ``none_lru`` and ``sida`` as models
+  of their own built and run on a high-priority stream (compiled with ``--compile``), so the
+  predictor's side stream (default priority, the lowest) yields the SMs to the decode step;
 - with ``--compile``, also ``resident_compiled``, ``none_lru_compiled`` and ``sida_compiled``: the
   same loops with the step (and the predictor's step beside it) under ``torch.compile`` first.
 Prompts are held-out text (the Python standard library's sources), ``--prompt-len`` tokens each.
@@ -29,6 +32,7 @@ Every system is warmed up, then timed over ``--rounds`` interleaved rounds; deco
 from __future__ import annotations
 
 import argparse
+import functools
 import glob
 import json
 import os
@@ -93,6 +97,20 @@ def _in_flight(n: int, call):
         decode_graph.REPLAYS_IN_FLIGHT = saved
 
 
+def _on_stream(stream, call):
+    """``call()`` on ``stream``, ordered after the current stream's work and before its later work."""
+    current = torch.cuda.current_stream(stream.device)
+    stream.wait_stream(current)
+    with torch.cuda.stream(stream):
+        result = call()
+    current.wait_stream(stream)
+    return result
+
+
+def _now(call):
+    return call()
+
+
 def _agree(a: list[int], b: list[int]) -> int:
     """Leading tokens two greedy continuations share."""
     n = 0
@@ -127,6 +145,9 @@ def main() -> None:
                     help="also none_lru_ifN and sida_ifN: the same systems as separate models whose steps are "
                          "captured with decode_graph.REPLAYS_IN_FLIGHT = N (compiled with --compile), timed in "
                          "the same rounds as the rest")
+    ap.add_argument("--priority-variant", action="store_true",
+                    help="also none_lru_hi and sida_hi: none_lru and sida built and run on a high-priority stream "
+                         "(compiled with --compile), timed in the same rounds")
     ap.add_argument("--out", required=True)
     args = ap.parse_args()
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -161,13 +182,22 @@ def main() -> None:
         fp32_decode = from_pretrained(args.model, args.budget, args.dtype, device, "predictive",
                                       load_prefetcher(args.model, decode_dtype=torch.float32))
         engines["sida_fp32_decode"] = sida_moe.engine_of(fp32_decode)
-    variants = {}
+    variants = {}  # name -> (model, how its calls run)
     if args.in_flight_variant is not None:
         n_if = args.in_flight_variant
-        variants[f"none_lru_if{n_if}"] = from_pretrained(args.model, args.budget, args.dtype, device, "lru", "none")
-        variants[f"sida_if{n_if}"] = from_pretrained(args.model, args.budget, args.dtype, device, "predictive",
-                                                     load_prefetcher(args.model))
-        engines.update({name: sida_moe.engine_of(m) for name, m in variants.items()})
+        wrap = functools.partial(_in_flight, n_if)
+        variants[f"none_lru_if{n_if}"] = (from_pretrained(args.model, args.budget, args.dtype, device, "lru", "none"), wrap)
+        variants[f"sida_if{n_if}"] = (from_pretrained(args.model, args.budget, args.dtype, device, "predictive",
+                                                      load_prefetcher(args.model)), wrap)
+    if args.priority_variant:
+        # built on the stream too: the engine's expert table names the stream it is read on
+        hi = torch.cuda.Stream(device, priority=-1)
+        wrap = functools.partial(_on_stream, hi)
+        variants["none_lru_hi"] = (wrap(lambda: from_pretrained(args.model, args.budget, args.dtype, device, "lru",
+                                                                "none")), wrap)
+        variants["sida_hi"] = (wrap(lambda: from_pretrained(args.model, args.budget, args.dtype, device, "predictive",
+                                                            load_prefetcher(args.model))), wrap)
+    engines.update({name: sida_moe.engine_of(m) for name, (m, _) in variants.items()})
     report: dict = {"args": vars(args), "device": torch.cuda.get_device_name(device),
                     "engine": engines["sida"].describe(), "rows": {}}
     print(report["engine"], flush=True)
@@ -189,9 +219,9 @@ def main() -> None:
                 # EOS off: every timed call makes its N tokens (the loop stops once every row has finished)
                 systems[name + suffix] = lambda n, ids=ids, model=model, flags=flags: model.generate(
                     ids, max_new_tokens=n, do_sample=False, eos_token_id=None, **flags)
-        for name, model in variants.items():
+        for name, (model, wrap) in variants.items():
             models[name] = model
-            systems[name] = lambda n, ids=ids, model=model: _in_flight(args.in_flight_variant, lambda: model.generate(
+            systems[name] = lambda n, ids=ids, model=model, wrap=wrap: wrap(lambda: model.generate(
                 ids, max_new_tokens=n, do_sample=False, eos_token_id=None,
                 **({"sida_compile": True} if args.compile else {"sida_graphs": True})))
         n = args.new_tokens
@@ -240,8 +270,8 @@ def main() -> None:
                          "same_tokens_as_reference": None if want is None else tokens[name] == want,
                          "tokens_equal_to_reference_per_row": None if want is None else
                          [_agree(a, b) for a, b in zip(tokens[name], want)],
-                         "host_enqueue_ms_per_step": enqueue_ms(models[name], batch, compiled=name.endswith("_compiled")
-                                                              or (name in variants and args.compile))}
+                         "host_enqueue_ms_per_step": variants.get(name, (None, _now))[1](lambda: enqueue_ms(
+                             models[name], batch, compiled=name.endswith("_compiled") or (name in variants and args.compile)))}
             for key in ("hit_rate", "recall", "precision", "misses", "copied"):
                 if row[key]:
                     out[name][{"misses": "misses_per_token", "copied": "copied_bytes_per_token"}.get(key, key)] = summary(row[key])
@@ -249,9 +279,11 @@ def main() -> None:
         out["sida_over_none"] = speed["sida"] / speed["none_lru"]
         if args.compile:
             out["sida_over_none_compiled"] = speed["sida_compiled"] / speed["none_lru_compiled"]
-        if variants:
+        if args.in_flight_variant is not None:
             n_if = args.in_flight_variant
             out[f"sida_over_none_if{n_if}"] = speed[f"sida_if{n_if}"] / speed[f"none_lru_if{n_if}"]
+        if args.priority_variant:
+            out["sida_over_none_hi"] = speed["sida_hi"] / speed["none_lru_hi"]
         report["rows"][f"bs{batch}_{args.budget}"] = out
         with open(args.out, "w") as f:
             json.dump(report, f, indent=1)
@@ -266,7 +298,7 @@ def main() -> None:
         print(f"[bs{batch} {args.budget}] sida / none_lru: {out['sida_over_none']:.3f}x"
               + (f", compiled {out['sida_over_none_compiled']:.3f}x" if args.compile else "")
               + "".join(f", {k.removeprefix('sida_over_none_')} {v:.3f}x" for k, v in out.items()
-                        if k.startswith("sida_over_none_if")), flush=True)
+                        if k.startswith(("sida_over_none_if", "sida_over_none_hi"))), flush=True)
 
 
 if __name__ == "__main__":

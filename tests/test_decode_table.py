@@ -517,6 +517,37 @@ def test_graphed_decode_queues_at_most_two_replays():
     assert max(slow.unfinished) <= decode_graph.REPLAYS_IN_FLIGHT - 1, slow.unfinished
 
 
+@pytest.mark.gpu
+def test_table_reads_are_fenced_on_the_stream_each_call_runs_on():
+    """Evictions wait for the stream decode steps read the table on: replays of a step captured on
+    the default stream, launched on another stream, move the cache's reader stream there (after
+    the default stream's queued reads), and an eager forward on the default stream moves it back;
+    the tokens stay the original model's, with replays slowed so that evictions overlap them."""
+    original, offloaded = _cuda_pair()
+    engine = sida_moe.engine_of(offloaded)
+    ids = _prompt(length=6).cuda()
+    default, side = torch.cuda.current_stream(), torch.cuda.Stream()
+    args = dict(max_new_tokens=16, do_sample=False, eos_token_id=None)
+    with torch.inference_mode():
+        want = original.generate(ids, **args)
+        first = offloaded.generate(ids, sida_graphs=True, **args)
+        assert engine.cache.reader_stream == default.cuda_stream
+        (step,) = [s for s in offloaded._sida_decode_steps.values() if s.graph is not None]
+        step.graph = _SlowGraph(step.graph, cycles=5_000_000)
+        evictions = engine.stats()["evictions"]
+        side.wait_stream(default)
+        with torch.cuda.stream(side):
+            moved = offloaded.generate(ids, sida_graphs=True, **args)
+            assert engine.cache.reader_stream == side.cuda_stream
+        default.wait_stream(side)
+        back = offloaded.generate(ids, sida_graphs=False, **args)  # transformers' loop, eager table reads
+        assert engine.cache.reader_stream == default.cuda_stream
+    torch.cuda.synchronize()
+    assert engine.stats()["evictions"] > evictions
+    for got in (first, moved, back):
+        assert torch.equal(got, want)
+
+
 def _left_padded(batch_lengths, length, seed=5):
     g = torch.Generator().manual_seed(seed)
     ids = torch.randint(3, 90, (len(batch_lengths), length), generator=g)

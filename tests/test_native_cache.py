@@ -426,3 +426,32 @@ def test_cuda_stream_wait_is_not_timed_for_copies_that_landed():
         assert c.stats()["acquires"] == 2
     stream.synchronize()
     pool.close()
+
+
+def test_the_reader_stream_moves_once_per_new_stream_and_the_table_keeps_serving(pool, backend):
+    """Table reads are fenced on one reader stream at a time: a switch to another stream says
+    so (the CUDA ordering is checked in Rust against a logged device), the same stream is no
+    switch, and loads keep publishing through the table after switches."""
+    cuda = backend.kind == "cuda"
+    table = torch.zeros(16, dtype=torch.int64, device="cuda" if cuda else "cpu")
+    keep = [torch.cuda.Stream(), torch.cuda.Stream()] if cuda else []
+    a, b = [s.cuda_stream for s in keep] if cuda else [5, 6]
+    with sm.SlotCache(pool, 3) as c:
+        with pytest.raises(InvalidArgumentError, match="no expert table"):
+            c.reader_stream
+        with pytest.raises(InvalidArgumentError, match="no expert table"):
+            c.switch_reader_stream(a)
+        c.attach_expert_table(table.data_ptr(), 0)
+        assert c.reader_stream == 0
+        assert c.switch_reader_stream(a) is True and c.reader_stream == a
+        assert c.switch_reader_stream(a) is False and c.reader_stream == a
+        assert c.switch_reader_stream(b) is True and c.reader_stream == b
+        assert c.note_routed(1, [3]) == 1
+        c.synchronize()
+        if cuda:
+            torch.cuda.synchronize()
+        (slot,) = [i for i, (state, _, key) in enumerate(c.slot_states()) if key == (1, 3)]
+        assert int(table[8 + 3]) == c.slots_ptr + slot * c.slot_nbytes  # published: pool key order
+        assert slot_payload(c, slot) == expert_bytes(1, 3)
+        with pytest.raises(InvalidArgumentError):
+            c.switch_reader_stream(-1)

@@ -213,8 +213,14 @@ class SlotCache:
         the copy's stream after it) and back at the pool before that slot is overwritten (written
         on the reader stream ``stream``, which decode steps run on; the copy waits for it). Only
         before any slot is filled, once. Raises ValueError on a null pointer or a second attach."""
-    def set_reader_stream(self, stream: int) -> None:
-        """Decode steps now run on ``stream`` (see ``attach_expert_table``)."""
+    @property
+    def reader_stream(self) -> int:
+        """The stream table reads are queued on (ValueError without an expert table)."""
+    def switch_reader_stream(self, stream: int) -> bool:
+        """Table reads are queued on ``stream`` from now on (see ``attach_expert_table``): if it is
+        another stream, it first waits for the old reader stream's queued work, so evictions
+        fenced on it also follow those reads; evictions never straddle a switch. Returns whether
+        the stream changed."""
     def begin_table_read(self) -> int:
         """Host backend: a decode layer starts reading through the table; returns a ticket. A
         slot pointed elsewhere is not overwritten until every read begun before that ended."""

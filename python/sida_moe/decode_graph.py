@@ -275,6 +275,8 @@ def static_generate(
                 _forward_step(model, step, forward)  # the step the failed capture did not run
             produced += 1
     watch = _FinishedWatch(step) if eos_ids else None
+    if graphs and engine is not None:
+        engine.read_table_here()  # replays read the table on this stream
     while produced < max_new_tokens:
         if graphs:
             _replay(engine, step)
@@ -406,7 +408,7 @@ def _capture(model: nn.Module, engine, step: _Step, forward: nn.Module) -> bool:
     # blocking: waiting for a fence sleeps instead of spinning a core
     step.fences = [torch.cuda.Event(blocking=True) for _ in range(REPLAYS_IN_FLIGHT)]
     if engine is not None:
-        engine.cache.set_reader_stream(torch.cuda.current_stream(engine.device).cuda_stream)
+        engine.read_table_here()
     _replay(engine, step)
     return True
 
@@ -464,6 +466,8 @@ def replay_host_seconds(model: nn.Module, batch_size: int, steps: int = 16, comp
         return None
     engine = getattr(model, "sida_engine", None)
     device = step.token.device
+    if engine is not None:
+        engine.read_table_here()
     times = []
     for _ in range(steps):
         if device.type == "cuda":
@@ -493,6 +497,8 @@ def replay_back_to_back(model: nn.Module, batch_size: int, steps: int = 32, comp
         raise ValueError(f"steps must be at most the captured step's cache length {step.tokens.shape[1]}, got {steps}")
     engine = getattr(model, "sida_engine", None)
     device = step.token.device
+    if engine is not None:
+        engine.read_table_here()
     _drain(engine, device)
     t0 = time.perf_counter()
     for _ in range(steps):

@@ -290,6 +290,7 @@ class OffloadEngine:
     def begin_forward(self, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor | None) -> None:
         """Called by the model hooks once per stack forward, before any layer runs."""
         self.end_forward()  # a forward whose end hook did not run (it raised)
+        self.read_table_here()
         self.generation += 1
         self._counters["forwards"] += 1
         self._counters["tokens"] += int(inputs_embeds.shape[0] * inputs_embeds.shape[1]) if inputs_embeds.dim() == 3 else int(inputs_embeds.shape[0])
@@ -310,6 +311,16 @@ class OffloadEngine:
         rows = self._ring[self._visit_width][: len(self._visits)]
         self.cache.submit_routed(rows.data_ptr(), self._visits, self._visit_width, self._stream())
         self._visits = []
+
+    def read_table_here(self) -> None:
+        """Table reads are queued on the current stream from now on: the cache fences evictions
+        there, after what the stream that read before had queued (``switch_reader_stream``).
+        Called before reads on a stream (each eager forward, each run of replays); nothing inside
+        a capture (its replays read where they are launched) or without an expert table."""
+        if self.device.type != "cuda" or self.cache is None or self.expert_table is None:
+            return
+        if not torch.cuda.is_current_stream_capturing():
+            self.cache.switch_reader_stream(self._stream())
 
     def take_captured_visits(self) -> tuple[list[int], int, object | None]:
         """What a decode step captured (it ran nothing yet): its table visits, their row width,

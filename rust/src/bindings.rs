@@ -594,9 +594,14 @@ impl PySlotCache {
         py.detach(|| unsafe { c.attach_expert_table(table_ptr as u64, s) }).py_err()
     }
 
-    fn set_reader_stream(&self, stream: &Bound<'_, PyAny>) -> PyResult<()> {
+    fn switch_reader_stream(&self, stream: &Bound<'_, PyAny>) -> PyResult<bool> {
         let s = stream_arg(stream)?;
-        self.cache.set_reader_stream(s).py_err()
+        self.cache.switch_reader_stream(s).py_err()
+    }
+
+    #[getter]
+    fn reader_stream(&self) -> PyResult<u64> {
+        self.cache.reader_stream().py_err()
     }
 
     fn begin_table_read(&self) -> PyResult<u64> {

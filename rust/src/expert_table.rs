@@ -10,14 +10,18 @@
 //!   reader stream, and the overwrite waits until no read that may have seen the old address can
 //!   still be running: on CUDA an event recorded on the reader stream after the write, on the host
 //!   backend the reads bracketed by `begin_read` / `end_read` that began before the write.
+//! - `switch_reader_stream` (before reads are queued on another stream) makes the new reader
+//!   stream wait for everything queued on the old one, so a fence recorded on the new stream also
+//!   follows the reads still queued on the old; no unpublish runs between the two (a read-write
+//!   lock), so each one's write and fence are on one reader stream, and reads queued after the
+//!   switch see every write made before it.
 //!
 //! Owner: the `SlotCache` that attached it; entries change only through these two calls, made by
 //! the thread loading the slot under the slot's event lock.
 
 use std::collections::BTreeSet;
-use std::sync::atomic::{AtomicU64, Ordering};
 
-use parking_lot::{Condvar, Mutex};
+use parking_lot::{Condvar, Mutex, RwLock};
 
 use crate::device::{DeviceKind, EventHandle, StreamHandle};
 use crate::error::{Error, Result};
@@ -35,8 +39,8 @@ pub struct ExpertTable {
     /// `entries` u64 values at `addr` (device memory on CUDA, host memory on the host backend).
     addr: u64,
     entries: usize,
-    /// Where decode steps run: table reads are ordered there (CUDA).
-    reader_stream: AtomicU64,
+    /// Where table reads are queued (CUDA); written by `switch_reader_stream`, held by `unpublish`.
+    reader_stream: RwLock<StreamHandle>,
     readers: Mutex<Readers>,
     read_ended: Condvar,
 }
@@ -55,7 +59,7 @@ impl ExpertTable {
         let t = Self {
             addr,
             entries: pool.keys().len(),
-            reader_stream: AtomicU64::new(reader_stream),
+            reader_stream: RwLock::new(reader_stream),
             readers: Mutex::new(Readers::default()),
             read_ended: Condvar::new(),
         };
@@ -79,13 +83,24 @@ impl ExpertTable {
     }
 
     pub fn reader_stream(&self) -> StreamHandle {
-        self.reader_stream.load(Ordering::Acquire)
+        *self.reader_stream.read()
     }
 
-    /// Decode steps now run on `stream` (the caller has made sure no step still runs on the old
-    /// one, or that both are ordered).
-    pub fn set_reader_stream(&self, stream: StreamHandle) {
-        self.reader_stream.store(stream, Ordering::Release);
+    /// Table reads are queued on `stream` from now on. On CUDA, if that is another stream, `stream`
+    /// first waits for the old reader stream's work through `event` (recorded there now; free
+    /// to reuse once this returns). Returns whether the stream changed.
+    pub fn switch_reader_stream(&self, pool: &ExpertPool, stream: StreamHandle, event: EventHandle) -> Result<bool> {
+        let mut reader = self.reader_stream.write();
+        if *reader == stream {
+            return Ok(false);
+        }
+        let dev = pool.device();
+        if dev.kind() == DeviceKind::Cuda {
+            dev.record_event(event, *reader)?;
+            dev.stream_wait_event(stream, event)?;
+        }
+        *reader = stream;
+        Ok(true)
     }
 
     fn entry(&self, pool: &ExpertPool, key: Key) -> Result<u64> {
@@ -116,7 +131,8 @@ impl ExpertTable {
         let entry = self.entry(pool, key)?;
         let home = pool.record_addr(key)? as u64;
         if dev.kind() == DeviceKind::Cuda {
-            let reader = self.reader_stream();
+            let guard = self.reader_stream.read(); // no switch until the fence is queued
+            let reader = *guard;
             dev.stream_wait_event(reader, old_ready)?;
             // SAFETY: entry inside the attached table.
             unsafe { dev.write_value64(entry, home, reader)? };
@@ -169,9 +185,11 @@ mod tests {
     use std::sync::Arc;
     use std::time::Duration;
 
-    use crate::device::HostDevice;
-    use crate::policy::{Key, PolicyKind};
-    use crate::pool::ExpertPool;
+    use parking_lot::Mutex;
+
+    use super::*;
+    use crate::device::{Device, EventKind, HostDevice, SharedDevice};
+    use crate::policy::PolicyKind;
     use crate::slot_cache::{CacheConfig, SlotCache};
 
     const NBYTES: usize = 1024;
@@ -181,8 +199,18 @@ mod tests {
     }
 
     fn setup(layers: i64, experts: i64, slots: usize, workers: usize) -> (Arc<ExpertPool>, SlotCache, Box<[u64]>) {
+        setup_on(Arc::new(HostDevice::new()), layers, experts, slots, workers)
+    }
+
+    fn setup_on(
+        device: SharedDevice,
+        layers: i64,
+        experts: i64,
+        slots: usize,
+        workers: usize,
+    ) -> (Arc<ExpertPool>, SlotCache, Box<[u64]>) {
         let keys: Vec<(i64, i64)> = (0..layers).flat_map(|l| (0..experts).map(move |e| (l, e))).collect();
-        let pool = Arc::new(ExpertPool::new(Arc::new(HostDevice::new()), &[("w".into(), NBYTES as i64)], &keys, 1 << 20).unwrap());
+        let pool = Arc::new(ExpertPool::new(device, &[("w".into(), NBYTES as i64)], &keys, 1 << 20).unwrap());
         for &(l, e) in &keys {
             let data = vec![pattern((l as u64, e as u64)); NBYTES];
             unsafe { pool.write((l as u64, e as u64), "w", data.as_ptr() as usize, NBYTES).unwrap() };
@@ -321,5 +349,181 @@ mod tests {
             assert_eq!(entry(&table, i), want, "entry of {key:?}");
         }
         assert_eq!(cache.expert_table_reads_in_progress(), 0);
+    }
+
+    /// Stream-ordered operations as a CUDA device would see them, in call order.
+    #[derive(Clone, Copy, Debug, PartialEq)]
+    enum Op {
+        Record(EventHandle, StreamHandle),
+        Wait(StreamHandle, EventHandle),
+        Write(StreamHandle),
+    }
+
+    /// The host backend's memory and copies, reporting itself as CUDA and logging its
+    /// stream-ordered calls: what the table asks of the streams, checked without a GPU.
+    struct StreamLog {
+        host: HostDevice,
+        log: Mutex<Vec<Op>>,
+    }
+
+    impl Device for StreamLog {
+        fn kind(&self) -> DeviceKind {
+            DeviceKind::Cuda
+        }
+        fn ordinal(&self) -> i32 {
+            0
+        }
+        fn bind_thread(&self) -> Result<()> {
+            Ok(())
+        }
+        fn alloc_pool(&self, bytes: usize) -> Result<usize> {
+            self.host.alloc_pool(bytes)
+        }
+        fn free_pool(&self, addr: usize, bytes: usize) {
+            self.host.free_pool(addr, bytes)
+        }
+        fn alloc_slots(&self, bytes: usize) -> Result<u64> {
+            self.host.alloc_slots(bytes)
+        }
+        fn free_slots(&self, addr: u64, bytes: usize) {
+            self.host.free_slots(addr, bytes)
+        }
+        fn create_stream(&self, high_priority: bool) -> Result<StreamHandle> {
+            self.host.create_stream(high_priority)
+        }
+        fn destroy_stream(&self, _stream: StreamHandle) {}
+        fn create_event(&self, kind: EventKind) -> Result<EventHandle> {
+            self.host.create_event(kind)
+        }
+        fn destroy_event(&self, _event: EventHandle) {}
+        unsafe fn copy_to_slot(&self, dst: u64, src: usize, n: usize, stream: StreamHandle) -> Result<()> {
+            unsafe { self.host.copy_to_slot(dst, src, n, stream) }
+        }
+        unsafe fn copy_from_slot(&self, dst: usize, src: u64, n: usize) -> Result<()> {
+            unsafe { self.host.copy_from_slot(dst, src, n) }
+        }
+        unsafe fn copy_to_host_async(&self, dst: usize, src: u64, n: usize, stream: StreamHandle) -> Result<()> {
+            unsafe { self.host.copy_to_host_async(dst, src, n, stream) }
+        }
+        fn record_event(&self, event: EventHandle, stream: StreamHandle) -> Result<()> {
+            self.log.lock().push(Op::Record(event, stream));
+            Ok(())
+        }
+        fn stream_wait_event(&self, stream: StreamHandle, event: EventHandle) -> Result<()> {
+            self.log.lock().push(Op::Wait(stream, event));
+            Ok(())
+        }
+        fn event_synchronize(&self, _event: EventHandle) -> Result<()> {
+            Ok(())
+        }
+        fn event_done(&self, _event: EventHandle) -> Result<bool> {
+            Ok(true)
+        }
+        fn elapsed_ms(&self, _start: EventHandle, _end: EventHandle) -> Result<Option<f32>> {
+            Ok(None)
+        }
+        fn stream_synchronize(&self, _stream: StreamHandle) -> Result<()> {
+            Ok(())
+        }
+        fn copies_are_synchronous(&self) -> bool {
+            true
+        }
+        unsafe fn write_value64(&self, addr: u64, value: u64, stream: StreamHandle) -> Result<()> {
+            // logged under the same lock as the store: the log's order is the writes' order
+            let mut log = self.log.lock();
+            unsafe { self.host.write_value64(addr, value, stream)? };
+            log.push(Op::Write(stream));
+            Ok(())
+        }
+    }
+
+    fn stream_log() -> Arc<StreamLog> {
+        Arc::new(StreamLog { host: HostDevice::new(), log: Mutex::new(Vec::new()) })
+    }
+
+    // reader streams of these tests: far from the handles the device hands out (a counter from 1)
+    const READERS: [StreamHandle; 3] = [1 << 40, (1 << 40) + 1, (1 << 40) + 2];
+
+    #[test]
+    fn a_switched_reader_stream_waits_for_the_old_one_and_takes_the_later_unpublishes() {
+        let log = stream_log();
+        let (_pool, cache, _table) = setup_on(log.clone(), 1, 4, 1, 0);
+        log.log.lock().clear(); // attach's writes
+        assert!(cache.switch_reader_stream(READERS[0]).unwrap());
+        let ops = std::mem::take(&mut *log.log.lock());
+        match ops[..] {
+            [Op::Record(e, 0), Op::Wait(s, w)] => assert!(s == READERS[0] && w == e, "{ops:?}"),
+            _ => panic!("a switch from stream 0 should record on it and make the new stream wait: {ops:?}"),
+        }
+        assert!(!cache.switch_reader_stream(READERS[0]).unwrap(), "the same stream is no switch");
+        assert!(log.log.lock().is_empty(), "nothing is queued for the same stream");
+        // load expert 0, then make expert 1 (used more often) evict it: the unpublish is on the new stream
+        cache.note_routed(0, &[0], None).unwrap();
+        for _ in 0..3 {
+            cache.note_routed(0, &[1], None).unwrap();
+        }
+        cache.synchronize().unwrap();
+        let ops = log.log.lock().clone();
+        let writes: Vec<StreamHandle> =
+            ops.iter().filter_map(|op| if let Op::Write(s) = *op { Some(s) } else { None }).collect();
+        assert!(writes.contains(&READERS[0]), "the eviction should point expert 0 back on the reader stream: {ops:?}");
+        let fence = ops.iter().position(|op| matches!(*op, Op::Record(_, s) if s == READERS[0]));
+        assert!(fence.is_some(), "a fence should be recorded on the reader stream after the write: {ops:?}");
+    }
+
+    #[test]
+    fn every_unpublish_stays_on_one_reader_stream_while_another_thread_switches_it() {
+        let log = stream_log();
+        let (_pool, cache, _table) = setup_on(log.clone(), 2, 8, 3, 2);
+        let cache = Arc::new(cache);
+        cache.switch_reader_stream(READERS[0]).unwrap();
+        let stop = Arc::new(AtomicBool::new(false));
+        let switcher = {
+            let (cache, stop) = (cache.clone(), stop.clone());
+            std::thread::spawn(move || {
+                let mut n = 0usize;
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) || n < 200 {
+                    n += 1;
+                    cache.switch_reader_stream(READERS[n % READERS.len()]).unwrap();
+                }
+                n
+            })
+        };
+        let mut seed = 7u64;
+        for _ in 0..3000 {
+            seed = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            let layer = (seed >> 40) as i64 % 2;
+            let e = (seed >> 20) as i64 % 8;
+            cache.note_routed(layer, &[e, (e + 1) % 8], None).unwrap();
+        }
+        cache.synchronize().unwrap();
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        assert!(switcher.join().unwrap() >= 200);
+        // replay the log: a switch is a reader stream's wait on an event last recorded on another
+        // reader stream; between switches every op an unpublish queues on a reader stream (its
+        // wait for the copy that filled the slot, the write, the fence) is on the current reader
+        let ops = log.log.lock().clone();
+        let is_reader = |s: StreamHandle| READERS.contains(&s);
+        let mut recorded_on = std::collections::HashMap::new();
+        let mut reader = READERS[0];
+        let (mut unpublishes, mut switches) = (0, 0);
+        for (i, &op) in ops.iter().enumerate() {
+            match op {
+                Op::Wait(new, e) if is_reader(new) && recorded_on.get(&e).is_some_and(|&old| is_reader(old) && old != new) => {
+                    assert_eq!(recorded_on[&e], reader, "op {i}: a switch away from a stream that was not the reader");
+                    reader = new;
+                    switches += 1;
+                }
+                Op::Wait(s, _) | Op::Record(_, s) | Op::Write(s) if is_reader(s) => {
+                    assert_eq!(s, reader, "op {i}: {op:?} after the reader became {reader:#x}");
+                    unpublishes += matches!(op, Op::Write(_)) as usize;
+                }
+                _ => {}
+            }
+            if let Op::Record(e, s) = op {
+                recorded_on.insert(e, s);
+            }
+        }
+        assert!(unpublishes > 100 && switches >= 200, "{unpublishes} unpublishes, {switches} switches");
     }
 }

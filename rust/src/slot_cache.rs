@@ -779,11 +779,24 @@ impl SlotCache {
         self.shared.experts.get().ok_or_else(|| Error::InvalidArgument("this cache has no expert table (attach_expert_table)".into()))
     }
 
-    /// Decode steps now run on `stream` (see `ExpertTable::set_reader_stream`).
-    pub fn set_reader_stream(&self, stream: StreamHandle) -> Result<()> {
+    /// The stream table reads are queued on (see `switch_reader_stream`).
+    pub fn reader_stream(&self) -> Result<StreamHandle> {
+        Ok(self.expert_table()?.reader_stream())
+    }
+
+    /// Table reads are queued on `stream` from now on (see `ExpertTable::switch_reader_stream`);
+    /// returns whether it was another stream.
+    pub fn switch_reader_stream(&self, stream: StreamHandle) -> Result<bool> {
         let _g = self.open_guard()?;
-        self.expert_table()?.set_reader_stream(stream);
-        Ok(())
+        let sh = &*self.shared;
+        let table = self.expert_table()?;
+        if table.reader_stream() == stream {
+            return Ok(false);
+        }
+        let event = sh.take_event()?;
+        let switched = table.switch_reader_stream(&sh.pool, stream, event);
+        sh.spare_events.lock().push(event); // the wait already holds the record it needs
+        switched
     }
 
     /// Host backend: bracket a decode layer's reads through the table (see `expert_table.rs`).
