@@ -70,17 +70,18 @@ def test_simulate_with_a_huge_budget_equals_everything_resident():
     assert out[1:] == ["RETURNED", "{'hits': 0, 'misses': 0, 'evictions': 0, 'loads': 0}"]
 
 
-@pytest.mark.parametrize("method", ["prefetch_deferred", "submit_routed"])
+@pytest.mark.parametrize("method", ["submit_predicted", "submit_routed"])
 def test_deferred_id_count_is_bounded(method):
     # the ids buffer is 16 bytes: a width beyond the limit must be refused before it is read
     call = {
-        "prefetch_deferred": "c.prefetch_deferred(ids.data_ptr(), [0], 2**40)",
-        "submit_routed": "c.submit_routed(ids.data_ptr(), [0], 2**40)",
+        "submit_predicted": "f.submit_predicted(ids.data_ptr(), [0], 2**40)",
+        "submit_routed": "f.submit_routed(ids.data_ptr(), [0], 2**40)",
     }[method]
     name, mro, msg = raised(f"""
         import torch
         ids = torch.zeros(2, dtype=torch.int64)
         c = sm.SlotCache(pool, 1)
+        f = sm.RoutingFeed(c)
         report(lambda: {call})
     """)
     assert name == "InvalidArgumentError" and "ValueError" in mro

@@ -615,7 +615,7 @@ def test_a_sequence_past_the_decoders_capacity_continues_eagerly(loop, monkeypat
         full = _full_logits(pred, model, tokens[:, : 9 + len(got)])
         for i, logits in enumerate(got):
             assert torch.allclose(logits, full[:, :, 9 + i], atol=1e-5), i
-        assert engine.wait_deferred(10) and engine.cache.take_deferred_error() is None
+        assert engine.wait_deferred(10) and engine.feed.take_error() is None
     finally:
         engine.close()
 
@@ -647,7 +647,7 @@ def test_decode_steps_run_a_copy_of_the_predictor_in_decode_dtype(loop, monkeypa
         for i, logits in enumerate(got):
             assert torch.allclose(logits.float(), full[:, :, 6 + i], atol=0.1), i
         assert any(lg.dtype == torch.bfloat16 for lg in got) and got[-1].dtype == torch.float32
-        assert engine.wait_deferred(10) and engine.cache.take_deferred_error() is None
+        assert engine.wait_deferred(10) and engine.feed.take_error() is None
     finally:
         engine.close()
     assert SidaPrefetcher(_predictor()).decode_dtype is None

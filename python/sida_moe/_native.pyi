@@ -230,53 +230,6 @@ class SlotCache:
         """A layer computed ``experts`` through the table: count hits and misses (by residency),
         update the policy, queue loads of the experts not resident (never cancelled). Returns the
         loads queued."""
-    def submit_routed(self, ids_ptr: int, layers: Sequence[int], width: int, stream: int | None = None) -> None:
-        """``note_routed`` for ``len(layers)`` rows still being written on ``stream``, each ``width``
-        int64 ids (negative: padding) followed by the ``width`` expert-table entries (addresses)
-        those pairs read: hits and misses count what the step read (a slot address or not). An
-        asynchronous copy to staging and an event are queued there and a native thread handles
-        the rows once they land (``wait_deferred`` waits)."""
-    def prefetch_deferred(
-        self,
-        ids_ptr: int,
-        layers: Sequence[int],
-        width: int,
-        stream: int | None = None,
-        generation: int = 0,
-        priority: Priority = "prefetch",
-        future: bool = False,
-        skip_routed: bool = False,
-        remember: bool = False,
-        forget: bool = False,
-        feed_only: bool = False,
-        after_next: bool = False,
-    ) -> None:
-        """Prefetch expert ids that the device is still computing, without waiting for them.
-
-        ``ids_ptr``: address of ``len(layers) * width`` contiguous int64 ids (row ``i``: ``width``
-        experts of MoE layer ``layers[i]``), in device memory on the CUDA backend (host memory on
-        the host backend), written by work on ``stream`` (a CUstream handle; None: the default
-        stream) and not overwritten by any other stream until the copy queued here has run. Queues
-        an asynchronous copy into page-locked staging and an event on ``stream``, and returns; a
-        native thread waits for the event (no GIL held), then per row: distinct ids;
-        ``future``: the rows are the next cache visits in order (acquire calls and table visits,
-        counted from this call on, after the routed rows submitted before it) -- rows whose visit
-        already happened are skipped (also with ``skip_routed``), the rest feed ``set_future``;
-        ``remember``: keep the rows as the prediction that each layer's next routed row
-        (``submit_routed``) is scored against (``stats``: ``predicted_*``); ``forget``: drop the
-        remembered prediction instead (a new sequence); then ``prefetch`` of each row, unless
-        ``feed_only`` (the rows only feed the policy and the scores: no loads). ``after_next``:
-        the rows are the step after the next one (a predictor of the next token's routing): for
-        ``future`` / ``skip_routed`` they count from one step (``len(layers)`` visits) later, and a
-        remembered row is scored against its layer's routed row after the next. Requests are
-        handled in submission order. Errors met by the thread
-        (an expert out of range) are kept for ``take_deferred_error``. The pointer is not checked:
-        a wrong address is undefined behaviour, as with ``ExpertPool.write_ptr``. At most 2**24 ids
-        (``len(layers) * width``) per call, else InvalidArgumentError."""
-    def wait_deferred(self, timeout: float | None = None) -> bool:
-        """Wait until every ``prefetch_deferred`` so far has been handled; False on timeout."""
-    def take_deferred_error(self) -> str | None:
-        """The first error a deferred prefetch met since the last call, cleared (None: none)."""
     def cancel_before(self, generation: int) -> None:
         """Cancel every queued prefetch whose generation is below ``generation``."""
     def set_future(self, visits: Sequence[tuple[int, Sequence[int]]], offset: int = 0) -> None:
@@ -302,19 +255,13 @@ class SlotCache:
         queue_len, num_slots. On CUDA ``copy_seconds`` sums per-copy times measured by timing
         events on the copy streams (``achieved_gbps`` = timed bytes / that time); on the host it is
         the memcpy wall time. ``host_stall_seconds``: time acquire spent in calls that had to load
-        or wait. ``stream_waits``: acquires timed by ``measure_stream_waits`` (see there).
-        ``deferred_submitted`` / ``deferred_handled`` / ``deferred_queued``: ``prefetch_deferred``
-        and ``submit_routed`` requests so far, those handled, and the loads they queued;
-        ``predicted_hits`` / ``predicted_needed`` / ``predicted_experts``: over the layers whose
-        remembered prediction was scored, routed experts that were predicted, routed experts, and
-        predicted experts (recall = hits / needed, precision = hits / predicted). Table visits
-        (``note_routed`` / ``submit_routed``): ``routed_visits``, ``routed_misses`` (experts read
+        or wait. ``stream_waits``: acquires timed by ``measure_stream_waits`` (see there). Table
+        visits (``note_routed``, and a ``RoutingFeed``'s ``submit_routed``): ``routed_visits``, ``routed_misses`` (experts read
         in place from the pool), ``routed_declined`` (misses not admitted, so not copied),
         ``routed_redundant``, ``routed_dropped``; ``acquire_transient``: acquire misses admission
         declined, loaded into transient slots (evicted before any admitted expert)."""
     def reset_stats(self) -> None:
-        """Zero every counter, including ``stream_waits``, ``stream_wait_seconds()`` and the
-        prediction scores (``deferred_*`` counts keep running); stream-wait
+        """Zero every counter, including ``stream_waits`` and ``stream_wait_seconds()``; stream-wait
         timings not yet resolved are dropped."""
     @property
     def measure_stream_waits(self) -> bool:
@@ -340,6 +287,78 @@ class SlotCache:
     @property
     def closed(self) -> bool: ...
     def __enter__(self) -> SlotCache: ...
+    def __exit__(self, *exc: object) -> None: ...
+
+class RoutingFeed:
+    """Expert ids computed on the device handed to ``cache`` without the submitting thread waiting
+    for them: a decode step's routing (``submit_routed``) and a predictor's top-k
+    (``submit_predicted``). Each submission queues, on the caller's stream, an asynchronous copy
+    of the ids into page-locked staging and an event; one native thread (no GIL) waits for each
+    event in submission order and hands the ids to the cache. Close the feed before its cache
+    (a closed cache makes later requests fail with ClosedError, kept for ``take_error``);
+    closing handles what was submitted, stops the thread and frees the staging memory."""
+
+    def __init__(self, cache: SlotCache) -> None: ...
+    def submit_routed(self, ids_ptr: int, layers: Sequence[int], width: int, stream: int | None = None) -> None:
+        """The cache's ``note_routed`` for ``len(layers)`` rows still being written on ``stream``, each ``width``
+        int64 ids (negative: padding) followed by the ``width`` expert-table entries (addresses)
+        those pairs read: hits and misses count what the step read (a slot address or not). An
+        asynchronous copy to staging and an event are queued there and a native thread handles
+        the rows once they land (``wait`` waits)."""
+    def submit_predicted(
+        self,
+        ids_ptr: int,
+        layers: Sequence[int],
+        width: int,
+        stream: int | None = None,
+        generation: int = 0,
+        priority: Priority = "prefetch",
+        future: bool = False,
+        skip_routed: bool = False,
+        remember: bool = False,
+        forget: bool = False,
+        feed_only: bool = False,
+        after_next: bool = False,
+    ) -> None:
+        """Prefetch expert ids that the device is still computing, without waiting for them.
+
+        ``ids_ptr``: address of ``len(layers) * width`` contiguous int64 ids (row ``i``: ``width``
+        experts of MoE layer ``layers[i]``), in device memory on the CUDA backend (host memory on
+        the host backend), written by work on ``stream`` (a CUstream handle; None: the default
+        stream) and not overwritten by any other stream until the copy queued here has run. Queues
+        an asynchronous copy into page-locked staging and an event on ``stream``, and returns; a
+        native thread waits for the event (no GIL held), then per row: distinct ids;
+        ``future``: the rows are the next cache visits in order (acquire calls and table visits,
+        counted from this call on, after the routed rows submitted before it) -- rows whose visit
+        already happened are skipped (also with ``skip_routed``), the rest feed the cache's ``set_future``;
+        ``remember``: keep the rows as the prediction that each layer's next routed row
+        (``submit_routed``) is scored against (``stats``: ``predicted_*``); ``forget``: drop the
+        remembered prediction instead (a new sequence); then the cache's ``prefetch`` of each row, unless
+        ``feed_only`` (the rows only feed the policy and the scores: no loads). ``after_next``:
+        the rows are the step after the next one (a predictor of the next token's routing): for
+        ``future`` / ``skip_routed`` they count from one step (``len(layers)`` visits) later, and a
+        remembered row is scored against its layer's routed row after the next. Requests are
+        handled in submission order. Errors met by the thread
+        (an expert out of range) are kept for ``take_error``. The pointer is not checked:
+        a wrong address is undefined behaviour, as with ``ExpertPool.write_ptr``. At most 2**24 ids
+        (``len(layers) * width``) per call, else InvalidArgumentError."""
+    def wait(self, timeout: float | None = None) -> bool:
+        """Wait until every request submitted so far has been handled; False on timeout."""
+    def take_error(self) -> str | None:
+        """The first error the thread met since the last call, cleared (None: none)."""
+    def stats(self) -> dict[str, float]:
+        """``deferred_submitted`` / ``deferred_handled`` / ``deferred_queued``: requests so far,
+        those handled, and the loads they queued; ``predicted_hits`` / ``predicted_needed`` /
+        ``predicted_experts``: over the layers whose remembered prediction was scored, routed
+        experts that were predicted, routed experts, and predicted experts (recall = hits /
+        needed, precision = hits / predicted)."""
+    def reset_stats(self) -> None:
+        """Zero the prediction scores (the ``deferred_*`` counts keep running)."""
+    def close(self) -> None:
+        """Handle what was submitted, stop the thread, free the staging memory. Idempotent."""
+    @property
+    def closed(self) -> bool: ...
+    def __enter__(self) -> RoutingFeed: ...
     def __exit__(self, *exc: object) -> None: ...
 
 def simulate_policy(

@@ -65,6 +65,8 @@ class OffloadEngine:
         self.max_experts = max(layer.num_experts for layer in layers)
         self.min_slots = max(layer.top_k for layer in layers)
         self.cache: _native.SlotCache | None = None
+        # device ids (routing, predictions) to the cache, by a native thread; closed before the cache
+        self.feed: _native.RoutingFeed | None = None
         self.slot_memory: torch.Tensor | None = None
         self.views: SlotWeights | None = None
         self.prefetcher: Prefetcher = NoPrefetch()
@@ -157,10 +159,10 @@ class OffloadEngine:
         ``ids`` (int64, contiguous, ``[len(layers), ...]``: row i holds experts of MoE layer
         ``layers[i]``) on the engine's device, written on the current stream. The copy to the host
         and an event are queued on that stream; a native thread does the rest (see
-        ``SlotCache.prefetch_deferred``). ``ids`` must not be written by another stream until then:
+        ``RoutingFeed.submit_predicted``). ``ids`` must not be written by another stream until then:
         a static buffer rewritten only on this stream, or a tensor kept alive meanwhile.
         ``feed_only``: the rows feed the policy (``future``) and the scores (``remember``) only;
-        ``after_next``: they are the step after the next one (``SlotCache.prefetch_deferred``)."""
+        ``after_next``: they are the step after the next one (``RoutingFeed.submit_predicted``)."""
         cache = self._require_cache()
         if ids.dtype != torch.int64 or not ids.is_contiguous():
             raise ValueError(f"ids must be a contiguous int64 tensor, got {ids.dtype}"
@@ -172,13 +174,13 @@ class OffloadEngine:
         if ids.numel() == 0 or ids.numel() % len(layers):
             raise ValueError(f"ids must hold a whole row per layer ({len(layers)} layers), got {ids.numel()} ids")
         stream = torch.cuda.current_stream(ids.device).cuda_stream if on_cuda else None
-        cache.prefetch_deferred(ids.data_ptr(), layers, ids.numel() // len(layers), stream,
+        self.feed.submit_predicted(ids.data_ptr(), layers, ids.numel() // len(layers), stream,
                                 self.generation if generation is None else generation, priority,
                                 future, skip_routed, remember, forget, feed_only, after_next)
 
     def wait_deferred(self, timeout: float | None = None) -> bool:
         """Wait until every ``prefetch_deferred`` so far was handled (False on timeout)."""
-        return self.cache.wait_deferred(timeout) if self.cache is not None else True
+        return self.feed.wait(timeout) if self.feed is not None else True
 
     def cancel_before(self, generation: int) -> None:
         self._require_cache().cancel_before(generation)
@@ -216,6 +218,7 @@ class OffloadEngine:
         nbytes = self.pool.expert_nbytes
         self.slot_memory = torch.empty((num_slots, nbytes), dtype=torch.uint8, device=self.device)
         self.cache = _native.SlotCache(self.pool, num_slots, policy, slots_ptr=self.slot_memory.data_ptr(), copy_workers=copy_workers)
+        self.feed = _native.RoutingFeed(self.cache)
         self._apply_measure_stalls()
         self.views = slot_views(self.slot_memory, self.fmt, self.pool.tensor_offsets)
         self._attach_expert_table()
@@ -258,9 +261,8 @@ class OffloadEngine:
         size); the pinned pool is kept and the old slot memory is freed first."""
         policy = policy or (self.cache.policy if self.cache is not None else "lru")
         self.check_cache_args(num_slots, policy, copy_workers)  # the old cache stays open on bad ones
-        if self.cache is not None:
-            self.cache.close()
-        self.cache = None
+        self._close_cache()
+        self.feed = self.cache = None
         self.slot_memory = None
         self.views = None
         if self.device.type == "cuda":
@@ -309,7 +311,7 @@ class OffloadEngine:
             self._visits = []
             return
         rows = self._ring[self._visit_width][: len(self._visits)]
-        self.cache.submit_routed(rows.data_ptr(), self._visits, self._visit_width, self._stream())
+        self.feed.submit_routed(rows.data_ptr(), self._visits, self._visit_width, self._stream())
         self._visits = []
 
     def read_table_here(self) -> None:
@@ -380,7 +382,7 @@ class OffloadEngine:
         """Let every queued copy and routing hand-over finish (before capturing a graph, which no
         other thread may disturb)."""
         cache = self._require_cache()
-        cache.wait_deferred(None)
+        self.feed.wait(None)
         cache.synchronize()
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
@@ -520,8 +522,8 @@ class OffloadEngine:
         metrics (``prefetch_<name>``), engine counters and memory figures; with
         :attr:`measure_stalls` on (CUDA) also ``stream_wait_seconds`` and ``acquire_stream_seconds``."""
         cache = self._require_cache()
-        cache.wait_deferred(10.0)  # decode visits still on their way to the cache's counters
-        out: dict[str, float | str] = dict(cache.stats())
+        self.feed.wait(10.0)  # decode visits still on their way to the cache's counters
+        out: dict[str, float | str] = {**cache.stats(), **self.feed.stats()}
         lookups = out.get("hits", 0) + out.get("misses", 0)
         out["hit_rate"] = out.get("hits", 0) / lookups if lookups else 0.0
         out.update({k: float(v) for k, v in self._counters.items()})
@@ -539,8 +541,10 @@ class OffloadEngine:
         return out
 
     def reset_stats(self) -> None:
-        self._require_cache().wait_deferred(10.0)
+        self._require_cache()
+        self.feed.wait(10.0)
         self.cache.reset_stats()
+        self.feed.reset_stats()
         self._counters = dict.fromkeys(self._counters, 0)
         self._acquire_events.clear()
         self._acquire_seconds = 0.0
@@ -566,11 +570,17 @@ class OffloadEngine:
             hook.remove()
         self._hooks.clear()
         self.prefetcher.close()
-        if self.cache is not None:
-            self.cache.close()
+        self._close_cache()
         self.pool.close()
         self.slot_memory = None
         self.views = None
+
+    def _close_cache(self) -> None:
+        """The feed first: its thread hands what was submitted to the cache."""
+        if self.feed is not None:
+            self.feed.close()
+        if self.cache is not None:
+            self.cache.close()
 
     def _require_cache(self) -> _native.SlotCache:
         if self.cache is None:

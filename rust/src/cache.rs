@@ -545,6 +545,23 @@ pub fn simulate(policy: PolicyKind, num_slots: i64, trace: &[Vec<Key>], future: 
     simulate_steps(policy, num_slots, trace, future, &[path], 0)
 }
 
+/// The keys of a trace of `(layer, experts)` visits with signed ids, as simulated (InvalidArgument
+/// naming the first visit with a negative id).
+pub fn trace_keys(visits: &[(i64, Vec<i64>)]) -> Result<Vec<Vec<Key>>> {
+    visits
+        .iter()
+        .enumerate()
+        .map(|(i, (layer, experts))| {
+            if *layer < 0 || experts.iter().any(|&e| e < 0) {
+                return Err(Error::InvalidArgument(format!(
+                    "trace step {i}: layer and experts must be >= 0, got ({layer}, {experts:?})"
+                )));
+            }
+            Ok(experts.iter().map(|&e| (*layer as u64, e as u64)).collect())
+        })
+        .collect()
+}
+
 /// `simulate` with a path per visit (`paths[i]`; one path serves every visit) that counts only
 /// the visits from `count_from` on: the earlier ones still fill the cache and feed the policy,
 /// as a recorded warm-up does before the part a benchmark times.

@@ -33,6 +33,7 @@ use parking_lot::{Condvar, Mutex};
 
 use crate::device::{EventHandle, EventKind, SharedDevice, StreamHandle};
 use crate::error::{Error, Result};
+use crate::prefetch::Lane;
 use crate::slot_cache::SlotCache;
 
 /// Page-locked host memory for one request's ids and the event recorded after their copy.
@@ -49,8 +50,8 @@ pub struct DeferredOptions {
     pub layers: Vec<i64>,
     pub width: usize,
     pub generation: i64,
-    /// Demand lane (corrections) instead of the speculative lane.
-    pub demand: bool,
+    /// The lane of the prefetches (corrections go to the demand lane).
+    pub lane: Lane,
     /// The rows are the next acquire calls, in order (a forward's prediction): rows whose acquire
     /// already happened by the time the ids are read are skipped, and the rest feed `set_future`.
     pub future: bool,
@@ -250,6 +251,11 @@ impl DeferredPrefetcher {
         (p.submitted, p.handled, p.queued)
     }
 
+    /// Whether `shutdown` ran.
+    pub fn is_shut_down(&self) -> bool {
+        self.shut.load(Ordering::Acquire)
+    }
+
     /// Handle what was submitted, stop the thread and free the staging memory. Idempotent; later
     /// `submit`s fail with a Closed error.
     pub fn shutdown(&self) {
@@ -423,7 +429,7 @@ fn handle(req: &Request, cache: &SlotCache, device: &SharedDevice, state: &State
     let mut queued = 0;
     for (layer, experts) in &rows {
         if !experts.is_empty() {
-            queued += cache.prefetch(*layer, experts, o.demand, o.generation)?;
+            queued += cache.prefetch(*layer, experts, o.lane, o.generation)?;
         }
     }
     Ok(queued)

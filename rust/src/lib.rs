@@ -2,7 +2,7 @@
 //! a two-lane prefetch queue with copy workers, and device backends (CUDA driver API or host).
 //!
 //! The core has no Python dependency (`cargo test` needs no libpython); the PyO3 bindings live in
-//! `bindings.rs`, compiled with the `python` feature that maturin enables.
+//! `bindings/`, compiled with the `python` feature that maturin enables.
 
 pub mod cache;
 pub mod cuda_device;

@@ -15,6 +15,26 @@ use parking_lot::{Condvar, Mutex};
 use crate::error::{Error, Result};
 use crate::policy::Key;
 
+/// Which lane a prefetch goes to: demand (popped first: loads a caller is about to wait for, and
+/// corrections) or speculative (predictions).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Lane {
+    Demand,
+    #[default]
+    Speculative,
+}
+
+impl Lane {
+    /// The lane a `priority` name says: "demand" or "prefetch".
+    pub fn parse(priority: &str) -> Result<Self> {
+        match priority {
+            "demand" => Ok(Lane::Demand),
+            "prefetch" => Ok(Lane::Speculative),
+            other => Err(Error::InvalidArgument(format!("priority must be \"demand\" or \"prefetch\", got {other:?}"))),
+        }
+    }
+}
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Request {
     pub key: Key,

@@ -5,7 +5,7 @@ eviction policy ranks resident experts by their predicted next use.
 Where the prediction runs (nothing here waits for the device, and there is no thread):
 
 - **Prompt** (prefill, the acquire path): ``HashPredictor.forward`` over the prompt in
-  ``begin_forward``; its top-k ids reach the cache through ``prefetch_deferred`` (a native thread
+  ``begin_forward``; its top-k ids reach the cache through ``engine.prefetch_deferred`` (a native thread
   reads them once computed and queues one row of prefetches per MoE layer).
 - **Decode**: a :class:`~sida_moe.predictor.graphed.GraphedDecoder` holds the sequence's predictor
   state in static buffers, so its step has fixed shapes.
@@ -261,8 +261,8 @@ class SidaPrefetcher:
         engine = self._engine
         if engine is None or engine.cache is None:
             return {"hit_rate": 0.0, "precision": 0.0, "scored_experts": 0.0}
-        engine.cache.wait_deferred(10.0)
-        s = engine.cache.stats()
+        engine.wait_deferred(10.0)
+        s = engine.feed.stats()
         hits, needed, predicted = s["predicted_hits"], s["predicted_needed"], s["predicted_experts"]
         return {
             "hit_rate": hits / needed if needed else 0.0,

@@ -9,7 +9,7 @@ use crate::cache::{dedup_in_order, PrefetchOutcome};
 use crate::device::{EventHandle, EventKind, StreamHandle};
 use crate::error::{Error, Result};
 use crate::policy::Key;
-use crate::prefetch::{Request, ROUTED_MISS};
+use crate::prefetch::{Lane, Request, ROUTED_MISS};
 use crate::stats::Stats;
 
 /// Per-slot events. Touched by the thread loading the slot and by threads releasing it.
@@ -123,7 +123,7 @@ impl Shared {
 
 impl SlotCache {
     /// Queue loads of the experts not resident; returns how many were queued.
-    pub fn prefetch(&self, layer: i64, experts: &[i64], demand: bool, generation: i64) -> Result<usize> {
+    pub fn prefetch(&self, layer: i64, experts: &[i64], lane: Lane, generation: i64) -> Result<usize> {
         let _g = self.open_guard()?;
         if generation < 0 {
             return Err(Error::InvalidArgument(format!("generation must be >= 0, got {generation}")));
@@ -137,7 +137,7 @@ impl SlotCache {
         }
         let mut queued = 0;
         for key in keys {
-            if sh.queue.push(Request { key, generation: generation as u64, demand }) {
+            if sh.queue.push(Request { key, generation: generation as u64, demand: lane == Lane::Demand }) {
                 queued += 1;
             } else {
                 Stats::add(&sh.stats.prefetch_dropped, 1);

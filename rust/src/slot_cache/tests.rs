@@ -1,4 +1,5 @@
 use super::*;
+use crate::prefetch::Lane;
 use super::copy_timing::{MAX_PENDING_WAITS, RESOLVE_WAITS_AT};
 use crate::device::HostDevice;
 use std::sync::atomic::AtomicU64;
@@ -71,7 +72,7 @@ fn concurrent_acquire_release_prefetch_keeps_bytes_and_accounting() {
             while !stop.load(Ordering::Relaxed) {
                 generation += 1;
                 let experts: Vec<i64> = (0..4).map(|i| (generation * 5 + i) % 12).collect();
-                let n = c.prefetch(generation % 2, &experts, generation % 3 == 0, generation).unwrap();
+                let n = c.prefetch(generation % 2, &experts, if generation % 3 == 0 { Lane::Demand } else { Lane::Speculative }, generation).unwrap();
                 queued.fetch_add(n as u64, Ordering::Relaxed);
                 if generation % 5 == 0 {
                     c.cancel_before(generation - 1).unwrap();
@@ -317,7 +318,7 @@ fn drop_joins_workers_and_releases_the_pool() {
     let pool = filled_pool(1, 4);
     {
         let c = cache(&pool, 2, 3);
-        c.prefetch(0, &[0, 1, 2, 3], false, 0).unwrap();
+        c.prefetch(0, &[0, 1, 2, 3], Lane::Speculative, 0).unwrap();
         assert!(matches!(pool.close(), Err(Error::SlotState(_))));
     }
     pool.close().unwrap();
