@@ -12,7 +12,7 @@
    are traced) and reports the recall once the layer before has run;
 5. hash routing: held-out loss vs exact mode, for predicted and router weights;
 6. cost: predictor time per decoded token (incremental, batch 1) vs the model's decode step;
-7. cache simulation at a 25% expert budget (``sida_moe.predictor.cachesim``): LRU vs prediction.
+7. cache simulation at a 25% expert budget (``sida_moe.train.cachesim``): LRU vs prediction.
 
     python benches/predictor_pipeline.py --out $OUT            # GPU, about 6 minutes
     python benches/predictor_pipeline.py --out /tmp/x --smoke  # CPU smoke test, tiny random model
@@ -34,12 +34,12 @@ from predictor_common import import_predictor_package  # noqa: E402
 
 HAS_NATIVE = import_predictor_package()
 
-from sida_moe.predictor.cachesim import simulate_all  # noqa: E402
+from sida_moe.train.cachesim import simulate_all  # noqa: E402
 from sida_moe.predictor.hash_routing import HashRouting  # noqa: E402
-from sida_moe.predictor.lookahead import LookaheadConfig, evaluate_lookahead, train_lookahead  # noqa: E402
+from sida_moe.train.lookahead import LookaheadConfig, evaluate_lookahead, train_lookahead  # noqa: E402
 from sida_moe.predictor.model import HashPredictor, previous_token_routing  # noqa: E402
-from sida_moe.predictor.traces import load_traces, record_traces  # noqa: E402
-from sida_moe.predictor.train import TrainConfig, evaluate, train_predictor  # noqa: E402
+from sida_moe.train.traces import load_traces, record_traces  # noqa: E402
+from sida_moe.train.predictor_training import TrainConfig, evaluate, train_predictor  # noqa: E402
 
 import train_reference_model as ref  # noqa: E402
 

@@ -29,7 +29,7 @@ import_predictor_package()
 
 from sida_moe.predictor.model import HashPredictor, PredictorConfig  # noqa: E402
 from sida_moe.predictor.sparsemax import sparsemax  # noqa: E402
-from sida_moe.predictor.train import _tf32_matmuls, distillation_loss  # noqa: E402
+from sida_moe.train.predictor_training import _tf32_matmuls, distillation_loss  # noqa: E402
 
 
 def _sync(device: torch.device) -> None:

@@ -6,7 +6,7 @@ cut into sequences of ``--seq-len`` tokens, and the first ``--tokens`` worth are
 model teacher-forced: under causal attention a token's routing is then what incremental decode
 of that text would give, on real text (a small model's own greedy output soon repeats itself,
 which would overstate locality). The top-k ids each MoE layer used come from
-``sida_moe.predictor.traces.record_traces`` (what ``sida-moe trace`` runs), recorded into a
+``sida_moe.train.traces.record_traces`` (what ``sida-moe trace`` runs), recorded into a
 temporary directory and repacked as ``sida_moe.bench.replay``'s ``.npz`` format: uint8 ``[tokens,
 layers, k]`` plus metadata (model, text, and per layer how often a token reuses the previous
 token's experts, against ``k / E`` for uniform routing).
@@ -40,7 +40,7 @@ from predictor_common import import_predictor_package  # noqa: E402
 
 import_predictor_package()
 
-from sida_moe.predictor.traces import load_traces, record_traces  # noqa: E402
+from sida_moe.train.traces import load_traces, record_traces  # noqa: E402
 
 from sida_moe.bench import replay as routing_replay  # noqa: E402
 import train_reference_model as ref  # noqa: E402

@@ -45,7 +45,7 @@ def load_stdlib_split(held_out_fraction: float = 0.05, exclude_dirs: tuple[str, 
                       ) -> tuple[list[tuple[str, str]], list[tuple[str, str]]]:
     """(train, held-out) lists of (path, text) of the standard library's .py files; directories named
     in ``exclude_dirs`` (e.g. the test suites) are skipped besides site-packages."""
-    from sida_moe.predictor.traces import split_held_out
+    from sida_moe.train.traces import split_held_out
 
     root = stdlib_corpus_dir()
     skip = {"site-packages", "dist-packages", "__pycache__", *exclude_dirs}
@@ -128,7 +128,7 @@ def train_tokenizer(texts: list[str], vocab_size: int = 8192):
 
 
 def tokenize(tokenizer, docs: list[tuple[str, str]], seq_len: int) -> torch.Tensor:
-    from sida_moe.predictor.traces import chunk_token_ids
+    from sida_moe.train.traces import chunk_token_ids
 
     ids = tokenizer([text for _, text in docs], add_special_tokens=False)["input_ids"]
     return chunk_token_ids(ids, seq_len, separator=tokenizer.eos_token_id)

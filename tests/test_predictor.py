@@ -12,20 +12,15 @@ from sida_moe.predictor import (
     HashPredictor,
     HashRouting,
     PredictorConfig,
-    RoutingRecorder,
-    TrainConfig,
-    evaluate,
     find_moe_layers,
     has_predictor,
-    load_traces,
-    record_traces,
     sparsemax,
-    train_predictor,
 )
-from sida_moe.predictor.cachesim import simulate_decode
+from sida_moe.train import RoutingRecorder, TrainConfig, evaluate, load_traces, record_traces, train_predictor
+from sida_moe.train.cachesim import simulate_decode
 from sida_moe.predictor.hash_routing import hash_route
-from sida_moe.predictor.traces import chunk_token_ids, split_held_out
-from sida_moe.predictor.train import (
+from sida_moe.train.traces import chunk_token_ids, split_held_out
+from sida_moe.train.predictor_training import (
     TEMPERATURE_GRID,
     distillation_loss,
     fit_weight_temperature,
@@ -332,7 +327,7 @@ def test_traces_of_several_corpora_load_together_and_compact(model, trace_dir, t
     """A second corpus' trace of the same model is appended in order; compact loading keeps the
     on-disk dtypes and trains and evaluates like the widened copy; a trace of another recording
     (or another model) is refused with the key that differs."""
-    from sida_moe.predictor.train import _Batches
+    from sida_moe.train.predictor_training import _Batches
 
     g = torch.Generator().manual_seed(1)
     extra = tmp_path / "extra"
@@ -362,7 +357,7 @@ def test_traces_of_several_corpora_load_together_and_compact(model, trace_dir, t
 def test_fused_correction_weights_are_fitted_and_saved(trace_dir, tmp_path):
     """fit_gate_weights picks, per layer >= 1, the grid weight with the best recall on the trace; the
     held-out report's fused recall is that recall; the weights survive save/load."""
-    from sida_moe.predictor.train import fit_gate_weights
+    from sida_moe.train.predictor_training import fit_gate_weights
 
     traces = load_traces(trace_dir)
     cfg = TrainConfig(steps=40, batch_size=8, warmup_steps=5, lr=3e-3, target="topk", fit_gate=False)
@@ -464,7 +459,7 @@ def _routing_by_token(traces, lag: int, sequences: int = 96):
     order = torch.cat([top[0], rest], dim=-1)
     order = torch.stack([row[row >= 0][:5] for row in order.reshape(-1, 8)]).reshape(N, S, 5).expand(L, N, S, 5)
     vals = torch.tensor([5.0, 4.0, 3.0, 2.0, 1.0]).expand(L, N, S, 5)
-    from sida_moe.predictor.traces import Traces
+    from sida_moe.train.traces import Traces
 
     return Traces(traces.manifest, input_ids, top.clone(), order.clone(), vals.clone(), traces.embeddings)
 
@@ -512,7 +507,7 @@ def test_a_next_token_predictor_is_saved_and_refused_by_hash_routing(model, trac
 def test_device_resident_batches_match_the_host_path(trace_dir):
     """The compact copy a GPU trains from (int16 ids, fp16 logits, top-T columns only) gives the same
     batches as gathering on the host, up to fp16 rounding of the logits."""
-    from sida_moe.predictor.train import _Batches
+    from sida_moe.train.predictor_training import _Batches
 
     traces = load_traces(trace_dir)
     cpu = torch.device("cpu")
@@ -739,7 +734,7 @@ def test_time_budget_is_re_estimated_after_slow_first_steps(trace_dir, monkeypat
     """A wall-clock budget is spent on the steady step rate, not on the first 20 (slow) steps' rate:
     with a fake clock of 1 s per step for 20 steps then 0.1 s, a 50 s budget runs 20 + 300 steps
     (the first estimate alone would have stopped at 50)."""
-    import sida_moe.predictor.train as train_mod
+    import sida_moe.train.predictor_training as train_mod
 
     traces = load_traces(trace_dir)
     clock = {"t": 0.0, "calls": 0}

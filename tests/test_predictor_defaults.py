@@ -12,9 +12,9 @@ import pytest
 import torch
 
 from _moe_models import save_with_letter_tokenizer
-from sida_moe.predictor import TrainConfig, load_traces, record_traces, train_predictor
+from sida_moe.train import TrainConfig, load_traces, record_traces, train_predictor
 from sida_moe.predictor.model import HashPredictor, PredictorConfig
-from sida_moe.predictor.train import TRAIN_PRESETS, hash_routing_loss, scaled_widths
+from sida_moe.train.predictor_training import TRAIN_PRESETS, hash_routing_loss, scaled_widths
 from test_predictor import tiny_qwen3
 
 
@@ -73,7 +73,7 @@ class _FakeClock:
     """Each optimizer step advances a fake ``time.perf_counter`` by ``per_step`` seconds."""
 
     def __init__(self, monkeypatch, per_step: float) -> None:
-        import sida_moe.predictor.train as train_mod
+        import sida_moe.train.predictor_training as train_mod
 
         self.t = 0.0
         clock = self
@@ -97,7 +97,7 @@ def test_max_seconds_alone_is_not_capped_by_a_default_step_count(traces, monkeyp
     """With only a time budget the steps fill it: 0.01 s per step and 1.5 s give ~150 steps, past the
     default step count (50 here; a time budget used to be capped by it), and the report says the
     time stopped it."""
-    import sida_moe.predictor.train as train_mod
+    import sida_moe.train.predictor_training as train_mod
 
     monkeypatch.setattr(train_mod, "_DEFAULT_STEPS", 50)
     _FakeClock(monkeypatch, 0.01)
@@ -142,7 +142,7 @@ def test_hash_routing_loss_measures_exact_and_hash_routed_loss(model, traces):
             return torch.stack(captured), state
 
     captured: list[torch.Tensor] = []
-    from sida_moe.predictor.traces import find_moe_layers
+    from sida_moe.predictor.moe_layers import find_moe_layers
 
     hooks = [layer.router.register_forward_hook(
         lambda m, a, out: captured.append((out[0] if isinstance(out, tuple) else out).detach().reshape(1, *ids.shape, -1)[0]))

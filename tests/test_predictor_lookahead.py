@@ -9,13 +9,11 @@ import re
 import pytest
 import torch
 
-from sida_moe.predictor import (
-    HashPredictor,
+from sida_moe.predictor import HashPredictor, PredictorConfig, find_moe_layers
+from sida_moe.train import (
     LookaheadConfig,
-    PredictorConfig,
     TrainConfig,
     evaluate_lookahead,
-    find_moe_layers,
     load_traces,
     record_traces,
     train_lookahead,
@@ -157,7 +155,7 @@ def test_token_table_previous_state_and_decode_evaluation(full_trace_dir):
     """The previous state of a training token is layer L-2's router input of the token before it in its
     sequence (zeros at a sequence's first token); evaluation reads it the same way for decode recall
     and not at all for prompt recall."""
-    from sida_moe.predictor.lookahead import _TokenTable
+    from sida_moe.train.lookahead import _TokenTable
 
     traces = load_traces(full_trace_dir)
     pred = _trained_predictor(traces, steps=3)
@@ -223,7 +221,7 @@ def test_heads_learn_from_the_layer_before(full_trace_dir):
 def test_cross_fitted_heads_see_each_parts_own_network(full_trace_dir):
     """Cross-fitting: each part's run-ahead logits in the heads' training table come from the network
     given for that part (trained without it), not from the predictor being corrected."""
-    from sida_moe.predictor.lookahead import _TokenTable
+    from sida_moe.train.lookahead import _TokenTable
 
     traces = load_traces(full_trace_dir)
     halves = [traces.subset(torch.arange(j, 48, 2)) for j in (0, 1)]

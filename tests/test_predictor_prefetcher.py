@@ -16,10 +16,10 @@ from sida_moe.predictor import (
     HashPredictor,
     HashRouting,
     PredictorConfig,
-    RoutingRecorder,
     SidaPrefetcher,
     load_prefetcher,
 )
+from sida_moe.train import RoutingRecorder
 from sida_moe.predictor import prefetcher as prefetcher_module
 from sida_moe.prefetchers import Prefetcher
 

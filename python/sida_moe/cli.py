@@ -20,7 +20,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 #: modules imported by ``main`` so that their ``register_command`` calls run; missing ones are skipped
-COMMAND_MODULES: list[str] = ["sida_moe.predictor.cli", "sida_moe.bench.cli"]
+COMMAND_MODULES: list[str] = ["sida_moe.train.cli", "sida_moe.bench.cli"]
 
 
 @dataclass(frozen=True)

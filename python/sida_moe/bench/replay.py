@@ -166,7 +166,7 @@ class ReplayRouting:
     the hooks off."""
 
     def __init__(self, model: torch.nn.Module, trace: RoutingTrace, device: torch.device | None = None) -> None:
-        from sida_moe.predictor.traces import find_moe_layers
+        from sida_moe.predictor.moe_layers import find_moe_layers
 
         layers = find_moe_layers(model)
         shapes = {(l.num_experts, l.top_k) for l in layers}

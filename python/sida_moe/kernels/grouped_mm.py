@@ -45,11 +45,6 @@ def mark_failed(device: torch.device, reason: str) -> None:
     _failed[index] = reason
 
 
-def failure_reason(device: torch.device) -> str | None:
-    index = device.index if device.index is not None else torch.cuda.current_device()
-    return _failed.get(index)
-
-
 def grouped_linear(x: torch.Tensor, w_slots: torch.Tensor, group_end: torch.Tensor) -> torch.Tensor:
     """``y[r] = w_slots[g(r)] @ x[r]`` for the rows of each group; ``x`` [M, K] row-major,
     ``w_slots`` [S, N, K] (row-major matrices at any 16-byte-aligned slot stride), ``group_end`` [S]
@@ -60,4 +55,4 @@ def grouped_linear(x: torch.Tensor, w_slots: torch.Tensor, group_end: torch.Tens
     return fn(x, w_slots.transpose(-2, -1), offs=group_end)
 
 
-__all__ = ["MAX_GROUPS", "failure_reason", "grouped_linear", "grouped_mm_function", "grouped_mm_usable", "mark_failed"]
+__all__ = ["MAX_GROUPS", "grouped_linear", "grouped_mm_function", "grouped_mm_usable", "mark_failed"]

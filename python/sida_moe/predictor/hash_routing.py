@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from sida_moe.predictor.model import HashPredictor, PredictorState
-from sida_moe.predictor.traces import MoELayer, find_moe_layers
+from sida_moe.predictor.moe_layers import MoELayer, find_moe_layers
 
 WeightSource = Literal["predicted", "router"]
 

@@ -37,7 +37,7 @@ available; once layer L-1's router has run, ``refine`` sharpens layer L's predic
 run-ahead prefetcher uses this to correct the next layer's prefetches).
 
 Lookahead heads (``lookahead_hidden > 0``, trained after the network on traces that hold router
-inputs, see ``sida_moe.predictor.lookahead``): once MoE layer l-1 has run, its router input ``x``
+inputs, see ``sida_moe.train.lookahead``): once MoE layer l-1 has run, its router input ``x``
 (the token's real hidden state one layer behind) is known; layer l's prediction becomes
 ``logits + MLP_l([rms(x), logits - mean])`` (``Linear(d + E -> lookahead_hidden) + GELU +
 Linear(-> E)``, the last layer zero-initialised so untrained heads change nothing). A learned map
@@ -305,7 +305,7 @@ class HashPredictor(nn.Module):
     def add_lookahead(self, hidden: int, previous_token: bool = False) -> LookaheadHeads:
         """Give the network (fresh, zero-output) lookahead heads of width ``hidden`` (previous-token
         heads with ``previous_token``, module docstring), on its device;
-        ``sida_moe.predictor.lookahead.train_lookahead`` trains them."""
+        ``sida_moe.train.lookahead.train_lookahead`` trains them."""
         c = self.config
         if c.num_moe_layers < 2:
             raise ValueError("lookahead heads need at least 2 MoE layers (they read router inputs of layers 0..L-2)")
@@ -470,7 +470,7 @@ class HashPredictor(nn.Module):
         read by previous-token heads (None: unknown). Layers without a head (layer 0 of heads
         without ``lookahead_previous_token``) keep ``logits`` (module docstring)."""
         if self.lookahead is None:
-            raise ValueError("this predictor has no lookahead heads (train them: sida_moe.predictor.lookahead)")
+            raise ValueError("this predictor has no lookahead heads (train them: sida_moe.train.lookahead)")
         if not 0 <= layer < self.config.num_moe_layers:
             raise ValueError(f"layer must be in [0, {self.config.num_moe_layers}), got {layer}")
         if layer < self.lookahead.first:

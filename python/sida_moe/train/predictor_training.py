@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from sida_moe.predictor.model import HashPredictor, PredictorConfig, previous_token_routing
-from sida_moe.predictor.traces import Traces
+from sida_moe.train.traces import Traces
 
 
 #: the widest predictor the scaling rule gives (the width measured best on the reference model, d=512)

@@ -46,7 +46,7 @@ def run_trace(args: argparse.Namespace) -> int:
     import torch
     from transformers import AutoModelForCausalLM
 
-    from sida_moe.predictor.traces import chunk_token_ids, read_corpus, record_traces, split_held_out
+    from sida_moe.train.traces import chunk_token_ids, read_corpus, record_traces, split_held_out
 
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = getattr(torch, args.dtype) if args.dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)
@@ -117,7 +117,7 @@ def _dropout(text: str) -> float:
 
 
 def _configure_train(p: argparse.ArgumentParser) -> None:
-    from sida_moe.predictor.train import TRAIN_PRESETS, TrainConfig
+    from sida_moe.train.predictor_training import TRAIN_PRESETS, TrainConfig
 
     d = TrainConfig()
     p.add_argument("--trace", required=True, help="trace directory of training text (sida-moe trace)")
@@ -199,8 +199,8 @@ def run_train(args: argparse.Namespace) -> int:
     """Train the hash function on a trace, print the held-out report and save the predictor."""
     import torch
 
-    from sida_moe.predictor.traces import load_traces
-    from sida_moe.predictor.train import TrainConfig, format_report, train_predictor
+    from sida_moe.train.traces import load_traces
+    from sida_moe.train.predictor_training import TrainConfig, format_report, train_predictor
 
     if args.attn_blocks and args.hidden % args.attn_heads:
         raise UserError(f"--attn-heads {args.attn_heads} must divide --hidden {args.hidden} (the width of the attention blocks)")
@@ -248,7 +248,7 @@ def run_train(args: argparse.Namespace) -> int:
     if lookahead_hidden is None:
         lookahead_hidden = min(1024, 2 * predictor.config.hidden)
     if lookahead_hidden and traces.moe_inputs is not None and traces.manifest["num_moe_layers"] > 1:
-        from sida_moe.predictor.lookahead import LookaheadConfig, train_lookahead
+        from sida_moe.train.lookahead import LookaheadConfig, train_lookahead
 
         look_held = held if held is not None and held.moe_inputs is not None else None
         report["lookahead"] = train_lookahead(

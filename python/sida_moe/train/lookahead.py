@@ -24,8 +24,8 @@ from typing import Literal, Sequence
 import torch
 
 from sida_moe.predictor.model import HashPredictor
-from sida_moe.predictor.traces import Traces
-from sida_moe.predictor.train import _tf32_matmuls, distillation_loss, warmup_cosine
+from sida_moe.train.traces import Traces
+from sida_moe.train.predictor_training import _tf32_matmuls, distillation_loss, warmup_cosine
 
 
 @dataclass

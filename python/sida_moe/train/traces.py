@@ -14,7 +14,7 @@ A trace directory holds
 - optionally (``moe_inputs_every`` in the manifest) ``moe_inputs [L-1, r, S, d] float16`` and
   ``moe_input_rows [r] int32``: for every ``moe_inputs_every``-th sequence (``moe_input_rows``: its
   row in the shard), MoE layers 0..L-2's router inputs -- the hidden state the lookahead heads read
-  to correct layer l+1's prediction once layer l has run (``sida_moe.predictor.lookahead``). About
+  to correct layer l+1's prediction once layer l has run (``sida_moe.train.lookahead``). About
   ``2 d (L-1)`` bytes per token: a share of the corpus is enough to train those small heads;
 - ``embeddings.safetensors``: ``weight [V, d]``, the model's input-embedding output for every
   token id (includes any embedding scale), so training needs no model.
@@ -28,82 +28,17 @@ from __future__ import annotations
 
 import json
 import os
-import re
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, replace
 
 import torch
 from torch import nn
 
+from sida_moe.predictor.moe_layers import MoELayer, find_moe_layers
+
 MANIFEST_NAME = "manifest.json"
 EMBEDDINGS_NAME = "embeddings.safetensors"
 TRACE_FORMAT_VERSION = 1
-_LAYER_INDEX = re.compile(r"\.(\d+)\.")
-
-
-# ------------------------------------------------------------------------------ MoE discovery
-@dataclass
-class MoELayer:
-    """One MoE block of a model: its router and experts modules and their sizes."""
-
-    index: int  # ordinal among MoE layers (0..L-1)
-    decoder_layer: int  # index of the decoder layer that holds it
-    name: str  # module path of the MoE block
-    block: nn.Module
-    router: nn.Module
-    experts: nn.Module
-    num_experts: int
-    top_k: int
-
-
-def _config_value(config: object, *names: str) -> int | None:
-    for n in names:
-        v = getattr(config, n, None)
-        if isinstance(v, int) and v > 0:
-            return v
-    return None
-
-
-def find_moe_layers(model: nn.Module) -> list[MoELayer]:
-    """MoE blocks of a transformers model, in forward order.
-
-    A block is a module with an ``experts`` child and a ``gate`` or ``router`` child. Raises
-    ``ValueError`` when the model has none and ``NotImplementedError`` for encoder-decoder models.
-    """
-    config = getattr(model, "config", None)
-    if getattr(config, "is_encoder_decoder", False):
-        raise NotImplementedError(
-            f"the predictor serves decoder-only MoE LMs; {type(model).__name__} is an encoder-decoder model"
-        )
-    text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
-    layers: list[MoELayer] = []
-    for name, module in model.named_modules():
-        experts = getattr(module, "experts", None)
-        router = getattr(module, "gate", None)
-        if not isinstance(router, nn.Module):
-            router = getattr(module, "router", None)
-        if not isinstance(experts, nn.Module) or not isinstance(router, nn.Module):
-            continue
-        num_experts = (
-            getattr(experts, "num_experts", None)
-            or getattr(router, "num_experts", None)
-            or _config_value(text_config, "num_experts", "num_local_experts", "n_routed_experts")
-        )
-        if num_experts is None and getattr(router, "weight", None) is not None:
-            num_experts = router.weight.shape[0]
-        top_k = getattr(router, "top_k", None) or _config_value(
-            text_config, "num_experts_per_tok", "top_k", "moe_topk", "num_experts_per_token"
-        )
-        if not num_experts or not top_k:
-            raise ValueError(f"cannot tell the number of experts / top-k of MoE block {name!r}")
-        m = _LAYER_INDEX.search(f".{name}.")
-        decoder_layer = int(m.group(1)) if m else len(layers)
-        layers.append(MoELayer(len(layers), decoder_layer, name, module, router, experts, int(num_experts), int(top_k)))
-    if not layers:
-        raise ValueError(
-            f"{type(model).__name__} has no MoE blocks (modules with an 'experts' child and a 'gate' or 'router' child)"
-        )
-    return layers
 
 
 # ------------------------------------------------------------------------------ routing hooks
@@ -593,11 +528,9 @@ def load_traces(trace_dir: str | os.PathLike, *more_dirs: str | os.PathLike, com
 
 
 __all__ = [
-    "MoELayer",
     "RoutingRecorder",
     "Traces",
     "chunk_token_ids",
-    "find_moe_layers",
     "iter_shards",
     "load_traces",
     "read_corpus",
