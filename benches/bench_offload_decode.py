@@ -3,7 +3,7 @@
 One cached decode step (batch 1) of the ``qwen3-moe-tiny`` preset's shape: the original model, the
 offloaded one with every expert resident (the engine's own overhead: routing sync, slot table,
 acquire/release, kernel dispatch) and at a 25% budget with each prefetcher (plus copies). On CUDA
-also the stall of a greedy generate against its acquire window (``measure_stalls``).
+also the stall of a greedy generate against its acquire window (``StallTimer``).
 
     python -m pytest benches/bench_offload_decode.py --benchmark-json=out.json
 """
@@ -15,6 +15,8 @@ import statistics
 
 import pytest
 import torch
+
+from sida_moe.bench.observers import StallTimer
 
 import sida_moe
 from sida_moe.presets import build_model
@@ -70,10 +72,10 @@ def test_decode_offloaded(benchmark, setup, budget, prefetch):
     offloaded.sida_engine.close()
 
 
-@pytest.mark.skipif(not cuda(), reason="measure_stalls times CUDA streams")
+@pytest.mark.skipif(not cuda(), reason="the stall timer times CUDA streams")
 def test_decode_stall_vs_acquire_window(benchmark, setup):
     """The stall and the acquire window of a greedy ``generate`` (32-token prompt, 8 new tokens) at a
-    25% budget with ``measure_stalls`` on: ``stream_wait_seconds`` (GPU time the compute stream
+    25% budget with a ``StallTimer`` observing: ``stream_wait_seconds`` (GPU time the compute stream
     waited on copies still in flight, timed by the slot cache) and ``acquire_stream_seconds``
     (compute-stream time between the engine's events just before and just after each acquire call).
 
@@ -85,7 +87,7 @@ def test_decode_stall_vs_acquire_window(benchmark, setup):
     model, prompt, _ = setup
     offloaded = sida_moe.offload(copy.deepcopy(model), gpu_budget=0.25, prefetch="next_layer_gate")
     engine = offloaded.sida_engine
-    engine.measure_stalls = True
+    engine.add_observer(StallTimer())
     mask = torch.ones_like(prompt)
     rows: list[dict[str, float]] = []
 

@@ -39,6 +39,7 @@ import time
 
 import torch
 
+from sida_moe.visit_trace import VisitRecorder
 import sida_moe
 from sida_moe.bench.policy_replay import policy_hit_rates
 from sida_moe.bench.replay import ReplayRouting, RoutingTraceError, load_routing_trace
@@ -104,7 +105,8 @@ def cache_sim(engine, offloaded, ids: torch.Tensor, new_tokens: int, policy: str
     slots = engine.num_slots
     engine.reopen_cache(slots, policy)  # cold: the real cache and the replayed ones start alike
     t0 = time.perf_counter()
-    with torch.inference_mode(), engine.recording_acquires() as visits:
+    with torch.inference_mode(), engine.observe(VisitRecorder()) as recorder:
+        visits = recorder.trace
         static_generate(offloaded, ids, new_tokens, graphs=False)
     real = engine.stats()
     record_s = time.perf_counter() - t0

@@ -59,6 +59,7 @@ def run_decode_bench(
 ) -> dict[str, Any]:
     """Offload ``model`` (in place) at ``budget`` and decode ``prompts`` under each config
     ``{"name", "policy", "prefetch"}``; ``make_prefetcher(spec)`` builds the prefetcher."""
+    from sida_moe.bench.observers import StallTimer
     from sida_moe.offload import engine_of, offload
 
     reference = [greedy_decode(model, p, new_tokens) for p in prompts]
@@ -73,7 +74,7 @@ def run_decode_bench(
     }
     offload(model, gpu_budget=budget, policy="lru", prefetch="none")
     engine = engine_of(model)
-    engine.measure_stalls = engine.device.type == "cuda"
+    engine.add_observer(StallTimer())  # stall figures in engine.stats() on CUDA
     results["engine"] = engine.describe()
     greedy_decode(model, prompts[0][:, :16], 4)  # warm-up: kernels compiled and selected
     baseline_tokens: list[torch.Tensor] = []

@@ -40,6 +40,8 @@ import_predictor_package()
 
 from predictor_decode import greedy_decode  # noqa: E402
 
+from sida_moe.bench.observers import StallTimer
+
 from sida_moe.predictor import HashPredictor, SidaPrefetcher  # noqa: E402
 
 
@@ -86,7 +88,7 @@ def run(model, predictor: HashPredictor, prompts: list[torch.Tensor], new_tokens
 
     offload(model, gpu_budget=budget, policy=policy, prefetch="none")
     engine = engine_of(model)
-    engine.measure_stalls = engine.device.type == "cuda"
+    engine.add_observer(StallTimer())  # stall figures in engine.stats() on CUDA
     greedy_decode(model, prompts[0][:, :16], 4)  # warm-up
     out: dict = {"budget": budget, "policy": policy, "rounds": rounds, "prompts": len(prompts),
                  "new_tokens": new_tokens, "prompt_tokens": int(prompts[0].shape[1]), "engine": engine.describe(),

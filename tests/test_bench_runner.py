@@ -302,22 +302,23 @@ def test_engine_metrics_stall_is_the_gpu_wait_and_acquire_is_reported_beside_it(
     assert host["acquire_stream_seconds"] is None and host["acquire_stream_fraction"] is None
 
 
-def test_measure_stalls_on_the_host_backend_times_nothing():
+def test_the_stall_timer_on_the_host_backend_times_nothing():
     """Copies are synchronous memcpy on the host backend: the cache's stream-wait timing stays off
     and the engine reports neither stream_wait_seconds nor acquire_stream_seconds."""
     import torch
 
     from _moe_models import greedy, prompt_batch, tiny_model
     import sida_moe
+    from sida_moe.bench.observers import StallTimer
 
     model = sida_moe.offload(tiny_model("qwen3_moe", torch.float32), gpu_budget=0.5, prefetch="none")
     engine = model.sida_engine
-    engine.measure_stalls = True
-    assert engine.measure_stalls and engine.cache.measure_stream_waits is False
     ids, mask = prompt_batch()
-    with torch.inference_mode():
-        greedy(model, ids, mask, 3)
-    stats = engine.stats()
+    with engine.observe(StallTimer()):
+        assert engine.cache.measure_stream_waits is False
+        with torch.inference_mode():
+            greedy(model, ids, mask, 3)
+        stats = engine.stats()
     assert stats["stream_waits"] == 0 and stats["misses"] > 0
     assert "stream_wait_seconds" not in stats and "acquire_stream_seconds" not in stats
     engine.close()

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from _moe_models import eager_experts, tiny_model
+from sida_moe.visit_trace import VisitRecorder
 import sida_moe
 from sida_moe.decode_graph import static_generate
 
@@ -467,7 +468,8 @@ def test_recorded_visits_include_table_layers_and_make_the_predictive_policy_bel
         engine = sida_moe.engine_of(m)
         if future is not None:
             engine.set_future(future)
-        with torch.inference_mode(), engine.recording_acquires() as trace:
+        with torch.inference_mode(), engine.observe(VisitRecorder()) as recorder:
+            trace = recorder.trace
             for x in ids:
                 m(input_ids=x)
                 engine.quiesce()

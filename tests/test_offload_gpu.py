@@ -104,33 +104,34 @@ def test_cuda_layer_matches_eager_experts(family, tokens, chunked):
     engine.close()
 
 
-def test_cuda_measure_stalls_reports_the_gpu_wait_and_the_acquire_window():
-    """``measure_stalls`` turns on the cache's stream-wait timing (also after ``reopen_cache``) and
-    adds ``stream_wait_seconds`` and ``acquire_stream_seconds`` to the stats; ``reset_stats`` zeroes
-    them; turning it off drops them. The GPU-side wait of each acquire lies inside the engine's
-    events around that acquire call, so the stall should not exceed the acquire window: two measured
-    durations, compared in ``benches/bench_offload_decode.py`` (``test_decode_stall_vs_acquire_window``)
-    rather than asserted here."""
+def test_cuda_stall_timer_reports_the_gpu_wait_and_the_acquire_window():
+    """The ``StallTimer`` observer turns on the cache's stream-wait timing (also after
+    ``reopen_cache``) and adds ``stream_wait_seconds`` and ``acquire_stream_seconds`` to the stats;
+    ``reset_stats`` zeroes them; removing it drops them. The GPU-side wait of each acquire lies
+    inside the observer's events around that acquire call, so the stall should not exceed the
+    acquire window: two measured durations, compared in ``benches/bench_offload_decode.py``
+    (``test_decode_stall_vs_acquire_window``) rather than asserted here."""
+    from sida_moe.bench.observers import StallTimer
+
     model = tiny_model("qwen3_moe", torch.float16).cuda()
     offloaded, engine = _offload_cuda(model, 0.3)
     assert engine.cache.measure_stream_waits is False
-    engine.measure_stalls = True
-    assert engine.cache.measure_stream_waits is True
-    engine.reopen_cache(engine.num_slots)
-    assert engine.cache.measure_stream_waits is True
-    engine.reset_stats()
-    ids, mask = (t.cuda() for t in prompt_batch())
-    with torch.inference_mode():
-        greedy(offloaded, ids, mask)
-    stats = engine.stats()
-    assert stats["misses"] > 0
-    # exact by construction: an acquire times at most one wait (the measured seconds themselves are
-    # checked by benches/bench_offload_decode.py)
-    assert 0 <= stats["stream_waits"] <= stats["acquires"]
-    assert isinstance(stats["stream_wait_seconds"], float) and isinstance(stats["acquire_stream_seconds"], float)
-    engine.reset_stats()
-    stats = engine.stats()
-    assert stats["stream_waits"] == 0 and stats["stream_wait_seconds"] == 0.0 and stats["acquire_stream_seconds"] == 0.0
-    engine.measure_stalls = False
+    with engine.observe(StallTimer()):
+        assert engine.cache.measure_stream_waits is True
+        engine.reopen_cache(engine.num_slots)
+        assert engine.cache.measure_stream_waits is True
+        engine.reset_stats()
+        ids, mask = (t.cuda() for t in prompt_batch())
+        with torch.inference_mode():
+            greedy(offloaded, ids, mask)
+        stats = engine.stats()
+        assert stats["misses"] > 0
+        # exact by construction: an acquire times at most one wait (the measured seconds themselves
+        # are checked by benches/bench_offload_decode.py)
+        assert 0 <= stats["stream_waits"] <= stats["acquires"]
+        assert isinstance(stats["stream_wait_seconds"], float) and isinstance(stats["acquire_stream_seconds"], float)
+        engine.reset_stats()
+        stats = engine.stats()
+        assert stats["stream_waits"] == 0 and stats["stream_wait_seconds"] == 0.0 and stats["acquire_stream_seconds"] == 0.0
     assert engine.cache.measure_stream_waits is False and "stream_wait_seconds" not in engine.stats()
     engine.close()

@@ -6,6 +6,7 @@ import random
 
 import pytest
 
+from sida_moe.visit_trace import VisitRecorder
 import sida_moe
 from sida_moe.bench.policy_replay import policy_hit_rates
 from sida_moe.visit_trace import VisitTrace
@@ -106,7 +107,8 @@ def test_the_engine_records_which_path_each_visit_took():
     first = engine.layers[0]
     long = next(t for t in range(1, 4096) if not engine.uses_table(first.ordinal, t))
     ids = torch.randint(0, model.config.vocab_size, (1, long))
-    with torch.inference_mode(), engine.recording_acquires() as trace:
+    with torch.inference_mode(), engine.observe(VisitRecorder()) as recorder:
+        trace = recorder.trace
         model(input_ids=ids)  # a prompt past the table's reach: acquires
         model(input_ids=ids[:, :1])  # one token: through the expert table
     layers = len(engine.layers)

@@ -14,6 +14,7 @@ import torch
 
 from _moe_models import eager_experts, tiny_model
 
+from sida_moe.visit_trace import VisitRecorder
 from sida_moe.bench import replay as rr
 
 E, K = 8, 3  # tiny qwen3_moe: 8 experts, top-3
@@ -93,7 +94,8 @@ def test_the_cache_visits_are_the_replayed_ids(tmp_path):
     engine = sida_moe.engine_of(model)
     replay = rr.ReplayRouting(model, rr.load_routing_trace(str(tmp_path / "t.npz")))
     batch, prompt, new = 2, 3, 4
-    with torch.inference_mode(), engine.recording_acquires() as visits:
+    with torch.inference_mode(), engine.observe(VisitRecorder()) as recorder:
+        visits = recorder.trace
         static_generate(model, torch.randint(3, 90, (batch, prompt)), new, graphs=False)
     assert int(replay.position) == prompt + new - 1
     layers = len(engine.layers)
@@ -124,7 +126,8 @@ def test_a_compiled_decode_step_keeps_the_replay_hooks(tmp_path):
     runs = []
     for compile in (False, True):
         replay.reset(0)
-        with torch.inference_mode(), engine.recording_acquires() as visits:
+        with torch.inference_mode(), engine.observe(VisitRecorder()) as recorder:
+            visits = recorder.trace
             tokens = static_generate(model, ids, 5, graphs=False, compile=compile)
         runs.append((tokens, list(visits), int(replay.position)))
     assert runs[0][0].tolist() == runs[1][0].tolist()

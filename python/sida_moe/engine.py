@@ -7,6 +7,7 @@ tables, the prefetcher, and statistics.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -19,8 +20,8 @@ from sida_moe.experts import register_engine
 from sida_moe.format import ExpertAddresses, ExpertFormat, SlotWeights, slot_views
 from sida_moe.kernels import fused_experts, fused_experts_table, table_kernels_usable
 from sida_moe.kernels.configs import MMA_MAX_PAIRS_PER_EXPERT
+from sida_moe.engine_observer import EngineObserver
 from sida_moe.prefetchers import NoPrefetch, Prefetcher
-from sida_moe.visit_trace import VisitTrace
 
 _POLICIES = ("lru", "lfu", "fifo", "predictive")
 
@@ -86,35 +87,35 @@ class OffloadEngine:
         self._visit_width = 0
         self._ahead_captured = None  # what the step being captured staged for the prefetcher (predict_ahead)
         self.max_top_k = max(layer.top_k for layer in layers)
-        # measurement switches used by the benchmark (off: nothing extra on the hot path)
-        self._measure_stalls = False  # see the measure_stalls property
-        self.sync_loads = False  # host waits for each layer's copies (the SiDA paper's loading)
-        self._acquire_events: list[tuple[torch.cuda.Event, torch.cuda.Event]] = []
-        self._acquire_seconds = 0.0
-        self._acquire_trace: VisitTrace | None = None
+        self._observers: tuple[EngineObserver, ...] = ()  # see observe(); none: nothing extra runs
 
-    @property
-    def measure_stalls(self) -> bool:
-        """Benchmark switch (default off: nothing extra on the hot path); on the CUDA backend only.
-        While on, :meth:`stats` reports
+    def add_observer(self, observer: EngineObserver) -> EngineObserver:
+        """Let ``observer`` see this engine's layer calls from now on (``sida_moe.engine_observer``
+        says what it is called with) until :meth:`remove_observer`; returns it. Observers nest:
+        the last added sees each acquire first."""
+        if not isinstance(observer, EngineObserver):
+            raise TypeError(f"add_observer() takes a sida_moe.engine_observer.EngineObserver, got {type(observer).__name__}")
+        if any(o is observer for o in self._observers):
+            raise ValueError("this observer already observes the engine")
+        self._observers = (*self._observers, observer)
+        if self.cache is not None:
+            observer.opened(self)
+        return observer
 
-        - ``stream_wait_seconds`` (the stall): GPU time the compute stream waited on slot-ready
-          events of copies still in flight, timed by the slot cache itself
-          (``SlotCache.measure_stream_waits``); acquires whose copies had all landed add nothing;
-        - ``acquire_stream_seconds``: GPU time between CUDA events recorded on the compute stream
-          just before and just after each ``acquire`` call. When the stream is idle (host-bound
-          decode) this also counts the host's own bookkeeping inside ``acquire``.
-        """
-        return self._measure_stalls
+    def remove_observer(self, observer: EngineObserver) -> None:
+        if not any(o is observer for o in self._observers):
+            raise ValueError("this observer does not observe the engine")
+        self._observers = tuple(o for o in self._observers if o is not observer)
+        observer.removed(self)
 
-    @measure_stalls.setter
-    def measure_stalls(self, on: bool) -> None:
-        self._measure_stalls = bool(on)
-        self._apply_measure_stalls()
-
-    def _apply_measure_stalls(self) -> None:
-        if self.cache is not None and self.cache.backend_kind == "cuda":
-            self.cache.measure_stream_waits = self._measure_stalls
+    @contextmanager
+    def observe(self, observer: EngineObserver) -> Iterator[EngineObserver]:
+        """:meth:`add_observer` for the block; yields the observer."""
+        self.add_observer(observer)
+        try:
+            yield observer
+        finally:
+            self.remove_observer(observer)
 
     # ------------------------------------------------------------------ what prefetchers use
     @property
@@ -219,7 +220,8 @@ class OffloadEngine:
         self.slot_memory = torch.empty((num_slots, nbytes), dtype=torch.uint8, device=self.device)
         self.cache = _native.SlotCache(self.pool, num_slots, policy, slots_ptr=self.slot_memory.data_ptr(), copy_workers=copy_workers)
         self.feed = _native.RoutingFeed(self.cache)
-        self._apply_measure_stalls()
+        for observer in self._observers:
+            observer.opened(self)
         self.views = slot_views(self.slot_memory, self.fmt, self.pool.tensor_offsets)
         self._attach_expert_table()
         num_layers = len(self.layers)
@@ -269,19 +271,6 @@ class OffloadEngine:
             torch.cuda.empty_cache()
         self.open_cache(num_slots, policy, copy_workers)
         self.prefetcher.attach(self)
-
-    @contextmanager
-    def recording_acquires(self) -> Iterator[VisitTrace]:
-        """Record every cache visit made inside the block (acquire calls, and decode layers read
-        through the expert table, each a sync here) as ``(moe_layer, experts)``, with which of the
-        two it was: in exact mode the same input gives the same sequence, which fed to
-        ``set_future`` makes the predictive policy Belady's optimum."""
-        trace = VisitTrace()
-        self._acquire_trace = trace
-        try:
-            yield trace
-        finally:
-            self._acquire_trace = None
 
     def set_prefetcher(self, prefetcher: Prefetcher) -> None:
         old, self.prefetcher = self.prefetcher, prefetcher
@@ -423,8 +412,8 @@ class OffloadEngine:
         table = self._layer_tables[moe_layer]
         self._record_visit(moe_layer, ids, table.base)
         self._routed = ids
-        if self._acquire_trace is not None:  # a benchmark recording the visit sequence (syncs)
-            self._acquire_trace.add(moe_layer, torch.unique(ids[ids >= 0]).tolist(), through_table=True)
+        for observer in self._observers:
+            observer.table_visit(self, moe_layer, ids)
         if self.device.type == "cuda":
             out = fused_experts_table(x, ids, topk_weights, table, self.fmt)
         else:
@@ -476,22 +465,10 @@ class OffloadEngine:
             self._counters["chunked_layer_calls"] += 1
         for start in range(0, len(distinct), step):
             chunk = distinct[start : start + step]
-            if self._acquire_trace is not None:
-                self._acquire_trace.add(moe_layer, chunk, through_table=False)
-            if self._measure_stalls and self.device.type == "cuda":
-                # acquire_stream_seconds: the stream passes `before`, then the slots' ready-event
-                # waits, then `after`; while the stream is idle `after` is only enqueued once the
-                # host returns from acquire, so its bookkeeping counts too (the GPU-side wait
-                # alone is the cache's stream_wait_seconds)
-                before, after = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                before.record()
-                slots = cache.acquire(moe_layer, chunk, stream)
-                after.record()
-                self._acquire_events.append((before, after))
+            if self._observers:
+                slots = self._observed_acquire(moe_layer, chunk, stream)
             else:
                 slots = cache.acquire(moe_layer, chunk, stream)
-            if self.sync_loads:
-                self._wait_for_copies()
             try:
                 table = self._table(moe_layer, chunk, slots, reuse=start > 0)
                 if start == 0:
@@ -503,33 +480,27 @@ class OffloadEngine:
             out = torch.zeros_like(x)
         return out if out.dtype == hidden.dtype else out.to(hidden.dtype)
 
-    def _wait_for_copies(self) -> None:
-        if self.device.type == "cuda":
-            torch.cuda.current_stream(self.device).synchronize()
+    def _observed_acquire(self, moe_layer: int, experts: list[int], stream: int) -> list[int]:
+        def call() -> list[int]:
+            return self.cache.acquire(moe_layer, experts, stream)
 
-    def _acquire_stream_seconds(self) -> float:
-        """Seconds of compute-stream time across the acquire calls (``measure_stalls``), host
-        bookkeeping included; syncs pending events."""
-        for before, after in self._acquire_events:
-            after.synchronize()
-            self._acquire_seconds += before.elapsed_time(after) / 1e3
-        self._acquire_events.clear()
-        return self._acquire_seconds
+        for observer in self._observers:  # the first added wraps the acquire itself, the last is called first
+            call = functools.partial(observer.acquire, self, moe_layer, experts, call)
+        return call()
 
     # ------------------------------------------------------------------------------- stats
     def stats(self) -> dict[str, float | str]:
         """Cache counters (hits, misses, bytes_copied, stream_waits, ...), hit_rate, prefetcher
         metrics (``prefetch_<name>``), engine counters and memory figures; with
-        :attr:`measure_stalls` on (CUDA) also ``stream_wait_seconds`` and ``acquire_stream_seconds``."""
+        what each observer adds (:meth:`observe`)."""
         cache = self._require_cache()
         self.feed.wait(10.0)  # decode visits still on their way to the cache's counters
         out: dict[str, float | str] = {**cache.stats(), **self.feed.stats()}
         lookups = out.get("hits", 0) + out.get("misses", 0)
         out["hit_rate"] = out.get("hits", 0) / lookups if lookups else 0.0
         out.update({k: float(v) for k, v in self._counters.items()})
-        if self._measure_stalls and cache.backend_kind == "cuda":
-            out["stream_wait_seconds"] = cache.stream_wait_seconds()
-            out["acquire_stream_seconds"] = self._acquire_stream_seconds()
+        for observer in self._observers:
+            out.update(observer.stats(self))
         out["prefetcher"] = self.prefetcher.name
         metrics = getattr(self.prefetcher, "metrics", None)
         if callable(metrics):
@@ -546,8 +517,8 @@ class OffloadEngine:
         self.cache.reset_stats()
         self.feed.reset_stats()
         self._counters = dict.fromkeys(self._counters, 0)
-        self._acquire_events.clear()
-        self._acquire_seconds = 0.0
+        for observer in self._observers:
+            observer.reset(self)
         reset = getattr(self.prefetcher, "reset_metrics", None)
         if callable(reset):
             reset()

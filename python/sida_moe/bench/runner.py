@@ -8,6 +8,7 @@ round, over interleaved rounds; offloaded rows are also held to their decode bou
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import hashlib
 import importlib
@@ -23,6 +24,7 @@ import torch
 from torch import nn
 
 from sida_moe.bench.bound import attach_bounds, zero_copy_gbps
+from sida_moe.bench.observers import StallTimer, SyncLoads
 from sida_moe.bench.policy_replay import policy_hit_rates
 from sida_moe.bench.report import markdown_table, plot_timeline, plot_vs_budget, write_json
 from sida_moe.bench.systems import (
@@ -32,6 +34,7 @@ from sida_moe.bench.systems import (
 )
 from sida_moe.bench.timing import DecodeTiming, Round, decode_seconds_per_step, interleave, two_calls
 from sida_moe.sampling import SamplingParams
+from sida_moe.visit_trace import VisitRecorder
 
 POLICIES = ("lru", "lfu", "fifo", "predictive", "belady")
 PREDICTORS = ("none", "next_layer_gate", "sida")
@@ -295,7 +298,7 @@ def _reset_peak(device: torch.device) -> None:
 def _engine_metrics(s: dict[str, Any], tokens: int, seconds: float, expert_nbytes: int) -> dict[str, Any]:
     """Cache and copy metrics of one call (``s``: the engine's stats after it, reset before it;
     ``tokens`` prompt and generated of the whole batch; ``seconds`` its wall time). The stall is,
-    on CUDA (``engine.measure_stalls``), the GPU time the compute stream waited on slot-ready
+    on CUDA (``StallTimer``), the GPU time the compute stream waited on slot-ready
     events of copies still in flight (``stream_wait_seconds``); on the host backend, where copies
     are synchronous memcpy, the host time of the acquire calls that had to load or wait
     (``host_stall_seconds``). The acquire fraction (CUDA only) is the older, wider measurement:
@@ -650,7 +653,9 @@ def run_bench(cfg: BenchConfig) -> list[dict[str, Any]]:
     meta["engine"] = engine.describe()
     if device.type == "cuda":
         meta["gpu_allocated_after_offload_gib"] = torch.cuda.memory_allocated(device) / 2**30
-    engine.measure_stalls = device.type == "cuda"
+    observing = contextlib.ExitStack()  # the engine's observers, for the rest of the run
+    observing.enter_context(engine.observe(StallTimer()))
+    syncing = contextlib.ExitStack()  # SyncLoads for the sida_sync configuration's calls
     for b in cfg.batch_sizes:  # warm-up: kernels compiled and selected before anything is timed
         gen(b, 2)
     # the bound's link term: only on CUDA is the pool read over a link
@@ -665,7 +670,8 @@ def run_bench(cfg: BenchConfig) -> list[dict[str, Any]]:
         mode; recorded on transformers' loop (a replayed step makes its visits off the host)."""
         configure(budget, "lru", "none", False, None)()
         warm, timed = round_positions(r)
-        with engine.recording_acquires() as trace:
+        with engine.observe(VisitRecorder()) as recorder:
+            trace = recorder.trace
             for n, at in ((n_new, warm), (1, timed), (n_new, timed)):
                 replay_at["position"] = at
                 start = len(trace)
@@ -679,14 +685,15 @@ def run_bench(cfg: BenchConfig) -> list[dict[str, Any]]:
             seen = record_future(b, budget, replay_at["round"]) if policy == "belady" and replay is not None else future
             engine.reopen_cache(engine.slots_for(budget), "predictive" if policy == "belady" else policy)
             engine.set_prefetcher(_make_prefetcher(predictor, cfg, oracle=policy == "belady"))
-            engine.sync_loads = sync
+            if sync:
+                syncing.enter_context(engine.observe(SyncLoads()))
             if seen is not None:
                 engine.set_future(seen)
         return before
 
     def observe(b: int, agreement: dict[str, Any]):
         def after(rnd: Round) -> None:
-            engine.sync_loads = False
+            syncing.close()
             rnd.extra["decode"] = decode_cache_metrics(rnd.first_seen, rnd.full_seen, n_new - 1, engine.expert_nbytes)
             rnd.extra["table_decode"] = all(engine.uses_table(layer.ordinal, b) for layer in engine.layers)
             graph_replays = rnd.extra["decode"]["decode_eager_steps"] == 0
@@ -765,5 +772,7 @@ def run_bench(cfg: BenchConfig) -> list[dict[str, Any]]:
             engine.reopen_cache(engine.slots_for(mid), "lru")
             engine.set_prefetcher(_make_prefetcher("next_layer_gate" if "next_layer_gate" in cfg.predictors else cfg.predictors[0], cfg))
             plot_timeline(_timeline(model, prompts[b0], device), out / "timeline.png")
+    syncing.close()
+    observing.close()
     engine.close()
     return rows
