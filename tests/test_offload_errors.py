@@ -182,6 +182,7 @@ def _fail_in(monkeypatch, step, exc):
     from sida_moe.engine import OffloadEngine
 
     off = importlib.import_module("sida_moe.offload")  # the attribute sida_moe.offload is the function
+    builder_module = importlib.import_module("sida_moe.engine_builder")
 
     if step == "write_expert":  # while the experts are copied into the pool, one layer done
         real = OffloadEngine.write_expert
@@ -219,21 +220,21 @@ def _fail_in(monkeypatch, step, exc):
 
         monkeypatch.setattr(NextLayerGate, "attach", attach)
     elif step == "hooks":  # hooks installed, generate not routed yet
-        real = off._install_hooks
+        real = builder_module._install_hooks
 
         def install(model, engine):
             real(model, engine)
             raise exc
 
-        monkeypatch.setattr(off, "_install_hooks", install)
+        monkeypatch.setattr(builder_module, "_install_hooks", install)
     elif step == "generate":  # the last step: generate routed through the engine
-        real = off.install_generate
+        real = builder_module.install_generate
 
         def install(model):
             real(model)
             raise exc
 
-        monkeypatch.setattr(off, "install_generate", install)
+        monkeypatch.setattr(builder_module, "install_generate", install)
 
 
 @pytest.mark.parametrize("exc", [KeyboardInterrupt(), _Boom("injected")], ids=["ctrl-c", "error"])

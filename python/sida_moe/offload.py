@@ -8,56 +8,20 @@ import math
 import re
 import warnings
 from collections import defaultdict
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 import torch
 from torch import nn
 
 from sida_moe._native import LoadError
-from sida_moe.adapters import Adapter, MoELayer, adapter_for
+from sida_moe.adapters import Adapter, MoELayer
 from sida_moe.budget import BudgetSpec
-from sida_moe.decode_graph import install_generate
 from sida_moe.engine import OffloadEngine, check_cache_options
-from sida_moe.experts import OffloadedExperts
+from sida_moe.engine_builder import EngineBuilder, discover, parameters_on_meta
 from sida_moe.format import ExpertFormat
 from sida_moe.prefetchers import Prefetcher, make_prefetcher
 
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-
-
-# ------------------------------------------------------------------------------------ checks
-def _check_not_quantized(model: nn.Module) -> None:
-    config = getattr(model, "config", None)
-    quant = getattr(config, "quantization_config", None) or getattr(model, "hf_quantizer", None)
-    if quant:
-        method = getattr(quant, "quant_method", None) or (quant.get("quant_method") if isinstance(quant, dict) else None)
-        raise NotImplementedError(
-            f"quantized models ({method or type(quant).__name__}) are not supported yet: load the model in bf16, fp16 or fp32"
-        )
-
-
-def _discover(model: nn.Module) -> tuple[Adapter, list[MoELayer], ExpertFormat]:
-    if not isinstance(model, nn.Module) or not hasattr(model, "config"):
-        raise TypeError(f"expected a transformers PreTrainedModel, got {type(model).__name__}")
-    _check_not_quantized(model)
-    adapter = adapter_for(model)
-    for _, module in model.named_modules():
-        if isinstance(module, OffloadedExperts):
-            raise ValueError("this model is already offloaded (it contains OffloadedExperts modules)")
-    layers = adapter.find_layers(model)
-    if not layers:
-        raise ValueError(f"no MoE layers found in this {adapter.name} model (are its experts a supported module type?)")
-    fmt = adapter.expert_format(model, layers[0])
-    if fmt.dtype not in _FLOAT_DTYPES:
-        kind = "" if fmt.dtype.is_floating_point else " (quantized)"
-        raise NotImplementedError(f"expert weights of dtype {fmt.dtype}{kind} are not supported yet: use bf16, fp16 or fp32")
-    for layer in layers[1:]:
-        other = adapter.expert_format(model, layer)
-        if other != fmt:
-            raise ValueError(f"MoE layers disagree on the expert shape/dtype: {layers[0].path} is {fmt}, {layer.path} is {other}")
-    return adapter, layers, fmt
 
 
 def _check_dtype(model: nn.Module, fmt: ExpertFormat) -> None:
@@ -70,73 +34,12 @@ def _check_dtype(model: nn.Module, fmt: ExpertFormat) -> None:
         )
 
 
-# ------------------------------------------------------------------------------------- hooks
-def _install_hooks(model: nn.Module, engine: OffloadEngine) -> None:
-    """Call ``engine.begin_forward`` once per stack forward with the layer-0 input, and
-    ``engine.end_forward`` after it."""
-    state: dict[str, object] = {"mask": None, "given": False}
-    if getattr(model.config, "is_encoder_decoder", False):
-        stacks = [model.get_encoder(), model.get_decoder()]
-    else:
-        stacks = [model.get_decoder() if hasattr(model, "get_decoder") else model.base_model]
-
-    # the hooks run eagerly in a compiled model (torch.compile breaks its graph around them):
-    # they talk to the native cache, which it cannot trace
-    @torch.compiler.disable
-    def stack_pre_hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
-        state["mask"] = kwargs.get("attention_mask")
-        embeds = kwargs.get("inputs_embeds")
-        state["given"] = embeds is not None
-        if embeds is not None:
-            engine.begin_forward(embeds, state["mask"])
-
-    @torch.compiler.disable
-    def embed_hook(module: nn.Module, args: tuple, output: torch.Tensor) -> None:
-        if not state["given"]:
-            engine.begin_forward(output, state["mask"])
-
-    embeddings = []
-    @torch.compiler.disable
-    def stack_post_hook(module: nn.Module, args: tuple, output: object) -> None:
-        engine.end_forward()
-
-    for stack in dict.fromkeys(stacks):  # encoder and decoder may be one module
-        engine._hooks.append(stack.register_forward_pre_hook(stack_pre_hook, with_kwargs=True))
-        engine._hooks.append(stack.register_forward_hook(stack_post_hook))
-        # each stack's own embedding (Switch stacks hold embed_tokens apart from model.shared)
-        embed = getattr(stack, "embed_tokens", None)
-        embeddings.append(embed if isinstance(embed, nn.Module) else model.get_input_embeddings())
-    for embed in dict.fromkeys(embeddings):
-        engine._hooks.append(embed.register_forward_hook(embed_hook))
-
-
 def _check_options(policy: str, prefetch, backend: str, copy_workers: int) -> Prefetcher:
     """The options that need no model, checked before anything is built, loaded or moved."""
     check_cache_options(policy, copy_workers)
     if not isinstance(backend, str) or backend not in ("auto", "cuda", "host"):
         raise ValueError(f"backend must be 'auto', 'cuda' or 'host', got {backend!r}")
     return make_prefetcher(prefetch)
-
-
-def _start(model: nn.Module, engine: OffloadEngine, num_slots: int, policy: str, prefetcher: Prefetcher, copy_workers: int) -> None:
-    """Open the slot cache, attach the prefetcher, hook the model and route its ``generate`` (the
-    caller undoes it on failure)."""
-    engine.open_cache(num_slots, policy, copy_workers)
-    engine.set_prefetcher(prefetcher)
-    _install_hooks(model, engine)
-    install_generate(model)
-
-
-def _finish(model: nn.Module, engine: OffloadEngine, num_slots: int, policy: str, prefetch, copy_workers: int) -> nn.Module:
-    """Start the engine of a model built around it (``from_pretrained``, presets): on failure the
-    engine is closed and the model, which nobody else holds yet, is dropped."""
-    try:
-        _start(model, engine, num_slots, policy, make_prefetcher(prefetch), copy_workers)
-    except BaseException:
-        engine.close()
-        raise
-    model.sida_engine = engine
-    return model
 
 
 def engine_of(model: nn.Module) -> OffloadEngine:
@@ -179,7 +82,8 @@ def offload(
     about a minute per batch size on a large model).
     """
     prefetcher = _check_options(policy, prefetch, backend, copy_workers)
-    adapter, layers, fmt = _discover(model)
+    found = discover(model)
+    adapter, layers, fmt = found
     params = [p for layer in layers for p in layer.experts.parameters()]
     if any(p.is_meta for p in params):
         raise ValueError(
@@ -192,14 +96,13 @@ def offload(
     if len(devices) != 1:
         raise ValueError(f"the experts are spread over several devices {sorted(map(str, devices))}; put the model on one device")
     device = devices.pop()
-    engine = OffloadEngine(layers, fmt, device, backend)
+    builder = EngineBuilder(model, device, backend, gpu_budget, policy, copy_workers, found=found)
+    engine = builder.engine
     # All or nothing: until offload returns, every change to the model is recorded here and
     # undone on any failure or interrupt, so the caller keeps a working original model.
     swapped: list[tuple[MoELayer, nn.Module]] = []
     released: list[tuple[MoELayer, list[tuple[nn.Parameter, torch.Size]]]] = []
     try:
-        num_slots = engine.slots_for(gpu_budget)
-        engine.check_cache_args(num_slots, policy, copy_workers)
         from tqdm.auto import tqdm
 
         # every expert reaches the pool before the model changes at all
@@ -207,9 +110,7 @@ def offload(
             for expert in range(layer.num_experts):
                 engine.write_expert(layer.ordinal, expert, adapter.expert_weights(layer, expert))
         restorable = all(_restorable(adapter, layer, fmt) for layer in layers)
-        for layer in layers:
-            swapped.append((layer, layer.experts))
-            setattr(layer.block, layer.experts_attr, OffloadedExperts(engine, layer))
+        swapped.extend(builder.replace_experts())
         if restorable:
             # free the originals before the slot memory is allocated (it may need their room); a
             # failure from here on writes them back from the pool
@@ -217,8 +118,9 @@ def offload(
                 _release_storage(original, layer, released)
             if device.type == "cuda":
                 torch.cuda.empty_cache()
-        _start(model, engine, num_slots, policy, prefetcher, copy_workers)
+        builder.start(prefetcher)
     except BaseException:
+        model.__dict__.pop("sida_engine", None)
         _put_back(model, engine, adapter, fmt, swapped, released)
         raise
     if not restorable:
@@ -226,7 +128,6 @@ def offload(
             _release_storage(original)
         if device.type == "cuda":
             torch.cuda.empty_cache()
-    model.sida_engine = engine
     return model
 
 
@@ -292,24 +193,6 @@ def _pool_tensors(engine: OffloadEngine, fmt: ExpertFormat, moe_layer: int, expe
 
 
 # --------------------------------------------------------------------------- from_pretrained
-@contextmanager
-def _parameters_on_meta() -> Iterator[None]:
-    """Create parameters on the meta device (buffers stay real: non-persistent ones such as rotary
-    frequencies are not in checkpoints)."""
-    original = nn.Module.register_parameter
-
-    def register(module: nn.Module, name: str, param: nn.Parameter | None) -> None:
-        original(module, name, param)
-        if param is not None and not param.is_meta:
-            module._parameters[name] = nn.Parameter(param.to("meta"), requires_grad=param.requires_grad)
-
-    nn.Module.register_parameter = register
-    try:
-        yield
-    finally:
-        nn.Module.register_parameter = original
-
-
 def _safetensors_files(path: Path) -> list[Path]:
     index = path / "model.safetensors.index.json"
     if index.exists():
@@ -410,10 +293,11 @@ def from_pretrained(
     dtype = _resolve_dtype(dtype, config)
     files = _safetensors_files(path)
     cls = _model_class(config)
-    with _parameters_on_meta():
+    with parameters_on_meta():
         model = cls._from_config(config, dtype=dtype) if hasattr(cls, "_from_config") else cls.from_config(config, dtype=dtype)
     model.eval()
-    adapter, layers, fmt = _discover(model)
+    found = discover(model)
+    adapter, layers, fmt = found
 
     renames = [(re.compile(p), r) for p, r in adapter.checkpoint_renames]
     location: dict[str, tuple[Path, str]] = {}  # module-side name -> (file, on-disk name)
@@ -430,18 +314,15 @@ def from_pretrained(
     expert_prefixes = tuple(f"{layer.path}." for layer in layers)
     _check_dense_shapes(model, location, shapes, expert_prefixes)
 
-    engine = OffloadEngine(layers, fmt, device, backend)
+    builder = EngineBuilder(model, device, backend, gpu_budget, policy, copy_workers, found=found)
     try:
-        num_slots = engine.slots_for(gpu_budget)
-        engine.check_cache_args(num_slots, policy, copy_workers)
-        _load_experts(engine, adapter, layers, fmt, location, names, progress)
-        for layer in layers:
-            setattr(layer.block, layer.experts_attr, OffloadedExperts(engine, layer))
+        _load_experts(builder.engine, adapter, layers, fmt, location, names, progress)
+        builder.replace_experts()
         _load_dense(model, location, expert_prefixes, dtype, device, progress)
+        return builder.start(prefetcher)
     except BaseException:
-        engine.close()
+        builder.abandon()
         raise
-    return _finish(model, engine, num_slots, policy, prefetcher, copy_workers)
 
 
 def _resolve_device(device: str | torch.device | None) -> torch.device:

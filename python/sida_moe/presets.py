@@ -148,31 +148,30 @@ def build_offloaded(name: str, gpu_budget: BudgetSpec = "25%", device: str | tor
     import transformers
     from tqdm.auto import tqdm
 
-    from sida_moe.experts import OffloadedExperts
-    from sida_moe.offload import _discover, _finish, _parameters_on_meta
+    from sida_moe.engine_builder import EngineBuilder, parameters_on_meta
+    from sida_moe.prefetchers import make_prefetcher
 
+    prefetcher = make_prefetcher(prefetch)
+    prefetcher = make_prefetcher(prefetch)
     preset = get_preset(name)
     config = preset_config(name)
     device = torch.device(device)
     if device.type == "cuda" and device.index is None:
         device = torch.device("cuda", torch.cuda.current_device())
-    with _parameters_on_meta():
+    with parameters_on_meta():
         model = getattr(transformers, preset.model_class)._from_config(config, dtype=dtype)
-    adapter, layers, fmt = _discover(model)
-    from sida_moe.engine import OffloadEngine
-
-    engine = OffloadEngine(layers, fmt, device, backend)
+    builder = EngineBuilder(model, device, backend, gpu_budget, "lru" if policy is None else policy, copy_workers=2)
+    engine, fmt = builder.engine, builder.fmt
     try:
-        num_slots = engine.slots_for(gpu_budget)
         generator = torch.Generator(device=device).manual_seed(seed)
         shapes = fmt.tensor_shapes()
-        for layer in tqdm(layers, desc="building experts", unit="layer", disable=not progress):
+        for layer in tqdm(builder.layers, desc="building experts", unit="layer", disable=not progress):
             # one layer of experts at a time, generated on the device, then copied to the host once
             host = {n: torch.empty((layer.num_experts, *s), dtype=dtype, device=device).normal_(0.0, std, generator=generator).cpu()
                     for n, s in shapes.items()}
             for expert in range(layer.num_experts):
                 engine.write_expert(layer.ordinal, expert, {n: t[expert] for n, t in host.items()})
-            setattr(layer.block, layer.experts_attr, OffloadedExperts(engine, layer))
+        builder.replace_experts()
         # dense part: materialise the remaining meta parameters on the device
         for pname, param in list(model.named_parameters()):
             if param.is_meta:
@@ -192,10 +191,10 @@ def build_offloaded(name: str, gpu_budget: BudgetSpec = "25%", device: str | tor
                 else:
                     param.zero_()
         model.tie_weights()
+        return builder.start(prefetcher).eval()
     except BaseException:
-        engine.close()
+        builder.abandon()
         raise
-    return _finish(model.eval(), engine, num_slots, policy, prefetch, copy_workers=2)
 
 
 class ByteTokenizer:
