@@ -5,7 +5,7 @@ plus the byte-level tokenizer they use; and the small trained checkpoint shipped
 ``build_offloaded(name, ...)`` creates the dense part on the target device and writes every expert
 straight into the pinned pool layer by layer (one layer of experts is materialised at a time), so
 a preset larger than the GPU (``qwen3-30b-a3b``: 48 layers x 128 experts, 58 GB of bf16 experts)
-builds on one H100. ``build_model(name, ...)`` makes the ordinary all-resident model (the
+builds on one GPU of 80 GB. ``build_model(name, ...)`` makes the ordinary all-resident model (the
 reference the offloaded one is compared with).
 """
 

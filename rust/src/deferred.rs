@@ -6,8 +6,7 @@
 //! event in submission order (holding no Python lock), reads the ids, feeds the predictive policy
 //! and queues the prefetches. This takes the host-side half of the run-ahead predictor (wait for
 //! the top-k, build the expert lists, call `prefetch` per layer) off the Python thread that runs
-//! the model: in a host-bound decode that Python time, spent under the GIL, was most of the
-//! predictor's cost to tokens/s (NOTES.md).
+//! the model, where that time, spent under the GIL, would hold up the decode.
 //!
 //! Routed rows (`routed`: what a decode step's layers computed through the expert table) become
 //! policy accesses, each consuming one prediction index of the predictive policy; a request's rows

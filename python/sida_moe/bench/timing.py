@@ -17,8 +17,7 @@ import torch
 def _sync(device: torch.device | None) -> None:
     # The current (compute) stream only, as a generation loop that reads its tokens waits for it.
     # A device-wide sync would also wait for work that serves later tokens on other streams --
-    # prefetch copies, the run-ahead predictor's launches -- and put it on every token's time
-    # (it charged that work to every token; NOTES.md).
+    # prefetch copies, the run-ahead predictor's launches -- and put it on every token's time.
     if device is not None and device.type == "cuda":
         torch.cuda.current_stream(device).synchronize()
 

@@ -8,8 +8,8 @@ device sync; the real per-expert counts live on the device):
   8 tokens per n-tile): stays memory-bound up to tens of tokens per expert;
 - ``grouped_mm``: ``torch._grouped_mm`` over the slot-sorted rows, with our gather, activation and
   reduction kernels around it (prefill: compute-bound).
-The thresholds are the crossovers measured on the H100 by ``benches/kernels_h100.py`` (NOTES.md,
-"Kernels").
+The thresholds are measured crossovers between the regimes (``benches/kernels_h100.py`` measures
+them on a device).
 """
 
 from __future__ import annotations

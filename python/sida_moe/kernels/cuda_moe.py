@@ -34,7 +34,7 @@ _ALIGN_STATIC_SMEM = 1024
 
 @functools.lru_cache(maxsize=None)
 def align_max_slots(device: torch.device | int) -> int:
-    """Most slots the ``moe_align`` kernel takes on ``device`` (28,928 on an H100); past it the
+    """Most slots the ``moe_align`` kernel takes on ``device`` (its shared memory holds one counter per slot); past it the
     PyTorch version sorts the pairs."""
     props = torch.cuda.get_device_properties(device)
     optin = getattr(props, "shared_memory_per_block_optin", 0) or 48 * 1024

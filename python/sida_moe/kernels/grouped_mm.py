@@ -12,8 +12,8 @@ from collections.abc import Callable
 
 import torch
 
-# torch's grouped GEMM refuses more groups than this ("Can't process more than 1024 groups", torch
-# 2.11 on the H100): layers whose slot memory has more slots use the streaming kernels.
+# torch's grouped GEMM refuses more groups than this ("Can't process more than 1024 groups"):
+# layers whose slot memory has more slots use the streaming kernels.
 MAX_GROUPS = 1024
 
 _fn_cache: dict[str, Callable[..., torch.Tensor] | None] = {}

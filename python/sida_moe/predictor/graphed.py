@@ -1,8 +1,8 @@
 """One decode step of the hash-function predictor as a fixed-shape program, captured in a CUDA graph.
 
 ``HashPredictor.forward`` on one decode token launches dozens of small kernels (LSTM, sparsemax
-attention, the causal blocks, the heads, top-k) whose launch cost is host time: on the H100 about
-3.2 ms per token, spent on a thread that shares the GIL with the model's decode. ``GraphedDecoder``
+attention, the causal blocks, the heads, top-k) whose launch cost is host time, milliseconds per
+token spent on a thread that shares the GIL with the model's decode. ``GraphedDecoder``
 keeps the predictor's causal state in static buffers of a fixed capacity (``max_len`` tokens) and
 writes the step with fixed shapes only -- the new token's keys and values go to a position held in a
 device tensor, attention runs over the whole buffer masked to the positions filled so far -- so that

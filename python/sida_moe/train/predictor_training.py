@@ -434,7 +434,7 @@ def _train(
     while step < total_steps:
         if config.max_seconds is not None and step >= 20 and step % 10 == 0:
             # The first steps are slow (cuDNN plans, allocator warm-up): an estimate from them alone
-            # stopped a 200 s budget after 122 s on the H100. Re-estimated from the steady rate.
+            # would stop a time budget far too early, so it is re-estimated from the steady rate.
             now = time.perf_counter()
             if step == 20:
                 t20, per_step = now, (now - t0) / 20

@@ -50,7 +50,7 @@ struct Shared {
     prefetch_issue: Mutex<()>,
     /// One normal-priority stream shared by all copy workers: copies share the PCIe link
     /// anyway, and one FIFO of copies keeps the DMA engine streaming; several workers only
-    /// parallelise the host-side issuing. (NOTES.md: stream per worker vs shared, H100.)
+    /// parallelise the host-side issuing.
     prefetch_stream: StreamHandle,
     timer: Mutex<CopyTimer>,
     /// Time the caller streams' waits on slot-ready events (off by default).
