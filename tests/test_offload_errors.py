@@ -72,7 +72,7 @@ def test_offloading_twice():
 
 
 @pytest.mark.parametrize("kwargs, match", [
-    (dict(policy="random"), "policy must be one of"),
+    (dict(policy="random"), "unknown policy"),
     (dict(prefetch="psychic"), "unknown prefetch"),
     (dict(backend="cuda"), "backend='cuda' needs the model on a CUDA device"),
     (dict(backend="tpu"), "backend must be"),

@@ -361,6 +361,10 @@ class RoutingFeed:
     def __enter__(self) -> RoutingFeed: ...
     def __exit__(self, *exc: object) -> None: ...
 
+def check_cache_options(policy: str, copy_workers: int) -> None:
+    """Raise InvalidArgumentError for a policy name or copy-worker count that ``SlotCache`` would
+    refuse (checked by the same code), before a pool or model is touched."""
+
 def simulate_policy(
     policy: Policy,
     num_slots: int,

@@ -23,16 +23,14 @@ from sida_moe.kernels.configs import MMA_MAX_PAIRS_PER_EXPERT
 from sida_moe.engine_observer import EngineObserver
 from sida_moe.prefetchers import NoPrefetch, Prefetcher
 
-_POLICIES = ("lru", "lfu", "fifo", "predictive")
-
-
 def check_cache_options(policy: str, copy_workers: int) -> None:
     """The slot cache's policy and worker count, checked without a pool (``offload`` checks them
-    before it touches the model)."""
-    if not isinstance(policy, str) or policy not in _POLICIES:
-        raise ValueError(f"policy must be one of {_POLICIES}, got {policy!r}")
-    if isinstance(copy_workers, bool) or not isinstance(copy_workers, int) or not 0 <= copy_workers <= _native.MAX_COPY_WORKERS:
-        raise ValueError(f"copy_workers must be an int in 0..={_native.MAX_COPY_WORKERS}, got {copy_workers!r}")
+    before it touches the model) by the cache's own rules."""
+    if not isinstance(policy, str):
+        raise TypeError(f"policy must be a str, got {type(policy).__name__}")
+    if isinstance(copy_workers, bool) or not isinstance(copy_workers, int):
+        raise TypeError(f"copy_workers must be an int, got {type(copy_workers).__name__}")
+    _native.check_cache_options(policy, copy_workers)
 
 
 class OffloadEngine:

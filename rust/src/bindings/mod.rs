@@ -22,5 +22,6 @@ fn sida_moe_native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<slot_cache::PySlotCache>()?;
     m.add_class::<routing_feed::PyRoutingFeed>()?;
     m.add_function(wrap_pyfunction!(simulate::simulate_policy, m)?)?;
+    m.add_function(wrap_pyfunction!(slot_cache::check_cache_options, m)?)?;
     Ok(())
 }

@@ -240,3 +240,9 @@ impl PySlotCache {
         )
     }
 }
+
+/// See the stub: the cache options that need no pool, checked where the cache checks them.
+#[pyfunction]
+pub(super) fn check_cache_options(policy: &str, copy_workers: i64) -> PyResult<()> {
+    CacheConfig::check_options(policy, copy_workers).py_err().map(|_| ())
+}

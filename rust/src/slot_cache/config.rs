@@ -57,6 +57,16 @@ impl CacheConfig {
         Ok(Self { num_slots, policy, slots_addr, copy_workers, queue_capacity, acquire_timeout })
     }
 
+    /// The options that need no pool -- a policy name and the copy workers -- checked as
+    /// `from_args` and `new` check them (callers check them before they build anything else).
+    pub fn check_options(policy: &str, copy_workers: i64) -> Result<PolicyKind> {
+        let kind = PolicyKind::parse(policy)?;
+        if !(0..=MAX_COPY_WORKERS as i64).contains(&copy_workers) {
+            return Err(Error::InvalidArgument(format!("copy_workers must be in 0..={MAX_COPY_WORKERS}, got {copy_workers}")));
+        }
+        Ok(kind)
+    }
+
     /// Every range, before anything is allocated: each size here becomes an allocation.
     pub(super) fn check(&self, pool: &ExpertPool) -> Result<()> {
         let experts = pool.keys().len();
