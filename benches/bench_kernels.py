@@ -52,9 +52,9 @@ def test_bench_reference_cpu(benchmark, num_tokens: int) -> None:
 @pytest.mark.skipif(not (_HAS_GPU and _HAS_CUPY), reason="needs a CUDA device and CuPy")
 @pytest.mark.parametrize("regime,num_tokens", [("gemv", 1), ("mma", 1), ("mma", 64), ("grouped_mm", 64), ("grouped_mm", 1024), ("auto", 1),
                                                ("auto", 64), ("auto", 1024)])
-def test_bench_qwen3_layer_gpu(benchmark, monkeypatch: pytest.MonkeyPatch, regime: str, num_tokens: int) -> None:
-    if regime != "auto":
-        monkeypatch.setenv("SIDA_MOE_KERNEL_REGIME", regime)
+def test_bench_qwen3_layer_gpu(benchmark, regime: str, num_tokens: int) -> None:
+    from sida_moe.kernels.configs import forced_regime
+
     fmt = ExpertFormat(hidden=2048, intermediate=768, dtype=torch.bfloat16)
     hidden, ids, w, table, views = _layer(fmt, num_tokens, 128, 8, "cuda")
 
@@ -63,6 +63,7 @@ def test_bench_qwen3_layer_gpu(benchmark, monkeypatch: pytest.MonkeyPatch, regim
         torch.cuda.synchronize()
         return out
 
-    call()  # compile and warm up outside the timing
-    out = benchmark(call)
+    with forced_regime(None if regime == "auto" else regime):
+        call()  # compile and warm up outside the timing
+        out = benchmark(call)
     assert out.shape == hidden.shape and bool(torch.isfinite(out).all())

@@ -365,8 +365,8 @@ def main() -> int:
         "cupy": cupy.__version__,
         "nvrtc": ".".join(map(str, nvrtc.getVersion())),
         "python": platform.python_version(),
-        "gemv_max_pairs_per_expert": configs.GEMV_MAX_PAIRS_PER_EXPERT,
-        "mma_max_pairs_per_expert": configs.MMA_MAX_PAIRS_PER_EXPERT,
+        "gemv_max_pairs_per_expert": configs.DEFAULT_CROSSOVERS.gemv_max_pairs_per_expert,
+        "mma_max_pairs_per_expert": configs.DEFAULT_CROSSOVERS.mma_max_pairs_per_expert,
         "timing": "per-call median of CUDA-graph replays (4 calls with distinct routing per graph); eager = events around Python calls",
     }
     ceil = measure_ceilings()

@@ -6,7 +6,16 @@ from __future__ import annotations
 import pytest
 import torch
 
-from sida_moe.kernels.configs import LaunchPlan, choose_plan, gemv_block_m, mma_block_m
+from sida_moe.kernels.configs import (
+    DEFAULT_CROSSOVERS,
+    Crossovers,
+    LaunchPlan,
+    choose_plan,
+    crossovers_for,
+    forced_regime,
+    gemv_block_m,
+    mma_block_m,
+)
 from sida_moe.kernels.moe_align import AlignedPairs, align_pairs_torch, max_padded_rows
 
 
@@ -79,8 +88,7 @@ def test_max_padded_rows_bounds_and_errors() -> None:
         max_padded_rows(4, 4, 0)
 
 
-def test_plan_choice_follows_pairs_per_expert(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.delenv("SIDA_MOE_KERNEL_REGIME", raising=False)
+def test_plan_choice_follows_pairs_per_expert() -> None:
     assert choose_plan(1, 8, 128, grouped_mm_ok=True) == LaunchPlan("gemv", 4)
     assert choose_plan(64, 8, 128, grouped_mm_ok=True).regime == "mma"
     assert choose_plan(4096, 8, 128, grouped_mm_ok=True) == LaunchPlan("grouped_mm", 1)
@@ -89,13 +97,39 @@ def test_plan_choice_follows_pairs_per_expert(monkeypatch: pytest.MonkeyPatch) -
     assert gemv_block_m(0.06) == 4 and gemv_block_m(6) == 8 and gemv_block_m(100) == 16
     assert mma_block_m(0.5) == 16 and mma_block_m(9) == 16 and mma_block_m(500) == 32
     assert choose_plan(7, 8, 128, grouped_mm_ok=True) == LaunchPlan("mma", 16)  # 0.44 pairs per expert
-    monkeypatch.setenv("SIDA_MOE_KERNEL_REGIME", "gemv")
-    assert choose_plan(4096, 8, 128, grouped_mm_ok=True).regime == "gemv"
-    monkeypatch.setenv("SIDA_MOE_KERNEL_REGIME", "grouped_mm")
-    assert choose_plan(1, 8, 128, grouped_mm_ok=False).regime == "gemv"  # unavailable: automatic choice
-    monkeypatch.setenv("SIDA_MOE_KERNEL_REGIME", "tensor")
-    with pytest.raises(ValueError, match="SIDA_MOE_KERNEL_REGIME must be"):
-        choose_plan(1, 8, 128, grouped_mm_ok=True)
+    with forced_regime("gemv"):
+        assert choose_plan(4096, 8, 128, grouped_mm_ok=True).regime == "gemv"
+    with forced_regime("grouped_mm"):
+        assert choose_plan(1, 8, 128, grouped_mm_ok=False).regime == "gemv"  # unavailable: automatic choice
+    assert choose_plan(4096, 8, 128, grouped_mm_ok=True).regime == "grouped_mm"  # the block's regime is gone
+    with pytest.raises(ValueError, match="regime must be one of"):
+        with forced_regime("tensor"):
+            pass
+
+
+def test_a_devices_crossovers_move_the_regime_boundaries() -> None:
+    """Each device's measured crossovers (its tuned table) decide the regime; a device without a
+    table gets the default one, and a table whose order is impossible is refused."""
+    assert crossovers_for("a GPU nobody measured") == DEFAULT_CROSSOVERS
+    wide = Crossovers(gemv_max_pairs_per_expert=1.0, mma_max_pairs_per_expert=64.0)
+    assert choose_plan(7, 8, 128, grouped_mm_ok=True).regime == "mma"
+    assert choose_plan(7, 8, 128, grouped_mm_ok=True, crossovers=wide).regime == "gemv"
+    # 32 pairs per expert: past mma's default reach, inside the wide table's
+    assert choose_plan(512, 8, 128, grouped_mm_ok=True).regime == "grouped_mm"
+    assert choose_plan(512, 8, 128, grouped_mm_ok=True, crossovers=wide).regime == "mma"
+    assert choose_plan(2048, 8, 128, grouped_mm_ok=True, crossovers=wide).regime == "grouped_mm"
+    with pytest.raises(ValueError, match="gemv_max_pairs_per_expert <= mma_max_pairs_per_expert"):
+        Crossovers(gemv_max_pairs_per_expert=8.0, mma_max_pairs_per_expert=6.0)
+
+
+def test_a_bad_forced_regime_in_the_environment_fails_at_import() -> None:
+    import os
+    import subprocess
+    import sys
+
+    env = dict(os.environ, SIDA_MOE_KERNEL_REGIME="tensor")
+    res = subprocess.run([sys.executable, "-c", "import sida_moe.kernels.configs"], env=env, capture_output=True, text=True)
+    assert res.returncode != 0 and "SIDA_MOE_KERNEL_REGIME must be one of" in res.stderr
 
 
 def test_launch_plan_rejects_unknown_regimes_and_block_sizes() -> None:

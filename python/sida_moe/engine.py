@@ -19,7 +19,7 @@ from sida_moe.budget import BudgetSpec, format_bytes, parse_budget, slots_for_bu
 from sida_moe.experts import register_engine
 from sida_moe.format import ExpertAddresses, ExpertFormat, SlotWeights, slot_views
 from sida_moe.kernels import fused_experts, fused_experts_table, table_kernels_usable
-from sida_moe.kernels.configs import MMA_MAX_PAIRS_PER_EXPERT
+from sida_moe.kernels.configs import DEFAULT_CROSSOVERS, device_crossovers
 from sida_moe.engine_observer import EngineObserver
 from sida_moe.prefetchers import NoPrefetch, Prefetcher
 
@@ -85,6 +85,8 @@ class OffloadEngine:
         self._visit_width = 0
         self._ahead_captured = None  # what the step being captured staged for the prefetcher (predict_ahead)
         self.max_top_k = max(layer.top_k for layer in layers)
+        # where the table path ends: the last streaming regime's reach on this device
+        self._crossovers = device_crossovers(device.index) if device.type == "cuda" else DEFAULT_CROSSOVERS
         self._observers: tuple[EngineObserver, ...] = ()  # see observe(); none: nothing extra runs
 
     def add_observer(self, observer: EngineObserver) -> EngineObserver:
@@ -381,7 +383,7 @@ class OffloadEngine:
         if not self._layer_tables:
             return False
         layer = self.layers[moe_layer]
-        return num_tokens * layer.top_k <= MMA_MAX_PAIRS_PER_EXPERT * layer.num_experts
+        return num_tokens * layer.top_k <= self._crossovers.mma_max_pairs_per_expert * layer.num_experts
 
     def _record_visit(self, moe_layer: int, ids: torch.Tensor, table: torch.Tensor) -> None:
         """Write the layer's routed ids (-1: skipped pairs) into this forward's next ring row, and

@@ -8,14 +8,22 @@ device sync; the real per-expert counts live on the device):
   8 tokens per n-tile): stays memory-bound up to tens of tokens per expert;
 - ``grouped_mm``: ``torch._grouped_mm`` over the slot-sorted rows, with our gather, activation and
   reduction kernels around it (prefill: compute-bound).
-The thresholds are measured crossovers between the regimes (``benches/kernels_h100.py`` measures
-them on a device).
+The thresholds are measured crossovers between the regimes, one table per device
+(``tuned/<device name>.json``, else ``tuned/default.json``; ``benches/kernels_h100.py`` measures
+them on a device). ``SIDA_MOE_KERNEL_REGIME=gemv|mma|grouped_mm`` forces a regime (benchmarks),
+read once at import; :func:`forced_regime` sets it for a block.
 """
 
 from __future__ import annotations
 
+import functools
+import json
 import os
+import re
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Literal
 
 Regime = Literal["gemv", "mma", "grouped_mm"]
@@ -24,11 +32,73 @@ REGIMES: tuple[Regime, ...] = ("gemv", "mma", "grouped_mm")
 GEMV_BLOCK_SIZES = (4, 8, 16)
 MMA_BLOCK_SIZES = (8, 16, 32)
 
-# Mean pairs per expert up to which each regime is the fastest (measured crossovers, NOTES.md "Kernels"):
-# gemv wins at T=1 (0.06-0.25 pairs per expert), mma from about 0.5 (Switch T=64) to 4-8 (Qwen3
-# T=64, gpt-oss T=64 by 2%), grouped_mm from 8 on (Switch T=1024: 0.16 ms against mma's 0.21).
-GEMV_MAX_PAIRS_PER_EXPERT = 0.25
-MMA_MAX_PAIRS_PER_EXPERT = 6.0
+_TUNED = Path(__file__).with_name("tuned")
+
+
+@dataclass(frozen=True)
+class Crossovers:
+    """Mean pairs per expert up to which each streaming regime is the fastest on a device."""
+
+    gemv_max_pairs_per_expert: float
+    mma_max_pairs_per_expert: float
+
+    def __post_init__(self) -> None:
+        if not 0 < self.gemv_max_pairs_per_expert <= self.mma_max_pairs_per_expert:
+            raise ValueError(f"need 0 < gemv_max_pairs_per_expert <= mma_max_pairs_per_expert, got {self}")
+
+
+def _table_name(device_name: str) -> str:
+    return re.sub(r"[^A-Za-z0-9]+", "_", device_name).strip("_") + ".json"
+
+
+@functools.cache
+def crossovers_for(device_name: str | None) -> Crossovers:
+    """The crossovers measured on ``device_name`` (``torch.cuda.get_device_name``), else the
+    default table's."""
+    path = _TUNED / _table_name(device_name) if device_name else None
+    if path is None or not path.is_file():
+        path = _TUNED / "default.json"
+    with open(path) as f:
+        table = json.load(f)
+    return Crossovers(float(table["gemv_max_pairs_per_expert"]), float(table["mma_max_pairs_per_expert"]))
+
+
+DEFAULT_CROSSOVERS = crossovers_for(None)
+
+
+@functools.cache
+def device_crossovers(device_index: int | None) -> Crossovers:
+    """The crossovers of CUDA device ``device_index`` (None: the current one); the default table
+    where there is no CUDA device."""
+    import torch
+
+    if not torch.cuda.is_available():
+        return DEFAULT_CROSSOVERS
+    index = torch.cuda.current_device() if device_index is None else device_index
+    return crossovers_for(torch.cuda.get_device_name(index))
+
+
+def _regime_from_env() -> Regime | None:
+    value = os.environ.get("SIDA_MOE_KERNEL_REGIME", "")
+    if value and value not in REGIMES:
+        raise ValueError(f"SIDA_MOE_KERNEL_REGIME must be one of {REGIMES}, got {value!r}")
+    return value or None
+
+
+_forced: Regime | None = _regime_from_env()
+
+
+@contextmanager
+def forced_regime(regime: Regime | None) -> Iterator[None]:
+    """Plans inside the block use ``regime`` where it is available (None: the automatic choice)."""
+    global _forced
+    if regime is not None and regime not in REGIMES:
+        raise ValueError(f"regime must be one of {REGIMES} or None, got {regime!r}")
+    saved, _forced = _forced, regime
+    try:
+        yield
+    finally:
+        _forced = saved
 
 
 @dataclass(frozen=True)
@@ -75,21 +145,19 @@ def plan_for(regime: Regime, pairs_per_expert: float) -> LaunchPlan:
     raise ValueError(f"regime must be one of {REGIMES}, got {regime!r}")
 
 
-def choose_plan(num_tokens: int, top_k: int, num_experts: int, grouped_mm_ok: bool, mma_ok: bool = True) -> LaunchPlan:
-    """Plan for a layer call. ``SIDA_MOE_KERNEL_REGIME=gemv|mma|grouped_mm`` forces a regime
-    (benchmarks); a forced regime that is unavailable falls back to the automatic choice."""
+def choose_plan(num_tokens: int, top_k: int, num_experts: int, grouped_mm_ok: bool, mma_ok: bool = True,
+                crossovers: Crossovers = DEFAULT_CROSSOVERS) -> LaunchPlan:
+    """Plan for a layer call on a device of ``crossovers``. A forced regime (module docstring)
+    that is unavailable falls back to the automatic choice."""
     if num_tokens < 0 or top_k < 1 or num_experts < 1:
         raise ValueError(f"need num_tokens >= 0, top_k >= 1, num_experts >= 1; got {num_tokens}, {top_k}, {num_experts}")
     ppe = num_tokens * top_k / num_experts
-    forced = os.environ.get("SIDA_MOE_KERNEL_REGIME", "")
-    if forced and forced not in REGIMES:
-        raise ValueError(f"SIDA_MOE_KERNEL_REGIME must be one of {REGIMES}, got {forced!r}")
     available = {"gemv": True, "mma": mma_ok, "grouped_mm": grouped_mm_ok}
-    if forced and available[forced]:
-        return plan_for(forced, ppe)
-    if ppe <= GEMV_MAX_PAIRS_PER_EXPERT or not (mma_ok or grouped_mm_ok):
+    if _forced is not None and available[_forced]:
+        return plan_for(_forced, ppe)
+    if ppe <= crossovers.gemv_max_pairs_per_expert or not (mma_ok or grouped_mm_ok):
         return plan_for("gemv", ppe)
-    if mma_ok and (ppe <= MMA_MAX_PAIRS_PER_EXPERT or not grouped_mm_ok):
+    if mma_ok and (ppe <= crossovers.mma_max_pairs_per_expert or not grouped_mm_ok):
         return plan_for("mma", ppe)
     if grouped_mm_ok:
         return plan_for("grouped_mm", ppe)
@@ -97,14 +165,17 @@ def choose_plan(num_tokens: int, top_k: int, num_experts: int, grouped_mm_ok: bo
 
 
 __all__ = [
+    "DEFAULT_CROSSOVERS",
     "GEMV_BLOCK_SIZES",
-    "GEMV_MAX_PAIRS_PER_EXPERT",
     "MMA_BLOCK_SIZES",
-    "MMA_MAX_PAIRS_PER_EXPERT",
     "REGIMES",
+    "Crossovers",
     "LaunchPlan",
     "Regime",
     "choose_plan",
+    "crossovers_for",
+    "device_crossovers",
+    "forced_regime",
     "gemv_block_m",
     "mma_block_m",
     "plan_for",

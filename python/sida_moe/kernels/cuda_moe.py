@@ -20,7 +20,7 @@ import torch
 
 from sida_moe.format import ExpertAddresses, ExpertFormat, SlotWeights
 from sida_moe.kernels import grouped_mm as gmm
-from sida_moe.kernels.configs import LaunchPlan, choose_plan
+from sida_moe.kernels.configs import LaunchPlan, choose_plan, device_crossovers
 from sida_moe.kernels.cuda_build import KernelModule, cupy_import_error, load_module
 from sida_moe.kernels.moe_align import AlignedPairs, align_pairs_torch, max_padded_rows
 
@@ -213,7 +213,7 @@ def fused_experts_cuda(
             slot_of_expert = slot_of_expert.contiguous()
         if plan is None:
             grouped_ok = gmm.grouped_mm_usable(device, weights.num_slots)
-            plan = choose_plan(num_tokens, top_k, slot_of_expert.shape[0], grouped_ok, sk.has_mma)
+            plan = choose_plan(num_tokens, top_k, slot_of_expert.shape[0], grouped_ok, sk.has_mma, device_crossovers(index))
         elif plan.regime == "mma" and not sk.has_mma:
             raise ValueError(f"the mma regime needs hidden and intermediate sizes that are multiples of 32, got {fmt}")
         elif plan.regime == "grouped_mm" and weights.num_slots > gmm.MAX_GROUPS:
@@ -289,7 +289,7 @@ def fused_experts_table_cuda(
         topk_weights = topk_weights.to(torch.float32).contiguous()
     num_experts = table.base.shape[0]
     if plan is None:
-        plan = choose_plan(num_tokens, top_k, num_experts, False, sk.has_mma)
+        plan = choose_plan(num_tokens, top_k, num_experts, False, sk.has_mma, device_crossovers(device.index))
     elif plan.regime == "grouped_mm":
         raise ValueError("the expert table runs the streaming regimes (gemv, mma), not grouped_mm")
     elif plan.regime == "mma" and not sk.has_mma:
