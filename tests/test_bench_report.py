@@ -91,7 +91,7 @@ def test_generate_makes_exactly_the_tokens_asked_for_and_greedy_calls_stay_plain
     """EOS never ends a timed call early (EOS off), and greedy and sampled calls are ones the
     offloaded model's generate serves from its graphed loop (plain calls)."""
     from sida_moe.bench.runner import _generate
-    from sida_moe.decode_graph import _plain_call
+    from sida_moe.generate_route import plain_call
     from sida_moe.sampling import SamplingParams
 
     model = _tiny_moe()
@@ -112,10 +112,10 @@ def test_generate_makes_exactly_the_tokens_asked_for_and_greedy_calls_stay_plain
 
     model.generate = spy
     _generate(model, prompts, 4)
-    call = _plain_call(model, (), seen)
+    call = plain_call(model, (), seen)
     assert call is not None and call[1] == 4 and call[2] is None and call[4] is None  # 4 greedy tokens, no EOS
     _generate(model, prompts, 4, sample=True)
-    call = _plain_call(model, (), seen)
+    call = plain_call(model, (), seen)
     assert call is not None and call[2] is None and call[4] == SamplingParams(1.0, 0, 1.0)  # unfiltered draws
     _generate(model, prompts, 4, graphs=False)
     assert seen["sida_graphs"] is False

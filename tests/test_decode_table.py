@@ -309,7 +309,7 @@ def test_the_loop_stops_soon_after_every_row_has_finished():
 def test_min_new_tokens_forbids_eos_as_transformers_does(sample):
     """min_new_tokens: the EOS ids are masked until that many tokens are out (the prefill's token
     included), greedy and sampled, then the loop stops as before; generate calls carry it."""
-    from sida_moe.decode_graph import _plain_call
+    from sida_moe.generate_route import plain_call
     from sida_moe.sampling import SamplingParams
 
     original, offloaded = _pair("qwen3_moe", "50%")
@@ -330,7 +330,7 @@ def test_min_new_tokens_forbids_eos_as_transformers_does(sample):
             assert torch.equal(got, want), min_new
             if min_new == 4:
                 assert not torch.isin(got[:, ids.shape[1]: ids.shape[1] + 4], torch.tensor(eos)).any()
-    call = _plain_call(offloaded, (ids,), {"max_new_tokens": 6, "min_new_tokens": 3, "eos_token_id": eos})
+    call = plain_call(offloaded, (ids,), {"max_new_tokens": 6, "min_new_tokens": 3, "eos_token_id": eos})
     assert call is not None and call.min_new_tokens == 3
     with pytest.raises(ValueError, match="min_new_tokens must be an int >= 0"):
         static_generate(offloaded, ids, 4, graphs=False, min_new_tokens=-1)
@@ -591,14 +591,14 @@ def test_bad_attention_masks_are_refused():
 def test_left_padded_generate_calls_are_plain_calls():
     """model.generate routes left-padded calls to the graphed loop, with their mask; right
     padding stays with transformers."""
-    from sida_moe.decode_graph import _plain_call
+    from sida_moe.generate_route import plain_call
 
     _, offloaded = _pair("qwen3_moe", "50%")
     ids, mask = _left_padded([4, 2], 4)
-    call = _plain_call(offloaded, (ids,), {"attention_mask": mask, "max_new_tokens": 3, "do_sample": False})
+    call = plain_call(offloaded, (ids,), {"attention_mask": mask, "max_new_tokens": 3, "do_sample": False})
     assert call is not None and torch.equal(call.mask, mask)
-    assert _plain_call(offloaded, (ids,), {"attention_mask": torch.ones_like(mask), "max_new_tokens": 3}).mask is None
-    assert _plain_call(offloaded, (ids,), {"attention_mask": mask.flip(1), "max_new_tokens": 3}) is None
+    assert plain_call(offloaded, (ids,), {"attention_mask": torch.ones_like(mask), "max_new_tokens": 3}).mask is None
+    assert plain_call(offloaded, (ids,), {"attention_mask": mask.flip(1), "max_new_tokens": 3}) is None
     # on the CPU nothing is captured
     with pytest.raises(ValueError, match="sida_graphs=True, but .* CUDA"):
         offloaded.generate(ids, attention_mask=mask, max_new_tokens=3, do_sample=False, sida_graphs=True)

@@ -10,7 +10,8 @@ from transformers.generation.logits_process import TemperatureLogitsWarper, TopK
 
 from _moe_models import eager_experts, tiny_model
 import sida_moe
-from sida_moe.decode_graph import _plain_call, static_generate
+from sida_moe.decode_graph import static_generate
+from sida_moe.generate_route import plain_call
 from sida_moe.sampling import SamplerState, SamplingParams, next_tokens, sampling_probs
 
 CASES = [(1.0, 0, 1.0), (0.7, 5, 1.0), (1.3, 0, 0.8), (0.6, 20, 0.95), (1.0, 1, 1.0), (2.0, 3, 0.5), (1.0, 100, 0.3)]
@@ -70,15 +71,15 @@ def test_generate_calls_resolve_sampling_like_transformers():
     model = tiny_model("qwen3_moe")
     ids = torch.zeros(1, 3, dtype=torch.long)
     model.generation_config.do_sample = False
-    assert _plain_call(model, (ids,), {"max_new_tokens": 4})[4] is None
+    assert plain_call(model, (ids,), {"max_new_tokens": 4})[4] is None
     # do_sample with nothing set: transformers' defaults (top-k 50)
-    assert _plain_call(model, (ids,), {"max_new_tokens": 4, "do_sample": True})[4] == SamplingParams(1.0, 50, 1.0)
+    assert plain_call(model, (ids,), {"max_new_tokens": 4, "do_sample": True})[4] == SamplingParams(1.0, 50, 1.0)
     model.generation_config.update(do_sample=True, temperature=0.6, top_k=20, top_p=0.95)
-    assert _plain_call(model, (ids,), {"max_new_tokens": 4})[4] == SamplingParams(0.6, 20, 0.95)
-    assert _plain_call(model, (ids,), {"max_new_tokens": 4, "top_p": 0.5})[4] == SamplingParams(0.6, 20, 0.5)
+    assert plain_call(model, (ids,), {"max_new_tokens": 4})[4] == SamplingParams(0.6, 20, 0.95)
+    assert plain_call(model, (ids,), {"max_new_tokens": 4, "top_p": 0.5})[4] == SamplingParams(0.6, 20, 0.5)
     # warpers the loop does not have keep transformers' generate
     model.generation_config.min_p = 0.1
-    assert _plain_call(model, (ids,), {"max_new_tokens": 4}) is None
+    assert plain_call(model, (ids,), {"max_new_tokens": 4}) is None
 
 
 @pytest.mark.parametrize("params", [SamplingParams(1.0, 0, 1.0), SamplingParams(0.7, 5, 0.9), SamplingParams(1.3, 50, 0.8)])

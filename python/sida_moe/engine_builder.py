@@ -23,7 +23,7 @@ from torch import nn
 
 from sida_moe.adapters import Adapter, MoELayer, adapter_for
 from sida_moe.budget import BudgetSpec
-from sida_moe.decode_graph import install_generate
+from sida_moe.generate_route import install_generate
 from sida_moe.engine import OffloadEngine
 from sida_moe.experts import OffloadedExperts
 from sida_moe.format import ExpertFormat
