@@ -9,7 +9,8 @@ import pytest
 
 from sida_moe import cli
 from sida_moe.bench.report import budget_figure
-from sida_moe.bench.runner import BASELINES, BenchConfig, optional_parts, run_bench
+from sida_moe.bench.config import BASELINES, BenchConfig, optional_parts
+from sida_moe.bench.runner import run_bench
 
 _SMALL = ["--device", "cpu", "--budgets", "50%", "--policies", "lru", "--predictors", "none", "--prompt-tokens", "6",
           "--new-tokens", "3", "--accelerate-new-tokens", "2"]

@@ -6,7 +6,8 @@ import json
 import pytest
 import torch
 
-from sida_moe.bench.runner import BenchConfig, run_bench
+from sida_moe.bench.config import BenchConfig
+from sida_moe.bench.runner import run_bench
 
 
 class FakeClock:
@@ -251,7 +252,7 @@ def test_fastest_experts_implementation_is_measured():
 def test_token_agreement_says_where_tokens_differ():
     import torch
 
-    from sida_moe.bench.runner import token_agreement
+    from sida_moe.bench.metrics import token_agreement
 
     ref = torch.tensor([[5, 6, 7, 8], [1, 2, 3, 4]])
     same = token_agreement(ref.clone(), ref)
@@ -265,7 +266,7 @@ def test_token_agreement_says_where_tokens_differ():
 
 
 def test_logit_agreement_reports_the_difference_and_the_resident_margin_where_tokens_split():
-    from sida_moe.bench.runner import logit_agreement
+    from sida_moe.bench.metrics import logit_agreement
 
     ref = torch.zeros(2, 3, 5)
     ref[0, 1, :2] = torch.tensor([2.0, 1.5])  # row 0, step 1: a 0.5 margin between the top two
@@ -282,9 +283,9 @@ def test_logit_agreement_reports_the_difference_and_the_resident_margin_where_to
 def test_engine_metrics_stall_is_the_gpu_wait_and_acquire_is_reported_beside_it():
     import pytest
 
-    from sida_moe.bench.runner import _engine_metrics
+    from sida_moe.bench.metrics import engine_metrics
 
-    cuda = _engine_metrics({"stream_wait_seconds": 0.1, "acquire_stream_seconds": 0.3,
+    cuda = engine_metrics({"stream_wait_seconds": 0.1, "acquire_stream_seconds": 0.3,
                             "host_stall_seconds": 0.7, "stream_waits": 5.0, "bytes_copied": 7e6}, 7, 1.0, 10**6)
     assert cuda["stall_seconds"] == 0.1 and cuda["stall_fraction"] == pytest.approx(0.1)
     assert cuda["acquire_stream_seconds"] == 0.3 and cuda["acquire_stream_fraction"] == pytest.approx(0.3)
@@ -292,12 +293,12 @@ def test_engine_metrics_stall_is_the_gpu_wait_and_acquire_is_reported_beside_it(
     # the predictor's figures it reports, and none of those it does not (its metrics change)
     assert "predictor_recall" not in cuda
     # the link carries copies and the experts that table misses read in place
-    zero_copy = _engine_metrics({"bytes_copied": 7e6, "routed_misses": 2.0}, 7, 1.0, 35 * 10**5)
+    zero_copy = engine_metrics({"bytes_copied": 7e6, "routed_misses": 2.0}, 7, 1.0, 35 * 10**5)
     assert zero_copy["pcie_mb_per_token"] == pytest.approx(2.0)
-    sida = _engine_metrics({"prefetch_scored_experts": 12.0, "prefetch_hit_rate": 0.5}, 7, 1.0, 10**6)
+    sida = engine_metrics({"prefetch_scored_experts": 12.0, "prefetch_hit_rate": 0.5}, 7, 1.0, 10**6)
     assert sida["predictor_scored_experts"] == 12.0 and sida["predictor_recall"] == 0.5
     assert "predictor_precision" not in sida
-    host = _engine_metrics({"host_stall_seconds": 0.2, "stream_waits": 0.0}, 7, 1.0, 10**6)
+    host = engine_metrics({"host_stall_seconds": 0.2, "stream_waits": 0.0}, 7, 1.0, 10**6)
     assert host["stall_seconds"] == 0.2 and host["stall_fraction"] == pytest.approx(0.2)
     assert host["acquire_stream_seconds"] is None and host["acquire_stream_fraction"] is None
 
@@ -325,7 +326,7 @@ def test_the_stall_timer_on_the_host_backend_times_nothing():
 
 
 def test_decode_cache_metrics_are_the_n_token_call_less_the_one_token_call():
-    from sida_moe.bench.runner import decode_cache_metrics
+    from sida_moe.bench.metrics import decode_cache_metrics
 
     first = {"hits": 10.0, "misses": 30.0, "bytes_copied": 3e6, "forwards": 1.0}  # prefill + first token
     full = {"hits": 100.0, "misses": 60.0, "bytes_copied": 9e6, "forwards": 1.0}  # ... + 3 replayed steps
@@ -390,7 +391,7 @@ def test_zero_copy_probe_reads_the_pool_through_the_table_kernels(fake_clock):
 
 
 def test_host_ms_is_the_enqueue_probe_of_replayed_steps_else_process_time():
-    from sida_moe.bench.runner import _host_ms
+    from sida_moe.bench.metrics import host_ms
     from sida_moe.bench.timing import Call, DecodeTiming, Round
 
     def rnd(cpu_full, enqueue):
@@ -398,12 +399,12 @@ def test_host_ms_is_the_enqueue_probe_of_replayed_steps_else_process_time():
 
     replayed = [rnd(0.4, 0.07), rnd(0.4, 0.05), rnd(0.4, 0.06)]
     timing = DecodeTiming(1, 4, 5, replayed)
-    got = _host_ms(replayed, timing, torch.device("cuda"))
+    got = host_ms(replayed, timing, torch.device("cuda"))
     assert got["host_ms_per_step"] == pytest.approx(0.06) and got["host_ms_method"].startswith("enqueue")
     eager = [rnd(0.45, None), rnd(0.45, 0.05)]  # not every round replayed: process time
-    got = _host_ms(eager, DecodeTiming(1, 4, 5, eager), torch.device("cuda"))
+    got = host_ms(eager, DecodeTiming(1, 4, 5, eager), torch.device("cuda"))
     assert got["host_ms_per_step"] == pytest.approx(100.0) and "spin-waits" in got["host_ms_method"]
-    got = _host_ms(eager, DecodeTiming(1, 4, 5, eager), torch.device("cpu"))
+    got = host_ms(eager, DecodeTiming(1, 4, 5, eager), torch.device("cpu"))
     assert got["host_ms_method"] == "process CPU time"
 
 
@@ -423,7 +424,7 @@ def test_offload_drops_decode_steps_captured_on_the_resident_model():
 
 
 def test_resident_graphed_needs_cuda():
-    from sida_moe.bench.runner import optional_parts
+    from sida_moe.bench.config import optional_parts
 
     cpu = optional_parts(BenchConfig(device="cpu", baselines=("resident", "resident_graphed")))
     assert cpu == (("resident",), False, "skipping the resident_graphed baseline: CUDA graphs need a CUDA device")
@@ -591,7 +592,7 @@ def test_each_round_replays_new_routing_and_belady_follows_it(tmp_path, fake_clo
 
 
 def test_bench_refuses_a_routing_trace_it_cannot_replay(tmp_path):
-    from sida_moe.bench.runner import BenchInputError
+    from sida_moe.bench.config import BenchInputError
 
     with pytest.raises(BenchInputError, match="no such routing trace file"):
         run_bench(BenchConfig(device="cpu", routing_trace=str(tmp_path / "missing.npz"), progress=False))
@@ -602,7 +603,7 @@ def test_bench_refuses_a_routing_trace_it_cannot_replay(tmp_path):
 
 
 def test_bench_compile_needs_cuda():
-    from sida_moe.bench.runner import BenchInputError
+    from sida_moe.bench.config import BenchInputError
 
     with pytest.raises(BenchInputError, match="compile: .* needs a CUDA device"):
         run_bench(BenchConfig(device="cpu", compile=True, progress=False))

@@ -3,6 +3,7 @@ budget configuration against all-resident (transformers' loop, and its decode st
 graph), accelerate CPU offload, on-demand LRU and the SiDA paper's synchronous loading, on the
 same prompts in one process."""
 
-from sida_moe.bench.runner import BenchConfig, run_bench
+from sida_moe.bench.config import BenchConfig
+from sida_moe.bench.runner import run_bench
 
 __all__ = ["BenchConfig", "run_bench"]

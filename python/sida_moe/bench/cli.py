@@ -44,7 +44,7 @@ def _new_tokens(text: str) -> int:
 
 
 def _configure(p: argparse.ArgumentParser) -> None:
-    from sida_moe.bench.runner import BASELINES, POLICIES, PREDICTORS
+    from sida_moe.bench.config import BASELINES, POLICIES, PREDICTORS
     from sida_moe.presets import DEFAULT_PRESET
 
     p.add_argument("--model", default=DEFAULT_PRESET, help=f"preset name or checkpoint directory (default {DEFAULT_PRESET})")
@@ -82,7 +82,8 @@ def _configure(p: argparse.ArgumentParser) -> None:
 
 def _run(args: argparse.Namespace) -> int:
     from sida_moe.bench.report import markdown_table
-    from sida_moe.bench.runner import BenchConfig, BenchInputError, optional_parts, run_bench
+    from sida_moe.bench.config import BenchConfig, BenchInputError, optional_parts
+    from sida_moe.bench.runner import run_bench
 
     cfg = BenchConfig(
         model=args.model, device=args.device, dtype=args.dtype, budgets=args.budgets, policies=args.policies,

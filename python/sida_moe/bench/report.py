@@ -35,7 +35,7 @@ _COLUMNS = [
     ("prefetch_precision", "prefetch prec.", "{:.1%}"),
     ("pcie_mb_per_token", "PCIe MB/tok", "{:.1f}"),
     ("achieved_gbps", "GB/s", "{:.1f}"),
-    ("stall_fraction", "stall", "{:.1%}"),  # GPU wait on copies in flight (CUDA); see runner._engine_metrics
+    ("stall_fraction", "stall", "{:.1%}"),  # GPU wait on copies in flight (CUDA); see metrics.engine_metrics
     ("acquire_stream_fraction", "acquire", "{:.1%}"),  # stream time across acquire, host bookkeeping included
     ("same_tokens_as_resident", "same tokens", "{}"),
     # teacher-forced on the resident's tokens; see runner.logit_agreement

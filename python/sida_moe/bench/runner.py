@@ -10,13 +10,10 @@ from __future__ import annotations
 
 import contextlib
 import gc
-import hashlib
-import importlib
 import platform
-import statistics
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +21,16 @@ import torch
 from torch import nn
 
 from sida_moe.bench.bound import attach_bounds, zero_copy_gbps
+from sida_moe.bench.config import BenchConfig, BenchInputError, bench_device, optional_parts, sida_k
+from sida_moe.bench.metrics import (
+    decode_cache_metrics,
+    engine_metrics,
+    host_ms,
+    logit_agreement,
+    median_of,
+    teacher_forced_logits,
+    token_agreement,
+)
 from sida_moe.bench.observers import StallTimer, SyncLoads
 from sida_moe.bench.policy_replay import policy_hit_rates
 from sida_moe.bench.report import markdown_table, plot_timeline, plot_vs_budget, write_json
@@ -36,124 +43,6 @@ from sida_moe.bench.timing import DecodeTiming, Round, decode_seconds_per_step, 
 from sida_moe.sampling import SamplingParams
 from sida_moe.visit_trace import VisitRecorder
 
-POLICIES = ("lru", "lfu", "fifo", "predictive", "belady")
-PREDICTORS = ("none", "next_layer_gate", "sida")
-BASELINES = ("resident", "resident_graphed", "accelerate_cpu", "ondemand_lru", "sida_sync")
-#: how to get the optional parts: the ``bench`` extra declares accelerate and matplotlib
-INSTALL_HINT = 'python3 -m pip install ".[bench]" in the sida-moe checkout'
-
-
-class BenchInputError(ValueError):
-    """A bad benchmark input (configuration, model, prompt file, predictor); raised before the
-    first row runs."""
-
-
-@dataclass
-class BenchConfig:
-    """What to run. ``model`` is a preset name or a checkpoint directory."""
-
-    model: str = "qwen3-moe-tiny"
-    device: str | None = None
-    dtype: str | None = None
-    budgets: tuple[float, ...] = (0.1, 0.25, 0.5)
-    policies: tuple[str, ...] = ("lru", "predictive", "belady")
-    predictors: tuple[str, ...] = ("none", "next_layer_gate")
-    predictor_path: str | None = None
-    prompt_file: str | None = None  # real text for the prompts (trained models); default random ids
-    # a trained model's recorded routing (.npz, sida_moe.bench.replay) replayed by every system
-    # instead of the routers' choices: random-weight presets then see a trained router's locality
-    routing_trace: str | None = None
-    batch_sizes: tuple[int, ...] = (1,)
-    prompt_tokens: int = 32
-    new_tokens: int = 32
-    rounds: int = 3  # interleaved timing rounds per system (accelerate_cpu: one)
-    baselines: tuple[str, ...] = BASELINES
-    accelerate_new_tokens: int = 4
-    seed: int = 0
-    timeline: bool = True
-    # Random-weight presets decode greedily into one repeated token, whose routing never changes
-    # (a cache's best case). Sampling (seeded, identical for every system) gives varied tokens.
-    sample: bool | None = None  # None: sample for presets, greedy for checkpoints
-    # the graphed decode steps (sida-moe's rows, resident_graphed) compiled with torch.compile first
-    compile: bool = False
-    out_dir: str | None = None
-    progress: bool = True
-    extra: dict[str, Any] = field(default_factory=dict)
-
-    def validate(self) -> None:
-        """Raise :class:`BenchInputError` (a ValueError) for a bad name, number or path."""
-        bad = [p for p in self.policies if p not in POLICIES]
-        if bad:
-            raise BenchInputError(f"unknown policies {bad}; choose from {POLICIES}")
-        bad = [p for p in self.predictors if p not in PREDICTORS and _sida_k(p) is None]
-        if bad:
-            raise BenchInputError(f"unknown predictors {bad}; choose from {PREDICTORS}, or sida@K (K experts per layer)")
-        if any(p.startswith("sida") for p in self.predictors) and not self.predictor_path:
-            raise BenchInputError("the 'sida' predictor needs predictor_path (a trained predictor directory)")
-        bad = [b for b in self.baselines if b not in BASELINES]
-        if bad:
-            raise BenchInputError(f"unknown baselines {bad}; choose from {BASELINES}")
-        if not self.budgets or any(not (0 < b <= 1) for b in self.budgets):
-            raise BenchInputError(f"budgets must be fractions in (0, 1], got {self.budgets}")
-        if not self.batch_sizes or any(b < 1 for b in self.batch_sizes) or self.prompt_tokens < 1 or self.new_tokens < 2:
-            raise BenchInputError("batch sizes and prompt_tokens must be >= 1 and new_tokens >= 2")
-        if self.rounds < 1:
-            raise BenchInputError(f"rounds must be >= 1, got {self.rounds}")
-        if self.compile and bench_device(self).type != "cuda":
-            raise BenchInputError("compile: the compiled decode step is replayed from a CUDA graph; it needs a CUDA "
-                                  f"device, not {bench_device(self)}")
-        if self.routing_trace is not None:
-            from sida_moe.bench.replay import RoutingTraceError, load_routing_trace
-
-            try:
-                load_routing_trace(self.routing_trace)
-            except RoutingTraceError as e:
-                raise BenchInputError(str(e)) from None
-        if self.prompt_file is not None and not Path(self.prompt_file).is_file():
-            raise BenchInputError(f"prompt file {self.prompt_file!r} is not a file")
-        if self.predictor_path is not None and any(p.startswith("sida") for p in self.predictors):
-            from sida_moe.predictor.model import has_predictor
-
-            if not has_predictor(self.predictor_path):
-                raise BenchInputError(f"predictor path {self.predictor_path!r} holds no trained predictor "
-                                      "(predictor.json + predictor.safetensors from sida-moe train-predictor)")
-
-
-def bench_device(cfg: BenchConfig) -> torch.device:
-    return torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-
-
-def optional_parts(cfg: BenchConfig) -> tuple[tuple[str, ...], bool, str | None]:
-    """What of ``cfg`` this installation and device can run: the baselines, whether to plot, and a
-    one-line note naming what is skipped and why (None when nothing is)."""
-    def importable(name: str) -> bool:
-        try:
-            importlib.import_module(name)
-        except ImportError:
-            return False
-        return True
-
-    baselines, plots, missing, skipped = cfg.baselines, bool(cfg.out_dir), [], []
-    if "accelerate_cpu" in baselines and not importable("accelerate"):
-        baselines = tuple(b for b in baselines if b != "accelerate_cpu")
-        missing.append("accelerate")
-        skipped.append("the accelerate_cpu baseline")
-    if plots and not importable("matplotlib"):
-        plots = False
-        missing.append("matplotlib")
-        skipped.append("the plots (bench.json and bench.md are still written)")
-    notes = []
-    if missing:
-        notes.append(f"skipping {' and '.join(skipped)}: {' and '.join(missing)} "
-                     f"{'is' if len(missing) == 1 else 'are'} not installed ({INSTALL_HINT})")
-    if "resident_graphed" in baselines:
-        if bench_device(cfg).type != "cuda":
-            baselines = tuple(b for b in baselines if b != "resident_graphed")
-            notes.append("skipping the resident_graphed baseline: CUDA graphs need a CUDA device")
-    return baselines, plots, "; ".join(notes) or None
-
-
-# ----------------------------------------------------------------------------- building blocks
 def _load_model(cfg: BenchConfig, device: torch.device, dtype: torch.dtype) -> nn.Module:
     from sida_moe.presets import PRESETS, build_model
 
@@ -221,45 +110,6 @@ def _prompts(model: nn.Module, batch: int, length: int, seed: int, device: torch
     return {"input_ids": ids.to(device), "attention_mask": mask.to(device)}
 
 
-def token_agreement(tokens: torch.Tensor, reference: torch.Tensor | None) -> dict[str, Any]:
-    """``tokens_digest`` (which systems generated the same tokens as each other) and, against the
-    resident model's ``reference`` tokens, ``same_tokens_as_resident`` and where they first differ
-    (a bf16 near-tie can flip under another GEMM's summation order)."""
-    out: dict[str, Any] = {"tokens_digest": hashlib.sha1(tokens.to(torch.int64).numpy().tobytes()).hexdigest()[:12]}
-    if reference is not None:
-        out["same_tokens_as_resident"] = bool(torch.equal(tokens, reference))
-        if not out["same_tokens_as_resident"]:
-            differs = (tokens != reference).any(dim=0).nonzero() if tokens.shape == reference.shape else None
-            out["first_token_differing_from_resident"] = int(differs[0]) if differs is not None and differs.numel() else 0
-    return out
-
-
-def teacher_forced_logits(model: nn.Module, prompts: dict[str, torch.Tensor], tokens: torch.Tensor) -> torch.Tensor:
-    """``[B, n, V]`` float32 logits (host) the model gives each of the ``n`` generated positions when
-    fed the prompt and ``tokens [B, n]`` in one forward: every system is scored on the same input."""
-    ids = prompts["input_ids"]
-    tokens = tokens.to(ids.device)
-    full = torch.cat([ids, tokens], dim=1)
-    mask = torch.cat([prompts["attention_mask"], torch.ones_like(tokens)], dim=1)
-    with torch.inference_mode():
-        logits = model(input_ids=full, attention_mask=mask).logits
-    p = ids.shape[1]
-    return logits[:, p - 1 : p - 1 + tokens.shape[1]].float().cpu()
-
-
-def logit_agreement(logits: torch.Tensor, reference_logits: torch.Tensor, first_difference: int | None) -> dict[str, Any]:
-    """How far a system's teacher-forced logits are from the resident model's (the same input), and,
-    where its greedy tokens first differed, the resident's own top-1 / top-2 logit margin there: a
-    margin below the logit difference is a near-tie that rounding (another kernel's summation order)
-    may flip, not a wrong expert."""
-    out: dict[str, Any] = {"logits_max_abs_diff": float((logits - reference_logits).abs().max())}
-    if first_difference is not None and first_difference < reference_logits.shape[1]:
-        top2 = reference_logits[:, first_difference].topk(2, dim=-1).values
-        out["resident_margin_at_first_difference"] = float((top2[:, 0] - top2[:, 1]).min())
-    return out
-
-
-# the bench's sampling: the model's distribution itself, no filter
 _SAMPLING = {"temperature": 1.0, "top_k": 0, "top_p": 1.0}
 
 
@@ -295,87 +145,6 @@ def _reset_peak(device: torch.device) -> None:
         torch.cuda.reset_peak_memory_stats(device)
 
 
-def _engine_metrics(s: dict[str, Any], tokens: int, seconds: float, expert_nbytes: int) -> dict[str, Any]:
-    """Cache and copy metrics of one call (``s``: the engine's stats after it, reset before it;
-    ``tokens`` prompt and generated of the whole batch; ``seconds`` its wall time). The stall is,
-    on CUDA (``StallTimer``), the GPU time the compute stream waited on slot-ready
-    events of copies still in flight (``stream_wait_seconds``); on the host backend, where copies
-    are synchronous memcpy, the host time of the acquire calls that had to load or wait
-    (``host_stall_seconds``). The acquire fraction (CUDA only) is the older, wider measurement:
-    compute-stream time between CUDA events recorded just before and after each acquire call,
-    which in a host-bound decode also counts the host's bookkeeping inside acquire. Both
-    fractions are over the call's time (prefill + decode). PCIe bytes are the copies into slots
-    plus the experts that table-path misses read in place from the pinned pool."""
-    issued = s.get("prefetch_issued", 0.0)
-    stall = s.get("stream_wait_seconds", s.get("host_stall_seconds", 0.0))
-    acquire = s.get("acquire_stream_seconds")
-    return {
-        "hit_rate": s.get("hit_rate"),
-        "hits": s.get("hits"),
-        "misses": s.get("misses"),
-        "prefetch_issued": issued,
-        "prefetch_used": s.get("prefetch_used"),
-        "prefetch_precision": s.get("prefetch_used", 0.0) / issued if issued else None,
-        "pcie_mb_per_token": (s.get("bytes_copied", 0.0) + s.get("routed_misses", 0.0) * expert_nbytes) / 1e6 / max(tokens, 1),
-        "achieved_gbps": s.get("achieved_gbps"),
-        "stall_seconds": stall,
-        "stall_fraction": stall / seconds if seconds > 0 else None,
-        "stream_waits": s.get("stream_waits"),
-        "acquire_stream_seconds": acquire,
-        "acquire_stream_fraction": acquire / seconds if acquire is not None and seconds > 0 else None,
-        "num_slots": s.get("num_slots"),
-        "slot_gib": s.get("slot_bytes", 0.0) / 2**30,
-        # the prefetcher's own scores of its predictions, those it reports (absent for others)
-        **{name: s[f"prefetch_{key}"] for key, name in (
-            ("hit_rate", "predictor_recall"), ("precision", "predictor_precision"),
-            ("scored_experts", "predictor_scored_experts"))
-            if f"prefetch_{key}" in s},
-    }
-
-
-def decode_cache_metrics(first: dict[str, Any], full: dict[str, Any], steps: int, expert_nbytes: int) -> dict[str, Any]:
-    """Decode-only cache figures of one round: the engine's counters after the N-token call less
-    those after the 1-token call (each reset before its call: prefill and the first token cancel),
-    per decode step (``steps`` = N - 1; a step makes one token per row). Each miss reads its
-    expert's bytes once over the host link: in place (zero-copy) on the expert-table path, as a
-    copy into a slot on the acquire path; ``copied`` is what the copy engines moved (demand loads
-    of misses, prefetches). ``decode_eager_steps``: steps run as model forwards, not graph replays."""
-    # the two prefills meet different cache contents, so a difference can dip below zero when the
-    # decode part is small: counted as zero
-    d = {k: max(float(full.get(k, 0.0)) - float(first.get(k, 0.0)), 0.0)
-         for k in ("hits", "misses", "bytes_copied", "forwards")}
-    lookups = d["hits"] + d["misses"]
-    return {
-        "decode_hit_rate": d["hits"] / lookups if lookups > 0 else None,
-        "decode_misses_per_step": d["misses"] / steps,
-        "decode_miss_mb_per_step": d["misses"] * expert_nbytes / steps / 1e6,
-        "decode_copied_mb_per_step": d["bytes_copied"] / steps / 1e6,
-        "decode_eager_steps": d["forwards"],
-    }
-
-
-def _median_of(dicts: list[dict[str, Any]]) -> dict[str, Any]:
-    """Key by key, the median over rounds of the numbers (None where a round has none)."""
-    out: dict[str, Any] = {}
-    for k in dicts[0]:
-        vals = [d[k] for d in dicts if isinstance(d.get(k), (int, float)) and not isinstance(d.get(k), bool)]
-        out[k] = statistics.median(vals) if len(vals) == len(dicts) else None
-    return out
-
-
-def _host_ms(rounds: list[Round], timing: DecodeTiming, device: torch.device) -> dict[str, Any]:
-    """Host CPU per decode step. A replayed decode step is one launch: on CUDA the inference thread
-    busy-waits on the full launch queue meanwhile, so its CPU time is the decode time, not the
-    host's cost; that is the host time of one replay with the device idle (``enqueue_ms``).
-    Otherwise the process CPU time per step (every thread); on CUDA it includes the spin-waits
-    on the device's work (an upper bound)."""
-    probes = [r.extra.get("enqueue_ms") for r in rounds]
-    if probes and all(p is not None for p in probes):
-        return {"host_ms_per_step": statistics.median(probes), "host_ms_method": "enqueue of one graph replay, device idle"}
-    return {"host_ms_per_step": statistics.median(timing.cpu_seconds_per_step()) * 1e3,
-            "host_ms_method": "process CPU time" + (" (includes spin-waits on the device)" if device.type == "cuda" else "")}
-
-
 def _skip_out_of_memory(meta: dict[str, Any], model: nn.Module, device: torch.device, what: str,
                         error: BaseException) -> None:
     """One line on stderr and a note in the report for rows that ran out of memory; the steps
@@ -391,14 +160,6 @@ def _skip_out_of_memory(meta: dict[str, Any], model: nn.Module, device: torch.de
     meta.setdefault("skipped_out_of_memory", []).append({"rows": what, "error": reason})
 
 
-def _sida_k(name: str) -> int | None:
-    """K of a ``sida@K`` predictor name (prefetch K predicted experts per token and layer), else None."""
-    head, sep, tail = name.partition("@")
-    if head != "sida" or not sep or not tail.isdigit() or int(tail) < 1:
-        return None
-    return int(tail)
-
-
 def _make_prefetcher(name: str, cfg: BenchConfig, oracle: bool = False):
     """``oracle``: the policy is Belady, fed the true future; the SiDA prefetcher then must not
     replace that future with its predicted one."""
@@ -407,7 +168,7 @@ def _make_prefetcher(name: str, cfg: BenchConfig, oracle: bool = False):
     if name.startswith("sida"):
         from sida_moe.predictor import load_prefetcher
 
-        return load_prefetcher(cfg.predictor_path, k=_sida_k(name), feed_future=not oracle)
+        return load_prefetcher(cfg.predictor_path, k=sida_k(name), feed_future=not oracle)
     return make_prefetcher(name)
 
 
@@ -530,7 +291,7 @@ def run_bench(cfg: BenchConfig) -> list[dict[str, Any]]:
                tokens: bool = True) -> dict[str, Any]:
         timing = DecodeTiming(batch, cfg.prompt_tokens, n, rounds)
         row = {"system": system, "policy": "-", "predictor": "-", "budget_fraction": None, **timing.summary(),
-               **_host_ms(rounds, timing, device), **extra}
+               **host_ms(rounds, timing, device), **extra}
         row["batch_size"] = batch
         peaks = [r.extra.get("peak_gpu_gib") for r in rounds]
         row["peak_gpu_gib"] = max(peaks) if None not in peaks else None
@@ -744,14 +505,14 @@ def run_bench(cfg: BenchConfig) -> list[dict[str, Any]]:
                 key = f"{system} {policy} {predictor}"
                 rr = timed_rounds[key]
                 last = rr[-1]
-                decode = _median_of([r.extra["decode"] for r in rr])
+                decode = median_of([r.extra["decode"] for r in rr])
                 graph_replays = decode["decode_eager_steps"] == 0
                 extra = {"policy": policy, "predictor": predictor, "budget_fraction": budget,
                          "decode_loop": "graph replay" if graph_replays else "eager",
                          "decode_misses_served": ("in place (zero-copy)" if last.extra["table_decode"]
                                                   else "copied into slots"),
                          **decode,
-                         **_engine_metrics(last.full_seen, b * (cfg.prompt_tokens + n_new), last.full.wall_s, engine.expert_nbytes),
+                         **engine_metrics(last.full_seen, b * (cfg.prompt_tokens + n_new), last.full.wall_s, engine.expert_nbytes),
                          **({"policy_hit_rate": alone[policy]} if policy in alone else {}),
                          **agreements[key]}
                 record(system, b, rr, n_new, extra)
