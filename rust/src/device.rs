@@ -224,6 +224,40 @@ impl Device for HostDevice {
     }
 }
 
+/// In a test device wrapping a `host: HostDevice` field, the memory and copy operations forwarded
+/// to it (the test device changes only what it observes: events, streams, kinds).
+#[cfg(test)]
+macro_rules! forward_memory_to_host {
+    () => {
+        fn alloc_pool(&self, bytes: usize) -> crate::error::Result<usize> {
+            self.host.alloc_pool(bytes)
+        }
+        fn free_pool(&self, addr: usize, bytes: usize) {
+            self.host.free_pool(addr, bytes)
+        }
+        fn alloc_slots(&self, bytes: usize) -> crate::error::Result<u64> {
+            self.host.alloc_slots(bytes)
+        }
+        fn free_slots(&self, addr: u64, bytes: usize) {
+            self.host.free_slots(addr, bytes)
+        }
+        fn create_stream(&self, high_priority: bool) -> crate::error::Result<crate::device::StreamHandle> {
+            self.host.create_stream(high_priority)
+        }
+        unsafe fn copy_to_slot(&self, dst: u64, src: usize, n: usize, stream: crate::device::StreamHandle) -> crate::error::Result<()> {
+            unsafe { self.host.copy_to_slot(dst, src, n, stream) }
+        }
+        unsafe fn copy_from_slot(&self, dst: usize, src: u64, n: usize) -> crate::error::Result<()> {
+            unsafe { self.host.copy_from_slot(dst, src, n) }
+        }
+        unsafe fn copy_to_host_async(&self, dst: usize, src: u64, n: usize, stream: crate::device::StreamHandle) -> crate::error::Result<()> {
+            unsafe { self.host.copy_to_host_async(dst, src, n, stream) }
+        }
+    };
+}
+#[cfg(test)]
+pub(crate) use forward_memory_to_host;
+
 /// Open a backend by name: "host", "cuda" (error without a usable driver/device) or "auto".
 pub fn open(kind: &str, ordinal: i64) -> Result<SharedDevice> {
     if ordinal < 0 {

@@ -367,6 +367,7 @@ mod tests {
     }
 
     impl Device for StreamLog {
+        crate::device::forward_memory_to_host!();
         fn kind(&self) -> DeviceKind {
             DeviceKind::Cuda
         }
@@ -376,35 +377,11 @@ mod tests {
         fn bind_thread(&self) -> Result<()> {
             Ok(())
         }
-        fn alloc_pool(&self, bytes: usize) -> Result<usize> {
-            self.host.alloc_pool(bytes)
-        }
-        fn free_pool(&self, addr: usize, bytes: usize) {
-            self.host.free_pool(addr, bytes)
-        }
-        fn alloc_slots(&self, bytes: usize) -> Result<u64> {
-            self.host.alloc_slots(bytes)
-        }
-        fn free_slots(&self, addr: u64, bytes: usize) {
-            self.host.free_slots(addr, bytes)
-        }
-        fn create_stream(&self, high_priority: bool) -> Result<StreamHandle> {
-            self.host.create_stream(high_priority)
-        }
         fn destroy_stream(&self, _stream: StreamHandle) {}
         fn create_event(&self, kind: EventKind) -> Result<EventHandle> {
             self.host.create_event(kind)
         }
         fn destroy_event(&self, _event: EventHandle) {}
-        unsafe fn copy_to_slot(&self, dst: u64, src: usize, n: usize, stream: StreamHandle) -> Result<()> {
-            unsafe { self.host.copy_to_slot(dst, src, n, stream) }
-        }
-        unsafe fn copy_from_slot(&self, dst: usize, src: u64, n: usize) -> Result<()> {
-            unsafe { self.host.copy_from_slot(dst, src, n) }
-        }
-        unsafe fn copy_to_host_async(&self, dst: usize, src: u64, n: usize, stream: StreamHandle) -> Result<()> {
-            unsafe { self.host.copy_to_host_async(dst, src, n, stream) }
-        }
         fn record_event(&self, event: EventHandle, stream: StreamHandle) -> Result<()> {
             self.log.lock().push(Op::Record(event, stream));
             Ok(())

@@ -118,6 +118,7 @@ struct InFlightDevice {
 const WAIT_MS: f32 = 2.0;
 
 impl crate::device::Device for InFlightDevice {
+    crate::device::forward_memory_to_host!();
     fn kind(&self) -> DeviceKind {
         DeviceKind::Host
     }
@@ -126,21 +127,6 @@ impl crate::device::Device for InFlightDevice {
     }
     fn bind_thread(&self) -> Result<()> {
         Ok(())
-    }
-    fn alloc_pool(&self, bytes: usize) -> Result<usize> {
-        self.host.alloc_pool(bytes)
-    }
-    fn free_pool(&self, addr: usize, bytes: usize) {
-        self.host.free_pool(addr, bytes)
-    }
-    fn alloc_slots(&self, bytes: usize) -> Result<u64> {
-        self.host.alloc_slots(bytes)
-    }
-    fn free_slots(&self, addr: u64, bytes: usize) {
-        self.host.free_slots(addr, bytes)
-    }
-    fn create_stream(&self, high_priority: bool) -> Result<StreamHandle> {
-        self.host.create_stream(high_priority)
     }
     fn destroy_stream(&self, _stream: StreamHandle) {}
     fn create_event(&self, kind: EventKind) -> Result<EventHandle> {
@@ -152,15 +138,6 @@ impl crate::device::Device for InFlightDevice {
     }
     fn destroy_event(&self, event: EventHandle) {
         self.destroyed.lock().push(event);
-    }
-    unsafe fn copy_to_slot(&self, dst: u64, src: usize, n: usize, stream: StreamHandle) -> Result<()> {
-        unsafe { self.host.copy_to_slot(dst, src, n, stream) }
-    }
-    unsafe fn copy_from_slot(&self, dst: usize, src: u64, n: usize) -> Result<()> {
-        unsafe { self.host.copy_from_slot(dst, src, n) }
-    }
-    unsafe fn copy_to_host_async(&self, dst: usize, src: u64, n: usize, stream: StreamHandle) -> Result<()> {
-        unsafe { self.host.copy_to_host_async(dst, src, n, stream) }
     }
     fn record_event(&self, event: EventHandle, _stream: StreamHandle) -> Result<()> {
         if self.timing_events.lock().contains(&event) {
