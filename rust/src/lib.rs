@@ -14,6 +14,7 @@ pub mod expert_table;
 pub mod policy;
 pub mod pool;
 pub mod prefetch;
+pub mod simulate;
 pub mod slot_cache;
 pub mod stats;
 

@@ -6,19 +6,19 @@ use pyo3::types::PyDict;
 
 use super::args::{type_name, visit_list};
 use super::errors::IntoPy;
-use crate::cache;
+use crate::simulate;
 use crate::policy::PolicyKind;
 
 /// `path` of simulate_policy: one name for every visit (default "acquire") or a sequence of one per visit.
-fn sim_paths(path: Option<&Bound<'_, PyAny>>) -> PyResult<Vec<cache::SimPath>> {
-    let Some(path) = path else { return Ok(vec![cache::SimPath::Acquire]) };
+fn sim_paths(path: Option<&Bound<'_, PyAny>>) -> PyResult<Vec<simulate::SimPath>> {
+    let Some(path) = path else { return Ok(vec![simulate::SimPath::Acquire]) };
     if let Ok(name) = path.extract::<String>() {
-        return Ok(vec![cache::SimPath::parse(&name).py_err()?]);
+        return Ok(vec![simulate::SimPath::parse(&name).py_err()?]);
     }
     let names: Vec<String> = path.extract().map_err(|_| {
         PyTypeError::new_err(format!("path must be \"acquire\", \"table\" or a sequence of them, got {}", type_name(path)))
     })?;
-    names.iter().map(|n| cache::SimPath::parse(n).py_err()).collect()
+    names.iter().map(|n| simulate::SimPath::parse(n).py_err()).collect()
 }
 
 #[pyfunction]
@@ -35,8 +35,8 @@ pub(super) fn simulate_policy<'py>(
     let trace = visit_list(trace, "trace")?;
     let kind = PolicyKind::parse(policy).py_err()?;
     let paths = sim_paths(path)?;
-    let keys = cache::trace_keys(&trace).py_err()?;
-    let c = py.detach(|| cache::simulate_steps(kind, num_slots, &keys, future, &paths, count_from)).py_err()?;
+    let keys = simulate::trace_keys(&trace).py_err()?;
+    let c = py.detach(|| simulate::simulate_steps(kind, num_slots, &keys, future, &paths, count_from)).py_err()?;
     let d = PyDict::new(py);
     d.set_item("hits", c.hits)?;
     d.set_item("misses", c.misses)?;
