@@ -20,13 +20,8 @@ from sida_moe.train import RoutingRecorder, TrainConfig, evaluate, load_traces, 
 from sida_moe.train.cachesim import simulate_decode
 from sida_moe.predictor.hash_routing import hash_route
 from sida_moe.train.traces import chunk_token_ids, split_held_out
-from sida_moe.train.predictor_training import (
-    TEMPERATURE_GRID,
-    distillation_loss,
-    fit_weight_temperature,
-    predictor_config_for,
-    weight_errors,
-)
+from sida_moe.train.evaluation import TEMPERATURE_GRID, fit_weight_temperature, weight_errors
+from sida_moe.train.predictor_training import distillation_loss, predictor_config_for
 
 
 def tiny_qwen3(seed: int = 0, layers: int = 3, experts: int = 8, top_k: int = 2):
@@ -327,7 +322,7 @@ def test_traces_of_several_corpora_load_together_and_compact(model, trace_dir, t
     """A second corpus' trace of the same model is appended in order; compact loading keeps the
     on-disk dtypes and trains and evaluates like the widened copy; a trace of another recording
     (or another model) is refused with the key that differs."""
-    from sida_moe.train.predictor_training import _Batches
+    from sida_moe.train.batches import TraceBatches
 
     g = torch.Generator().manual_seed(1)
     extra = tmp_path / "extra"
@@ -343,8 +338,8 @@ def test_traces_of_several_corpora_load_together_and_compact(model, trace_dir, t
     assert (small.input_ids.dtype, small.topk_ids.dtype, small.logit_vals.dtype, small.gate_ids.dtype) == (
         torch.int32, torch.int16, torch.float16, torch.int16)
     rows = torch.tensor([12, 0, 5])
-    for a, b in zip(_Batches(both, torch.device("cpu"), 3, resident=False)(rows),
-                    _Batches(small, torch.device("cpu"), 3, resident=False)(rows)):
+    for a, b in zip(TraceBatches(both, torch.device("cpu"), 3, resident=False)(rows),
+                    TraceBatches(small, torch.device("cpu"), 3, resident=False)(rows)):
         assert a.dtype == b.dtype and torch.equal(a, b)
     pred, _ = train_predictor(small, TrainConfig(steps=3, batch_size=4, fit_gate=False), progress=False)
     assert evaluate(pred, small)["mean_recall@2"] == pytest.approx(evaluate(pred, both)["mean_recall@2"])
@@ -357,7 +352,7 @@ def test_traces_of_several_corpora_load_together_and_compact(model, trace_dir, t
 def test_fused_correction_weights_are_fitted_and_saved(trace_dir, tmp_path):
     """fit_gate_weights picks, per layer >= 1, the grid weight with the best recall on the trace; the
     held-out report's fused recall is that recall; the weights survive save/load."""
-    from sida_moe.train.predictor_training import fit_gate_weights
+    from sida_moe.train.evaluation import fit_gate_weights
 
     traces = load_traces(trace_dir)
     cfg = TrainConfig(steps=40, batch_size=8, warmup_steps=5, lr=3e-3, target="topk", fit_gate=False)
@@ -507,11 +502,11 @@ def test_a_next_token_predictor_is_saved_and_refused_by_hash_routing(model, trac
 def test_device_resident_batches_match_the_host_path(trace_dir):
     """The compact copy a GPU trains from (int16 ids, fp16 logits, top-T columns only) gives the same
     batches as gathering on the host, up to fp16 rounding of the logits."""
-    from sida_moe.train.predictor_training import _Batches
+    from sida_moe.train.batches import TraceBatches
 
     traces = load_traces(trace_dir)
     cpu = torch.device("cpu")
-    host, compact = _Batches(traces, cpu, top_t=3, resident=False), _Batches(traces, cpu, top_t=3, resident=True)
+    host, compact = TraceBatches(traces, cpu, top_t=3, resident=False), TraceBatches(traces, cpu, top_t=3, resident=True)
     assert compact.logit_ids.dtype == torch.int16 and compact.logit_vals.dtype == torch.float16
     rows = torch.tensor([3, 0, 3, 1])
     for a, b in zip(host(rows), compact(rows)):

@@ -1,16 +1,11 @@
 """Training SiDA's predictor (research and offline work, not imported when serving): routing
 traces recorded from a model (``traces``), truncated knowledge distillation of the hash-function
-network (``predictor_training``), lookahead heads (``lookahead``), a trace-driven cache simulation
+network (``predictor_training``, with its batches and its ``evaluation``), lookahead heads (``lookahead``), a trace-driven cache simulation
 (``cachesim``) and the ``sida-moe`` training commands (``cli``)."""
 
 from sida_moe.train.lookahead import LookaheadConfig, evaluate_lookahead, train_lookahead
-from sida_moe.train.predictor_training import (
-    TrainConfig,
-    evaluate,
-    fit_gate_weights,
-    fit_weight_temperature,
-    train_predictor,
-)
+from sida_moe.train.evaluation import evaluate, fit_gate_weights, fit_weight_temperature
+from sida_moe.train.predictor_training import TrainConfig, train_predictor
 from sida_moe.train.traces import RoutingRecorder, Traces, load_traces, record_traces
 
 __all__ = [

@@ -200,7 +200,8 @@ def run_train(args: argparse.Namespace) -> int:
     import torch
 
     from sida_moe.train.traces import load_traces
-    from sida_moe.train.predictor_training import TrainConfig, format_report, train_predictor
+    from sida_moe.train.evaluation import format_report
+    from sida_moe.train.predictor_training import TrainConfig, train_predictor
 
     if args.attn_blocks and args.hidden % args.attn_heads:
         raise UserError(f"--attn-heads {args.attn_heads} must divide --hidden {args.hidden} (the width of the attention blocks)")
