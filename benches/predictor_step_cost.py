@@ -31,7 +31,8 @@ from predictor_common import import_predictor_package  # noqa: E402
 import_predictor_package()
 
 from sida_moe.predictor.graphed import GraphedDecoder  # noqa: E402
-from sida_moe.predictor.model import HashPredictor, PredictorConfig  # noqa: E402
+from sida_moe.predictor.model import HashPredictor  # noqa: E402
+from sida_moe.predictor.config import PredictorConfig  # noqa: E402
 
 REFERENCE = dict(input_dim=512, num_moe_layers=8, num_experts=32, top_k=4, hidden=512, head_hidden=256, attn_blocks=2)
 

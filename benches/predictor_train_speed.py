@@ -27,7 +27,8 @@ from predictor_common import import_predictor_package  # noqa: E402
 
 import_predictor_package()
 
-from sida_moe.predictor.model import HashPredictor, PredictorConfig  # noqa: E402
+from sida_moe.predictor.model import HashPredictor  # noqa: E402
+from sida_moe.predictor.config import PredictorConfig  # noqa: E402
 from sida_moe.predictor.sparsemax import sparsemax  # noqa: E402
 from sida_moe.train.predictor_training import _tf32_matmuls, distillation_loss  # noqa: E402
 

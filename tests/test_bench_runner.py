@@ -188,7 +188,8 @@ def test_bench_with_a_sida_predictor_and_more_predicted_experts(tmp_path):
     model's tokens."""
     import torch
 
-    from sida_moe.predictor.model import HashPredictor, PredictorConfig
+    from sida_moe.predictor.model import HashPredictor
+    from sida_moe.predictor.config import PredictorConfig
     from sida_moe.presets import build_model
 
     c = build_model("qwen3-moe-tiny", device="cpu").config

@@ -4,7 +4,8 @@ import pytest
 import torch
 
 from sida_moe.cli import main
-from sida_moe.predictor.model import HashPredictor, PredictorConfig
+from sida_moe.predictor.model import HashPredictor
+from sida_moe.predictor.config import PredictorConfig
 
 
 def _checkpoint(tmp_path, with_predictor: bool):

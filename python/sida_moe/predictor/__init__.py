@@ -4,7 +4,8 @@ traces, truncated-KD training, lookahead heads) is ``sida_moe.train``."""
 
 from sida_moe.predictor.graphed import GraphedDecoder
 from sida_moe.predictor.hash_routing import HashRouting
-from sida_moe.predictor.model import HashPredictor, PredictorConfig, PredictorState, has_predictor
+from sida_moe.predictor.model import HashPredictor, PredictorState, has_predictor
+from sida_moe.predictor.config import PredictorConfig
 from sida_moe.predictor.moe_layers import MoELayer, find_moe_layers
 from sida_moe.predictor.prefetcher import SidaPrefetcher, load_prefetcher
 from sida_moe.predictor.sparsemax import sparsemax

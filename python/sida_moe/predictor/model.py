@@ -59,100 +59,17 @@ from __future__ import annotations
 import json
 import math
 import os
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from sida_moe.predictor.blocks import CausalBlock, LookaheadHeads
+from sida_moe.predictor.config import CONFIG_NAME, WEIGHTS_NAME, PredictorConfig
 from sida_moe.predictor.sparsemax import sparsemax
 
-WEIGHTS_NAME = "predictor.safetensors"
-CONFIG_NAME = "predictor.json"
 _MASKED_SCORE = -1e9  # finite, so sparsemax gives masked keys exactly 0 without inf - inf = nan
-
-
-@dataclass
-class PredictorConfig:
-    """Sizes of a hash-function network, derived from the served model's config."""
-
-    input_dim: int  # the model's hidden size (embedding width)
-    num_moe_layers: int
-    num_experts: int
-    top_k: int  # experts per token of the served model
-    hidden: int = 256
-    lstm_layers: int = 2
-    head_hidden: int = 0  # 0: the paper's linear heads; > 0: a per-layer MLP head of this width
-    prev_token_routing: bool = False  # also input the previous token's true routing (decode variant)
-    conditioned: bool = False
-    attn_blocks: int = 0  # > 0: causal transformer blocks on top of the paper's features (deep variant)
-    attn_heads: int = 8  # heads of those blocks (hidden must divide by it)
-    # per MoE layer: weight of the next-layer gate's logits in the fused correction ([]: not fitted)
-    gate_weights: list[float] = field(default_factory=list)
-    lookahead_hidden: int = 0  # > 0: the lookahead heads' width (module docstring); 0: none
-    lookahead_previous_token: bool = False  # the heads also read the previous token's state (docstring)
-    dropout: float = 0.0  # training only: on the compressed input, each block's branches and the features
-    # per MoE layer: temperature of the predicted weights in hash routing ([]: 1; train.fit_weight_temperature)
-    weight_temperature: list[float] = field(default_factory=list)
-    moe_layer_ids: list[int] = field(default_factory=list)  # decoder-layer index of each MoE layer
-    model_type: str = ""
-    # tokens ahead whose routing it predicts from the tokens so far: 0 (each token's own) or 1 (the
-    # next token's: research, TrainConfig.target_shift; the prefetcher serves both, hash routing 0)
-    target_shift: int = 0
-
-    def __post_init__(self) -> None:
-        for name in ("input_dim", "num_moe_layers", "num_experts", "top_k", "hidden", "lstm_layers"):
-            if int(getattr(self, name)) <= 0:
-                raise ValueError(f"PredictorConfig.{name} must be a positive int, got {getattr(self, name)!r}")
-        if int(self.head_hidden) < 0:
-            raise ValueError(f"PredictorConfig.head_hidden must be >= 0 (0: linear heads), got {self.head_hidden!r}")
-        if int(self.lookahead_hidden) < 0:
-            raise ValueError(f"PredictorConfig.lookahead_hidden must be >= 0 (0: none), got {self.lookahead_hidden!r}")
-        if not 0.0 <= float(self.dropout) < 1.0:
-            raise ValueError(f"PredictorConfig.dropout must be in [0, 1), got {self.dropout!r}")
-        if int(self.attn_blocks) < 0:
-            raise ValueError(f"PredictorConfig.attn_blocks must be >= 0 (0: the paper's network), got {self.attn_blocks!r}")
-        if self.attn_blocks and (int(self.attn_heads) <= 0 or self.hidden % self.attn_heads):
-            raise ValueError(
-                f"PredictorConfig.attn_heads must be a positive divisor of hidden ({self.hidden}), got {self.attn_heads!r}"
-            )
-        if self.top_k > self.num_experts:
-            raise ValueError(f"top_k ({self.top_k}) cannot exceed num_experts ({self.num_experts})")
-        if isinstance(self.target_shift, bool) or self.target_shift not in (0, 1):
-            raise ValueError(f"PredictorConfig.target_shift must be 0 (each token's own routing) or 1 (the next "
-                             f"token's), got {self.target_shift!r}")
-        if self.moe_layer_ids and len(self.moe_layer_ids) != self.num_moe_layers:
-            raise ValueError(
-                f"moe_layer_ids has {len(self.moe_layer_ids)} entries but num_moe_layers is {self.num_moe_layers}"
-            )
-        if not self.moe_layer_ids:
-            self.moe_layer_ids = list(range(self.num_moe_layers))
-        if self.weight_temperature and (len(self.weight_temperature) != self.num_moe_layers
-                                        or not all(t > 0 for t in self.weight_temperature)):
-            raise ValueError(f"weight_temperature must hold one positive temperature per MoE layer "
-                             f"({self.num_moe_layers}), got {self.weight_temperature!r}")
-        if self.gate_weights and len(self.gate_weights) != self.num_moe_layers:
-            raise ValueError(
-                f"gate_weights has {len(self.gate_weights)} entries but num_moe_layers is {self.num_moe_layers}"
-            )
-
-    def require_own_routing(self, user: str) -> None:
-        """ValueError naming ``user`` (something that refines or routes by a token's own predicted
-        experts) for a predictor of the next token's routing (``target_shift=1``)."""
-        if self.target_shift:
-            raise ValueError(f"{user} needs a predictor of each token's own routing; this one predicts the next "
-                             f"token's (target_shift=1)")
-
-    def to_json(self) -> str:
-        return json.dumps(asdict(self), indent=2)
-
-    @classmethod
-    def from_dict(cls, data: dict) -> PredictorConfig:
-        known = set(cls.__dataclass_fields__)
-        unknown = set(data) - known
-        if unknown:
-            raise ValueError(f"unknown predictor config keys {sorted(unknown)}; allowed: {sorted(known)}")
-        return cls(**data)
 
 
 @dataclass
@@ -169,101 +86,6 @@ class PredictorState:
     @property
     def length(self) -> int:
         return self.keys.shape[1]
-
-
-class CausalBlock(nn.Module):
-    """One pre-norm transformer block of the deep variant: causal multi-head self-attention over the
-    sequence (with past keys/values for decode) and a GELU MLP, each added to its input."""
-
-    def __init__(self, dim: int, heads: int, dropout: float = 0.0) -> None:
-        super().__init__()
-        self.heads = heads
-        self.dropout = dropout  # on each branch's output, in training
-        self.attn_norm = nn.LayerNorm(dim)
-        self.qkv = nn.Linear(dim, 3 * dim)
-        self.out = nn.Linear(dim, dim)
-        self.mlp_norm = nn.LayerNorm(dim)
-        self.mlp_in = nn.Linear(dim, 4 * dim)
-        self.mlp_out = nn.Linear(4 * dim, dim)
-
-    def empty_past(self, batch: int, device: torch.device, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        dim = self.out.in_features
-        empty = torch.zeros(batch, self.heads, 0, dim // self.heads, device=device, dtype=dtype)
-        return empty, empty.clone()
-
-    def forward(
-        self, x: torch.Tensor, past: tuple[torch.Tensor, torch.Tensor], allowed: torch.Tensor | None
-    ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
-        """``x [B, S, D]``; ``allowed [B, S, P+S]`` bool (None: plain causal, or one decode token
-        that may see every key). Returns the new ``x`` and the keys/values including these tokens."""
-        bsz, seq, dim = x.shape
-        q, k, v = self.qkv(self.attn_norm(x)).view(bsz, seq, 3, self.heads, dim // self.heads).permute(2, 0, 3, 1, 4)
-        keys, values = torch.cat([past[0], k], dim=2), torch.cat([past[1], v], dim=2)
-        if allowed is not None:
-            att = F.scaled_dot_product_attention(q, keys, values, attn_mask=allowed[:, None])
-        else:
-            # seq > 1 without past or mask: causal; seq == 1: the one query sees every key
-            att = F.scaled_dot_product_attention(q, keys, values, is_causal=seq > 1)
-        drop = self.dropout if self.training else 0.0
-        x = x + F.dropout(self.out(att.transpose(1, 2).reshape(bsz, seq, dim)), drop)
-        x = x + F.dropout(self.mlp_out(F.gelu(self.mlp_in(self.mlp_norm(x)))), drop)
-        return x, (keys, values)
-
-
-class LookaheadHeads(nn.Module):
-    """Per MoE layer l >= ``first``, a correction of the run-ahead logits from the state before it
-    (module docstring). ``previous_token=False``: layers 1..L-1, from layer l-1's router input.
-    ``previous_token=True``: layers 0..L-1, from layer l-1's router input (layer 0: the token's
-    embedding) and the previous token's router input of layer L-2. Weights of all layers are stacked
-    (``[n, ...]``) so training runs every layer in one batched matmul; decode corrects one layer at
-    a time (``layer``)."""
-
-    def __init__(self, input_dim: int, num_moe_layers: int, num_experts: int, hidden: int,
-                 previous_token: bool = False) -> None:
-        super().__init__()
-        self.previous_token = bool(previous_token)
-        self.first = 0 if self.previous_token else 1  # the first MoE layer with a head
-        self.input_dim = input_dim
-        n = num_moe_layers - self.first
-        fan_in = input_dim * (2 if self.previous_token else 1) + num_experts
-        self.w_in = nn.Parameter(torch.randn(n, fan_in, hidden) * fan_in**-0.5)
-        self.b_in = nn.Parameter(torch.zeros(n, hidden))
-        self.w_out = nn.Parameter(torch.zeros(n, hidden, num_experts))  # zero: starts as the run-ahead logits
-        self.b_out = nn.Parameter(torch.zeros(n, num_experts))
-
-    @staticmethod
-    def _rms(x: torch.Tensor) -> torch.Tensor:
-        x = x.float()
-        return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6)
-
-    def _inputs(self, moe_input: torch.Tensor, logits: torch.Tensor, previous: torch.Tensor | None) -> torch.Tensor:
-        base = logits.float()
-        parts = [self._rms(moe_input)]
-        if self.previous_token:
-            if previous is None:
-                parts.append(torch.zeros(*base.shape[:-1], self.input_dim, device=base.device))
-            else:  # [..., d] or one row per token shared by every layer
-                parts.append(self._rms(previous).expand(*base.shape[:-1], self.input_dim))
-        parts.append(base - base.mean(-1, keepdim=True))
-        return torch.cat(parts, dim=-1)
-
-    def forward(self, moe_inputs: torch.Tensor, logits: torch.Tensor, previous: torch.Tensor | None = None) -> torch.Tensor:
-        """Every layer at once: ``moe_inputs [n, N, d]`` (the state before each covered layer),
-        the run-ahead ``logits [n, N, E]`` of the covered layers and, for previous-token heads,
-        ``previous [N, d]`` (None: unknown, zeros) -> corrected logits ``[n, N, E]``."""
-        z = self._inputs(moe_inputs, logits, previous)
-        mid = F.gelu(torch.baddbmm(self.b_in[:, None], z, self.w_in))
-        return logits.float() + torch.baddbmm(self.b_out[:, None], mid, self.w_out)
-
-    def layer(self, layer: int, moe_input: torch.Tensor, logits: torch.Tensor,
-              previous: torch.Tensor | None = None) -> torch.Tensor:
-        """MoE layer ``layer`` (>= ``first``): ``moe_input [..., d]`` (the state before it),
-        ``logits [..., E]`` and ``previous [..., d]`` or None."""
-        i = layer - self.first
-        z = self._inputs(moe_input, logits, previous)
-        mid = F.gelu(torch.addmm(self.b_in[i], z.reshape(-1, z.shape[-1]), self.w_in[i]))
-        out = torch.addmm(self.b_out[i], mid, self.w_out[i])
-        return logits.float() + out.view(*logits.shape[:-1], -1)
 
 
 class HashPredictor(nn.Module):

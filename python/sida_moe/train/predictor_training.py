@@ -19,7 +19,8 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 
-from sida_moe.predictor.model import HashPredictor, PredictorConfig, previous_token_routing
+from sida_moe.predictor.model import HashPredictor, previous_token_routing
+from sida_moe.predictor.config import PredictorConfig
 from sida_moe.train.batches import TraceBatches, refined_logits, shifted_targets
 from sida_moe.train.evaluation import evaluate, fit_gate_weights, fit_weight_temperature
 from sida_moe.train.traces import Traces
