@@ -22,6 +22,7 @@ from sida_moe.kernels import fused_experts, fused_experts_table, table_kernels_u
 from sida_moe.kernels.configs import DEFAULT_CROSSOVERS, device_crossovers
 from sida_moe.engine_observer import EngineObserver
 from sida_moe.prefetchers import NoPrefetch, Prefetcher
+from sida_moe.routing_ring import RoutingRing
 
 def check_cache_options(policy: str, copy_workers: int) -> None:
     """The slot cache's policy and worker count, checked without a pool (``offload`` checks them
@@ -79,10 +80,7 @@ class OffloadEngine:
         # of this forward's table visits, handed to the cache once the forward ends
         self.expert_table: torch.Tensor | None = None
         self._layer_tables: list[ExpertAddresses] = []
-        # ids per row -> [num MoE layers, 2 * width] int64: each row's ids, then the entries they read
-        self._ring: dict[int, torch.Tensor] = {}
-        self._visits: list[int] = []
-        self._visit_width = 0
+        self._ring = RoutingRing(len(layers), max(layer.top_k for layer in layers), device)  # this forward's table visits
         self._ahead_captured = None  # what the step being captured staged for the prefetcher (predict_ahead)
         self.max_top_k = max(layer.top_k for layer in layers)
         # where the table path ends: the last streaming regime's reach on this device
@@ -296,12 +294,12 @@ class OffloadEngine:
         each replay of a captured decode step."""
         if self.device.type == "cuda" and torch.cuda.is_current_stream_capturing():
             return  # a captured step: its visits are handed over after each replay
-        if not self._visits or self.cache is None:
-            self._visits = []
+        if not self._ring.visits or self.cache is None:
+            self._ring.take()
             return
-        rows = self._ring[self._visit_width][: len(self._visits)]
-        self.feed.submit_routed(rows.data_ptr(), self._visits, self._visit_width, self._stream())
-        self._visits = []
+        rows = self._ring.pending_rows()
+        visits, width = self._ring.take()
+        self.feed.submit_routed(rows.data_ptr(), visits, width, self._stream())
 
     def read_table_here(self) -> None:
         """Table reads are queued on the current stream from now on: the cache fences evictions
@@ -317,14 +315,14 @@ class OffloadEngine:
         """What a decode step captured (it ran nothing yet): its table visits, their row width,
         and what its prediction of the next step (``predict_ahead``) staged into (None: none),
         which the step's owner keeps as long as the step and hands back at each replay."""
-        visits, self._visits = self._visits, []
+        visits, width = self._ring.take()
         ahead, self._ahead_captured = self._ahead_captured, None
-        return visits, self._visit_width, ahead
+        return visits, width, ahead
 
     def end_replayed_forward(self, visits: list[int], width: int, ahead: object | None = None) -> None:
         """``end_forward`` for one replay of a captured step that made ``visits``; then the
         next step's prediction it staged into ``ahead``, if any."""
-        self._visits, self._visit_width = list(visits), width
+        self._ring.restore(visits, width)
         self.end_forward()
         if ahead is not None:
             self.prefetcher.hand_over_ahead(replayed=True, staged=ahead)
@@ -363,9 +361,7 @@ class OffloadEngine:
         """``[num MoE layers, batch, max top-k]`` experts of the last table forward of ``batch``
         tokens (-1: skipped pairs, and the columns past a layer's top-k), a view of the routing
         ring on the device; None before any."""
-        width = batch * self.max_top_k
-        ring = self._ring.get(width)
-        return None if ring is None else ring[:, :width].view(len(self.layers), batch, self.max_top_k)
+        return self._ring.routed_ids(batch)
 
     def quiesce(self) -> None:
         """Let every queued copy and routing hand-over finish (before capturing a graph, which no
@@ -385,32 +381,14 @@ class OffloadEngine:
         layer = self.layers[moe_layer]
         return num_tokens * layer.top_k <= self._crossovers.mma_max_pairs_per_expert * layer.num_experts
 
-    def _record_visit(self, moe_layer: int, ids: torch.Tensor, table: torch.Tensor) -> None:
-        """Write the layer's routed ids (-1: skipped pairs) into this forward's next ring row, and
-        after them the table entry each pair reads: the cache tells hits (slot addresses) from
-        misses (pool addresses) by what the step read, not by what is resident when it hears."""
-        width = ids.shape[0] * self.max_top_k
-        if self._visits and width != self._visit_width:
-            self.end_forward()  # a forward of another shape (encoder vs decoder): hand it over first
-        ring = self._ring.get(width)
-        if ring is None:
-            with torch.inference_mode(False):  # written by later forwards, inference mode or not
-                ring = self._ring[width] = torch.full((len(self.layers), 2 * width), -1, dtype=torch.int64,
-                                                      device=self.device)
-        self._visit_width = width
-        row = ring[len(self._visits)]
-        flat = ids.reshape(-1)
-        row[: flat.numel()].copy_(flat)
-        torch.index_select(table, 0, flat.clamp(min=0) if self._skip_zero_weight else flat,
-                           out=row[width : width + flat.numel()])
-        self._visits.append(moe_layer)
-
     def _run_table(self, moe_layer: int, x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor) -> torch.Tensor:
         """Decode path: compute from wherever each expert is (slot or pinned pool), no acquire,
         no host sync on CUDA; the visit reaches the cache when the forward ends."""
         ids = torch.where(topk_weights != 0, topk_ids, -1) if self._skip_zero_weight else topk_ids
         table = self._layer_tables[moe_layer]
-        self._record_visit(moe_layer, ids, table.base)
+        if not self._ring.fits(ids.shape[0]):
+            self.end_forward()  # a forward of another shape (encoder vs decoder): hand it over first
+        self._ring.record(moe_layer, ids, table.base, clamp=self._skip_zero_weight)
         self._routed = ids
         for observer in self._observers:
             observer.table_visit(self, moe_layer, ids)
