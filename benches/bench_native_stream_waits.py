@@ -1,4 +1,4 @@
-"""What an acquire costs the caller's stream (``SlotCache.measure_stream_waits``): a slot whose copy
+"""What an acquire costs the caller's stream (``StreamWaitProbe``): a slot whose copy
 already landed vs a demand load vs a prefetch still in flight. CUDA only (on the host backend the
 copies land before ``acquire`` returns: never a wait, which tests/test_native_cache.py checks).
 
@@ -52,7 +52,10 @@ def stream():
 
 
 def _waits(c: sm.SlotCache) -> tuple[float, float]:
-    return c.stats()["stream_waits"], c.stream_wait_seconds()
+    return c.stats()["stream_waits"], _PROBES[id(c)].seconds()
+
+
+_PROBES: dict[int, sm.StreamWaitProbe] = {}  # the open probe of each cache being measured
 
 
 def _one_key(i: int) -> tuple[int, int]:
@@ -105,8 +108,8 @@ def test_stream_wait_per_acquire(benchmark, pool, stream, scenario):
     run, copy_workers = SCENARIOS[scenario]
     s = stream.cuda_stream
     rows: list[dict[str, float]] = []
-    with sm.SlotCache(pool, SLOTS, copy_workers=copy_workers) as c:
-        c.measure_stream_waits = True
+    with sm.SlotCache(pool, SLOTS, copy_workers=copy_workers) as c, sm.StreamWaitProbe(c) as probe:
+        _PROBES[id(c)] = probe
         count = [0]
 
         def one_round():
@@ -116,6 +119,7 @@ def test_stream_wait_per_acquire(benchmark, pool, stream, scenario):
         one_round()  # warm-up
         rows.clear()
         benchmark.pedantic(one_round, rounds=ROUNDS)
+        del _PROBES[id(c)]
     stream.synchronize()
     waits = [r["waits"] for r in rows]
     wait_ms = [1e3 * r["seconds"] for r in rows]

@@ -348,40 +348,37 @@ def _stream(backend):
     return torch.cuda.current_stream().cuda_stream if backend.kind == "cuda" else 0
 
 
-def test_measure_stream_waits_switch_and_reset(pool, backend):
+def test_a_stream_wait_probe_times_while_open_and_reset_zeroes_it(pool, backend):
     with sm.SlotCache(pool, 4, copy_workers=0) as c:
-        assert c.measure_stream_waits is False
-        assert c.stream_wait_seconds() == 0.0 and c.stats()["stream_waits"] == 0
-        c.measure_stream_waits = True
-        assert c.measure_stream_waits is True
-        for _ in range(2):  # misses, then hits
-            c.release(c.acquire(0, [1, 2, 3], _stream(backend)), _stream(backend))
-        waited = c.stream_wait_seconds()
-        assert isinstance(waited, float)  # its value: benches/bench_native_stream_waits.py
-        assert c.stats()["stream_waits"] <= c.stats()["acquires"] == 2  # at most one timed wait per acquire
-        if backend.kind == "host":  # copies land before acquire returns: never a wait
-            assert waited == 0.0 and c.stats()["stream_waits"] == 0
-        c.measure_stream_waits = False
-        assert c.measure_stream_waits is False
-        assert c.stream_wait_seconds() == waited  # turning it off keeps what was measured
+        with sm.StreamWaitProbe(c) as probe:
+            assert not probe.closed
+            assert probe.seconds() == 0.0 and c.stats()["stream_waits"] == 0
+            for _ in range(2):  # misses, then hits
+                c.release(c.acquire(0, [1, 2, 3], _stream(backend)), _stream(backend))
+            waited = probe.seconds()
+            assert isinstance(waited, float)  # its value: benches/bench_native_stream_waits.py
+            assert c.stats()["stream_waits"] <= c.stats()["acquires"] == 2  # at most one timed wait per acquire
+            if backend.kind == "host":  # copies land before acquire returns: never a wait
+                assert waited == 0.0 and c.stats()["stream_waits"] == 0
+        assert probe.closed
+        assert probe.seconds() == waited  # closing keeps what was measured
         c.reset_stats()
-        assert c.stream_wait_seconds() == 0.0 and c.stats()["stream_waits"] == 0
+        assert probe.seconds() == 0.0 and c.stats()["stream_waits"] == 0
 
 
-def test_bad_measure_stream_waits_values(pool):
+def test_stream_wait_probes_on_closed_caches_and_bad_calls(pool):
     c = sm.SlotCache(pool, 2)
-    for bad in (1, 0, None, "yes", 1.0):
-        with pytest.raises(TypeError, match="measure_stream_waits must be a bool, got"):
-            c.measure_stream_waits = bad
-    assert c.measure_stream_waits is False
-    with pytest.raises(AttributeError):
-        del c.measure_stream_waits
+    probe = sm.StreamWaitProbe(c)
     with pytest.raises(TypeError):
-        c.stream_wait_seconds(True)
+        probe.seconds(True)
+    with pytest.raises(TypeError):
+        sm.StreamWaitProbe(pool)
+    probe.close()
+    probe.close()  # idempotent
     c.close()
     with pytest.raises(sm.ClosedError):
-        c.measure_stream_waits = True
-    assert c.stream_wait_seconds() == 0.0  # the total as of close
+        sm.StreamWaitProbe(c)
+    assert probe.seconds() == 0.0  # the total as of close
     c.reset_stats()
     assert c.stats()["stream_waits"] == 0
 
@@ -400,10 +397,9 @@ def test_cuda_stream_wait_is_not_timed_for_copies_that_landed():
     s = stream.cuda_stream
 
     def waits(c):
-        return c.stats()["stream_waits"], c.stream_wait_seconds()
+        return c.stats()["stream_waits"], probe.seconds()
 
-    with sm.SlotCache(pool, 4, copy_workers=0) as c:
-        c.measure_stream_waits = True
+    with sm.SlotCache(pool, 4, copy_workers=0) as c, sm.StreamWaitProbe(c) as probe:
         c.prefetch(0, [0])
         c.synchronize()  # the copy has landed
         c.release(c.acquire(0, [0], s), s)
@@ -413,8 +409,7 @@ def test_cuda_stream_wait_is_not_timed_for_copies_that_landed():
         assert n in (0, 1) and isinstance(seconds, float)
         c.reset_stats()
         assert waits(c) == (0, 0.0)
-    with sm.SlotCache(pool, 4, copy_workers=1) as c:
-        c.measure_stream_waits = True
+    with sm.SlotCache(pool, 4, copy_workers=1) as c, sm.StreamWaitProbe(c) as probe:
         c.prefetch(0, [2, 3, 4, 5])  # four copies queued on the copy stream
         c.release(c.acquire(0, [5], s), s)  # in flight, landed, or a miss loaded now
         n, seconds = waits(c)

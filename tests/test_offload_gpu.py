@@ -105,7 +105,7 @@ def test_cuda_layer_matches_eager_experts(family, tokens, chunked):
 
 
 def test_cuda_stall_timer_reports_the_gpu_wait_and_the_acquire_window():
-    """The ``StallTimer`` observer turns on the cache's stream-wait timing (also after
+    """The ``StallTimer`` observer opens a stream-wait probe on the cache (a new one after
     ``reopen_cache``) and adds ``stream_wait_seconds`` and ``acquire_stream_seconds`` to the stats;
     ``reset_stats`` zeroes them; removing it drops them. The GPU-side wait of each acquire lies
     inside the observer's events around that acquire call, so the stall should not exceed the
@@ -115,11 +115,11 @@ def test_cuda_stall_timer_reports_the_gpu_wait_and_the_acquire_window():
 
     model = tiny_model("qwen3_moe", torch.float16).cuda()
     offloaded, engine = _offload_cuda(model, 0.3)
-    assert engine.cache.measure_stream_waits is False
-    with engine.observe(StallTimer()):
-        assert engine.cache.measure_stream_waits is True
+    with engine.observe(StallTimer()) as timer:
+        first = timer.probe
+        assert first is not None and not first.closed
         engine.reopen_cache(engine.num_slots)
-        assert engine.cache.measure_stream_waits is True
+        assert first.closed and timer.probe is not None and not timer.probe.closed  # the new cache's
         engine.reset_stats()
         ids, mask = (t.cuda() for t in prompt_batch())
         with torch.inference_mode():
@@ -133,5 +133,6 @@ def test_cuda_stall_timer_reports_the_gpu_wait_and_the_acquire_window():
         engine.reset_stats()
         stats = engine.stats()
         assert stats["stream_waits"] == 0 and stats["stream_wait_seconds"] == 0.0 and stats["acquire_stream_seconds"] == 0.0
-    assert engine.cache.measure_stream_waits is False and "stream_wait_seconds" not in engine.stats()
+        probe = timer.probe
+    assert probe.closed and timer.probe is None and "stream_wait_seconds" not in engine.stats()
     engine.close()

@@ -255,38 +255,44 @@ class SlotCache:
         queue_len, num_slots. On CUDA ``copy_seconds`` sums per-copy times measured by timing
         events on the copy streams (``achieved_gbps`` = timed bytes / that time); on the host it is
         the memcpy wall time. ``host_stall_seconds``: time acquire spent in calls that had to load
-        or wait. ``stream_waits``: acquires timed by ``measure_stream_waits`` (see there). Table
+        or wait. ``stream_waits``: acquires timed while a ``StreamWaitProbe`` was open (see there). Table
         visits (``note_routed``, and a ``RoutingFeed``'s ``submit_routed``): ``routed_visits``, ``routed_misses`` (experts read
         in place from the pool), ``routed_declined`` (misses not admitted, so not copied),
         ``routed_redundant``, ``routed_dropped``; ``acquire_transient``: acquire misses admission
         declined, loaded into transient slots (evicted before any admitted expert)."""
     def reset_stats(self) -> None:
-        """Zero every counter, including ``stream_waits`` and ``stream_wait_seconds()``; stream-wait
+        """Zero every counter, including ``stream_waits`` and a probe's ``seconds()``; stream-wait
         timings not yet resolved are dropped."""
-    @property
-    def measure_stream_waits(self) -> bool:
-        """Time the caller's stream's waits on slot-ready events (default False; CUDA only).
-
-        While on, an ``acquire`` that finds a slot's copy still in flight (its ready event not
-        complete, ``cuEventQuery``) records a timing event on ``stream`` just before it makes the
-        stream wait on the slots' ready events and another just after; the device time between
-        the two (``stream_wait_seconds()``) is the time the stream was blocked on copies. An
-        acquire whose copies have all landed records nothing (its wait is zero), so the host's own
-        time inside ``acquire`` is never counted. Copies are synchronous on the host backend:
-        nothing is ever recorded there. Setting it to anything but a bool raises TypeError; on a
-        closed cache, ClosedError. Turning it off keeps what was measured."""
-    @measure_stream_waits.setter
-    def measure_stream_waits(self, value: bool) -> None: ...
-    def stream_wait_seconds(self) -> float:
-        """Seconds the caller streams waited on slot-ready events of copies still in flight,
-        summed over the acquires timed by ``measure_stream_waits`` since the last ``reset_stats``
-        (0.0 on the host backend). Blocks until the stream work of those acquires has reached its
-        end timing event (an event synchronize). After ``close`` it returns the total as of close."""
     def close(self) -> None:
         """Join the workers, wait for copies, free owned slot memory. Idempotent."""
     @property
     def closed(self) -> bool: ...
     def __enter__(self) -> SlotCache: ...
+    def __exit__(self, *exc: object) -> None: ...
+
+class StreamWaitProbe:
+    """While open, ``cache`` times the caller's streams' waits on slot-ready events (CUDA only;
+    several probes may be open, the timing stops when the last closes and keeps what it measured).
+
+    An ``acquire`` that finds a slot's copy still in flight (its ready event not complete,
+    ``cuEventQuery``) records a timing event on its stream just before it makes the stream wait
+    on the slots' ready events and another just after; the device time between the two is the
+    time the stream was blocked on copies. An acquire whose copies have all landed records
+    nothing (its wait is zero), so the host's own time inside ``acquire`` is never counted.
+    Copies are synchronous on the host backend: nothing is ever recorded there. Opening a probe
+    on a closed cache raises ClosedError."""
+
+    def __init__(self, cache: SlotCache) -> None: ...
+    def seconds(self) -> float:
+        """Seconds the caller streams waited on slot-ready events of copies still in flight,
+        summed over the acquires timed since the cache's last ``reset_stats`` (0.0 on the host
+        backend). Blocks until the stream work of those acquires has reached its end timing event
+        (an event synchronize). After the cache's ``close``: the total as of close."""
+    def close(self) -> None:
+        """Stop timing (if no other probe is open); idempotent. What was measured is kept."""
+    @property
+    def closed(self) -> bool: ...
+    def __enter__(self) -> StreamWaitProbe: ...
     def __exit__(self, *exc: object) -> None: ...
 
 class RoutingFeed:

@@ -7,6 +7,7 @@ from collections.abc import Callable
 
 import torch
 
+from sida_moe import _native
 from sida_moe.engine_observer import EngineObserver
 
 
@@ -14,8 +15,8 @@ class StallTimer(EngineObserver):
     """On the CUDA backend, adds to ``engine.stats()``:
 
     - ``stream_wait_seconds`` (the stall): GPU time the compute stream waited on slot-ready events
-      of copies still in flight, timed by the slot cache itself (``SlotCache.measure_stream_waits``,
-      turned on while observing); acquires whose copies had all landed add nothing;
+      of copies still in flight, timed by the slot cache itself (a ``StreamWaitProbe`` open
+      while observing); acquires whose copies had all landed add nothing;
     - ``acquire_stream_seconds``: GPU time between CUDA events recorded on the compute stream just
       before and just after each ``acquire`` call. When the stream is idle (host-bound decode)
       this also counts the host's own bookkeeping inside ``acquire``.
@@ -25,14 +26,16 @@ class StallTimer(EngineObserver):
     def __init__(self) -> None:
         self._events: list[tuple[torch.cuda.Event, torch.cuda.Event]] = []
         self._seconds = 0.0
+        self.probe = None  # the open cache's StreamWaitProbe (CUDA)
 
     @staticmethod
     def _cuda(engine) -> bool:
         return engine.cache is not None and engine.cache.backend_kind == "cuda"
 
     def opened(self, engine) -> None:
-        if self._cuda(engine):
-            engine.cache.measure_stream_waits = True
+        if self.probe is not None:
+            self.probe.close()  # of a cache that was replaced
+        self.probe = _native.StreamWaitProbe(engine.cache) if self._cuda(engine) else None
 
     def acquire(self, engine, moe_layer: int, experts: list[int], call: Callable[[], list[int]]) -> list[int]:
         if not self._cuda(engine):
@@ -54,15 +57,16 @@ class StallTimer(EngineObserver):
             after.synchronize()
             self._seconds += before.elapsed_time(after) / 1e3
         self._events.clear()
-        return {"stream_wait_seconds": engine.cache.stream_wait_seconds(), "acquire_stream_seconds": self._seconds}
+        return {"stream_wait_seconds": self.probe.seconds(), "acquire_stream_seconds": self._seconds}
 
     def reset(self, engine) -> None:
         self._events.clear()
         self._seconds = 0.0
 
     def removed(self, engine) -> None:
-        if self._cuda(engine) and not engine.cache.closed:
-            engine.cache.measure_stream_waits = False
+        if self.probe is not None:
+            self.probe.close()
+            self.probe = None
 
 
 class SyncLoads(EngineObserver):

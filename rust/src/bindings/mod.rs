@@ -8,6 +8,7 @@ mod pool;
 mod routing_feed;
 mod simulate;
 mod slot_cache;
+mod stream_wait_probe;
 
 use pyo3::prelude::*;
 
@@ -21,6 +22,7 @@ fn sida_moe_native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<pool::PyExpertPool>()?;
     m.add_class::<slot_cache::PySlotCache>()?;
     m.add_class::<routing_feed::PyRoutingFeed>()?;
+    m.add_class::<stream_wait_probe::PyStreamWaitProbe>()?;
     m.add_function(wrap_pyfunction!(simulate::simulate_policy, m)?)?;
     m.add_function(wrap_pyfunction!(slot_cache::check_cache_options, m)?)?;
     Ok(())

@@ -3,11 +3,10 @@
 
 use std::sync::Arc;
 
-use pyo3::exceptions::PyTypeError;
 use pyo3::prelude::*;
-use pyo3::types::{PyBool, PyBytes, PyDict, PyTuple};
+use pyo3::types::{PyBytes, PyDict, PyTuple};
 
-use super::args::{int_list, stream_arg, stream_or_default, type_name, visit_list};
+use super::args::{int_list, stream_arg, stream_or_default, visit_list};
 use super::errors::{to_py, IntoPy};
 use super::pool::PyExpertPool;
 use crate::error::Error;
@@ -190,24 +189,6 @@ impl PySlotCache {
 
     fn reset_stats(&self) {
         self.cache.reset_stats();
-    }
-
-    #[getter]
-    fn measure_stream_waits(&self) -> bool {
-        self.cache.measure_stream_waits()
-    }
-
-    #[setter]
-    fn set_measure_stream_waits(&self, value: &Bound<'_, PyAny>) -> PyResult<()> {
-        let on = value.cast::<PyBool>().map_err(|_| {
-            PyTypeError::new_err(format!("measure_stream_waits must be a bool, got {}", type_name(value)))
-        })?;
-        self.cache.set_measure_stream_waits(on.is_true()).py_err()
-    }
-
-    fn stream_wait_seconds(&self, py: Python<'_>) -> PyResult<f64> {
-        let c = &self.cache;
-        py.detach(|| c.stream_wait_seconds()).py_err()
     }
 
     fn close(&self, py: Python<'_>) {

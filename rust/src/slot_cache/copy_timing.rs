@@ -3,7 +3,7 @@
 //! Copies: each copy is bracketed by two timing events on its stream, resolved lazily when stats
 //! are read (`copy_seconds` and the bytes they moved).
 //!
-//! Stream waits (opt-in, `set_measure_stream_waits`): when an acquire finds a slot whose ready
+//! Stream waits (opt-in: while a stream-wait probe is open, `add_stream_wait_probe`): when an acquire finds a slot whose ready
 //! event has not completed yet (its copy is still in flight), it brackets its waits with two
 //! timing events on the caller's stream; `stream_wait_seconds` sums the device time between them,
 //! i.e. the time the caller's stream spent blocked on copies. Acquires whose copies have all
@@ -27,7 +27,7 @@ pub(super) struct CopyTimer {
 
 pub(super) const MAX_PENDING_TIMINGS: usize = 4096;
 
-/// Device-side timing of the caller streams' waits on slot-ready events (`measure_waits`).
+/// Device-side timing of the caller streams' waits on slot-ready events (while a probe is open).
 #[derive(Default)]
 pub(super) struct WaitTimer {
     /// (start, end) timing events recorded around one acquire's waits, not yet resolved.
@@ -184,19 +184,24 @@ impl Shared {
 }
 
 impl SlotCache {
-    /// Turn the timing of the caller streams' waits on slot-ready events on or off (see the
-    /// module docs). Turning it off keeps what was measured.
-    pub fn set_measure_stream_waits(&self, on: bool) -> Result<()> {
+    /// A stream-wait probe opens: the caller streams' waits on slot-ready events are timed while
+    /// any probe is open (see the module docs).
+    pub fn add_stream_wait_probe(&self) -> Result<()> {
         let _g = self.gate.read();
         if self.is_closed() {
             return Err(closed_err());
         }
-        self.shared.measure_waits.store(on, Ordering::Relaxed);
+        self.shared.wait_probes.fetch_add(1, Ordering::AcqRel);
         Ok(())
     }
 
+    /// A probe closes; the last one stops the timing, which keeps what was measured.
+    pub fn remove_stream_wait_probe(&self) {
+        let _ = self.shared.wait_probes.fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| n.checked_sub(1));
+    }
+
     pub fn measure_stream_waits(&self) -> bool {
-        self.shared.measure_waits.load(Ordering::Relaxed)
+        self.shared.wait_probes.load(Ordering::Acquire) > 0
     }
 
     /// Seconds the caller streams spent waiting on slot-ready events since the last

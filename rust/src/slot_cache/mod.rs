@@ -5,7 +5,7 @@
 //! (`decode_table`), device-side timing of copies and stream waits (`copy_timing`); here the
 //! cache's state, construction, queries and close.
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
@@ -53,8 +53,8 @@ struct Shared {
     /// parallelise the host-side issuing.
     prefetch_stream: StreamHandle,
     timer: Mutex<CopyTimer>,
-    /// Time the caller streams' waits on slot-ready events (off by default).
-    measure_waits: AtomicBool,
+    /// Open stream-wait probes: the caller streams' waits on slot-ready events are timed while > 0.
+    wait_probes: AtomicUsize,
     wait_timer: Mutex<WaitTimer>,
     stats: Stats,
     closed: AtomicBool,
@@ -135,7 +135,7 @@ impl SlotCache {
                 prefetch_stream,
                 prefetch_issue: Mutex::new(()),
                 timer: Mutex::new(CopyTimer::default()),
-                measure_waits: AtomicBool::new(false),
+                wait_probes: AtomicUsize::new(0),
                 wait_timer: Mutex::new(WaitTimer::default()),
                 stats: Stats::default(),
                 closed: AtomicBool::new(false),

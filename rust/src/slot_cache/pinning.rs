@@ -16,14 +16,14 @@ use crate::error::{Error, Result};
 use crate::stats::Stats;
 
 impl Shared {
-    /// Make `stream` wait on each slot's ready event. With `measure_waits` on and at least one
+    /// Make `stream` wait on each slot's ready event. While a stream-wait probe is open and at least one
     /// of those events still pending, the waits are bracketed by a pair of timing events recorded
     /// on `stream` (resolved by `resolve_waits`); otherwise nothing extra is recorded.
     pub(super) fn wait_for_slots(&self, slots: &[usize], stream: StreamHandle) -> Result<()> {
         let dev = &self.device;
         let readies: Vec<EventHandle> = slots.iter().map(|&s| self.events[s].lock().ready).collect();
         let mut pair = None;
-        if self.measure_waits.load(Ordering::Relaxed) {
+        if self.wait_probes.load(Ordering::Relaxed) > 0 {
             let mut in_flight = false;
             for &e in &readies {
                 if !dev.event_done(e)? {

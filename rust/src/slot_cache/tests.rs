@@ -189,11 +189,27 @@ fn acquire_release(c: &SlotCache, experts: &[i64]) {
 }
 
 #[test]
+fn stream_waits_are_timed_while_any_probe_is_open() {
+    let pool = filled_pool(1, 4);
+    let c = cache(&pool, 2, 0);
+    c.add_stream_wait_probe().unwrap();
+    c.add_stream_wait_probe().unwrap();
+    c.remove_stream_wait_probe();
+    assert!(c.measure_stream_waits(), "one probe is still open");
+    c.remove_stream_wait_probe();
+    assert!(!c.measure_stream_waits());
+    c.remove_stream_wait_probe(); // one close too many changes nothing
+    assert!(!c.measure_stream_waits());
+    c.add_stream_wait_probe().unwrap();
+    assert!(c.measure_stream_waits());
+}
+
+#[test]
 fn host_backend_never_times_a_stream_wait() {
     let pool = filled_pool(1, 4);
     let c = cache(&pool, 2, 0);
     assert!(!c.measure_stream_waits());
-    c.set_measure_stream_waits(true).unwrap();
+    c.add_stream_wait_probe().unwrap();
     assert!(c.measure_stream_waits());
     for e in 0..4 {
         acquire_release(&c, &[e]); // misses: copies land before acquire returns
@@ -204,7 +220,7 @@ fn host_backend_never_times_a_stream_wait() {
     c.reset_stats();
     assert_eq!(c.stream_wait_seconds().unwrap(), 0.0);
     c.close();
-    assert!(matches!(c.set_measure_stream_waits(false), Err(Error::Closed(_))));
+    assert!(matches!(c.add_stream_wait_probe(), Err(Error::Closed(_))));
     assert_eq!(c.stream_wait_seconds().unwrap(), 0.0);
 }
 
@@ -217,7 +233,7 @@ fn waits_on_copies_in_flight_are_timed_and_reset_recycles_the_events() {
     assert_eq!(dev.timing_events.lock().len(), 0);
     assert_eq!((c.stream_wait_seconds().unwrap(), stat(&c, "stream_waits")), (0.0, 0.0));
 
-    c.set_measure_stream_waits(true).unwrap();
+    c.add_stream_wait_probe().unwrap();
     acquire_release(&c, &[0, 1]); // two slots in flight: one pair around both waits
     acquire_release(&c, &[2]);
     assert_eq!(dev.timing_events.lock().len(), 4);
@@ -244,7 +260,7 @@ fn waits_on_copies_in_flight_are_timed_and_reset_recycles_the_events() {
     assert_eq!(stat(&c, "stream_waits"), 1.0);
 
     // Turning the switch off keeps what was measured.
-    c.set_measure_stream_waits(false).unwrap();
+    c.remove_stream_wait_probe();
     acquire_release(&c, &[2]);
     assert_eq!(stat(&c, "stream_waits"), 1.0);
 
@@ -258,7 +274,7 @@ fn waits_on_copies_in_flight_are_timed_and_reset_recycles_the_events() {
 #[test]
 fn a_failed_event_query_fails_the_acquire_and_pins_nothing() {
     let (dev, _pool, c) = in_flight_cache();
-    c.set_measure_stream_waits(true).unwrap();
+    c.add_stream_wait_probe().unwrap();
     dev.fail_query.store(true, Ordering::Relaxed);
     assert!(matches!(c.acquire(0, &[0, 1], 7), Err(Error::Cuda(_))));
     assert!(c.slot_states().unwrap().iter().all(|&(_, rc, _)| rc == 0));
@@ -271,7 +287,7 @@ fn a_failed_event_query_fails_the_acquire_and_pins_nothing() {
 fn unresolved_wait_timings_stay_bounded() {
     for lagging in [false, true] {
         let (dev, _pool, c) = in_flight_cache();
-        c.set_measure_stream_waits(true).unwrap();
+        c.add_stream_wait_probe().unwrap();
         dev.in_flight.store(true, Ordering::Relaxed);
         dev.lagging.store(lagging, Ordering::Relaxed);
         let n = MAX_PENDING_WAITS + 10;
