@@ -23,7 +23,8 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from predictor_common import emit_report  # noqa: E402
 
 from sida_moe.predictor.model import HashPredictor  # noqa: E402
-from sida_moe.train.traces import chunk_token_ids, load_traces, record_traces  # noqa: E402
+from sida_moe.train.traces import chunk_token_ids, record_traces  # noqa: E402
+from sida_moe.train.trace_loading import load_traces  # noqa: E402
 from sida_moe.presets import bundled_model_path  # noqa: E402
 
 DTYPES = ("float32", "bfloat16", "float16")

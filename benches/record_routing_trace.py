@@ -40,7 +40,8 @@ from predictor_common import import_predictor_package  # noqa: E402
 
 import_predictor_package()
 
-from sida_moe.train.traces import load_traces, record_traces  # noqa: E402
+from sida_moe.train.traces import record_traces  # noqa: E402
+from sida_moe.train.trace_loading import load_traces  # noqa: E402
 
 from sida_moe.bench import replay as routing_replay  # noqa: E402
 import train_reference_model as ref  # noqa: E402

@@ -454,7 +454,7 @@ def _routing_by_token(traces, lag: int, sequences: int = 96):
     order = torch.cat([top[0], rest], dim=-1)
     order = torch.stack([row[row >= 0][:5] for row in order.reshape(-1, 8)]).reshape(N, S, 5).expand(L, N, S, 5)
     vals = torch.tensor([5.0, 4.0, 3.0, 2.0, 1.0]).expand(L, N, S, 5)
-    from sida_moe.train.traces import Traces
+    from sida_moe.train.trace_loading import Traces
 
     return Traces(traces.manifest, input_ids, top.clone(), order.clone(), vals.clone(), traces.embeddings)
 

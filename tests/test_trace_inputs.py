@@ -10,7 +10,8 @@ from safetensors.torch import load_file, save_file
 
 import sida_moe
 from sida_moe.cli import main
-from sida_moe.train.traces import load_traces, read_manifest, record_traces
+from sida_moe.train.traces import record_traces
+from sida_moe.train.trace_loading import load_traces, read_manifest
 
 
 def _checkpoint(path, vocab: int):

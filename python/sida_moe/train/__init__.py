@@ -6,7 +6,8 @@ network (``predictor_training``, with its batches and its ``evaluation``), looka
 from sida_moe.train.lookahead import LookaheadConfig, evaluate_lookahead, train_lookahead
 from sida_moe.train.evaluation import evaluate, fit_gate_weights, fit_weight_temperature
 from sida_moe.train.predictor_training import TrainConfig, train_predictor
-from sida_moe.train.traces import RoutingRecorder, Traces, load_traces, record_traces
+from sida_moe.train.traces import RoutingRecorder, record_traces
+from sida_moe.train.trace_loading import Traces, load_traces
 
 __all__ = [
     "LookaheadConfig",

@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 
 from sida_moe.predictor.model import HashPredictor
-from sida_moe.train.traces import Traces
+from sida_moe.train.trace_loading import Traces
 
 
 def shifted_targets(batch: tuple[torch.Tensor, ...], shift: int) -> tuple[torch.Tensor, ...]:

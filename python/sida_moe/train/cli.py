@@ -199,7 +199,7 @@ def run_train(args: argparse.Namespace) -> int:
     """Train the hash function on a trace, print the held-out report and save the predictor."""
     import torch
 
-    from sida_moe.train.traces import load_traces
+    from sida_moe.train.trace_loading import load_traces
     from sida_moe.train.evaluation import format_report
     from sida_moe.train.predictor_training import TrainConfig, train_predictor
 

@@ -8,7 +8,7 @@ import torch
 
 from sida_moe.predictor.model import HashPredictor, previous_token_routing
 from sida_moe.train.batches import TraceBatches, refined_logits, shifted_targets, dense_logits
-from sida_moe.train.traces import Traces
+from sida_moe.train.trace_loading import Traces
 
 
 TEMPERATURE_GRID = (0.125, 0.18, 0.25, 0.35, 0.5, 0.7, 1.0, 1.4, 2.0, 2.8, 4.0, 5.6, 8.0)

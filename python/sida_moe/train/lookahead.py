@@ -24,7 +24,7 @@ from typing import Literal, Sequence
 import torch
 
 from sida_moe.predictor.model import HashPredictor
-from sida_moe.train.traces import Traces
+from sida_moe.train.trace_loading import Traces
 from sida_moe.train.predictor_training import _tf32_matmuls, distillation_loss, warmup_cosine
 
 

@@ -23,7 +23,7 @@ from sida_moe.predictor.model import HashPredictor, previous_token_routing
 from sida_moe.predictor.config import PredictorConfig
 from sida_moe.train.batches import TraceBatches, refined_logits, shifted_targets
 from sida_moe.train.evaluation import evaluate, fit_gate_weights, fit_weight_temperature
-from sida_moe.train.traces import Traces
+from sida_moe.train.trace_loading import Traces
 
 
 #: the widest predictor the scaling rule gives (the width measured best on the reference model, d=512)
