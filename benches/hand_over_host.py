@@ -2,11 +2,11 @@
 
 Builds ``none_lru`` and ``sida`` (``from_pretrained`` at ``--budget``, as ``sida_decode.py``) of a
 trained checkpoint, captures their decode steps through ``model.generate`` (eager and compiled),
-then replays each ``--steps`` times back to back (``decode_graph.replay_back_to_back``) with
+then replays each ``--steps`` times back to back (``replay_probes.replay_back_to_back``) with
 timers around the functions a replay's hand-over calls. Reports inclusive host ms per step of
 each (nested ones are inside their callers: ``SideStep.launch`` holds ``set_inputs`` and the
 predictor's ``CUDAGraph.replay``), the wall ms per step and the whole replay's host ms with the
-device idle before it (``decode_graph.replay_host_seconds``).
+device idle before it (``replay_probes.replay_host_seconds``).
 
     python benches/hand_over_host.py --model /tmp/ref-moe-8x32 --out hand_over_host.json
 """
@@ -26,7 +26,7 @@ import torch
 sys.path.insert(0, os.path.dirname(__file__))
 from sida_decode import prompts  # noqa: E402
 
-from sida_moe import decode_graph  # noqa: E402
+from sida_moe.bench import replay_probes  # noqa: E402
 from sida_moe.engine import OffloadEngine  # noqa: E402
 from sida_moe.offload import from_pretrained  # noqa: E402
 from sida_moe.predictor import SidaPrefetcher, load_prefetcher  # noqa: E402
@@ -111,11 +111,11 @@ def main() -> None:
                     model.generate(ids, max_new_tokens=args.steps + 8, do_sample=False, eos_token_id=None, **flags)
                 timers.reset()
                 timers.on = True
-                wall = decode_graph.replay_back_to_back(model, batch, steps=args.steps, compiled=compiled)
+                wall = replay_probes.replay_back_to_back(model, batch, steps=args.steps, compiled=compiled)
                 timers.on = False
                 per_step = {k: 1e3 * v / args.steps for k, v in sorted(timers.seconds.items(), key=lambda kv: -kv[1])}
                 calls = {k: v / args.steps for k, v in timers.calls.items()}
-                idle = decode_graph.replay_host_seconds(model, batch, compiled=compiled)
+                idle = replay_probes.replay_host_seconds(model, batch, compiled=compiled)
                 key = f"bs{batch}_{name}{'_compiled' if compiled else ''}"
                 report["rows"][key] = {"wall_ms_per_step": 1e3 * wall, "host_ms_per_replay_device_idle": 1e3 * idle,
                                        "inclusive_host_ms_per_step": per_step, "calls_per_step": calls}

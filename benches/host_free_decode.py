@@ -11,7 +11,7 @@ or with ``--compile`` the compiled, loops). Every system is warmed up, then time
 interleaved rounds; decode time per token = (t(N new tokens) - t(1 new token)) / (N - 1), both
 calls in the same round, so prefill and the first token cancel. CPU per step of the graphed
 systems: ``CPU_PROBE_STEPS`` back-to-back replays of the captured step after each round, by
-thread (``decode_graph.replay_back_to_back``); of ``sida_eager``: the calls' difference, like
+thread (``replay_probes.replay_back_to_back``); of ``sida_eager``: the calls' difference, like
 the time. JSON (median and spread) to --out.
 
 Routing (``--routings``): the routers' own (``model``), uniform random experts (``random``), or a
@@ -43,7 +43,8 @@ from sida_moe.visit_trace import VisitRecorder
 import sida_moe
 from sida_moe.bench.policy_replay import policy_hit_rates
 from sida_moe.bench.replay import ReplayRouting, RoutingTraceError, load_routing_trace
-from sida_moe.decode_graph import replay_back_to_back, replay_host_seconds, static_generate
+from sida_moe.bench.replay_probes import replay_back_to_back, replay_host_seconds  # noqa: E402
+from sida_moe.decode_graph import static_generate
 from sida_moe.presets import PRESETS, build_model, build_offloaded
 from sida_moe.sampling import SamplingParams
 
@@ -131,7 +132,7 @@ def cache_sim(engine, offloaded, ids: torch.Tensor, new_tokens: int, policy: str
 
 def enqueue_ms(model, batch: int, compiled: bool = False, sampled: bool = False) -> float:
     """Host ms to launch one replay of the step the calls of ``batch`` rows captured and hand its
-    routing over, the device idle before each (``decode_graph.replay_host_seconds``)."""
+    routing over, the device idle before each (``replay_probes.replay_host_seconds``)."""
     seconds = replay_host_seconds(model, batch, compiled=compiled, sampled=sampled)
     return float("nan") if seconds is None else seconds * 1e3
 
@@ -344,7 +345,7 @@ def run_batch(args, report, budget, engine, resident_model, offloaded, ids) -> N
             # decode CPU per step by thread name, over all rounds
             "threads_cpu_ms_per_step": {k: v * 1e3 / (args.rounds * (n - 1)) for k, v in row["threads_cpu_s"].items()},
             "cpu_method": (f"{CPU_PROBE_STEPS} back-to-back replays of the captured step between two drains "
-                           "(decode_graph.replay_back_to_back)" if name in enqueue
+                           "(replay_probes.replay_back_to_back)" if name in enqueue
                            else "(N-token call - 1-token call) / (N - 1)"),
             "same_tokens_as_resident_graphed": row["tokens"] == ref,
             "same_tokens_as_sida_eager": row["tokens"] == rows["sida_eager"]["tokens"],

@@ -7,7 +7,7 @@ first runs; with one, the device idles for the host's wake-up and launch between
 constant is read when a step is captured, so each setting captures its steps anew (a compiled
 model keeps its compiled code: only the CUDA graph is captured again). CPU per step: 32
 back-to-back replays of the captured step after each timed pair
-(``decode_graph.replay_back_to_back``), so a call's prefill is not in it.
+(``replay_probes.replay_back_to_back``), so a call's prefill is not in it.
 
     python benches/replays_in_flight.py --budget 25% --batches 1,8 \
         --routing replay:benches/data/qwen3moe_128x8_stdlib_routing.npz --out rif.json
@@ -28,6 +28,7 @@ from host_free_decode import parse_routings, set_routing, summary, timed  # noqa
 
 import sida_moe  # noqa: E402
 from sida_moe import decode_graph  # noqa: E402
+from sida_moe.bench import replay_probes  # noqa: E402
 from sida_moe.presets import build_offloaded  # noqa: E402
 
 PROBE = 32  # back-to-back replays of the CPU probe
@@ -80,7 +81,7 @@ def main() -> None:
                 wn, _, _, _, _ = timed(lambda: call(n), device)
                 sn = engine.stats()
                 hits, misses = sn["hits"] - s1["hits"], sn["misses"] - s1["misses"]
-                _, pb, tb, _, _ = timed(lambda: decode_graph.replay_back_to_back(model, batch, PROBE, args.compile), device)
+                _, pb, tb, _, _ = timed(lambda: replay_probes.replay_back_to_back(model, batch, PROBE, args.compile), device)
                 rows[s]["decode_ms"].append((wn - w1) * 1e3 / (n - 1))
                 rows[s]["thread_cpu_ms"].append(tb * 1e3 / PROBE)
                 rows[s]["process_cpu_ms"].append(pb * 1e3 / PROBE)

@@ -28,12 +28,12 @@ class FakeClock:
 
 @pytest.fixture
 def fake_clock(monkeypatch):
+    import sida_moe.bench.replay_probes as replay_probes
     import sida_moe.bench.timing as timing
-    import sida_moe.decode_graph as decode_graph
 
     clock = FakeClock()
     monkeypatch.setattr(timing, "time", clock)
-    monkeypatch.setattr(decode_graph, "time", clock)
+    monkeypatch.setattr(replay_probes, "time", clock)
     return clock
 
 
@@ -453,7 +453,7 @@ def test_replay_probe_times_launch_and_hand_over_of_the_captured_step(fake_clock
     """The host-cost probe of a replayed step: each replay is a launch and one routing hand-over to
     the engine, from positions reset so that extra replays stay inside the static cache (the
     graph here is a stand-in: a CPU captures none)."""
-    from sida_moe.decode_graph import replay_host_seconds
+    from sida_moe.bench.replay_probes import replay_host_seconds
 
     model, engine, step = _offloaded_with_a_decode_step(replay_host_seconds)
     calls = []
@@ -488,7 +488,7 @@ def test_back_to_back_replays_run_the_decode_loop_between_two_drains(fake_clock)
     """The CPU probe of decode steps: ``steps`` replays as the decode loop makes them (each waits
     for the fence of the replay ``REPLAYS_IN_FLIGHT`` before it), from position 0, with the
     engine drained before and after so that its threads' work on those steps is inside."""
-    from sida_moe.decode_graph import replay_back_to_back
+    from sida_moe.bench.replay_probes import replay_back_to_back
 
     model, engine, step = _offloaded_with_a_decode_step(replay_back_to_back)
     calls = []

@@ -16,8 +16,6 @@ processors) and to transformers' own ``generate`` otherwise.
 from __future__ import annotations
 
 import gc
-import statistics
-import time
 import warnings
 from dataclasses import dataclass
 from typing import NamedTuple
@@ -278,7 +276,7 @@ def static_generate(
         engine.read_table_here()  # replays read the table on this stream
     while produced < max_new_tokens:
         if graphs:
-            _replay(engine, step)
+            replay_step(engine, step)
         else:
             _forward_step(model, step, forward)
         produced += 1
@@ -408,11 +406,11 @@ def _capture(model: nn.Module, engine, step: _Step, forward: nn.Module) -> bool:
     step.fences = [torch.cuda.Event(blocking=True) for _ in range(REPLAYS_IN_FLIGHT)]
     if engine is not None:
         engine.read_table_here()
-    _replay(engine, step)
+    replay_step(engine, step)
     return True
 
 
-def _replay(engine, step: _Step) -> None:
+def replay_step(engine, step: _Step) -> None:
     """One decode step: the graph's launch (once the replay ``REPLAYS_IN_FLIGHT`` before it has
     finished), then its routing handed to the engine."""
     fence = step.fences[step.replays % len(step.fences)]
@@ -432,7 +430,7 @@ def forget_captured_steps(model: nn.Module) -> None:
     model.__dict__.pop("_sida_compiled", None)
 
 
-def _captured_step(model: nn.Module, batch_size: int, compiled: bool, sampled: bool) -> _Step | None:
+def captured_step(model: nn.Module, batch_size: int, compiled: bool, sampled: bool) -> _Step | None:
     """A captured unpadded decode step of ``batch_size`` (``compiled``, ``sampled``), rewound to
     position 0 for replays outside a call (they would write past the last call's positions; a
     later call resets the cache and prefills again); None if there is none."""
@@ -447,63 +445,12 @@ def _captured_step(model: nn.Module, batch_size: int, compiled: bool, sampled: b
     return step
 
 
-def _drain(engine, device: torch.device) -> None:
+def drain(engine, device: torch.device) -> None:
+    """Let the engine's copies and hand-overs and the device's work finish."""
     if engine is not None:
         engine.quiesce()
     elif device.type == "cuda":
         torch.cuda.synchronize(device)
-
-
-@torch.inference_mode()  # the step's buffers are inference tensors
-def replay_host_seconds(model: nn.Module, batch_size: int, steps: int = 16, compiled: bool = False,
-                        sampled: bool = False) -> float | None:
-    """Median host time to launch one replay of the decode step captured for ``batch_size`` (and
-    ``compiled``, ``sampled``) and hand its routing to the engine, the device idle before each
-    (None if no such step was captured): the latency of the host's part of a replayed token."""
-    step = _captured_step(model, batch_size, compiled, sampled)
-    if step is None:
-        return None
-    engine = getattr(model, "sida_engine", None)
-    device = step.token.device
-    if engine is not None:
-        engine.read_table_here()
-    times = []
-    for _ in range(steps):
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        t0 = time.perf_counter()
-        _replay(engine, step)
-        times.append(time.perf_counter() - t0)
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    return statistics.median(times)
-
-
-@torch.inference_mode()
-def replay_back_to_back(model: nn.Module, batch_size: int, steps: int = 32, compiled: bool = False,
-                        sampled: bool = False) -> float | None:
-    """Replay the decode step captured for ``batch_size`` (and ``compiled``, ``sampled``)
-    ``steps`` times as the decode loop does, with the device and the engine's threads drained
-    before and after; returns the wall seconds per step (None if no such step was captured). A
-    benchmark reads thread CPU times around it: the host's cost of decode steps alone, without a
-    call's prefill."""
-    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
-        raise ValueError(f"steps must be an int >= 1, got {steps!r}")
-    step = _captured_step(model, batch_size, compiled, sampled)
-    if step is None:
-        return None
-    if steps > step.tokens.shape[1]:
-        raise ValueError(f"steps must be at most the captured step's cache length {step.tokens.shape[1]}, got {steps}")
-    engine = getattr(model, "sida_engine", None)
-    device = step.token.device
-    if engine is not None:
-        engine.read_table_here()
-    _drain(engine, device)
-    t0 = time.perf_counter()
-    for _ in range(steps):
-        _replay(engine, step)
-    _drain(engine, device)
-    return (time.perf_counter() - t0) / steps
 
 
 def _pad_after_eos(out: torch.Tensor, prompt_len: int, eos: int | list[int] | None, pad: int | None) -> torch.Tensor:
@@ -523,5 +470,5 @@ def _pad_after_eos(out: torch.Tensor, prompt_len: int, eos: int | list[int] | No
     return torch.cat([out[:, :prompt_len], new], dim=1)
 
 
-__all__ = ["StepKey", "forget_captured_steps", "graphs_supported", "left_padding", "replay_back_to_back",
-           "replay_host_seconds", "static_generate"]
+__all__ = ["StepKey", "captured_step", "drain", "forget_captured_steps", "graphs_supported", "left_padding",
+           "replay_step", "static_generate"]

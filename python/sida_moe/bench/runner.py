@@ -209,7 +209,7 @@ def run_bench(cfg: BenchConfig) -> list[dict[str, Any]]:
     one-line note on stderr."""
     from tqdm.auto import tqdm
 
-    from sida_moe.decode_graph import replay_host_seconds
+    from sida_moe.bench.replay_probes import replay_host_seconds
     from sida_moe.offload import engine_of, offload
 
     cfg.validate()
