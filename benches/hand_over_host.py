@@ -56,7 +56,6 @@ class Timers:
         self.seconds: dict[str, float] = collections.defaultdict(float)
         self.calls: dict[str, int] = collections.defaultdict(int)
         self.on = False
-        self._saved = []
 
     def install(self) -> None:
         for owner, attr in TIMED:
@@ -74,7 +73,6 @@ class Timers:
                     self.seconds[_name] += time.perf_counter() - t0
                     self.calls[_name] += 1
 
-            self._saved.append((owner, attr, original))
             setattr(owner, attr, timed)
 
     def reset(self) -> None:

@@ -272,8 +272,7 @@ def static_generate(
                 _forward_step(model, step, forward)  # the step the failed capture did not run
             produced += 1
     watch = _FinishedWatch(step) if eos_ids else None
-    if graphs and engine is not None:
-        engine.read_table_here()  # replays read the table on this stream
+    # the replays read the table on this stream, which the prefill's forward made its reader stream
     while produced < max_new_tokens:
         if graphs:
             replay_step(engine, step)
@@ -404,8 +403,6 @@ def _capture(model: nn.Module, engine, step: _Step, forward: nn.Module) -> bool:
     step.graph = graph
     # blocking: waiting for a fence sleeps instead of spinning a core
     step.fences = [torch.cuda.Event(blocking=True) for _ in range(REPLAYS_IN_FLIGHT)]
-    if engine is not None:
-        engine.read_table_here()
     replay_step(engine, step)
     return True
 

@@ -19,10 +19,11 @@ from sida_moe.budget import BudgetSpec, format_bytes, parse_budget, slots_for_bu
 from sida_moe.experts import register_engine
 from sida_moe.format import ExpertAddresses, ExpertFormat, SlotWeights, slot_views
 from sida_moe.kernels import fused_experts, fused_experts_table, table_kernels_usable
-from sida_moe.kernels.configs import DEFAULT_CROSSOVERS, device_crossovers
 from sida_moe.engine_observer import EngineObserver
+from sida_moe.kernels.configs import DEFAULT_CROSSOVERS, device_crossovers
 from sida_moe.prefetchers import NoPrefetch, Prefetcher
 from sida_moe.routing_ring import RoutingRing
+
 
 def check_cache_options(policy: str, copy_workers: int) -> None:
     """The slot cache's policy and worker count, checked without a pool (``offload`` checks them
@@ -82,7 +83,6 @@ class OffloadEngine:
         self._layer_tables: list[ExpertAddresses] = []
         self._ring = RoutingRing(len(layers), max(layer.top_k for layer in layers), device)  # this forward's table visits
         self._ahead_captured = None  # what the step being captured staged for the prefetcher (predict_ahead)
-        self.max_top_k = max(layer.top_k for layer in layers)
         # where the table path ends: the last streaming regime's reach on this device
         self._crossovers = device_crossovers(device.index) if device.type == "cuda" else DEFAULT_CROSSOVERS
         self._observers: tuple[EngineObserver, ...] = ()  # see observe(); none: nothing extra runs

@@ -29,7 +29,7 @@ from sida_moe.experts import OffloadedExperts
 from sida_moe.format import ExpertFormat
 from sida_moe.prefetchers import Prefetcher
 
-_FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)  # the expert dtypes an engine serves
 
 
 # ------------------------------------------------------------------------------------ checks
@@ -57,7 +57,7 @@ def discover(model: nn.Module) -> tuple[Adapter, list[MoELayer], ExpertFormat]:
     if not layers:
         raise ValueError(f"no MoE layers found in this {adapter.name} model (are its experts a supported module type?)")
     fmt = adapter.expert_format(model, layers[0])
-    if fmt.dtype not in _FLOAT_DTYPES:
+    if fmt.dtype not in FLOAT_DTYPES:
         kind = "" if fmt.dtype.is_floating_point else " (quantized)"
         raise NotImplementedError(f"expert weights of dtype {fmt.dtype}{kind} are not supported yet: use bf16, fp16 or fp32")
     for layer in layers[1:]:
@@ -166,4 +166,4 @@ def parameters_on_meta() -> Iterator[None]:
         nn.Module.register_parameter = original
 
 
-__all__ = ["EngineBuilder", "discover", "parameters_on_meta"]
+__all__ = ["FLOAT_DTYPES", "EngineBuilder", "discover", "parameters_on_meta"]

@@ -17,11 +17,9 @@ from sida_moe._native import LoadError
 from sida_moe.adapters import Adapter, MoELayer
 from sida_moe.budget import BudgetSpec
 from sida_moe.engine import OffloadEngine, check_cache_options
-from sida_moe.engine_builder import EngineBuilder, discover, parameters_on_meta
+from sida_moe.engine_builder import FLOAT_DTYPES, EngineBuilder, discover, parameters_on_meta
 from sida_moe.format import ExpertFormat
 from sida_moe.prefetchers import Prefetcher, make_prefetcher
-
-_FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
 def _check_dtype(model: nn.Module, fmt: ExpertFormat) -> None:
@@ -120,7 +118,6 @@ def offload(
                 torch.cuda.empty_cache()
         builder.start(prefetcher)
     except BaseException:
-        model.__dict__.pop("sida_engine", None)
         _put_back(model, engine, adapter, fmt, swapped, released)
         raise
     if not restorable:
@@ -236,7 +233,7 @@ def _resolve_dtype(dtype: torch.dtype | str | None, config) -> torch.dtype:
         if not isinstance(resolved, torch.dtype):
             raise ValueError(f"unknown dtype {dtype!r}; use 'bfloat16', 'float16' or 'float32'")
         dtype = resolved
-    if dtype not in _FLOAT_DTYPES:
+    if dtype not in FLOAT_DTYPES:
         raise ValueError(f"dtype must be bfloat16, float16 or float32, got {dtype}")
     return dtype
 

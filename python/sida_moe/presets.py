@@ -160,7 +160,7 @@ def build_offloaded(name: str, gpu_budget: BudgetSpec = "25%", device: str | tor
         device = torch.device("cuda", torch.cuda.current_device())
     with parameters_on_meta():
         model = getattr(transformers, preset.model_class)._from_config(config, dtype=dtype)
-    builder = EngineBuilder(model, device, backend, gpu_budget, "lru" if policy is None else policy, copy_workers=2)
+    builder = EngineBuilder(model, device, backend, gpu_budget, policy, copy_workers=2)
     engine, fmt = builder.engine, builder.fmt
     try:
         generator = torch.Generator(device=device).manual_seed(seed)

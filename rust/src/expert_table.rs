@@ -238,6 +238,19 @@ mod tests {
         unsafe { std::slice::from_raw_parts(addr as usize as *const u8, NBYTES) }
     }
 
+    /// `steps` decode visits of two experts each over 2 layers x 8 experts, drawn from `seed`, then
+    /// every load they queued landed: admissions and evictions through the table.
+    fn route_randomly(cache: &SlotCache, seed: u64, steps: usize) {
+        let mut seed = seed;
+        for _ in 0..steps {
+            seed = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            let layer = (seed >> 40) as i64 % 2;
+            let e = (seed >> 20) as i64 % 8;
+            cache.note_routed(layer, &[e, (e + 1) % 8], None).unwrap();
+        }
+        cache.synchronize().unwrap();
+    }
+
     #[test]
     fn attach_points_every_entry_at_its_pool_record() {
         let (pool, cache, table) = setup(2, 4, 2, 0);
@@ -327,14 +340,7 @@ mod tests {
             })
             .collect();
         started.wait();
-        let mut seed = 99u64;
-        for _ in 0..3000 {
-            seed = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
-            let layer = (seed >> 40) as i64 % 2;
-            let e = (seed >> 20) as i64 % 8;
-            cache.note_routed(layer, &[e, (e + 1) % 8], None).unwrap();
-        }
-        cache.synchronize().unwrap();
+        route_randomly(&cache, 99, 3000);
         stop.store(true, std::sync::atomic::Ordering::Relaxed);
         let total: u64 = readers.into_iter().map(|h| h.join().unwrap()).sum();
         assert!(total > 0);
@@ -466,14 +472,7 @@ mod tests {
                 n
             })
         };
-        let mut seed = 7u64;
-        for _ in 0..3000 {
-            seed = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
-            let layer = (seed >> 40) as i64 % 2;
-            let e = (seed >> 20) as i64 % 8;
-            cache.note_routed(layer, &[e, (e + 1) % 8], None).unwrap();
-        }
-        cache.synchronize().unwrap();
+        route_randomly(&cache, 7, 3000);
         stop.store(true, std::sync::atomic::Ordering::Relaxed);
         assert!(switcher.join().unwrap() >= 200);
         // replay the log: a switch is a reader stream's wait on an event last recorded on another
