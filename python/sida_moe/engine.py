@@ -7,18 +7,18 @@ tables, the prefetcher, and statistics.
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Iterator
 from contextlib import contextmanager
 
 import torch
 
 from sida_moe import _native
+from sida_moe.acquire_path import AcquirePath
 from sida_moe.adapters.base import MoELayer
 from sida_moe.budget import BudgetSpec, format_bytes, parse_budget, slots_for_budget
 from sida_moe.experts import register_engine
 from sida_moe.format import ExpertAddresses, ExpertFormat, SlotWeights, slot_views
-from sida_moe.kernels import fused_experts, fused_experts_table, table_kernels_usable
+from sida_moe.kernels import fused_experts_table, table_kernels_usable
 from sida_moe.engine_observer import EngineObserver
 from sida_moe.kernels.configs import DEFAULT_CROSSOVERS, device_crossovers
 from sida_moe.prefetchers import NoPrefetch, Prefetcher
@@ -70,6 +70,7 @@ class OffloadEngine:
         self.feed: _native.RoutingFeed | None = None
         self.slot_memory: torch.Tensor | None = None
         self.views: SlotWeights | None = None
+        self._acquire_path: AcquirePath | None = None  # open_cache
         self.prefetcher: Prefetcher = NoPrefetch()
         self.generation = 0
         self.handle = register_engine(self)  # how the compiled model's custom op finds this engine
@@ -222,12 +223,7 @@ class OffloadEngine:
             observer.opened(self)
         self.views = slot_views(self.slot_memory, self.fmt, self.pool.tensor_offsets)
         self._attach_expert_table()
-        num_layers = len(self.layers)
-        pin = self.device.type == "cuda"
-        # routing tables: slot of each expert per MoE layer; host rows are filled by numpy, then copied
-        self._host_tables = torch.full((num_layers, self.max_experts), -1, dtype=torch.int32, pin_memory=pin)
-        self._host_tables_np = self._host_tables.numpy()
-        self._dev_tables = self._host_tables if not pin else torch.full_like(self._host_tables, -1, device=self.device)
+        self._acquire_path = AcquirePath([layer.num_experts for layer in self.layers], self.device)
 
     def check_cache_args(self, num_slots: int, policy: str, copy_workers: int) -> None:
         """Raise for arguments ``open_cache`` would refuse, before anything is allocated or closed."""
@@ -409,19 +405,6 @@ class OffloadEngine:
     def _stream(self) -> int:
         return torch.cuda.current_stream(self.device).cuda_stream if self.device.type == "cuda" else 0
 
-    def _table(self, moe_layer: int, experts: list[int], slots: list[int], reuse: bool) -> torch.Tensor:
-        if reuse and self.device.type == "cuda":
-            # the previous chunk's copy of this row may still be pending on the stream
-            torch.cuda.current_stream(self.device).synchronize()
-        row = self._host_tables_np[moe_layer]
-        row.fill(-1)
-        row[experts] = slots
-        dev = self._dev_tables[moe_layer, : self.layers[moe_layer].num_experts]
-        if self._dev_tables is not self._host_tables:
-            # ordered: every layer syncs the stream on its routing ids before it rewrites a row
-            dev.copy_(self._host_tables[moe_layer, : dev.shape[0]], non_blocking=True)
-        return dev
-
     def run_layer(self, moe_layer: int, hidden: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor) -> torch.Tensor:
         """The experts of one MoE layer for ``hidden [T, H]``: acquire the routed experts' slots (in
         chunks of at most ``num_slots`` distinct experts), compute, release."""
@@ -436,35 +419,12 @@ class OffloadEngine:
         used = topk_ids[topk_weights != 0] if self._skip_zero_weight else topk_ids
         distinct = torch.unique(used).tolist()  # prefill's one host sync per layer: acquire needs ids
         self._routed = distinct
-        out: torch.Tensor | None = None
-        stream = self._stream()
-        step = cache.num_slots
-        if len(distinct) > step:
+        if len(distinct) > cache.num_slots:
             self._counters["chunked_layer_calls"] += 1
-        for start in range(0, len(distinct), step):
-            chunk = distinct[start : start + step]
-            if self._observers:
-                slots = self._observed_acquire(moe_layer, chunk, stream)
-            else:
-                slots = cache.acquire(moe_layer, chunk, stream)
-            try:
-                table = self._table(moe_layer, chunk, slots, reuse=start > 0)
-                if start == 0:
-                    self.prefetcher.after_routing(moe_layer, x, topk_ids)
-                out = fused_experts(x, topk_ids, topk_weights, table, views, self.fmt, out)
-            finally:
-                cache.release(slots, stream)
-        if out is None:
-            out = torch.zeros_like(x)
+        out = self._acquire_path.run(cache, views, self.fmt, moe_layer, distinct, x, topk_ids, topk_weights,
+                                     self._stream(), self._observers, self,
+                                     lambda: self.prefetcher.after_routing(moe_layer, x, topk_ids))
         return out if out.dtype == hidden.dtype else out.to(hidden.dtype)
-
-    def _observed_acquire(self, moe_layer: int, experts: list[int], stream: int) -> list[int]:
-        def call() -> list[int]:
-            return self.cache.acquire(moe_layer, experts, stream)
-
-        for observer in self._observers:  # the first added wraps the acquire itself, the last is called first
-            call = functools.partial(observer.acquire, self, moe_layer, experts, call)
-        return call()
 
     # ------------------------------------------------------------------------------- stats
     def stats(self) -> dict[str, float | str]:
