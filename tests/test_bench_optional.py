@@ -5,7 +5,6 @@ single budget is drawn as bars."""
 import json
 import sys
 
-import pytest
 
 from sida_moe import cli
 from sida_moe.bench.report import budget_figure

@@ -90,17 +90,17 @@ def _tiny_moe():
 def test_generate_makes_exactly_the_tokens_asked_for_and_greedy_calls_stay_plain():
     """EOS never ends a timed call early (EOS off), and greedy and sampled calls are ones the
     offloaded model's generate serves from its graphed loop (plain calls)."""
-    from sida_moe.bench.runner import _generate
+    from sida_moe.bench.inputs import generate_new
     from sida_moe.generate_route import plain_call
     from sida_moe.sampling import SamplingParams
 
     model = _tiny_moe()
     prompts = {"input_ids": torch.randint(0, 64, (1, 5)), "attention_mask": torch.ones(1, 5, dtype=torch.long)}
-    first = _generate(model, prompts, 6)
+    first = generate_new(model, prompts, 6)
     model.generation_config.eos_token_id = int(first[0, 0])  # transformers would stop after one token
     for sample in (False, True):
-        assert _generate(model, prompts, 6, sample=sample).shape == (1, 6)
-    assert torch.equal(_generate(model, prompts, 6), first)
+        assert generate_new(model, prompts, 6, sample=sample).shape == (1, 6)
+    assert torch.equal(generate_new(model, prompts, 6), first)
     seen = {}
     original = model.generate
 
@@ -111,13 +111,13 @@ def test_generate_makes_exactly_the_tokens_asked_for_and_greedy_calls_stay_plain
         return original(**kwargs)
 
     model.generate = spy
-    _generate(model, prompts, 4)
+    generate_new(model, prompts, 4)
     call = plain_call(model, (), seen)
     assert call is not None and call[1] == 4 and call[2] is None and call[4] is None  # 4 greedy tokens, no EOS
-    _generate(model, prompts, 4, sample=True)
+    generate_new(model, prompts, 4, sample=True)
     call = plain_call(model, (), seen)
     assert call is not None and call[2] is None and call[4] == SamplingParams(1.0, 0, 1.0)  # unfiltered draws
-    _generate(model, prompts, 4, graphs=False)
+    generate_new(model, prompts, 4, graphs=False)
     assert seen["sida_graphs"] is False
 
 

@@ -214,10 +214,10 @@ def test_bench_with_a_sida_predictor_and_more_predicted_experts(tmp_path):
             assert 0.0 <= sida["hit_rate"] <= 1.0
         assert "predictor_recall" not in got[(policy, "none")]
     # under the Belady oracle the prefetcher must not overwrite the true future with its prediction
-    from sida_moe.bench.runner import _make_prefetcher
+    from sida_moe.bench.inputs import prefetcher_for
 
-    assert _make_prefetcher("sida", cfg, oracle=True).feed_future is False
-    assert _make_prefetcher("sida@12", cfg).feed_future is True and _make_prefetcher("sida@12", cfg).k == 12
+    assert prefetcher_for("sida", cfg, oracle=True).feed_future is False
+    assert prefetcher_for("sida@12", cfg).feed_future is True and prefetcher_for("sida@12", cfg).k == 12
 
 
 def test_fastest_experts_implementation_is_measured():

@@ -9,7 +9,6 @@ round, over interleaved rounds; offloaded rows are also held to their decode bou
 from __future__ import annotations
 
 import contextlib
-import gc
 import platform
 import sys
 import time
@@ -18,10 +17,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch import nn
 
 from sida_moe.bench.bound import attach_bounds, zero_copy_gbps
-from sida_moe.bench.config import BenchConfig, BenchInputError, bench_device, optional_parts, sida_k
+from sida_moe.bench import inputs
+from sida_moe.bench.config import BenchConfig, bench_device, optional_parts
+from sida_moe.bench.memory import peak_gib, reset_peak, skip_out_of_memory
 from sida_moe.bench.metrics import (
     decode_cache_metrics,
     engine_metrics,
@@ -39,167 +39,10 @@ from sida_moe.bench.systems import (
     experts_on_cpu_with_accelerate,
     set_fastest_experts_implementation,
 )
+from sida_moe.bench.timeline import decode_timeline
 from sida_moe.bench.timing import DecodeTiming, Round, decode_seconds_per_step, interleave, two_calls
 from sida_moe.sampling import SamplingParams
 from sida_moe.visit_trace import VisitRecorder
-
-def _load_model(cfg: BenchConfig, device: torch.device, dtype: torch.dtype) -> nn.Module:
-    from sida_moe.presets import PRESETS, build_model
-
-    if cfg.model in PRESETS:
-        return build_model(cfg.model, device=device, dtype=dtype, seed=cfg.seed)
-    path = Path(cfg.model)
-    if not path.is_dir():
-        raise BenchInputError(f"model must be a preset ({', '.join(PRESETS)}) or a checkpoint directory; {cfg.model!r} is neither")
-    from safetensors import SafetensorError
-    from transformers import AutoModelForCausalLM
-
-    try:
-        return AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device).eval()
-    except (OSError, ValueError, KeyError, SafetensorError) as e:
-        raise BenchInputError(f"cannot load the checkpoint {cfg.model}: {e}") from e
-
-
-def _replay_routing(trace, model: nn.Module):
-    """The hooks replaying ``trace`` (a ``RoutingTrace``, or None: no hooks) on ``model``."""
-    if trace is None:
-        return None
-    from sida_moe.bench.replay import ReplayRouting, RoutingTraceError
-
-    try:
-        return ReplayRouting(model, trace)
-    except RoutingTraceError as e:  # recorded with another experts count or top-k
-        raise BenchInputError(str(e)) from None
-
-
-def _text_ids(cfg: BenchConfig, vocab: int) -> torch.Tensor:
-    """Token ids of ``cfg.prompt_file`` with the checkpoint's tokenizer (byte-level for presets)."""
-    from sida_moe.presets import PRESETS, ByteTokenizer
-
-    text = Path(cfg.prompt_file).read_text(encoding="utf-8", errors="replace")
-    if cfg.model in PRESETS:
-        ids = ByteTokenizer().encode(text)
-    else:
-        from transformers import AutoTokenizer
-
-        ids = AutoTokenizer.from_pretrained(cfg.model)(text)["input_ids"]
-    ids = torch.tensor([i for i in ids if i < vocab], dtype=torch.long)
-    if ids.numel() == 0:
-        raise BenchInputError(f"prompt file {cfg.prompt_file} gave no tokens")
-    return ids
-
-
-def _prompts(model: nn.Module, batch: int, length: int, seed: int, device: torch.device,
-             text_ids: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
-    """The same prompts for every system: windows of ``text_ids`` at seeded offsets, or seeded
-    random token ids (left-padded rows of different lengths when batch > 1, to exercise padding)."""
-    vocab = model.config.get_text_config().vocab_size if hasattr(model.config, "get_text_config") else model.config.vocab_size
-    g = torch.Generator().manual_seed(seed + batch)
-    if text_ids is not None:
-        if text_ids.numel() < length:
-            raise BenchInputError(f"the prompt file has {text_ids.numel()} tokens, fewer than prompt_tokens={length}")
-        starts = torch.randint(0, text_ids.numel() - length + 1, (batch,), generator=g)
-        ids = torch.stack([text_ids[s : s + length] for s in starts.tolist()])
-    else:
-        ids = torch.randint(3, min(vocab, 50000), (batch, length), generator=g)
-    mask = torch.ones_like(ids)
-    for row in range(1, batch):  # ragged: row r drops r tokens on the left
-        cut = min(row, length - 1)
-        mask[row, :cut] = 0
-        ids[row, :cut] = 0
-    return {"input_ids": ids.to(device), "attention_mask": mask.to(device)}
-
-
-_SAMPLING = {"temperature": 1.0, "top_k": 0, "top_p": 1.0}
-
-
-def _generate(model: nn.Module, prompts: dict[str, torch.Tensor], new_tokens: int, sample: bool = False,
-              seed: int = 0, graphs: bool | None = None, compile: bool = False) -> torch.Tensor:
-    """The ``[B, new_tokens]`` ids ``model.generate`` produces (on the model's device). Calls are
-    plain -- EOS off instead of ``min_new_tokens`` -- so an offloaded model serves them from its
-    graphed loop where it can (greedy or sampled), compiled first with ``compile``;
-    ``graphs=False`` keeps them on transformers' loop."""
-    kwargs = {"do_sample": sample, "eos_token_id": None}
-    if sample:
-        kwargs.update(_SAMPLING)
-    if graphs is False:
-        kwargs["sida_graphs"] = False
-    elif compile and getattr(model, "sida_engine", None) is not None:
-        kwargs["sida_compile"] = True
-    torch.manual_seed(seed)  # the same sampled sequence for every system (given the same logits)
-    with torch.inference_mode():
-        out = model.generate(**prompts, max_new_tokens=new_tokens, pad_token_id=0, **kwargs)
-    out = out[:, prompts["input_ids"].shape[1]:]
-    if out.shape[1] != new_tokens:  # the decode time per step divides by new_tokens - 1
-        raise RuntimeError(f"generate returned {out.shape[1]} new tokens, not the {new_tokens} asked for")
-    return out
-
-
-def _peak_gib(device: torch.device) -> float | None:
-    return torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
-
-
-def _reset_peak(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-        torch.cuda.reset_peak_memory_stats(device)
-
-
-def _skip_out_of_memory(meta: dict[str, Any], model: nn.Module, device: torch.device, what: str,
-                        error: BaseException) -> None:
-    """One line on stderr and a note in the report for rows that ran out of memory; the steps
-    captured for them and the allocator's cache are released so that the next rows can run."""
-    from sida_moe.decode_graph import forget_captured_steps
-
-    forget_captured_steps(model)
-    gc.collect()
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
-    reason = str(error).splitlines()[0][:160] if str(error) else type(error).__name__
-    print(f"sida-moe bench: note: skipping {what}: out of memory ({reason})", file=sys.stderr, flush=True)
-    meta.setdefault("skipped_out_of_memory", []).append({"rows": what, "error": reason})
-
-
-def _make_prefetcher(name: str, cfg: BenchConfig, oracle: bool = False):
-    """``oracle``: the policy is Belady, fed the true future; the SiDA prefetcher then must not
-    replace that future with its predicted one."""
-    from sida_moe.prefetchers import make_prefetcher
-
-    if name.startswith("sida"):
-        from sida_moe.predictor import load_prefetcher
-
-        return load_prefetcher(cfg.predictor_path, k=sida_k(name), feed_future=not oracle)
-    return make_prefetcher(name)
-
-
-def _timeline(model: nn.Module, prompts, device: torch.device, steps: int = 4) -> list[dict[str, Any]]:
-    """Copies and compute kernels of a few decode steps, from a profiler trace (CUPTI sees the copies
-    the native runtime issues through the driver API as well as PyTorch's kernels)."""
-    if device.type != "cuda":
-        return []
-    import json
-    import tempfile
-
-    from torch.profiler import ProfilerActivity, profile
-
-    with profile(activities=[ProfilerActivity.CUDA]) as prof, torch.inference_mode():
-        model.generate(**prompts, max_new_tokens=steps, min_new_tokens=steps, do_sample=False, pad_token_id=0)
-    with tempfile.NamedTemporaryFile(suffix=".json") as f:
-        prof.export_chrome_trace(f.name)
-        trace = json.load(open(f.name))
-    events = []
-    for e in trace.get("traceEvents", []):
-        cat = e.get("cat", "")
-        if cat in ("kernel", "gpu_memcpy") and "ts" in e and "dur" in e:
-            lane = "copy H2D" if cat == "gpu_memcpy" and "HtoD" in e.get("name", "") else ("compute" if cat == "kernel" else None)
-            if lane:
-                events.append({"lane": lane, "start_ms": e["ts"] / 1e3, "dur_ms": e["dur"] / 1e3})
-    if events:
-        t0 = min(e["start_ms"] for e in events)
-        for e in events:
-            e["start_ms"] -= t0
-    return events
-
 
 # ------------------------------------------------------------------------------------- the run
 def run_bench(cfg: BenchConfig) -> list[dict[str, Any]]:
@@ -220,7 +63,7 @@ def run_bench(cfg: BenchConfig) -> list[dict[str, Any]]:
     from sida_moe.presets import PRESETS
 
     sample = cfg.model in PRESETS if cfg.sample is None else cfg.sample
-    model = _load_model(cfg, device, dtype)
+    model = inputs.load_model(cfg, device, dtype)
     if note:  # once the model loaded: a bad checkpoint stays one line
         print(f"sida-moe bench: note: {note}", file=sys.stderr, flush=True)
     out_dir = Path(cfg.out_dir) if cfg.out_dir else None
@@ -244,7 +87,7 @@ def run_bench(cfg: BenchConfig) -> list[dict[str, Any]]:
         trace = load_routing_trace(cfg.routing_trace)  # checked by validate()
     else:
         trace = None
-    replay = _replay_routing(trace, model)
+    replay = inputs.replay_routing(trace, model)
     if replay is not None:
         meta["routing"] = {"trace": cfg.routing_trace, "metadata": replay.trace.metadata, "layer_map": replay.layer_map,
                            "positions": ("round r: the warm-up call replays from position 2 r S, the timed calls "
@@ -265,12 +108,12 @@ def run_bench(cfg: BenchConfig) -> list[dict[str, Any]]:
 
     def gen(b: int, n: int, graphs: bool | None = None) -> torch.Tensor:
         from_start()
-        return _generate(model, prompts[b], n, sample, cfg.seed, graphs, cfg.compile)
+        return inputs.generate_new(model, prompts[b], n, sample, cfg.seed, graphs, cfg.compile)
 
     def gen_graphed(b: int, n: int) -> torch.Tensor:
         from_start()
-        torch.manual_seed(cfg.seed)  # as _generate: the same sampled sequence for every system
-        return graphed.generate(prompts[b]["input_ids"], n, cfg.compile, SamplingParams(**_SAMPLING) if sample else None,
+        torch.manual_seed(cfg.seed)  # as inputs.generate_new: the same sampled sequence for every system
+        return graphed.generate(prompts[b]["input_ids"], n, cfg.compile, SamplingParams(**inputs.SAMPLING) if sample else None,
                                 prompts[b]["attention_mask"])
 
     def forced_logits(b: int) -> torch.Tensor:
@@ -278,8 +121,8 @@ def run_bench(cfg: BenchConfig) -> list[dict[str, Any]]:
         return teacher_forced_logits(model, prompts[b], reference[b])
 
     vocab = model.get_input_embeddings().num_embeddings
-    text_ids = _text_ids(cfg, vocab) if cfg.prompt_file else None
-    prompts = {b: _prompts(model, b, cfg.prompt_tokens, cfg.seed, device, text_ids) for b in cfg.batch_sizes}
+    text_ids = inputs.prompt_file_ids(cfg, vocab) if cfg.prompt_file else None
+    prompts = {b: inputs.make_prompts(model, b, cfg.prompt_tokens, cfg.seed, device, text_ids) for b in cfg.batch_sizes}
     reference: dict[int, torch.Tensor] = {}
     reference_logits: dict[int, torch.Tensor] = {}  # the resident model's, teacher-forced on its tokens
     configs_per_budget = len(cfg.policies) * len(cfg.predictors) + sum(b in baselines for b in ("ondemand_lru", "sida_sync"))
@@ -327,13 +170,13 @@ def run_bench(cfg: BenchConfig) -> list[dict[str, Any]]:
             warm, timed = round_positions(replay_at["round"])
             if before_timing is not None:
                 before_timing()
-            _reset_peak(device)
+            reset_peak(device)
             replay_at["position"] = warm
             generate(n)  # warm-up: kernels chosen, the decode step captured, the cache in its steady state
             replay_at["position"] = timed
             rnd = two_calls(generate, n, device, before=settled(engine) if engine is not None else None,
                             after=engine.stats if engine is not None else None)
-            rnd.extra["peak_gpu_gib"] = _peak_gib(device)
+            rnd.extra["peak_gpu_gib"] = peak_gib(device)
             if after_timing is not None:
                 after_timing(rnd)
             return rnd
@@ -381,7 +224,7 @@ def run_bench(cfg: BenchConfig) -> list[dict[str, Any]]:
         try:
             timed_rounds = interleave(visits, cfg.rounds)
         except (torch.OutOfMemoryError, MemoryError) as e:
-            _skip_out_of_memory(meta, model, device, f"the resident baselines at batch {b}", e)
+            skip_out_of_memory(meta, model, device, f"the resident baselines at batch {b}", e)
             bar.update(len(visits))
             continue
         if "resident" in timed_rounds:
@@ -408,7 +251,7 @@ def run_bench(cfg: BenchConfig) -> list[dict[str, Any]]:
     if replay is not None:
         replay.remove()  # its hooks sit on the experts modules that offload replaces
     offload(model, gpu_budget=min(budgets), policy="lru", prefetch="none", progress=cfg.progress)
-    replay = _replay_routing(trace, model)
+    replay = inputs.replay_routing(trace, model)
     engine = engine_of(model)
     meta["offload_seconds"] = time.perf_counter() - t0
     meta["engine"] = engine.describe()
@@ -445,7 +288,7 @@ def run_bench(cfg: BenchConfig) -> list[dict[str, Any]]:
             # a replayed trace moves on every round: its future is recorded per round
             seen = record_future(b, budget, replay_at["round"]) if policy == "belady" and replay is not None else future
             engine.reopen_cache(engine.slots_for(budget), "predictive" if policy == "belady" else policy)
-            engine.set_prefetcher(_make_prefetcher(predictor, cfg, oracle=policy == "belady"))
+            engine.set_prefetcher(inputs.prefetcher_for(predictor, cfg, oracle=policy == "belady"))
             if sync:
                 syncing.enter_context(engine.observe(SyncLoads()))
             if seen is not None:
@@ -495,7 +338,7 @@ def run_bench(cfg: BenchConfig) -> list[dict[str, Any]]:
                 timed_rounds, configs, agreements = measure_budget(b, budget)
             except (torch.OutOfMemoryError, MemoryError) as e:
                 # a large budget next to what the process already holds: the smaller budgets go on
-                _skip_out_of_memory(meta, model, device, f"batch {b} at a {budget:.0%} budget", e)
+                skip_out_of_memory(meta, model, device, f"batch {b} at a {budget:.0%} budget", e)
                 bar.update(len(configs_for()))
                 continue
             # the policies alone on the visits the rows made (the last recorded round's)
@@ -531,8 +374,8 @@ def run_bench(cfg: BenchConfig) -> list[dict[str, Any]]:
         if cfg.timeline and device.type == "cuda":
             mid = sorted(cfg.budgets)[len(cfg.budgets) // 2]
             engine.reopen_cache(engine.slots_for(mid), "lru")
-            engine.set_prefetcher(_make_prefetcher("next_layer_gate" if "next_layer_gate" in cfg.predictors else cfg.predictors[0], cfg))
-            plot_timeline(_timeline(model, prompts[b0], device), out / "timeline.png")
+            engine.set_prefetcher(inputs.prefetcher_for("next_layer_gate" if "next_layer_gate" in cfg.predictors else cfg.predictors[0], cfg))
+            plot_timeline(decode_timeline(model, prompts[b0], device), out / "timeline.png")
     syncing.close()
     observing.close()
     engine.close()
