@@ -151,11 +151,12 @@ def random_setup(num_prompts: int, prompt_tokens: int, dtype: torch.dtype, devic
     untrained predictor of the shipped variant, and random prompts."""
     from train_reference_model import build_model
 
-    from sida_moe.predictor import PredictorConfig, find_moe_layers
+    from sida_moe.adapters import decoder_moe_layers
+    from sida_moe.predictor import PredictorConfig
 
     torch.manual_seed(0)
     model = build_model(8192, 0).to(device=device, dtype=dtype).eval()
-    layers = find_moe_layers(model)
+    layers = decoder_moe_layers(model)
     cfg = PredictorConfig(input_dim=model.config.hidden_size, num_moe_layers=len(layers),
                           num_experts=layers[0].num_experts, top_k=model.config.num_experts_per_tok,
                           hidden=512, head_hidden=256, attn_blocks=2)

@@ -8,11 +8,11 @@ import json
 import pytest
 import torch
 
+from sida_moe.adapters import decoder_moe_layers
 from sida_moe.predictor import (
     HashPredictor,
     HashRouting,
     PredictorConfig,
-    find_moe_layers,
     has_predictor,
     sparsemax,
 )
@@ -263,11 +263,11 @@ def test_predictor_errors(tmp_path):
 
 
 # ------------------------------------------------------------------------------------- traces
-def test_find_moe_layers(model):
-    layers = find_moe_layers(model)
-    assert [(l.index, l.decoder_layer, l.num_experts, l.top_k) for l in layers] == [(0, 0, 8, 2), (1, 1, 8, 2), (2, 2, 8, 2)]
+def test_decoder_moe_layers(model):
+    layers = decoder_moe_layers(model)
+    assert [(l.ordinal, l.decoder_layer, l.num_experts, l.top_k) for l in layers] == [(0, 0, 8, 2), (1, 1, 8, 2), (2, 2, 8, 2)]
     with pytest.raises(ValueError, match="no MoE blocks"):
-        find_moe_layers(torch.nn.Linear(2, 2))
+        decoder_moe_layers(torch.nn.Linear(2, 2))
 
 
 def test_trace_round_trip(model, trace_dir):
@@ -295,9 +295,9 @@ def test_trace_records_the_next_layer_gate(model, trace_dir, tmp_path):
     it changes nothing else, and a trace recorded without it loads with no gate."""
     traces = load_traces(trace_dir)
     assert traces.manifest["next_layer_gate"] and traces.gate_ids.shape == (2, 10, 16, 5)
-    layers = find_moe_layers(model)
+    layers = decoder_moe_layers(model)
     seen = {}
-    hooks = [l.router.register_forward_pre_hook(lambda m, a, i=l.index: seen.__setitem__(i, a[0])) for l in layers]
+    hooks = [l.router.register_forward_pre_hook(lambda m, a, i=l.ordinal: seen.__setitem__(i, a[0])) for l in layers]
     try:
         with torch.no_grad():
             model(input_ids=traces.input_ids[3:5])
@@ -539,7 +539,7 @@ def test_training_rejects_bad_settings(trace_dir):
 # --------------------------------------------------------------------------------- hash routing
 def _rigged_predictor(model, favourite: list[int], second: int) -> HashPredictor:
     """A predictor whose logits are constant: ``favourite[l]`` first, ``second`` next, per layer."""
-    layers = find_moe_layers(model)
+    layers = decoder_moe_layers(model)
     p = HashPredictor(PredictorConfig(input_dim=32, num_moe_layers=len(layers), num_experts=8, top_k=2, hidden=16))
     with torch.no_grad():
         p.heads.weight.zero_()

@@ -143,11 +143,11 @@ def test_hash_routing_loss_measures_exact_and_hash_routed_loss(model, traces):
             return torch.stack(captured), state
 
     captured: list[torch.Tensor] = []
-    from sida_moe.predictor.moe_layers import find_moe_layers
+    from sida_moe.adapters import decoder_moe_layers
 
     hooks = [layer.router.register_forward_hook(
         lambda m, a, out: captured.append((out[0] if isinstance(out, tuple) else out).detach().reshape(1, *ids.shape, -1)[0]))
-        for layer in find_moe_layers(model)]
+        for layer in decoder_moe_layers(model)]
     with torch.no_grad():
         model(input_ids=ids)
     for h in hooks:

@@ -9,7 +9,8 @@ import re
 import pytest
 import torch
 
-from sida_moe.predictor import HashPredictor, PredictorConfig, find_moe_layers
+from sida_moe.adapters import decoder_moe_layers
+from sida_moe.predictor import HashPredictor, PredictorConfig
 from sida_moe.train import (
     LookaheadConfig,
     TrainConfig,
@@ -49,8 +50,8 @@ def full_trace_dir(model, tmp_path_factory):
 
 def _router_inputs(model, input_ids: torch.Tensor) -> dict[int, torch.Tensor]:
     seen = {}
-    hooks = [l.router.register_forward_pre_hook(lambda m, a, i=l.index: seen.__setitem__(i, a[0].detach()))
-             for l in find_moe_layers(model)]
+    hooks = [l.router.register_forward_pre_hook(lambda m, a, i=l.ordinal: seen.__setitem__(i, a[0].detach()))
+             for l in decoder_moe_layers(model)]
     try:
         with torch.no_grad():
             model(input_ids=input_ids)

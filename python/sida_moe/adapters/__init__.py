@@ -1,4 +1,5 @@
-"""Architecture adapters and their registry: ``adapter_for(model)`` picks the one serving a model."""
+"""Architecture adapters and their registry: ``adapter_for(model)`` picks the one serving a model;
+``decoder_moe_layers(model)`` is its MoE layers as the predictor hooks them."""
 
 from __future__ import annotations
 
@@ -48,4 +49,35 @@ def adapter_for(model: nn.Module) -> Adapter:
     )
 
 
-__all__ = ["Adapter", "CheckpointPiece", "MoELayer", "adapter_for", "register_adapter", "supported_model_types"]
+def decoder_moe_layers(model: nn.Module) -> list[MoELayer]:
+    """The MoE layers of a decoder-only model, in forward order, as its adapter finds them (on an
+    offloaded model: its engine's layers). NotImplementedError for encoder-decoder models (the
+    predictor reads one stack); ValueError for an unsupported architecture or no MoE blocks."""
+    if getattr(getattr(model, "config", None), "is_encoder_decoder", False):
+        raise NotImplementedError(
+            f"the predictor serves decoder-only MoE LMs; {type(model).__name__} is an encoder-decoder model"
+        )
+    engine = getattr(model, "sida_engine", None)
+    if engine is not None:
+        # offloading swapped the experts modules for weightless ones find_layers cannot recognise
+        return list(engine.moe_layers)
+    try:
+        adapter = adapter_for(model)
+    except ValueError as e:
+        raise ValueError(f"no MoE blocks found in {type(model).__name__}: {e}") from None
+    layers = adapter.find_layers(model)
+    if not layers:
+        raise ValueError(f"no MoE blocks found in this {adapter.name} model ({type(model).__name__}): "
+                         "are its experts a supported module type?")
+    return layers
+
+
+__all__ = [
+    "Adapter",
+    "CheckpointPiece",
+    "MoELayer",
+    "adapter_for",
+    "decoder_moe_layers",
+    "register_adapter",
+    "supported_model_types",
+]

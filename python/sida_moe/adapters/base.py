@@ -8,6 +8,7 @@ to a hidden state (for next-layer prefetch). Everything else (pools, caches, com
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Literal
@@ -57,9 +58,13 @@ class CheckpointPiece:
     shape: tuple[int, ...] | None = None
 
 
+# the first index in a module path is the decoder (or encoder) layer holding it: "model.layers.3.mlp"
+_LAYER_INDEX = re.compile(r"\.(\d+)\.")
+
+
 @dataclass(eq=False)
 class MoELayer:
-    """One MoE layer of a model, as the engine and the prefetchers see it."""
+    """One MoE layer of a model, as the engine, the prefetchers and the predictor see it."""
 
     ordinal: int  # MoE-layer ordinal: the `layer` key of the pool and the cache
     path: str  # dotted path of the experts module, e.g. "model.layers.3.mlp.experts"
@@ -70,6 +75,13 @@ class MoELayer:
     top_k: int
     stack: str  # "decoder" or "encoder": prefetch looks ahead only inside one stack
     adapter: Adapter = field(repr=False)
+    #: index of the layer of its stack holding it (read from ``path``; the ordinal when the path
+    #: names none): differs from ``ordinal`` where dense layers sit between MoE ones
+    decoder_layer: int = field(init=False)
+
+    def __post_init__(self) -> None:
+        m = _LAYER_INDEX.search(f".{self.path}.")
+        self.decoder_layer = int(m.group(1)) if m else self.ordinal
 
     def predict(self, hidden: torch.Tensor) -> torch.Tensor:
         """Apply this layer's router to ``hidden`` [T, H]; returns the [T, top_k] expert ids."""
@@ -81,6 +93,8 @@ class MoELayer:
 
     @property
     def experts(self) -> nn.Module:
+        """The block's current experts module (the engine's once the model is offloaded), so hooks
+        registered after ``offload`` see the module that runs."""
         return getattr(self.block, self.experts_attr)
 
 

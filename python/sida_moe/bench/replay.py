@@ -166,9 +166,9 @@ class ReplayRouting:
     the hooks off."""
 
     def __init__(self, model: torch.nn.Module, trace: RoutingTrace, device: torch.device | None = None) -> None:
-        from sida_moe.predictor.moe_layers import find_moe_layers
+        from sida_moe.adapters import decoder_moe_layers
 
-        layers = find_moe_layers(model)
+        layers = decoder_moe_layers(model)
         shapes = {(l.num_experts, l.top_k) for l in layers}
         if shapes != {(trace.num_experts, trace.top_k)}:
             got = ", ".join(f"{e} experts top-{k}" for e, k in sorted(shapes))

@@ -6,7 +6,6 @@ from sida_moe.predictor.graphed import GraphedDecoder
 from sida_moe.predictor.hash_routing import HashRouting
 from sida_moe.predictor.model import HashPredictor, PredictorState, has_predictor
 from sida_moe.predictor.config import PredictorConfig
-from sida_moe.predictor.moe_layers import MoELayer, find_moe_layers
 from sida_moe.predictor.prefetcher import SidaPrefetcher, load_prefetcher
 from sida_moe.predictor.sparsemax import sparsemax
 
@@ -14,11 +13,9 @@ __all__ = [
     "GraphedDecoder",
     "HashPredictor",
     "HashRouting",
-    "MoELayer",
     "PredictorConfig",
     "PredictorState",
     "SidaPrefetcher",
-    "find_moe_layers",
     "has_predictor",
     "load_prefetcher",
     "sparsemax",

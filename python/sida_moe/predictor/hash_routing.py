@@ -20,8 +20,8 @@ from typing import Literal
 import torch
 from torch import nn
 
+from sida_moe.adapters import MoELayer, decoder_moe_layers
 from sida_moe.predictor.model import HashPredictor, PredictorState
-from sida_moe.predictor.moe_layers import MoELayer, find_moe_layers
 
 WeightSource = Literal["predicted", "router"]
 
@@ -83,7 +83,10 @@ class HashRouting:
         self.predictor = predictor
         self.weights = weights
         self.stateful = stateful
-        self.layers = layers if layers is not None else find_moe_layers(model)
+        self.layers = layers if layers is not None else decoder_moe_layers(model)
+        if any(l.adapter.routing_kind != "topk" for l in self.layers):
+            # the hook rewrites the experts module's (ids, weights) arguments; a one-hot dispatch mask is not those
+            raise NotImplementedError("hash routing needs experts modules that receive top-k ids and weights")
         if len(self.layers) != predictor.config.num_moe_layers:
             raise ValueError(
                 f"the predictor covers {predictor.config.num_moe_layers} MoE layers, the model has {len(self.layers)}"
@@ -105,10 +108,10 @@ class HashRouting:
         emb = self.model.get_input_embeddings()
         self._handles.append(self.model.register_forward_pre_hook(self._on_model_call, with_kwargs=True))
         self._handles.append(emb.register_forward_hook(self._on_embeddings))
-        for layer in self.layers:
+        for i, layer in enumerate(self.layers):
             if self.weights == "router":
-                self._handles.append(layer.router.register_forward_hook(self._on_router(layer.index)))
-            self._handles.append(layer.experts.register_forward_pre_hook(self._on_experts(layer), with_kwargs=True))
+                self._handles.append(layer.router.register_forward_hook(self._on_router(i)))
+            self._handles.append(layer.experts.register_forward_pre_hook(self._on_experts(i, layer), with_kwargs=True))
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -142,20 +145,21 @@ class HashRouting:
 
         return hook
 
-    def _on_experts(self, layer: MoELayer):
+    def _on_experts(self, i: int, layer: MoELayer):
         def hook(module: nn.Module, args: tuple, kwargs: dict):
             if self._logits is None:
                 raise RuntimeError("hash routing: MoE layer ran before the input embeddings were seen")
-            hidden, ids, weights = args[0], args[1], args[2]
-            router_logits = self._router_logits.pop(layer.index, None) if self.weights == "router" else None
-            pred = self._logits[layer.index].to(ids.device)
+            hidden = args[0]
+            ids, weights = layer.adapter.read_routing(args[1], args[2])
+            router_logits = self._router_logits.pop(i, None) if self.weights == "router" else None
+            pred = self._logits[i].to(ids.device)
             if pred.shape[0] != ids.shape[0]:
                 raise RuntimeError(
-                    f"hash routing: predictor gave {pred.shape[0]} tokens, MoE layer {layer.index} has {ids.shape[0]}"
+                    f"hash routing: predictor gave {pred.shape[0]} tokens, MoE layer {i} has {ids.shape[0]}"
                 )
             if router_logits is None:
-                pred = self.predictor.weight_logits(pred, layer.index)
-            new_ids, new_w = hash_route(pred, ids.shape[-1], self.normalize[layer.index], router_logits, dtype=weights.dtype)
+                pred = self.predictor.weight_logits(pred, i)
+            new_ids, new_w = hash_route(pred, ids.shape[-1], self.normalize[i], router_logits, dtype=weights.dtype)
             return (hidden, new_ids.to(ids.dtype), new_w, *args[3:]), kwargs
 
         return hook

@@ -21,7 +21,8 @@ A trace directory holds
 
 Routing is captured with forward hooks: the router's output gives the logits, the experts
 module's input gives the top-k ids the model really used (transformers >= 5 calls
-``experts(hidden, top_k_index, top_k_weights)`` in every MoE family).
+``experts(hidden, top_k_index, top_k_weights)`` in every MoE family; the family adapter's
+``read_routing`` turns them into ids). The MoE layers are ``sida_moe.adapters.decoder_moe_layers``.
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ from collections.abc import Iterable, Sequence
 import torch
 from torch import nn
 
-from sida_moe.predictor.moe_layers import MoELayer, find_moe_layers
+from sida_moe.adapters import Adapter, MoELayer, decoder_moe_layers
 
 MANIFEST_NAME = "manifest.json"
 EMBEDDINGS_NAME = "embeddings.safetensors"
@@ -65,7 +66,7 @@ class RoutingRecorder:
         next_layer_gate: bool = False,
         router_inputs: bool = False,
     ) -> None:
-        self.layers = list(layers) if layers is not None else find_moe_layers(model)
+        self.layers = list(layers) if layers is not None else decoder_moe_layers(model)
         self.keep_logits = keep_logits
         self.next_layer_gate = next_layer_gate
         self.router_inputs = router_inputs
@@ -80,11 +81,9 @@ class RoutingRecorder:
             lst.clear()
 
     def __enter__(self) -> RoutingRecorder:
-        for layer in self.layers:
-            self._handles.append(layer.router.register_forward_hook(self._router_hook(layer.index)))
-            self._handles.append(
-                layer.experts.register_forward_pre_hook(self._experts_hook(layer.index), with_kwargs=True)
-            )
+        for i, layer in enumerate(self.layers):
+            self._handles.append(layer.router.register_forward_hook(self._router_hook(i)))
+            self._handles.append(layer.experts.register_forward_pre_hook(self._experts_hook(i, layer.adapter)))
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -105,10 +104,10 @@ class RoutingRecorder:
 
         return hook
 
-    def _experts_hook(self, i: int):
-        def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
-            ids = args[1] if len(args) > 1 else kwargs.get("top_k_index", kwargs.get("router_indices"))
-            if isinstance(ids, torch.Tensor) and not ids.is_floating_point():
+    def _experts_hook(self, i: int, adapter: Adapter):
+        def hook(module: nn.Module, args: tuple) -> None:
+            if len(args) >= 3:  # else layer_topk falls back to the top-k of the router's logits
+                ids, _ = adapter.read_routing(args[1], args[2])
                 self.topk_ids[i].append(ids.detach().reshape(-1, ids.shape[-1]))
 
         return hook
@@ -230,7 +229,7 @@ def record_traces(
         raise ValueError("batch_size, shard_sequences and top_t must be positive")
     if isinstance(moe_inputs_every, bool) or not isinstance(moe_inputs_every, int) or moe_inputs_every < 0:
         raise ValueError(f"moe_inputs_every must be an int >= 0 (0: off, 1: every sequence), got {moe_inputs_every!r}")
-    layers = find_moe_layers(model)
+    layers = decoder_moe_layers(model)
     num_experts = layers[0].num_experts
     top_k = layers[0].top_k
     if any(l.num_experts != num_experts or l.top_k != top_k for l in layers):
