@@ -84,7 +84,20 @@ def test_predictive_without_future_still_counts_correctly():
 def test_evictions_equal_misses_beyond_capacity():
     trace = [(0, [i]) for i in range(10)]
     r = sm.simulate_policy("lru", 3, trace)
-    assert r == {"hits": 0, "misses": 10, "evictions": 7, "loads": 10}
+    assert r == {"hits": 0, "misses": 10, "evictions": 7, "loads": 10, "prefetches": 0, "prefetch_used": 0}
+
+
+def test_prefetch_visits_are_loads_ahead_not_lookups_and_cannot_meet_the_traces_own_future():
+    tokens = [[(0, [0]), (1, [2])], [(0, [0]), (1, [2])], [(0, [1]), (1, [2])]]
+    trace = [v for t in tokens for v in t + t]
+    paths = [p for _ in tokens for p in ["prefetch", "prefetch", "acquire", "acquire"]]
+    for policy in ("lru", "predictive"):
+        r = sm.simulate_policy(policy, 2, trace, future=False, path=paths)
+        assert (r["hits"], r["misses"], r["prefetches"], r["prefetch_used"]) == (6, 0, 3, 3)
+    with pytest.raises(sm.InvalidArgumentError, match="prefetch"):
+        sm.simulate_policy("predictive", 2, trace, future=True, path=paths)
+    with pytest.raises(sm.InvalidArgumentError, match="allowed"):
+        sm.simulate_policy("lru", 2, trace, path="prefetched")
 
 
 def _filled_pool(backend, layers, experts, nbytes=512):

@@ -376,15 +376,19 @@ def simulate_policy(
     num_slots: int,
     trace: Sequence[tuple[int, Sequence[int]]],
     future: bool = True,
-    path: Literal["acquire", "table"] | Sequence[Literal["acquire", "table"]] = "acquire",
+    path: Literal["acquire", "table", "prefetch"] | Sequence[Literal["acquire", "table", "prefetch"]] = "acquire",
     count_from: int = 0,
 ) -> dict[str, int]:
     """Run the eviction policy alone over a trace of visits (no copies). ``path="acquire"``
     loads every miss before its visit (prefill, the eager path); ``path="table"`` reads misses in
     place and loads the ones the cache admits (decode through the expert table, copies taken
     to land before the next visit); a sequence gives each visit its own path (as many as
-    visits). For "predictive" with ``future=True`` the policy is fed the trace itself (Belady's
-    optimum on the acquire path). Returns hits, misses, evictions and loads (experts copied
-    into a slot) of the visits from ``count_from`` on (in [0, len(trace)]); the earlier ones
+    visits). A ``"prefetch"`` visit is a prediction, not a lookup: its experts not resident are
+    loaded as speculative prefetches (never evicting another prefetch not used yet), and a run
+    of them is the policy's future for the visits after it, in order. For "predictive" with
+    ``future=True`` the policy is fed the trace itself (Belady's optimum on the acquire path;
+    not with prefetch visits). Returns hits, misses, evictions, loads (experts copied into a
+    slot), prefetches (loads of prefetch visits) and prefetch_used (hits on a prefetched slot
+    not used before) of the visits from ``count_from`` on (in [0, len(trace)]); the earlier ones
     still fill the cache and feed the policy. Same policy code as SlotCache. ``num_slots`` >= 1;
     slots beyond the trace's distinct experts change nothing, so any larger budget is accepted."""

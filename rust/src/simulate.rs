@@ -1,6 +1,7 @@
 //! Replaying a trace of cache visits through a `SlotTable` without a device: hits, misses,
 //! evictions and loads of a policy (with the whole trace as the predictive policy's future:
-//! Belady's optimum), on the acquire path, the table path, or a path per visit.
+//! Belady's optimum), on the acquire path, the table path, or a path per visit; prefetch
+//! visits replay a predictor's loads ahead of the visits they predict.
 
 use crate::cache::{dedup_in_order, AcquireOutcome, PrefetchOutcome, SlotTable};
 use crate::error::{Error, Result};
@@ -12,8 +13,13 @@ pub struct SimCounts {
     pub hits: u64,
     pub misses: u64,
     pub evictions: u64,
-    /// Experts copied into a slot (every miss on the acquire path; admitted misses on the table path).
+    /// Experts copied into a slot (every miss on the acquire path; admitted misses on the table
+    /// path; every prefetch).
     pub loads: u64,
+    /// Loads made by prefetch visits.
+    pub prefetches: u64,
+    /// Hits on a slot a prefetch filled that no visit had used yet.
+    pub prefetch_used: u64,
 }
 
 /// How `simulate` replays each visit.
@@ -24,6 +30,12 @@ pub enum SimPath {
     /// `touch` + `admit`: misses are read in place, admitted ones loaded for later visits
     /// (decode through the expert table), with copies taken to land before the next visit.
     Table,
+    /// A prediction, not a visit: each of its keys not resident is loaded as a speculative
+    /// prefetch (which never evicts another prefetch not used yet), counting no hit or miss. A
+    /// run of prefetch visits is also the policy's future for the visits after it, in order
+    /// (a predictor naming the experts of the layers to come), so it cannot be combined with
+    /// `future`.
+    Prefetch,
 }
 
 impl SimPath {
@@ -31,7 +43,10 @@ impl SimPath {
         match name {
             "acquire" => Ok(Self::Acquire),
             "table" => Ok(Self::Table),
-            other => Err(Error::InvalidArgument(format!("unknown path {other:?}; allowed: \"acquire\", \"table\""))),
+            "prefetch" => Ok(Self::Prefetch),
+            other => Err(Error::InvalidArgument(format!(
+                "unknown path {other:?}; allowed: \"acquire\", \"table\", \"prefetch\""
+            ))),
         }
     }
 }
@@ -84,6 +99,12 @@ pub fn simulate_steps(
         Ok(n) if n <= trace.len() => n,
         _ => return Err(Error::InvalidArgument(format!("count_from must be in [0, {}], got {count_from}", trace.len()))),
     };
+    let path_of = |i: usize| paths[if paths.len() == 1 { 0 } else { i }];
+    if future && (0..trace.len()).any(|i| path_of(i) == SimPath::Prefetch) {
+        return Err(Error::InvalidArgument(
+            "future=true feeds the policy the trace itself; prefetch visits feed it their predictions: use one".into(),
+        ));
+    }
     // Slots beyond the trace's distinct experts would stay empty and change no count, so the
     // table never needs more (a budget sweep may ask for any number).
     let distinct: std::collections::HashSet<Key> = trace.iter().flatten().copied().collect();
@@ -97,35 +118,54 @@ pub fn simulate_steps(
         let c = if i < count_from { &mut warm } else { &mut counted };
         let mut keys = step.clone();
         dedup_in_order(&mut keys);
-        if paths[if paths.len() == 1 { 0 } else { i }] == SimPath::Table {
-            let touch = table.touch(&keys);
-            c.hits += touch.hits;
-            c.misses += touch.missing.len() as u64;
-            for key in touch.admitted {
-                if let PrefetchOutcome::Reserved { slot, evicted, .. } = table.reserve_load(key, true, false) {
-                    table.finish_load(slot, true);
-                    c.evictions += evicted.is_some() as u64;
-                    c.loads += 1;
+        match path_of(i) {
+            SimPath::Prefetch => {
+                if i == 0 || path_of(i - 1) != SimPath::Prefetch {
+                    let run = (i..trace.len()).take_while(|&j| path_of(j) == SimPath::Prefetch).count();
+                    table.set_future(0, &trace[i..i + run]);
+                }
+                for key in keys {
+                    if let PrefetchOutcome::Reserved { slot, evicted, .. } = table.reserve_prefetch(key, false) {
+                        table.finish_load(slot, true);
+                        c.evictions += evicted.is_some() as u64;
+                        c.loads += 1;
+                        c.prefetches += 1;
+                    }
                 }
             }
-            continue;
-        }
-        let plan = match table.try_acquire(&keys) {
-            Ok(AcquireOutcome::Planned(p)) => p,
-            Ok(AcquireOutcome::NoRoom { .. }) => {
-                return Err(Error::SlotState(format!("internal: no room at trace step {i} with nothing pinned")))
+            SimPath::Table => {
+                let touch = table.touch(&keys);
+                c.hits += touch.hits;
+                c.misses += touch.missing.len() as u64;
+                c.prefetch_used += touch.prefetch_used;
+                for key in touch.admitted {
+                    if let PrefetchOutcome::Reserved { slot, evicted, .. } = table.reserve_load(key, true, false) {
+                        table.finish_load(slot, true);
+                        c.evictions += evicted.is_some() as u64;
+                        c.loads += 1;
+                    }
+                }
             }
-            Err(Error::Budget(m)) => return Err(Error::Budget(format!("trace step {i}: {m}"))),
-            Err(e) => return Err(e),
-        };
-        for &(slot, _) in &plan.loads {
-            table.finish_load(slot, true);
+            SimPath::Acquire => {
+                let plan = match table.try_acquire(&keys) {
+                    Ok(AcquireOutcome::Planned(p)) => p,
+                    Ok(AcquireOutcome::NoRoom { .. }) => {
+                        return Err(Error::SlotState(format!("internal: no room at trace step {i} with nothing pinned")))
+                    }
+                    Err(Error::Budget(m)) => return Err(Error::Budget(format!("trace step {i}: {m}"))),
+                    Err(e) => return Err(e),
+                };
+                for &(slot, _) in &plan.loads {
+                    table.finish_load(slot, true);
+                }
+                table.release(&plan.slots)?;
+                c.hits += plan.hits;
+                c.misses += plan.misses;
+                c.evictions += plan.evictions;
+                c.loads += plan.loads.len() as u64;
+                c.prefetch_used += plan.prefetch_used;
+            }
         }
-        table.release(&plan.slots)?;
-        c.hits += plan.hits;
-        c.misses += plan.misses;
-        c.evictions += plan.evictions;
-        c.loads += plan.loads.len() as u64;
     }
     Ok(counted)
 }
@@ -139,7 +179,7 @@ mod tests {
         let trace: Vec<Vec<Key>> = (0..50).map(|i| vec![(0, i % 5), (1, i % 3)]).collect();
         for path in [SimPath::Acquire, SimPath::Table] {
             let fit = simulate(PolicyKind::Lru, 8, &trace, false, path).unwrap();
-            assert_eq!(fit, SimCounts { hits: 92, misses: 8, evictions: 0, loads: 8 });
+            assert_eq!(fit, SimCounts { hits: 92, misses: 8, evictions: 0, loads: 8, ..Default::default() });
             assert_eq!(simulate(PolicyKind::Lru, i64::MAX, &trace, false, path).unwrap(), fit);
             assert_eq!(simulate(PolicyKind::Fifo, 1 << 40, &[], false, path).unwrap(), SimCounts::default());
             assert!(matches!(simulate(PolicyKind::Lru, -2, &trace, false, path), Err(Error::Budget(_))));
@@ -164,5 +204,40 @@ mod tests {
         for bad in [-1, 41] {
             assert!(matches!(simulate_steps(PolicyKind::Lru, 4, &trace, false, &paths, bad), Err(Error::InvalidArgument(_))));
         }
+    }
+
+    #[test]
+    fn prefetch_visits_load_ahead_count_no_lookups_and_feed_their_run_as_the_future() {
+        // 2 layers of top-1 over 3 tokens, each token's true experts prefetched before it
+        let tokens = [[(0, 0), (1, 2)], [(0, 0), (1, 2)], [(0, 1), (1, 2)]];
+        let mut trace = Vec::new();
+        let mut paths = Vec::new();
+        for t in tokens {
+            for (v, path) in [(t, SimPath::Prefetch), (t, SimPath::Acquire)] {
+                for key in v {
+                    trace.push(vec![key]);
+                    paths.push(path);
+                }
+            }
+        }
+        for policy in [PolicyKind::Lru, PolicyKind::Predictive] {
+            let c = simulate_steps(policy, 2, &trace, false, &paths, 0).unwrap();
+            assert_eq!((c.hits, c.misses, c.prefetches, c.prefetch_used), (6, 0, 3, 3));
+            assert_eq!(c.loads, 3);
+        }
+        // a run of prefetch visits is the future of the visits after it: told "X, then B", the
+        // predictive policy makes room for X by evicting A (no next use) and keeps B, while LRU
+        // evicts B (least recent) and must prefetch it again
+        let (a, b, x) = ((0, 0), (0, 1), (0, 2));
+        let trace: Vec<Vec<Key>> = [a, b, a, x, b, x, b].iter().map(|&k| vec![k]).collect();
+        let mut paths = vec![SimPath::Acquire; 7];
+        paths[3] = SimPath::Prefetch;
+        paths[4] = SimPath::Prefetch;
+        let lru = simulate_steps(PolicyKind::Lru, 2, &trace, false, &paths, 0).unwrap();
+        let predictive = simulate_steps(PolicyKind::Predictive, 2, &trace, false, &paths, 0).unwrap();
+        assert_eq!((predictive.hits, predictive.misses, predictive.prefetches, predictive.prefetch_used), (3, 2, 1, 1));
+        assert_eq!((lru.hits, lru.misses, lru.prefetches, lru.prefetch_used), (3, 2, 2, 2));
+        assert!(matches!(simulate_steps(PolicyKind::Predictive, 2, &trace, true, &paths, 0), Err(Error::InvalidArgument(_))));
+        assert_eq!(SimPath::parse("prefetch").unwrap(), SimPath::Prefetch);
     }
 }

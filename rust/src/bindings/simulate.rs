@@ -16,7 +16,7 @@ fn sim_paths(path: Option<&Bound<'_, PyAny>>) -> PyResult<Vec<simulate::SimPath>
         return Ok(vec![simulate::SimPath::parse(&name).py_err()?]);
     }
     let names: Vec<String> = path.extract().map_err(|_| {
-        PyTypeError::new_err(format!("path must be \"acquire\", \"table\" or a sequence of them, got {}", type_name(path)))
+        PyTypeError::new_err(format!("path must be \"acquire\", \"table\", \"prefetch\" or a sequence of them, got {}", type_name(path)))
     })?;
     names.iter().map(|n| simulate::SimPath::parse(n).py_err()).collect()
 }
@@ -42,5 +42,7 @@ pub(super) fn simulate_policy<'py>(
     d.set_item("misses", c.misses)?;
     d.set_item("evictions", c.evictions)?;
     d.set_item("loads", c.loads)?;
+    d.set_item("prefetches", c.prefetches)?;
+    d.set_item("prefetch_used", c.prefetch_used)?;
     Ok(d)
 }
