@@ -44,3 +44,30 @@ def test_reference_value_imports_and_computes():
         gu = w.gate_up[s] @ x[t]
         h = torch.nn.functional.silu(gu[:4]) * gu[4:]
         torch.testing.assert_close(out[t], w.down[s] @ h)
+
+
+def test_the_environment_is_read_into_one_checked_object():
+    from pathlib import Path
+
+    import pytest
+
+    from sida_moe.environment import Environment, environment
+
+    env = Environment.read({})
+    assert (env.kernels, env.kernel_regime) == ("auto", None)
+    assert env.kernel_cache_dir == Path(os.path.expanduser("~")) / ".cache" / "sida_moe" / "kernels"
+    assert Environment.read({"XDG_CACHE_HOME": "/x"}).kernel_cache_dir == Path("/x/sida_moe/kernels")
+    assert Environment.read({"XDG_CACHE_HOME": "/x", "SIDA_MOE_CACHE_DIR": "/k"}).kernel_cache_dir == Path("/k")
+    got = Environment.read({"SIDA_MOE_KERNELS": "reference", "SIDA_MOE_KERNEL_REGIME": "mma"})
+    assert (got.kernels, got.kernel_regime) == ("reference", "mma")
+    with pytest.raises(ValueError, match=r"SIDA_MOE_KERNEL_REGIME must be one of \('gemv', 'mma', 'grouped_mm'\), got 'fast'"):
+        Environment.read({"SIDA_MOE_KERNEL_REGIME": "fast"})
+    with pytest.raises(ValueError, match="SIDA_MOE_KERNELS must be 'auto' or 'reference'"):
+        Environment.read({"SIDA_MOE_KERNELS": ""})
+    assert environment() is environment()  # resolved once per process
+
+
+def test_a_wrong_kernel_regime_fails_at_import():
+    env = dict(os.environ, SIDA_MOE_KERNEL_REGIME="fast")
+    res = subprocess.run([sys.executable, "-c", "import sida_moe.kernels"], env=env, capture_output=True, text=True)
+    assert res.returncode != 0 and "SIDA_MOE_KERNEL_REGIME must be one of" in res.stderr

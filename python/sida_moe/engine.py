@@ -23,16 +23,7 @@ from sida_moe.engine_observer import EngineObserver
 from sida_moe.kernels.configs import DEFAULT_CROSSOVERS, device_crossovers
 from sida_moe.prefetchers import NoPrefetch, Prefetcher
 from sida_moe.routing_ring import RoutingRing
-
-
-def check_cache_options(policy: str, copy_workers: int) -> None:
-    """The slot cache's policy and worker count, checked without a pool (``offload`` checks them
-    before it touches the model) by the cache's own rules."""
-    if not isinstance(policy, str):
-        raise TypeError(f"policy must be a str, got {type(policy).__name__}")
-    if isinstance(copy_workers, bool) or not isinstance(copy_workers, int):
-        raise TypeError(f"copy_workers must be an int, got {type(copy_workers).__name__}")
-    _native.check_cache_options(policy, copy_workers)
+from sida_moe.serving_config import ServingConfig, check_cache_options
 
 
 class OffloadEngine:
@@ -73,6 +64,7 @@ class OffloadEngine:
         self._acquire_path: AcquirePath | None = None  # open_cache
         self.prefetcher: Prefetcher = NoPrefetch()
         self.generation = 0
+        self.config: ServingConfig | None = None  # what it was built with (EngineBuilder)
         self.handle = register_engine(self)  # how the compiled model's custom op finds this engine
         self._counters = {"forwards": 0, "tokens": 0, "layer_calls": 0, "chunked_layer_calls": 0, "table_layer_calls": 0}
         self._skip_zero_weight = any(layer.adapter.routing_kind == "onehot" for layer in layers)

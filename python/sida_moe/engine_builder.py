@@ -2,11 +2,12 @@
 a loaded model (``offload``), safetensors files (``from_pretrained``), a preset's random weights
 (``presets.build_offloaded``).
 
-1. ``EngineBuilder(model, device, ...)``: the model's MoE layers found (``discover``), the engine
-   and its pinned pool made, the budget's slot count and the cache options checked;
+1. ``EngineBuilder(model, device, config)`` with the options resolved once
+   (``ServingConfig.resolve``): the model's MoE layers found (``discover``), the engine and its
+   pinned pool made, the budget's slot count checked against the model;
 2. the source writes every expert (``builder.engine.write_expert``), then ``replace_experts()``
    puts an :class:`~sida_moe.experts.OffloadedExperts` in place of each experts module;
-3. ``start(prefetcher)``: the slot cache, the prefetcher, the model hooks and the graphed
+3. ``start()``: the slot cache, the prefetcher, the model hooks and the graphed
    ``generate``; the model is returned with its ``sida_engine``.
 
 A failure before ``start`` returns leaves the undoing to the caller: ``abandon()`` closes the
@@ -22,12 +23,11 @@ import torch
 from torch import nn
 
 from sida_moe.adapters import Adapter, MoELayer, adapter_for
-from sida_moe.budget import BudgetSpec
 from sida_moe.generate_route import install_generate
 from sida_moe.engine import OffloadEngine
 from sida_moe.experts import OffloadedExperts
 from sida_moe.format import ExpertFormat
-from sida_moe.prefetchers import Prefetcher
+from sida_moe.serving_config import ServingConfig
 
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)  # the expert dtypes an engine serves
 
@@ -111,15 +111,16 @@ class EngineBuilder:
     """One model's engine, built in the steps of the module docstring. ``found``: what
     ``discover(model)`` returned, if the caller needed it first."""
 
-    def __init__(self, model: nn.Module, device: torch.device, backend: str, gpu_budget: BudgetSpec, policy: str,
-                 copy_workers: int, found: tuple[Adapter, list[MoELayer], ExpertFormat] | None = None) -> None:
+    def __init__(self, model: nn.Module, device: torch.device, config: ServingConfig,
+                 found: tuple[Adapter, list[MoELayer], ExpertFormat] | None = None) -> None:
         self.model = model
         self.adapter, self.layers, self.fmt = found if found is not None else discover(model)
-        self.policy, self.copy_workers = policy, copy_workers
-        self.engine = OffloadEngine(self.layers, self.fmt, device, backend)
+        self.config = config
+        self.engine = OffloadEngine(self.layers, self.fmt, device, config.backend)
+        self.engine.config = config
         try:
-            self.num_slots = self.engine.slots_for(gpu_budget)
-            self.engine.check_cache_args(self.num_slots, policy, copy_workers)
+            self.num_slots = self.engine.slots_for(config.gpu_budget)
+            self.engine.check_cache_args(self.num_slots, config.policy, config.copy_workers)
         except BaseException:
             self.engine.close()
             raise
@@ -132,12 +133,12 @@ class EngineBuilder:
             setattr(layer.block, layer.experts_attr, OffloadedExperts(self.engine, layer))
         return swapped
 
-    def start(self, prefetcher: Prefetcher) -> nn.Module:
-        """Open the slot cache, attach the prefetcher, hook the model and route its ``generate``;
-        returns the model, now holding its ``sida_engine``."""
-        engine, model = self.engine, self.model
-        engine.open_cache(self.num_slots, self.policy, self.copy_workers)
-        engine.set_prefetcher(prefetcher)
+    def start(self) -> nn.Module:
+        """Open the slot cache, attach the config's prefetcher, hook the model and route its
+        ``generate``; returns the model, now holding its ``sida_engine``."""
+        engine, model, config = self.engine, self.model, self.config
+        engine.open_cache(self.num_slots, config.policy, config.copy_workers)
+        engine.set_prefetcher(config.prefetcher)
         _install_hooks(model, engine)
         install_generate(model)
         model.sida_engine = engine

@@ -16,10 +16,11 @@ from torch import nn
 from sida_moe._native import LoadError
 from sida_moe.adapters import Adapter, MoELayer
 from sida_moe.budget import BudgetSpec
-from sida_moe.engine import OffloadEngine, check_cache_options
+from sida_moe.engine import OffloadEngine
 from sida_moe.engine_builder import FLOAT_DTYPES, EngineBuilder, discover, parameters_on_meta
 from sida_moe.format import ExpertFormat
-from sida_moe.prefetchers import Prefetcher, make_prefetcher
+from sida_moe.prefetchers import Prefetcher
+from sida_moe.serving_config import ServingConfig
 
 
 def _check_dtype(model: nn.Module, fmt: ExpertFormat) -> None:
@@ -30,14 +31,6 @@ def _check_dtype(model: nn.Module, fmt: ExpertFormat) -> None:
             f"mismatched dtype: the experts are {fmt.dtype} but the model computes in {dense.dtype}; "
             f"cast the whole model first (model.to({dense.dtype}))"
         )
-
-
-def _check_options(policy: str, prefetch, backend: str, copy_workers: int) -> Prefetcher:
-    """The options that need no model, checked before anything is built, loaded or moved."""
-    check_cache_options(policy, copy_workers)
-    if not isinstance(backend, str) or backend not in ("auto", "cuda", "host"):
-        raise ValueError(f"backend must be 'auto', 'cuda' or 'host', got {backend!r}")
-    return make_prefetcher(prefetch)
 
 
 def engine_of(model: nn.Module) -> OffloadEngine:
@@ -79,7 +72,7 @@ def offload(
     ``sida_compile=True`` compiles the step first (``torch.compile``: faster steps, a compile of
     about a minute per batch size on a large model).
     """
-    prefetcher = _check_options(policy, prefetch, backend, copy_workers)
+    options = ServingConfig.resolve(gpu_budget, policy, prefetch, backend, copy_workers, progress)
     found = discover(model)
     adapter, layers, fmt = found
     params = [p for layer in layers for p in layer.experts.parameters()]
@@ -94,7 +87,7 @@ def offload(
     if len(devices) != 1:
         raise ValueError(f"the experts are spread over several devices {sorted(map(str, devices))}; put the model on one device")
     device = devices.pop()
-    builder = EngineBuilder(model, device, backend, gpu_budget, policy, copy_workers, found=found)
+    builder = EngineBuilder(model, device, options, found=found)
     engine = builder.engine
     # All or nothing: until offload returns, every change to the model is recorded here and
     # undone on any failure or interrupt, so the caller keeps a working original model.
@@ -116,7 +109,7 @@ def offload(
                 _release_storage(original, layer, released)
             if device.type == "cuda":
                 torch.cuda.empty_cache()
-        builder.start(prefetcher)
+        builder.start()
     except BaseException:
         _put_back(model, engine, adapter, fmt, swapped, released)
         raise
@@ -279,7 +272,7 @@ def from_pretrained(
     import transformers
 
     # every argument is checked before a weight is read
-    prefetcher = _check_options(policy, prefetch, backend, copy_workers)
+    options = ServingConfig.resolve(gpu_budget, policy, prefetch, backend, copy_workers, progress)
     device = _resolve_device(device)
     path = Path(path)
     if not path.is_dir():
@@ -311,12 +304,12 @@ def from_pretrained(
     expert_prefixes = tuple(f"{layer.path}." for layer in layers)
     _check_dense_shapes(model, location, shapes, expert_prefixes)
 
-    builder = EngineBuilder(model, device, backend, gpu_budget, policy, copy_workers, found=found)
+    builder = EngineBuilder(model, device, options, found=found)
     try:
         _load_experts(builder.engine, adapter, layers, fmt, location, names, progress)
         builder.replace_experts()
         _load_dense(model, location, expert_prefixes, dtype, device, progress)
-        return builder.start(prefetcher)
+        return builder.start()
     except BaseException:
         builder.abandon()
         raise

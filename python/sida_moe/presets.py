@@ -149,10 +149,9 @@ def build_offloaded(name: str, gpu_budget: BudgetSpec = "25%", device: str | tor
     from tqdm.auto import tqdm
 
     from sida_moe.engine_builder import EngineBuilder, parameters_on_meta
-    from sida_moe.prefetchers import make_prefetcher
+    from sida_moe.serving_config import ServingConfig
 
-    prefetcher = make_prefetcher(prefetch)
-    prefetcher = make_prefetcher(prefetch)
+    options = ServingConfig.resolve(gpu_budget, policy, prefetch, backend, progress=progress)
     preset = get_preset(name)
     config = preset_config(name)
     device = torch.device(device)
@@ -160,12 +159,12 @@ def build_offloaded(name: str, gpu_budget: BudgetSpec = "25%", device: str | tor
         device = torch.device("cuda", torch.cuda.current_device())
     with parameters_on_meta():
         model = getattr(transformers, preset.model_class)._from_config(config, dtype=dtype)
-    builder = EngineBuilder(model, device, backend, gpu_budget, policy, copy_workers=2)
+    builder = EngineBuilder(model, device, options)
     engine, fmt = builder.engine, builder.fmt
     try:
         generator = torch.Generator(device=device).manual_seed(seed)
         shapes = fmt.tensor_shapes()
-        for layer in tqdm(builder.layers, desc="building experts", unit="layer", disable=not progress):
+        for layer in tqdm(builder.layers, desc="building experts", unit="layer", disable=not options.progress):
             # one layer of experts at a time, generated on the device, then copied to the host once
             host = {n: torch.empty((layer.num_experts, *s), dtype=dtype, device=device).normal_(0.0, std, generator=generator).cpu()
                     for n, s in shapes.items()}
@@ -191,7 +190,7 @@ def build_offloaded(name: str, gpu_budget: BudgetSpec = "25%", device: str | tor
                 else:
                     param.zero_()
         model.tie_weights()
-        return builder.start(prefetcher).eval()
+        return builder.start().eval()
     except BaseException:
         builder.abandon()
         raise

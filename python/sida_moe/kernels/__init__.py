@@ -8,20 +8,17 @@ experts, with a one-time warning when CUDA inputs cannot use the kernels (no CuP
 
 from __future__ import annotations
 
-import os
 import warnings
 
 import torch
 
+from sida_moe.environment import environment
 from sida_moe.format import ExpertAddresses, ExpertFormat, SlotWeights
 
 _warned: set[str] = set()
 
-# ``SIDA_MOE_KERNELS=reference`` forces the PyTorch reference path everywhere (debugging, and the
-# "before" side of kernel benchmarks); read once at import, not per layer call.
-_KERNELS = os.environ.get("SIDA_MOE_KERNELS", "auto")
-if _KERNELS not in ("auto", "reference"):
-    raise ValueError(f"SIDA_MOE_KERNELS must be 'auto' or 'reference', got {_KERNELS!r}")
+# SIDA_MOE_KERNELS (sida_moe.environment), checked at import rather than at the first layer call
+_KERNELS = environment().kernels
 
 
 def _check_inputs(

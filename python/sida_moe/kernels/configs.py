@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import functools
 import json
-import os
 import re
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -26,8 +25,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
+from sida_moe.environment import KERNEL_REGIMES, environment
+
 Regime = Literal["gemv", "mma", "grouped_mm"]
-REGIMES: tuple[Regime, ...] = ("gemv", "mma", "grouped_mm")
+REGIMES: tuple[Regime, ...] = KERNEL_REGIMES
 
 GEMV_BLOCK_SIZES = (4, 8, 16)
 MMA_BLOCK_SIZES = (8, 16, 32)
@@ -78,14 +79,7 @@ def device_crossovers(device_index: int | None) -> Crossovers:
     return crossovers_for(torch.cuda.get_device_name(index))
 
 
-def _regime_from_env() -> Regime | None:
-    value = os.environ.get("SIDA_MOE_KERNEL_REGIME", "")
-    if value and value not in REGIMES:
-        raise ValueError(f"SIDA_MOE_KERNEL_REGIME must be one of {REGIMES}, got {value!r}")
-    return value or None
-
-
-_forced: Regime | None = _regime_from_env()
+_forced: Regime | None = environment().kernel_regime  # SIDA_MOE_KERNEL_REGIME
 
 
 @contextmanager

@@ -19,6 +19,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from sida_moe.environment import environment
+
 CUDA_SOURCE_DIR = Path(__file__).resolve().parent.parent / "cuda"
 
 _lock = threading.Lock()
@@ -46,11 +48,7 @@ def cupy_import_error() -> str | None:
 
 def cache_dir() -> Path:
     """Directory of the cubin cache (created on first use)."""
-    env = os.environ.get("SIDA_MOE_CACHE_DIR")
-    if env:
-        return Path(env)
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(base) / "sida_moe" / "kernels"
+    return environment().kernel_cache_dir
 
 
 # Dynamic shared memory a launch gets without opting in (48 KiB less the kernel's static shared

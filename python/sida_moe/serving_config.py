@@ -1,0 +1,65 @@
+"""The options of one offloaded model, resolved and checked once, before any model is built,
+loaded or moved, and passed down to the engine build (``EngineBuilder``).
+
+``offload``, ``from_pretrained`` and the presets take the same keyword arguments and turn them
+into a :class:`ServingConfig` with :meth:`ServingConfig.resolve`; the engine keeps it
+(``engine.config``). Settings from the environment are in ``sida_moe.environment``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from sida_moe import _native
+from sida_moe.budget import BudgetSpec, check_budget
+from sida_moe.environment import Environment, environment
+from sida_moe.prefetchers import Prefetcher, make_prefetcher
+
+BACKENDS = ("auto", "cuda", "host")
+
+
+def check_cache_options(policy: str, copy_workers: int) -> None:
+    """The slot cache's policy and worker count, checked without a pool by the cache's own rules."""
+    if not isinstance(policy, str):
+        raise TypeError(f"policy must be a str, got {type(policy).__name__}")
+    if isinstance(copy_workers, bool) or not isinstance(copy_workers, int):
+        raise TypeError(f"copy_workers must be an int, got {type(copy_workers).__name__}")
+    _native.check_cache_options(policy, copy_workers)
+
+
+@dataclass(frozen=True)
+class ServingConfig:
+    """What an offloaded model is served with (the arguments of ``offload``, whose docstring says
+    what each means), checked: make one with :meth:`resolve`."""
+
+    gpu_budget: BudgetSpec
+    policy: str
+    prefetcher: Prefetcher
+    backend: str
+    copy_workers: int
+    progress: bool
+    environment: Environment = field(default_factory=environment)
+
+    @classmethod
+    def resolve(
+        cls,
+        gpu_budget: BudgetSpec = "12GiB",
+        policy: str = "lru",
+        prefetch: str | Prefetcher | None = "next_layer_gate",
+        backend: str = "auto",
+        copy_workers: int = 2,
+        progress: bool = False,
+    ) -> ServingConfig:
+        """The config of these arguments; ValueError (InvalidArgumentError for the cache's options)
+        or TypeError naming the wrong option and what is allowed. Whether the budget holds enough
+        slots for the model is checked once its experts are known (BudgetError)."""
+        check_budget(gpu_budget)
+        check_cache_options(policy, copy_workers)
+        if not isinstance(backend, str) or backend not in BACKENDS:
+            raise ValueError(f"backend must be 'auto', 'cuda' or 'host', got {backend!r}")
+        if not isinstance(progress, bool):
+            raise TypeError(f"progress must be a bool, got {type(progress).__name__}")
+        return cls(gpu_budget, policy, make_prefetcher(prefetch), backend, copy_workers, progress)
+
+
+__all__ = ["BACKENDS", "ServingConfig", "check_cache_options"]
