@@ -213,3 +213,28 @@ def test_bad_inputs_raise_clear_errors() -> None:
     wrong = ExpertFormat(hidden=fmt.hidden, intermediate=fmt.intermediate * 2, dtype=fmt.dtype)
     with pytest.raises(ValueError, match="weights.gate_up must be"):
         fused_experts(x, ids, w, table, views, wrong)
+
+
+def test_the_table_path_checks_its_inputs_by_the_same_rules() -> None:
+    from sida_moe.format import ExpertAddresses
+    from sida_moe.kernels import fused_experts_table
+
+    fmt = SMALL[0]
+    gen = torch.Generator().manual_seed(3)
+    ids, w = make_routing(3, 4, 2, gen, "cpu")
+    x = torch.randn(3, fmt.hidden, generator=gen)
+    table = ExpertAddresses(torch.zeros(4, dtype=torch.int64), {}, 0)
+    with pytest.raises(ValueError, match="hidden must be"):
+        fused_experts_table(x[:, :-1], ids, w, table, fmt)
+    with pytest.raises(TypeError, match="hidden must be"):
+        fused_experts_table(x.double(), ids, w, table, fmt)
+    with pytest.raises(TypeError, match="topk_ids must be int32 or int64"):
+        fused_experts_table(x, ids.float(), w, table, fmt)
+    with pytest.raises(ValueError, match="topk_weights must have"):
+        fused_experts_table(x, ids, w[:, :1], table, fmt)
+    with pytest.raises(TypeError, match="table.base must be int64"):
+        fused_experts_table(x, ids, w, ExpertAddresses(torch.zeros(4, dtype=torch.int32), {}, 0), fmt)
+    with pytest.raises(ValueError, match="table.base must be a non-empty 1-D"):
+        fused_experts_table(x, ids, w, ExpertAddresses(torch.zeros(0, dtype=torch.int64), {}, 0), fmt)
+    with pytest.raises(ValueError, match="out must be"):
+        fused_experts_table(x, ids, w, table, fmt, out=torch.zeros(2, fmt.hidden))

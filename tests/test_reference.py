@@ -88,19 +88,21 @@ def test_no_resident_expert_gives_zeros_and_empty_batch():
     assert empty.shape == (0, 8)
 
 
-@pytest.mark.parametrize("change, match", [
-    (dict(hidden=torch.randn(3, 7)), "hidden must be"),
-    (dict(hidden=torch.randn(3, 8, dtype=torch.float64)), "dtype"),
-    (dict(ids=torch.zeros(3, 1)), "integer"),
-    (dict(ids=torch.full((3, 1), 5)), "out of range"),
-    (dict(weights=torch.ones(3, 2)), "shaped like topk_ids"),
-    (dict(table=torch.zeros(3)), "1-D integer"),
-    (dict(out=torch.zeros(3, 8, dtype=torch.float64)), "out must be"),
+@pytest.mark.parametrize("change, error, match", [
+    (dict(hidden=torch.randn(3, 7)), ValueError, "hidden must be"),
+    (dict(hidden=torch.randn(3, 8, dtype=torch.float64)), TypeError, "fmt.dtype"),
+    (dict(ids=torch.zeros(3, 1)), TypeError, "topk_ids must be int32 or int64"),
+    (dict(ids=torch.full((3, 1), 5)), ValueError, "out of range"),
+    (dict(weights=torch.ones(3, 2)), ValueError, "topk_weights must have topk_ids' shape"),
+    (dict(table=torch.zeros(3)), TypeError, "slot_of_expert must be int32"),
+    (dict(table=torch.zeros(3, 1, dtype=torch.int32)), ValueError, "slot_of_expert must be a non-empty 1-D"),
+    (dict(out=torch.zeros(3, 8, dtype=torch.float64)), ValueError, "out must be"),
 ])
-def test_bad_inputs(change, match):
+def test_bad_inputs(change, error, match):
+    """The reference checks its inputs by the same rules (classes and messages) as the dispatch."""
     fmt = ExpertFormat(hidden=8, intermediate=4, dtype=torch.float32)
     args = dict(hidden=torch.randn(3, 8), ids=torch.zeros(3, 1, dtype=torch.long), weights=torch.ones(3, 1),
                 table=torch.zeros(3, dtype=torch.int32), out=None)
     args.update(change)
-    with pytest.raises(ValueError, match=match):
+    with pytest.raises(error, match=match):
         fused_experts_reference(args["hidden"], args["ids"], args["weights"], args["table"], _random_slots(fmt, 2), fmt, args["out"])

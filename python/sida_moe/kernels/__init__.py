@@ -14,71 +14,12 @@ import torch
 
 from sida_moe.environment import environment
 from sida_moe.format import ExpertAddresses, ExpertFormat, SlotWeights
+from sida_moe.kernels.inputs import check_slot_inputs, check_table_inputs
 
 _warned: set[str] = set()
 
 # SIDA_MOE_KERNELS (sida_moe.environment), checked at import rather than at the first layer call
 _KERNELS = environment().kernels
-
-
-def _check_inputs(
-    hidden: torch.Tensor,
-    topk_ids: torch.Tensor,
-    topk_weights: torch.Tensor,
-    slot_of_expert: torch.Tensor,
-    weights: SlotWeights,
-    fmt: ExpertFormat,
-    out: torch.Tensor | None,
-) -> None:
-    """Host-side checks of shapes, dtypes and devices (no device synchronisation)."""
-    if hidden.dim() != 2 or hidden.shape[1] != fmt.hidden:
-        raise ValueError(f"hidden must be [T, {fmt.hidden}] (T tokens, H = fmt.hidden), got {tuple(hidden.shape)}")
-    if hidden.dtype != fmt.dtype:
-        raise TypeError(f"hidden must be {fmt.dtype} (fmt.dtype), got {hidden.dtype}")
-    num_tokens = hidden.shape[0]
-    if topk_ids.dim() != 2 or topk_ids.shape[0] != num_tokens or topk_ids.shape[1] < 1:
-        raise ValueError(f"topk_ids must be [T={num_tokens}, k>=1], got {tuple(topk_ids.shape)}")
-    if topk_ids.dtype not in (torch.int32, torch.int64):
-        raise TypeError(f"topk_ids must be int32 or int64, got {topk_ids.dtype}")
-    if tuple(topk_weights.shape) != tuple(topk_ids.shape):
-        raise ValueError(f"topk_weights must have topk_ids' shape {tuple(topk_ids.shape)}, got {tuple(topk_weights.shape)}")
-    if not topk_weights.dtype.is_floating_point:
-        raise TypeError(f"topk_weights must be a floating-point tensor, got {topk_weights.dtype}")
-    if slot_of_expert.dim() != 1 or slot_of_expert.shape[0] < 1:
-        raise ValueError(f"slot_of_expert must be a non-empty 1-D [E] tensor, got {tuple(slot_of_expert.shape)}")
-    if slot_of_expert.dtype != torch.int32:
-        raise TypeError(f"slot_of_expert must be int32, got {slot_of_expert.dtype}")
-    num_slots = weights.num_slots
-    expected = {
-        "gate_up": (num_slots, fmt.gate_up_rows, fmt.hidden),
-        "down": (num_slots, fmt.hidden, fmt.intermediate),
-    }
-    if fmt.has_bias:
-        expected["gate_up_bias"] = (num_slots, fmt.gate_up_rows)
-        expected["down_bias"] = (num_slots, fmt.hidden)
-    for name in ("gate_up", "down", "gate_up_bias", "down_bias"):
-        view = getattr(weights, name)
-        if name not in expected:
-            if view is not None:
-                raise ValueError(f"weights.{name} is set but fmt.has_bias is False")
-            continue
-        if view is None:
-            raise ValueError(f"weights.{name} is missing (fmt.has_bias is True)")
-        if tuple(view.shape) != expected[name]:
-            raise ValueError(f"weights.{name} must be {expected[name]}, got {tuple(view.shape)}")
-        if view.dtype != fmt.dtype:
-            raise TypeError(f"weights.{name} must be {fmt.dtype}, got {view.dtype}")
-        if view.device != hidden.device:
-            raise ValueError(f"weights.{name} is on {view.device}, hidden on {hidden.device}")
-    for name, t in (("topk_ids", topk_ids), ("topk_weights", topk_weights), ("slot_of_expert", slot_of_expert)):
-        if t.device != hidden.device:
-            raise ValueError(f"{name} is on {t.device}, hidden on {hidden.device}")
-    if out is not None:
-        if tuple(out.shape) != (num_tokens, fmt.hidden) or out.dtype != fmt.dtype or out.device != hidden.device:
-            raise ValueError(
-                f"out must be a [{num_tokens}, {fmt.hidden}] {fmt.dtype} tensor on {hidden.device}, "
-                f"got {tuple(out.shape)} {out.dtype} on {out.device}"
-            )
 
 
 def fused_experts(
@@ -106,7 +47,7 @@ def fused_experts(
     since checking them would need a sync). Raises ``ValueError`` / ``TypeError`` on inputs of the
     wrong shape, dtype or device.
     """
-    _check_inputs(hidden, topk_ids, topk_weights, slot_of_expert, weights, fmt, out)
+    check_slot_inputs(hidden, topk_ids, topk_weights, slot_of_expert, weights, fmt, out)
     if _KERNELS == "auto" and hidden.device.type == "cuda" and fmt.dtype in (torch.bfloat16, torch.float16):
         from sida_moe.kernels import cuda_moe
 
@@ -120,9 +61,9 @@ def fused_experts(
                 RuntimeWarning,
                 stacklevel=2,
             )
-    from sida_moe.kernels.reference import fused_experts_reference
+    from sida_moe.kernels.reference import slot_experts_reference
 
-    return fused_experts_reference(hidden, topk_ids, topk_weights, slot_of_expert, weights, fmt, out)
+    return slot_experts_reference(hidden, topk_ids, topk_weights, slot_of_expert, weights, fmt, out)
 
 
 def table_kernels_usable(device: torch.device, fmt: ExpertFormat) -> bool:
@@ -150,14 +91,7 @@ def fused_experts_table(
     in the pinned pool, read in place). The decode path: no host synchronisation on CUDA (the
     streaming kernels), nothing to acquire. Negative ids are pairs to skip. Needs
     :func:`table_kernels_usable`."""
-    if hidden.dim() != 2 or hidden.shape[1] != fmt.hidden or hidden.dtype != fmt.dtype:
-        raise ValueError(f"hidden must be a [T, {fmt.hidden}] {fmt.dtype} tensor, got {hidden.dtype} {tuple(hidden.shape)}")
-    if topk_ids.dim() != 2 or topk_ids.shape[0] != hidden.shape[0] or tuple(topk_weights.shape) != tuple(topk_ids.shape):
-        raise ValueError(f"topk_ids and topk_weights must be [T={hidden.shape[0]}, k], got "
-                         f"{tuple(topk_ids.shape)} and {tuple(topk_weights.shape)}")
-    if table.base.dtype != torch.int64 or table.base.dim() != 1 or table.base.device != hidden.device:
-        raise ValueError(f"table.base must be a 1-D int64 tensor on {hidden.device}, got "
-                         f"{table.base.dtype} {tuple(table.base.shape)} on {table.base.device}")
+    check_table_inputs(hidden, topk_ids, topk_weights, table, fmt, out)
     if hidden.device.type == "cuda":
         if not table_kernels_usable(hidden.device, fmt):
             raise RuntimeError("the expert-table path needs the CUDA streaming kernels (bf16/fp16 experts, CuPy)")

@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from sida_moe.format import ExpertAddresses, ExpertFormat, ExpertTensors, SlotWeights
+from sida_moe.kernels.inputs import check_slot_inputs
 
 
 def _activate(z: torch.Tensor, fmt: ExpertFormat) -> torch.Tensor:
@@ -40,36 +41,6 @@ def _plain_activation(z: torch.Tensor, fmt: ExpertFormat) -> torch.Tensor:
     raise ValueError(f"activation {fmt.activation!r} is not a plain activation")
 
 
-def _check_inputs(
-    hidden: torch.Tensor,
-    topk_ids: torch.Tensor,
-    topk_weights: torch.Tensor,
-    slot_of_expert: torch.Tensor,
-    weights: SlotWeights,
-    fmt: ExpertFormat,
-    out: torch.Tensor | None,
-) -> None:
-    if hidden.dim() != 2 or hidden.shape[1] != fmt.hidden:
-        raise ValueError(f"hidden must be [T, {fmt.hidden}], got {tuple(hidden.shape)}")
-    if hidden.dtype != fmt.dtype:
-        raise ValueError(f"hidden dtype {hidden.dtype} does not match the experts' dtype {fmt.dtype}")
-    if topk_ids.dim() != 2 or topk_ids.shape[0] != hidden.shape[0]:
-        raise ValueError(f"topk_ids must be [T={hidden.shape[0]}, k], got {tuple(topk_ids.shape)}")
-    if topk_ids.dtype.is_floating_point or topk_ids.dtype == torch.bool:
-        raise ValueError(f"topk_ids must be an integer tensor, got {topk_ids.dtype}")
-    if topk_weights.shape != topk_ids.shape or not topk_weights.dtype.is_floating_point:
-        raise ValueError(
-            f"topk_weights must be a float tensor shaped like topk_ids {tuple(topk_ids.shape)}, "
-            f"got {topk_weights.dtype} {tuple(topk_weights.shape)}"
-        )
-    if slot_of_expert.dim() != 1 or slot_of_expert.dtype.is_floating_point:
-        raise ValueError(f"slot_of_expert must be a 1-D integer tensor [E], got {slot_of_expert.dtype} {tuple(slot_of_expert.shape)}")
-    if weights.gate_up.shape[1:] != (fmt.gate_up_rows, fmt.hidden):
-        raise ValueError(f"slot views do not match the format: gate_up {tuple(weights.gate_up.shape[1:])}")
-    if out is not None and (out.shape != hidden.shape or out.dtype != fmt.dtype):
-        raise ValueError(f"out must be {tuple(hidden.shape)} {fmt.dtype}, got {tuple(out.shape)} {out.dtype}")
-
-
 def fused_experts_reference(
     hidden: torch.Tensor,
     topk_ids: torch.Tensor,
@@ -80,7 +51,20 @@ def fused_experts_reference(
     out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Same contract as :func:`sida_moe.kernels.fused_experts` (see there)."""
-    _check_inputs(hidden, topk_ids, topk_weights, slot_of_expert, weights, fmt, out)
+    check_slot_inputs(hidden, topk_ids, topk_weights, slot_of_expert, weights, fmt, out)
+    return slot_experts_reference(hidden, topk_ids, topk_weights, slot_of_expert, weights, fmt, out)
+
+
+def slot_experts_reference(
+    hidden: torch.Tensor,
+    topk_ids: torch.Tensor,
+    topk_weights: torch.Tensor,
+    slot_of_expert: torch.Tensor,
+    weights: SlotWeights,
+    fmt: ExpertFormat,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """:func:`fused_experts_reference` on inputs already checked (``check_slot_inputs``)."""
     if out is None:
         out = torch.zeros_like(hidden)
     if hidden.shape[0] == 0:
