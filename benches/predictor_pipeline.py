@@ -37,7 +37,7 @@ HAS_NATIVE = import_predictor_package()
 from sida_moe.train.cachesim import simulate_all  # noqa: E402
 from sida_moe.predictor.hash_routing import HashRouting  # noqa: E402
 from sida_moe.train.lookahead import LookaheadConfig, evaluate_lookahead, train_lookahead  # noqa: E402
-from sida_moe.predictor.model import HashPredictor, previous_token_routing  # noqa: E402
+from sida_moe.predictor.model import HashPredictor  # noqa: E402
 from sida_moe.train.traces import record_traces  # noqa: E402
 from sida_moe.train.trace_loading import load_traces  # noqa: E402
 from sida_moe.train.evaluation import evaluate  # noqa: E402
@@ -50,9 +50,7 @@ VARIANTS: dict[str, dict] = {
     "paper_loss_lr1e-3": {"target": "top1", "lr": 1e-3},
     "paper_loss_lr5e-5": {"target": "top1", "lr": 5e-5},
     "topk": {"target": "topk", "lr": 1e-3},
-    "topk_conditioned": {"target": "topk", "lr": 1e-3, "conditioned": True},
     "topk_kd0.5": {"target": "topk", "lr": 1e-3, "kd_weight": 0.5},
-    "topk_kd0.5_conditioned": {"target": "topk", "lr": 1e-3, "kd_weight": 0.5, "conditioned": True},
     # wider networks (session 2): the paper's width is 256 with linear heads
     "topk_kd0.5_h512": {"target": "topk", "lr": 1e-3, "kd_weight": 0.5, "hidden": 512},
     "topk_kd0.5_mlp": {"target": "topk", "lr": 1e-3, "kd_weight": 0.5, "head_hidden": 256},
@@ -79,9 +77,6 @@ VARIANTS: dict[str, dict] = {
     "topk_kd0.5_h512_mlp_b2_bs128_bf16_do0.2": {"target": "topk", "lr": 1.5e-3, "kd_weight": 0.5, "hidden": 512,
                                                 "head_hidden": 256, "attn_blocks": 2, "batch_size": 128, "bf16": True,
                                                 "dropout": 0.2},
-    # decode variant: also the previous token's true routing (known before a decode step starts)
-    "topk_kd0.5_h512_mlp_prev": {"target": "topk", "lr": 1e-3, "kd_weight": 0.5, "hidden": 512, "head_hidden": 256,
-                                 "prev_token_routing": True},
 }
 
 
@@ -111,8 +106,7 @@ def log_lookahead(name: str, what: str, report: dict, trace, pred: HashPredictor
         f"{lh[f'mean_lookahead_recall@{k}']:.4f} once the layer before has run (training text: "
         f"{fit[f'mean_lookahead_recall@{k}']:.4f}); per layer "
         + " ".join(f"{r[f'lookahead_recall@{k}']:.3f}" for r in lh["per_layer"])
-        + (f"; prompt tokens (no previous state) {lh[f'mean_prompt_lookahead_recall@{k}']:.4f}"
-           if lh.get("previous_token") else ""))
+        + f"; prompt tokens (no previous state) {lh[f'mean_prompt_lookahead_recall@{k}']:.4f}")
 
 
 def held_out_loss(model, ids: torch.Tensor, batch: int = 16) -> float:
@@ -174,7 +168,7 @@ def main() -> None:
     ap.add_argument("--held-out-sequences", type=int, default=200)
     ap.add_argument("--predictor-steps", type=int, default=4000)
     ap.add_argument("--predictor-seconds", type=float, default=60.0, help="training time cap per variant")
-    ap.add_argument("--variants", default="topk,topk_kd0.5_conditioned",
+    ap.add_argument("--variants", default="topk,topk_kd0.5",
                     help=f"comma-separated, from {sorted(VARIANTS)}; NAME+ext trains on the extended trace")
     ap.add_argument("--extra-corpus", default="site-packages",
                     help="'site-packages' or comma-separated directories of .py files for the +ext variants' trace")
@@ -352,12 +346,8 @@ def main() -> None:
                 log_lookahead(name, f"cross-fitted lookahead heads ({folds} folds)", crossfit, parts[0], pred, k)
                 del parts, nets, bare
             dump(results)
-        if cfg.prev_token_routing:
-            log(f"  {name}: without the previous token's routing (prompts): recall@{k} "
-                f"{rep['held_out'][f'mean_recall@{k}_no_routing']:.4f}")
         log(f"  {name}: {rep['steps_run']} steps, held-out mean recall@{k} {rep['held_out'][f'mean_recall@{k}']:.4f}"
             f", recall@{2 * k} {rep['held_out'][f'mean_recall@{2 * k}']:.4f}"
-            + (f", refined {rep['held_out'][f'mean_refined_recall@{k}']:.4f}" if cfg.conditioned else "")
             + (f", next-layer gate alone {rep['held_out'][f'mean_gate_recall@{k}']:.4f}, fused "
                f"{rep['held_out'][f'mean_fused_recall@{k}']:.4f} (weights {rep['gate_fit']['gate_weights']})"
                if f"mean_fused_recall@{k}" in rep["held_out"] else "")
@@ -410,16 +400,8 @@ def main() -> None:
         embeds = sim.embeddings[sim.input_ids].to(device=device, dtype=torch.float32)
         sims = {}
         for name, p in predictors.items():
-            # decode: the decode variant knows the previous token's routing (teacher forcing here)
-            prev = previous_token_routing(sim.topk_ids.to(device), num_experts) if p.config.prev_token_routing else None
-            logits, _ = p(embeds, prev_token_routing=prev)
-            pred = logits.topk(k, dim=-1).indices.cpu()
-            refined = None
-            if p.prev_routing is not None:
-                true_dev = sim.topk_ids.to(device)
-                refined = torch.stack([logits[0]] + [p.refine(logits[l], l, true_dev[l - 1]) for l in range(1, L)])
-                refined = refined.topk(k, dim=-1).indices.cpu()
-            sims[name] = simulate_all(sim.topk_ids, pred, slots, refined_ids=refined)
+            logits, _ = p(embeds)
+            sims[name] = simulate_all(sim.topk_ids, logits.topk(k, dim=-1).indices.cpu(), slots)
     results["cache_simulation"] = {"num_slots": slots, "budget": args.budget, "sequences": sim.num_sequences, **sims}
     dump(results)
 

@@ -133,6 +133,11 @@ def test_missing_corpus_and_trace(tmp_path, capsys):
     (["--max-seconds", "0"], r"argument --max-seconds: must be a positive number"),
     (["--lookahead-steps", "0"], r"argument --lookahead-steps: must be a positive integer"),
     (["--hidden", "64", "--attn-blocks", "2", "--attn-heads", "5"], r"--attn-heads 5 must divide --hidden 64"),
+    (["--hidden", "64", "--attn-heads", "5"], r"--attn-heads 5 must divide --hidden 64"),  # the best preset's blocks
+    # the removed variants have no flags
+    (["--conditioned"], r"unrecognized arguments: --conditioned"),
+    (["--prev-token-routing"], r"unrecognized arguments: --prev-token-routing"),
+    (["--no-lookahead-previous-token"], r"unrecognized arguments: --no-lookahead-previous-token"),
 ])
 def test_bad_training_arguments(tmp_path, capsys, args, pattern):
     # refused before the trace is read: this one does not exist

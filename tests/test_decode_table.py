@@ -371,7 +371,7 @@ def test_cuda_graph_decode_matches_eager(family):
     assert stats["routed_visits"] > 20 * len(sida_moe.engine_of(offloaded).layers)
 
 
-def _tiny_sida_pair(seed, prev_token_routing=False, **prefetcher_kwargs):
+def _tiny_sida_pair(seed, **prefetcher_kwargs):
     """A tiny fp16 Qwen3-MoE on the GPU and its copy offloaded at 25% with a random SiDA
     predictor (``prefetcher_kwargs`` to ``SidaPrefetcher``): (original, offloaded, prefetcher)."""
     from sida_moe.predictor import HashPredictor, PredictorConfig, SidaPrefetcher
@@ -381,20 +381,18 @@ def _tiny_sida_pair(seed, prev_token_routing=False, **prefetcher_kwargs):
     torch.manual_seed(seed)
     prefetcher = SidaPrefetcher(HashPredictor(PredictorConfig(
         input_dim=cfg.hidden_size, num_moe_layers=cfg.num_hidden_layers, num_experts=cfg.num_experts,
-        top_k=cfg.num_experts_per_tok, hidden=32, attn_blocks=1, attn_heads=4,
-        prev_token_routing=prev_token_routing)), **prefetcher_kwargs)
+        top_k=cfg.num_experts_per_tok, hidden=32, attn_blocks=1, attn_heads=4)), **prefetcher_kwargs)
     offloaded = sida_moe.offload(copy.deepcopy(original), gpu_budget="25%", policy="predictive", prefetch=prefetcher)
     return original, offloaded, prefetcher
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("prev_token_routing", [False, True])
-def test_cuda_graph_decode_with_the_sida_predictor_is_exact_and_prefetches(prev_token_routing):
+def test_cuda_graph_decode_with_the_sida_predictor_is_exact_and_prefetches():
     """The predictor's step runs beside each replayed decode step (its side step): tokens equal
     the eager loop's and the original's, each decode token's prediction is scored -- with the
     eager loop's scores, so with its predictions -- and the cache loaded predicted experts that
     decode then used."""
-    original, offloaded, _ = _tiny_sida_pair(3, prev_token_routing)
+    original, offloaded, _ = _tiny_sida_pair(3)
     cfg = original.config
     engine = sida_moe.engine_of(offloaded)
     ids = _prompt(length=6).cuda()
@@ -421,13 +419,12 @@ def test_cuda_graph_decode_with_the_sida_predictor_is_exact_and_prefetches(prev_
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("prev_token_routing", [False, True])
-def test_graphed_hash_routing_routes_each_step_by_the_prediction_beside_the_step_before(prev_token_routing):
+def test_graphed_hash_routing_routes_each_step_by_the_prediction_beside_the_step_before():
     """With hash routing decode step t+1 routes by the prediction the side step made after step
     t: the graphed loop's tokens equal the eager loop's over many replays (a prediction read
     before it was written, or staged inputs overwritten before the side step copied them, would
     change them)."""
-    _, offloaded, _ = _tiny_sida_pair(4, prev_token_routing, hash_routing=True)
+    _, offloaded, _ = _tiny_sida_pair(4, hash_routing=True)
     ids = _prompt(batch=2, length=6).cuda()
     with torch.inference_mode():
         eager = static_generate(offloaded, ids, 40, graphs=False)

@@ -108,34 +108,6 @@ def test_predictor_size_matches_the_paper():
     assert 1.2e6 < p.num_parameters() < 1.8e6
 
 
-def test_decode_variant_input_and_teacher_forcing():
-    from sida_moe.predictor.model import previous_token_routing, routing_multi_hot
-
-    ids = torch.tensor([[[[0, 1], [2, 3]]], [[[1, 2], [0, 3]]]])  # [L=2, B=1, S=2, k=2], 4 experts
-    hot = routing_multi_hot(ids, 4)
-    assert hot.shape == (1, 2, 8)
-    assert hot[0, 0].tolist() == [1, 1, 0, 0, 0, 1, 1, 0] and hot[0, 1].tolist() == [0, 0, 1, 1, 1, 0, 0, 1]
-    prev = previous_token_routing(ids, 4)
-    assert not prev[0, 0].any() and torch.equal(prev[0, 1], hot[0, 0])
-    torch.manual_seed(0)
-    p = HashPredictor(PredictorConfig(input_dim=16, num_moe_layers=2, num_experts=4, top_k=2, hidden=12,
-                                      prev_token_routing=True)).eval()
-    with torch.no_grad():
-        torch.nn.init.normal_(p.token_routing_in.weight)
-        x = torch.randn(1, 2, 16)
-        full, _ = p(x, prev_token_routing=prev)
-        a, st = p(x[:, :1], prev_token_routing=prev[:, :1])
-        b, _ = p(x[:, 1:], st, prev_token_routing=prev[:, 1:])
-        assert torch.allclose(torch.cat([a, b], dim=2), full, atol=1e-5)
-        assert torch.allclose(p(x)[0][:, :, :1], full[:, :, :1], atol=1e-6)  # zeros == none
-        assert not torch.allclose(p(x)[0][:, :, 1:], full[:, :, 1:])  # the routing input is used
-    with pytest.raises(ValueError, match=r"prev_token_routing must be \[1, 2, 8\]"):
-        p(x, prev_token_routing=torch.zeros(1, 2, 7))
-    plain = HashPredictor(PredictorConfig(input_dim=16, num_moe_layers=2, num_experts=4, top_k=2, hidden=12))
-    with pytest.raises(ValueError, match="built without prev_token_routing"):
-        plain(x, prev_token_routing=prev)
-
-
 @pytest.mark.parametrize("head_hidden,attn_blocks", [(0, 0), (12, 0), (0, 2)])
 def test_predictor_incremental_equals_full_and_is_causal(head_hidden, attn_blocks):
     torch.manual_seed(0)
@@ -196,48 +168,101 @@ def test_predictor_is_scale_free_in_its_input():
         assert torch.allclose(p(x)[0], p(x * 0.02)[0], atol=1e-4)
 
 
-def test_dropout_acts_in_training_only(trace_dir):
-    """Dropout (a training setting) changes nothing in eval mode -- the SiDA prefetcher and the CUDA
-    graph see the plain network -- and is stored with the config."""
+def test_dropout_acts_in_training_only(trace_dir, tmp_path):
+    """Dropout (a training setting, TrainConfig.dropout) changes nothing in eval mode -- the SiDA
+    prefetcher and the CUDA graph see the plain network -- acts while training, and is not saved."""
     torch.manual_seed(0)
-    cfg = dict(input_dim=16, num_moe_layers=2, num_experts=6, top_k=2, hidden=24, attn_blocks=1, attn_heads=4)
-    p = HashPredictor(PredictorConfig(**cfg, dropout=0.3))
-    plain = HashPredictor(PredictorConfig(**cfg))
+    cfg = PredictorConfig(input_dim=16, num_moe_layers=2, num_experts=6, top_k=2, hidden=24, attn_blocks=1,
+                          attn_heads=4)
+    p = HashPredictor(cfg, dropout=0.3)
+    plain = HashPredictor(cfg)
     plain.load_state_dict(p.state_dict())
     x = torch.randn(2, 5, 16)
     with torch.no_grad():
         assert torch.equal(p.eval()(x)[0], plain.eval()(x)[0])
         p.train()
         assert not torch.allclose(p(x)[0], plain(x)[0])
-    with pytest.raises(ValueError, match="dropout"):
-        PredictorConfig(**cfg, dropout=1.0)
-    with pytest.raises(ValueError, match="dropout"):
-        TrainConfig(dropout=-0.1)
-    pred, _ = train_predictor(load_traces(trace_dir), TrainConfig(steps=3, batch_size=4, hidden=16, dropout=0.2,
-                                                                  fit_gate=False), progress=False)
-    assert pred.config.dropout == 0.2 and not pred.training
+    for bad in (1.0, -0.1, True, "0.1"):
+        with pytest.raises(ValueError, match=r"dropout must be a number in \[0, 1\)"):
+            HashPredictor(cfg, dropout=bad)
+        with pytest.raises(ValueError, match=r"dropout must be a number in \[0, 1\)"):
+            TrainConfig(dropout=bad)
+    traces = load_traces(trace_dir)
+    settings = dict(steps=3, batch_size=4, hidden=16, fit_gate=False)
+    pred, report = train_predictor(traces, TrainConfig(dropout=0.2, **settings), progress=False)
+    _, without = train_predictor(traces, TrainConfig(**settings), progress=False)
+    assert report["loss_first"] != without["loss_first"]  # the same seed: only dropout differs
+    assert report["train_config"]["dropout"] == 0.2 and "dropout" not in report["predictor_config"]
+    assert pred.dropout == 0.0 and not pred.training
+    pred.save(tmp_path)
+    assert "dropout" not in json.loads((tmp_path / "predictor.json").read_text())
 
 
 @pytest.mark.parametrize("head_hidden,attn_blocks", [(0, 0), (10, 0), (10, 1)])
 def test_predictor_save_load_round_trip(tmp_path, head_hidden, attn_blocks):
     torch.manual_seed(0)
-    cfg = PredictorConfig(input_dim=16, num_moe_layers=3, num_experts=6, top_k=2, hidden=24, conditioned=True,
+    cfg = PredictorConfig(input_dim=16, num_moe_layers=3, num_experts=6, top_k=2, hidden=24,
                           moe_layer_ids=[1, 2, 4], model_type="qwen3_moe", head_hidden=head_hidden,
                           attn_blocks=attn_blocks, attn_heads=3)
     p = HashPredictor(cfg).eval()
-    with torch.no_grad():
-        for lin in p.prev_routing:
-            lin.weight.normal_()
     assert not has_predictor(tmp_path)
     p.save(tmp_path)
     assert has_predictor(tmp_path)
     q = HashPredictor.load(tmp_path)
     assert q.config == cfg
     x = torch.randn(2, 5, 16)
-    ids = torch.randint(0, 6, (2, 5, 2))
     with torch.no_grad():
         assert torch.equal(p(x)[0], q(x)[0])
-        assert torch.equal(p.refine(p(x)[0][1], 1, ids), q.refine(q(x)[0][1], 1, ids))
+
+
+_EARLIER_DEFAULTS = {"prev_token_routing": False, "conditioned": False, "lookahead_previous_token": False,
+                     "dropout": 0.0}
+
+
+def test_predictor_json_of_earlier_versions_loads_unless_it_names_a_removed_variant(tmp_path):
+    """A predictor.json written before the decode / conditioned variants, the heads without the
+    previous token's state and the saved training dropout were removed loads when those fields
+    hold values that describe the network built now (their old defaults; previous-token heads;
+    any training dropout), and raises a ValueError naming the field otherwise."""
+    torch.manual_seed(0)
+    p = HashPredictor(PredictorConfig(input_dim=16, num_moe_layers=3, num_experts=6, top_k=2, hidden=24)).eval()
+    p.save(tmp_path)
+    saved = json.loads((tmp_path / "predictor.json").read_text())
+    x = torch.randn(1, 4, 16)
+
+    def load_with(**fields):
+        (tmp_path / "predictor.json").write_text(json.dumps({**saved, **fields}))
+        return HashPredictor.load(tmp_path)
+
+    with torch.no_grad():
+        assert torch.equal(load_with(**_EARLIER_DEFAULTS)(x)[0], p(x)[0])
+    assert load_with(dropout=0.2).config == p.config  # a training setting: the same network
+    assert load_with(lookahead_previous_token=True).lookahead is None  # no heads: the flag meant nothing
+    for name, value in (("prev_token_routing", True), ("conditioned", True), ("lookahead_previous_token", False),
+                        ("dropout", 1.5), ("dropout", "0.1")):
+        fields = {"lookahead_hidden": 8} if name == "lookahead_previous_token" else {}
+        with pytest.raises(ValueError, match=rf"predictor config field {name}="):
+            load_with(**{**_EARLIER_DEFAULTS, **fields, name: value})
+    with pytest.raises(ValueError, match="the conditioned variant .* only false loads"):
+        load_with(conditioned=True)
+    # heads that read the previous token's state (every head now) load with their weights
+    p.add_lookahead(8)
+    p.save(tmp_path)
+    saved = json.loads((tmp_path / "predictor.json").read_text())
+    assert load_with(**{**_EARLIER_DEFAULTS, "lookahead_previous_token": True}).config.lookahead_hidden == 8
+    with pytest.raises(ValueError, match="lookahead_previous_token=False names lookahead heads that do not read"):
+        load_with(lookahead_previous_token=False)
+
+
+def test_the_bundled_predictor_loads():
+    """The bundled checkpoint's predictor.json was written with every field since removed."""
+    from sida_moe.presets import bundled_model_path
+
+    path = bundled_model_path("qwen3-moe-stdlib")
+    saved = json.loads(open(f"{path}/predictor.json").read())
+    assert set(_EARLIER_DEFAULTS) <= set(saved)
+    pred = HashPredictor.load(path)
+    assert (pred.config.attn_blocks, pred.config.lookahead_hidden, pred.lookahead is not None) == (2, 256, True)
 
 
 def test_predictor_errors(tmp_path):
@@ -414,23 +439,20 @@ def test_distillation_loss_terms():
     assert distillation_loss(logits, topk, ids, vals.flip(-1), 10.0, 4) > ce + 1e-3
 
 
-@pytest.mark.parametrize("head_hidden,prev_token_routing,attn_blocks", [(0, False, 0), (32, False, 0), (0, True, 0),
-                                                                       (32, False, 1)])
-def test_training_lowers_the_loss_and_reports(trace_dir, head_hidden, prev_token_routing, attn_blocks):
+@pytest.mark.parametrize("head_hidden,attn_blocks", [(0, 0), (32, 0), (32, 1)])
+def test_training_lowers_the_loss_and_reports(trace_dir, head_hidden, attn_blocks):
     traces = load_traces(trace_dir)
-    cfg = TrainConfig.preset("paper", steps=80, batch_size=8, warmup_steps=5, lr=3e-3, target="topk", conditioned=True,
-                             head_hidden=head_hidden, prev_token_routing=prev_token_routing, attn_blocks=attn_blocks)
+    cfg = TrainConfig.preset("paper", steps=80, batch_size=8, warmup_steps=5, lr=3e-3, target="topk",
+                             head_hidden=head_hidden, attn_blocks=attn_blocks)
     pred, report = train_predictor(traces, cfg, held_out=traces, progress=False)
-    assert pred.config.head_hidden == head_hidden and pred.config.prev_token_routing == prev_token_routing
+    assert pred.config.head_hidden == head_hidden
     assert len(pred.blocks) == attn_blocks
-    assert ("mean_recall@2_no_routing" in report["held_out"]) == prev_token_routing
     assert report["loss_last_50"] < 0.8 * report["loss_first"]
     held = report["held_out"]
     assert held["tokens"] == 160 and len(held["per_layer"]) == 3
     for row in held["per_layer"]:
         assert 0.0 <= row["recall@2"] <= 1.0 and row["recall@2"] == pytest.approx(row["precision@2"])
         assert row["recall@4"] >= row["recall@2"]
-        assert 0.0 <= row["refined_recall@2"] <= 1.0
     # fitted on these very sequences, it must beat chance (2 of 8 experts: 0.25) clearly
     assert held["mean_recall@2"] > 0.4
     again = evaluate(pred, traces)
@@ -493,8 +515,6 @@ def test_a_next_token_predictor_is_saved_and_refused_by_hash_routing(model, trac
         HashRouting(model, pred)
     with pytest.raises(ValueError, match="target_shift must be 0"):
         TrainConfig(target_shift=2)
-    with pytest.raises(ValueError, match="use one or the other"):
-        TrainConfig(target_shift=1, prev_token_routing=True)
     with pytest.raises(ValueError, match="target_shift must be 0"):
         PredictorConfig(input_dim=32, num_moe_layers=2, num_experts=8, top_k=2, target_shift=-1)
 
@@ -524,8 +544,6 @@ def test_training_rejects_bad_settings(trace_dir):
         TrainConfig(head_hidden=-2)
     with pytest.raises(ValueError, match="attn_blocks"):
         TrainConfig(attn_blocks=-1)
-    with pytest.raises(ValueError, match="routing_dropout"):
-        TrainConfig(routing_dropout=1.5)
     with pytest.raises(ValueError, match="bf16=True needs a CUDA training device"):
         TrainConfig(bf16=True, device="cpu")
     traces = load_traces(trace_dir)
@@ -668,7 +686,7 @@ def test_cache_simulation():
 
 
 # ------------------------------------------------------------------------------------------ CLI
-def test_cli_trace_and_train(tmp_path):
+def test_cli_trace_and_train(tmp_path, capsys):
     from transformers import PreTrainedTokenizerFast
     from tokenizers import Tokenizer, models, pre_tokenizers
 
@@ -693,12 +711,12 @@ def test_cli_trace_and_train(tmp_path):
     assert has_predictor(model_dir), "saved next to the traced model by default"
     report = json.loads((tmp_path / "r.json").read_text())
     assert report["train_config"]["steps"] == 3 and "held_out" in report
-    # the wider and decode variants from the command line, saved elsewhere
+    # the wider variant from the command line, saved elsewhere
     assert main(["train-predictor", "--trace", str(tmp_path / "tr"), "--held-out", str(tmp_path / "tr"), "--steps", "2",
-                 "--batch-size", "2", "--device", "cpu", "--hidden", "16", "--head-hidden", "8", "--prev-token-routing",
+                 "--batch-size", "2", "--device", "cpu", "--hidden", "16", "--head-hidden", "8",
                  "--out", str(tmp_path / "wide")]) == 0
     wide = HashPredictor.load(tmp_path / "wide")
-    assert (wide.config.hidden, wide.config.head_hidden, wide.config.prev_token_routing) == (16, 8, True)
+    assert (wide.config.hidden, wide.config.head_hidden) == (16, 8)
     # the trace holds the next-layer gate: the fused correction's weights are fitted and saved
     assert len(wide.config.gate_weights) == 3 and wide.config.gate_weights[0] == 0.0
     # the deep variant; a trace without the gate gives a predictor without fused weights
@@ -709,16 +727,20 @@ def test_cli_trace_and_train(tmp_path):
                  "--out", str(tmp_path / "deep")]) == 0
     deep = HashPredictor.load(tmp_path / "deep")
     assert (deep.config.attn_blocks, deep.config.attn_heads, deep.config.gate_weights) == (2, 4, [])
+    # heads that do not divide the width scaled to the model (64 for its hidden size 32): refused
+    capsys.readouterr()
+    assert main(["train-predictor", "--trace", str(tmp_path / "plain"), "--steps", "2", "--device", "cpu",
+                 "--attn-heads", "3", "--out", str(tmp_path / "odd")]) == 2
+    assert "--attn-heads 3 must divide the predictor width 64 (--hidden, or scaled to the model)" in capsys.readouterr().err
     assert HashPredictor.load(model_dir).config.num_moe_layers == 3
 
 
 @pytest.mark.gpu
 def test_bf16_training_on_the_gpu_learns_and_reports_float32(trace_dir):
-    """bf16 autocast (the forward only) trains the conditioned variant too, and the trained
-    predictor's float32 evaluation beats chance on the sequences it saw."""
+    """bf16 autocast (the forward only) trains, and the trained predictor's float32 evaluation
+    beats chance on the sequences it saw."""
     traces = load_traces(trace_dir)
-    cfg = TrainConfig(steps=120, batch_size=8, warmup_steps=10, lr=3e-3, target="topk", conditioned=True,
-                      device="cuda", bf16=True)
+    cfg = TrainConfig(steps=120, batch_size=8, warmup_steps=10, lr=3e-3, target="topk", device="cuda", bf16=True)
     pred, report = train_predictor(traces, cfg, held_out=traces, progress=False)
     assert report["train_config"]["bf16"] and report["loss_last_50"] < report["loss_first"]
     assert next(pred.parameters()).dtype == torch.float32

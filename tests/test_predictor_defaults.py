@@ -139,7 +139,7 @@ def test_hash_routing_loss_measures_exact_and_hash_routed_loss(model, traces):
         assert r["relative_increase"] == pytest.approx(r["loss"] / want - 1.0)
     # a predictor that reproduces the router's choice exactly (router weights) gives the exact loss
     class RouterCopy(HashPredictor):
-        def forward(self, embeds, state=None, attention_mask=None, prev_token_routing=None):
+        def forward(self, embeds, state=None, attention_mask=None):
             return torch.stack(captured), state
 
     captured: list[torch.Tensor] = []
@@ -208,4 +208,4 @@ def test_train_predictor_cli_reports_limits_presets_and_hash_routing(tmp_path, c
     capsys.readouterr()
     assert main([*args, "--steps", "1", "--hidden", "24", "--attn-heads", "5", "--out", str(tmp_path / "bad")]) == 2
     err = capsys.readouterr().err
-    assert err.count("\n") == 1 and re.search("train-predictor: .*attn_heads must be a positive divisor", err), err
+    assert err.count("\n") == 1 and re.search("train-predictor: error: --attn-heads 5 must divide --hidden 24", err), err

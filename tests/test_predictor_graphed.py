@@ -41,16 +41,15 @@ def _assert_states_equal(got: PredictorState, want: PredictorState, atol: float)
         assert torch.allclose(gk, wk, atol=atol) and torch.allclose(gv, wv, atol=atol)
 
 
-def _decode_both(pred, decoder, embeds, mask, prompt_len, atol, prev=None, compiled=False):
+def _decode_both(pred, decoder, embeds, mask, prompt_len, atol, compiled=False):
     """Prefill eagerly, load, then decode every further token eagerly and with the decoder: equal."""
     with torch.inference_mode():
         _, state = pred(embeds[:, :prompt_len], None, mask)
         assert decoder.load(state)
         for t in range(prompt_len, embeds.shape[1]):
             x = embeds[:, t : t + 1]
-            p = None if prev is None else prev[:, t : t + 1]
-            want, state = pred(x, state, prev_token_routing=p)
-            got, ids = decoder.step(x, p, compiled=compiled)
+            want, state = pred(x, state)
+            got, ids = decoder.step(x, compiled=compiled)
             assert got.shape == want.shape
             assert torch.allclose(got, want, atol=atol), (t, (got - want).abs().max().item())
             # the top-k ids pick the eager top-k logits (ids themselves could differ on exact ties)
@@ -75,32 +74,12 @@ def test_step_equals_eager_forward(attn_blocks, head_hidden, batch, padded):
 def test_compiled_step_equals_eager_forward():
     """``compiled=True``: the same step through torch.compile (fused kernels), the same state."""
     torch._dynamo.reset()
-    pred = _predictor(2, 256, seed=6, prev_token_routing=True)
+    pred = _predictor(2, 256, seed=6)
     embeds, mask = _prompt(2, True, length=5, decode=6)
-    hot = (torch.rand(2, 11, 3 * 8, generator=torch.Generator().manual_seed(1)) < 0.25).float()
     decoder = GraphedDecoder(pred, 2, max_len=16)
-    _decode_both(pred, decoder, embeds, mask, 5, atol=1e-4, prev=hot, compiled=True)
+    _decode_both(pred, decoder, embeds, mask, 5, atol=1e-4, compiled=True)
     # a new sequence in the same buffers reuses the compiled step
-    _decode_both(pred, decoder, *_prompt(2, False, 3, 4, seed=2), 3, atol=1e-4, prev=hot[:, :7], compiled=True)
-
-
-def test_conditioned_and_prev_token_routing_variants():
-    cond = _predictor(2, seed=3, conditioned=True)
-    embeds, mask = _prompt(2, True, 6, 12)
-    _decode_both(cond, GraphedDecoder(cond, 2, max_len=32), embeds, mask, 6, atol=1e-5)
-
-    pred = _predictor(2, 256, seed=4, prev_token_routing=True)
-    hot = (torch.rand(2, 18, 3 * 8, generator=torch.Generator().manual_seed(0)) < 0.25).float()
-    decoder = GraphedDecoder(pred, 2, max_len=32)
-    _decode_both(pred, decoder, embeds, mask, 6, atol=1e-5, prev=hot)
-    # None: unknown routing, zeros (as the eager forward does), also after a step that had some
-    with torch.inference_mode():
-        _, state = pred(embeds[:, :6], None, mask)
-        decoder.load(state)
-        decoder.step(embeds[:, 6:7], hot[:, 6:7])
-        want, _ = pred(embeds[:, 7:8], decoder.to_state())
-        got, _ = decoder.step(embeds[:, 7:8])
-    assert torch.allclose(got, want, atol=1e-5)
+    _decode_both(pred, decoder, *_prompt(2, False, 3, 4, seed=2), 3, atol=1e-4, compiled=True)
 
 
 def test_decode_from_an_empty_state():
@@ -184,20 +163,14 @@ def test_clear_errors():
     for bad in (torch.zeros(1, 2, 32), torch.zeros(1, 1, 31), torch.zeros(2, 1, 32), torch.zeros(1, 32)):
         with pytest.raises(ValueError, match=r"embeds must be \[1, 1, 32\]"):
             decoder.step(bad)
-    with pytest.raises(ValueError, match="without prev_token_routing"):
-        decoder.step(torch.zeros(1, 1, 32), torch.zeros(1, 1, 24))
-    prev_decoder = GraphedDecoder(_predictor(prev_token_routing=True), 1, max_len=16)
-    prev_decoder.load(_predictor(prev_token_routing=True).empty_state(1))
-    with pytest.raises(ValueError, match=r"prev_token_routing must be \[1, 1, 24\]"):
-        prev_decoder.step(torch.zeros(1, 1, 32), torch.zeros(1, 1, 8))
     for kwargs, match in [({"batch": 0}, "batch"), ({"max_len": 0}, "max_len"), ({"k": 9}, "k must be"),
                           ({"use_graph": True}, "CUDA device")]:
         with pytest.raises(ValueError, match=match):
             GraphedDecoder(pred, **({"batch": 1} | kwargs))
 
     class Custom(HashPredictor):
-        def forward(self, embeds, state=None, attention_mask=None, prev_token_routing=None):
-            return super().forward(embeds, state, attention_mask, prev_token_routing)
+        def forward(self, embeds, state=None, attention_mask=None):
+            return super().forward(embeds, state, attention_mask)
 
     custom = Custom(pred.config)
     assert "overrides HashPredictor.forward" in GraphedDecoder.unsupported(custom)
@@ -220,8 +193,6 @@ def test_replay_needs_a_captured_step_and_room_and_set_inputs_checks_its_inputs(
             decoder.replay()
         with pytest.raises(ValueError, match="embeds must be"):
             decoder.set_inputs(embeds[:, :2])
-        with pytest.raises(ValueError, match="prev_token_routing given"):
-            decoder.set_inputs(embeds[:, 3:4], torch.zeros(1, 1, 4))
         decoder.set_inputs(embeds[:, 3:4])
         assert decoder.length == 3  # inputs only: no step ran
 

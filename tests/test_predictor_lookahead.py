@@ -104,37 +104,21 @@ def test_traces_without_router_inputs(model, trace_dir, tmp_path):
     assert both.moe_input_rows.tolist() == [0, 3, 6, 9] and both.num_sequences == 12
 
 
-def test_untrained_heads_change_nothing_and_layer_path_matches_batched(full_trace_dir):
+def test_heads_cover_every_layer_and_read_the_previous_state(full_trace_dir):
+    """Untrained heads change nothing; every layer, 0 included (its state before: the embedding),
+    has a head reading the previous token's state too, and one layer's path matches the batched one."""
     traces = load_traces(full_trace_dir)
     pred = _trained_predictor(traces, steps=3)
     heads = pred.add_lookahead(24)
-    assert pred.config.lookahead_hidden == 24
-    embeds = traces.embeddings[traces.input_ids[:2]].float()
-    with torch.no_grad():
-        logits, _ = pred(embeds)
-        x = traces.moe_inputs[:, :2]
-        assert torch.equal(pred.look_ahead(logits[1], 1, x[0]), logits[1])  # zero output layer
-        assert torch.equal(pred.look_ahead(logits[0], 0, x[0]), logits[0])  # layer 0: nothing before it
-        for p in heads.parameters():
-            p.normal_(0.0, 0.3)
-        batched = heads(x.flatten(1, 2), logits[1:].flatten(1, 2)).view_as(logits[1:])
-        for layer in (1, 2):
-            one = pred.look_ahead(logits[layer], layer, x[layer - 1])
-            assert not torch.allclose(one, logits[layer])
-            assert torch.allclose(one, batched[layer - 1], atol=1e-5)
-
-
-def test_previous_token_heads_cover_layer_0_and_read_the_previous_state(full_trace_dir):
-    traces = load_traces(full_trace_dir)
-    pred = _trained_predictor(traces, steps=3)
-    heads = pred.add_lookahead(24, previous_token=True)
-    assert pred.config.lookahead_previous_token and heads.first == 0 and heads.w_in.shape == (3, 2 * 32 + 8, 24)
+    assert pred.config.lookahead_hidden == 24 and heads.w_in.shape == (3, 2 * 32 + 8, 24)
     embeds = traces.embeddings[traces.input_ids[:2]].float()
     with torch.no_grad():
         logits, _ = pred(embeds)
         x = traces.moe_inputs[:, :2]
         prev = torch.randn(2, 16, 32)
-        assert torch.equal(pred.look_ahead(logits[0], 0, embeds, prev), logits[0])  # zero output layer
+        for layer, state in enumerate([embeds, *x.float()]):  # zero output layer
+            assert torch.equal(pred.look_ahead(logits[layer], layer, state, prev), logits[layer])
+            assert torch.equal(pred.look_ahead(logits[layer], layer, state), logits[layer])
         for p in heads.parameters():
             p.normal_(0.0, 0.3)
         states = torch.cat([embeds[None], x.float()])  # the state before layers 0, 1, 2
@@ -142,6 +126,7 @@ def test_previous_token_heads_cover_layer_0_and_read_the_previous_state(full_tra
         unknown = heads(states.flatten(1, 2), logits.flatten(1, 2), None).view_as(logits)
         for layer in (0, 1, 2):
             one = pred.look_ahead(logits[layer], layer, states[layer], prev)
+            assert not torch.allclose(one, logits[layer])
             assert torch.allclose(one, batched[layer], atol=1e-5)
             # unknown previous state == zeros, and it matters
             assert torch.allclose(pred.look_ahead(logits[layer], layer, states[layer]), unknown[layer], atol=1e-5)
@@ -160,22 +145,21 @@ def test_token_table_previous_state_and_decode_evaluation(full_trace_dir):
 
     traces = load_traces(full_trace_dir)
     pred = _trained_predictor(traces, steps=3)
-    table = _TokenTable([(traces, pred)], torch.device("cpu"), top_t=5, first=0)
+    table = _TokenTable([(traces, pred)], torch.device("cpu"), top_t=5)
     assert table.logits.shape == (3, 48 * 16, 8) and table.topk_ids.shape[0] == 3
     idx = torch.tensor([0, 1, 15, 16, 17, 16 * 47 + 3])
-    states, previous = table.batch(idx, True, 0.0, torch.Generator().manual_seed(0))
+    states, previous = table.batch(idx, 0.0, torch.Generator().manual_seed(0))
     assert torch.equal(states[0], traces.embeddings[traces.input_ids.flatten()[idx].long()].half())
     assert torch.equal(states[1:], traces.moe_inputs.flatten(1, 2)[:, idx])
     last = traces.moe_inputs[-1]  # [R, S, d]
     want = torch.stack([torch.zeros(32, dtype=last.dtype), last[0, 0], last[0, 14], torch.zeros(32, dtype=last.dtype),
                         last[1, 0], last[47, 2]])
     assert torch.equal(previous, want)
-    _, dropped = table.batch(torch.arange(1, 16).repeat(40), True, 0.5, torch.Generator().manual_seed(0))
+    _, dropped = table.batch(torch.arange(1, 16).repeat(40), 0.5, torch.Generator().manual_seed(0))
     zeroed = (dropped.abs().sum(-1) == 0).float().mean()
     assert 0.35 < zeroed < 0.65
-    assert table.batch(idx, False, 0.0, torch.Generator())[1] is None
 
-    heads = pred.add_lookahead(16, previous_token=True)
+    heads = pred.add_lookahead(16)
     with torch.no_grad():
         for p in heads.parameters():
             p.normal_(0.0, 0.3)
@@ -202,21 +186,14 @@ def test_heads_learn_from_the_layer_before(full_trace_dir):
     assert report["steps_run"] == 300 and report["train_tokens"] == 48 * 16
     assert report["loss_last_50"] < report["loss_first"]
     held = report["held_out"]
-    assert held["tokens"] == 48 * 16 and held["previous_token"]
-    # previous-token heads (the default) correct layer 0 too, from the embedding and the previous state
+    assert held["tokens"] == 48 * 16
+    # layer 0 is corrected too, from the embedding and the previous state
     assert held["per_layer"][0]["lookahead_recall@2"] > held["per_layer"][0]["recall@2"] + 0.05, held
     assert held["mean_lookahead_recall@2"] > held["mean_recall@2"] + 0.05, held
     assert held["mean_prompt_lookahead_recall@2"] > held["mean_recall@2"], held
     # the network itself was not retrained
     again = evaluate_lookahead(pred, traces)
     assert again["mean_recall@2"] == pytest.approx(held["mean_recall@2"])
-    # heads without the previous state leave layer 0 alone
-    plain = train_lookahead(pred, traces, LookaheadConfig(hidden=64, steps=300, batch_tokens=512, lr=3e-3,
-                                                          previous_token=False), held_out=traces, progress=False)
-    held = plain["held_out"]
-    assert not held["previous_token"] and "mean_prompt_lookahead_recall@2" not in held
-    assert held["per_layer"][0]["lookahead_recall@2"] == held["per_layer"][0]["recall@2"]
-    assert held["mean_lookahead_recall@2"] > held["mean_recall@2"] + 0.05, held
 
 
 def test_cross_fitted_heads_see_each_parts_own_network(full_trace_dir):
@@ -233,11 +210,11 @@ def test_cross_fitted_heads_see_each_parts_own_network(full_trace_dir):
         with torch.no_grad():
             want, _ = net(half.embeddings[half.input_ids.long()].float())
         got = table.logits[:, j * 24 * 16 : (j + 1) * 24 * 16]
-        assert torch.allclose(got, want[1:].flatten(1, 2), atol=1e-5)
-        assert torch.equal(table.topk_ids[:, j * 24 * 16 : (j + 1) * 24 * 16], half.topk_ids[1:].flatten(1, 2))
+        assert torch.allclose(got, want.flatten(1, 2), atol=1e-5)
+        assert torch.equal(table.topk_ids[:, j * 24 * 16 : (j + 1) * 24 * 16], half.topk_ids.flatten(1, 2))
     with torch.no_grad():
         own, _ = pred(halves[0].embeddings[halves[0].input_ids.long()].float())
-    assert not torch.allclose(table.logits[:, : 24 * 16], own[1:].flatten(1, 2), atol=1e-3)
+    assert not torch.allclose(table.logits[:, : 24 * 16], own.flatten(1, 2), atol=1e-3)
     report = train_lookahead(pred, halves, LookaheadConfig(hidden=16, steps=20, batch_tokens=128),
                              held_out=traces, progress=False, base=nets)
     assert report["train_tokens"] == 48 * 16 and report["logits_from"] == "2 base networks"
@@ -309,11 +286,12 @@ def test_cli_trains_the_heads_when_the_trace_has_router_inputs(tmp_path, capsys)
     assert "lookahead heads: recall@2" in printed and "prompt tokens (no previous state)" in printed
     assert "hash routing weight temperature per MoE layer" in printed
     saved = HashPredictor.load(tmp_path / "p").config
-    assert saved.lookahead_hidden == 8 and saved.lookahead_previous_token and len(saved.weight_temperature) == 3
-    assert main([*train, "--lookahead-hidden", "8", "--lookahead-steps", "2", "--no-lookahead-previous-token",
-                 "--no-fit-temperature", "--dropout", "0.1", "--out", str(tmp_path / "old")]) == 0
-    old = HashPredictor.load(tmp_path / "old").config
-    assert not old.lookahead_previous_token and old.weight_temperature == [] and old.dropout == 0.1
+    assert saved.lookahead_hidden == 8 and len(saved.weight_temperature) == 3
+    assert main([*train, "--lookahead-hidden", "8", "--lookahead-steps", "2", "--no-fit-temperature", "--dropout",
+                 "0.1", "--out", str(tmp_path / "raw")]) == 0
+    raw = HashPredictor.load(tmp_path / "raw").config
+    assert raw.weight_temperature == [] and raw.lookahead_hidden == 8
+    assert "dropout" not in json.loads((tmp_path / "raw" / "predictor.json").read_text())  # a training setting
     report = json.loads((tmp_path / "r.json").read_text())
     assert report["lookahead"]["steps_run"] == 5 and "mean_lookahead_recall@2" in report["lookahead"]["held_out"]
     assert main([*train, "--lookahead-hidden", "0", "--out", str(tmp_path / "none")]) == 0

@@ -87,12 +87,12 @@ def _record_routing(prefetcher: SidaPrefetcher) -> list[list[torch.Tensor]]:
     return forwards
 
 
-def _full_logits(pred: HashPredictor, model, tokens: torch.Tensor, prev=None, mask=None) -> torch.Tensor:
+def _full_logits(pred: HashPredictor, model, tokens: torch.Tensor, mask=None) -> torch.Tensor:
     """The predictor's logits ``[L, B, S, E]`` over the whole sequence ``tokens`` in one forward."""
     with torch.no_grad():
         # the table, not the module: calling the offloaded model's embedding module starts a forward
         embeds = model.get_input_embeddings().weight[tokens].float()
-        logits, _ = pred(embeds, attention_mask=mask, prev_token_routing=prev)
+        logits, _ = pred(embeds, attention_mask=mask)
     return logits
 
 
@@ -377,8 +377,8 @@ def test_load_prefetcher_and_argument_checks(tmp_path):
         SidaPrefetcher(torch.nn.Linear(2, 2))
 
     class Custom(HashPredictor):
-        def forward(self, embeds, state=None, attention_mask=None, prev_token_routing=None):
-            return super().forward(embeds, state, attention_mask, prev_token_routing)
+        def forward(self, embeds, state=None, attention_mask=None):
+            return super().forward(embeds, state, attention_mask)
 
     with pytest.raises(ValueError, match="cannot be served: .*overrides HashPredictor.forward"):
         SidaPrefetcher(Custom(pred.config))
@@ -682,49 +682,6 @@ def test_a_dropped_decoder_is_found_again_while_a_captured_step_may_still_hold_i
         assert rebuilt.batch == 1 and rebuilt.max_len == 16 and list(prefetcher._decoders) == [(5, 16), (1, 16)]
     finally:
         engine_of(model).close()
-
-
-@pytest.mark.parametrize("loop", LOOPS)
-def test_decode_variant_gets_the_previous_tokens_routing(loop):
-    """A predictor built with ``prev_token_routing`` gets, for every decode token after the first,
-    the multi-hot of the experts each MoE layer really used for the decode token before it (read
-    from the engine's routing ring); the prompt and the first decode token get zeros (None). Its
-    predictions equal one full-sequence forward given that routing; tokens stay exact."""
-    model = tiny_qwen3(seed=5)
-    x = torch.randint(0, 64, (1, 6), generator=torch.Generator().manual_seed(1))
-    reference = _generate(model, x, 5)
-    pred = _predictor(seed=0, prev_token_routing=True)
-    prefetcher = SidaPrefetcher(pred)
-    offload(model, gpu_budget=0.5, policy="lru", prefetch=prefetcher)
-    engine = engine_of(model)
-    prevs: list[torch.Tensor | None] = []
-    previous = prefetcher._previous_routing
-
-    def spy(batch):
-        out = previous(batch)
-        prevs.append(None if out is None else out.clone())
-        return out
-
-    prefetcher._previous_routing = spy
-    forwards = _record_routing(prefetcher)
-    got = _record_predictions(prefetcher)
-    try:
-        tokens = _generate(model, x, 5, loop=loop)
-    finally:
-        engine.close()
-    assert torch.equal(tokens, reference)
-    assert len(prevs) == len(got) == (5 if loop == "greedy" else 4) and len(forwards) == 5
-    assert prevs[0] is None  # the first decode token: no decode step before it
-    hot = torch.zeros(1, 6 + len(got), L * E)  # teacher forcing: position t gets token t-1's routing
-    for i, prev in enumerate(prevs[1:], start=1):
-        want = torch.zeros(L, E)
-        for layer, ids in enumerate(forwards[i]):  # forwards[i]: decode forward i (0 is the prompt)
-            want[layer, ids.flatten()] = 1.0
-        assert torch.equal(prev.view(L, E), want), i
-        hot[0, 6 + i] = want.flatten()
-    full = _full_logits(pred, model, tokens[:, : 6 + len(got)], prev=hot)
-    for i, logits in enumerate(got):
-        assert torch.allclose(logits, full[:, :, 6 + i], atol=1e-5), i
 
 
 def test_a_new_greedy_sequence_scores_decode_tokens_only():

@@ -1,10 +1,12 @@
 """The predictor's configuration (``PredictorConfig``, saved beside its weights as
-``predictor.json``): the network's sizes and the variant it was trained as."""
+``predictor.json``): the network's sizes and what was fitted after training. Training settings
+(dropout, the loss, the optimiser) are ``sida_moe.train.TrainConfig``'s and are not saved here."""
 
 from __future__ import annotations
 
 import json
 from dataclasses import asdict, dataclass, field
+from typing import Callable
 
 WEIGHTS_NAME = "predictor.safetensors"
 CONFIG_NAME = "predictor.json"
@@ -21,15 +23,11 @@ class PredictorConfig:
     hidden: int = 256
     lstm_layers: int = 2
     head_hidden: int = 0  # 0: the paper's linear heads; > 0: a per-layer MLP head of this width
-    prev_token_routing: bool = False  # also input the previous token's true routing (decode variant)
-    conditioned: bool = False
     attn_blocks: int = 0  # > 0: causal transformer blocks on top of the paper's features (deep variant)
     attn_heads: int = 8  # heads of those blocks (hidden must divide by it)
     # per MoE layer: weight of the next-layer gate's logits in the fused correction ([]: not fitted)
     gate_weights: list[float] = field(default_factory=list)
-    lookahead_hidden: int = 0  # > 0: the lookahead heads' width (module docstring); 0: none
-    lookahead_previous_token: bool = False  # the heads also read the previous token's state (docstring)
-    dropout: float = 0.0  # training only: on the compressed input, each block's branches and the features
+    lookahead_hidden: int = 0  # > 0: the lookahead heads' width (model.py's docstring); 0: none
     # per MoE layer: temperature of the predicted weights in hash routing ([]: 1; train.fit_weight_temperature)
     weight_temperature: list[float] = field(default_factory=list)
     moe_layer_ids: list[int] = field(default_factory=list)  # decoder-layer index of each MoE layer
@@ -46,8 +44,6 @@ class PredictorConfig:
             raise ValueError(f"PredictorConfig.head_hidden must be >= 0 (0: linear heads), got {self.head_hidden!r}")
         if int(self.lookahead_hidden) < 0:
             raise ValueError(f"PredictorConfig.lookahead_hidden must be >= 0 (0: none), got {self.lookahead_hidden!r}")
-        if not 0.0 <= float(self.dropout) < 1.0:
-            raise ValueError(f"PredictorConfig.dropout must be in [0, 1), got {self.dropout!r}")
         if int(self.attn_blocks) < 0:
             raise ValueError(f"PredictorConfig.attn_blocks must be >= 0 (0: the paper's network), got {self.attn_blocks!r}")
         if self.attn_blocks and (int(self.attn_heads) <= 0 or self.hidden % self.attn_heads):
@@ -86,6 +82,15 @@ class PredictorConfig:
 
     @classmethod
     def from_dict(cls, data: dict) -> PredictorConfig:
+        """The config saved as ``data`` (a ``predictor.json``). Fields that earlier versions saved
+        and this one does not (``REMOVED_FIELDS``) are dropped when their value describes the
+        network built now; a value that names a removed variant raises ValueError."""
+        data = dict(data)
+        for name, (loads, refusal) in REMOVED_FIELDS.items():
+            if name in data:
+                value = data.pop(name)
+                if not loads(value, data):
+                    raise ValueError(f"predictor config field {name}={value!r} {refusal}")
         known = set(cls.__dataclass_fields__)
         unknown = set(data) - known
         if unknown:
@@ -93,4 +98,32 @@ class PredictorConfig:
         return cls(**data)
 
 
-__all__ = ["CONFIG_NAME", "WEIGHTS_NAME", "PredictorConfig"]
+def _is_false(value: object, data: dict) -> bool:
+    return value is False
+
+
+def _previous_token_heads(value: object, data: dict) -> bool:
+    # every lookahead head reads the previous token's state; without heads the flag meant nothing
+    return value is True or not data.get("lookahead_hidden")
+
+
+def _training_dropout(value: object, data: dict) -> bool:
+    # a training setting (TrainConfig.dropout): the network saved is the same for any valid value
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and 0.0 <= value < 1.0
+
+
+#: fields an earlier ``predictor.json`` may hold: name -> (whether the value, given the rest of the
+#: file, describes the network built now, then dropped; why any other value is refused)
+REMOVED_FIELDS: dict[str, tuple[Callable[[object, dict], bool], str]] = {
+    "prev_token_routing": (_is_false, "names the decode variant (an input of the previous token's routing), "
+                                      "which this version does not build; only false loads"),
+    "conditioned": (_is_false, "names the conditioned variant (a correction from the previous layer's routing), "
+                               "which this version does not build; only false loads"),
+    "lookahead_previous_token": (_previous_token_heads, "names lookahead heads that do not read the previous "
+                                                        "token's state, which this version does not build; only true "
+                                                        "loads (or any value with lookahead_hidden 0)"),
+    "dropout": (_training_dropout, "is not a training dropout (a number in [0, 1), not used by the saved network)"),
+}
+
+
+__all__ = ["CONFIG_NAME", "REMOVED_FIELDS", "WEIGHTS_NAME", "PredictorConfig"]

@@ -74,7 +74,6 @@ class GraphedDecoder:
             # zeros, not empty: masked positions get weight 0, and 0 * NaN from stale memory would be NaN
             self._x = torch.zeros(B, 1, cfg.input_dim, **opts)
             self._x_in = torch.zeros(B, 1, cfg.input_dim, **opts)
-            self._prev = torch.zeros(B, 1, L * E, **opts) if predictor.token_routing_in is not None else None
             self._h = torch.zeros(cfg.lstm_layers, B, H, **opts)
             self._c = torch.zeros(cfg.lstm_layers, B, H, **opts)
             self._keys = torch.zeros(B, self.max_len, H, **opts)
@@ -199,10 +198,8 @@ class GraphedDecoder:
             )
 
     # ------------------------------------------------------------------------------- step
-    def step(self, embeds: torch.Tensor, prev_token_routing: torch.Tensor | None = None, compiled: bool = False
-             ) -> tuple[torch.Tensor, torch.Tensor]:
-        """One decode token: ``embeds [B, 1, input_dim]`` (and, for a ``prev_token_routing``
-        predictor, ``[B, 1, L*E]`` or None for zeros). Returns the logits ``[L, B, 1, E]`` and
+    def step(self, embeds: torch.Tensor, compiled: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        """One decode token: ``embeds [B, 1, input_dim]``. Returns the logits ``[L, B, 1, E]`` and
         top-k ids ``[L, B, 1, k]``: static buffers, overwritten by the next step (clone to keep).
         Equals ``HashPredictor.forward(embeds, state)`` on the loaded state (``compiled``: up to
         the rounding of fused kernels).
@@ -219,7 +216,7 @@ class GraphedDecoder:
             raise RuntimeError("GraphedDecoder.step() inside a CUDA graph capture: capture(compiled) the step "
                                "once, then set_inputs() and replay() it where it should run")
         with torch.inference_mode():
-            self.set_inputs(embeds, prev_token_routing)
+            self.set_inputs(embeds)
             if compiled:
                 self._compiled_step()()
             elif self.use_graph:
@@ -230,28 +227,18 @@ class GraphedDecoder:
         self._length += 1
         return self._logits, self._topk_ids
 
-    def set_inputs(self, embeds: torch.Tensor, prev_token_routing: torch.Tensor | None = None) -> None:
-        """Write the next step's inputs (``step``'s arguments, checked the same way) into the
-        step's input buffers, on the current stream; :meth:`replay` then runs the step on them."""
+    def set_inputs(self, embeds: torch.Tensor) -> None:
+        """Write the next step's input (``step``'s ``embeds``, checked the same way) into the
+        step's input buffer, on the current stream; :meth:`replay` then runs the step on it."""
         cfg = self.predictor.config
         want = (self.batch, 1, cfg.input_dim)
         if tuple(embeds.shape) != want:
             raise ValueError(f"embeds must be {list(want)} (batch {self.batch}, one decode token), got {list(embeds.shape)}")
-        if prev_token_routing is not None:
-            if self._prev is None:
-                raise ValueError("prev_token_routing given to a predictor built without prev_token_routing=True")
-            if tuple(prev_token_routing.shape) != tuple(self._prev.shape):
-                raise ValueError(f"prev_token_routing must be {list(self._prev.shape)}, got {list(prev_token_routing.shape)}")
         weight = self.predictor.compress.weight
         if weight.device != self.device or (self._graphs and weight.data_ptr() != self._weight_ptr):
             raise RuntimeError("the predictor's parameters moved since this decoder was built; build a new GraphedDecoder")
         with torch.inference_mode():
             self._x_in.copy_(embeds)
-            if self._prev is not None:
-                if prev_token_routing is None:
-                    self._prev.zero_()  # unknown routing: zeros, as in HashPredictor.features
-                else:
-                    self._prev.copy_(prev_token_routing)
 
     def replay(self, compiled: bool = False) -> None:
         """One decode step on the inputs :meth:`set_inputs` wrote, replayed on the current stream
@@ -332,10 +319,7 @@ class GraphedDecoder:
         self._x.copy_(self._x_in)
         x = self._x
         x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6)
-        x = p.compress(x)
-        if self._prev is not None:
-            x = x + p.token_routing_in(self._prev)
-        inp = torch.relu(x)[:, 0]  # [B, hidden]
+        inp = torch.relu(p.compress(x))[:, 0]  # [B, hidden]
         for n, (w_ih, w_hh, b_ih, b_hh) in enumerate(self._lstm_weights):
             i, f, g, o = (F.linear(inp, w_ih, b_ih) + F.linear(self._h[n], w_hh, b_hh)).chunk(4, dim=-1)
             c = torch.sigmoid(f) * self._c[n] + torch.sigmoid(i) * torch.tanh(g)

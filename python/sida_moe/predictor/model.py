@@ -11,12 +11,6 @@ Wider variant (``head_hidden > 0``): each layer's head is a small MLP,
 ``Linear(hidden -> head_hidden) + GELU + Linear(head_hidden -> E)``, instead of one linear map from
 the features every layer shares.
 
-Decode variant (``prev_token_routing=True``): the input of token t also carries the multi-hot of
-the experts every MoE layer really used for token t-1 (``Linear(L*E -> hidden)`` added before the
-compression's ReLU). During decode that routing is known before the step starts; where it is not
-(a prompt, predicted before any layer ran) the input is zeros, and training drops it for a share of
-the sequences so that both cases are learned.
-
 Deep variant (``attn_blocks > 0``): that many pre-norm causal transformer blocks (multi-head
 softmax self-attention + GELU MLP) on top of the paper's features, before the heads. The router of
 MoE layer l reads a hidden state built by l attention layers over the context; one sparsemax
@@ -31,27 +25,21 @@ layer l-1's input (the "next-layer gate") is known; layer l's prediction becomes
 ``logits + gate_weights[l] * gate_logits``. Ranking per token only, so neither needs normalising.
 Layer 0 has nothing before it and keeps the run-ahead prediction.
 
-Conditioned variant (``conditioned=True``): each layer L >= 1 also gets a ``Linear(E -> E)`` term on
-the multi-hot of layer L-1's *true* routing. Before the model runs only the base prediction is
-available; once layer L-1's router has run, ``refine`` sharpens layer L's prediction with it (the
-run-ahead prefetcher uses this to correct the next layer's prefetches).
-
 Lookahead heads (``lookahead_hidden > 0``, trained after the network on traces that hold router
 inputs, see ``sida_moe.train.lookahead``): once MoE layer l-1 has run, its router input ``x``
-(the token's real hidden state one layer behind) is known; layer l's prediction becomes
-``logits + MLP_l([rms(x), logits - mean])`` (``Linear(d + E -> lookahead_hidden) + GELU +
+(the token's real hidden state one layer behind; for layer 0, the token's embedding) is known, and
+so is ``p``, the previous token's router input of MoE layer L-2 (the deepest state the heads read;
+during decode it is known before the step starts). Layer l's prediction becomes
+``logits + MLP_l([rms(x), rms(p), logits - mean])`` (``Linear(2d + E -> lookahead_hidden) + GELU +
 Linear(-> E)``, the last layer zero-initialised so untrained heads change nothing). A learned map
 of ``x``, unlike the fixed next-layer gate (layer l's router on ``x``), can model what layer l-1's
-experts and layer l's attention do to the state; the run-ahead logits carry the context.
+experts and layer l's attention do to the state; the run-ahead logits carry the context and ``p``
+summarises it as the model itself sees it. Where ``p`` is unknown (a prompt's tokens, predicted
+before any layer ran) it is zeros; training zeroes it for a share of tokens so that both cases are
+learned.
 
-Previous-token heads (``lookahead_previous_token=True``, the default of ``train_lookahead``): every
-head also reads ``p``, the previous token's router input of MoE layer L-2 (the deepest state the heads
-read; during decode it is known before the step starts), and layer 0 gets a head too, whose "layer
-before" is the token's embedding: ``logits + MLP_l([rms(x), rms(p), logits - mean])``. Layer 0
-otherwise has no correction at all (its router reads the first attention's view of the context,
-which the run-ahead network only approximates), and ``p`` summarises the context as the model itself
-sees it. Where ``p`` is unknown (a prompt's tokens, predicted before any layer ran) it is zeros;
-training zeroes it for a share of tokens so that both cases are learned.
+Dropout (``dropout``, a training setting: ``sida_moe.train.TrainConfig.dropout``, not saved) acts on
+the compressed input, each block's branches and the features, in training mode only.
 """
 
 from __future__ import annotations
@@ -91,16 +79,16 @@ class PredictorState:
 class HashPredictor(nn.Module):
     """Predicts router logits of every MoE layer from the layer-0 input embeddings."""
 
-    def __init__(self, config: PredictorConfig) -> None:
+    def __init__(self, config: PredictorConfig, dropout: float = 0.0) -> None:
         super().__init__()
         self.config = config
+        self.dropout = dropout
         h = config.hidden
         self.compress = nn.Linear(config.input_dim, h)
         self.lstm = nn.LSTM(h, h, num_layers=config.lstm_layers, batch_first=True)
         self.qkv = nn.Linear(h, 3 * h)  # query, key and value in one matmul
         self.residual = nn.Linear(h, h)
         L, E, hh = config.num_moe_layers, config.num_experts, config.head_hidden
-        self.token_routing_in = nn.Linear(L * E, h, bias=False) if config.prev_token_routing else None
         if hh == 0:
             # the per-layer Linear(256 -> E) heads, stored as one matrix: rows l*E .. (l+1)*E-1 are layer l's
             self.heads = nn.Linear(h, L * E)
@@ -110,32 +98,34 @@ class HashPredictor(nn.Module):
             self.heads_out = nn.Parameter(torch.empty(L, hh, E))
             self.heads_out_bias = nn.Parameter(torch.zeros(L, E))
             nn.init.normal_(self.heads_out, std=hh**-0.5)
-        self.blocks = nn.ModuleList(CausalBlock(h, config.attn_heads, config.dropout) for _ in range(config.attn_blocks))
-        if config.conditioned:
-            self.prev_routing = nn.ModuleList(
-                nn.Linear(config.num_experts, config.num_experts, bias=False) for _ in range(config.num_moe_layers)
-            )
-            for lin in self.prev_routing:
-                nn.init.zeros_(lin.weight)  # starts as the base predictor; training learns the correction
-        else:
-            self.prev_routing = None
+        self.blocks = nn.ModuleList(CausalBlock(h, config.attn_heads) for _ in range(config.attn_blocks))
         self.lookahead = (
-            LookaheadHeads(config.input_dim, L, E, config.lookahead_hidden, config.lookahead_previous_token)
+            LookaheadHeads(config.input_dim, L, E, config.lookahead_hidden)
             if config.lookahead_hidden and L > 1 else None
         )
 
-    def add_lookahead(self, hidden: int, previous_token: bool = False) -> LookaheadHeads:
-        """Give the network (fresh, zero-output) lookahead heads of width ``hidden`` (previous-token
-        heads with ``previous_token``, module docstring), on its device;
-        ``sida_moe.train.lookahead.train_lookahead`` trains them."""
+    @property
+    def dropout(self) -> float:
+        """Training-time dropout (module docstring); 0 after ``load``: it is not saved."""
+        return self._dropout
+
+    @dropout.setter
+    def dropout(self, value: float) -> None:
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value < 1.0:
+            raise ValueError(f"dropout must be a number in [0, 1), got {value!r}")
+        self._dropout = float(value)
+
+    def add_lookahead(self, hidden: int) -> LookaheadHeads:
+        """Give the network (fresh, zero-output) lookahead heads of width ``hidden`` (module
+        docstring), on its device; ``sida_moe.train.lookahead.train_lookahead`` trains them."""
         c = self.config
         if c.num_moe_layers < 2:
             raise ValueError("lookahead heads need at least 2 MoE layers (they read router inputs of layers 0..L-2)")
         if isinstance(hidden, bool) or not isinstance(hidden, int) or hidden <= 0:
             raise ValueError(f"lookahead hidden width must be a positive int, got {hidden!r}")
-        heads = LookaheadHeads(c.input_dim, c.num_moe_layers, c.num_experts, hidden, previous_token)
+        heads = LookaheadHeads(c.input_dim, c.num_moe_layers, c.num_experts, hidden)
         self.lookahead = heads.to(self.compress.weight.device)
-        c.lookahead_hidden, c.lookahead_previous_token = hidden, bool(previous_token)
+        c.lookahead_hidden = hidden
         return self.lookahead
 
     def num_parameters(self) -> int:
@@ -155,15 +145,11 @@ class HashPredictor(nn.Module):
         embeds: torch.Tensor,
         state: PredictorState | None = None,
         attention_mask: torch.Tensor | None = None,
-        prev_token_routing: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, PredictorState]:
         """Shared 256-d features ``[B, S, hidden]`` for new tokens ``embeds`` ``[B, S, d]``.
 
         ``state`` holds the tokens seen before (None: a fresh sequence). ``attention_mask``
         ``[B, S]`` (1 = real token) masks padding out of the attention keys.
-        ``prev_token_routing`` ``[B, S, L*E]``: for each token, the multi-hot of the previous token's
-        experts in every MoE layer (``routing_multi_hot``); None: unknown (zeros). Only for a
-        predictor built with ``prev_token_routing=True``.
         """
         if embeds.dim() != 3 or embeds.shape[-1] != self.config.input_dim:
             raise ValueError(
@@ -179,15 +165,8 @@ class HashPredictor(nn.Module):
         x = embeds.to(self.compress.weight.dtype)
         # Scale-free input: embedding tables differ in scale between models (std 0.02 .. 1).
         x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6)
-        x = self.compress(x)
-        if prev_token_routing is not None:
-            if self.token_routing_in is None:
-                raise ValueError("prev_token_routing given to a predictor built without prev_token_routing=True")
-            want = (bsz, seq, self.token_routing_in.in_features)
-            if tuple(prev_token_routing.shape) != want:
-                raise ValueError(f"prev_token_routing must be {list(want)}, got {list(prev_token_routing.shape)}")
-            x = x + self.token_routing_in(prev_token_routing.to(x.dtype))
-        x = F.dropout(torch.relu(x), self.config.dropout if self.training else 0.0)
+        drop = self.dropout if self.training else 0.0
+        x = F.dropout(torch.relu(self.compress(x)), drop)
         h, lstm_state = self.lstm(x, state.lstm)
 
         q, k, v = self.qkv(h).chunk(3, dim=-1)
@@ -223,10 +202,10 @@ class HashPredictor(nn.Module):
         block_mask = allowed if allowed is not None and (past > 0 or key_mask is not None) else None
         blocks = []
         for block, block_past in zip(self.blocks, state.blocks):
-            feats, kv = block(feats, block_past, block_mask)
+            feats, kv = block(feats, block_past, block_mask, drop)
             blocks.append(kv)
-        if self.training and self.config.dropout:
-            feats = F.dropout(feats, self.config.dropout)
+        if drop:
+            feats = F.dropout(feats, drop)
         return feats, PredictorState(lstm_state, keys, values, key_mask, blocks)
 
     def forward(
@@ -234,10 +213,9 @@ class HashPredictor(nn.Module):
         embeds: torch.Tensor,
         state: PredictorState | None = None,
         attention_mask: torch.Tensor | None = None,
-        prev_token_routing: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, PredictorState]:
         """Base logits ``[L, B, S, E]`` for every MoE layer, and the state after these tokens."""
-        feats, new_state = self.features(embeds, state, attention_mask, prev_token_routing)
+        feats, new_state = self.features(embeds, state, attention_mask)
         return self.head_logits(feats), new_state
 
     def head_logits(self, feats: torch.Tensor) -> torch.Tensor:
@@ -248,20 +226,6 @@ class HashPredictor(nn.Module):
             return self.heads(feats).view(*feats.shape[:2], L, c.num_experts).permute(2, 0, 1, 3)
         mid = torch.nn.functional.gelu(self.heads(feats)).view(*feats.shape[:2], L, c.head_hidden)
         return torch.einsum("bslh,lhe->lbse", mid, self.heads_out) + self.heads_out_bias[:, None, None, :]
-
-    def refine(self, logits: torch.Tensor, layer: int, prev_topk_ids: torch.Tensor) -> torch.Tensor:
-        """Layer ``layer``'s logits corrected with layer ``layer - 1``'s true top-k ids.
-
-        ``logits``: ``[..., E]`` base logits of ``layer``; ``prev_topk_ids``: ``[..., k]`` integer ids.
-        Returns ``logits`` unchanged for a predictor without the conditioned variant or layer 0.
-        """
-        if self.prev_routing is None or layer == 0:
-            return logits
-        if not 0 < layer < self.config.num_moe_layers:
-            raise ValueError(f"layer must be in [0, {self.config.num_moe_layers}), got {layer}")
-        multi_hot = torch.zeros(*prev_topk_ids.shape[:-1], self.config.num_experts, device=logits.device, dtype=logits.dtype)
-        multi_hot.scatter_(-1, prev_topk_ids.long().to(logits.device), 1.0)
-        return logits + self.prev_routing[layer](multi_hot)
 
     def fuse(self, logits: torch.Tensor, layer: int, gate_logits: torch.Tensor) -> torch.Tensor:
         """Layer ``layer``'s logits ``[..., E]`` corrected with its router applied to the previous
@@ -288,24 +252,18 @@ class HashPredictor(nn.Module):
                    previous: torch.Tensor | None = None) -> torch.Tensor:
         """Layer ``layer``'s logits ``[..., E]`` corrected by the lookahead heads with the state
         before it, ``moe_input [..., d]``: layer ``layer - 1``'s router input, or for layer 0 the
-        token's embedding. ``previous [..., d]``: the previous token's router input of layer L-2,
-        read by previous-token heads (None: unknown). Layers without a head (layer 0 of heads
-        without ``lookahead_previous_token``) keep ``logits`` (module docstring)."""
+        token's embedding; ``previous [..., d]``: the previous token's router input of layer L-2
+        (None: unknown, zeros) (module docstring)."""
         if self.lookahead is None:
             raise ValueError("this predictor has no lookahead heads (train them: sida_moe.train.lookahead)")
         if not 0 <= layer < self.config.num_moe_layers:
             raise ValueError(f"layer must be in [0, {self.config.num_moe_layers}), got {layer}")
-        if layer < self.lookahead.first:
-            return logits
         for name, t in (("moe_input", moe_input), ("previous", previous)):
             if t is not None and (t.shape[-1] != self.config.input_dim or t.shape[:-1] != logits.shape[:-1]):
                 raise ValueError(f"{name} must be [..., {self.config.input_dim}] with the tokens of logits "
                                  f"{list(logits.shape[:-1])}, got {list(t.shape)}")
         dev = self.lookahead.w_in.device
-        if previous is not None and self.lookahead.previous_token:
-            previous = previous.to(dev)
-        else:
-            previous = None
+        previous = None if previous is None else previous.to(dev)
         return self.lookahead.layer(layer, moe_input.to(dev), logits.to(dev), previous)
 
     def predict_topk(
@@ -348,23 +306,6 @@ class HashPredictor(nn.Module):
         return model.to(device).eval()
 
 
-def routing_multi_hot(topk_ids: torch.Tensor, num_experts: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """``[L, ..., k]`` expert ids of every MoE layer -> ``[..., L*E]`` multi-hot (layer-major)."""
-    L = topk_ids.shape[0]
-    hot = torch.zeros(*topk_ids.shape[:-1], num_experts, dtype=dtype, device=topk_ids.device)
-    hot.scatter_(-1, topk_ids.long(), 1.0)  # [L, ..., E]
-    return hot.movedim(0, -2).reshape(*topk_ids.shape[1:-1], L * num_experts)
-
-
-def previous_token_routing(topk_ids: torch.Tensor, num_experts: int) -> torch.Tensor:
-    """Teacher forcing: ``[L, B, S, k]`` routing -> ``[B, S, L*E]``, position t holding token t-1's
-    multi-hot (zeros at t = 0)."""
-    hot = routing_multi_hot(topk_ids, num_experts)
-    prev = torch.zeros_like(hot)
-    prev[:, 1:] = hot[:, :-1]
-    return prev
-
-
 def has_predictor(directory: str | os.PathLike) -> bool:
     """True when ``directory`` holds a saved predictor."""
     return os.path.isfile(os.path.join(directory, CONFIG_NAME)) and os.path.isfile(os.path.join(directory, WEIGHTS_NAME))
@@ -379,6 +320,4 @@ __all__ = [
     "PredictorConfig",
     "PredictorState",
     "has_predictor",
-    "previous_token_routing",
-    "routing_multi_hot",
 ]

@@ -164,11 +164,8 @@ class SidaPrefetcher:
             return
         if self._ahead:
             self._ahead = False  # predicted at the end of the previous step
-            self._decoded = True
             return
-        rows = self._predict_token(x)
-        self._decoded = True
-        self._submit(engine, rows)
+        self._submit(engine, self._predict_token(x))
 
     def predict_ahead(self, next_embeds: torch.Tensor, compiled: bool = False) -> SideStep | bool:
         """At the end of a decode step: predict the next step's token (``[B, 1, H]`` embeddings),
@@ -186,7 +183,7 @@ class SidaPrefetcher:
                 self._rows, self._ahead = None, False
                 return False
             side = self._sides[self._key_of(decoder), bool(compiled)]
-            side.stage(x.detach(), self._previous_routing(x.shape[0]))
+            side.stage(x.detach())
             self._rows = decoder.topk_ids.reshape(len(self._layers), -1)
             self._logits = decoder.logits.reshape(len(self._layers), -1, decoder.logits.shape[-1])
             self._ahead = True
@@ -216,7 +213,6 @@ class SidaPrefetcher:
             raise RuntimeError("a replayed step predicted through a decoder this prefetcher no longer holds")
         stream = staged.launch()
         self._seen += 1
-        self._decoded = True
         with torch.cuda.stream(stream):  # the ids are written there
             self._submit(engine, self._rows, late=True)
 
@@ -288,7 +284,6 @@ class SidaPrefetcher:
         self._logits: torch.Tensor | None = None  # [L, T, E] of the forward being run
         self._rows: torch.Tensor | None = None  # [L, T * k] ids of the last predict_ahead
         self._ahead = False
-        self._decoded = False  # a decode forward of this sequence ran: its routing is in the ring
 
     def _predict_prompt(self, engine: OffloadEngine, x: torch.Tensor, attention_mask: torch.Tensor | None) -> None:
         batch, seq = x.shape[:2]
@@ -302,7 +297,7 @@ class SidaPrefetcher:
             ids = logits.topk(self.k, dim=-1).indices
         L, E = logits.shape[0], logits.shape[-1]
         self._logits = logits.reshape(L, batch * seq, E)
-        self._fresh, self._batch, self._ahead, self._decoded = False, batch, False, False
+        self._fresh, self._batch, self._ahead = False, batch, False
         self._rows = None
         capacity, self._next_capacity = self._next_capacity or DEFAULT_CAPACITY, None
         decoder = self._decoder_for(batch, capacity)
@@ -316,7 +311,6 @@ class SidaPrefetcher:
 
     def _predict_token(self, x: torch.Tensor, compiled: bool = False) -> torch.Tensor:
         """One decode token's prediction ``[L, B * k]`` (``x``: ``[B, 1, H]``); sets ``_logits``."""
-        prev = self._previous_routing(x.shape[0])
         decoder = self._decoder
         if decoder is not None:
             self._join_sides(decoder)  # replayed steps' predictions ran on the side streams
@@ -325,29 +319,15 @@ class SidaPrefetcher:
             self._state, self._decoder, decoder = state, None, None
         with torch.inference_mode():
             if decoder is not None:
-                logits, ids = decoder.step(x.detach(), prev, compiled=compiled)
+                logits, ids = decoder.step(x.detach(), compiled=compiled)
             else:
                 if self._state is None:
                     raise RuntimeError("SidaPrefetcher: a decode token before any prompt of its sequence")
-                logits, self._state = self.predictor(x.detach().float(), self._state, prev_token_routing=prev)
+                logits, self._state = self.predictor(x.detach().float(), self._state)
                 ids = logits.topk(self.k, dim=-1).indices
         L, E = logits.shape[0], logits.shape[-1]
         self._logits = logits.reshape(L, -1, E)
         return ids.reshape(L, -1)
-
-    def _previous_routing(self, batch: int) -> torch.Tensor | None:
-        """``[B, 1, L*E]`` multi-hot of the previous decode token's routing (the decode variant's
-        input), read from the engine's routing ring; None for other predictors or before any
-        decode forward of the sequence."""
-        cfg = self.predictor.config
-        if not cfg.prev_token_routing or not self._decoded:
-            return None
-        ids = self._require_engine().routed_ids(batch)  # [L, B, k], -1 for skipped pairs
-        if ids is None:
-            return None
-        hot = torch.zeros(*ids.shape[:2], cfg.num_experts, device=ids.device)
-        hot.scatter_add_(-1, ids.clamp(min=0), (ids >= 0).float())
-        return hot.clamp_(max=1.0).movedim(0, 1).reshape(batch, 1, -1)
 
     def _decoder_for(self, batch: int, capacity: int) -> GraphedDecoder:
         """The decoder of ``batch`` rows and ``capacity`` tokens, made with its side steps on

@@ -3,17 +3,16 @@
 A replayed decode step ends with the token it chose, and the predictor's step on that token names
 the next step's experts. Recorded inside the decode step's graph, the predictor's step (dozens of
 small kernels) would run after every token's last kernel, adding its whole time to each token.
-Instead the decode step only stages the predictor's inputs (the token's embeddings and, for the
-decode variant, the routing the step just made), and the predictor's step is a graph of its own,
-launched on a side stream after each replay, so it runs while the next decode step does (at small
-batches neither fills the GPU).
+Instead the decode step only stages the predictor's input (the token's embeddings), and the
+predictor's step is a graph of its own, launched on a side stream after each replay, so it runs
+while the next decode step does (at small batches neither fills the GPU).
 
 Per replay t, all launched by the host without waiting::
 
-    compute stream: decode step t (stages the inputs) --> [waits: copied] decode step t+1 (stages) ...
-    side stream:    [waits: step t] staged -> decoder inputs (copied) --> predictor step --> ids to the host
+    compute stream: decode step t (stages the input) --> [waits: copied] decode step t+1 (stages) ...
+    side stream:    [waits: step t] staged -> decoder input (copied) --> predictor step --> ids to the host
 
-The next decode step waits only for the copy of the staged inputs, which it overwrites at its end.
+The next decode step waits only for the copy of the staged input, which it overwrites at its end.
 With hash routing, where decode step t+1 routes by this prediction, it waits for the whole
 predictor step instead.
 """
@@ -27,38 +26,29 @@ from sida_moe.predictor.graphed import GraphedDecoder
 
 class SideStep:
     """Launches ``decoder``'s step (``compiled``: its compiled step) on a side stream after each
-    replay of a captured decode step that staged its inputs here (:meth:`stage`); that decode
-    step's owner keeps this object as long as its graph, which writes into its buffers.
+    replay of a captured decode step that staged its input here (:meth:`stage`); that decode
+    step's owner keeps this object as long as its graph, which writes into its buffer.
     ``wait_for_prediction``: the compute stream waits for the prediction itself (a decode step
-    that reads it), not only for its inputs to be copied. CUDA only."""
+    that reads it), not only for its input to be copied. CUDA only."""
 
     def __init__(self, decoder: GraphedDecoder, compiled: bool, wait_for_prediction: bool) -> None:
         if decoder.device.type != "cuda":
             raise ValueError(f"a side step needs a CUDA decoder, this one is on {decoder.device}")
-        cfg = decoder.predictor.config
         self.decoder = decoder
         self.wait_for_prediction = bool(wait_for_prediction)
-        opts = dict(device=decoder.device, dtype=decoder.dtype)
         with torch.inference_mode():
-            self._embeds = torch.zeros(decoder.batch, 1, cfg.input_dim, **opts)
-            self._routing = (torch.zeros(decoder.batch, 1, cfg.num_moe_layers * cfg.num_experts, **opts)
-                             if cfg.prev_token_routing else None)
+            self._embeds = torch.zeros(decoder.batch, 1, decoder.predictor.config.input_dim, device=decoder.device,
+                                       dtype=decoder.dtype)
         self.stream = torch.cuda.Stream(decoder.device)
         self._ready = torch.cuda.Event()  # what the compute stream waits for before its next step
         self._launched = False  # since the last join
         self.compiled = bool(compiled)
 
-    def stage(self, embeds: torch.Tensor, routing: torch.Tensor | None) -> None:
-        """Inside the capture of a decode step: copy the predictor's inputs for the next token
-        (``embeds [B, 1, H]``; ``routing``, the decode variant's ``[B, 1, L*E]``, None for zeros)
-        into the staging buffers."""
+    def stage(self, embeds: torch.Tensor) -> None:
+        """Inside the capture of a decode step: copy the predictor's input for the next token
+        (``embeds [B, 1, H]``) into the staging buffer."""
         with torch.inference_mode():
             self._embeds.copy_(embeds)
-            if self._routing is not None:
-                if routing is None:
-                    self._routing.zero_()
-                else:
-                    self._routing.copy_(routing)
 
     def capture(self) -> None:
         """Capture the predictor's step of this kind (after the decode step's capture, while
@@ -72,7 +62,7 @@ class SideStep:
         compute = torch.cuda.current_stream(self.decoder.device)
         self.stream.wait_stream(compute)
         with torch.cuda.stream(self.stream), torch.inference_mode():
-            self.decoder.set_inputs(self._embeds, self._routing)
+            self.decoder.set_inputs(self._embeds)
             if not self.wait_for_prediction:
                 self._ready.record()
             self.decoder.replay(self.compiled)

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import torch
 
-from sida_moe.predictor.model import HashPredictor
 from sida_moe.train.trace_loading import Traces
 
 
@@ -91,10 +90,4 @@ class TraceBatches:
         )
 
 
-def refined_logits(model: HashPredictor, logits: torch.Tensor, topk_ids: torch.Tensor) -> torch.Tensor:
-    """Layers 1..L-1 refined with the previous layer's true routing: ``[L-1, B, S, E]``."""
-    return torch.stack([model.refine(logits[l], l, topk_ids[l - 1]) for l in range(1, logits.shape[0])])
-
-
-
-__all__ = ["TraceBatches", "dense_logits", "refined_logits", "shifted_targets"]
+__all__ = ["TraceBatches", "dense_logits", "shifted_targets"]

@@ -25,10 +25,11 @@ def _configure_trace(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", required=True, help="trace directory to write")
     p.add_argument("--split", default="all", choices=["all", "train", "held-out"],
                    help="which files of the corpus: a stable path hash puts --held-out-fraction of them in held-out")
-    p.add_argument("--held-out-fraction", type=open_fraction, default=0.05)
-    p.add_argument("--seq-len", type=positive_int, default=256)
+    p.add_argument("--held-out-fraction", type=open_fraction, default=0.05,
+                   help="share of the corpus' files in the held-out split (default 0.05)")
+    p.add_argument("--seq-len", type=positive_int, default=256, help="tokens per traced sequence (default 256)")
     p.add_argument("--max-sequences", type=positive_int, default=None, help="trace at most this many sequences (random subset)")
-    p.add_argument("--batch-size", type=positive_int, default=8)
+    p.add_argument("--batch-size", type=positive_int, default=8, help="sequences per forward of the model (default 8)")
     p.add_argument("--top-t", type=positive_int, default=30, help="router logits kept per token and layer")
     p.add_argument("--no-next-layer-gate", action="store_true",
                    help="do not record each layer's router on the previous layer's input (the fused "
@@ -37,8 +38,9 @@ def _configure_trace(p: argparse.ArgumentParser) -> None:
                    help="also keep the router inputs of every N-th sequence (2 x hidden x (MoE layers - 1) bytes "
                         "per token), so train-predictor can train the lookahead heads; 0 (default): none")
     p.add_argument("--device", default=None, type=device_arg, help="default: cuda when available, else cpu")
-    p.add_argument("--dtype", default=None, choices=["bfloat16", "float16", "float32"])
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--dtype", default=None, choices=["bfloat16", "float16", "float32"],
+                   help="the model's dtype while tracing (default: bfloat16 on a GPU, else float32)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the --max-sequences subset (default 0)")
 
 
 def run_trace(args: argparse.Namespace) -> int:
@@ -117,9 +119,10 @@ def _dropout(text: str) -> float:
 
 
 def _configure_train(p: argparse.ArgumentParser) -> None:
+    from sida_moe.train.lookahead import LookaheadConfig
     from sida_moe.train.predictor_training import TRAIN_PRESETS, TrainConfig
 
-    d = TrainConfig()
+    d, look = TrainConfig(), LookaheadConfig()
     p.add_argument("--trace", required=True, help="trace directory of training text (sida-moe trace)")
     p.add_argument("--held-out", default=None, help="trace directory of held-out text for the evaluation report")
     p.add_argument("--out", default=None, help="where to save predictor.json/.safetensors (default: the traced model's directory)")
@@ -130,40 +133,45 @@ def _configure_train(p: argparse.ArgumentParser) -> None:
     p.add_argument("--steps", type=positive_int, default=None,
                    help="step limit (default: 2000 steps, or with --max-seconds as many as fit in it)")
     p.add_argument("--max-seconds", type=positive_float, default=None, help="training time budget (the step count is fitted to it)")
-    p.add_argument("--batch-size", type=positive_int, default=None)
-    p.add_argument("--lr", type=positive_float, default=None, help="AdamW learning rate (the paper's is 5e-5)")
-    p.add_argument("--kd-weight", type=non_negative_float, default=None)
-    p.add_argument("--top-t", type=positive_int, default=None)
+    p.add_argument("--batch-size", type=positive_int, default=None,
+                   help=f"sequences per step (best: {d.batch_size}, paper: {TRAIN_PRESETS['paper']['batch_size']})")
+    p.add_argument("--lr", type=positive_float, default=None,
+                   help=f"AdamW learning rate, warm-up then cosine decay (best: {d.lr:g}; the paper's is 5e-5)")
+    p.add_argument("--kd-weight", type=non_negative_float, default=None,
+                   help=f"weight of the distillation term on the router's top-T logits (best: {d.kd_weight:g}, "
+                        f"paper: {TRAIN_PRESETS['paper']['kd_weight']:g})")
+    p.add_argument("--top-t", type=positive_int, default=None,
+                   help=f"router logits the distillation term matches per token and layer (default {d.top_t}, "
+                        "at most what the trace kept)")
     p.add_argument("--target", default=None, choices=["top1", "topk"],
                    help="top1: the paper's loss; topk: uniform target over the router's top-k set")
-    p.add_argument("--conditioned", action="store_true", help="also learn the correction from the previous layer's routing")
     p.add_argument("--hidden", type=positive_int, default=None,
                    help="predictor width (best: the model's hidden size rounded up to a power of two, 64..512)")
     p.add_argument("--head-hidden", type=non_negative_int, default=None,
                    help="> 0: per-layer MLP heads of this width, 0: the paper's linear heads (best: half of --hidden)")
     p.add_argument("--attn-blocks", type=non_negative_int, default=None,
-                   help="> 0: deep variant, this many causal transformer blocks on top of the paper's network")
-    p.add_argument("--attn-heads", type=positive_int, default=None, help="heads of those blocks (must divide --hidden)")
-    p.add_argument("--prev-token-routing", action="store_true",
-                   help="decode variant: also input the previous token's true routing (known during decode)")
+                   help="causal transformer blocks on top of the paper's network (best: 2, paper: 0)")
+    p.add_argument("--attn-heads", type=positive_int, default=None,
+                   help=f"attention heads of those blocks (default {d.attn_heads}; must divide the width)")
+    p.add_argument("--dropout", type=_dropout, default=None,
+                   help="dropout in the network while training, against overfitting a small corpus (default 0; "
+                        "not saved with the predictor)")
     p.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=None,
                    help="bf16 autocast for the forward (default: on when training on a GPU)")
+    p.add_argument("--no-fit-temperature", action="store_true",
+                   help="do not fit hash routing's per-layer weight temperature after training")
     p.add_argument("--lookahead-hidden", type=non_negative_int, default=None,
                    help="width of the lookahead heads, trained when the trace holds router inputs "
                         "(trace --moe-inputs-every); default twice the predictor's width, at most 1024; 0: none")
-    p.add_argument("--lookahead-steps", type=positive_int, default=4000)
-    p.add_argument("--no-lookahead-previous-token", action="store_true",
-                   help="heads without the previous token's state (and no head for layer 0); default: with them")
-    p.add_argument("--dropout", type=_dropout, default=None, help="training-time dropout in the network (default 0)")
-    p.add_argument("--no-fit-temperature", action="store_true",
-                   help="do not fit hash routing's per-layer weight temperature after training")
+    p.add_argument("--lookahead-steps", type=positive_int, default=look.steps,
+                   help=f"training steps of the lookahead heads (default {look.steps})")
     p.add_argument("--model", default=None,
                    help="the traced model, for the held-out loss with hash routing against exact mode "
                         "(default: the model the trace names, when it is a local directory)")
     p.add_argument("--no-hash-routing-eval", action="store_true", help="skip that held-out loss measurement")
     p.add_argument("--device", default=None, type=device_arg, help="default: cuda when available, else cpu")
     p.add_argument("--report", default=None, help="write the full report (JSON) here")
-    p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument("--seed", type=int, default=d.seed, help=f"seed of the initialisation and the batches (default {d.seed})")
 
 
 #: train-predictor flags that override a preset's setting of the same TrainConfig field
@@ -201,9 +209,10 @@ def run_train(args: argparse.Namespace) -> int:
 
     from sida_moe.train.trace_loading import load_traces
     from sida_moe.train.evaluation import format_report
-    from sida_moe.train.predictor_training import TrainConfig, train_predictor
+    from sida_moe.train.predictor_training import TRAIN_PRESETS, TrainConfig, train_predictor
 
-    if args.attn_blocks and args.hidden % args.attn_heads:
+    blocks = args.attn_blocks if args.attn_blocks is not None else TRAIN_PRESETS[args.preset]["attn_blocks"]
+    if blocks and args.hidden is not None and args.attn_heads is not None and args.hidden % args.attn_heads:
         raise UserError(f"--attn-heads {args.attn_heads} must divide --hidden {args.hidden} (the width of the attention blocks)")
     if args.bf16 and not (args.device or ("cuda" if torch.cuda.is_available() else "cpu")).startswith("cuda"):
         raise UserError("--bf16 needs a CUDA training device")
@@ -217,15 +226,16 @@ def run_train(args: argparse.Namespace) -> int:
     overrides = {name: getattr(args, name) for name in _OVERRIDES if getattr(args, name) is not None}
     try:
         config = TrainConfig.preset(
-            args.preset, **overrides, conditioned=args.conditioned, prev_token_routing=args.prev_token_routing,
-            seed=args.seed, fit_temperature=not args.no_fit_temperature,
+            args.preset, **overrides, seed=args.seed, fit_temperature=not args.no_fit_temperature,
             device=args.device or ("cuda" if torch.cuda.is_available() else "cpu"),
         )
     except ValueError as exc:
         raise UserError(str(exc)) from exc
+    width = config.widths(traces.manifest["hidden_size"])[0]
+    if config.attn_blocks and width % config.attn_heads:
+        raise UserError(f"--attn-heads {config.attn_heads} must divide the predictor width {width} (--hidden, or "
+                        "scaled to the model)")
     lookahead_hidden = args.lookahead_hidden
-    if (lookahead_hidden is not None and lookahead_hidden < 0) or args.lookahead_steps <= 0:
-        raise UserError("--lookahead-hidden must be >= 0 and --lookahead-steps positive")
     model = None
     model_path = args.model or traces.manifest.get("model_name_or_path")
     if held is not None and not args.no_hash_routing_eval and model_path and os.path.isdir(model_path):
@@ -254,16 +264,14 @@ def run_train(args: argparse.Namespace) -> int:
         look_held = held if held is not None and held.moe_inputs is not None else None
         report["lookahead"] = train_lookahead(
             predictor, traces, LookaheadConfig(hidden=lookahead_hidden, steps=args.lookahead_steps,
-                                               seed=args.seed, device=config.device,
-                                               previous_token=not args.no_lookahead_previous_token),
+                                               seed=args.seed, device=config.device),
             held_out=look_held)
         k = traces.manifest["top_k"]
         if look_held is not None:
             rep = report["lookahead"]["held_out"]
             print(f"lookahead heads: recall@{k} {rep[f'mean_recall@{k}']:.4f} -> {rep[f'mean_lookahead_recall@{k}']:.4f} "
-                  f"once the layer before has run ({rep['tokens']} held-out tokens)"
-                  + (f"; prompt tokens (no previous state) {rep[f'mean_prompt_lookahead_recall@{k}']:.4f}"
-                     if rep.get("previous_token") else ""))
+                  f"once the layer before has run ({rep['tokens']} held-out tokens); prompt tokens (no "
+                  f"previous state) {rep[f'mean_prompt_lookahead_recall@{k}']:.4f}")
         else:
             print("lookahead heads trained (no held-out router inputs to evaluate them: trace the held-out "
                   "text with --moe-inputs-every 1)")

@@ -6,8 +6,8 @@ from __future__ import annotations
 
 import torch
 
-from sida_moe.predictor.model import HashPredictor, previous_token_routing
-from sida_moe.train.batches import TraceBatches, refined_logits, shifted_targets, dense_logits
+from sida_moe.predictor.model import HashPredictor
+from sida_moe.train.batches import TraceBatches, shifted_targets, dense_logits
 from sida_moe.train.trace_loading import Traces
 
 
@@ -123,14 +123,10 @@ def evaluate(
 
     With ``k`` predicted experts per token and the router's ``top_k`` true ones, recall is
     |pred ∩ true| / top_k and precision |pred ∩ true| / k. Also reported: recall and precision with
-    2k predictions, the paper's hit rate (router top-1 among the predicted top-3), and, for the
-    conditioned variant, recall once the previous layer's true routing is known. On a trace with the
-    next-layer gate: ``gate_recall@k`` (that gate alone) and, when the predictor has fitted
+    2k predictions and the paper's hit rate (router top-1 among the predicted top-3). On a trace
+    with the next-layer gate: ``gate_recall@k`` (that gate alone) and, when the predictor has fitted
     ``gate_weights``, ``fused_recall@k`` (the prediction each layer has once the layer before it
-    ran; layer 0 keeps the run-ahead one). For the decode
-    variant (``prev_token_routing``) the metrics give it the previous token's true routing, as
-    decode does; ``recall@k_no_routing`` is the same predictor without it (a prompt's tokens).
-    A predictor of the next token's routing (``target_shift=1``) is scored against it (every
+    ran; layer 0 keeps the run-ahead one). A predictor of the next token's routing (``target_shift=1``) is scored against it (every
     token but the last), without the gate metrics.
     """
     top_k = traces.manifest["top_k"]
@@ -144,35 +140,22 @@ def evaluate(
     batches = TraceBatches(traces, dev, top_t=1)  # the report reads the router's top-1 logit id only
     L = traces.manifest["num_moe_layers"]
     sums = {name: torch.zeros(L, dtype=torch.float64)
-            for name in ("hit_k", "hit_2k", "top1_in_top3", "hit_refined", "hit_k_no_routing", "hit_gate", "hit_fused")}
-    with_routing = predictor.config.prev_token_routing
+            for name in ("hit_k", "hit_2k", "top1_in_top3", "hit_gate", "hit_fused")}
     shift = predictor.config.target_shift  # scored against the routing of the token it predicts
     tokens = 0
-    conditioned = predictor.prev_routing is not None
     has_gate = traces.gate_ids is not None and L > 1 and not shift
     fused = has_gate and bool(predictor.config.gate_weights)
     with torch.no_grad():
         for start in range(0, traces.num_sequences, batch_size):
             rows = torch.arange(start, min(start + batch_size, traces.num_sequences))
             embeds, topk_ids, logit_ids, _ = shifted_targets(batches(rows), shift)
-            if with_routing:  # decode: the previous token's routing is known; a prompt: it is not
-                logits, _ = predictor(embeds, prev_token_routing=previous_token_routing(topk_ids, num_experts))
-                blind, _ = predictor(embeds)
-            else:
-                logits, _ = predictor(embeds)
+            logits, _ = predictor(embeds)
             true_mask = torch.zeros_like(logits, dtype=torch.bool).scatter_(-1, topk_ids, True)
-            if with_routing:
-                pred = blind.topk(k, dim=-1).indices
-                sums["hit_k_no_routing"] += true_mask.gather(-1, pred).sum(dim=(1, 2, 3)).double().cpu()
             for name, kk, lg in (("hit_k", k, logits), ("hit_2k", k2, logits)):
                 pred = lg.topk(kk, dim=-1).indices
                 sums[name] += true_mask.gather(-1, pred).sum(dim=(1, 2, 3)).double().cpu()
             top3 = logits.topk(min(3, num_experts), dim=-1).indices
             sums["top1_in_top3"] += (top3 == logit_ids[..., :1]).any(-1).sum(dim=(1, 2)).double().cpu()
-            if conditioned and L > 1:
-                refined = torch.cat([logits[:1], refined_logits(predictor, logits, topk_ids)])
-                pred = refined.topk(k, dim=-1).indices
-                sums["hit_refined"] += true_mask.gather(-1, pred).sum(dim=(1, 2, 3)).double().cpu()
             if has_gate:
                 gate = batches.gate(rows)
                 pred = torch.cat([logits[:1].topk(k, dim=-1).indices, gate.topk(k, dim=-1).indices])
@@ -193,10 +176,6 @@ def evaluate(
             f"precision@{k2}": float(sums["hit_2k"][l] / (tokens * k2)),
             "top1_in_top3": float(sums["top1_in_top3"][l] / tokens),
         }
-        if conditioned:
-            row[f"refined_recall@{k}"] = float(sums["hit_refined"][l] / (tokens * top_k))
-        if with_routing:
-            row[f"recall@{k}_no_routing"] = float(sums["hit_k_no_routing"][l] / (tokens * top_k))
         if has_gate:  # layer 0 has no gate before it: its entry is the run-ahead prediction's
             row[f"gate_recall@{k}"] = float(sums["hit_gate"][l] / (tokens * top_k))
         if fused:
@@ -217,10 +196,6 @@ def evaluate(
         "mean_top1_in_top3": mean("top1_in_top3"),
         "per_layer": per_layer,
     }
-    if conditioned:
-        report[f"mean_refined_recall@{k}"] = mean(f"refined_recall@{k}")
-    if with_routing:  # the headline numbers assume decode (previous token's routing known)
-        report[f"mean_recall@{k}_no_routing"] = mean(f"recall@{k}_no_routing")
     if has_gate:
         report[f"mean_gate_recall@{k}"] = mean(f"gate_recall@{k}")
     if fused:

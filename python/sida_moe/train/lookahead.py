@@ -5,10 +5,10 @@ the token's real hidden state -- is known on the inference thread, and layer l's
 be prefetched behind layer l-1's experts and layer l's attention. The heads learn, per layer, a
 correction of the frozen network's logits from that state, with the network's own loss (top-k
 target plus truncated distillation). They need a trace recorded with ``moe_inputs_every > 0``;
-the network itself is not retrained. Previous-token heads (``LookaheadConfig.previous_token``, the
-default) also read the previous token's router input of layer L-2 and give layer 0 a head of its
-own (see ``model.py``); evaluation then reports decode recall (that state known: every token after
-a sequence's first) and prompt recall (unknown) separately.
+the network itself is not retrained. The heads also read the previous token's router input of
+layer L-2, and layer 0's head reads the token's embedding (see ``model.py``); evaluation reports
+decode recall (that state known: every token after a sequence's first) and prompt recall
+(unknown) separately.
 
     traces = load_traces("trace-train")              # recorded with moe_inputs_every=8
     report = train_lookahead(predictor, traces, LookaheadConfig(device="cuda"), held_out=held)
@@ -35,7 +35,7 @@ class LookaheadConfig:
 
     hidden: int = 1024  # width of each layer's head (wider heads recalled more; NOTES.md)
     steps: int = 4000
-    batch_tokens: int = 4096  # tokens per step (every layer 1..L-1 of each)
+    batch_tokens: int = 4096  # tokens per step (every layer of each)
     lr: float = 1e-3
     weight_decay: float = 0.01
     warmup_steps: int = 100
@@ -45,7 +45,6 @@ class LookaheadConfig:
     seed: int = 0
     device: str = "cpu"
     max_seconds: float | None = None  # wall-clock cap on the steps
-    previous_token: bool = True  # previous-token heads (module docstring)
     previous_dropout: float = 0.1  # share of training tokens whose previous-token state is zeroed (prompts)
 
     def __post_init__(self) -> None:
@@ -66,14 +65,14 @@ class LookaheadConfig:
 
 
 class _TokenTable:
-    """The sequences with router inputs, flattened to tokens, on the training device: the covered
-    layers' run-ahead logits (layers ``first``..L-1, computed once by each part's frozen network),
-    targets, and layers 0..L-2's router inputs; for previous-token heads also each token's id (its
-    embedding is the state before layer 0) and whether it has a previous token in its sequence.
-    ``parts``: (traces, the network whose logits the heads see on them)."""
+    """The sequences with router inputs, flattened to tokens, on the training device: every layer's
+    run-ahead logits (computed once by each part's frozen network), targets, layers 0..L-2's router
+    inputs, each token's id (its embedding is the state before layer 0) and whether it has a
+    previous token in its sequence. ``parts``: (traces, the network whose logits the heads see on
+    them)."""
 
     def __init__(self, parts: list[tuple[Traces, HashPredictor]], device: torch.device, top_t: int,
-                 first: int = 1, batch_size: int = 64) -> None:
+                 batch_size: int = 64) -> None:
         names = ("logits", "inputs", "topk", "ids", "vals", "tokens", "has_prev")
         cols: dict[str, list[torch.Tensor]] = {name: [] for name in names}
         self.num_sequences = 0
@@ -88,31 +87,27 @@ class _TokenTable:
                     ids = data.input_ids[start : start + batch_size].long()
                     embeds = data.embeddings[ids].to(device=device, dtype=torch.float32)
                     out, _ = base(embeds)  # [L, B, S, E]
-                    cols["logits"].append(out[first:].float().flatten(1, 2))
+                    cols["logits"].append(out.float().flatten(1, 2))
             cols["inputs"].append(data.moe_inputs.flatten(1, 2).to(device, torch.float16))
-            cols["topk"].append(data.topk_ids[first:].flatten(1, 2).to(device, torch.int64))
-            cols["ids"].append(data.logit_ids[first:, ..., :t].flatten(1, 2).to(device, torch.int64))
-            cols["vals"].append(data.logit_vals[first:, ..., :t].flatten(1, 2).to(device, torch.float32))
+            cols["topk"].append(data.topk_ids.flatten(1, 2).to(device, torch.int64))
+            cols["ids"].append(data.logit_ids[..., :t].flatten(1, 2).to(device, torch.int64))
+            cols["vals"].append(data.logit_vals[..., :t].flatten(1, 2).to(device, torch.float32))
             cols["tokens"].append(data.input_ids.flatten().to(device, torch.int64))
             positions = torch.arange(data.input_ids.shape[1]).expand_as(data.input_ids)
             cols["has_prev"].append((positions > 0).flatten().to(device))
         cat = {name: col[0] if len(col) == 1 else torch.cat(col, dim=-1 if name in ("tokens", "has_prev") else 1)
                for name, col in cols.items()}
         del cols
-        self.logits, self.inputs = cat["logits"], cat["inputs"]  # [L-first, N, E], [L-1, N, d]
+        self.logits, self.inputs = cat["logits"], cat["inputs"]  # [L, N, E], [L-1, N, d]
         self.topk_ids, self.logit_ids, self.logit_vals = cat["topk"], cat["ids"], cat["vals"]
         self.token_ids, self.has_prev = cat["tokens"], cat["has_prev"]  # [N], [N]
         self.num_tokens = self.logits.shape[1]
 
-    def batch(self, idx: torch.Tensor, previous_token: bool, dropout: float,
-              gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """The heads' inputs for tokens ``idx``: the states before the covered layers ``[n, B, d]``
-        and, for previous-token heads, the previous token's layer L-2 router input ``[B, d]`` (zeros
-        at a sequence's first token and, with probability ``dropout``, elsewhere too)."""
-        states = self.inputs[:, idx]
-        if not previous_token:
-            return states, None
-        states = torch.cat([self.embeddings[self.token_ids[idx]][None], states])
+    def batch(self, idx: torch.Tensor, dropout: float, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        """The heads' inputs for tokens ``idx``: the states before every layer ``[L, B, d]`` and the
+        previous token's layer L-2 router input ``[B, d]`` (zeros at a sequence's first token and,
+        with probability ``dropout``, elsewhere too)."""
+        states = torch.cat([self.embeddings[self.token_ids[idx]][None], self.inputs[:, idx]])
         keep = self.has_prev[idx] & (torch.rand(idx.shape[0], generator=gen) >= dropout).to(idx.device)
         previous = self.inputs[-1, (idx - 1).clamp(min=0)] * keep[:, None].to(self.inputs.dtype)
         return states, previous
@@ -165,8 +160,8 @@ def _train(predictor: HashPredictor, parts: list[tuple[Traces, HashPredictor]], 
     torch.manual_seed(config.seed)
     t_start = time.perf_counter()
     predictor.to(device)
-    table = _TokenTable(parts, device, config.top_t, first=0 if config.previous_token else 1)
-    heads = predictor.add_lookahead(config.hidden, config.previous_token)
+    table = _TokenTable(parts, device, config.top_t)
+    heads = predictor.add_lookahead(config.hidden)
     heads.train()
     opt = torch.optim.AdamW(heads.parameters(), lr=config.lr, weight_decay=config.weight_decay)
     total = config.steps
@@ -185,7 +180,7 @@ def _train(predictor: HashPredictor, parts: list[tuple[Traces, HashPredictor]], 
             total = max(step + 1, min(config.steps, step + int(max(0.0, left) / per_step)))
             bar.total = total
         idx = torch.randint(0, table.num_tokens, (batch,), generator=gen).to(device)
-        states, previous = table.batch(idx, config.previous_token, config.previous_dropout, gen)
+        states, previous = table.batch(idx, config.previous_dropout, gen)
         logits = heads(states, table.logits[:, idx], previous)
         loss = distillation_loss(logits, table.topk_ids[:, idx], table.logit_ids[:, idx], table.logit_vals[:, idx],
                                  config.kd_weight, config.top_t, config.target)
@@ -222,11 +217,9 @@ def _train(predictor: HashPredictor, parts: list[tuple[Traces, HashPredictor]], 
 def evaluate_lookahead(predictor: HashPredictor, traces: Traces, k: int | None = None, device: str = "cpu",
                        batch_size: int = 64) -> dict:
     """Top-k recall per MoE layer on the sequences of ``traces`` that hold router inputs: the run-ahead
-    prediction (``recall@k``) and the prediction once the state before the layer is known
-    (``lookahead_recall@k``; layers without a head keep the run-ahead one, as at decode time). For
-    previous-token heads ``lookahead_recall@k`` is decode recall (the previous token's state known
-    from a sequence's second token on) and ``prompt_lookahead_recall@k`` the recall of a prompt's
-    tokens (that state unknown)."""
+    prediction (``recall@k``), the prediction once the state before the layer is known at decode
+    (``lookahead_recall@k``: the previous token's state known from a sequence's second token on)
+    and for a prompt's tokens (``prompt_lookahead_recall@k``: that state unknown)."""
     if predictor.lookahead is None:
         raise ValueError("this predictor has no lookahead heads (train them with train_lookahead)")
     data = traces.with_moe_inputs()
@@ -237,9 +230,8 @@ def evaluate_lookahead(predictor: HashPredictor, traces: Traces, k: int | None =
     dev = torch.device(device)
     predictor.to(dev).eval()
     heads = predictor.lookahead
-    first = heads.first
     num_layers = data.manifest["num_moe_layers"]
-    kinds = ["base", "look"] + (["prompt"] if heads.previous_token else [])
+    kinds = ("base", "look", "prompt")
     hits = {kind: torch.zeros(num_layers, dtype=torch.float64) for kind in kinds}
     tokens = 0
     with torch.no_grad():
@@ -250,17 +242,12 @@ def evaluate_lookahead(predictor: HashPredictor, traces: Traces, k: int | None =
             true = data.topk_ids[:, start : start + batch_size].to(dev).long()
             mask = torch.zeros_like(logits, dtype=torch.bool).scatter_(-1, true, True)
             inputs = data.moe_inputs[:, start : start + batch_size].to(dev)  # [L-1, B, S, d]
-            states = torch.cat([embeds[None].to(inputs.dtype), inputs]) if first == 0 else inputs
-            covered = logits[first:].flatten(1, 2)
-            looked = {"base": logits}
-            previous = None
-            if heads.previous_token:
-                last = inputs[-1]  # the previous token's layer L-2 router input; zeros at position 0
-                previous = torch.cat([torch.zeros_like(last[:, :1]), last[:, :-1]], dim=1).flatten(0, 1)
-                prompt = heads(states.flatten(1, 2), covered, None).view_as(logits[first:])
-                looked["prompt"] = torch.cat([logits[:first].float(), prompt])
-            out = heads(states.flatten(1, 2), covered, previous).view_as(logits[first:])
-            looked["look"] = torch.cat([logits[:first].float(), out])
+            states = torch.cat([embeds[None].to(inputs.dtype), inputs]).flatten(1, 2)
+            flat = logits.flatten(1, 2)
+            last = inputs[-1]  # the previous token's layer L-2 router input; zeros at position 0
+            previous = torch.cat([torch.zeros_like(last[:, :1]), last[:, :-1]], dim=1).flatten(0, 1)
+            looked = {"base": logits, "look": heads(states, flat, previous).view_as(logits),
+                      "prompt": heads(states, flat, None).view_as(logits)}
             for kind, lg in looked.items():
                 hits[kind] += mask.gather(-1, lg.topk(k, dim=-1).indices).sum(dim=(1, 2, 3)).double().cpu()
             tokens += ids.numel()
@@ -270,7 +257,6 @@ def evaluate_lookahead(predictor: HashPredictor, traces: Traces, k: int | None =
     return {
         "tokens": tokens,
         "k": k,
-        "previous_token": heads.previous_token,
         **{f"mean_{names[kind]}": sum(r[names[kind]] for r in per_layer) / num_layers for kind in kinds},
         "per_layer": per_layer,
     }

@@ -1,11 +1,12 @@
-"""Training the hash function by truncated knowledge distillation, and its evaluation report.
+"""Training the hash function by truncated knowledge distillation (``TrainConfig``,
+``train_predictor``), and what hash routing costs in held-out loss (``hash_routing_loss``).
 
 Loss per MoE layer (SiDA-MoE eq. 2): cross-entropy of the predictor's logits against the router's
 top-1 expert, plus ``kd_weight`` times a distillation term restricted to the router's top-T experts:
 KL(softmax(router top-T logits) || softmax(predictor logits at those T experts)). The paper uses
 T=30, kd_weight=0.005, AdamW with lr 5e-5 and batch 64. ``target="topk"`` swaps the top-1 target
 for a uniform target over the router's top-k set, which matches what a prefetcher needs (every
-chosen expert, not just the first) -- measured in ``benches/predictor_eval.py``.
+chosen expert, not just the first) -- measured in ``benches/predictor_pipeline.py``.
 """
 
 from __future__ import annotations
@@ -19,9 +20,9 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 
-from sida_moe.predictor.model import HashPredictor, previous_token_routing
+from sida_moe.predictor.model import HashPredictor
 from sida_moe.predictor.config import PredictorConfig
-from sida_moe.train.batches import TraceBatches, refined_logits, shifted_targets
+from sida_moe.train.batches import TraceBatches, shifted_targets
 from sida_moe.train.evaluation import evaluate, fit_gate_weights, fit_weight_temperature
 from sida_moe.train.trace_loading import Traces
 
@@ -76,14 +77,13 @@ class TrainConfig:
     kd_weight: float = 0.5  # paper: 0.005; 0.5 calibrates the predicted weights (NOTES.md)
     top_t: int = 30
     target: Literal["top1", "topk"] = "topk"  # paper: top1
-    conditioned: bool = False
     hidden: int | None = None  # predictor width; None: scaled to the model (scaled_widths); the paper's is 256
     head_hidden: int | None = None  # > 0: per-layer MLP heads of this width, 0: linear heads; None: scaled
     attn_blocks: int = 2  # > 0: causal transformer blocks on top of the paper's features (deep variant)
-    attn_heads: int = 8
-    dropout: float = 0.0  # training-time dropout in the network (PredictorConfig.dropout): it overfits small corpora
-    prev_token_routing: bool = False  # also input the previous token's true routing (decode variant)
-    routing_dropout: float = 0.25  # share of sequences trained without it (prompts: not yet known)
+    attn_heads: int = 8  # heads of those blocks (must divide the width)
+    # dropout in the network while training (HashPredictor.dropout; not saved): against overfitting a
+    # small corpus (on the reference model's 2.6M tokens 0.1 and 0.2 lowered held-out recall, NOTES.md)
+    dropout: float = 0.0
     fit_gate: bool = True  # the trace holds the next-layer gate: fit the fused correction's weights
     fit_temperature: bool = True  # fit hash routing's per-layer weight temperature (fit_weight_temperature)
     grad_clip: float = 1.0
@@ -113,10 +113,8 @@ class TrainConfig:
                 continue
             if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
                 raise ValueError(f"TrainConfig.{name} must be a positive int, got {value!r}")
-        if not 0.0 <= self.dropout < 1.0:
-            raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
-        if not 0.0 <= self.routing_dropout <= 1.0:
-            raise ValueError(f"routing_dropout must be in [0, 1], got {self.routing_dropout}")
+        if isinstance(self.dropout, bool) or not isinstance(self.dropout, (int, float)) or not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"dropout must be a number in [0, 1), got {self.dropout!r}")
         if self.head_hidden is not None and self.head_hidden < 0:
             raise ValueError(f"head_hidden must be >= 0 (0: linear heads) or None (scaled), got {self.head_hidden}")
         if self.attn_blocks < 0:
@@ -136,9 +134,6 @@ class TrainConfig:
         if isinstance(self.target_shift, bool) or self.target_shift not in (0, 1):
             raise ValueError(f"target_shift must be 0 (each token's own routing) or 1 (the next token's), "
                              f"got {self.target_shift!r}")
-        if self.target_shift and (self.conditioned or self.prev_token_routing):
-            raise ValueError("target_shift=1 trains on the next token's routing; the conditioned and "
-                             "prev_token_routing variants refine a token's own routing: use one or the other")
 
     def widths(self, input_dim: int) -> tuple[int, int]:
         """``(hidden, head_hidden)`` for a model of hidden size ``input_dim``: the given ones, or
@@ -166,13 +161,10 @@ def warmup_cosine(step: int, warmup: int, total: int) -> float:
 
 def predictor_config_for(
     manifest: dict,
-    conditioned: bool = False,
     hidden: int = 256,
     head_hidden: int = 0,
-    prev_token_routing: bool = False,
     attn_blocks: int = 0,
     attn_heads: int = 8,
-    dropout: float = 0.0,
     target_shift: int = 0,
 ) -> PredictorConfig:
     """The hash-function sizes for the model a trace was recorded from."""
@@ -183,11 +175,8 @@ def predictor_config_for(
         top_k=manifest["top_k"],
         hidden=hidden,
         head_hidden=head_hidden,
-        prev_token_routing=prev_token_routing,
-        conditioned=conditioned,
         attn_blocks=attn_blocks,
         attn_heads=attn_heads,
-        dropout=dropout,
         target_shift=target_shift,
         moe_layer_ids=list(manifest["moe_layer_ids"]),
         model_type=manifest.get("model_type", ""),
@@ -314,10 +303,8 @@ def _train(
     device = torch.device(config.device)
     hidden, head_hidden = config.widths(traces.manifest["hidden_size"])
     model = predictor or HashPredictor(
-        predictor_config_for(traces.manifest, conditioned=config.conditioned, hidden=hidden,
-                             head_hidden=head_hidden, prev_token_routing=config.prev_token_routing,
-                             attn_blocks=config.attn_blocks, attn_heads=config.attn_heads, dropout=config.dropout,
-                             target_shift=config.target_shift)
+        predictor_config_for(traces.manifest, hidden=hidden, head_hidden=head_hidden, attn_blocks=config.attn_blocks,
+                             attn_heads=config.attn_heads, target_shift=config.target_shift)
     )
     if model.config.target_shift != config.target_shift:
         raise ValueError(f"the predictor given predicts {model.config.target_shift} tokens ahead, the config "
@@ -327,6 +314,7 @@ def _train(
                          f"{traces.input_ids.shape[1]} tokens")
     if model.config.num_experts != traces.manifest["num_experts"] or model.config.num_moe_layers != traces.manifest["num_moe_layers"]:
         raise ValueError("predictor sizes do not match the trace's model (num_experts / num_moe_layers)")
+    dropout, model.dropout = model.dropout, config.dropout  # training only: given back below
     model.to(device).train()
     opt = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
 
@@ -361,20 +349,10 @@ def _train(
             bar.total = total_steps
         rows = torch.randint(0, n, (min(config.batch_size, n),), generator=gen)
         embeds, topk_ids, logit_ids, logit_vals = shifted_targets(batches(rows), config.target_shift)
-        prev = None
-        if model.config.prev_token_routing:
-            prev = previous_token_routing(topk_ids, model.config.num_experts)
-            dropped = torch.rand(prev.shape[0], generator=gen) < config.routing_dropout
-            prev[dropped.to(device)] = 0.0
         with amp():
-            logits, _ = model(embeds, prev_token_routing=prev)
-        logits = logits.float()  # the loss and the conditioned refine work in float32
+            logits, _ = model(embeds)
+        logits = logits.float()  # the loss works in float32
         loss = distillation_loss(logits, topk_ids, logit_ids, logit_vals, config.kd_weight, config.top_t, config.target)
-        if model.prev_routing is not None and logits.shape[0] > 1:
-            refined = refined_logits(model, logits, topk_ids)
-            loss = loss + distillation_loss(
-                refined, topk_ids[1:], logit_ids[1:], logit_vals[1:], config.kd_weight, config.top_t, config.target
-            )
         opt.zero_grad(set_to_none=True)
         loss.backward()
         if config.grad_clip > 0:
@@ -389,6 +367,7 @@ def _train(
     bar.close()
     train_seconds = time.perf_counter() - t0
     model.eval()
+    model.dropout = dropout
     # the time budget ended it when it cut the step count below the cap
     stopped_by = "max_seconds" if config.max_seconds is not None and total_steps < step_cap else "steps"
     report: dict = {
@@ -423,6 +402,5 @@ def _train(
     return model, report
 
 
-# fitted temperatures sit well inside this grid on both sides (NOTES.md)
 __all__ = ["TRAIN_PRESETS", "TrainConfig", "distillation_loss", "hash_routing_loss", "predictor_config_for",
            "scaled_widths", "train_predictor"]
