@@ -134,6 +134,7 @@ def test_missing_corpus_and_trace(tmp_path, capsys):
     (["--lookahead-steps", "0"], r"argument --lookahead-steps: must be a positive integer"),
     (["--hidden", "64", "--attn-blocks", "2", "--attn-heads", "5"], r"--attn-heads 5 must divide --hidden 64"),
     (["--hidden", "64", "--attn-heads", "5"], r"--attn-heads 5 must divide --hidden 64"),  # the best preset's blocks
+    (["--attn-blocks", "2"], r"--trace: .*nowhere' is not a trace directory"),  # a width scaled later: no early check
     # the removed variants have no flags
     (["--conditioned"], r"unrecognized arguments: --conditioned"),
     (["--prev-token-routing"], r"unrecognized arguments: --prev-token-routing"),
