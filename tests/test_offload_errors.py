@@ -280,3 +280,19 @@ def test_engine_reopen_with_a_bad_size_keeps_the_open_cache():
     with torch.inference_mode():
         model(torch.tensor([[5, 6, 7]]))
     engine.close()
+
+
+def test_close_cache_stops_the_feed_and_the_cache_and_keeps_the_pool():
+    model = sida_moe.offload(tiny_model("olmoe"), gpu_budget=1.0)
+    engine = model.sida_engine
+    feed, cache = engine.feed, engine.cache
+    engine.close_cache()
+    assert feed.closed and cache.closed and engine.cache is None and engine.feed is None
+    with pytest.raises(RuntimeError, match="cache is not open"):
+        engine.stats()
+    engine.reopen_cache(engine.slots_for("50%"))  # the pool kept every expert
+    ids, mask = prompt_batch()
+    with torch.inference_mode():
+        greedy(model, ids, mask)
+    assert engine.stats()["misses"] > 0
+    engine.close()

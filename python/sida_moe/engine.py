@@ -249,14 +249,23 @@ class OffloadEngine:
         size); the pinned pool is kept and the old slot memory is freed first."""
         policy = policy or (self.cache.policy if self.cache is not None else "lru")
         self.check_cache_args(num_slots, policy, copy_workers)  # the old cache stays open on bad ones
+        self.close_cache()
+        self.open_cache(num_slots, policy, copy_workers)
+        self.prefetcher.attach(self)
+
+    def close_cache(self) -> None:
+        """Stop the routing feed and the slot cache and free the slot memory; the pool stays
+        (``reopen_cache``, or an ``offload`` that fails and writes the original weights back)."""
         self._close_cache()
         self.feed = self.cache = None
         self.slot_memory = None
         self.views = None
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
-        self.open_cache(num_slots, policy, copy_workers)
-        self.prefetcher.attach(self)
+
+    def keep_hook(self, handle: torch.utils.hooks.RemovableHandle) -> None:
+        """A model hook serving this engine, removed when it closes."""
+        self._hooks.append(handle)
 
     def set_prefetcher(self, prefetcher: Prefetcher) -> None:
         old, self.prefetcher = self.prefetcher, prefetcher

@@ -98,13 +98,13 @@ def _install_hooks(model: nn.Module, engine: OffloadEngine) -> None:
         engine.end_forward()
 
     for stack in dict.fromkeys(stacks):  # encoder and decoder may be one module
-        engine._hooks.append(stack.register_forward_pre_hook(stack_pre_hook, with_kwargs=True))
-        engine._hooks.append(stack.register_forward_hook(stack_post_hook))
+        engine.keep_hook(stack.register_forward_pre_hook(stack_pre_hook, with_kwargs=True))
+        engine.keep_hook(stack.register_forward_hook(stack_post_hook))
         # each stack's own embedding (Switch stacks hold embed_tokens apart from model.shared)
         embed = getattr(stack, "embed_tokens", None)
         embeddings.append(embed if isinstance(embed, nn.Module) else model.get_input_embeddings())
     for embed in dict.fromkeys(embeddings):
-        engine._hooks.append(embed.register_forward_hook(embed_hook))
+        engine.keep_hook(embed.register_forward_hook(embed_hook))
 
 
 class EngineBuilder:

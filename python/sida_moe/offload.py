@@ -149,12 +149,7 @@ def _put_back(model: nn.Module, engine: OffloadEngine, adapter: Adapter, fmt: Ex
               released: list[tuple[MoELayer, list[tuple[nn.Parameter, torch.Size]]]]) -> None:
     """Undo a failed ``offload``: the original experts modules go back, their released weights are
     written back from the pool, then the engine is closed."""
-    if engine.cache is not None:
-        engine.cache.close()  # its slot memory may be the room the weights need
-        engine.slot_memory = None
-        engine.views = None
-        if engine.device.type == "cuda":
-            torch.cuda.empty_cache()
+    engine.close_cache()  # its slot memory may be the room the weights need
     if "_sida_original_generate" in model.__dict__:  # install_generate ran
         original = model.__dict__.pop("_sida_original_generate")
         if getattr(original, "__func__", None) is getattr(type(model), "generate", None):
