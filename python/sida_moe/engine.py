@@ -354,12 +354,6 @@ class OffloadEngine:
         replay's hand-over launches."""
         self.prefetcher.capture_ahead(staged)
 
-    def routed_ids(self, batch: int) -> torch.Tensor | None:
-        """``[num MoE layers, batch, max top-k]`` experts of the last table forward of ``batch``
-        tokens (-1: skipped pairs, and the columns past a layer's top-k), a view of the routing
-        ring on the device; None before any."""
-        return self._ring.routed_ids(batch)
-
     def quiesce(self) -> None:
         """Let every queued copy and routing hand-over finish (before capturing a graph, which no
         other thread may disturb)."""

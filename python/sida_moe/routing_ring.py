@@ -55,12 +55,5 @@ class RoutingRing:
         """Make ``visits`` of ``width`` pending again (a replay of the captured step that wrote them)."""
         self.visits, self.width = list(visits), width
 
-    def routed_ids(self, batch: int) -> torch.Tensor | None:
-        """``[num layers, batch, max top-k]`` experts of the last forward of ``batch`` tokens (-1:
-        skipped pairs, and the columns past a layer's top-k); None before any."""
-        width = batch * self.max_top_k
-        buffer = self._buffers.get(width)
-        return None if buffer is None else buffer[:, :width].view(self.num_layers, batch, self.max_top_k)
-
 
 __all__ = ["RoutingRing"]

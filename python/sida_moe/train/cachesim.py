@@ -14,8 +14,6 @@ Per token, MoE layers are visited in order and each acquires the experts the rou
 - ``predict_future``: as ``predict_lru`` with the predictive policy, told the token's
   predictions as the future of its layers (evicting the expert whose next predicted use is
   furthest, never-predicted first) -- the policy the SiDA prefetcher feeds.
-- ``*_refined``: additionally, once layer l's routing is known, layer l+1's prediction is refined
-  (conditioned predictor), prefetched, and replaces that layer's predicted future.
 """
 
 from __future__ import annotations
@@ -26,12 +24,12 @@ import torch
 
 from sida_moe import _native
 
-STRATEGIES = ("lru", "predict_lru", "predict_future", "predict_lru_refined", "predict_future_refined")
+STRATEGIES = ("lru", "predict_lru", "predict_future")
 
 
-def _sequence_visits(true_l, pred_l, ref_l, n: int, S: int, L: int) -> tuple[list, list[str]]:
+def _sequence_visits(true_l, pred_l, n: int, S: int, L: int) -> tuple[list, list[str]]:
     """Sequence ``n``'s visits and their paths: per token, its predictions (prefetch visits),
-    then each layer's true experts (acquires), each followed by the refined next layer."""
+    then each layer's true experts (acquires)."""
     visits: list[tuple[int, list[int]]] = []
     paths: list[str] = []
     for s in range(S):
@@ -42,9 +40,6 @@ def _sequence_visits(true_l, pred_l, ref_l, n: int, S: int, L: int) -> tuple[lis
         for l in range(L):
             visits.append((l, true_l[l][n][s]))
             paths.append("acquire")
-            if ref_l is not None and l + 1 < L:
-                visits.append((l + 1, ref_l[l + 1][n][s]))
-                paths.append("prefetch")
     return visits, paths
 
 def simulate_decode(
@@ -52,13 +47,11 @@ def simulate_decode(
     predicted_ids: torch.Tensor | None,
     num_slots: int,
     strategy: str,
-    refined_ids: torch.Tensor | None = None,
 ) -> dict[str, float]:
     """Hit rate of one strategy over decode traces.
 
     ``true_ids``: ``[L, N, S, k]`` routing of N sequences; ``predicted_ids``: ``[L, N, S, k']``
-    (needed by the ``predict_*`` strategies); ``refined_ids``: ``[L, N, S, k']`` predictions of
-    layer l given layer l-1's true routing (``*_refined``). The cache starts empty per sequence.
+    (needed by the ``predict_*`` strategies). The cache starts empty per sequence.
     """
     if strategy not in STRATEGIES:
         raise ValueError(f"strategy must be one of {STRATEGIES}, got {strategy!r}")
@@ -66,18 +59,14 @@ def simulate_decode(
     if num_slots < k:
         raise ValueError(f"num_slots ({num_slots}) must hold at least one layer's top-{k}")
     predicting = strategy != "lru"
-    refining = strategy.endswith("_refined")
     if predicting and predicted_ids is None:
         raise ValueError(f"strategy {strategy!r} needs predicted_ids")
-    if refining and refined_ids is None:
-        raise ValueError(f"strategy {strategy!r} needs refined_ids")
     policy = "predictive" if "future" in strategy else "lru"
     true_l = true_ids.tolist()
     pred_l = predicted_ids.tolist() if predicting else None
-    ref_l = refined_ids.tolist() if refining else None
     hits = misses = prefetches = used = 0
     for n in range(N):
-        visits, paths = _sequence_visits(true_l, pred_l, ref_l, n, S, L)
+        visits, paths = _sequence_visits(true_l, pred_l, n, S, L)
         c = _native.simulate_policy(policy, num_slots, visits, future=False, path=paths)
         hits, misses = hits + c["hits"], misses + c["misses"]
         prefetches, used = prefetches + c["prefetches"], used + c["prefetch_used"]
@@ -96,15 +85,10 @@ def simulate_all(
     true_ids: torch.Tensor,
     predicted_ids: torch.Tensor,
     num_slots: int,
-    refined_ids: torch.Tensor | None = None,
-    strategies: Sequence[str] | None = None,
+    strategies: Sequence[str] = STRATEGIES,
 ) -> dict[str, dict[str, float]]:
-    """``simulate_decode`` for every applicable strategy."""
-    if strategies is None:
-        strategies = ["lru", "predict_lru", "predict_future"]
-        if refined_ids is not None:
-            strategies += ["predict_lru_refined", "predict_future_refined"]
-    return {s: simulate_decode(true_ids, predicted_ids, num_slots, s, refined_ids) for s in strategies}
+    """``simulate_decode`` for each of ``strategies``."""
+    return {s: simulate_decode(true_ids, predicted_ids, num_slots, s) for s in strategies}
 
 
 __all__ = ["STRATEGIES", "simulate_all", "simulate_decode"]
