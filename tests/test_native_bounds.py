@@ -67,7 +67,7 @@ def test_simulate_with_a_huge_budget_equals_everything_resident():
         report(lambda: sm.simulate_policy("lru", 2**40, []))
     """)
     assert out[0] == "True"
-    assert out[1:] == ["RETURNED", "{'hits': 0, 'misses': 0, 'evictions': 0, 'loads': 0}"]
+    assert out[1:] == ["RETURNED", "{'hits': 0, 'misses': 0, 'evictions': 0, 'loads': 0, 'prefetches': 0, 'prefetch_used': 0}"]
 
 
 @pytest.mark.parametrize("method", ["submit_predicted", "submit_routed"])

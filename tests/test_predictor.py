@@ -751,7 +751,7 @@ def test_time_budget_is_re_estimated_after_slow_first_steps(trace_dir, monkeypat
     """A wall-clock budget is spent on the steady step rate, not on the first 20 (slow) steps' rate:
     with a fake clock of 1 s per step for 20 steps then 0.1 s, a 50 s budget runs 20 + 300 steps
     (the first estimate alone would have stopped at 50)."""
-    import sida_moe.train.predictor_training as train_mod
+    import sida_moe.train.step_loop as loop_mod
 
     traces = load_traces(trace_dir)
     clock = {"t": 0.0, "calls": 0}
@@ -768,7 +768,7 @@ def test_time_budget_is_re_estimated_after_slow_first_steps(trace_dir, monkeypat
         clock["t"] += 1.0 if clock["calls"] <= 20 else 0.1
         return real_step(self, *args, **kwargs)
 
-    monkeypatch.setattr(train_mod, "time", FakeTime)
+    monkeypatch.setattr(loop_mod, "time", FakeTime)
     monkeypatch.setattr(torch.optim.AdamW, "step", step)
     cfg = TrainConfig(steps=10_000, batch_size=2, hidden=8, fit_gate=False, max_seconds=50.0)
     _, report = train_predictor(traces, cfg, progress=False)

@@ -71,10 +71,11 @@ def test_default_training_builds_the_scaled_deep_predictor(traces):
 
 
 class _FakeClock:
-    """Each optimizer step advances a fake ``time.perf_counter`` by ``per_step`` seconds."""
+    """Each optimizer step advances a fake ``time.perf_counter`` of the training loop by
+    ``per_step`` seconds."""
 
     def __init__(self, monkeypatch, per_step: float) -> None:
-        import sida_moe.train.predictor_training as train_mod
+        import sida_moe.train.step_loop as loop_mod
 
         self.t = 0.0
         clock = self
@@ -90,7 +91,7 @@ class _FakeClock:
             clock.t += per_step
             return real_step(opt, *args, **kwargs)
 
-        monkeypatch.setattr(train_mod, "time", FakeTime)
+        monkeypatch.setattr(loop_mod, "time", FakeTime)
         monkeypatch.setattr(torch.optim.AdamW, "step", step)
 
 

@@ -301,3 +301,28 @@ def test_cli_trains_the_heads_when_the_trace_has_router_inputs(tmp_path, capsys)
     assert "argument --moe-inputs-every: must be an integer >= 0" in capsys.readouterr().err
     assert main(["train-predictor", "--trace", str(tmp_path / "missing"), "--out", str(tmp_path / "x")]) == 2
     assert re.search("train-predictor: error: --trace: .*not a trace directory", capsys.readouterr().err)
+
+
+def test_the_step_budget_follows_a_time_limit_from_the_steady_rate(monkeypatch):
+    """The step loop both trainings share: the first 20 steps (slow: warm-up) do not set the
+    estimate, the steady rate does; a step cap still bounds it."""
+    import sida_moe.train.step_loop as loop_mod
+    from sida_moe.train.step_loop import StepBudget
+
+    clock = {"t": 0.0}
+    monkeypatch.setattr(loop_mod.time, "perf_counter", lambda: clock["t"])
+    budget = StepBudget(None, max_seconds=10.0)
+    budget.start()
+    for step in range(20):
+        clock["t"] += 0.25  # 5 s of warm-up steps
+        budget.update(step)
+    budget.update(20)
+    assert budget.total == 20 + int(5.0 / 0.25)  # the estimate from those steps alone
+    for step in range(21, 31):
+        clock["t"] += 0.01  # steady: 0.01 s per step
+        budget.update(step)
+    assert budget.total > 400 and budget.stopped_by == "max_seconds"
+    capped = StepBudget(100, max_seconds=10.0)
+    assert capped.total == 100 and capped.stopped_by == "steps"
+    with pytest.raises(ValueError, match="step count or a time limit"):
+        StepBudget(None, None)

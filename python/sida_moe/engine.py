@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -23,7 +24,18 @@ from sida_moe.engine_observer import EngineObserver
 from sida_moe.kernels.configs import DEFAULT_CROSSOVERS, device_crossovers
 from sida_moe.prefetchers import NoPrefetch, Prefetcher
 from sida_moe.routing_ring import RoutingRing
-from sida_moe.serving_config import ServingConfig, check_cache_options
+
+if TYPE_CHECKING:
+    from sida_moe.serving_config import ServingConfig
+
+
+def check_cache_options(policy: str, copy_workers: int) -> None:
+    """The slot cache's policy and worker count, checked without a pool by the cache's own rules."""
+    if not isinstance(policy, str):
+        raise TypeError(f"policy must be a str, got {type(policy).__name__}")
+    if isinstance(copy_workers, bool) or not isinstance(copy_workers, int):
+        raise TypeError(f"copy_workers must be an int, got {type(copy_workers).__name__}")
+    _native.check_cache_options(policy, copy_workers)
 
 
 class OffloadEngine:

@@ -10,21 +10,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from sida_moe import _native
 from sida_moe.budget import BudgetSpec, check_budget
+from sida_moe.engine import check_cache_options
 from sida_moe.environment import Environment, environment
 from sida_moe.prefetchers import Prefetcher, make_prefetcher
 
 BACKENDS = ("auto", "cuda", "host")
-
-
-def check_cache_options(policy: str, copy_workers: int) -> None:
-    """The slot cache's policy and worker count, checked without a pool by the cache's own rules."""
-    if not isinstance(policy, str):
-        raise TypeError(f"policy must be a str, got {type(policy).__name__}")
-    if isinstance(copy_workers, bool) or not isinstance(copy_workers, int):
-        raise TypeError(f"copy_workers must be an int, got {type(copy_workers).__name__}")
-    _native.check_cache_options(policy, copy_workers)
 
 
 @dataclass(frozen=True)
@@ -62,4 +53,4 @@ class ServingConfig:
         return cls(gpu_budget, policy, make_prefetcher(prefetch), backend, copy_workers, progress)
 
 
-__all__ = ["BACKENDS", "ServingConfig", "check_cache_options"]
+__all__ = ["BACKENDS", "ServingConfig"]

@@ -22,10 +22,12 @@ from dataclasses import asdict, dataclass
 from typing import Literal, Sequence
 
 import torch
+from torch import nn
 
 from sida_moe.predictor.model import HashPredictor
 from sida_moe.train.trace_loading import Traces
 from sida_moe.train.predictor_training import _tf32_matmuls, distillation_loss, warmup_cosine
+from sida_moe.train.step_loop import StepBudget, StepRun, run_steps
 
 
 @dataclass
@@ -155,63 +157,51 @@ def train_lookahead(
 
 def _train(predictor: HashPredictor, parts: list[tuple[Traces, HashPredictor]], config: LookaheadConfig,
            held_out: Traces | None, progress: bool, device: torch.device) -> dict:
-    from tqdm.auto import tqdm
-
     torch.manual_seed(config.seed)
     t_start = time.perf_counter()
     predictor.to(device)
     table = _TokenTable(parts, device, config.top_t)
     heads = predictor.add_lookahead(config.hidden)
-    heads.train()
-    opt = torch.optim.AdamW(heads.parameters(), lr=config.lr, weight_decay=config.weight_decay)
-    total = config.steps
-
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: warmup_cosine(step, config.warmup_steps, total))
-    gen = torch.Generator().manual_seed(config.seed)
-    batch = min(config.batch_tokens, table.num_tokens)
-    losses: list[float] = []
-    t0 = time.perf_counter()
-    bar = tqdm(total=total, desc="train-lookahead", disable=not progress)
-    step = 0
-    while step < total:
-        if config.max_seconds is not None and step >= 20 and step % 10 == 0:
-            per_step = (time.perf_counter() - t0) / step
-            left = config.max_seconds - (time.perf_counter() - t0)
-            total = max(step + 1, min(config.steps, step + int(max(0.0, left) / per_step)))
-            bar.total = total
-        idx = torch.randint(0, table.num_tokens, (batch,), generator=gen).to(device)
-        states, previous = table.batch(idx, config.previous_dropout, gen)
-        logits = heads(states, table.logits[:, idx], previous)
-        loss = distillation_loss(logits, table.topk_ids[:, idx], table.logit_ids[:, idx], table.logit_vals[:, idx],
-                                 config.kd_weight, config.top_t, config.target)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(heads.parameters(), 1.0)
-        opt.step()
-        sched.step()
-        losses.append(float(loss.detach()))
-        if step % 100 == 0:
-            bar.set_postfix(loss=f"{losses[-1]:.4f}")
-        bar.update(1)
-        step += 1
-    bar.close()
-    heads.eval()
+    run = _fit_heads(heads, table, config, device, progress)
+    losses = run.losses
     report = {
         "config": asdict(config),
         "parameters": sum(p.numel() for p in heads.parameters()),
         "logits_from": "predictor" if all(net is predictor for _, net in parts) else f"{len(parts)} base networks",
         "train_sequences": table.num_sequences,
         "train_tokens": table.num_tokens,
-        "steps_run": step,
-        "train_seconds": time.perf_counter() - t0,
+        "steps_run": run.steps,
+        "train_seconds": run.seconds,
         "total_seconds": time.perf_counter() - t_start,
         "loss_first": losses[0],
         "loss_last_50": sum(losses[-50:]) / len(losses[-50:]),
     }
-    del table
+    del table  # the training tokens, before the held-out ones are evaluated
     if held_out is not None:
         report["held_out"] = evaluate_lookahead(predictor, held_out, device=config.device)
     return report
+
+
+def _fit_heads(heads: nn.Module, table: _TokenTable, config: LookaheadConfig, device: torch.device,
+               progress: bool) -> StepRun:
+    """Distil the heads on batches of ``table``'s tokens; they are left in eval mode."""
+    heads.train()
+    opt = torch.optim.AdamW(heads.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    budget = StepBudget(config.steps, config.max_seconds)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: warmup_cosine(step, config.warmup_steps, budget.total))
+    gen = torch.Generator().manual_seed(config.seed)
+    batch = min(config.batch_tokens, table.num_tokens)
+
+    def step_loss() -> torch.Tensor:
+        idx = torch.randint(0, table.num_tokens, (batch,), generator=gen).to(device)
+        states, previous = table.batch(idx, config.previous_dropout, gen)
+        logits = heads(states, table.logits[:, idx], previous)
+        return distillation_loss(logits, table.topk_ids[:, idx], table.logit_ids[:, idx], table.logit_vals[:, idx],
+                                 config.kd_weight, config.top_t, config.target)
+
+    run = run_steps(budget, step_loss, opt, sched, heads.parameters(), 1.0, "train-lookahead", progress, postfix_every=100)
+    heads.eval()
+    return run
 
 
 def evaluate_lookahead(predictor: HashPredictor, traces: Traces, k: int | None = None, device: str = "cpu",

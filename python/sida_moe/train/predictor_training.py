@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import contextlib
 import math
-import time
 from dataclasses import asdict, dataclass
 from typing import Literal
 
@@ -24,6 +23,7 @@ from sida_moe.predictor.model import HashPredictor
 from sida_moe.predictor.config import PredictorConfig
 from sida_moe.train.batches import TraceBatches, shifted_targets
 from sida_moe.train.evaluation import evaluate, fit_gate_weights, fit_weight_temperature
+from sida_moe.train.step_loop import StepBudget, run_steps
 from sida_moe.train.trace_loading import Traces
 
 
@@ -60,7 +60,6 @@ TRAIN_PRESETS: dict[str, dict] = {
 }
 
 _DEFAULT_STEPS = 2000  # the step count when neither steps nor max_seconds is given
-_UNBOUNDED_STEPS = 10**9  # max_seconds alone: the time budget decides
 
 
 @dataclass
@@ -297,8 +296,6 @@ def hash_routing_loss(
 def _train(
     traces: Traces, config: TrainConfig, held_out: Traces | None, progress: bool, predictor: HashPredictor | None
 ) -> tuple[HashPredictor, dict]:
-    from tqdm.auto import tqdm
-
     torch.manual_seed(config.seed)
     device = torch.device(config.device)
     hidden, head_hidden = config.widths(traces.manifest["hidden_size"])
@@ -318,12 +315,12 @@ def _train(
     model.to(device).train()
     opt = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
 
-    # steps None with max_seconds: the time budget alone decides (re-estimated below)
-    step_cap = config.steps if config.steps is not None else (_UNBOUNDED_STEPS if config.max_seconds else _DEFAULT_STEPS)
-    total_steps = step_cap
+    # steps None with max_seconds: the time budget alone decides
+    budget = StepBudget(config.steps if config.steps is not None else (None if config.max_seconds else _DEFAULT_STEPS),
+                        config.max_seconds)
     bf16 = config.use_bf16()
 
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: warmup_cosine(step, config.warmup_steps, total_steps))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: warmup_cosine(step, config.warmup_steps, budget.total))
     gen = torch.Generator().manual_seed(config.seed)
     batches = TraceBatches(traces, device, config.top_t)
     n = traces.num_sequences
@@ -331,57 +328,30 @@ def _train(
     def amp():
         return torch.autocast("cuda", dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
 
-    losses: list[float] = []
-    t0 = t20 = time.perf_counter()
-    bar = tqdm(total=None if step_cap == _UNBOUNDED_STEPS else step_cap, desc="train-predictor", disable=not progress)
-    step = 0
-    while step < total_steps:
-        if config.max_seconds is not None and step >= 20 and step % 10 == 0:
-            # The first steps are slow (cuDNN plans, allocator warm-up): an estimate from them alone
-            # would stop a time budget far too early, so it is re-estimated from the steady rate.
-            now = time.perf_counter()
-            if step == 20:
-                t20, per_step = now, (now - t0) / 20
-            else:
-                per_step = (now - t20) / (step - 20)
-            left = max(0.0, config.max_seconds - (now - t0))
-            total_steps = max(step + 1, min(step_cap, step + int(left / per_step)))
-            bar.total = total_steps
+    def step_loss() -> torch.Tensor:
         rows = torch.randint(0, n, (min(config.batch_size, n),), generator=gen)
         embeds, topk_ids, logit_ids, logit_vals = shifted_targets(batches(rows), config.target_shift)
         with amp():
             logits, _ = model(embeds)
-        logits = logits.float()  # the loss works in float32
-        loss = distillation_loss(logits, topk_ids, logit_ids, logit_vals, config.kd_weight, config.top_t, config.target)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        if config.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
-        opt.step()
-        sched.step()
-        losses.append(float(loss.detach()))
-        if step % 50 == 0:
-            bar.set_postfix(loss=f"{losses[-1]:.4f}")
-        bar.update(1)
-        step += 1
-    bar.close()
-    train_seconds = time.perf_counter() - t0
+        # the loss works in float32
+        return distillation_loss(logits.float(), topk_ids, logit_ids, logit_vals, config.kd_weight, config.top_t, config.target)
+
+    run = run_steps(budget, step_loss, opt, sched, model.parameters(), config.grad_clip, "train-predictor", progress)
+    losses = run.losses
     model.eval()
     model.dropout = dropout
-    # the time budget ended it when it cut the step count below the cap
-    stopped_by = "max_seconds" if config.max_seconds is not None and total_steps < step_cap else "steps"
     report: dict = {
         "train_config": asdict(config),
         # which limit ended training: "steps" (the step count, before any max_seconds ran out) or
         # "max_seconds" (the time budget); with both given, a "steps" stop left time unused
-        "stopped_by": stopped_by,
-        "step_limit": None if step_cap == _UNBOUNDED_STEPS else step_cap,
+        "stopped_by": run.stopped_by,
+        "step_limit": budget.cap,
         "bf16": bf16,
         "predictor_config": asdict(model.config),
         "num_parameters": model.num_parameters(),
         "train_sequences": n,
-        "train_seconds": train_seconds,
-        "steps_run": step,
+        "train_seconds": run.seconds,
+        "steps_run": run.steps,
         "trace_on_device": batches.resident,
         "loss_first": losses[0],
         "loss_last_50": sum(losses[-50:]) / len(losses[-50:]),
