@@ -27,6 +27,7 @@ from sida_moe.format import ExpertFormat, SlotWeights, slot_views
 from sida_moe.engine import OffloadEngine
 from sida_moe.offload import engine_of, from_pretrained, offload
 from sida_moe.prefetchers import NextLayerGate, NoPrefetch, Prefetcher
+from sida_moe.serving_config import ServingConfig
 
 __all__ = [
     "Backend",
@@ -43,6 +44,7 @@ __all__ = [
     "OutOfMemoryError",
     "Prefetcher",
     "RoutingFeed",
+    "ServingConfig",
     "SidaMoeError",
     "SlotCache",
     "SlotStateError",

@@ -63,6 +63,9 @@ def offload(
     - ``backend``: ``"auto"`` (CUDA slots when the model is on a GPU, host slots on the CPU),
       ``"cuda"`` or ``"host"``.
 
+    Every option is checked before the model is touched (``ServingConfig.resolve``); the engine
+    keeps what it was built with (``model.sida_engine.config``).
+
     Routers, attention, norms, embeddings and shared experts stay where they are; each experts module
     is replaced by :class:`~sida_moe.experts.OffloadedExperts` and its weights are freed. Exact: the
     outputs equal the original model's within the dtype's rounding.
