@@ -27,8 +27,8 @@ def dense_logits(ids: torch.Tensor, vals: torch.Tensor, num_experts: int) -> tor
 class TraceBatches:
     """Batches of a trace on the training device. On a GPU the trace is moved there once, in compact
     dtypes (int16 ids, fp16 logits; only the ``top_t`` logits the loss reads), when it takes at most
-    half the free memory: each step then gathers on the GPU instead of gathering ~90 MB on the host
-    and copying it through pageable memory, which took most of a step on the H100 (NOTES.md)."""
+    half the free memory: each step then gathers on the GPU instead of gathering a batch on the host
+    and copying it through pageable memory, which can take longer than the step itself."""
 
     def __init__(self, traces: Traces, device: torch.device, top_t: int, resident: bool | None = None) -> None:
         self.device = device

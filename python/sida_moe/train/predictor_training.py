@@ -81,7 +81,7 @@ class TrainConfig:
     attn_blocks: int = 2  # > 0: causal transformer blocks on top of the paper's features (deep variant)
     attn_heads: int = 8  # heads of those blocks (must divide the width)
     # dropout in the network while training (HashPredictor.dropout; not saved): against overfitting a
-    # small corpus (on the reference model's 2.6M tokens 0.1 and 0.2 lowered held-out recall, NOTES.md)
+    # small corpus; off by default, since it lowered held-out recall where it was measured (NOTES.md)
     dropout: float = 0.0
     fit_gate: bool = True  # the trace holds the next-layer gate: fit the fused correction's weights
     fit_temperature: bool = True  # fit hash routing's per-layer weight temperature (fit_weight_temperature)
@@ -94,7 +94,7 @@ class TrainConfig:
     device: str = "cpu"
     max_seconds: float | None = None  # wall-clock cap: the step count is cut to fit after 20 steps
     # bf16 autocast for the forward (GPU only; the loss and AdamW's master weights stay float32). The
-    # LSTM is most of a step; in bf16 a batch of 128 costs what 64 costs in fp32 (NOTES.md).
+    # LSTM is most of a step and runs about twice as fast in bf16 (NOTES.md).
     # None: on when training on a GPU.
     bf16: bool | None = None
 
