@@ -179,8 +179,9 @@ class OffloadEngine:
             raise ValueError(f"ids must hold a whole row per layer ({len(layers)} layers), got {ids.numel()} ids")
         stream = torch.cuda.current_stream(ids.device).cuda_stream if on_cuda else None
         self.feed.submit_predicted(ids.data_ptr(), layers, ids.numel() // len(layers), stream,
-                                self.generation if generation is None else generation, priority,
-                                future, skip_routed, remember, forget, feed_only, after_next)
+                                   generation=self.generation if generation is None else generation, priority=priority,
+                                   future=future, skip_routed=skip_routed, remember=remember, forget=forget,
+                                   feed_only=feed_only, after_next=after_next)
 
     def wait_deferred(self, timeout: float | None = None) -> bool:
         """Wait until every ``prefetch_deferred`` so far was handled (False on timeout)."""
