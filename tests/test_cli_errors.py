@@ -256,3 +256,28 @@ def test_ctrl_c_during_generate_exits_130():
     assert proc.returncode == 130, err
     assert err.strip().splitlines()[-1] == "sida-moe generate: interrupted"
     assert "Traceback" not in err
+
+
+def test_a_wrong_environment_setting_is_one_line_from_the_command_line():
+    import os
+    import subprocess
+    import sys
+
+    env = dict(os.environ, SIDA_MOE_KERNEL_REGIME="fast")
+    res = subprocess.run([sys.executable, "-m", "sida_moe", "--max-new-tokens", "2"], env=env,
+                         capture_output=True, text=True, timeout=300)
+    assert res.returncode == 2
+    lines = res.stderr.strip().splitlines()
+    assert len(lines) == 1 and "SIDA_MOE_KERNEL_REGIME must be one of" in lines[0], res.stderr
+
+
+def test_the_package_loads_its_names_on_first_use():
+    import subprocess
+    import sys
+
+    code = ("import sys, sida_moe; assert 'torch' not in sys.modules; "
+            "import sida_moe.offloading; assert callable(sida_moe.offload) and sida_moe.offload is "
+            "sida_moe.offloading.offload; assert set(sida_moe.__all__) <= set(dir(sida_moe)); "
+            "from sida_moe import *; assert BudgetError is sida_moe._native.BudgetError")
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr

@@ -181,7 +181,7 @@ def _fail_in(monkeypatch, step, exc):
 
     from sida_moe.engine import OffloadEngine
 
-    off = importlib.import_module("sida_moe.offload")  # the attribute sida_moe.offload is the function
+    off = importlib.import_module("sida_moe.offloading")
     builder_module = importlib.import_module("sida_moe.engine_builder")
 
     if step == "write_expert":  # while the experts are copied into the pool, one layer done

@@ -186,7 +186,7 @@ def test_from_pretrained_checks_its_arguments_before_reading_weights(tmp_path, m
     import importlib
 
     tiny_model("olmoe").save_pretrained(tmp_path)
-    off = importlib.import_module("sida_moe.offload")
+    off = importlib.import_module("sida_moe.offloading")
 
     def no_reading(*args, **kw):
         raise AssertionError("a weights file was opened before the arguments were checked")

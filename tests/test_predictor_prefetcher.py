@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from sida_moe.decode_graph import static_generate
-from sida_moe.offload import engine_of, offload
+from sida_moe.offloading import engine_of, offload
 from sida_moe.predictor import (
     GraphedDecoder,
     HashPredictor,

@@ -19,6 +19,8 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
+from sida_moe.environment import EnvironmentSettingError
+
 #: modules imported by ``main`` so that their ``register_command`` calls run; missing ones are skipped
 COMMAND_MODULES: list[str] = ["sida_moe.train.cli", "sida_moe.bench.cli"]
 
@@ -215,7 +217,7 @@ def _run_generate(args: argparse.Namespace) -> int:
         tokenizer = ByteTokenizer()
         source = f"preset {args.model} (random weights)"
     elif os.path.isdir(args.model):
-        from sida_moe.offload import from_pretrained
+        from sida_moe.offloading import from_pretrained
 
         t0 = time.perf_counter()
         with user_errors(f"cannot load the checkpoint {args.model}"):
@@ -393,7 +395,8 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     except Exception as e:
         native = sys.modules.get("sida_moe._native")  # imported by then if a BudgetError could arise
-        if not (isinstance(e, UserError) or native is not None and isinstance(e, native.BudgetError)):
+        if not (isinstance(e, (UserError, EnvironmentSettingError))
+                or native is not None and isinstance(e, native.BudgetError)):
             raise
         if os.environ.get("SIDA_MOE_TRACEBACK"):
             raise

@@ -25,6 +25,10 @@ KERNELS = ("auto", "reference")
 KERNEL_REGIMES = ("gemv", "mma", "grouped_mm")
 
 
+class EnvironmentSettingError(ValueError):
+    """A ``SIDA_MOE_*`` variable holds a value it does not take (the message names the allowed ones)."""
+
+
 @dataclass(frozen=True)
 class Environment:
     kernels: Literal["auto", "reference"]
@@ -33,13 +37,14 @@ class Environment:
 
     @classmethod
     def read(cls, environ: Mapping[str, str]) -> Environment:
-        """The settings ``environ`` holds (ValueError naming the variable and its allowed values)."""
+        """The settings ``environ`` holds (EnvironmentSettingError naming the variable and its
+        allowed values)."""
         kernels = environ.get("SIDA_MOE_KERNELS", "auto")
         if kernels not in KERNELS:
-            raise ValueError(f"SIDA_MOE_KERNELS must be 'auto' or 'reference', got {kernels!r}")
+            raise EnvironmentSettingError(f"SIDA_MOE_KERNELS must be 'auto' or 'reference', got {kernels!r}")
         regime = environ.get("SIDA_MOE_KERNEL_REGIME", "")
         if regime and regime not in KERNEL_REGIMES:
-            raise ValueError(f"SIDA_MOE_KERNEL_REGIME must be one of {KERNEL_REGIMES}, got {regime!r}")
+            raise EnvironmentSettingError(f"SIDA_MOE_KERNEL_REGIME must be one of {KERNEL_REGIMES}, got {regime!r}")
         cache = environ.get("SIDA_MOE_CACHE_DIR")
         if not cache:
             base = environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
@@ -53,4 +58,4 @@ def environment() -> Environment:
     return Environment.read(os.environ)
 
 
-__all__ = ["Environment", "KERNELS", "KERNEL_REGIMES", "environment"]
+__all__ = ["Environment", "EnvironmentSettingError", "KERNELS", "KERNEL_REGIMES", "environment"]

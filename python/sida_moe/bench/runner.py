@@ -53,7 +53,7 @@ def run_bench(cfg: BenchConfig) -> list[dict[str, Any]]:
     from tqdm.auto import tqdm
 
     from sida_moe.bench.replay_probes import replay_host_seconds
-    from sida_moe.offload import engine_of, offload
+    from sida_moe.offloading import engine_of, offload
 
     cfg.validate()
     baselines, plots, note = optional_parts(cfg)
