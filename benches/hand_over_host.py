@@ -28,7 +28,7 @@ from sida_decode import prompts  # noqa: E402
 
 from sida_moe.bench import replay_probes  # noqa: E402
 from sida_moe.engine import OffloadEngine  # noqa: E402
-from sida_moe.offload import from_pretrained  # noqa: E402
+from sida_moe.offloading import from_pretrained  # noqa: E402
 from sida_moe.predictor import SidaPrefetcher, load_prefetcher  # noqa: E402
 from sida_moe.predictor.graphed import GraphedDecoder  # noqa: E402
 from sida_moe.predictor.side_step import SideStep  # noqa: E402

@@ -60,7 +60,7 @@ def run_decode_bench(
     """Offload ``model`` (in place) at ``budget`` and decode ``prompts`` under each config
     ``{"name", "policy", "prefetch"}``; ``make_prefetcher(spec)`` builds the prefetcher."""
     from sida_moe.bench.observers import StallTimer
-    from sida_moe.offload import engine_of, offload
+    from sida_moe.offloading import engine_of, offload
 
     reference = [greedy_decode(model, p, new_tokens) for p in prompts]
     resident_s = sum(t for _, t in reference)

@@ -83,7 +83,7 @@ CONFIGS = ("none", "sida_dry", "sida")
 
 def run(model, predictor: HashPredictor, prompts: list[torch.Tensor], new_tokens: int, budget: float,
         policy: str, rounds: int, configs=CONFIGS, switch_intervals: tuple[float, ...] = ()) -> dict:
-    from sida_moe.offload import engine_of, offload
+    from sida_moe.offloading import engine_of, offload
     from sida_moe.prefetchers import NoPrefetch
 
     offload(model, gpu_budget=budget, policy=policy, prefetch="none")

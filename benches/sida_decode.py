@@ -46,7 +46,7 @@ from host_free_decode import enqueue_ms, summary, timed  # noqa: E402
 
 import sida_moe  # noqa: E402
 from sida_moe.decode_graph import static_generate  # noqa: E402
-from sida_moe.offload import from_pretrained  # noqa: E402
+from sida_moe.offloading import from_pretrained  # noqa: E402
 from sida_moe.predictor import HashPredictor, SidaPrefetcher, load_prefetcher  # noqa: E402
 
 BUNDLED = os.path.join(os.path.dirname(sida_moe.__file__), "models", "qwen3-moe-stdlib")
