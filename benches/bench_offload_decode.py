@@ -19,7 +19,7 @@ import torch
 from sida_moe.bench.observers import StallTimer
 
 import sida_moe
-from sida_moe.presets import build_model
+from sida_moe.preset_models import build_model
 
 from conftest import cuda, sync
 

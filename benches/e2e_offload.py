@@ -21,7 +21,8 @@ import torch
 
 import sida_moe
 from sida_moe.cli import _TokenClock
-from sida_moe.presets import ByteTokenizer, build_model
+from sida_moe.preset_models import build_model
+from sida_moe.byte_tokenizer import ByteTokenizer
 
 PROMPT = "Mixture-of-Experts models route every token to a few experts, so most of the weights sit idle"
 

@@ -45,7 +45,8 @@ from sida_moe.bench.policy_replay import policy_hit_rates
 from sida_moe.bench.replay import ReplayRouting, RoutingTraceError, load_routing_trace
 from sida_moe.bench.replay_probes import replay_back_to_back, replay_host_seconds  # noqa: E402
 from sida_moe.decode_graph import static_generate
-from sida_moe.presets import PRESETS, build_model, build_offloaded
+from sida_moe.presets import PRESETS
+from sida_moe.preset_models import build_model, build_offloaded
 from sida_moe.sampling import SamplingParams
 
 CPU_PROBE_STEPS = 32

@@ -6,7 +6,8 @@ top ops by CUDA and by CPU time. Writes prof.json and prof_<budget>.txt under $O
 """
 import json, sys, time, os, torch
 import sida_moe
-from sida_moe.presets import ByteTokenizer, build_model
+from sida_moe.preset_models import build_model
+from sida_moe.byte_tokenizer import ByteTokenizer
 from torch.profiler import profile, ProfilerActivity
 out = os.environ["OUT"]
 dev = torch.device("cuda")

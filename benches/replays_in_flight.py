@@ -29,7 +29,7 @@ from host_free_decode import parse_routings, set_routing, summary, timed  # noqa
 import sida_moe  # noqa: E402
 from sida_moe import decode_graph  # noqa: E402
 from sida_moe.bench import replay_probes  # noqa: E402
-from sida_moe.presets import build_offloaded  # noqa: E402
+from sida_moe.preset_models import build_offloaded  # noqa: E402
 
 PROBE = 32  # back-to-back replays of the CPU probe
 

@@ -104,7 +104,7 @@ def _check_timing_and_decode_columns(rows, cfg):
     import math
 
     import sida_moe
-    from sida_moe.presets import build_model
+    from sida_moe.preset_models import build_model
 
     engine = sida_moe.offload(build_model(cfg.model), gpu_budget=0.5, prefetch="none").sida_engine
     expert_nbytes = engine.expert_nbytes
@@ -169,7 +169,7 @@ def test_accelerate_device_map_sends_exactly_the_experts_to_the_cpu():
     import torch
 
     from sida_moe.bench.systems import _device_map, expert_module_names
-    from sida_moe.presets import build_model
+    from sida_moe.preset_models import build_model
 
     model = build_model("qwen3-moe-tiny", device="cpu")
     experts = set(expert_module_names(model))
@@ -190,7 +190,7 @@ def test_bench_with_a_sida_predictor_and_more_predicted_experts(tmp_path):
 
     from sida_moe.predictor.model import HashPredictor
     from sida_moe.predictor.config import PredictorConfig
-    from sida_moe.presets import build_model
+    from sida_moe.preset_models import build_model
 
     c = build_model("qwen3-moe-tiny", device="cpu").config
     torch.manual_seed(0)
@@ -382,7 +382,7 @@ def test_zero_copy_probe_reads_the_pool_through_the_table_kernels(fake_clock):
 
     import sida_moe
     from sida_moe.bench.bound import zero_copy_gbps
-    from sida_moe.presets import build_model
+    from sida_moe.preset_models import build_model
 
     engine = sida_moe.offload(build_model("qwen3-moe-tiny"), gpu_budget=0.25, prefetch="none").sida_engine
     for batch in (1, 16):  # 16 x top-8 pairs > 64 experts: experts repeat
@@ -414,7 +414,7 @@ def test_offload_drops_decode_steps_captured_on_the_resident_model():
     then would replay the original experts' kernels on freed memory."""
     import sida_moe
     from sida_moe.decode_graph import static_generate
-    from sida_moe.presets import build_model
+    from sida_moe.preset_models import build_model
 
     model = build_model("qwen3-moe-tiny")
     static_generate(model, torch.randint(3, 200, (1, 5)), 3, graphs=False)
@@ -440,7 +440,7 @@ def _offloaded_with_a_decode_step(probe):
     ``probe`` (a replay probe) is checked to find nothing before that call."""
     import sida_moe
     from sida_moe.decode_graph import static_generate
-    from sida_moe.presets import build_model
+    from sida_moe.preset_models import build_model
 
     model = sida_moe.offload(build_model("qwen3-moe-tiny"), gpu_budget=0.5, prefetch="none")
     assert probe(model, 1) is None  # nothing captured

@@ -8,7 +8,8 @@ import pytest
 
 from _moe_models import tiny_model
 from sida_moe import cli
-from sida_moe.presets import PRESETS, ByteTokenizer, get_preset
+from sida_moe.presets import PRESETS, get_preset
+from sida_moe.byte_tokenizer import ByteTokenizer
 
 
 def test_generate_random_weight_preset(capsys):

@@ -100,7 +100,7 @@ def test_belady_fed_the_trace_is_at_least_every_policy_on_acquires():
 def test_the_engine_records_which_path_each_visit_took():
     import torch
 
-    from sida_moe.presets import build_offloaded
+    from sida_moe.preset_models import build_offloaded
 
     model = build_offloaded("qwen3-moe-tiny", gpu_budget=0.5, device="cpu", prefetch="none")
     engine = sida_moe.engine_of(model)

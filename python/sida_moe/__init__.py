@@ -11,8 +11,9 @@ which reports it in one line.
 
 from __future__ import annotations
 
-import importlib
 from typing import TYPE_CHECKING
+
+from sida_moe._lazy import lazy_exports
 
 # public name -> the module that defines it
 _HOME = {
@@ -30,18 +31,7 @@ _HOME = {
 }
 
 
-def __getattr__(name: str) -> object:
-    home = _HOME.get(name)
-    if home is None:
-        raise AttributeError(f"module 'sida_moe' has no attribute {name!r}")
-    value = getattr(importlib.import_module(home), name)
-    globals()[name] = value  # found directly from now on
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted({*globals(), *_HOME})
-
+__getattr__, __dir__ = lazy_exports(__name__, _HOME)
 
 if TYPE_CHECKING:
     from sida_moe._native import (

@@ -179,7 +179,9 @@ def _run_generate(args: argparse.Namespace) -> int:
     import torch
 
     from sida_moe.budget import format_bytes
-    from sida_moe.presets import BUNDLED_MODELS, PRESETS, ByteTokenizer, build_offloaded, bundled_model_path
+    from sida_moe.presets import BUNDLED_MODELS, PRESETS, bundled_model_path
+    from sida_moe.preset_models import build_offloaded
+    from sida_moe.byte_tokenizer import ByteTokenizer
 
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     budget = args.gpu_budget
@@ -313,7 +315,7 @@ def _checkpoint_tokenizer(path: str):
     """The checkpoint's own tokenizer when it ships one (local files only), else bytes."""
     from pathlib import Path
 
-    from sida_moe.presets import ByteTokenizer
+    from sida_moe.byte_tokenizer import ByteTokenizer
 
     if not any((Path(path) / f).exists() for f in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")):
         return ByteTokenizer()

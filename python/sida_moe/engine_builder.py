@@ -1,6 +1,6 @@
 """The build sequence of an offloaded model's engine, the same for every source of expert weights:
 a loaded model (``offload``), safetensors files (``from_pretrained``), a preset's random weights
-(``presets.build_offloaded``).
+(``preset_models.build_offloaded``).
 
 1. ``EngineBuilder(model, device, config)`` with the options resolved once
    (``ServingConfig.resolve``): the model's MoE layers found (``discover``), the engine and its

@@ -1,12 +1,7 @@
-"""Built-in models: real MoE architectures' shapes with random weights, built without downloads,
-plus the byte-level tokenizer they use; and the small trained checkpoint shipped inside the package
-(``BUNDLED_MODELS``, the default of ``sida-moe generate``).
-
-``build_offloaded(name, ...)`` creates the dense part on the target device and writes every expert
-straight into the pinned pool layer by layer (one layer of experts is materialised at a time), so
-a preset larger than the GPU (``qwen3-30b-a3b``: 48 layers x 128 experts, 58 GB of bf16 experts)
-builds on one GPU of 80 GB. ``build_model(name, ...)`` makes the ordinary all-resident model (the
-reference the offloaded one is compared with).
+"""Built-in models: real MoE architectures' shapes (``PRESETS``, built with random weights by
+``sida_moe.preset_models``, tokenized by ``sida_moe.byte_tokenizer``), and the small trained
+checkpoint shipped inside the package (``BUNDLED_MODELS``, the default of ``sida-moe generate``).
+Names and shapes only: the command line lists them without importing torch.
 """
 
 from __future__ import annotations
@@ -14,10 +9,6 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 
-import torch
-from torch import nn
-
-from sida_moe.budget import BudgetSpec
 
 
 @dataclass(frozen=True)
@@ -114,115 +105,5 @@ def preset_config(name: str):
     return getattr(transformers, preset.config_class)(**preset.config)
 
 
-def _init_dense_(model: nn.Module, std: float, generator: torch.Generator) -> None:
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if p.is_meta:
-                continue
-            if p.dim() >= 2:
-                p.normal_(0.0, std, generator=generator)
-            elif name.endswith("bias"):
-                p.zero_()
-
-
-def build_model(name: str, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32, seed: int = 0,
-                std: float = 0.02) -> nn.Module:
-    """The all-resident model of a preset with random weights (normal, ``std``), in eval mode."""
-    import transformers
-
-    preset = get_preset(name)
-    config = preset_config(name)
-    device = torch.device(device)
-    with torch.device(device):
-        model = getattr(transformers, preset.model_class)._from_config(config, dtype=dtype)
-    generator = torch.Generator(device=device).manual_seed(seed)
-    _init_dense_(model, std, generator)
-    return model.eval()
-
-
-def build_offloaded(name: str, gpu_budget: BudgetSpec = "25%", device: str | torch.device = "cpu",
-                    dtype: torch.dtype = torch.float32, policy: str = "lru", prefetch="next_layer_gate",
-                    seed: int = 0, std: float = 0.02, backend: str = "auto", progress: bool = False) -> nn.Module:
-    """The offloaded model of a preset, built in place: dense weights random on ``device``, experts
-    random and written into the pinned pool one layer at a time (never all on the device)."""
-    import transformers
-    from tqdm.auto import tqdm
-
-    from sida_moe.engine_builder import EngineBuilder, parameters_on_meta
-    from sida_moe.serving_config import ServingConfig
-
-    options = ServingConfig.resolve(gpu_budget, policy, prefetch, backend, progress=progress)
-    preset = get_preset(name)
-    config = preset_config(name)
-    device = torch.device(device)
-    if device.type == "cuda" and device.index is None:
-        device = torch.device("cuda", torch.cuda.current_device())
-    with parameters_on_meta():
-        model = getattr(transformers, preset.model_class)._from_config(config, dtype=dtype)
-    builder = EngineBuilder(model, device, options)
-    engine, fmt = builder.engine, builder.fmt
-    try:
-        generator = torch.Generator(device=device).manual_seed(seed)
-        shapes = fmt.tensor_shapes()
-        for layer in tqdm(builder.layers, desc="building experts", unit="layer", disable=not options.progress):
-            # one layer of experts at a time, generated on the device, then copied to the host once
-            host = {n: torch.empty((layer.num_experts, *s), dtype=dtype, device=device).normal_(0.0, std, generator=generator).cpu()
-                    for n, s in shapes.items()}
-            for expert in range(layer.num_experts):
-                engine.write_expert(layer.ordinal, expert, {n: t[expert] for n, t in host.items()})
-        builder.replace_experts()
-        # dense part: materialise the remaining meta parameters on the device
-        for pname, param in list(model.named_parameters()):
-            if param.is_meta:
-                mod_name, _, attr = pname.rpartition(".")
-                module = model.get_submodule(mod_name) if mod_name else model
-                module._parameters[attr] = nn.Parameter(torch.empty(param.shape, dtype=param.dtype, device=device), requires_grad=False)
-        for bname, buf in list(model.named_buffers()):
-            mod_name, _, attr = bname.rpartition(".")
-            module = model.get_submodule(mod_name) if mod_name else model
-            module._buffers[attr] = buf.to(device)
-        with torch.no_grad():
-            for pname, param in model.named_parameters():
-                if pname.endswith("norm.weight") or "layernorm" in pname or pname.endswith("layer_norm.weight"):
-                    param.fill_(1.0)
-                elif param.dim() >= 2:
-                    param.normal_(0.0, std, generator=generator)
-                else:
-                    param.zero_()
-        model.tie_weights()
-        return builder.start().eval()
-    except BaseException:
-        builder.abandon()
-        raise
-
-
-class ByteTokenizer:
-    """UTF-8 bytes as tokens, shifted past 3 specials (pad=0, eos=1, bos=2); works with any vocab
-    of at least 259 entries."""
-
-    pad_token_id = 0
-    eos_token_id = 1
-    bos_token_id = 2
-    offset = 3
-
-    def encode(self, text: str) -> list[int]:
-        return [b + self.offset for b in text.encode("utf-8")]
-
-    def decode(self, ids: list[int]) -> str:
-        data = bytes(i - self.offset for i in ids if self.offset <= i < 256 + self.offset)
-        return data.decode("utf-8", errors="replace")
-
-    def __call__(self, texts: list[str]) -> dict[str, torch.Tensor]:
-        """Left-padded batch: ``input_ids`` and ``attention_mask`` ``[B, S]``."""
-        encoded = [self.encode(t) or [self.bos_token_id] for t in texts]
-        width = max(len(e) for e in encoded)
-        ids = torch.full((len(encoded), width), self.pad_token_id, dtype=torch.long)
-        mask = torch.zeros((len(encoded), width), dtype=torch.long)
-        for row, e in enumerate(encoded):
-            ids[row, width - len(e) :] = torch.tensor(e)
-            mask[row, width - len(e) :] = 1
-        return {"input_ids": ids, "attention_mask": mask}
-
-
-__all__ = ["BUNDLED_MODELS", "DEFAULT_MODEL", "DEFAULT_PRESET", "PRESETS", "ByteTokenizer", "Preset", "build_model",
-           "build_offloaded", "bundled_model_path", "get_preset", "preset_config"]
+__all__ = ["BUNDLED_MODELS", "BYTE_VOCAB", "DEFAULT_MODEL", "DEFAULT_PRESET", "PRESETS", "Preset", "bundled_model_path",
+           "get_preset", "preset_config"]

@@ -12,7 +12,8 @@ from sida_moe.bench.config import BenchConfig, BenchInputError, sida_k
 
 
 def load_model(cfg: BenchConfig, device: torch.device, dtype: torch.dtype) -> nn.Module:
-    from sida_moe.presets import PRESETS, build_model
+    from sida_moe.presets import PRESETS
+    from sida_moe.preset_models import build_model
 
     if cfg.model in PRESETS:
         return build_model(cfg.model, device=device, dtype=dtype, seed=cfg.seed)
@@ -42,7 +43,8 @@ def replay_routing(trace, model: nn.Module):
 
 def prompt_file_ids(cfg: BenchConfig, vocab: int) -> torch.Tensor:
     """Token ids of ``cfg.prompt_file`` with the checkpoint's tokenizer (byte-level for presets)."""
-    from sida_moe.presets import PRESETS, ByteTokenizer
+    from sida_moe.presets import PRESETS
+    from sida_moe.byte_tokenizer import ByteTokenizer
 
     text = Path(cfg.prompt_file).read_text(encoding="utf-8", errors="replace")
     if cfg.model in PRESETS:

@@ -3,11 +3,25 @@ traces recorded from a model (``traces``), truncated knowledge distillation of t
 network (``predictor_training``, with its batches and its ``evaluation``), lookahead heads (``lookahead``), a trace-driven cache simulation
 (``cachesim``) and the ``sida-moe`` training commands (``cli``)."""
 
-from sida_moe.train.lookahead import LookaheadConfig, evaluate_lookahead, train_lookahead
-from sida_moe.train.evaluation import evaluate, fit_gate_weights, fit_weight_temperature
-from sida_moe.train.predictor_training import TrainConfig, train_predictor
-from sida_moe.train.traces import RoutingRecorder, record_traces
-from sida_moe.train.trace_loading import Traces, load_traces
+from typing import TYPE_CHECKING
+
+from sida_moe._lazy import lazy_exports
+
+_HOME = {
+    **dict.fromkeys(["LookaheadConfig", "evaluate_lookahead", "train_lookahead"], "sida_moe.train.lookahead"),
+    **dict.fromkeys(["evaluate", "fit_gate_weights", "fit_weight_temperature"], "sida_moe.train.evaluation"),
+    **dict.fromkeys(["TrainConfig", "train_predictor"], "sida_moe.train.predictor_training"),
+    **dict.fromkeys(["RoutingRecorder", "record_traces"], "sida_moe.train.traces"),
+    **dict.fromkeys(["Traces", "load_traces"], "sida_moe.train.trace_loading"),
+}
+__getattr__, __dir__ = lazy_exports(__name__, _HOME)
+
+if TYPE_CHECKING:
+    from sida_moe.train.evaluation import evaluate, fit_gate_weights, fit_weight_temperature
+    from sida_moe.train.lookahead import LookaheadConfig, evaluate_lookahead, train_lookahead
+    from sida_moe.train.predictor_training import TrainConfig, train_predictor
+    from sida_moe.train.trace_loading import Traces, load_traces
+    from sida_moe.train.traces import RoutingRecorder, record_traces
 
 __all__ = [
     "LookaheadConfig",

@@ -92,7 +92,7 @@ def _trace_tokenizer(model: str):
     if os.path.isdir(model) and not any(os.path.exists(os.path.join(model, f)) for f in _TOKENIZER_FILES):
         from transformers import AutoConfig
 
-        from sida_moe.presets import ByteTokenizer
+        from sida_moe.byte_tokenizer import ByteTokenizer
 
         config = AutoConfig.from_pretrained(model)
         vocab = getattr(config.get_text_config(), "vocab_size", None) or 0
