@@ -35,7 +35,8 @@ from predictor_common import emit_report, horizon_shares  # noqa: E402
 from sida_moe.train.traces import chunk_token_ids, record_traces  # noqa: E402
 from sida_moe.train.trace_loading import Traces, load_traces  # noqa: E402
 from sida_moe.train.evaluation import evaluate  # noqa: E402
-from sida_moe.train.predictor_training import TrainConfig, train_predictor  # noqa: E402
+from sida_moe.train.configs import TrainConfig  # noqa: E402
+from sida_moe.train.predictor_training import train_predictor  # noqa: E402
 from sida_moe.presets import bundled_model_path  # noqa: E402
 
 

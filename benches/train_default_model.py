@@ -52,12 +52,13 @@ from predictor_common import import_predictor_package  # noqa: E402
 
 HAS_NATIVE = import_predictor_package()
 
-from sida_moe.train.lookahead import LookaheadConfig, evaluate_lookahead, train_lookahead  # noqa: E402
+from sida_moe.train.configs import LookaheadConfig, TrainConfig  # noqa: E402
+from sida_moe.train.lookahead import evaluate_lookahead, train_lookahead  # noqa: E402
 from sida_moe.predictor.model import HashPredictor  # noqa: E402
 from sida_moe.train.traces import record_traces  # noqa: E402
 from sida_moe.train.trace_loading import load_traces  # noqa: E402
 from sida_moe.train.evaluation import evaluate  # noqa: E402
-from sida_moe.train.predictor_training import TrainConfig, hash_routing_loss, train_predictor  # noqa: E402
+from sida_moe.train.predictor_training import hash_routing_loss, train_predictor  # noqa: E402
 
 import train_reference_model as ref  # noqa: E402
 

@@ -281,3 +281,17 @@ def test_the_package_loads_its_names_on_first_use():
             "from sida_moe import *; assert BudgetError is sida_moe._native.BudgetError")
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr
+
+
+def test_help_imports_no_torch():
+    """``sida-moe --help`` and each command's help build their options from plain data."""
+    import subprocess
+    import sys
+
+    code = ("import sys\nfrom sida_moe.cli import main\n"
+            "for argv in (['--help'], ['train-predictor', '--help'], ['bench', '--help'], ['generate', '--help']):\n"
+            "    try:\n        main(argv)\n    except SystemExit:\n        pass\n"
+            "assert 'torch' not in sys.modules, 'torch was imported'\n")
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr
+    assert "train-predictor" in res.stdout and "--gpu-budget" in res.stdout

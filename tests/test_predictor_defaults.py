@@ -15,7 +15,8 @@ from _moe_models import save_with_letter_tokenizer
 from sida_moe.train import TrainConfig, load_traces, record_traces, train_predictor
 from sida_moe.predictor.model import HashPredictor
 from sida_moe.predictor.config import PredictorConfig
-from sida_moe.train.predictor_training import TRAIN_PRESETS, hash_routing_loss, scaled_widths
+from sida_moe.train.configs import TRAIN_PRESETS, scaled_widths
+from sida_moe.train.predictor_training import hash_routing_loss
 from test_predictor import tiny_qwen3
 
 

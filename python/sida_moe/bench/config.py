@@ -6,9 +6,10 @@ from __future__ import annotations
 import importlib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
+if TYPE_CHECKING:
+    import torch
 
 POLICIES = ("lru", "lfu", "fifo", "predictive", "belady")
 PREDICTORS = ("none", "next_layer_gate", "sida")
@@ -94,6 +95,8 @@ class BenchConfig:
 
 
 def bench_device(cfg: BenchConfig) -> torch.device:
+    import torch  # here, not at the top: the command line reads this module's names without torch
+
     return torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
 
 

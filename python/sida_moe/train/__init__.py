@@ -8,18 +8,20 @@ from typing import TYPE_CHECKING
 from sida_moe._lazy import lazy_exports
 
 _HOME = {
-    **dict.fromkeys(["LookaheadConfig", "evaluate_lookahead", "train_lookahead"], "sida_moe.train.lookahead"),
+    **dict.fromkeys(["LookaheadConfig", "TrainConfig"], "sida_moe.train.configs"),
+    **dict.fromkeys(["evaluate_lookahead", "train_lookahead"], "sida_moe.train.lookahead"),
     **dict.fromkeys(["evaluate", "fit_gate_weights", "fit_weight_temperature"], "sida_moe.train.evaluation"),
-    **dict.fromkeys(["TrainConfig", "train_predictor"], "sida_moe.train.predictor_training"),
+    "train_predictor": "sida_moe.train.predictor_training",
     **dict.fromkeys(["RoutingRecorder", "record_traces"], "sida_moe.train.traces"),
     **dict.fromkeys(["Traces", "load_traces"], "sida_moe.train.trace_loading"),
 }
 __getattr__, __dir__ = lazy_exports(__name__, _HOME)
 
 if TYPE_CHECKING:
+    from sida_moe.train.configs import LookaheadConfig, TrainConfig
     from sida_moe.train.evaluation import evaluate, fit_gate_weights, fit_weight_temperature
-    from sida_moe.train.lookahead import LookaheadConfig, evaluate_lookahead, train_lookahead
-    from sida_moe.train.predictor_training import TrainConfig, train_predictor
+    from sida_moe.train.lookahead import evaluate_lookahead, train_lookahead
+    from sida_moe.train.predictor_training import train_predictor
     from sida_moe.train.trace_loading import Traces, load_traces
     from sida_moe.train.traces import RoutingRecorder, record_traces
 

@@ -119,8 +119,7 @@ def _dropout(text: str) -> float:
 
 
 def _configure_train(p: argparse.ArgumentParser) -> None:
-    from sida_moe.train.lookahead import LookaheadConfig
-    from sida_moe.train.predictor_training import TRAIN_PRESETS, TrainConfig
+    from sida_moe.train.configs import TRAIN_PRESETS, LookaheadConfig, TrainConfig
 
     d, look = TrainConfig(), LookaheadConfig()
     p.add_argument("--trace", required=True, help="trace directory of training text (sida-moe trace)")
@@ -209,7 +208,8 @@ def run_train(args: argparse.Namespace) -> int:
 
     from sida_moe.train.trace_loading import load_traces
     from sida_moe.train.evaluation import format_report
-    from sida_moe.train.predictor_training import TRAIN_PRESETS, TrainConfig, train_predictor
+    from sida_moe.train.configs import TRAIN_PRESETS, TrainConfig
+    from sida_moe.train.predictor_training import train_predictor
 
     blocks = args.attn_blocks if args.attn_blocks is not None else TRAIN_PRESETS[args.preset]["attn_blocks"]
     if blocks and args.hidden is not None and args.attn_heads is not None and args.hidden % args.attn_heads:
@@ -259,7 +259,8 @@ def run_train(args: argparse.Namespace) -> int:
     if lookahead_hidden is None:
         lookahead_hidden = min(1024, 2 * predictor.config.hidden)
     if lookahead_hidden and traces.moe_inputs is not None and traces.manifest["num_moe_layers"] > 1:
-        from sida_moe.train.lookahead import LookaheadConfig, train_lookahead
+        from sida_moe.train.configs import LookaheadConfig
+        from sida_moe.train.lookahead import train_lookahead
 
         look_held = held if held is not None and held.moe_inputs is not None else None
         report["lookahead"] = train_lookahead(

@@ -18,52 +18,17 @@ decode recall (that state known: every token after a sequence's first) and promp
 from __future__ import annotations
 
 import time
-from dataclasses import asdict, dataclass
-from typing import Literal, Sequence
+from dataclasses import asdict
+from typing import Sequence
 
 import torch
 from torch import nn
 
 from sida_moe.predictor.model import HashPredictor
+from sida_moe.train.configs import LookaheadConfig
 from sida_moe.train.trace_loading import Traces
 from sida_moe.train.predictor_training import _tf32_matmuls, distillation_loss, warmup_cosine
 from sida_moe.train.step_loop import StepBudget, StepRun, run_steps
-
-
-@dataclass
-class LookaheadConfig:
-    """Settings of ``train_lookahead``. The heads are small (about ``(d + E) * hidden`` weights per
-    layer) and a step is one batched matmul over all layers, so thousands of steps take seconds."""
-
-    hidden: int = 1024  # width of each layer's head (wider heads recalled more; NOTES.md)
-    steps: int = 4000
-    batch_tokens: int = 4096  # tokens per step (every layer of each)
-    lr: float = 1e-3
-    weight_decay: float = 0.01
-    warmup_steps: int = 100
-    kd_weight: float = 0.5
-    top_t: int = 30
-    target: Literal["top1", "topk"] = "topk"
-    seed: int = 0
-    device: str = "cpu"
-    max_seconds: float | None = None  # wall-clock cap on the steps
-    previous_dropout: float = 0.1  # share of training tokens whose previous-token state is zeroed (prompts)
-
-    def __post_init__(self) -> None:
-        for name in ("hidden", "steps", "batch_tokens", "top_t"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-                raise ValueError(f"LookaheadConfig.{name} must be a positive int, got {value!r}")
-        if not self.lr > 0:
-            raise ValueError(f"lr must be positive, got {self.lr}")
-        if self.kd_weight < 0 or self.weight_decay < 0 or self.warmup_steps < 0:
-            raise ValueError("kd_weight, weight_decay and warmup_steps must be >= 0")
-        if self.target not in ("top1", "topk"):
-            raise ValueError(f"target must be 'top1' or 'topk', got {self.target!r}")
-        if not 0.0 <= self.previous_dropout < 1.0:
-            raise ValueError(f"previous_dropout must be in [0, 1), got {self.previous_dropout}")
-        if self.max_seconds is not None and not self.max_seconds > 0:
-            raise ValueError(f"max_seconds must be positive or None, got {self.max_seconds}")
 
 
 class _TokenTable:
@@ -252,4 +217,4 @@ def evaluate_lookahead(predictor: HashPredictor, traces: Traces, k: int | None =
     }
 
 
-__all__ = ["LookaheadConfig", "evaluate_lookahead", "train_lookahead"]
+__all__ = ["evaluate_lookahead", "train_lookahead"]
