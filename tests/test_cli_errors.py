@@ -258,40 +258,36 @@ def test_ctrl_c_during_generate_exits_130():
     assert "Traceback" not in err
 
 
-def test_a_wrong_environment_setting_is_one_line_from_the_command_line():
+def _fresh_python(*args: str, **env: str):
+    """``python args...`` in a new process (so nothing this one imported counts), with ``env`` set."""
     import os
     import subprocess
     import sys
 
-    env = dict(os.environ, SIDA_MOE_KERNEL_REGIME="fast")
-    res = subprocess.run([sys.executable, "-m", "sida_moe", "--max-new-tokens", "2"], env=env,
-                         capture_output=True, text=True, timeout=300)
+    return subprocess.run([sys.executable, *args], env=dict(os.environ, **env), capture_output=True, text=True,
+                          timeout=300)
+
+
+def test_a_wrong_environment_setting_is_one_line_from_the_command_line():
+    res = _fresh_python("-m", "sida_moe", "--max-new-tokens", "2", SIDA_MOE_KERNEL_REGIME="fast")
     assert res.returncode == 2
     lines = res.stderr.strip().splitlines()
     assert len(lines) == 1 and "SIDA_MOE_KERNEL_REGIME must be one of" in lines[0], res.stderr
 
 
 def test_the_package_loads_its_names_on_first_use():
-    import subprocess
-    import sys
-
-    code = ("import sys, sida_moe; assert 'torch' not in sys.modules; "
-            "import sida_moe.offloading; assert callable(sida_moe.offload) and sida_moe.offload is "
-            "sida_moe.offloading.offload; assert set(sida_moe.__all__) <= set(dir(sida_moe)); "
-            "from sida_moe import *; assert BudgetError is sida_moe._native.BudgetError")
-    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    res = _fresh_python("-c", "import sys, sida_moe; assert 'torch' not in sys.modules; "
+                        "import sida_moe.offloading; assert callable(sida_moe.offload) and sida_moe.offload is "
+                        "sida_moe.offloading.offload; assert set(sida_moe.__all__) <= set(dir(sida_moe)); "
+                        "from sida_moe import *; assert BudgetError is sida_moe._native.BudgetError")
     assert res.returncode == 0, res.stderr
 
 
 def test_help_imports_no_torch():
     """``sida-moe --help`` and each command's help build their options from plain data."""
-    import subprocess
-    import sys
-
-    code = ("import sys\nfrom sida_moe.cli import main\n"
-            "for argv in (['--help'], ['train-predictor', '--help'], ['bench', '--help'], ['generate', '--help']):\n"
-            "    try:\n        main(argv)\n    except SystemExit:\n        pass\n"
-            "assert 'torch' not in sys.modules, 'torch was imported'\n")
-    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    res = _fresh_python("-c", "import sys\nfrom sida_moe.cli import main\n"
+                        "for argv in (['--help'], ['train-predictor', '--help'], ['bench', '--help'], ['generate', '--help']):\n"
+                        "    try:\n        main(argv)\n    except SystemExit:\n        pass\n"
+                        "assert 'torch' not in sys.modules, 'torch was imported'\n")
     assert res.returncode == 0, res.stderr
     assert "train-predictor" in res.stdout and "--gpu-budget" in res.stdout
