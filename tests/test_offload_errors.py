@@ -296,3 +296,15 @@ def test_close_cache_stops_the_feed_and_the_cache_and_keeps_the_pool():
         greedy(model, ids, mask)
     assert engine.stats()["misses"] > 0
     engine.close()
+
+
+def test_write_expert_refuses_tensors_of_another_format_naming_the_expert():
+    model = sida_moe.offload(tiny_model("olmoe"), gpu_budget=1.0)
+    engine = model.sida_engine
+    good = {n: torch.zeros(s, dtype=engine.fmt.dtype) for n, s in engine.fmt.tensor_shapes().items()}
+    with pytest.raises(ValueError, match=r"expert \(0, 1\): tensors must be exactly"):
+        engine.write_expert(0, 1, {**good, "extra": torch.zeros(1)})
+    bad = dict(good, down=good["down"].double())
+    with pytest.raises(ValueError, match=r"expert \(0, 1\) tensor 'down': expected"):
+        engine.write_expert(0, 1, bad)
+    engine.close()

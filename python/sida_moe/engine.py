@@ -198,16 +198,9 @@ class OffloadEngine:
     # ------------------------------------------------------------------------------ building
     def write_expert(self, moe_layer: int, expert: int, tensors: dict[str, torch.Tensor]) -> None:
         """Copy one expert's canonical tensors into the pinned pool."""
-        shapes = self.fmt.tensor_shapes()
-        if set(tensors) != set(shapes):
-            raise ValueError(f"expert tensors must be exactly {sorted(shapes)}, got {sorted(tensors)}")
-        for name, shape in shapes.items():
-            t = tensors[name]
-            if tuple(t.shape) != shape or t.dtype != self.fmt.dtype:
-                raise ValueError(
-                    f"expert ({moe_layer}, {expert}) tensor {name!r}: expected {shape} {self.fmt.dtype}, got {tuple(t.shape)} {t.dtype}"
-                )
-            t = t.detach().to("cpu").contiguous()
+        self.fmt.check_tensors(tensors, f"expert ({moe_layer}, {expert})")
+        for name in self.fmt.tensor_shapes():
+            t = tensors[name].detach().to("cpu").contiguous()
             self.pool.write_ptr(moe_layer, expert, name, t.data_ptr(), t.numel() * t.element_size())
 
     def slots_for(self, gpu_budget: BudgetSpec) -> int:

@@ -67,6 +67,17 @@ class ExpertFormat:
             shapes["down_bias"] = (self.hidden,)
         return shapes
 
+    def check_tensors(self, tensors: dict[str, torch.Tensor], what: str) -> None:
+        """ValueError unless ``tensors`` are exactly this format's canonical tensors of ``what``
+        (an expert), with their shapes and dtype."""
+        shapes = self.tensor_shapes()
+        if set(tensors) != set(shapes):
+            raise ValueError(f"{what}: tensors must be exactly {sorted(shapes)}, got {sorted(tensors)}")
+        for name, shape in shapes.items():
+            t = tensors[name]
+            if tuple(t.shape) != shape or t.dtype != self.dtype:
+                raise ValueError(f"{what} tensor {name!r}: expected {shape} {self.dtype}, got {tuple(t.shape)} {t.dtype}")
+
     def layout(self) -> list[tuple[str, int]]:
         """``ExpertPool`` layout: (tensor name, byte size) in record order."""
         out = []
