@@ -18,10 +18,12 @@ from sida_moe.kernels import fused_experts
 
 class AcquirePath:
     """Per-layer routing tables (slot of each expert, -1: not in this chunk) and the chunked
-    acquire-compute-release loop over them. Host rows are filled by numpy, then copied to the
+    acquire-compute-release loop over them, for one open cache and its slot memory. Host rows are filled by numpy, then copied to the
     device (pinned host memory when the slots are on a GPU)."""
 
-    def __init__(self, layer_sizes: Sequence[int], device: torch.device) -> None:
+    def __init__(self, cache: _native.SlotCache, views: SlotWeights, fmt: ExpertFormat,
+                 layer_sizes: Sequence[int], device: torch.device) -> None:
+        self.cache, self.views, self.fmt = cache, views, fmt
         self.layer_sizes = list(layer_sizes)
         self.device = device
         pin = device.type == "cuda"
@@ -46,9 +48,6 @@ class AcquirePath:
 
     def run(
         self,
-        cache: _native.SlotCache,
-        views: SlotWeights,
-        fmt: ExpertFormat,
         moe_layer: int,
         distinct: list[int],
         x: torch.Tensor,
@@ -62,7 +61,7 @@ class AcquirePath:
         """The layer's output for ``x`` computed chunk by chunk over the ``distinct`` routed
         experts; ``after_first_acquire`` runs once the first chunk's slots are held (the
         prefetcher's hook, so its loads queue behind this layer's)."""
-        out: torch.Tensor | None = None
+        cache, out = self.cache, None
         step = cache.num_slots
         for start in range(0, len(distinct), step):
             chunk = distinct[start : start + step]
@@ -71,7 +70,7 @@ class AcquirePath:
                 table = self.table(moe_layer, chunk, slots, reuse=start > 0)
                 if start == 0:
                     after_first_acquire()
-                out = fused_experts(x, topk_ids, topk_weights, table, views, fmt, out)
+                out = fused_experts(x, topk_ids, topk_weights, table, self.views, self.fmt, out)
             finally:
                 cache.release(slots, stream)
         return torch.zeros_like(x) if out is None else out

@@ -38,6 +38,14 @@ def check_cache_options(policy: str, copy_workers: int) -> None:
     _native.check_cache_options(policy, copy_workers)
 
 
+BACKENDS = ("auto", "cuda", "host")
+
+
+def check_backend(backend: str) -> None:
+    if not isinstance(backend, str) or backend not in BACKENDS:
+        raise ValueError(f"backend must be 'auto', 'cuda' or 'host', got {backend!r}")
+
+
 class OffloadEngine:
     """Pool + cache + compute glue of one offloaded model (see the module docstring).
 
@@ -50,8 +58,7 @@ class OffloadEngine:
         if not layers:
             raise ValueError("an OffloadEngine needs at least one MoE layer")
         device = torch.device(device)
-        if backend not in ("auto", "cuda", "host"):
-            raise ValueError(f"backend must be 'auto', 'cuda' or 'host', got {backend!r}")
+        check_backend(backend)
         kind = ("cuda" if device.type == "cuda" else "host") if backend == "auto" else backend
         if kind == "cuda" and device.type != "cuda":
             raise ValueError(f"backend='cuda' needs the model on a CUDA device, but its experts are on {device}")
@@ -221,7 +228,8 @@ class OffloadEngine:
             observer.opened(self)
         self.views = slot_views(self.slot_memory, self.fmt, self.pool.tensor_offsets)
         self._attach_expert_table()
-        self._acquire_path = AcquirePath([layer.num_experts for layer in self.layers], self.device)
+        self._acquire_path = AcquirePath(self.cache, self.views, self.fmt, [layer.num_experts for layer in self.layers],
+                                         self.device)
 
     def check_cache_args(self, num_slots: int, policy: str, copy_workers: int) -> None:
         """Raise for arguments ``open_cache`` would refuse, before anything is allocated or closed."""
@@ -264,6 +272,7 @@ class OffloadEngine:
         (``reopen_cache``, or an ``offload`` that fails and writes the original weights back)."""
         self._close_cache()
         self.feed = self.cache = None
+        self._acquire_path = None
         self.slot_memory = None
         self.views = None
         if self.device.type == "cuda":
@@ -409,7 +418,7 @@ class OffloadEngine:
     def run_layer(self, moe_layer: int, hidden: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor) -> torch.Tensor:
         """The experts of one MoE layer for ``hidden [T, H]``: acquire the routed experts' slots (in
         chunks of at most ``num_slots`` distinct experts), compute, release."""
-        cache, views = self._require_cache(), self.views
+        cache = self._require_cache()
         topk_ids, topk_weights = self.prefetcher.route(moe_layer, hidden, topk_ids, topk_weights)
         x = hidden if hidden.dtype == self.fmt.dtype else hidden.to(self.fmt.dtype)
         self._counters["layer_calls"] += 1
@@ -422,9 +431,8 @@ class OffloadEngine:
         self._routed = distinct
         if len(distinct) > cache.num_slots:
             self._counters["chunked_layer_calls"] += 1
-        out = self._acquire_path.run(cache, views, self.fmt, moe_layer, distinct, x, topk_ids, topk_weights,
-                                     self._stream(), self._observers, self,
-                                     lambda: self.prefetcher.after_routing(moe_layer, x, topk_ids))
+        out = self._acquire_path.run(moe_layer, distinct, x, topk_ids, topk_weights, self._stream(), self._observers,
+                                     self, lambda: self.prefetcher.after_routing(moe_layer, x, topk_ids))
         return out if out.dtype == hidden.dtype else out.to(hidden.dtype)
 
     # ------------------------------------------------------------------------------- stats

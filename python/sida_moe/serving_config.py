@@ -8,15 +8,11 @@ into a :class:`ServingConfig` with :meth:`ServingConfig.resolve`; the engine kee
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from sida_moe.budget import BudgetSpec, check_budget
-from sida_moe.engine import check_cache_options
-from sida_moe.environment import Environment, environment
+from sida_moe.engine import check_backend, check_cache_options
 from sida_moe.prefetchers import Prefetcher, make_prefetcher
-
-BACKENDS = ("auto", "cuda", "host")
-
 
 @dataclass(frozen=True)
 class ServingConfig:
@@ -29,7 +25,6 @@ class ServingConfig:
     backend: str
     copy_workers: int
     progress: bool
-    environment: Environment = field(default_factory=environment)
 
     @classmethod
     def resolve(
@@ -46,11 +41,10 @@ class ServingConfig:
         slots for the model is checked once its experts are known (BudgetError)."""
         check_budget(gpu_budget)
         check_cache_options(policy, copy_workers)
-        if not isinstance(backend, str) or backend not in BACKENDS:
-            raise ValueError(f"backend must be 'auto', 'cuda' or 'host', got {backend!r}")
+        check_backend(backend)
         if not isinstance(progress, bool):
             raise TypeError(f"progress must be a bool, got {type(progress).__name__}")
         return cls(gpu_budget, policy, make_prefetcher(prefetch), backend, copy_workers, progress)
 
 
-__all__ = ["BACKENDS", "ServingConfig"]
+__all__ = ["ServingConfig"]

@@ -125,12 +125,8 @@ pub fn simulate_steps(
                     table.set_future(0, &trace[i..i + run]);
                 }
                 for key in keys {
-                    if let PrefetchOutcome::Reserved { slot, evicted, .. } = table.reserve_prefetch(key, false) {
-                        table.finish_load(slot, true);
-                        c.evictions += evicted.is_some() as u64;
-                        c.loads += 1;
-                        c.prefetches += 1;
-                    }
+                    let outcome = table.reserve_prefetch(key, false);
+                    c.prefetches += land(&mut table, outcome, c) as u64;
                 }
             }
             SimPath::Table => {
@@ -139,11 +135,8 @@ pub fn simulate_steps(
                 c.misses += touch.missing.len() as u64;
                 c.prefetch_used += touch.prefetch_used;
                 for key in touch.admitted {
-                    if let PrefetchOutcome::Reserved { slot, evicted, .. } = table.reserve_load(key, true, false) {
-                        table.finish_load(slot, true);
-                        c.evictions += evicted.is_some() as u64;
-                        c.loads += 1;
-                    }
+                    let outcome = table.reserve_load(key, true, false);
+                    land(&mut table, outcome, c);
                 }
             }
             SimPath::Acquire => {
@@ -168,6 +161,16 @@ pub fn simulate_steps(
         }
     }
     Ok(counted)
+}
+
+/// A reserved load lands at once (the simulation has no copy timing); counts it. Whether one was
+/// reserved.
+fn land(table: &mut SlotTable, outcome: PrefetchOutcome, c: &mut SimCounts) -> bool {
+    let PrefetchOutcome::Reserved { slot, evicted, .. } = outcome else { return false };
+    table.finish_load(slot, true);
+    c.evictions += evicted.is_some() as u64;
+    c.loads += 1;
+    true
 }
 
 #[cfg(test)]

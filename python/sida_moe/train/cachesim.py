@@ -42,6 +42,7 @@ def _sequence_visits(true_l, pred_l, n: int, S: int, L: int) -> tuple[list, list
             paths.append("acquire")
     return visits, paths
 
+
 def simulate_decode(
     true_ids: torch.Tensor,
     predicted_ids: torch.Tensor | None,

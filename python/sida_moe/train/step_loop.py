@@ -23,7 +23,8 @@ class StepBudget:
             raise ValueError("a step budget needs a step count or a time limit")
         self.cap = cap
         self.max_seconds = max_seconds
-        self.total = cap if cap is not None else _UNBOUNDED
+        self._limit = cap if cap is not None else _UNBOUNDED
+        self.total = self._limit
         self._t0 = self._t20 = time.perf_counter()
 
     def start(self) -> None:
@@ -45,13 +46,12 @@ class StepBudget:
         else:
             per_step = (now - self._t20) / (step - 20)
         left = max(0.0, self.max_seconds - (now - self._t0))
-        self.total = max(step + 1, min(self.cap if self.cap is not None else _UNBOUNDED, step + int(left / per_step)))
+        self.total = max(step + 1, min(self._limit, step + int(left / per_step)))
 
     @property
     def stopped_by(self) -> str:
         """"max_seconds" when the time limit cut the step count below the cap, else "steps"."""
-        cap = self.cap if self.cap is not None else _UNBOUNDED
-        return "max_seconds" if self.max_seconds is not None and self.total < cap else "steps"
+        return "max_seconds" if self.max_seconds is not None and self.total < self._limit else "steps"
 
 
 @dataclass
