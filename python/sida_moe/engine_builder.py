@@ -22,7 +22,7 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
-from sida_moe.adapters import Adapter, MoELayer, adapter_for
+from sida_moe.adapters import Adapter, MoELayer, adapter_for, moe_layers_of
 from sida_moe.generate_route import install_generate
 from sida_moe.engine import OffloadEngine
 from sida_moe.experts import OffloadedExperts
@@ -53,9 +53,7 @@ def discover(model: nn.Module) -> tuple[Adapter, list[MoELayer], ExpertFormat]:
     for _, module in model.named_modules():
         if isinstance(module, OffloadedExperts):
             raise ValueError("this model is already offloaded (it contains OffloadedExperts modules)")
-    layers = adapter.find_layers(model)
-    if not layers:
-        raise ValueError(f"no MoE layers found in this {adapter.name} model (are its experts a supported module type?)")
+    layers = moe_layers_of(adapter, model)
     fmt = adapter.expert_format(model, layers[0])
     if fmt.dtype not in FLOAT_DTYPES:
         kind = "" if fmt.dtype.is_floating_point else " (quantized)"

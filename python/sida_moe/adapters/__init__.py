@@ -65,6 +65,11 @@ def decoder_moe_layers(model: nn.Module) -> list[MoELayer]:
         adapter = adapter_for(model)
     except ValueError as e:
         raise ValueError(f"no MoE blocks found in {type(model).__name__}: {e}") from None
+    return moe_layers_of(adapter, model)
+
+
+def moe_layers_of(adapter: Adapter, model: nn.Module) -> list[MoELayer]:
+    """``adapter.find_layers(model)``; ValueError when it finds none."""
     layers = adapter.find_layers(model)
     if not layers:
         raise ValueError(f"no MoE blocks found in this {adapter.name} model ({type(model).__name__}): "
@@ -78,6 +83,7 @@ __all__ = [
     "MoELayer",
     "adapter_for",
     "decoder_moe_layers",
+    "moe_layers_of",
     "register_adapter",
     "supported_model_types",
 ]
